@@ -1,0 +1,1 @@
+"""Benchmark: expert federations, held-out new tasks, baselines, report."""

@@ -1,0 +1,1 @@
+"""protofuse: fuse black-box experts into a bank of task-agnostic prototypes."""

@@ -1,0 +1,1 @@
+"""The prototype models (torch only: no Flower, gRPC or files)."""
