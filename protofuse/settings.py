@@ -1,0 +1,52 @@
+"""Model, training and adaptation settings: the optional tables of a federation spec.
+
+Defaults are the measured choices (README, "Defaults and why"); every field can be set in the
+spec's ``[model]``, ``[training]`` and ``[adapt]`` tables.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Strict):
+    family: Literal["discriminative", "generative"] = Field("discriminative", description="prototype family; discriminative measured stronger")
+    encoder: Literal["auto", "conv", "mlp"] = Field("auto", description="discriminative encoder; auto: conv for images, mlp otherwise")
+    feat_dim: int = Field(64, ge=2, le=4096, description="discriminative feature size |z|")
+    z_dim: int = Field(5, ge=1, le=256, description="generative concept size |z| (paper: 5)")
+    w_dim: int = Field(2, ge=1, le=64, description="generative task-pattern size |w| (paper: 2)")
+    hidden: int = Field(100, ge=8, le=4096, description="hidden units of the generative MLPs (paper: 100)")
+    lam: float = Field(1.0, ge=0, description="weight of the regularizer q_psi(eta | w)")
+    hide_eta: float = Field(0.5, ge=0, le=1, description="fraction of triples whose eta is hidden from q(z | x, eta)")
+    conv: bool = Field(False, description="generative: conv encoders and transposed-conv decoder (images only)")
+
+
+class TrainingSettings(_Strict):
+    epochs: int | None = Field(None, ge=1, le=10_000, description="passes over the triples; default 30 (discriminative) or 40 (generative)")
+    lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate")
+    batch_size: int = Field(128, ge=2, le=65_536)
+    max_shift: int | None = Field(None, ge=0, le=16, description="random image shift in pixels; default: about 1/14 of the image side, 0 for tabular data")
+    holdout: float = Field(0.1, ge=0, lt=1, description="fraction of queries held out to measure imitation fidelity")
+    seed: int = Field(0, description="seed of every random draw in training")
+    threads: int = Field(1, ge=1, le=256, description="torch threads (one per process is fastest on small machines)")
+
+    def resolved_epochs(self, family: str) -> int:
+        return self.epochs if self.epochs is not None else (30 if family == "discriminative" else 40)
+
+    def resolved_shift(self, image_shape: tuple[int, int] | None) -> int:
+        if self.max_shift is not None:
+            return self.max_shift
+        return 0 if image_shape is None else max(1, round(min(image_shape) / 14))
+
+
+class AdaptSettings(_Strict):
+    prior_strength: float = Field(1.0, gt=0, description="discriminative: how strongly the task's prototypes stay near the bank's")
+    recompose: Literal["gaussian", "mixture"] = Field("mixture", description="generative: form of q*(w)")
+    form: Literal["conditional", "joint"] = Field("joint", description="generative: prediction form")
+    n_z: int = Field(32, ge=1, le=4096, description="generative: importance samples of z per prediction")

@@ -1,0 +1,110 @@
+"""Training loops for both prototype families on pooled triples, and imitation fidelity.
+
+Centrally (``protofuse fit``) these run on all experts' triples; in a federation each client
+runs the same loop on its own triples for a few local epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .model.discriminative import DiscriminativePrototypes
+from .model.generative import GenerativePrototypes
+from .model.networks import random_shift
+from .triples import Triples
+
+Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean loss)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How well the bank imitates one expert on held-out queries."""
+
+    agreement: float  # fraction where the imitation's top class is the expert's
+    kl: float  # mean KL(expert || imitation), nats
+    n: int
+
+
+def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, max_shift: int = 0, expert_weight: np.ndarray | None = None, seed: int = 0, progress: Progress | None = None) -> None:
+    """Fit encoder, prototypes and imitation heads by soft cross-entropy against the experts."""
+    gen = torch.Generator().manual_seed(seed)
+    x, eta, mask = (torch.from_numpy(a) for a in (triples.x, triples.eta, triples.mask))
+    tau = torch.from_numpy(triples.tau)
+    weight = torch.ones(len(triples.expert_names)) if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * _n_batches(len(x), batch_size))
+    image_shape = model.cfg.image_shape
+    model.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            if len(idx) < 2:  # batch norm needs two examples
+                continue
+            xb = x[idx]
+            if max_shift and image_shape is not None:
+                # The expert's answer for the unshifted image stays the target: a small shift
+                # does not change the class, and no extra query is spent.
+                xb = random_shift(xb, image_shape, max_shift, gen)
+            loss = model.loss(xb, eta[idx], mask[idx], tau, weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        if progress:
+            progress(epoch + 1, epochs, total / max(count, 1))
+    model.eval()
+
+
+def train_generative(model: GenerativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, progress: Progress | None = None) -> None:
+    """Maximize the ELBO plus regularizer over every (input, expert) pair."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the model's own reparameterization draws
+    pairs = torch.from_numpy(np.argwhere(triples.mask))  # (P, 2): input index, expert index
+    x = torch.from_numpy(triples.x)
+    eta = torch.from_numpy(triples.eta)
+    tau = torch.from_numpy(triples.tau)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(pairs), generator=gen).split(batch_size):
+            if len(idx) < 2:
+                continue
+            n, e = pairs[idx, 0], pairs[idx, 1]
+            out = model.loss(x[n], eta[n, e], tau[e])
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            total, count = total + out["loss"].item() * len(idx), count + len(idx)
+        if progress:
+            progress(epoch + 1, epochs, total / max(count, 1))
+    model.eval()
+
+
+def fidelity(imitated_log_proba: torch.Tensor, triples: Triples) -> list[Fidelity]:
+    """Per expert: agreement of top classes and KL(expert || imitation) over its answered inputs.
+
+    imitated_log_proba (N, E, C): the bank's imitation of each expert on ``triples.x``.
+    """
+    eta = torch.from_numpy(triples.eta)
+    out = []
+    for e in range(len(triples.expert_names)):
+        rows = torch.from_numpy(triples.mask[:, e])
+        p, log_q = eta[rows, e], imitated_log_proba[rows, e]
+        if len(p) == 0:
+            out.append(Fidelity(float("nan"), float("nan"), 0))
+            continue
+        cols = torch.from_numpy(triples.tau[e] > 0)
+        agree = (p[:, cols].argmax(-1) == log_q[:, cols].argmax(-1)).float().mean().item()
+        kl = (p * (p.clamp_min(1e-12).log() - log_q)).masked_fill(p == 0, 0.0).sum(-1).mean().item()
+        out.append(Fidelity(agree, kl, int(len(p))))
+    return out
+
+
+def _n_batches(n: int, batch_size: int) -> int:
+    return max(1, (n + batch_size - 1) // batch_size)
