@@ -1,0 +1,96 @@
+"""Benchmark output: a markdown table (mean ± spread per cell), a JSON file of every episode,
+and a plot of accuracy against shots."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (dataset, ways, k, method): mean, std over episodes, std of the seed means, n."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        cells[(r["dataset"], r["ways"], r["k"], r["method"])].append(r)
+    out = []
+    for (dataset, ways, k, method), rs in sorted(cells.items()):
+        acc = np.array([r["accuracy"] for r in rs])
+        seeds = sorted({r["seed"] for r in rs})
+        seed_means = [np.mean([r["accuracy"] for r in rs if r["seed"] == s]) for s in seeds]
+        out.append({"dataset": dataset, "ways": ways, "k": k, "method": method, "mean": float(acc.mean()), "std": float(acc.std()), "seed_std": float(np.std(seed_means)), "min": float(acc.min()), "n": len(acc)})
+    return out
+
+
+def paired_gaps(rows: list[dict], ours: str = "protofuse") -> list[dict]:
+    """Paired over identical episodes: mean of (ours - method) and the fraction of episodes ours wins or ties."""
+    by_ep: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        by_ep[(r["dataset"], r["seed"], r["ways"], r["task"], r["k"])][r["method"]] = r["accuracy"]
+    gaps: dict[tuple, list[float]] = defaultdict(list)
+    for (dataset, _, ways, _, k), accs in by_ep.items():
+        if ours not in accs:
+            continue
+        for m, a in accs.items():
+            if m != ours:
+                gaps[(dataset, ways, k, m)].append(accs[ours] - a)
+    return [{"dataset": d, "ways": w, "k": k, "method": m, "mean_gap": float(np.mean(g)), "win_or_tie": float(np.mean(np.array(g) >= 0)), "n": len(g)} for (d, w, k, m), g in sorted(gaps.items())]
+
+
+def markdown(summary: list[dict]) -> str:
+    """One table per (dataset, ways): methods as rows, k as columns, cells 'mean ± std'."""
+    lines = []
+    groups = sorted({(s["dataset"], s["ways"]) for s in summary})
+    for dataset, ways in groups:
+        cell = {(s["method"], s["k"]): s for s in summary if s["dataset"] == dataset and s["ways"] == ways}
+        ks = sorted({k for _, k in cell})
+        methods = sorted({m for m, _ in cell}, key=lambda m: -np.mean([cell[(m, k)]["mean"] for k in ks if (m, k) in cell]))
+        lines += [f"### {dataset}, {ways}-way (accuracy %, mean ± std over episodes; seed-mean std in brackets)", "", "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for m in methods:
+            vals = [f"{100 * cell[(m, k)]['mean']:.1f} ± {100 * cell[(m, k)]['std']:.1f} [{100 * cell[(m, k)]['seed_std']:.1f}]" if (m, k) in cell else "" for k in ks]
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+        n = max(s["n"] for s in cell.values())
+        lines += ["", f"{n} episodes per cell.", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(s["dataset"], s["ways"]) for s in summary})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (dataset, ways) in zip(axes[0], groups):
+        cells = [s for s in summary if s["dataset"] == dataset and s["ways"] == ways]
+        for method in sorted({s["method"] for s in cells}):
+            pts = sorted((s["k"], s["mean"], s["std"]) for s in cells if s["method"] == method)
+            ks, means, stds = (np.array(v) for v in zip(*pts))
+            style = "-o" if method.startswith("protofuse") else "--." if len(ks) > 1 else "x"
+            ax.errorbar(ks, 100 * means, yerr=100 * stds, fmt=style, capsize=2, label=method, linewidth=2.5 if method == "protofuse" else 1)
+        ax.set(title=f"{dataset}, {ways}-way", xlabel="labeled examples per class (k)", ylabel="accuracy (%)", xticks=[1, 5, 10])
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: list[dict], config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    gaps = paired_gaps(rows)
+    (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "paired_gaps": gaps, "fidelity": fidelity, "timings": timings, "episodes": rows}, indent=1))
+    fid_lines = ["### Imitation fidelity on held-out queries (mean over seeds)", "", "| dataset | family | expert | labels | agreement | KL (nats) |", "|---|---|---|---|---|---|"]
+    fcells: dict[tuple, list[dict]] = defaultdict(list)
+    for f in fidelity:
+        fcells[(f["dataset"], f["family"], f["expert"], f["labels"])].append(f)
+    for (d, fam, e, labels), fs in sorted(fcells.items()):
+        fid_lines.append(f"| {d} | {fam} | {e} | {labels} | {np.mean([f['agreement'] for f in fs]):.3f} | {np.mean([f['kl'] for f in fs]):.3f} |")
+    text = markdown(summary) + "\n" + "\n".join(fid_lines) + "\n"
+    (out / "results.md").write_text(text)
+    plot(summary, out / "accuracy_vs_k.png")
+    print(text)

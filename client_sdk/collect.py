@@ -1,0 +1,119 @@
+"""Query the experts a spec names on their query data, and pool the answers into triples.
+
+This is the client's side of fusion done locally: resolve each expert's import path, load its
+queries (plain ``.npy``, never pickle), query the black box once, validate what it returns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protofuse.spec import ExpertEntry, Spec, SpecError
+from protofuse.triples import Triples, assemble
+
+from .experts import Expert, as_expert, query_expert
+
+
+def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
+    """Import ``module:attribute`` with the spec's folder first on the import path."""
+    module_name, _, attr = entry.predict.partition(":")
+    folder = str(spec.folder)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        module = _import_beside(spec.folder, module_name)
+    except Exception as err:  # the user's module may fail in any way while importing
+        raise SpecError(f"expert {entry.name!r}: cannot import module {module_name!r} from predict = {entry.predict!r} ({err}); put {module_name}.py beside the spec or install it") from None
+    finally:
+        if added:
+            sys.path.remove(folder)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"expert {entry.name!r}: module {module_name!r} has no attribute {attr!r} (predict = {entry.predict!r})")
+        obj = getattr(obj, part)
+    try:
+        expert = as_expert(obj, entry.labels)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"expert {entry.name!r}: {err}") from None
+    if list(expert.labels) != list(entry.labels):
+        raise SpecError(f"expert {entry.name!r}: the spec lists labels {entry.labels} but the estimator's classes are {list(expert.labels)}; list them in the order of its output columns")
+    return expert
+
+
+def _import_beside(folder: Path, module_name: str) -> Any:
+    """Import a module, preferring the file beside the spec over one of the same name already
+    imported (two specs may each ship an ``experts.py``)."""
+    local = folder / (module_name.replace(".", "/") + ".py")
+    if not local.is_file():
+        return importlib.import_module(module_name)
+    unique = f"_protofuse_spec_{abs(hash(str(local)))}_{module_name.replace('.', '_')}"
+    if unique in sys.modules:
+        return sys.modules[unique]
+    loader_spec = importlib.util.spec_from_file_location(unique, local)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[unique] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[unique]
+        raise
+    return module
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    """A 2-D finite float array from a ``.npy`` file, with errors that name the file."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise SpecError(f"{what}: file {path} not found") from None
+    except ValueError as err:
+        raise SpecError(f"{what}: {path} is not a plain .npy array ({err}); save it with numpy.save") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[0] == 0:
+        raise SpecError(f"{what}: {path} holds shape {getattr(arr, 'shape', None)}, expected (n, d) with n >= 1: one flattened input per row")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise SpecError(f"{what}: {path} must hold finite real numbers")
+    return arr.astype(np.float32)
+
+
+def collect_triples(spec: Spec) -> Triples:
+    """Query every expert of the spec on its queries; experts sharing a file share the inputs."""
+    names, labels, queries, outputs, pools = [], [], [], [], []
+    pool_ids: dict[Path, int] = {}
+    cache: dict[Path, np.ndarray] = {}
+    for entry in spec.experts:
+        path = spec.queries_path(entry)
+        if path not in cache:
+            cache[path] = load_array(path, f"experts[{spec.experts.index(entry)}].queries ({entry.name})")
+        x = cache[path]
+        expert = resolve_expert(spec, entry)
+        names.append(entry.name)
+        labels.append(tuple(entry.labels))
+        queries.append(x)
+        outputs.append(query_expert(expert, x, entry.name))
+        pools.append(pool_ids.setdefault(path, len(pool_ids)))
+    widths = {q.shape[1] for q in queries}
+    if len(widths) > 1:
+        raise SpecError(f"experts' queries have different widths {sorted(widths)}; every input must have the same number of features")
+    if spec.data.image_shape is not None:
+        h, w = spec.data.image_shape
+        if h * w not in widths:
+            raise SpecError(f"data.image_shape {[h, w]} has {h * w} pixels but the queries have {widths.pop()} features; fix image_shape or the queries")
+    return assemble(names, labels, queries, outputs, shared=pools)
+
+
+def likelihood_for(spec: Spec, triples: Triples) -> str:
+    """The generative decoder's likelihood: as set, or Bernoulli for images in [0, 1]."""
+    in_unit = bool(triples.x.min() >= 0 and triples.x.max() <= 1)
+    if spec.data.likelihood == "bernoulli" and not in_unit:
+        raise SpecError("data.likelihood = 'bernoulli' needs inputs in [0, 1]; scale the queries or use 'gaussian'")
+    if spec.data.likelihood != "auto":
+        return spec.data.likelihood
+    return "bernoulli" if spec.data.image_shape is not None and in_unit else "gaussian"

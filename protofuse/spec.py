@@ -1,0 +1,120 @@
+"""The federation spec: one TOML file naming the experts, their labels and query data.
+
+    [data]                       # optional
+    image_shape = [8, 8]         # inputs are flattened images of this shape (else: tabular)
+
+    [[experts]]
+    name = "logreg_a"
+    predict = "experts:logreg_a" # module:attribute, resolved with the spec's folder on the path
+    labels = ["0", "1", "2", "3"]# in the order of the expert's output columns
+    queries = "queries.npy"      # unlabeled inputs (n, d), relative to the spec
+
+    [model] / [training] / [adapt]   # optional, see protofuse.settings
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .settings import AdaptSettings, ModelSettings, TrainingSettings
+
+
+class SpecError(ValueError):
+    """A federation spec that cannot be used; the message names the field and the fix."""
+
+
+class ExpertEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$", description="unique name (letters, digits, _ . -)")
+    predict: str = Field(description="import path module:attribute of a callable, fitted estimator or torch module")
+    labels: list[str] = Field(min_length=1, description="label names, in the order of the expert's output columns")
+    queries: str = Field(description=".npy file of unlabeled inputs (n, d), relative to the spec")
+
+    @field_validator("predict")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        module, sep, attr = v.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"{v!r} is not an import path; write it as 'module:attribute', e.g. 'experts:logreg_a'")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({c for c in v if v.count(c) > 1})
+        if dup:
+            raise ValueError(f"labels {dup} appear more than once; list each output column's label once")
+        if any(not c for c in v):
+            raise ValueError("a label name is empty")
+        return v
+
+
+class DataSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_shape: tuple[int, int] | None = Field(None, description="(height, width) when inputs are flattened images")
+    likelihood: Literal["auto", "bernoulli", "gaussian"] = Field("auto", description="generative decoder; auto: bernoulli for images in [0,1]")
+
+    @field_validator("image_shape")
+    @classmethod
+    def _positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and min(v) < 4:
+            raise ValueError(f"image_shape {list(v)} is too small; each side must be at least 4 pixels")
+        return v
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experts: list[ExpertEntry] = Field(min_length=1)
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    training: TrainingSettings = TrainingSettings()
+    adapt: AdaptSettings = AdaptSettings()
+    folder: Path = Field(Path("."), exclude=True, description="the spec's folder; relative paths start here")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Spec":
+        names = [e.name for e in self.experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"expert names {dup} appear more than once; give each [[experts]] entry a unique name")
+        return self
+
+    def queries_path(self, entry: ExpertEntry) -> Path:
+        return (self.folder / entry.queries).resolve()
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Read and validate a spec; every problem is reported with its field, e.g. ``experts[1].labels``."""
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{file}: no such spec file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{file}: not valid TOML ({err})") from None
+    if "folder" in raw:
+        raise SpecError(f"{file}: 'folder' is not a spec field; paths are relative to the spec's own folder")
+    try:
+        return Spec(**raw, folder=file.resolve().parent)
+    except ValidationError as err:
+        raise SpecError(f"{file}: invalid spec\n{format_errors(err)}") from None
+
+
+def format_errors(err: ValidationError) -> str:
+    """pydantic's errors as 'field.path: message' lines, fields written as in the TOML file."""
+    lines = []
+    for e in err.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling against the documented fields"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

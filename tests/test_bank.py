@@ -1,0 +1,132 @@
+"""The bank interface and its artifacts: both families adapt, save, load and refuse bad files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from protofuse.adapted import load_adapted
+from protofuse.artifacts import ArtifactError
+from protofuse.bank import fit_bank, load_bank
+from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
+from protofuse.triples import assemble
+
+torch.set_num_threads(1)
+
+
+def _toy_triples(seed: int = 0):
+    """Four separable clusters; expert a knows 0/1/2, expert b knows 2/3."""
+    rng = np.random.default_rng(seed)
+    n, d = 400, 16
+    y = rng.integers(0, 4, n)
+    centres = rng.random((4, d))
+    x = np.clip(centres[y] + 0.08 * rng.standard_normal((n, d)), 0, 1).astype(np.float32)
+    eye = np.eye(4, dtype=np.float32)[y] + 0.01
+    outs = [eye[:, [0, 1, 2]], eye[:, [2, 3]]]
+    outs = [o / o.sum(1, keepdims=True) for o in outs]
+    return assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], outs, shared=[0, 0]), x, y
+
+
+@pytest.fixture(scope="module", params=["discriminative", "generative"])
+def bank(request):
+    triples, _, _ = _toy_triples()
+    epochs = 12 if request.param == "discriminative" else 30
+    return fit_bank(triples, ModelSettings(family=request.param, feat_dim=8, hidden=32), TrainingSettings(epochs=epochs, lr=5e-3), AdaptSettings(n_z=8), None, "bernoulli")
+
+
+def _support(x, y, classes, k, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
+    return x[idx], y[idx].astype(str)
+
+
+def test_adapted_model_follows_sklearn_conventions(bank):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [1, 3], 5)  # a task no single expert covers
+    model = bank.adapt(sx, sy)
+    assert model.classes_.tolist() == ["1", "3"]
+    keep = np.isin(y, [1, 3])
+    proba = model.predict_proba(x[keep])
+    assert proba.shape == (keep.sum(), 2)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    assert (model.predict(x[keep]) == y[keep].astype(str)).mean() > 0.8
+
+
+def test_bank_and_adapted_model_round_trip_exactly(bank, tmp_path):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [0, 3], 3)
+    version = bank.save(tmp_path / "bank")
+    model = bank.adapt(sx, sy)
+    loaded = load_bank(tmp_path / "bank")
+    assert loaded.version == version == bank.version
+    assert [e.name for e in loaded.experts] == ["a", "b"]
+    for (k1, v1), (k2, v2) in zip(bank.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    np.testing.assert_array_equal(loaded.adapt(sx, sy).predict_proba(x[:50]), model.predict_proba(x[:50]))
+    model.save(tmp_path / "model")
+    again = load_adapted(tmp_path / "model")
+    assert again.classes_.tolist() == model.classes_.tolist()
+    assert again.bank_meta["version"] == version
+    np.testing.assert_array_equal(again.predict_proba(x[:50]), model.predict_proba(x[:50]))
+
+
+def test_tampered_or_mismatched_artifacts_are_refused(bank, tmp_path):
+    bank.save(tmp_path / "bank")
+    weights = tmp_path / "bank" / "weights.npz"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_bank(tmp_path / "bank")
+    with pytest.raises(ArtifactError, match="expected a 'protofuse-adapted-model'"):
+        bank.save(tmp_path / "bank2")
+        load_adapted(tmp_path / "bank2")
+    meta_path = tmp_path / "bank2" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_bank(tmp_path / "bank2")
+    with pytest.raises(ArtifactError, match="no such"):
+        load_bank(tmp_path / "missing")
+
+
+def test_bad_support_sets_and_inputs_get_clear_errors(bank):
+    _, x, y = _toy_triples()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        bank.adapt(x[:5], np.array(["1"] * 5))
+    with pytest.raises(ValueError, match=r"expected \(n, 16\)"):
+        bank.adapt(x[:4, :10], np.array(["0", "1", "0", "1"]))
+    with pytest.raises(ValueError, match="one label name per support example"):
+        bank.adapt(x[:4], np.array(["0", "1"]))
+    bad = x[:4].copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        bank.adapt(bad, np.array(["0", "1", "0", "1"]))
+
+
+def test_uncovered_labels(bank):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [0, 3], 5)
+    sy = np.where(sy == "3", "new", sy)  # a label no expert knows
+    if bank.family == "generative":
+        with pytest.raises(ValueError, match="covered by no expert"):
+            bank.adapt(sx, sy)
+        return
+    model = bank.adapt(sx, sy)
+    keep = np.isin(y, [0, 3])
+    truth = np.where(y[keep] == 3, "new", y[keep].astype(str))
+    assert (model.predict(x[keep]) == truth).mean() > 0.9
+
+
+def test_zero_shot_uses_no_examples(bank):
+    _, x, y = _toy_triples()
+    model = bank.zero_shot(["0", "3"])
+    keep = np.isin(y, [0, 3])
+    proba = model.predict_proba(x[keep])
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    if bank.family == "discriminative":  # the generative family's zero-shot is weak on toy data
+        assert (model.predict(x[keep]) == y[keep].astype(str)).mean() > 0.9

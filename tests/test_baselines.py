@@ -1,0 +1,206 @@
+"""Baselines on sklearn digits with a small federation of logistic-regression experts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+# bench/ is not an installed package; plain `pytest` (unlike `python -m pytest`) would miss it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.baselines import ExpertOutput, Imitator, all_data, expert_vote, nearest_class_mean, scratch, stacking  # noqa: E402
+
+torch.set_num_threads(1)
+
+EXPERT_CLASSES = [(0, 1, 2), (2, 3, 4), (4, 5, 0)]
+COVERED_TASK = ("0", "2", "4")  # each class covered twice, no expert covers all three
+NEW_TASK = ("1", "3", "5")  # each class covered by exactly one expert
+
+
+class Digits:
+    """Digits split into train / test, with experts trained on class subsets of train."""
+
+    def __init__(self) -> None:
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).astype(np.float32)
+        self.train_x, self.test_x, self.train_y, self.test_y = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+        self.experts = [self._expert(classes) for classes in EXPERT_CLASSES]
+
+    def _expert(self, classes: tuple[int, ...]) -> tuple[tuple[str, ...], LogisticRegression]:
+        keep = np.isin(self.train_y, classes)
+        clf = LogisticRegression(max_iter=1000).fit(self.train_x[keep], self.train_y[keep])
+        return tuple(str(c) for c in clf.classes_), clf
+
+    def outputs(self, x: np.ndarray) -> list[ExpertOutput]:
+        return [ExpertOutput(labels, clf.predict_proba(x)) for labels, clf in self.experts]
+
+    def task(self, labels: tuple[str, ...], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """k support examples per class from train, every test example of the task's classes."""
+        rng = np.random.default_rng(seed)
+        classes = [int(c) for c in labels]
+        idx = np.concatenate([rng.choice(np.flatnonzero(self.train_y == c), k, replace=False) for c in classes])
+        test = np.isin(self.test_y, classes)
+        to_task = {c: i for i, c in enumerate(classes)}
+        support_y = np.array([to_task[c] for c in self.train_y[idx]])
+        test_y = np.array([to_task[c] for c in self.test_y[test]])
+        return self.train_x[idx], support_y, self.test_x[test], test_y
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    return Digits()
+
+
+def _accuracy(proba: np.ndarray, y: np.ndarray) -> float:
+    return float((proba.argmax(1) == y).mean())
+
+
+def _check_proba(proba: np.ndarray, n: int, k: int) -> None:
+    assert proba.shape == (n, k)
+    assert np.all(proba >= 0)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Support-set-only baselines
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_scratch_and_ncm_shapes_and_accuracy(digits: Digits, k: int) -> None:
+    sx, sy, tx, ty = digits.task(NEW_TASK, k)
+    for proba in (scratch(sx, sy, tx, seed=0), nearest_class_mean(sx, sy, tx)):
+        _check_proba(proba, len(tx), 3)
+        if k == 5:
+            assert _accuracy(proba, ty) > 0.7  # chance is 1/3
+
+
+def test_ncm_temperature_keeps_probabilities_soft(digits: Digits) -> None:
+    sx, sy, tx, _ = digits.task(NEW_TASK, 5)
+    proba = nearest_class_mean(sx, sy, tx)
+    # Untempered squared pixel distances would make nearly every row one-hot.
+    assert np.median(proba.max(1)) < 0.99
+
+
+def test_missing_support_class_gets_zero_probability(digits: Digits) -> None:
+    sx, sy, tx, _ = digits.task(NEW_TASK, 5)
+    keep = sy != 2
+    for proba in (scratch(sx[keep], sy[keep], tx, n_classes=3), nearest_class_mean(sx[keep], sy[keep], tx, n_classes=3)):
+        _check_proba(proba, len(tx), 3)
+        assert np.all(proba[:, 2] == 0)
+
+
+def test_all_data_upper_bound(digits: Digits) -> None:
+    classes = [int(c) for c in NEW_TASK]
+    train = np.isin(digits.train_y, classes)
+    test = np.isin(digits.test_y, classes)
+    to_task = {c: i for i, c in enumerate(classes)}
+    train_y = np.array([to_task[c] for c in digits.train_y[train]])
+    test_y = np.array([to_task[c] for c in digits.test_y[test]])
+    proba = all_data(digits.train_x[train], train_y, digits.test_x[test], seed=0)
+    _check_proba(proba, int(test.sum()), 3)
+    assert _accuracy(proba, test_y) > 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert-querying baselines
+
+
+def test_vote_arithmetic() -> None:
+    # Expert a covers two task classes (renormalised: 0.5, 0.5); expert b covers one (raw 0.3).
+    a = ExpertOutput(("a", "b", "x"), np.array([[0.2, 0.2, 0.6]]))
+    b = ExpertOutput(("b", "y"), np.array([[0.3, 0.7]]))
+    proba = expert_vote([a, b], ("a", "b", "c"))
+    np.testing.assert_allclose(proba, [[0.5 / 0.9, 0.4 / 0.9, 0.0]])
+
+
+def test_vote_uniform_when_nothing_covered() -> None:
+    out = ExpertOutput(("x", "y"), np.array([[0.1, 0.9], [0.5, 0.5]]))
+    np.testing.assert_allclose(expert_vote([out], ("a", "b", "c", "d")), np.full((2, 4), 0.25))
+
+
+def test_vote_on_covered_task(digits: Digits) -> None:
+    _, _, tx, ty = digits.task(COVERED_TASK, 1)
+    proba = expert_vote(digits.outputs(tx), COVERED_TASK)
+    _check_proba(proba, len(tx), 3)
+    assert _accuracy(proba, ty) > 0.8
+
+
+def test_vote_gives_zero_to_uncovered_class(digits: Digits) -> None:
+    task = ("0", "3", "9")  # no expert knows 9
+    _, _, tx, _ = digits.task(task, 1)
+    proba = expert_vote(digits.outputs(tx), task)
+    _check_proba(proba, len(tx), 3)
+    assert np.all(proba[:, 2] == 0)
+    assert np.all(proba[:, :2].sum(1) > 0.999)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_stacking(digits: Digits, k: int) -> None:
+    sx, sy, tx, ty = digits.task(NEW_TASK, k)
+    proba = stacking(digits.outputs(sx), sy, digits.outputs(tx), NEW_TASK, seed=0)
+    _check_proba(proba, len(tx), 3)
+    if k == 5:
+        assert _accuracy(proba, ty) > 0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head imitator
+
+
+@pytest.fixture(scope="module", params=["mlp", "conv"])
+def imitator(request: pytest.FixtureRequest, digits: Digits) -> Imitator:
+    pool = digits.train_x[:400]
+    return Imitator(64, (8, 8), encoder=request.param, feat_dim=32, epochs=30, max_shift=1, seed=0).fit(pool, digits.outputs(pool))
+
+
+def test_imitator_features_and_probe(digits: Digits, imitator: Imitator) -> None:
+    sx, sy, tx, ty = digits.task(NEW_TASK, 5)
+    feats = imitator.features(tx)
+    assert feats.shape == (len(tx), 32)
+    assert np.all(np.isfinite(feats))
+    proba = imitator.probe(sx, sy, tx, seed=0)
+    _check_proba(proba, len(tx), 3)
+    assert _accuracy(proba, ty) > 0.6
+
+
+def test_imitator_heads_agree_with_experts(digits: Digits, imitator: Imitator) -> None:
+    # A probe on random features already beats chance (~0.86 here), so check that training
+    # imitated: on held-out digits of each expert's own classes, each head's top class should
+    # match its expert's (untrained heads: ~1/3). Off-domain answers are near arbitrary.
+    outputs = digits.outputs(digits.test_x)
+    imitated = imitator.expert_proba(digits.test_x)
+    for classes, out, q in zip(EXPERT_CLASSES, outputs, imitated):
+        assert q.shape == out.proba.shape
+        np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)
+        own = np.isin(digits.test_y, classes)
+        assert float((q[own].argmax(1) == out.proba[own].argmax(1)).mean()) > 0.9
+
+
+def test_imitator_is_seeded_and_leaves_global_rng_alone(digits: Digits) -> None:
+    pool, outs = digits.train_x[:64], digits.outputs(digits.train_x[:64])
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a = Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3).fit(pool, outs).features(pool)
+    assert torch.rand(1) == expected  # fit must not reseed or consume the caller's generator
+    b = Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3).fit(pool, outs).features(pool)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_imitator_rejects_bad_configs(digits: Digits) -> None:
+    with pytest.raises(ValueError, match="image shape"):
+        Imitator(64, None, encoder="conv")
+    with pytest.raises(ValueError, match="unknown encoder"):
+        Imitator(64, (8, 8), encoder="resnet")
+    with pytest.raises(RuntimeError):
+        Imitator(64, None, encoder="mlp").features(digits.test_x[:2])
+    bad = [ExpertOutput(("0", "1"), np.full((3, 2), 0.5))]
+    with pytest.raises(ValueError, match="shape"):
+        Imitator(64, None, encoder="mlp").fit(digits.train_x[:4], bad)
