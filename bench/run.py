@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +135,11 @@ def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random
     return out
 
 
+def log(line: str) -> None:
+    """A plain progress line on stderr: readable in CI logs, where the progress bar is not drawn."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=["digits", "mnist5k"])
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 job = bar.add_task(f"{name} seed {seed}: fitting", total=None)
                 world = build_world(name, seed, recipes, args.families, epochs, with_imitator=True)
+                log(f"{name} seed {seed}: fitted in " + ", ".join(f"{k} {v:.0f}s" for k, v in world.timings.items()))
                 timings.append({"dataset": name, "seed": seed, **world.timings})
                 for family, bank in world.banks.items():
                     fidelity += [{"dataset": name, "seed": seed, "family": family, "expert": e.name, "labels": " ".join(e.labels), "agreement": e.fidelity.agreement, "kl": e.fidelity.kl} for e in bank.experts]
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         acc = run_episode(world, task, k, erng, args.max_test, {"all"})
                         rows += [{"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k, "method": m, "accuracy": a} for m, a in acc.items()]
                         bar.advance(job)
+                        log(f"{name} seed {seed} {ways}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
                         timings.append({"dataset": name, "seed": seed, "episode_s": time.perf_counter() - t0})
     write_report(args.out, rows, fidelity, timings, vars(args) | {"out": str(args.out)})
     return 0

@@ -26,7 +26,7 @@ from .model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
 from .model.generative import GenerativeConfig, GenerativePrototypes
 from .model.recompose import WDistribution, WeightedPrototypes, aggregated_posterior, fit_gaussian, fit_mixture, prior_distribution
 from .settings import AdaptSettings, ModelSettings, TrainingSettings
-from .training import Fidelity, Progress, fidelity, train_discriminative, train_generative
+from .training import Fidelity, Progress, consensus_agreement, fidelity, reliability_weights, train_discriminative, train_generative
 from .triples import Triples
 
 KIND = "protofuse-bank"
@@ -38,6 +38,8 @@ class ExpertRecord:
     labels: tuple[str, ...]
     fidelity: Fidelity
     n_queries: int
+    consensus: float = float("nan")  # agreement with the bank's consensus on its own labels
+    weight: float = 1.0  # trust given to its answers in training
 
 
 class Bank:
@@ -149,7 +151,7 @@ class Bank:
     def save(self, path: str | os.PathLike) -> str:
         arrays = {f"model.{k}": v.numpy() for k, v in self.model.state_dict().items()}
         arrays.update({f"dist.{k}": v for k, v in self.distributions.items()})
-        meta = {**self.meta, "experts": [{"name": e.name, "labels": list(e.labels), "fidelity": asdict(e.fidelity), "n_queries": e.n_queries} for e in self.experts]}
+        meta = {**self.meta, "experts": [{"name": e.name, "labels": list(e.labels), "fidelity": asdict(e.fidelity), "n_queries": e.n_queries, "consensus": e.consensus, "weight": e.weight} for e in self.experts]}
         meta.pop("version", None)
         self.version = artifacts.save(path, KIND, arrays, meta)[:16]
         self.meta["version"] = self.version
@@ -166,7 +168,7 @@ def load_bank(path: str | os.PathLike) -> Bank:
     state = {k[len("model.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
     model = build_model(meta, state, path)
     dists = {k[len("dist.") :]: v for k, v in arrays.items() if k.startswith("dist.")}
-    experts = [ExpertRecord(e["name"], tuple(e["labels"]), Fidelity(**e["fidelity"]), e["n_queries"]) for e in meta.pop("experts")]
+    experts = [ExpertRecord(e["name"], tuple(e["labels"]), Fidelity(**e["fidelity"]), e["n_queries"], e["consensus"], e["weight"]) for e in meta.pop("experts")]
     return Bank(model, meta, experts, dists)
 
 
@@ -195,7 +197,19 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         encoder = model_settings.encoder if model_settings.encoder != "auto" else ("conv" if image_shape else "mlp")
         config: Any = DiscriminativeConfig(x_dim, n_labels, n_experts, model_settings.feat_dim, encoder, image_shape)
         model: Any = DiscriminativePrototypes(config)
-        train_discriminative(model, train, epochs, training.lr, training.batch_size, training.resolved_shift(image_shape), seed=training.seed, progress=progress)
+        shift = training.resolved_shift(image_shape)
+        if training.reweight and n_experts > 1:
+            # Two phases: learn a consensus from everyone, then weight each expert by how well it
+            # agrees with that consensus, so a poor participant cannot drag its labels' prototypes.
+            first = max(1, epochs // 2)
+            train_discriminative(model, train, first, training.lr, training.batch_size, shift, seed=training.seed, progress=progress)
+            agreement = consensus_agreement(model, train)
+            weights = reliability_weights(agreement, train.tau.sum(1))
+            later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
+            train_discriminative(model, train, epochs - first, training.lr, training.batch_size, shift, expert_weight=weights, seed=training.seed + 1, progress=later)
+        else:
+            train_discriminative(model, train, epochs, training.lr, training.batch_size, shift, seed=training.seed, progress=progress)
+            agreement, weights = consensus_agreement(model, train), np.ones(n_experts)
         imitated = model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach() if len(held.x) else None
         dists: dict[str, np.ndarray] = {}
     else:
@@ -205,8 +219,12 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         train_generative(model, train, epochs, training.lr, training.batch_size, training.seed, progress)
         imitated = _generative_imitation(model, held) if len(held.x) else None
         dists = _decompose(model, train)
+        agreement, weights = np.full(n_experts, np.nan), np.ones(n_experts)
     fid = fidelity(imitated, held) if imitated is not None else [Fidelity(float("nan"), float("nan"), 0)] * n_experts
-    experts = [ExpertRecord(name, labels, f, int(triples.mask[:, e].sum())) for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))]
+    experts = [
+        ExpertRecord(name, labels, f, int(triples.mask[:, e].sum()), float(agreement[e]), float(weights[e]))
+        for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))
+    ]
     cfg_json = asdict(config)
     meta = {
         "family": family, "config": cfg_json, "x_dim": x_dim, "label_names": list(triples.label_names),

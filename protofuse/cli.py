@@ -120,10 +120,10 @@ def _print_experts(bank) -> None:  # noqa: ANN001 - a Bank, imported lazily
     from rich.table import Table
 
     table = Table(title="experts (imitation fidelity on held-out queries)")
-    for col in ("expert", "labels", "queries", "agreement", "KL (nats)"):
+    for col in ("expert", "labels", "queries", "agreement", "KL (nats)", "consensus", "weight"):
         table.add_column(col)
     for e in bank.experts:
-        table.add_row(e.name, " ".join(e.labels), str(e.n_queries), f"{e.fidelity.agreement:.3f}", f"{e.fidelity.kl:.3f}")
+        table.add_row(e.name, " ".join(e.labels), str(e.n_queries), f"{e.fidelity.agreement:.3f}", f"{e.fidelity.kl:.3f}", f"{e.consensus:.3f}", f"{e.weight:.2f}")
     Console(stderr=True).print(table)
 
 

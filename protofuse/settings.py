@@ -33,6 +33,7 @@ class TrainingSettings(_Strict):
     batch_size: int = Field(128, ge=2, le=65_536)
     max_shift: int | None = Field(None, ge=0, le=16, description="random image shift in pixels; default: about 1/14 of the image side, 0 for tabular data")
     holdout: float = Field(0.1, ge=0, lt=1, description="fraction of queries held out to measure imitation fidelity")
+    reweight: bool = Field(True, description="discriminative: weight experts by agreement with the bank's consensus (robust to poor participants)")
     seed: int = Field(0, description="seed of every random draw in training")
     threads: int = Field(1, ge=1, le=256, description="torch threads (one per process is fastest on small machines)")
 

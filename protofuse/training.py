@@ -106,5 +106,31 @@ def fidelity(imitated_log_proba: torch.Tensor, triples: Triples) -> list[Fidelit
     return out
 
 
+@torch.no_grad()
+def consensus_agreement(model: DiscriminativePrototypes, triples: Triples) -> np.ndarray:
+    """Label-free reliability of each expert: how often its top class matches the bank's consensus.
+
+    The consensus is the bank's own labeller over the whole vocabulary, which pools every expert.
+    Only inputs that the consensus places inside the expert's label set count (elsewhere an
+    expert's answer is arbitrary by construction). Returns (E,) agreement rates in [0, 1].
+    """
+    consensus = torch.softmax(model.logits(model.embed(torch.from_numpy(triples.x))), dim=-1).numpy()
+    tau = triples.tau > 0
+    out = np.full(len(triples.expert_names), np.nan)
+    for e in range(len(out)):
+        rows = triples.mask[:, e] & (consensus[:, tau[e]].sum(1) > 0.5)
+        if rows.any():
+            out[e] = float((consensus[rows][:, tau[e]].argmax(1) == triples.eta[rows, e][:, tau[e]].argmax(1)).mean())
+    return out
+
+
+def reliability_weights(agreement: np.ndarray, n_labels: np.ndarray) -> np.ndarray:
+    """Training weights from consensus agreement: chance-corrected, relative to the best expert,
+    squared so that a clearly worse expert counts for much less than its peers."""
+    chance = 1.0 / n_labels
+    kappa = np.clip((np.nan_to_num(agreement, nan=1.0) - chance) / (1 - chance), 0.0, 1.0)
+    return (kappa / max(kappa.max(), 1e-8)) ** 2
+
+
 def _n_batches(n: int, batch_size: int) -> int:
     return max(1, (n + batch_size - 1) // batch_size)
