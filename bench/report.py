@@ -84,12 +84,16 @@ def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: lis
     summary = summarize(rows)
     gaps = paired_gaps(rows)
     (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "paired_gaps": gaps, "fidelity": fidelity, "timings": timings, "episodes": rows}, indent=1))
-    fid_lines = ["### Imitation fidelity on held-out queries (mean over seeds)", "", "| dataset | family | expert | labels | agreement | KL (nats) |", "|---|---|---|---|---|---|"]
+    fid_lines = [
+        "### Imitation fidelity on held-out queries, consensus agreement and training weight (mean over seeds)", "",
+        "| dataset | bank | expert | labels | agreement | KL (nats) | consensus | weight |", "|---|---|---|---|---|---|---|---|",
+    ]
     fcells: dict[tuple, list[dict]] = defaultdict(list)
     for f in fidelity:
-        fcells[(f["dataset"], f["family"], f["expert"], f["labels"])].append(f)
-    for (d, fam, e, labels), fs in sorted(fcells.items()):
-        fid_lines.append(f"| {d} | {fam} | {e} | {labels} | {np.mean([f['agreement'] for f in fs]):.3f} | {np.mean([f['kl'] for f in fs]):.3f} |")
+        fcells[(f["dataset"], f["bank"], f["expert"], f["labels"])].append(f)
+    for (d, bank, e, labels), fs in sorted(fcells.items()):
+        mean = {key: np.mean([f[key] for f in fs]) for key in ("agreement", "kl", "consensus", "weight")}
+        fid_lines.append(f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | {mean['consensus']:.3f} | {mean['weight']:.2f} |")
     text = markdown(summary) + "\n" + "\n".join(fid_lines) + "\n"
     (out / "results.md").write_text(text)
     plot(summary, out / "accuracy_vs_k.png")

@@ -15,7 +15,7 @@ import argparse
 import itertools
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from client_sdk.experts import query_expert
 from client_sdk.federation import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation
 from protofuse.bank import Bank, fit_bank
+from protofuse.model.recompose import predict_log_proba
 from protofuse.data import Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
 from protofuse.triples import Triples, assemble
@@ -32,6 +33,18 @@ from . import baselines
 from .report import write_report
 
 SHOTS = (1, 5, 10)
+
+
+# Banks fitted per seed: name -> (model settings, training settings) overrides of the defaults.
+BANKS: dict[str, tuple[dict, dict]] = {
+    "protofuse": ({}, {}),
+    "generative": ({"family": "generative"}, {}),
+}
+ABLATIONS: dict[str, tuple[dict, dict]] = {
+    "protofuse, mlp encoder": ({"encoder": "mlp"}, {}),
+    "protofuse, no shifts": ({}, {"max_shift": 0}),
+    "protofuse, no reweighting": ({}, {"reweight": False}),
+}
 
 
 @dataclass
@@ -43,19 +56,24 @@ class Federation:
     experts: list[BuiltExpert]
     triples: Triples
     banks: dict[str, Bank]
-    imitator: baselines.Imitator | None
+    imitators: dict[str, baselines.Imitator]
     timings: dict[str, float]
 
 
-def uncovered_tasks(recipes: tuple[ExpertRecipe, ...], labels: tuple[str, ...], ways: int, n: int, rng: np.random.Generator) -> list[tuple[str, ...]]:
+def uncovered_tasks(recipes: tuple[ExpertRecipe, ...], labels: tuple[str, ...], ways: int, n: int, rng: np.random.Generator, must_include: str | None = None) -> list[tuple[str, ...]]:
     """Up to n class combinations of size ``ways`` that no single expert covers entirely."""
     sets = [set(r.classes) for r in recipes]
-    combos = [c for c in itertools.combinations(labels, ways) if not any(set(c) <= s for s in sets)]
+    combos = [c for c in itertools.combinations(labels, ways) if not any(set(c) <= s for s in sets) and (must_include is None or must_include in c)]
     pick = rng.choice(len(combos), size=min(n, len(combos)), replace=False)
     return [combos[i] for i in sorted(pick)]
 
 
-def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], families: list[str], epochs: dict[str, int], with_imitator: bool) -> Federation:
+def hide_label(recipes: tuple[ExpertRecipe, ...], label: str) -> tuple[ExpertRecipe, ...]:
+    """The same federation with ``label`` removed from every expert: no expert covers it."""
+    return tuple(replace(r, classes=tuple(c for c in r.classes if c != label)) for r in recipes)
+
+
+def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str]) -> Federation:
     ds = load_dataset(name)
     splits = make_splits(ds, seed)
     timings: dict[str, float] = {}
@@ -65,20 +83,22 @@ def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], familie
     qx = splits.queries.x
     outputs = [query_expert(e.expert, qx, e.name) for e in experts]
     triples = assemble([e.name for e in experts], [e.labels for e in experts], [qx] * len(experts), outputs, shared=[0] * len(experts))
-    banks = {}
-    for family in families:
+    fitted = {}
+    for bank_name, (model_over, train_over) in banks.items():
         t0 = time.perf_counter()
-        training = TrainingSettings(epochs=epochs.get(family), seed=seed)
-        banks[family] = fit_bank(triples, ModelSettings(family=family), training, AdaptSettings(), ds.image_shape, ds.likelihood)
-        timings[f"fit {family}"] = time.perf_counter() - t0
-    imitator = None
-    if with_imitator:
+        training = TrainingSettings(**{"epochs": epochs, "seed": seed, **train_over})
+        fitted[bank_name] = fit_bank(triples, ModelSettings(**model_over), training, AdaptSettings(), ds.image_shape, ds.likelihood)
+        timings[f"fit {bank_name}"] = time.perf_counter() - t0
+    imitators = {}
+    for encoder in imitator_encoders:
+        if encoder == "conv" and ds.image_shape is None:
+            continue
         t0 = time.perf_counter()
-        shift = TrainingSettings().resolved_shift(ds.image_shape)
-        imitator = baselines.Imitator(qx.shape[1], ds.image_shape, "conv" if ds.image_shape else "mlp", epochs=epochs.get("discriminative", 30), max_shift=shift, seed=seed)
-        imitator.fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
-        timings["fit imitator"] = time.perf_counter() - t0
-    return Federation(ds, splits, experts, triples, banks, imitator, timings)
+        training = TrainingSettings(epochs=epochs)
+        imitator = baselines.Imitator(qx.shape[1], ds.image_shape, encoder, epochs=training.resolved_epochs("discriminative", round(len(qx) * (1 - training.holdout))), max_shift=training.resolved_shift(ds.image_shape), seed=seed)
+        imitators[f"imitator ({encoder}) + probe"] = imitator.fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
+        timings[f"fit imitator {encoder}"] = time.perf_counter() - t0
+    return Federation(ds, splits, experts, triples, fitted, imitators, timings)
 
 
 def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
@@ -95,7 +115,7 @@ class in_task_order:  # noqa: N801 - reads as a function at the call sites
         return self.model.predict_proba(x)[:, self.cols]
 
 
-def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random.Generator, max_test: int, methods: set[str]) -> dict[str, float]:
+def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random.Generator, max_test: int, methods: set[str], with_generative: bool = True) -> dict[str, float]:
     """Every method on one support set and one test set; returns accuracy per method."""
     ds, sp = world.dataset, world.splits
     classes = [ds.label_names.index(c) for c in task]
@@ -111,24 +131,27 @@ def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random
         if method in methods or "all" in methods:
             out[method] = accuracy(fn(), ty)
 
-    if "discriminative" in world.banks:
-        bank = world.banks["discriminative"]
-        score("protofuse", lambda: in_task_order(bank.adapt(sx, names), task).predict_proba(tx))
-        score("protofuse zero-shot", lambda: in_task_order(bank.zero_shot(list(task)), task).predict_proba(tx))
-    if "generative" in world.banks:
-        gen = world.banks["generative"]
-        for recompose in ("gaussian", "mixture"):
-            for form in ("conditional", "joint"):
-                score(f"generative {recompose}/{form}", lambda r=recompose, f=form: in_task_order(gen.adapt(sx, names, recompose=r, form=f, n_z=16), task).predict_proba(tx))
-        score("generative zero-shot", lambda: in_task_order(gen.zero_shot(list(task), n_z=16), task).predict_proba(tx))
+    for bank_name, bank in world.banks.items():
+        if bank.family == "discriminative":
+            score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names), task).predict_proba(tx))
+            if all(c in bank.label_names for c in task):
+                score(f"{bank_name} zero-shot", lambda b=bank: in_task_order(b.zero_shot(list(task)), task).predict_proba(tx))
+        elif with_generative and all(c in bank.label_names for c in task):
+            for recompose in ("gaussian", "mixture"):
+                model = bank.adapt(sx, names, recompose=recompose, n_z=16)
+                cols = [model.classes_.tolist().index(c) for c in task]
+                log_joint = model.task.log_joint(torch.from_numpy(tx))  # shared by both prediction forms
+                for form in ("conditional", "joint"):
+                    score(f"{bank_name} {recompose}/{form}", lambda f=form, m=model: predict_log_proba(log_joint, m.task.q, f).exp().numpy()[:, cols])
+            score(f"{bank_name} zero-shot", lambda b=bank: in_task_order(b.zero_shot(list(task), n_z=16), task).predict_proba(tx))
     test_out = [baselines.ExpertOutput(e.labels, query_expert(e.expert, tx, e.name)) for e in world.experts]
     sup_out = [baselines.ExpertOutput(e.labels, query_expert(e.expert, sx, e.name)) for e in world.experts]
     score("expert vote (experts online)", lambda: baselines.expert_vote(test_out, task))
     score("stacking (experts online)", lambda: baselines.stacking(sup_out, sy, test_out, task))
     score("scratch", lambda: baselines.scratch(sx, sy, tx, n_classes=len(task)))
     score("nearest class mean", lambda: baselines.nearest_class_mean(sx, sy, tx, n_classes=len(task)))
-    if world.imitator is not None:
-        score("imitator + probe", lambda: world.imitator.probe(sx, sy, tx, n_classes=len(task)))
+    for imitator_name, imitator in world.imitators.items():
+        score(imitator_name, lambda i=imitator: i.probe(sx, sy, tx, n_classes=len(task)))
     if k == SHOTS[0]:  # the upper bound does not depend on k: compute once per task
         pool = [task_subset(sp.expert_train, classes), task_subset(sp.queries, classes)]
         score("all-data upper bound", lambda: baselines.all_data(np.concatenate([p[0] for p in pool]), np.concatenate([p[1] for p in pool]), tx, n_classes=len(task)))
@@ -146,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="bank seeds (split, experts, training)")
     p.add_argument("--tasks", type=int, default=10, help="new tasks per (ways, seed)")
     p.add_argument("--ways", type=int, nargs="+", default=[2, 5])
-    p.add_argument("--families", nargs="+", default=["discriminative", "generative"])
+    p.add_argument("--no-generative", action="store_true", help="skip the generative family (its episodes are the slowest)")
+    p.add_argument("--generative-tasks", type=int, default=3, help="tasks per (ways, seed) on which the generative variants run (they cost ~20 s an episode on MNIST)")
+    p.add_argument("--ablations", action="store_true", help="also fit the ablation banks (mlp encoder, no shifts, no reweighting) and an mlp imitator")
+    p.add_argument("--hide-label", help="remove this label from every expert: tasks then include a label no expert covers")
     p.add_argument("--max-test", type=int, default=300, help="test examples per episode (the same for every method)")
     p.add_argument("--robustness", action="store_true", help="add a poor and an overconfident expert to the federation")
     p.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not a measurement")
@@ -154,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     recipes = DEFAULT_RECIPES + (ROBUSTNESS_RECIPES if args.robustness else ())
-    epochs = {"discriminative": 3, "generative": 3} if args.quick else {}
+    if args.hide_label:
+        recipes = hide_label(recipes, args.hide_label)
+    banks = {k: v for k, v in BANKS.items() if not (args.no_generative and v[0].get("family") == "generative")}
+    banks |= ABLATIONS if args.ablations else {}
+    imitator_encoders = ["conv", "mlp"] if args.ablations else ["conv"]
+    epochs = 3 if args.quick else None
     rows: list[dict] = []
     fidelity: list[dict] = []
     timings: list[dict] = []
@@ -164,19 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets:
             for seed in range(args.seeds):
                 job = bar.add_task(f"{name} seed {seed}: fitting", total=None)
-                world = build_world(name, seed, recipes, args.families, epochs, with_imitator=True)
+                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders)
                 log(f"{name} seed {seed}: fitted in " + ", ".join(f"{k} {v:.0f}s" for k, v in world.timings.items()))
                 timings.append({"dataset": name, "seed": seed, **world.timings})
-                for family, bank in world.banks.items():
-                    fidelity += [{"dataset": name, "seed": seed, "family": family, "expert": e.name, "labels": " ".join(e.labels), "agreement": e.fidelity.agreement, "kl": e.fidelity.kl} for e in bank.experts]
+                for bank_name, bank in world.banks.items():
+                    fidelity += [{"dataset": name, "seed": seed, "bank": bank_name, "expert": e.name, "labels": " ".join(e.labels), "agreement": e.fidelity.agreement, "kl": e.fidelity.kl, "consensus": e.consensus, "weight": e.weight} for e in bank.experts]
                 rng = np.random.default_rng(1000 + seed)
-                tasks = [(ways, t) for ways in args.ways for t in uncovered_tasks(DEFAULT_RECIPES, world.dataset.label_names, ways, args.tasks, rng)]
+                tasks = [(ways, i, t) for ways in args.ways for i, t in enumerate(uncovered_tasks(DEFAULT_RECIPES, world.dataset.label_names, ways, args.tasks, rng, args.hide_label))]
                 bar.update(job, description=f"{name} seed {seed}: episodes", total=len(tasks) * len(SHOTS), completed=0)
-                for ti, (ways, task) in enumerate(tasks):
+                for ti, (ways, i, task) in enumerate(tasks):
                     for k in SHOTS:
                         erng = np.random.default_rng([seed, ti, k])
                         t0 = time.perf_counter()
-                        acc = run_episode(world, task, k, erng, args.max_test, {"all"})
+                        acc = run_episode(world, task, k, erng, args.max_test, {"all"}, with_generative=i < args.generative_tasks)
                         rows += [{"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k, "method": m, "accuracy": a} for m, a in acc.items()]
                         bar.advance(job)
                         log(f"{name} seed {seed} {ways}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")

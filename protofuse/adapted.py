@@ -47,10 +47,12 @@ class GenerativeTask:
     seed: int = 0
 
     @torch.no_grad()
+    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x, c | w) at q's samples (n, K, M); the same input always gets the same draws."""
+        return self.model.log_joint(x, self.classes, self.q.w, n_z=self.n_z, generator=torch.Generator().manual_seed(self.seed))
+
     def log_proba(self, x: torch.Tensor) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed)  # same input, same answer
-        log_joint = self.model.log_joint(x, self.classes, self.q.w, n_z=self.n_z, generator=gen)
-        return predict_log_proba(log_joint, self.q, self.form)
+        return predict_log_proba(self.log_joint(x), self.q, self.form)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"classes": self.classes.numpy(), "w": self.q.w.numpy(), "log_weights": self.q.log_weights.numpy()}

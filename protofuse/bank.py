@@ -192,7 +192,7 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
     train, held = triples.split(training.holdout, training.seed)
     family = model_settings.family
     x_dim, n_labels, n_experts = triples.x.shape[1], len(triples.label_names), len(triples.expert_names)
-    epochs = training.resolved_epochs(family)
+    epochs = training.resolved_epochs(family, len(train.x))
     if family == "discriminative":
         encoder = model_settings.encoder if model_settings.encoder != "auto" else ("conv" if image_shape else "mlp")
         config: Any = DiscriminativeConfig(x_dim, n_labels, n_experts, model_settings.feat_dim, encoder, image_shape)

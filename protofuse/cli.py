@@ -68,10 +68,9 @@ def _fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     triples = collect_triples(spec)
     print(f"queried {len(spec.experts)} experts on {len(triples.x)} inputs ({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    epochs = spec.training.resolved_epochs(spec.model.family)
     with Progress(TextColumn("training {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs  loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=False) as bar:
-        task = bar.add_task(spec.model.family, total=epochs, loss=float("nan"))
-        bank = fit_bank(triples, spec.model, spec.training, spec.adapt, spec.data.image_shape, likelihood_for(spec, triples), progress=lambda e, n, loss: bar.update(task, completed=e, loss=loss))
+        task = bar.add_task(spec.model.family, total=None, loss=float("nan"))
+        bank = fit_bank(triples, spec.model, spec.training, spec.adapt, spec.data.image_shape, likelihood_for(spec, triples), progress=lambda e, n, loss: bar.update(task, completed=e, total=n, loss=loss))
     version = bank.save(args.out)
     print(f"bank {version} written to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     _print_experts(bank)

@@ -28,7 +28,7 @@ class ModelSettings(_Strict):
 
 
 class TrainingSettings(_Strict):
-    epochs: int | None = Field(None, ge=1, le=10_000, description="passes over the triples; default 30 (discriminative) or 40 (generative)")
+    epochs: int | None = Field(None, ge=1, le=10_000, description="passes over the queries; default: 40 (generative), or for the discriminative family 30 or enough for 600 optimizer steps, whichever is more (small query pools need more passes)")
     lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate")
     batch_size: int = Field(128, ge=2, le=65_536)
     max_shift: int | None = Field(None, ge=0, le=16, description="random image shift in pixels; default: about 1/14 of the image side, 0 for tabular data")
@@ -37,8 +37,13 @@ class TrainingSettings(_Strict):
     seed: int = Field(0, description="seed of every random draw in training")
     threads: int = Field(1, ge=1, le=256, description="torch threads (one per process is fastest on small machines)")
 
-    def resolved_epochs(self, family: str) -> int:
-        return self.epochs if self.epochs is not None else (30 if family == "discriminative" else 40)
+    def resolved_epochs(self, family: str, n_inputs: int = 0) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        if family == "generative":
+            return 40
+        batches = max(1, -(-n_inputs // self.batch_size))
+        return max(30, -(-600 // batches))
 
     def resolved_shift(self, image_shape: tuple[int, int] | None) -> int:
         if self.max_shift is not None:

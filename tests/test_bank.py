@@ -130,3 +130,24 @@ def test_zero_shot_uses_no_examples(bank):
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
     if bank.family == "discriminative":  # the generative family's zero-shot is weak on toy data
         assert (model.predict(x[keep]) == y[keep].astype(str)).mean() > 0.9
+
+
+def test_a_poor_expert_gets_less_weight_than_its_peers():
+    """Expert 'liar' covers the same labels as 'a' but swaps 0 and 1 on most inputs."""
+    triples, x, y = _toy_triples()
+    rng = np.random.default_rng(1)
+    eye = np.eye(4, dtype=np.float32)[y] + 0.01
+    lies = eye[:, [0, 1, 2]].copy()
+    swap = rng.random(len(y)) < 0.6
+    lies[swap] = lies[swap][:, [1, 0, 2]]
+    lies /= lies.sum(1, keepdims=True)
+    outs = [triples.eta[:, 0][:, :3], triples.eta[:, 1][:, [2, 3]], lies]
+    names, labels = ["a", "b", "liar"], [("0", "1", "2"), ("2", "3"), ("0", "1", "2")]
+    fed = assemble(names, labels, [x, x, x], outs, shared=[0, 0, 0])
+    bank = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3), AdaptSettings(), None, "bernoulli")
+    weight = {e.name: e.weight for e in bank.experts}
+    consensus = {e.name: e.consensus for e in bank.experts}
+    assert consensus["liar"] < consensus["a"] - 0.2
+    assert weight["liar"] < 0.6 < weight["a"]
+    off = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3, reweight=False), AdaptSettings(), None, "bernoulli")
+    assert {e.weight for e in off.experts} == {1.0}

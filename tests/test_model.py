@@ -151,3 +151,22 @@ def test_random_shift_moves_content_without_changing_mass():
     assert torch.allclose(shifted.sum(1), torch.ones(50))
     positions = {int(s.argmax()) for s in shifted}
     assert len(positions) > 3 and all(abs(p // 8 - 3) <= 1 and abs(p % 8 - 3) <= 1 for p in positions)
+
+
+def test_conv_variant_of_the_generative_family_trains_and_scores_images():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = (rng.random((64, 100)) > 0.7).astype(np.float32)  # 10x10 binary "images"
+    y = rng.integers(0, 2, 64)
+    outs = [np.eye(2, dtype=np.float32)[y] * 0.98 + 0.01]
+    triples = assemble(["a"], [("0", "1")], [x], outs)
+    model = GenerativePrototypes(GenerativeConfig(100, 2, image_shape=(10, 10), conv=True, hidden=32))
+    before = model.loss(torch.from_numpy(x), torch.from_numpy(triples.eta[:, 0]), torch.from_numpy(triples.tau).expand(64, -1))["loss"].item()
+    train_generative(model, triples, epochs=5, lr=3e-3)
+    model.train()
+    after = model.loss(torch.from_numpy(x), torch.from_numpy(triples.eta[:, 0]), torch.from_numpy(triples.tau).expand(64, -1))["loss"].item()
+    model.eval()
+    assert after < before
+    with torch.no_grad():
+        lj = model.log_joint(torch.from_numpy(x[:4]), torch.tensor([0, 1]), torch.zeros(3, 2), n_z=4)
+    assert lj.shape == (4, 2, 3) and torch.isfinite(lj).all()

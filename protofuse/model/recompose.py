@@ -82,7 +82,7 @@ def predict_log_proba(log_joint: torch.Tensor, q: WeightedPrototypes, form: str)
     return torch.log_softmax(out, dim=-1)
 
 
-def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, init: WDistribution, bank: list[WDistribution], steps: int = 60, n_w: int = 8, n_z: int = 8, lr: float = 0.05, n_out: int = 32, seed: int = 0) -> tuple[WDistribution, WeightedPrototypes]:
+def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, init: WDistribution, bank: list[WDistribution], steps: int = 40, n_w: int = 6, n_z: int = 8, lr: float = 0.08, n_out: int = 32, seed: int = 0) -> tuple[WDistribution, WeightedPrototypes]:
     """Fit a diagonal Gaussian q*(w) (mean, log-variance) to the support set (x, y in 0..K-1)."""
     mean = init.mean.clone().requires_grad_(True)
     logvar = torch.diagonal(init.cov).log().clone().requires_grad_(True)
