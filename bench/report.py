@@ -63,18 +63,21 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(s["dataset"], s["ways"]) for s in summary})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    methods = sorted({s["method"] for s in summary})
+    colour = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)} | {"protofuse": "black"}
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.5), squeeze=False)
     for ax, (dataset, ways) in zip(axes[0], groups):
         cells = [s for s in summary if s["dataset"] == dataset and s["ways"] == ways]
         for method in sorted({s["method"] for s in cells}):
             pts = sorted((s["k"], s["mean"], s["std"]) for s in cells if s["method"] == method)
             ks, means, stds = (np.array(v) for v in zip(*pts))
             style = "-o" if method.startswith("protofuse") else "--." if len(ks) > 1 else "x"
-            ax.errorbar(ks, 100 * means, yerr=100 * stds, fmt=style, capsize=2, label=method, linewidth=2.5 if method == "protofuse" else 1)
+            ax.errorbar(ks, 100 * means, yerr=100 * stds, fmt=style, capsize=2, color=colour[method], label=method, linewidth=2.5 if method == "protofuse" else 1)
         ax.set(title=f"{dataset}, {ways}-way", xlabel="labeled examples per class (k)", ylabel="accuracy (%)", xticks=[1, 5, 10])
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
