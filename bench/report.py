@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 
 
+def _std(values: np.ndarray) -> float:
+    """Sample standard deviation (ddof=1); NaN when there is a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (dataset, ways, k, method): mean, std over episodes, std of the seed means, n."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
@@ -20,7 +25,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         acc = np.array([r["accuracy"] for r in rs])
         seeds = sorted({r["seed"] for r in rs})
         seed_means = [np.mean([r["accuracy"] for r in rs if r["seed"] == s]) for s in seeds]
-        out.append({"dataset": dataset, "ways": ways, "k": k, "method": method, "mean": float(acc.mean()), "std": float(acc.std()), "seed_std": float(np.std(seed_means)), "min": float(acc.min()), "n": len(acc)})
+        out.append({"dataset": dataset, "ways": ways, "k": k, "method": method, "mean": float(acc.mean()), "std": _std(acc), "seed_std": _std(np.array(seed_means)), "min": float(acc.min()), "n": len(acc)})
     return out
 
 
@@ -36,7 +41,10 @@ def paired_gaps(rows: list[dict], ours: str = "protofuse") -> list[dict]:
         for m, a in accs.items():
             if m != ours:
                 gaps[(dataset, ways, k, m)].append(accs[ours] - a)
-    return [{"dataset": d, "ways": w, "k": k, "method": m, "mean_gap": float(np.mean(g)), "win_or_tie": float(np.mean(np.array(g) >= 0)), "n": len(g)} for (d, w, k, m), g in sorted(gaps.items())]
+    return [
+        {"dataset": d, "ways": w, "k": k, "method": m, "mean_gap": float(np.mean(g)), "stderr": _std(np.array(g)) / np.sqrt(len(g)), "win_or_tie": float(np.mean(np.array(g) >= 0)), "n": len(g)}
+        for (d, w, k, m), g in sorted(gaps.items())
+    ]
 
 
 def markdown(summary: list[dict]) -> str:
@@ -47,13 +55,28 @@ def markdown(summary: list[dict]) -> str:
         cell = {(s["method"], s["k"]): s for s in summary if s["dataset"] == dataset and s["ways"] == ways}
         ks = sorted({k for _, k in cell})
         methods = sorted({m for m, _ in cell}, key=lambda m: -np.mean([cell[(m, k)]["mean"] for k in ks if (m, k) in cell]))
+        n = max(s["n"] for s in cell.values())
         lines += [f"### {dataset}, {ways}-way (accuracy %, mean ± std over episodes; seed-mean std in brackets)", "", "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for m in methods:
-            vals = [f"{100 * cell[(m, k)]['mean']:.1f} ± {100 * cell[(m, k)]['std']:.1f} [{100 * cell[(m, k)]['seed_std']:.1f}]" if (m, k) in cell else "" for k in ks]
+            vals = [_cell(cell[(m, k)], n) if (m, k) in cell else "" for k in ks]
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
-        n = max(s["n"] for s in cell.values())
-        lines += ["", f"{n} episodes per cell.", ""]
+        lines += ["", f"{n} episodes per cell unless marked (n = ...): those methods ran on a subset of the same episodes.", ""]
     return "\n".join(lines)
+
+
+def _cell(s: dict, n: int) -> str:
+    text = f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} [{100 * s['seed_std']:.1f}]"
+    return text if s["n"] == n else f"{text} (n = {s['n']})"
+
+
+def gaps_markdown(gaps: list[dict], against: list[str]) -> str:
+    """protofuse minus each method, paired over identical episodes: mean ± standard error, win-or-tie rate."""
+    lines = ["### protofuse minus each method, paired over the same episodes (points; ± standard error; share of episodes won or tied)", "", "| dataset | ways | k | " + " | ".join(against) + " |", "|---|---|---|" + "---|" * len(against)]
+    cell = {(g["dataset"], g["ways"], g["k"], g["method"]): g for g in gaps}
+    for d, w, k in sorted({(g["dataset"], g["ways"], g["k"]) for g in gaps}):
+        vals = [f"{100 * cell[(d, w, k, m)]['mean_gap']:+.1f} ± {100 * cell[(d, w, k, m)]['stderr']:.1f} ({100 * cell[(d, w, k, m)]['win_or_tie']:.0f}%)" if (d, w, k, m) in cell else "" for m in against]
+        lines.append(f"| {d} | {w} | {k} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict], path: Path) -> None:
@@ -97,7 +120,8 @@ def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: lis
     for (d, bank, e, labels), fs in sorted(fcells.items()):
         mean = {key: np.mean([f[key] for f in fs]) for key in ("agreement", "kl", "consensus", "weight")}
         fid_lines.append(f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | {mean['consensus']:.3f} | {mean['weight']:.2f} |")
-    text = markdown(summary) + "\n" + "\n".join(fid_lines) + "\n"
+    against = [m for m in ("protofuse zero-shot", "expert vote (experts online)", "stacking (experts online)", "imitator (conv) + probe", "imitator (mlp) + probe", "scratch", "nearest class mean") if any(g["method"] == m for g in gaps)]
+    text = markdown(summary) + "\n" + gaps_markdown(gaps, against) + "\n" + "\n".join(fid_lines) + "\n"
     (out / "results.md").write_text(text)
     plot(summary, out / "accuracy_vs_k.png")
     print(text)

@@ -85,27 +85,27 @@ def load_array(path: Path, what: str) -> np.ndarray:
 
 def collect_triples(spec: Spec) -> Triples:
     """Query every expert of the spec on its queries; experts sharing a file share the inputs."""
-    names, labels, queries, outputs, pools = [], [], [], [], []
-    pool_ids: dict[Path, int] = {}
-    cache: dict[Path, np.ndarray] = {}
-    for entry in spec.experts:
+    arrays: dict[Path, np.ndarray] = {}
+    for i, entry in enumerate(spec.experts):
         path = spec.queries_path(entry)
-        if path not in cache:
-            cache[path] = load_array(path, f"experts[{spec.experts.index(entry)}].queries ({entry.name})")
-        x = cache[path]
-        expert = resolve_expert(spec, entry)
-        names.append(entry.name)
-        labels.append(tuple(entry.labels))
-        queries.append(x)
-        outputs.append(query_expert(expert, x, entry.name))
-        pools.append(pool_ids.setdefault(path, len(pool_ids)))
-    widths = {q.shape[1] for q in queries}
+        if path not in arrays:
+            arrays[path] = load_array(path, f"experts[{i}].queries ({entry.name})")
+    widths = {x.shape[1] for x in arrays.values()}
     if len(widths) > 1:
         raise SpecError(f"experts' queries have different widths {sorted(widths)}; every input must have the same number of features")
     if spec.data.image_shape is not None:
         h, w = spec.data.image_shape
         if h * w not in widths:
             raise SpecError(f"data.image_shape {[h, w]} has {h * w} pixels but the queries have {widths.pop()} features; fix image_shape or the queries")
+    pool_ids = {path: i for i, path in enumerate(arrays)}
+    names, labels, queries, outputs, pools = [], [], [], [], []
+    for entry in spec.experts:
+        path = spec.queries_path(entry)
+        names.append(entry.name)
+        labels.append(tuple(entry.labels))
+        queries.append(arrays[path])
+        outputs.append(query_expert(resolve_expert(spec, entry), arrays[path], entry.name))
+        pools.append(pool_ids[path])
     return assemble(names, labels, queries, outputs, shared=pools)
 
 

@@ -60,6 +60,11 @@ class SklearnExpert:
             self.labels = _label_tuple(labels, "SklearnExpert")
             if len(self.labels) != len(classes):
                 raise ValueError(f"labels {list(self.labels)} has {len(self.labels)} names but the estimator has {len(classes)} classes {classes}; give one name per class, in the order of classes_")
+            own = tuple(str(c) for c in classes)
+            # Renaming classes is allowed (e.g. 0/1 -> "cat"/"dog"); reordering or mixing names
+            # the estimator already uses would silently mislabel its output columns.
+            if self.labels != own and set(self.labels) & set(own):
+                raise ValueError(f"labels {list(self.labels)} do not match the estimator's classes_ {list(own)}; list them in the order of classes_ (or give entirely new names to rename them)")
         self.estimator = estimator
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -177,5 +182,9 @@ def query_expert(expert: Expert, x: np.ndarray, name: str, batch_size: int = 409
     result = np.empty((n, width), dtype=np.float32)
     for start in range(0, n, batch_size):
         batch = x[start:start + batch_size]
-        result[start:start + len(batch)] = _validate(expert.predict_proba(batch), len(batch), width, name, start)
+        try:
+            out = expert.predict_proba(batch)
+        except Exception as err:  # a black box may fail in any way; name it and its input
+            raise ExpertOutputError(f"expert {name!r} failed on queries of shape {batch.shape} ({type(err).__name__}: {err}); check that its queries have the width it was trained on") from err
+        result[start:start + len(batch)] = _validate(out, len(batch), width, name, start)
     return result

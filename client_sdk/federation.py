@@ -11,7 +11,7 @@ import numpy as np
 
 from protofuse.data import Dataset, load_dataset, make_splits, task_subset
 
-from .experts import CallableExpert, Expert, SklearnExpert, TorchExpert
+from .experts import CallableExpert, Expert, TorchExpert
 
 KINDS = ("logreg", "svm", "forest", "knn", "mlp")
 
@@ -164,7 +164,9 @@ def build_expert(recipe: ExpertRecipe, train: Dataset, seed: int) -> BuiltExpert
     if recipe.kind == "mlp":
         expert: Expert = TorchExpert(_train_mlp(x, y, k, s), labels, outputs="logits")
     else:
-        expert = SklearnExpert(_fit_sklearn(recipe.kind, x, y, s), labels)
+        # Trained on column indices 0..k-1 (the order of ``labels``), so the columns are named
+        # here; SklearnExpert would refuse names that overlap the indices' own text.
+        expert = CallableExpert(_fit_sklearn(recipe.kind, x, y, s).predict_proba, labels)
     if recipe.sharpen != 1.0:
         expert = CallableExpert(functools.partial(_sharpened, expert, recipe.sharpen), labels)
     return BuiltExpert(recipe.name, recipe.kind, labels, expert)

@@ -96,18 +96,21 @@ def load_adapted(path: str | os.PathLike) -> AdaptedModel:
     from .bank import build_model  # the bank knows how to rebuild its networks
 
     arrays, meta = artifacts.load(path, KIND)
-    bank_meta = meta["bank"]
-    state = {k[len("bank.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("bank.")}
-    model = build_model(bank_meta, state, path)
-    t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
     try:
+        bank_meta = meta["bank"]
+        state = {k[len("bank.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("bank.")}
+        model = build_model(bank_meta, state, path)
+        t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
         if bank_meta["family"] == "discriminative":
             task: Task = DiscriminativeTask(model, TaskHead(t["prototypes"], t["bias"], t["log_temp"]))
         else:
             q = WeightedPrototypes(t["w"], t["log_weights"])
             task = GenerativeTask(model, t["classes"], q, meta["task"]["form"], meta["task"]["n_z"], meta["task"]["seed"])
-    except KeyError as err:
-        raise artifacts.ArtifactError(f"{path}: adapted model lacks {err}; re-create it with `protofuse adapt`") from None
+        rows = task.head.prototypes.shape[0] if isinstance(task, DiscriminativeTask) else task.classes.shape[0]
+        if rows != len(meta["classes"]):
+            raise artifacts.ArtifactError(f"{path}: {len(meta['classes'])} class names for a task of {rows} classes; re-create it with `protofuse adapt`")
+    except (KeyError, TypeError) as err:
+        raise artifacts.ArtifactError(f"{path}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`") from None
     return AdaptedModel(task, meta["classes"], bank_meta, meta.get("info"))
 
 

@@ -1,8 +1,9 @@
 """On-disk artifacts: a folder with ``weights.npz`` (plain arrays, no pickle) and ``meta.json``.
 
-``meta.json`` carries the artifact kind, a format version and the SHA-256 of ``weights.npz``;
-loading checks all three, so a tampered, truncated or mismatched artifact fails with a clear
-error instead of a wrong model.
+``meta.json`` carries the artifact kind, a format version and a SHA-256 over ``weights.npz`` and
+every other field of ``meta.json`` (label names and configuration included); loading checks all
+three, so a tampered, truncated or mismatched artifact fails with a clear error instead of
+becoming a wrong model. Writes are atomic per folder: a crash leaves the old artifact or the new.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,18 +32,34 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def checksum(weights: bytes, meta: dict[str, Any]) -> str:
+    """SHA-256 of the weights' bytes followed by the canonical JSON of the other meta fields."""
+    fields = {k: v for k, v in meta.items() if k != "sha256"}
+    return sha256(weights + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+
+
 def save(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
-    """Write an artifact folder atomically (temporary files, then rename); returns the weights' SHA-256."""
+    """Write an artifact folder atomically; returns its SHA-256 (weights and meta together)."""
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} is a file; give a folder path for the {kind}")
     buffer = io.BytesIO()
     np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
     data = buffer.getvalue()
-    digest = sha256(data)
-    record = {"kind": kind, "format_version": FORMAT_VERSION, "weights_sha256": digest, **meta}
-    _atomic_write(folder / WEIGHTS, data)
-    _atomic_write(folder / META, json.dumps(record, indent=2, sort_keys=True).encode())
-    return digest
+    record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
+    record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
+    record["sha256"] = checksum(data, record)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
+    try:
+        (staging / WEIGHTS).write_bytes(data)
+        (staging / META).write_text(json.dumps(record, indent=2, sort_keys=True))
+        _fsync_folder(staging)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is shared like any folder
+        _swap_in(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record["sha256"]
 
 
 def load(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -63,21 +81,31 @@ def load(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dic
         data = (folder / WEIGHTS).read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{folder}: missing {WEIGHTS}") from None
-    if sha256(data) != meta.get("weights_sha256"):
-        raise ArtifactError(f"{folder / WEIGHTS}: checksum mismatch with {META}; the file was modified or truncated")
+    if checksum(data, meta) != meta.get("sha256"):
+        raise ArtifactError(f"{folder}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     return arrays, meta
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace ``folder`` by ``staging``; the old one is moved aside first, then removed."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+        os.replace(folder, old / folder.name)
+    os.replace(staging, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    for file in folder.iterdir():
+        with open(file, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

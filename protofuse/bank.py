@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from . import artifacts
 from .adapted import AdaptedModel, DiscriminativeTask, GenerativeTask, _as_inputs
@@ -78,19 +79,20 @@ class Bank:
         Labels no expert covers are allowed in the discriminative family: their prototypes are
         imprinted from the support set and fitted with a weak prior.
         """
-        settings = self.adapt_settings.model_copy(update=options) if options else self.adapt_settings
+        settings = self._settings(options)
         xt = _as_inputs(x, self.meta["x_dim"])
         classes, yt = _support_labels(y, len(xt))
         if self.family == "discriminative":
             task = self._adapt_discriminative(xt, yt, classes, settings)
         else:
             task = self._adapt_generative(xt, yt, classes, settings, seed)
-        info = {"method": "map" if self.family == "discriminative" else settings.recompose, "n_support": int(len(xt)), "options": settings.model_dump()}
+        uncovered = [c for c in classes if c not in self.label_names]
+        info = {"method": "map" if self.family == "discriminative" else settings.recompose, "n_support": int(len(xt)), "uncovered_labels": uncovered, "options": settings.model_dump()}
         return AdaptedModel(task, classes, self.identity(), info)
 
     def zero_shot(self, labels: list[str], **options: Any) -> AdaptedModel:
         """A model for a task from its label names alone (no examples): the bank's own prediction."""
-        settings = self.adapt_settings.model_copy(update=options) if options else self.adapt_settings
+        settings = self._settings(options)
         classes = sorted(set(map(str, labels)))
         idx = self._covered_indices(classes, allow_uncovered=False)
         if self.family == "discriminative":
@@ -103,6 +105,15 @@ class Bank:
             w = prior.sample(32, torch.Generator().manual_seed(0))
             task = GenerativeTask(self.model, idx, WeightedPrototypes(w, torch.full((32,), -float(np.log(32)))), settings.form, settings.n_z)
         return AdaptedModel(task, classes, self.identity(), {"method": "zero-shot", "n_support": 0})
+
+    def _settings(self, options: dict[str, Any]) -> AdaptSettings:
+        """The bank's adaptation settings with per-call overrides, validated like the spec's."""
+        try:
+            return AdaptSettings.model_validate({**self.meta["settings"]["adapt"], **options})
+        except ValidationError as err:
+            from .spec import format_errors
+
+            raise ValueError(f"invalid adaptation options\n{format_errors(err)}") from None
 
     def _adapt_discriminative(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], s: AdaptSettings) -> DiscriminativeTask:
         m = self.model
@@ -164,7 +175,14 @@ class Bank:
 def load_bank(path: str | os.PathLike) -> Bank:
     """Load a bank written by ``protofuse fit`` (checksum and format verified)."""
     arrays, meta = artifacts.load(path, KIND)
-    meta["version"] = meta["weights_sha256"][:16]
+    try:
+        return _bank_from(arrays, meta, path)
+    except (KeyError, TypeError, ValueError) as err:
+        raise artifacts.ArtifactError(f"{path}: bank metadata is incomplete or malformed ({err!r}); re-create it with `protofuse fit`") from None
+
+
+def _bank_from(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: Any) -> Bank:
+    meta["version"] = meta["sha256"][:16]
     state = {k[len("model.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
     model = build_model(meta, state, path)
     dists = {k[len("dist.") :]: v for k, v in arrays.items() if k.startswith("dist.")}
@@ -198,7 +216,7 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         config: Any = DiscriminativeConfig(x_dim, n_labels, n_experts, model_settings.feat_dim, encoder, image_shape)
         model: Any = DiscriminativePrototypes(config)
         shift = training.resolved_shift(image_shape)
-        if training.reweight and n_experts > 1:
+        if training.reweight and n_experts > 1 and epochs >= 2:
             # Two phases: learn a consensus from everyone, then weight each expert by how well it
             # agrees with that consensus, so a poor participant cannot drag its labels' prototypes.
             first = max(1, epochs // 2)
@@ -252,7 +270,9 @@ def _decompose(model: GenerativePrototypes, triples: Triples) -> dict[str, np.nd
     tau = torch.from_numpy(triples.tau)
     for e, name in enumerate(triples.expert_names):
         x = torch.from_numpy(triples.x[triples.mask[:, e]])
-        for source, dist in (("prior", prior_distribution(model, tau[e])), ("posterior", aggregated_posterior(model, x, tau[e]))):
+        prior = prior_distribution(model, tau[e])
+        posterior = aggregated_posterior(model, x, tau[e]) if len(x) else prior  # no queries left: the prior is all we know
+        for source, dist in (("prior", prior), ("posterior", posterior)):
             out[f"{name}.{source}.mean"] = dist.mean.numpy()
             out[f"{name}.{source}.cov"] = dist.cov.numpy()
     return out
@@ -263,6 +283,8 @@ def _support_labels(y: np.ndarray, n: int) -> tuple[list[str], torch.Tensor]:
     arr = np.asarray(y)
     if arr.ndim != 1 or len(arr) != n:
         raise ValueError(f"support labels have shape {arr.shape}, expected ({n},): one label name per support example")
+    if not (np.issubdtype(arr.dtype, np.str_) or np.issubdtype(arr.dtype, np.integer) or (arr.dtype == object and all(isinstance(v, str) for v in arr))):
+        raise ValueError(f"support labels have dtype {arr.dtype}; give label names as strings (floats such as 4.0 would become a new label '4.0')")
     names = arr.astype(str)
     classes = sorted(set(names.tolist()))
     if len(classes) < 2:

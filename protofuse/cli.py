@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)  # SpecError, ArtifactError and ExpertOutputError are ValueErrors
+# SpecError, ArtifactError and ExpertOutputError are ValueErrors; OSError covers unreadable or
+# unwritable paths (missing, a folder where a file belongs, permissions).
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch  # after argument parsing, so --help stays instant
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     try:
         return args.run(args)
     except USER_ERRORS as err:
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="protofuse", description="Fuse black-box experts into a bank of task-agnostic prototypes, and build models for new tasks from a few labeled examples.")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on small shared machines)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the spec's [training] threads for fit, else 1: fastest on small shared machines)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fit = sub.add_parser("fit", help="train a bank centrally on the experts listed in a spec", description="Query every expert of SPEC on its queries, train the shared prototypes on the pooled triples, and write the bank to RUN_DIR.")
@@ -64,7 +66,11 @@ def _fit(args: argparse.Namespace) -> int:
     from protofuse.bank import fit_bank
     from protofuse.spec import load_spec
 
+    import torch
+
     spec = load_spec(args.spec)
+    _check_out_folder(args.out)
+    torch.set_num_threads(args.threads or spec.training.threads)
     t0 = time.perf_counter()
     triples = collect_triples(spec)
     print(f"queried {len(spec.experts)} experts on {len(triples.x)} inputs ({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -81,6 +87,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
 
     x, y = _load_support(args.support)
+    _check_out_folder(args.out)
     bank = load_bank(args.bank)
     options = {k: v for k, v in {"recompose": args.recompose, "form": args.form, "prior_strength": args.prior_strength}.items() if v is not None}
     t0 = time.perf_counter()
@@ -89,6 +96,8 @@ def _adapt(args: argparse.Namespace) -> int:
     model.save(args.out)
     acc = float((model.predict(x) == np.asarray(y).astype(str)).mean())
     print(f"adapted {bank.family} bank {bank.version} to classes {model.classes_.tolist()} from {len(x)} examples in {elapsed:.2f}s (support accuracy {acc:.3f}); written to {args.out}", file=sys.stderr)
+    if model.info.get("uncovered_labels"):
+        print(f"labels covered by no expert, prototypes fitted from their examples alone: {model.info['uncovered_labels']}", file=sys.stderr)
     return 0
 
 
@@ -100,7 +109,10 @@ def _predict(args: argparse.Namespace) -> int:
     x = load_array(args.inputs, "--inputs")
     proba = model.predict_proba(x)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, proba=proba, classes=model.classes_.astype(str))
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object: numpy writes exactly this path, no added suffix
+        np.savez(f, proba=proba, classes=model.classes_.astype(str))
+    tmp.replace(args.out)
     print(f"wrote proba {proba.shape} and classes {model.classes_.tolist()} to {args.out}", file=sys.stderr)
     return 0
 
@@ -124,6 +136,12 @@ def _print_experts(bank) -> None:  # noqa: ANN001 - a Bank, imported lazily
     for e in bank.experts:
         table.add_row(e.name, " ".join(e.labels), str(e.n_queries), f"{e.fidelity.agreement:.3f}", f"{e.fidelity.kl:.3f}", f"{e.consensus:.3f}", f"{e.weight:.2f}")
     Console(stderr=True).print(table)
+
+
+def _check_out_folder(path: Path) -> None:
+    """Refuse an output path that cannot become a folder before any long work starts."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is an existing file; give a folder path")
 
 
 def _load_support(path: Path) -> tuple[np.ndarray, np.ndarray]:

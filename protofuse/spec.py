@@ -44,6 +44,14 @@ class ExpertEntry(BaseModel):
             raise ValueError(f"{v!r} is not an import path; write it as 'module:attribute', e.g. 'experts:logreg_a'")
         return v
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _names(cls, v: object) -> object:
+        # Integer class ids are common (0, 1, ...); they name labels as their decimal text.
+        if isinstance(v, list):
+            return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in v]
+        return v
+
     @field_validator("labels")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:

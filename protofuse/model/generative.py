@@ -127,7 +127,7 @@ class GenerativePrototypes(nn.Module):
         xb = x.expand(*batch, -1)
         if self.cfg.likelihood == "bernoulli":
             return -F.binary_cross_entropy_with_logits(out, xb, reduction="none").sum(-1)
-        return gaussian_log_prob(xb, out, self.x_logvar.expand_as(out))
+        return gaussian_log_prob(xb, out, self.x_logvar.clamp(-6.0, 4.0).expand_as(out))  # bounded noise: constant features cannot blow up the likelihood
 
     def encode_z(self, x_feat: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.enc_z(torch.cat([x_feat, eta], dim=-1))
@@ -173,19 +173,22 @@ class GenerativePrototypes(nn.Module):
         wrap in ``torch.no_grad()`` to predict. Examples are processed in chunks that bound memory.
         """
         chunk = max(1, 4_000_000 // (classes.shape[0] * n_z * w.shape[0] * self.cfg.x_dim))
-        return torch.cat([self._log_joint(x[i : i + chunk], classes, w, n_z, generator) for i in range(0, x.shape[0], chunk)])
+        # One set of draws for every example, class and chunk: an input's estimate does not
+        # depend on which other inputs share its batch.
+        eps = torch.randn(1, 1, n_z, self.cfg.z_dim, generator=generator).to(x.device)
+        parts = [self._log_joint(x[i : i + chunk], classes, w, eps) for i in range(0, x.shape[0], chunk)]
+        return torch.cat(parts) if parts else x.new_zeros(0, classes.shape[0], w.shape[0])
 
-    def _log_joint(self, x: torch.Tensor, classes: torch.Tensor, w: torch.Tensor, n_z: int, generator: torch.Generator | None) -> torch.Tensor:
-        n, k, m, zd = x.shape[0], classes.shape[0], w.shape[0], self.cfg.z_dim
-        task_mask = torch.zeros(self.cfg.n_labels, dtype=torch.bool)
+    def _log_joint(self, x: torch.Tensor, classes: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        n, k, m, zd, n_z = x.shape[0], classes.shape[0], w.shape[0], self.cfg.z_dim, eps.shape[2]
+        task_mask = torch.zeros(self.cfg.n_labels, dtype=torch.bool, device=x.device)
         task_mask[classes] = True
         onehot = F.one_hot(classes, self.cfg.n_labels).float()  # (K, C)
         x_feat = self.features(x)
         feats = x_feat[:, None, :].expand(n, k, -1)
         mu, lv = self.encode_z(feats.reshape(n * k, -1), onehot.repeat(n, 1))
         mu, lv = mu.view(n, k, 1, zd), lv.view(n, k, 1, zd)
-        eps = torch.randn(n, 1, n_z, zd, generator=generator)  # shared across classes
-        z = mu + (0.5 * lv).exp() * eps  # (n, K, S, zd)
+        z = mu + (0.5 * lv).exp() * eps  # (n, K, S, zd); the same draws for every class
         log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
         log_qz = gaussian_log_prob(z, mu, lv)
         log_pc = restricted_log_softmax(self.label_head(z.reshape(-1, zd)), task_mask).view(n, k, n_z, -1)

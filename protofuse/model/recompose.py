@@ -44,7 +44,7 @@ def aggregated_posterior(model: GenerativePrototypes, x: torch.Tensor, tau: torc
     mu, logvar = model.posterior_w(x, tau)
     mean = mu.mean(0)
     centred = mu - mean
-    cov = torch.diag(logvar.exp().mean(0)) + centred.T @ centred / max(1, mu.shape[0] - 1)
+    cov = torch.diag(logvar.exp().mean(0)) + centred.T @ centred / mu.shape[0]  # law of total variance
     return WDistribution(mean, cov)
 
 
@@ -96,8 +96,8 @@ def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, 
         log_lik = torch.logsumexp(log_g.gather(1, y.view(-1, 1, 1).expand(-1, 1, n_w)).squeeze(1), dim=-1) - math.log(n_w)
         kl = (gaussian_log_prob(w, mean, logvar.expand_as(w)) - mixture_log_prob(w, bank)).mean()
         loss = -(log_lik.sum() - kl)
-        opt.zero_grad()
-        loss.backward()
+        # Gradients for q*'s parameters only: the bank's networks stay frozen and untouched.
+        mean.grad, logvar.grad = torch.autograd.grad(loss, [mean, logvar])
         opt.step()
     fitted = WDistribution(mean.detach(), torch.diag(logvar.detach().exp()))
     samples = fitted.sample(n_out, torch.Generator().manual_seed(seed + 1))
