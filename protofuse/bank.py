@@ -94,15 +94,12 @@ class Bank:
         """A model for a task from its label names alone (no examples): the bank's own prediction."""
         settings = self._settings(options)
         classes = sorted(set(map(str, labels)))
-        idx = self._covered_indices(classes, allow_uncovered=False)
+        idx = self._covered_indices(classes)
         if self.family == "discriminative":
             m = self.model
             task: DiscriminativeTask | GenerativeTask = DiscriminativeTask(m, TaskHead(m.prototypes.detach()[idx].clone(), m.bias.detach()[idx].clone(), torch.zeros(())))
         else:
-            tau = torch.zeros(len(self.label_names))
-            tau[idx] = 1.0
-            prior = prior_distribution(self.model, tau)
-            w = prior.sample(32, torch.Generator().manual_seed(0))
+            w = self._task_prior(idx).sample(32, torch.Generator().manual_seed(0))
             task = GenerativeTask(self.model, idx, WeightedPrototypes(w, torch.full((32,), -float(np.log(32)))), settings.form, settings.n_z)
         return AdaptedModel(task, classes, self.identity(), {"method": "zero-shot", "n_support": 0})
 
@@ -134,21 +131,26 @@ class Bank:
         return DiscriminativeTask(m, adapt_map(z, y, prior, scale, s.prior_strength))
 
     def _adapt_generative(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], s: AdaptSettings, seed: int) -> GenerativeTask:
-        idx = self._covered_indices(classes, allow_uncovered=False)
+        idx = self._covered_indices(classes)
         bank = [self.expert_distribution(e.name) for e in self.experts]
-        tau = torch.zeros(len(self.label_names))
-        tau[idx] = 1.0
-        prior = prior_distribution(self.model, tau)
+        prior = self._task_prior(idx)
         if s.recompose == "gaussian":
             _, q = fit_gaussian(self.model, x, y, idx, prior, bank, seed=seed)
         else:
             _, q = fit_mixture(self.model, x, y, idx, bank + [prior], seed=seed)
         return GenerativeTask(self.model, idx, q, s.form, s.n_z, seed)
 
-    def _covered_indices(self, classes: list[str], allow_uncovered: bool) -> torch.Tensor:
+    def _task_prior(self, idx: torch.Tensor) -> WDistribution:
+        """Generative family: p_gamma(w | tau*) for the task whose labels are ``idx``."""
+        tau = torch.zeros(len(self.label_names))
+        tau[idx] = 1.0
+        return prior_distribution(self.model, tau)
+
+    def _covered_indices(self, classes: list[str]) -> torch.Tensor:
+        """Vocabulary indices of the classes; every class must be covered by some expert."""
         vocab = {c: i for i, c in enumerate(self.label_names)}
         missing = [c for c in classes if c not in vocab]
-        if missing and not allow_uncovered:
+        if missing:
             hint = "give examples with bank.adapt (discriminative family)" if self.family == "discriminative" else "use the discriminative family, which fits uncovered labels from examples"
             raise ValueError(f"labels {missing} are covered by no expert in this bank (it knows {list(self.label_names)}); {hint}")
         return torch.tensor([vocab[c] for c in classes])

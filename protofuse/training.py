@@ -92,6 +92,7 @@ def fidelity(imitated_log_proba: torch.Tensor, triples: Triples) -> list[Fidelit
     imitated_log_proba (N, E, C): the bank's imitation of each expert on ``triples.x``.
     """
     eta = torch.from_numpy(triples.eta)
+    tau = torch.from_numpy(triples.tau > 0)  # a property that builds the array: compute it once
     out = []
     for e in range(len(triples.expert_names)):
         rows = torch.from_numpy(triples.mask[:, e])
@@ -99,7 +100,7 @@ def fidelity(imitated_log_proba: torch.Tensor, triples: Triples) -> list[Fidelit
         if len(p) == 0:
             out.append(Fidelity(float("nan"), float("nan"), 0))
             continue
-        cols = torch.from_numpy(triples.tau[e] > 0)
+        cols = tau[e]
         agree = (p[:, cols].argmax(-1) == log_q[:, cols].argmax(-1)).float().mean().item()
         kl = (p * (p.clamp_min(1e-12).log() - log_q)).masked_fill(p == 0, 0.0).sum(-1).mean().item()
         out.append(Fidelity(agree, kl, int(len(p))))
