@@ -12,7 +12,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from protofuse.model.networks import make_encoder, random_shift
+from protofuse.model.networks import Augmentation, augment_images, make_encoder
 
 
 @dataclass(frozen=True)
@@ -171,17 +171,17 @@ class _MultiHead(nn.Module):
 class Imitator:
     """Classic local-distillation fusion: imitate every expert through a shared encoder, then probe.
 
-    Uses the same encoder factory and shift augmentation as our discriminative bank, so a gap
+    Uses the same encoder factory and image augmentation as our discriminative bank, so a gap
     between the two measures the fusion (prototypes vs. unrelated heads), not the encoder.
     """
 
-    def __init__(self, in_dim: int, image_shape: tuple[int, int] | None, encoder: str = "conv", feat_dim: int = 64, epochs: int = 30, max_shift: int = 2, seed: int = 0, lr: float = 1e-3, batch_size: int = 128) -> None:
+    def __init__(self, in_dim: int, image_shape: tuple[int, int] | None, encoder: str = "conv", feat_dim: int = 64, epochs: int = 30, augmentation: Augmentation | None = None, seed: int = 0, lr: float = 1e-3, batch_size: int = 128) -> None:
         if encoder == "conv" and image_shape is None:
             raise ValueError("encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'")
         if encoder not in ("conv", "mlp"):
             raise ValueError(f"unknown encoder {encoder!r}: use 'conv' or 'mlp'")
         self.in_dim, self.image_shape, self.encoder_kind = in_dim, (tuple(image_shape) if image_shape else None), encoder
-        self.feat_dim, self.epochs, self.max_shift = feat_dim, epochs, max_shift
+        self.feat_dim, self.epochs, self.augmentation = feat_dim, epochs, augmentation
         self.seed, self.lr, self.batch_size = seed, lr, batch_size
         self.net: _MultiHead | None = None
 
@@ -213,9 +213,9 @@ class Imitator:
                 if len(idx) < 2:  # batch norm needs two examples
                     continue
                 xb = x[idx]
-                if self.max_shift > 0 and self.image_shape is not None:
-                    # The expert's answer for the unshifted image stays the target.
-                    xb = random_shift(xb, self.image_shape, self.max_shift, gen)
+                if self.augmentation is not None and self.image_shape is not None:
+                    # The expert's answer for the original image stays the target.
+                    xb = augment_images(xb, self.image_shape, self.augmentation, gen)
                 log_q = self.net(xb)
                 loss = torch.stack([-(t[idx] * lq).sum(-1).mean() for t, lq in zip(targets, log_q)]).mean()
                 opt.zero_grad()

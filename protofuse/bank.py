@@ -27,7 +27,7 @@ from .model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
 from .model.generative import GenerativeConfig, GenerativePrototypes
 from .model.recompose import WDistribution, WeightedPrototypes, aggregated_posterior, fit_gaussian, fit_mixture, prior_distribution
 from .settings import AdaptSettings, ModelSettings, TrainingSettings
-from .training import Fidelity, Progress, consensus_agreement, fidelity, reliability_weights, train_discriminative, train_generative
+from .training import Fidelity, Progress, consensus, consensus_agreement, fidelity, reliability_weights, train_discriminative, train_generative
 from .triples import Triples
 
 KIND = "protofuse-bank"
@@ -217,19 +217,7 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         encoder = model_settings.encoder if model_settings.encoder != "auto" else ("conv" if image_shape else "mlp")
         config: Any = DiscriminativeConfig(x_dim, n_labels, n_experts, model_settings.feat_dim, encoder, image_shape)
         model: Any = DiscriminativePrototypes(config)
-        shift = training.resolved_shift(image_shape)
-        if training.reweight and n_experts > 1 and epochs >= 2:
-            # Two phases: learn a consensus from everyone, then weight each expert by how well it
-            # agrees with that consensus, so a poor participant cannot drag its labels' prototypes.
-            first = max(1, epochs // 2)
-            train_discriminative(model, train, first, training.lr, training.batch_size, shift, seed=training.seed, progress=progress)
-            agreement = consensus_agreement(model, train)
-            weights = reliability_weights(agreement, train.tau.sum(1))
-            later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
-            train_discriminative(model, train, epochs - first, training.lr, training.batch_size, shift, expert_weight=weights, seed=training.seed + 1, progress=later)
-        else:
-            train_discriminative(model, train, epochs, training.lr, training.batch_size, shift, seed=training.seed, progress=progress)
-            agreement, weights = consensus_agreement(model, train), np.ones(n_experts)
+        agreement, weights = _train_discriminative_bank(model, train, epochs, training, image_shape, progress)
         imitated = model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach() if len(held.x) else None
         dists: dict[str, np.ndarray] = {}
     else:
@@ -252,6 +240,27 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         "settings": {"model": model_settings.model_dump(), "training": training.model_dump(), "adapt": adapt.model_dump()},
     }
     return Bank(model, meta, experts, dists)
+
+
+def _train_discriminative_bank(model: DiscriminativePrototypes, train: Triples, epochs: int, training: TrainingSettings, image_shape: tuple[int, int] | None, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+    """Two phases: learn a consensus from everyone; then weight each expert by how well it agrees
+    with that consensus (so a poor participant cannot drag its labels' prototypes) and distil the
+    consensus over the whole vocabulary into the bank. Returns (agreement, weights), each (E,)."""
+    n_experts = len(train.expert_names)
+    aug = training.resolved_augmentation(image_shape)
+    reweight = training.reweight and n_experts > 1
+    args = (training.lr, training.batch_size, aug)
+    if epochs < 2 or not (reweight or training.distill > 0):
+        train_discriminative(model, train, epochs, *args, seed=training.seed, progress=progress)
+        return consensus_agreement(model, train), np.ones(n_experts)
+    first = epochs // 2
+    train_discriminative(model, train, first, *args, seed=training.seed, progress=progress)
+    agreement = consensus_agreement(model, train)
+    weights = reliability_weights(agreement, train.tau.sum(1)) if reweight else np.ones(n_experts)
+    teacher = consensus(model, train.x) if training.distill > 0 else None
+    later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
+    train_discriminative(model, train, epochs - first, *args, expert_weight=weights, teacher=teacher, teacher_weight=training.distill, seed=training.seed + 1, progress=later)
+    return agreement, weights
 
 
 @torch.no_grad()

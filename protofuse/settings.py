@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .model.networks import Augmentation
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,9 +33,12 @@ class TrainingSettings(_Strict):
     epochs: int | None = Field(None, ge=1, le=10_000, description="passes over the queries; default: 40 (generative), or for the discriminative family 30 or enough for 600 optimizer steps, whichever is more (small query pools need more passes)")
     lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate")
     batch_size: int = Field(128, ge=2, le=65_536)
-    max_shift: int | None = Field(None, ge=0, le=16, description="random image shift in pixels; default: about 1/14 of the image side, 0 for tabular data")
+    max_shift: float | None = Field(None, ge=0, le=16, description="images: random shift in pixels; default: about 1/14 of the image side")
+    max_rotation: float | None = Field(None, ge=0, le=90, description="images: random rotation in degrees; default: 12")
+    max_scale: float | None = Field(None, ge=0, lt=1, description="images: random zoom, relative; default: 0.1")
     holdout: float = Field(0.1, ge=0, lt=1, description="fraction of queries held out to measure imitation fidelity")
     reweight: bool = Field(True, description="discriminative: weight experts by agreement with the bank's consensus (robust to poor participants)")
+    distill: float = Field(1.0, ge=0, le=100, description="discriminative: weight of the consensus term in the second half of training (0: off)")
     seed: int = Field(0, description="seed of every random draw in training")
     threads: int = Field(1, ge=1, le=256, description="torch threads (one per process is fastest on small machines)")
 
@@ -45,10 +50,13 @@ class TrainingSettings(_Strict):
         batches = max(1, -(-n_inputs // self.batch_size))
         return max(30, -(-600 // batches))
 
-    def resolved_shift(self, image_shape: tuple[int, int] | None) -> int:
-        if self.max_shift is not None:
-            return self.max_shift
-        return 0 if image_shape is None else max(1, round(min(image_shape) / 14))
+    def resolved_augmentation(self, image_shape: tuple[int, int] | None) -> Augmentation | None:
+        """The image augmentation to train with; None for tabular inputs or when all are 0."""
+        if image_shape is None:
+            return None
+        shift = self.max_shift if self.max_shift is not None else max(1, round(min(image_shape) / 14))
+        aug = Augmentation(shift, 12.0 if self.max_rotation is None else self.max_rotation, 0.1 if self.max_scale is None else self.max_scale)
+        return aug if aug.active else None
 
 
 class AdaptSettings(_Strict):

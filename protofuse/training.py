@@ -14,7 +14,7 @@ import torch
 
 from .model.discriminative import DiscriminativePrototypes
 from .model.generative import GenerativePrototypes
-from .model.networks import random_shift
+from .model.networks import Augmentation, augment_images
 from .triples import Triples
 
 Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean loss)
@@ -29,12 +29,18 @@ class Fidelity:
     n: int
 
 
-def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, max_shift: int = 0, expert_weight: np.ndarray | None = None, seed: int = 0, progress: Progress | None = None) -> None:
-    """Fit encoder, prototypes and imitation heads by soft cross-entropy against the experts."""
+def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, augmentation: Augmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0, seed: int = 0, progress: Progress | None = None) -> None:
+    """Fit encoder, prototypes and imitation heads by soft cross-entropy against the experts.
+
+    ``augmentation`` transforms image batches (the targets stay the experts' answers for the
+    original images); ``teacher`` (N, C), if given, adds ``teacher_weight`` times the consensus
+    term of ``DiscriminativePrototypes.consensus_loss``.
+    """
     gen = torch.Generator().manual_seed(seed)
     x, eta, mask = (torch.from_numpy(a) for a in (triples.x, triples.eta, triples.mask))
     tau = torch.from_numpy(triples.tau)
     weight = torch.ones(len(triples.expert_names)) if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32)
+    target = None if teacher is None or teacher_weight <= 0 else torch.as_tensor(teacher, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * _n_batches(len(x), batch_size))
     image_shape = model.cfg.image_shape
@@ -45,11 +51,12 @@ def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epoc
             if len(idx) < 2:  # batch norm needs two examples
                 continue
             xb = x[idx]
-            if max_shift and image_shape is not None:
-                # The expert's answer for the unshifted image stays the target: a small shift
-                # does not change the class, and no extra query is spent.
-                xb = random_shift(xb, image_shape, max_shift, gen)
-            loss = model.loss(xb, eta[idx], mask[idx], tau, weight)
+            if augmentation is not None and image_shape is not None:
+                xb = augment_images(xb, image_shape, augmentation, gen)
+            z = model.encoder(xb)
+            loss = model.imitation_loss(z, eta[idx], mask[idx], tau, weight)
+            if target is not None:
+                loss = loss + teacher_weight * model.consensus_loss(z, target[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -108,6 +115,12 @@ def fidelity(imitated_log_proba: torch.Tensor, triples: Triples) -> list[Fidelit
 
 
 @torch.no_grad()
+def consensus(model: DiscriminativePrototypes, x: np.ndarray) -> np.ndarray:
+    """The bank's own labeller over the whole vocabulary, which pools every expert: (N, C)."""
+    return torch.softmax(model.logits(model.embed(torch.from_numpy(x))), dim=-1).numpy()
+
+
+@torch.no_grad()
 def consensus_agreement(model: DiscriminativePrototypes, triples: Triples) -> np.ndarray:
     """Label-free reliability of each expert: how often its top class matches the bank's consensus.
 
@@ -115,13 +128,13 @@ def consensus_agreement(model: DiscriminativePrototypes, triples: Triples) -> np
     Only inputs that the consensus places inside the expert's label set count (elsewhere an
     expert's answer is arbitrary by construction). Returns (E,) agreement rates in [0, 1].
     """
-    consensus = torch.softmax(model.logits(model.embed(torch.from_numpy(triples.x))), dim=-1).numpy()
+    pooled = consensus(model, triples.x)
     tau = triples.tau > 0
     out = np.full(len(triples.expert_names), np.nan)
     for e in range(len(out)):
-        rows = triples.mask[:, e] & (consensus[:, tau[e]].sum(1) > 0.5)
+        rows = triples.mask[:, e] & (pooled[:, tau[e]].sum(1) > 0.5)
         if rows.any():
-            out[e] = float((consensus[rows][:, tau[e]].argmax(1) == triples.eta[rows, e][:, tau[e]].argmax(1)).mean())
+            out[e] = float((pooled[rows][:, tau[e]].argmax(1) == triples.eta[rows, e][:, tau[e]].argmax(1)).mean())
     return out
 
 

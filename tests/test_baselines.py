@@ -16,6 +16,7 @@ from sklearn.model_selection import train_test_split
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines import ExpertOutput, Imitator, all_data, expert_vote, nearest_class_mean, scratch, stacking  # noqa: E402
+from protofuse.model.networks import Augmentation  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -157,7 +158,7 @@ def test_stacking(digits: Digits, k: int) -> None:
 @pytest.fixture(scope="module", params=["mlp", "conv"])
 def imitator(request: pytest.FixtureRequest, digits: Digits) -> Imitator:
     pool = digits.train_x[:400]
-    return Imitator(64, (8, 8), encoder=request.param, feat_dim=32, epochs=30, max_shift=1, seed=0).fit(pool, digits.outputs(pool))
+    return Imitator(64, (8, 8), encoder=request.param, feat_dim=32, epochs=30, augmentation=Augmentation(shift=1.0), seed=0).fit(pool, digits.outputs(pool))
 
 
 def test_imitator_features_and_probe(digits: Digits, imitator: Imitator) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map
 from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, restricted_log_softmax
-from protofuse.model.networks import random_shift
+from protofuse.model.networks import Augmentation, augment_images
 from protofuse.model.recompose import WDistribution, fit_gaussian, fit_mixture, log_conditional, predict_log_proba
 from protofuse.training import train_generative
 from protofuse.triples import assemble
@@ -143,13 +143,29 @@ def test_discriminative_expert_heads_only_cover_their_labels():
     assert (p[:, 0, 2:] < 1e-6).all() and (p[:, 1, :2] < 1e-6).all()
 
 
-def test_random_shift_moves_content_without_changing_mass():
+def test_integer_shifts_move_content_without_changing_mass():
     img = torch.zeros(1, 64)
     img[0, 3 * 8 + 3] = 1.0  # one pixel in the middle of an 8x8 image
-    shifted = random_shift(img.repeat(50, 1), (8, 8), 1, torch.Generator().manual_seed(0))
-    assert torch.allclose(shifted.sum(1), torch.ones(50))
-    positions = {int(s.argmax()) for s in shifted}
-    assert len(positions) > 3 and all(abs(p // 8 - 3) <= 1 and abs(p % 8 - 3) <= 1 for p in positions)
+    gen = torch.Generator().manual_seed(0)
+    shifted = augment_images(img.repeat(200, 1), (8, 8), Augmentation(shift=1.0), gen)
+    assert torch.allclose(shifted.sum(1), torch.ones(200), atol=1e-5)  # bilinear: mass is kept
+    rows = (shifted.view(200, 8, 8).sum(2) * torch.arange(8.0)).sum(1)  # centre of mass, row
+    assert rows.min() < 2.5 and rows.max() > 3.5 and ((rows - 3).abs() <= 1 + 1e-5).all()
+
+
+def test_rotation_and_zoom_keep_a_centred_disc_in_place():
+    yy, xx = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
+    disc = (((yy - 5.5) ** 2 + (xx - 5.5) ** 2) < 9).float().reshape(1, 144)
+    out = augment_images(disc.repeat(20, 1), (12, 12), Augmentation(rotation=30.0, scale=0.2), torch.Generator().manual_seed(0))
+    centre_y = (out.view(20, 12, 12).sum(2) * torch.arange(12.0)).sum(1) / out.sum(1)
+    assert torch.allclose(centre_y, torch.full((20,), 5.5), atol=0.05)  # no shift asked for, none made
+    mass = out.sum(1) / disc.sum()
+    assert (mass > 0.6).all() and (mass < 1.5).all() and mass.std() > 0.01  # zoom changes size
+
+
+def test_no_augmentation_is_the_identity():
+    x = torch.rand(5, 64)
+    assert augment_images(x, (8, 8), Augmentation(), None) is x
 
 
 def test_conv_variant_of_the_generative_family_trains_and_scores_images():

@@ -7,9 +7,13 @@ through its own small imitation head (a temperature and a bias per label):
     log q_i(c | x) = log softmax_{c in Y_i} ( t_i * (p_c . f(x) + b_c) + a_ic )
 
 Trained with soft cross-entropy against the expert's outputs; overlapping label sets tie all
-labels into one consistent labeller. A new task is a new distribution over the same prototypes:
-the MAP estimate of its labels' rows, biases and a temperature under a Gaussian prior centred
-on the bank (``adapt_map``).
+labels into one consistent labeller. In the second half of training a consensus term distils that
+labeller into itself over the whole vocabulary (``consensus_loss``):
+
+    loss = sum_i w_i CE(eta_i, q_i(. | aug(x))) + beta * CE(consensus(x), softmax_C(P f(aug(x)) + b))
+
+A new task is a new distribution over the same prototypes: the MAP estimate of its labels' rows,
+biases and a temperature under a Gaussian prior centred on the bank (``adapt_map``).
 """
 
 from __future__ import annotations
@@ -55,16 +59,25 @@ class DiscriminativePrototypes(nn.Module):
         scores = t * self.logits(z)[:, None, :] + self.expert_bias[None]
         return restricted_log_softmax(scores, tau[None] > 0)
 
-    def loss(self, x: torch.Tensor, eta: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+    def imitation_loss(self, z: torch.Tensor, eta: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         """Soft cross-entropy of each expert's imitation, over the triples present.
 
-        x (n, d); eta (n, E, C) expert outputs embedded in the vocabulary; mask (n, E) which
-        expert answered for which input; tau (E, C); expert_weight (E,) trust in each expert.
+        z (n, F) features; eta (n, E, C) expert outputs embedded in the vocabulary; mask (n, E)
+        which expert answered for which input; tau (E, C); expert_weight (E,) trust in each expert.
         """
-        log_q = self.expert_log_proba(self.encoder(x), tau)  # (n, E, C)
+        log_q = self.expert_log_proba(z, tau)  # (n, E, C)
         ce = -(eta * log_q).sum(-1)  # (n, E)
         weight = mask.float() * expert_weight[None]
         return (ce * weight).sum() / weight.sum().clamp_min(1e-8)
+
+    def consensus_loss(self, z: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Soft cross-entropy of the bank's labeller over the whole vocabulary against a teacher
+        distribution (n, C): the consensus of an earlier stage of the bank on the clean input.
+
+        Each expert only ranks its own labels; this term compares every pair of labels directly
+        on every query, which is what a new task mixing labels of different experts needs.
+        """
+        return -(teacher * torch.log_softmax(self.logits(z), dim=-1)).sum(-1).mean()
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Building blocks shared by both prototype families: MLPs, conv encoders, random shifts.
+"""Building blocks shared by both prototype families: MLPs, conv encoders, image augmentation.
 
 Sizes follow the paper's MNIST defaults (two hidden layers of 100 ReLU units, batch norm after
 the first); the conv encoder is the small net the discriminative family uses on images.
@@ -6,7 +6,11 @@ the first); the conv encoder is the small net the discriminative family uses on 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -88,21 +92,40 @@ def make_encoder(kind: str, in_dim: int, out_dim: int, image_shape: tuple[int, i
     raise ValueError(f"unknown encoder {kind!r}: use 'conv' or 'mlp'")
 
 
-def random_shift(x: torch.Tensor, image_shape: tuple[int, int], max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each (flattened) image by up to ``max_shift`` pixels, filling with zeros.
+@dataclass(frozen=True)
+class Augmentation:
+    """Random image transforms used in training: none of them changes a digit's (or most
+    images') class, so the expert's answer for the original image stays the target and no
+    extra query is spent."""
 
-    The expert's output for the unshifted image stays the target: small shifts do not change a
-    digit's class, so this teaches the encoder invariance without querying the expert again.
+    shift: float = 0.0  # pixels, each axis, uniform in [-shift, shift]
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    scale: float = 0.0  # relative zoom, uniform in [1 - scale, 1 + scale]
+
+    @property
+    def active(self) -> bool:
+        return self.shift > 0 or self.rotation > 0 or self.scale > 0
+
+
+def augment_images(x: torch.Tensor, image_shape: tuple[int, int], aug: Augmentation, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply one random affine transform (shift, rotation, zoom) per flattened image, (n, h*w).
+
+    Pixels sampled from outside the image are zero (the background of the datasets we use).
     """
-    if max_shift <= 0:
+    if not aug.active:
         return x
     h, w = image_shape
     n = x.shape[0]
-    pad = max_shift
-    padded = torch.nn.functional.pad(x.view(n, 1, h, w), (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # (n, h)
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # (n, w)
-    out = padded[torch.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]]  # (n, h, w)
-    return out.reshape(n, h * w)
+
+    def uniform(half_width: float) -> torch.Tensor:  # (n,) in [-half_width, half_width]
+        return (2 * torch.rand(n, generator=generator) - 1) * half_width
+
+    angle = uniform(math.radians(aug.rotation))
+    zoom = 1 + uniform(aug.scale)
+    # affine_grid maps output to input coordinates in [-1, 1]: a zoom of s samples a 1/s window,
+    # and one pixel is 2/side in those units.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = uniform(aug.shift) * 2 / w, uniform(aug.shift) * 2 / h
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n, 2, 3)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    return F.grid_sample(x.view(n, 1, h, w), grid, align_corners=False).reshape(n, h * w)
