@@ -191,6 +191,16 @@ def test_adaptation_options_are_validated(bank):
         bank.adapt(sx, sy.astype(float))
 
 
+def test_labels_no_expert_compares_are_ranked_with_or_without_distillation(tmp_path):
+    triples, x, y = _toy_triples()
+    keep = np.isin(y, [0, 3])  # 0 and 3 never share an expert: only the bank relates them
+    for train in (TrainingSettings(epochs=12, lr=5e-3), TrainingSettings(epochs=12, lr=5e-3, distill=0.0, reweight=False)):
+        bank = fit_bank(triples, ModelSettings(feat_dim=8), train, AdaptSettings(), None, "bernoulli")
+        assert (bank.zero_shot(["0", "3"]).predict(x[keep]) == y[keep].astype(str)).mean() > 0.95
+    bank.save(tmp_path / "bank")
+    assert load_bank(tmp_path / "bank").meta["settings"]["training"]["distill"] == 0.0
+
+
 def test_one_epoch_of_training_works_with_reweighting():
     triples, _, _ = _toy_triples()
     bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")

@@ -70,6 +70,7 @@ def test_malformed_specs_name_the_problem(federation, tmp_path, capsys):
         "experts[0].predict": '[[experts]]\nname = "a"\npredict = "no_colon"\nlabels = ["0"]\nqueries = "queries.npy"\n',
         "experts[0].colour: unknown field": f"[[experts]]\n{first}labels = [\"0\"]\ncolour = 1\n",
         "training.epochs": f"[[experts]]\n{first}labels = [\"0\"]\n[training]\nepochs = -3\n",
+        "training.max_rotation": f"[[experts]]\n{first}labels = [\"0\"]\n[training]\nmax_rotation = 120\n",
         "not valid TOML": "[[experts]\n",
     }
     for needle, body in cases.items():

@@ -143,6 +143,25 @@ def test_discriminative_expert_heads_only_cover_their_labels():
     assert (p[:, 0, 2:] < 1e-6).all() and (p[:, 1, :2] < 1e-6).all()
 
 
+def test_consensus_term_teaches_the_whole_vocabulary():
+    torch.manual_seed(0)
+    model = DiscriminativePrototypes(DiscriminativeConfig(x_dim=16, n_labels=4, n_experts=1, feat_dim=8, encoder="mlp"))
+    x, teacher = torch.rand(64, 16), torch.softmax(3 * torch.randn(64, 4), dim=-1)
+
+    def kl() -> float:
+        log_p = torch.log_softmax(model.logits(model.encoder(x)), dim=-1)
+        return (teacher * (teacher.log() - log_p)).sum(-1).mean().item()
+
+    before = kl()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = model.consensus_loss(model.encoder(x), teacher)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert kl() < 0.1 * before
+
+
 def test_integer_shifts_move_content_without_changing_mass():
     img = torch.zeros(1, 64)
     img[0, 3 * 8 + 3] = 1.0  # one pixel in the middle of an 8x8 image
