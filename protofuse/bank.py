@@ -252,12 +252,13 @@ def _train_discriminative_bank(model: DiscriminativePrototypes, train: Triples, 
     args = (training.lr, training.batch_size, aug)
     if epochs < 2 or not (reweight or training.distill > 0):
         train_discriminative(model, train, epochs, *args, seed=training.seed, progress=progress)
-        return consensus_agreement(model, train), np.ones(n_experts)
+        return consensus_agreement(consensus(model, train.x), train), np.ones(n_experts)
     first = epochs // 2
     train_discriminative(model, train, first, *args, seed=training.seed, progress=progress)
-    agreement = consensus_agreement(model, train)
+    pooled = consensus(model, train.x)  # (N, C), the first phase's consensus
+    agreement = consensus_agreement(pooled, train)
     weights = reliability_weights(agreement, train.tau.sum(1)) if reweight else np.ones(n_experts)
-    teacher = consensus(model, train.x) if training.distill > 0 else None
+    teacher = pooled if training.distill > 0 else None
     later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
     train_discriminative(model, train, epochs - first, *args, expert_weight=weights, teacher=teacher, teacher_weight=training.distill, seed=training.seed + 1, progress=later)
     return agreement, weights

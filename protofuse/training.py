@@ -120,15 +120,12 @@ def consensus(model: DiscriminativePrototypes, x: np.ndarray) -> np.ndarray:
     return torch.softmax(model.logits(model.embed(torch.from_numpy(x))), dim=-1).numpy()
 
 
-@torch.no_grad()
-def consensus_agreement(model: DiscriminativePrototypes, triples: Triples) -> np.ndarray:
+def consensus_agreement(pooled: np.ndarray, triples: Triples) -> np.ndarray:
     """Label-free reliability of each expert: how often its top class matches the bank's consensus.
 
-    The consensus is the bank's own labeller over the whole vocabulary, which pools every expert.
-    Only inputs that the consensus places inside the expert's label set count (elsewhere an
+    ``pooled`` (N, C) is the consensus on ``triples.x`` (``consensus``). Only inputs that the consensus places inside the expert's label set count (elsewhere an
     expert's answer is arbitrary by construction). Returns (E,) agreement rates in [0, 1].
     """
-    pooled = consensus(model, triples.x)
     tau = triples.tau > 0
     out = np.full(len(triples.expert_names), np.nan)
     for e in range(len(out)):
