@@ -47,7 +47,7 @@ def paired_gaps(rows: list[dict], ours: str = "protofuse") -> list[dict]:
     ]
 
 
-def markdown(summary: list[dict]) -> str:
+def markdown(summary: list[dict], what: str = "accuracy") -> str:
     """One table per (dataset, ways): methods as rows, k as columns, cells 'mean ± std'."""
     lines = []
     groups = sorted({(s["dataset"], s["ways"]) for s in summary})
@@ -56,7 +56,7 @@ def markdown(summary: list[dict]) -> str:
         ks = sorted({k for _, k in cell})
         methods = sorted({m for m, _ in cell}, key=lambda m: -np.mean([cell[(m, k)]["mean"] for k in ks if (m, k) in cell]))
         n = max(s["n"] for s in cell.values())
-        lines += [f"### {dataset}, {ways}-way (accuracy %, mean ± std over episodes; seed-mean std in brackets)", "", "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        lines += [f"### {dataset}, {ways}-way ({what} %, mean ± std over episodes; seed-mean std in brackets)", "", "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for m in methods:
             vals = [_cell(cell[(m, k)], n) if (m, k) in cell else "" for k in ks]
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
@@ -105,11 +105,14 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: list[dict], config: dict) -> None:
+def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: list[dict], config: dict, recall_rows: list[dict] | None = None, recall_label: str | None = None) -> None:
+    """results.json, results.md and the plot; ``recall_rows`` (accuracy on one label's test
+    examples, e.g. the label hidden from every expert) get tables of their own."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
     gaps = paired_gaps(rows)
-    (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "paired_gaps": gaps, "fidelity": fidelity, "timings": timings, "episodes": rows}, indent=1))
+    recall = summarize(recall_rows) if recall_rows else []
+    (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "paired_gaps": gaps, "recall_summary": recall, "fidelity": fidelity, "timings": timings, "episodes": rows, "recall_episodes": recall_rows or []}, indent=1))
     fid_lines = [
         "### Imitation fidelity on held-out queries, consensus agreement and training weight (mean over seeds)", "",
         "| dataset | bank | expert | labels | agreement | KL (nats) | consensus | weight |", "|---|---|---|---|---|---|---|---|",
@@ -121,7 +124,10 @@ def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: lis
         mean = {key: np.mean([f[key] for f in fs]) for key in ("agreement", "kl", "consensus", "weight")}
         fid_lines.append(f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | {mean['consensus']:.3f} | {mean['weight']:.2f} |")
     against = [m for m in ("protofuse zero-shot", "expert vote (experts online)", "stacking (experts online)", "imitator (conv) + probe", "imitator (mlp) + probe", "scratch", "nearest class mean") if any(g["method"] == m for g in gaps)]
-    text = markdown(summary) + "\n" + gaps_markdown(gaps, against) + "\n" + "\n".join(fid_lines) + "\n"
+    text = markdown(summary) + "\n" + gaps_markdown(gaps, against) + "\n"
+    if recall:
+        text += markdown(recall, f"recall of label {recall_label} on its own test examples") + "\n"
+    text += "\n".join(fid_lines) + "\n"
     (out / "results.md").write_text(text)
     plot(summary, out / "accuracy_vs_k.png")
     print(text)

@@ -117,8 +117,12 @@ class in_task_order:  # noqa: N801 - reads as a function at the call sites
         return self.model.predict_proba(x)[:, self.cols]
 
 
-def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random.Generator, max_test: int, methods: set[str], with_generative: bool = True) -> dict[str, float]:
-    """Every method on one support set and one test set; returns accuracy per method."""
+def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random.Generator, max_test: int, methods: set[str], with_generative: bool = True, recall_of: str | None = None, recalls: dict[str, float] | None = None) -> dict[str, float]:
+    """Every method on one support set and one test set; returns accuracy per method.
+
+    With ``recall_of`` (a label of the task) and a ``recalls`` dict, also fills ``recalls`` with
+    each method's recall on that label's test examples alone.
+    """
     ds, sp = world.dataset, world.splits
     classes = [ds.label_names.index(c) for c in task]
     sx, sy = sample_support(sp.support, classes, k, rng)
@@ -129,9 +133,14 @@ def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random
     names = np.asarray(task)[sy]  # label names of the support examples; task is sorted, like classes_
     out: dict[str, float] = {}
 
+    focus = ty == task.index(recall_of) if recall_of in task else None
+
     def score(method: str, fn) -> None:  # noqa: ANN001 - a thunk returning probabilities
         if method in methods or "all" in methods:
-            out[method] = accuracy(fn(), ty)
+            proba = fn()
+            out[method] = accuracy(proba, ty)
+            if recalls is not None and focus is not None and focus.any():
+                recalls[method] = accuracy(proba[focus], ty[focus])
 
     for bank_name, bank in world.banks.items():
         if bank.family == "discriminative":
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     imitator_encoders = ["conv", "mlp"] if args.ablations else ["conv"]
     epochs = 3 if args.quick else None
     rows: list[dict] = []
+    recall_rows: list[dict] = []  # with --hide-label: recall of the hidden label, same schema as rows
     fidelity: list[dict] = []
     timings: list[dict] = []
     from rich.progress import Progress
@@ -209,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                     for k in SHOTS:
                         erng = np.random.default_rng([seed, ti, k])
                         t0 = time.perf_counter()
-                        acc = run_episode(world, task, k, erng, args.max_test, {"all"}, with_generative=i < args.generative_tasks)
+                        hidden: dict[str, float] = {}
+                        acc = run_episode(world, task, k, erng, args.max_test, {"all"}, with_generative=i < args.generative_tasks, recall_of=args.hide_label, recalls=hidden)
                         rows += [{"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k, "method": m, "accuracy": a} for m, a in acc.items()]
+                        recall_rows += [{"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k, "method": m, "accuracy": a} for m, a in hidden.items()]
                         bar.advance(job)
                         log(f"{name} seed {seed} {ways}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
                         timings.append({"dataset": name, "seed": seed, "episode_s": time.perf_counter() - t0})
-    write_report(args.out, rows, fidelity, timings, vars(args) | {"out": str(args.out)})
+    write_report(args.out, rows, fidelity, timings, vars(args) | {"out": str(args.out)}, recall_rows, args.hide_label)
     return 0
 
 

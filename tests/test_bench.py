@@ -45,6 +45,19 @@ def test_every_method_is_scored_on_the_same_episode(world):
     assert again == acc  # the same seed draws the same support and test sets
 
 
+def test_recall_of_one_label_is_scored_on_its_own_examples(world):
+    task = ("1", "4", "9")
+    recalls: dict[str, float] = {}
+    acc = run_episode(world, task, 2, np.random.default_rng(0), 60, {"all"}, recall_of="9", recalls=recalls)
+    assert set(recalls) == set(acc)  # every scored method, all-data bound included
+    # Recall is measured on the 9s alone, so it differs from task accuracy for some method.
+    assert all(0.0 <= r <= 1.0 for r in recalls.values())
+    assert any(recalls[m] != acc[m] for m in acc)
+    none: dict[str, float] = {}
+    run_episode(world, task, 2, np.random.default_rng(0), 60, {"all"}, recall_of="7", recalls=none)
+    assert none == {}  # a label outside the task has no recall
+
+
 def test_report_pairs_episodes_and_measures_spread():
     rows = [{"dataset": "d", "seed": s, "ways": 2, "task": t, "k": 1, "method": m, "accuracy": a}
             for s, t, m, a in [(0, "a", "protofuse", 0.9), (0, "a", "b", 0.8), (1, "a", "protofuse", 0.7), (1, "a", "b", 0.9)]]
