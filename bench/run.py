@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                         t0 = time.perf_counter()
                         hidden: dict[str, float] = {}
                         acc = run_episode(world, task, k, erng, args.max_test, {"all"}, with_generative=i < args.generative_tasks, recall_of=args.hide_label, recalls=hidden)
-                        rows += [{"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k, "method": m, "accuracy": a} for m, a in acc.items()]
-                        recall_rows += [{"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k, "method": m, "accuracy": a} for m, a in hidden.items()]
+                        episode = {"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k}
+                        rows += [{**episode, "method": m, "accuracy": a} for m, a in acc.items()]
+                        recall_rows += [{**episode, "method": m, "accuracy": a} for m, a in hidden.items()]
                         bar.advance(job)
                         log(f"{name} seed {seed} {ways}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
                         timings.append({"dataset": name, "seed": seed, "episode_s": time.perf_counter() - t0})
