@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +9,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-# bench/ is not an installed package; plain `pytest` (unlike `python -m pytest`) would miss it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.baselines import ExpertOutput, Imitator, all_data, expert_vote, nearest_class_mean, scratch, stacking  # noqa: E402
-from protofuse.model.networks import Augmentation  # noqa: E402
+from bench.baselines import ExpertOutput, Imitator, all_data, expert_vote, nearest_class_mean, scratch, stacking
+from protofuse.model.networks import Augmentation
 
 torch.set_num_threads(1)
 
