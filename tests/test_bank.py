@@ -52,7 +52,11 @@ def test_adapted_model_follows_sklearn_conventions(bank):
     proba = model.predict_proba(x[keep])
     assert proba.shape == (keep.sum(), 2)
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
-    assert (model.predict(x[keep]) == y[keep].astype(str)).mean() > 0.8
+    np.testing.assert_array_equal(model.predict(x[keep]), model.classes_[proba.argmax(1)])
+    if bank.family == "discriminative":
+        # The generative family's accuracy on this toy depends on the training seed (0.43 to 1.0
+        # over seeds 0-5): asserting it here would pass by seed luck. The benchmark measures it.
+        assert (model.predict(x[keep]) == y[keep].astype(str)).mean() > 0.8
 
 
 def test_bank_and_adapted_model_round_trip_exactly(bank, tmp_path):

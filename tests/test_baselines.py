@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from bench.baselines import ExpertOutput, Imitator, all_data, expert_vote, nearest_class_mean, scratch, stacking
+from bench.baselines import Ceiling, ExpertOutput, Imitator, expert_vote, nearest_class_mean, scratch, stacking
 from protofuse.model.networks import Augmentation
 
 torch.set_num_threads(1)
@@ -91,16 +91,16 @@ def test_missing_support_class_gets_zero_probability(digits: Digits) -> None:
         assert np.all(proba[:, 2] == 0)
 
 
-def test_all_data_upper_bound(digits: Digits) -> None:
-    classes = [int(c) for c in NEW_TASK]
-    train = np.isin(digits.train_y, classes)
-    test = np.isin(digits.test_y, classes)
-    to_task = {c: i for i, c in enumerate(classes)}
-    train_y = np.array([to_task[c] for c in digits.train_y[train]])
-    test_y = np.array([to_task[c] for c in digits.test_y[test]])
-    proba = all_data(digits.train_x[train], train_y, digits.test_x[test], seed=0)
-    _check_proba(proba, int(test.sum()), 3)
-    assert _accuracy(proba, test_y) > 0.9
+def test_ceiling_learns_every_label_and_restricts_to_the_task(digits: Digits) -> None:
+    names = tuple(str(c) for c in range(10))
+    ceiling = Ceiling(names, in_dim=64, image_shape=(8, 8), encoder="mlp", feat_dim=32, epochs=15, seed=0).fit(digits.train_x, digits.train_y)
+    _, _, tx, ty = digits.task(NEW_TASK, 1)
+    proba = ceiling.predict_proba(tx, NEW_TASK)
+    _check_proba(proba, len(tx), 3)
+    assert _accuracy(proba, ty) > 0.95
+    # Column order follows the task's labels, not the vocabulary's.
+    reversed_task = tuple(reversed(NEW_TASK))
+    np.testing.assert_allclose(ceiling.predict_proba(tx, reversed_task), proba[:, ::-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +160,36 @@ def test_imitator_features_and_probe(digits: Digits, imitator: Imitator) -> None
     feats = imitator.features(tx)
     assert feats.shape == (len(tx), 32)
     assert np.all(np.isfinite(feats))
-    proba = imitator.probe(sx, sy, tx, seed=0)
+    for proba in (imitator.probe(sx, sy, tx, seed=0), imitator.cosine_ncm(sx, sy, tx)):
+        _check_proba(proba, len(tx), 3)
+        assert _accuracy(proba, ty) > 0.6
+
+
+def test_probes_use_the_query_pools_statistics_not_the_supports(digits: Digits, imitator: Imitator) -> None:
+    """At k = 1 a scaler fitted on the three support examples divides by spreads of three points;
+    the probe standardises with the query pool's statistics instead (and stays well above chance)."""
+    pool = imitator.features(digits.train_x[:400])
+    np.testing.assert_allclose(imitator.scaler.mean_, pool.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(imitator.scaler.scale_, pool.std(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(imitator.centre, pool.mean(0), rtol=1e-5, atol=1e-5)
+    accuracy = [_accuracy(imitator.probe(sx, sy, tx), ty) for sx, sy, tx, ty in (digits.task(NEW_TASK, 1, seed) for seed in range(5))]
+    assert np.mean(accuracy) > 0.65  # three-way chance is 1/3
+
+
+def test_cosine_ncm_gives_a_missing_class_no_probability(digits: Digits, imitator: Imitator) -> None:
+    sx, sy, tx, _ = digits.task(NEW_TASK, 2)
+    keep = sy != 2
+    proba = imitator.cosine_ncm(sx[keep], sy[keep], tx, n_classes=3)
     _check_proba(proba, len(tx), 3)
-    assert _accuracy(proba, ty) > 0.6
+    assert np.all(proba[:, 2] == 0)
+
+
+def test_imitator_vote_is_the_expert_vote_on_imitated_answers(digits: Digits, imitator: Imitator) -> None:
+    _, _, tx, ty = digits.task(NEW_TASK, 1)
+    imitated = [ExpertOutput(labels, p) for (labels, _), p in zip(digits.experts, imitator.expert_proba(tx))]
+    proba = imitator.vote(tx, NEW_TASK)
+    np.testing.assert_allclose(proba, expert_vote(imitated, NEW_TASK))
+    assert _accuracy(proba, ty) > 0.6  # no example at all; three-way chance is 1/3
 
 
 def test_imitator_heads_agree_with_experts(digits: Digits, imitator: Imitator) -> None:
@@ -196,6 +223,8 @@ def test_imitator_rejects_bad_configs(digits: Digits) -> None:
         Imitator(64, (8, 8), encoder="resnet")
     with pytest.raises(RuntimeError):
         Imitator(64, None, encoder="mlp").features(digits.test_x[:2])
+    with pytest.raises(RuntimeError, match="before fit"):
+        Imitator(64, None, encoder="mlp").probe(digits.test_x[:2], np.array([0, 1]), digits.test_x[:2])
     bad = [ExpertOutput(("0", "1"), np.full((3, 2), 0.5))]
     with pytest.raises(ValueError, match="shape"):
         Imitator(64, None, encoder="mlp").fit(digits.train_x[:4], bad)

@@ -1,0 +1,156 @@
+"""Training and its measurements: imitation fidelity, consensus agreement, reliability weights,
+held-out queries kept out of training, and what consensus distillation does to the bank."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from protofuse.bank import Bank, fit_bank
+from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
+from protofuse.training import consensus_agreement, fidelity, reliability_weights
+from protofuse.triples import assemble
+
+torch.set_num_threads(1)
+
+
+def _two_experts(eta_a: np.ndarray, eta_b: np.ndarray):
+    """Expert a answers over labels (0, 1), expert b over (1, 2), both on the same 4 inputs."""
+    x = np.zeros((len(eta_a), 2), dtype=np.float32)
+    return assemble(["a", "b"], [("0", "1"), ("1", "2")], [x, x], [eta_a, eta_b], shared=[0, 0])
+
+
+def test_fidelity_on_a_case_with_a_known_answer():
+    eta_a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
+    eta_b = np.array([[1.0, 0.0], [0.3, 0.7], [0.3, 0.7], [0.7, 0.3]], dtype=np.float32)
+    triples = _two_experts(eta_a, eta_b)
+    # The imitation (n, E, C) over the vocabulary (0, 1, 2): a agrees on rows 0, 1, 3, b on rows 1, 2.
+    # Off-label columns carry large mass to prove they are ignored: fidelity is over the
+    # expert's own labels only.
+    q_a = np.array([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8], [0.5, 0.5]])
+    q_b = np.array([[0.4, 0.6], [0.1, 0.9], [0.2, 0.8], [0.4, 0.6]])
+    imitated = np.zeros((4, 2, 3))
+    imitated[:, 0, :2], imitated[:, 0, 2] = q_a, 0.0
+    imitated[:, 1, 1:], imitated[:, 1, 0] = q_b, 0.0
+    with np.errstate(divide="ignore"):
+        log_q = torch.from_numpy(np.log(imitated)).float()
+    log_q[:, 0, 2] = 50.0  # would win an argmax over the whole vocabulary
+    log_q[:, 1, 0] = 50.0
+    fa, fb = fidelity(log_q, triples)
+    assert fa.agreement == pytest.approx(3 / 4) and fb.agreement == pytest.approx(2 / 4)
+    assert fa.n == 4 and fb.n == 4
+
+    def kl(p: np.ndarray, q: np.ndarray) -> float:
+        terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(q)), 0.0)
+        return float(terms.sum(1).mean())
+
+    assert fa.kl == pytest.approx(kl(eta_a, q_a), rel=1e-5)
+    assert fb.kl == pytest.approx(kl(eta_b, q_b), rel=1e-5)  # a zero answer contributes nothing
+
+
+def test_fidelity_counts_only_the_inputs_an_expert_answered():
+    xa, xb = np.zeros((3, 2), np.float32), np.ones((2, 2), np.float32)
+    triples = assemble(["a", "b"], [("0", "1"), ("0", "1")], [xa, xb], [np.eye(2, dtype=np.float32)[[0, 1, 0]], np.eye(2, dtype=np.float32)[[1, 1]]])
+    log_q = torch.log(torch.tensor([[0.9, 0.1]] * 5)).float()[:, None, :].expand(5, 2, 2)
+    fa, fb = fidelity(log_q, triples)
+    assert (fa.n, fb.n) == (3, 2)
+    assert fa.agreement == pytest.approx(2 / 3) and fb.agreement == pytest.approx(0.0)
+    assert fb.kl == pytest.approx(-math.log(0.1), rel=1e-5)
+    empty = assemble(["a", "b"], [("0", "1"), ("0", "1")], [xa, xb[:0]], [np.eye(2, dtype=np.float32)[[0, 1, 0]], np.zeros((0, 2), np.float32)])
+    _, none = fidelity(log_q[:3], empty)
+    assert none.n == 0 and math.isnan(none.agreement) and math.isnan(none.kl)
+
+
+def test_consensus_agreement_and_reliability_weights_on_a_known_case():
+    # Vocabulary (0, 1, 2); a covers (0, 1), b covers (1, 2).
+    eta_a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
+    eta_b = np.array([[0.9, 0.1], [0.3, 0.7], [0.3, 0.7], [0.7, 0.3]], dtype=np.float32)
+    triples = _two_experts(eta_a, eta_b)
+    pooled = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.2, 0.7], [0.05, 0.05, 0.9]])
+    agreement = consensus_agreement(pooled, triples)
+    # a: only row 0 has consensus mass > 0.5 on {0, 1}; it agrees there. b: rows 1-3, agrees on 1 and 2.
+    np.testing.assert_allclose(agreement, [1.0, 2 / 3])
+    weights = reliability_weights(np.array([1.0, 0.75, 0.5, np.nan]), np.array([2, 4, 2, 3]))
+    # kappa = (agreement - chance) / (1 - chance): 1, 2/3, 0, and 1 for an expert never judged.
+    np.testing.assert_allclose(weights, [1.0, (2 / 3) ** 2, 0.0, 1.0])
+    np.testing.assert_allclose(reliability_weights(np.array([0.5, 0.75]), np.array([2, 2])), [0.0, 1.0])
+
+
+def _clusters(n: int = 400, d: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    centres = rng.random((4, d))
+    x = np.clip(centres[y] + 0.08 * rng.standard_normal((n, d)), 0, 1).astype(np.float32)
+    return x, y, centres
+
+
+def _answer(y: np.ndarray, cols: list[int]) -> np.ndarray:
+    p = np.eye(4, dtype=np.float32)[y][:, cols] + 0.01
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fidelity_is_measured_on_queries_the_bank_never_trained_on(seed):
+    """The held-out queries sit in a region of their own where the expert answers '1' although
+    they lie next to the 0s: a bank that never saw them says '0' there, one that trained on them
+    learns '1'. So fidelity near 0 proves they were held out; near 1 would mean a leak."""
+    x, y, centres = _clusters(seed=seed)
+    probe = assemble(["a"], [("0", "1")], [x], [_answer(y, [0, 1])])
+    held_rows = np.flatnonzero(np.isin(np.arange(len(x)), _held_indices(probe, 0.1, seed)))
+    y = y.copy()
+    y[held_rows] = 0
+    x = x.copy()
+    offset = np.zeros(x.shape[1], np.float32)
+    offset[0] = 0.25
+    x[held_rows] = centres[0] + offset + 0.02 * np.random.default_rng(seed).standard_normal((len(held_rows), x.shape[1]))
+    answers_a = _answer(y, [0, 1, 2])
+    answers_a[held_rows] = [0.01, 0.98, 0.01]  # the expert's private rule for that region
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [answers_a, _answer(y, [2, 3])], shared=[0, 0])
+    bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=15, lr=5e-3, holdout=0.1, seed=seed), AdaptSettings(), None, "bernoulli")
+    a = {e.name: e for e in bank.experts}["a"]
+    assert a.fidelity.n == len(held_rows) == 40
+    assert a.fidelity.agreement < 0.2
+    leaked = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=15, lr=5e-3, holdout=0.0, seed=seed), AdaptSettings(), None, "bernoulli")
+    # The same region, learned from: the test's premise holds (the bank could have learned it).
+    assert (leaked.model.logits(leaked.model.embed(torch.from_numpy(x[held_rows]))).argmax(1) == leaked.label_names.index("1")).float().mean() > 0.8
+
+
+def _held_indices(triples, holdout: float, seed: int) -> np.ndarray:
+    """Which rows ``Triples.split`` holds out (it permutes row indices; inputs do not matter)."""
+    numbered = assemble(["a"], [("0", "1")], [np.arange(len(triples.x), dtype=np.float32)[:, None]], [triples.eta[:, 0, :2]])
+    _, held = numbered.split(holdout, seed)
+    return held.x[:, 0].astype(int)
+
+
+def _pair_log_proba(bank: Bank, x: np.ndarray, a: str, b: str) -> torch.Tensor:
+    """The bank's own labeller restricted to two labels: (n, 2) log-probabilities."""
+    m = bank.model
+    cols = [bank.label_names.index(a), bank.label_names.index(b)]
+    with torch.no_grad():
+        return torch.log_softmax(m.logits(m.embed(torch.from_numpy(x)))[:, cols], dim=-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_distillation_carries_the_first_phase_consensus_to_labels_no_expert_compares(seed):
+    """0 and 3 never share an expert, so only the bank ranks them against each other. Distillation
+    makes the second phase keep the first phase's consensus on that pair: with it, the final
+    bank's 0-vs-3 distribution is clearly closer to the first phase's than without it."""
+    x, y, _ = _clusters(seed=seed)
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [_answer(y, [0, 1, 2]), _answer(y, [2, 3])], shared=[0, 0])
+    pair = x[np.isin(y, [0, 3])]
+    model, adapt = ModelSettings(feat_dim=8), AdaptSettings()
+
+    def bank(**training) -> Bank:
+        return fit_bank(triples, model, TrainingSettings(lr=5e-3, seed=seed, **training), adapt, None, "bernoulli")
+
+    # A 12-epoch bank trains 6 epochs from this same start, then 6 more: this is its first phase.
+    teacher = _pair_log_proba(bank(epochs=6, reweight=False, distill=0.0), pair, "0", "3")
+
+    def divergence(b: Bank) -> float:
+        return (teacher.exp() * (teacher - _pair_log_proba(b, pair, "0", "3"))).sum(-1).mean().item()
+
+    with_distillation, without = divergence(bank(epochs=12, distill=1.0)), divergence(bank(epochs=12, distill=0.0))
+    assert with_distillation < 0.8 * without
