@@ -123,7 +123,11 @@ def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: lis
     for (d, bank, e, labels), fs in sorted(fcells.items()):
         mean = {key: np.mean([f[key] for f in fs]) for key in ("agreement", "kl", "consensus", "weight")}
         fid_lines.append(f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | {mean['consensus']:.3f} | {mean['weight']:.2f} |")
-    against = [m for m in ("protofuse zero-shot", "expert vote (experts online)", "stacking (experts online)", "imitator (conv) + probe", "imitator (mlp) + probe", "scratch", "nearest class mean") if any(g["method"] == m for g in gaps)]
+    against = [m for m in (
+        "protofuse zero-shot", "imitator (conv) + probe", "imitator (conv) + cosine NCM", "imitator (conv) zero-shot vote",
+        "imitator (mlp) + probe", "imitator (mlp) + cosine NCM", "stacking (experts online)", "expert vote (experts online)",
+        "scratch", "nearest class mean", "generative", "protofuse, no reweighting", "ceiling: same encoder trained on all labels",
+    ) if any(g["method"] == m for g in gaps)]
     text = markdown(summary) + "\n" + gaps_markdown(gaps, against) + "\n"
     if recall:
         text += markdown(recall, f"recall of label {recall_label} on its own test examples") + "\n"

@@ -1,12 +1,18 @@
 """The benchmark: expert federations on real data, held-out new tasks, every method on the same episodes.
 
-    python -m bench.run --out bench-results            # both datasets, the full grid
-    python -m bench.run --datasets digits --seeds 1 --tasks 2 --quick
+    python -m bench.run --out bench-results            # both datasets, the reported seeds
+    python -m bench.run --dev --ablations              # development seeds: where defaults are chosen
+    python -m bench.run --datasets digits --seeds 100 --tasks 2 --quick
 
 For each (dataset, seed): splits, a federation of heterogeneous experts trained on overlapping
 class subsets, one bank per family fitted on the experts' answers to the query pool, and the
-baselines. For each new task (a class combination no single expert covers) and k, one support
-set and one test set are drawn and every method is scored on exactly those (paired episodes).
+baselines. For each new task (a class combination that no single expert of the federation covers,
+added experts included) one test set and one nested support set are drawn (the k = 1 examples are
+among the k = 5, those among the k = 10), and every method is scored on exactly those at every k
+(paired episodes).
+
+Seeds: defaults and ablations are chosen on DEV_SEEDS; reported tables use REPORT_SEEDS, which no
+choice ever looked at.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from . import baselines
 from .report import write_report
 
 SHOTS = (1, 5, 10)
+DEV_SEEDS = (0, 1, 2)  # defaults, ablations and settings are chosen here (and on any seed < 100)
+REPORT_SEEDS = (100, 101, 102)  # the reported runs: never used to choose anything
+CEILING = "ceiling: same encoder trained on all labels"
+GENERATIVE_FORMS = tuple((r, f) for r in ("gaussian", "mixture") for f in ("conditional", "joint"))
 
 
 # Banks fitted per seed: name -> (model settings, training settings) overrides of the defaults.
@@ -46,6 +56,8 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "protofuse, no consensus distillation": ({}, {"distill": 0}),
     "protofuse, no reweighting": ({}, {"reweight": False}),
 }
+# With bad participants, the paired effect of reweighting is the question.
+ROBUSTNESS_BANKS = {"protofuse, no reweighting": ABLATIONS["protofuse, no reweighting"]}
 
 
 @dataclass
@@ -57,12 +69,36 @@ class Federation:
     experts: list[BuiltExpert]
     triples: Triples
     banks: dict[str, Bank]
-    imitators: dict[str, baselines.Imitator]
+    imitators: dict[str, baselines.Imitator]  # by encoder: "conv", "mlp"
+    ceiling: baselines.Ceiling | None
     timings: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Episode:
+    """One task's test rows and nested support: ``max(SHOTS)`` examples per class, in class blocks."""
+
+    task: tuple[str, ...]
+    support_x: np.ndarray  # (K * k_max, d)
+    support_y: np.ndarray  # (K * k_max,) in 0..K-1, k_max per class in order
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+    def support(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first k examples of each class: the k-shot support is part of every larger one."""
+        k_max = len(self.support_y) // len(self.task)
+        if not 1 <= k <= k_max:
+            raise ValueError(f"k = {k} is outside 1..{k_max}, the support drawn for this episode")
+        rows = np.concatenate([j * k_max + np.arange(k) for j in range(len(self.task))])
+        return self.support_x[rows], self.support_y[rows]
+
+
 def uncovered_tasks(recipes: tuple[ExpertRecipe, ...], labels: tuple[str, ...], ways: int, n: int, rng: np.random.Generator, must_include: str | None = None) -> list[tuple[str, ...]]:
-    """Up to n class combinations of size ``ways`` that no single expert covers entirely."""
+    """Up to n class combinations of size ``ways`` that no single expert covers entirely.
+
+    ``recipes`` must be the federation's own experts, added ones included: a task that one of them
+    covers alone could be solved by asking that expert, which is not the question.
+    """
     sets = [set(r.classes) for r in recipes]
     combos = [c for c in itertools.combinations(labels, ways) if not any(set(c) <= s for s in sets) and (must_include is None or must_include in c)]
     pick = rng.choice(len(combos), size=min(n, len(combos)), replace=False)
@@ -74,7 +110,7 @@ def hide_label(recipes: tuple[ExpertRecipe, ...], label: str) -> tuple[ExpertRec
     return tuple(replace(r, classes=tuple(c for c in r.classes if c != label)) for r in recipes)
 
 
-def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str]) -> Federation:
+def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True) -> Federation:
     ds = load_dataset(name)
     splits = make_splits(ds, seed)
     timings: dict[str, float] = {}
@@ -95,12 +131,45 @@ def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: 
         if encoder == "conv" and ds.image_shape is None:
             continue
         t0 = time.perf_counter()
-        # The bank's own defaults: same epochs, learning rate and augmentation.
-        training = TrainingSettings(epochs=epochs)
-        imitator = baselines.Imitator(qx.shape[1], ds.image_shape, encoder, epochs=training.resolved_epochs("discriminative", round(len(qx) * (1 - training.holdout))), augmentation=training.resolved_augmentation(ds.image_shape), seed=seed, lr=training.lr, batch_size=training.batch_size)
-        imitators[f"imitator ({encoder}) + probe"] = imitator.fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
+        imitators[encoder] = _imitator(ds, encoder, len(qx), epochs, seed).fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
         timings[f"fit imitator {encoder}"] = time.perf_counter() - t0
-    return Federation(ds, splits, experts, triples, fitted, imitators, timings)
+    top = None
+    if ceiling:
+        t0 = time.perf_counter()
+        # Every labeled example outside the test split: the experts' training data, the query pool
+        # with its true labels and the support pool.
+        labeled = [splits.expert_train, splits.queries, splits.support]
+        x, y = np.concatenate([p.x for p in labeled]), np.concatenate([p.y for p in labeled])
+        encoder = "conv" if ds.image_shape else "mlp"
+        top = baselines.Ceiling(ds.label_names, **_imitator_args(ds, encoder, len(x), epochs, seed)).fit(x, y)
+        timings["fit ceiling"] = time.perf_counter() - t0
+    return Federation(ds, splits, experts, triples, fitted, imitators, top, timings)
+
+
+def _imitator_args(ds: Dataset, encoder: str, n: int, epochs: int | None, seed: int) -> dict:
+    """The bank's own defaults (epochs for n inputs, learning rate, batch size, augmentation)."""
+    training = TrainingSettings(epochs=epochs)
+    return {
+        "in_dim": ds.x.shape[1], "image_shape": ds.image_shape, "encoder": encoder, "seed": seed,
+        "epochs": training.resolved_epochs("discriminative", round(n * (1 - training.holdout))),
+        "augmentation": training.resolved_augmentation(ds.image_shape), "lr": training.lr, "batch_size": training.batch_size,
+    }
+
+
+def _imitator(ds: Dataset, encoder: str, n: int, epochs: int | None, seed: int) -> baselines.Imitator:
+    return baselines.Imitator(**_imitator_args(ds, encoder, n, epochs, seed))
+
+
+def draw_episode(world: Federation, task: tuple[str, ...], rng: np.random.Generator, max_test: int) -> Episode:
+    """The task's test rows (at most ``max_test``) and its nested support, drawn once for every k."""
+    ds, sp = world.dataset, world.splits
+    classes = [ds.label_names.index(c) for c in task]
+    tx, ty = task_subset(sp.test, classes)
+    if len(tx) > max_test:
+        keep = np.sort(rng.choice(len(tx), max_test, replace=False))
+        tx, ty = tx[keep], ty[keep]
+    sx, sy = sample_support(sp.support, classes, max(SHOTS), rng)
+    return Episode(task, sx, sy, tx, ty)
 
 
 def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
@@ -117,22 +186,17 @@ class in_task_order:  # noqa: N801 - reads as a function at the call sites
         return self.model.predict_proba(x)[:, self.cols]
 
 
-def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random.Generator, max_test: int, methods: set[str], with_generative: bool = True, recall_of: str | None = None, recalls: dict[str, float] | None = None) -> dict[str, float]:
-    """Every method on one support set and one test set; returns accuracy per method.
+def run_episode(world: Federation, episode: Episode, k: int, methods: set[str], generative_forms: bool = False, recall_of: str | None = None, recalls: dict[str, float] | None = None) -> dict[str, float]:
+    """Every method on one episode's k-shot support and its test rows; returns accuracy per method.
 
-    With ``recall_of`` (a label of the task) and a ``recalls`` dict, also fills ``recalls`` with
-    each method's recall on that label's test examples alone.
+    ``generative_forms`` scores every (recomposition, prediction form) of the generative family,
+    not only its default. With ``recall_of`` (a label of the task) and a ``recalls`` dict, also
+    fills ``recalls`` with each method's recall on that label's test examples alone.
     """
-    ds, sp = world.dataset, world.splits
-    classes = [ds.label_names.index(c) for c in task]
-    sx, sy = sample_support(sp.support, classes, k, rng)
-    tx, ty = task_subset(sp.test, classes)
-    if len(tx) > max_test:
-        keep = rng.choice(len(tx), max_test, replace=False)
-        tx, ty = tx[keep], ty[keep]
+    task, tx, ty = episode.task, episode.test_x, episode.test_y
+    sx, sy = episode.support(k)
     names = np.asarray(task)[sy]  # label names of the support examples; task is sorted, like classes_
     out: dict[str, float] = {}
-
     focus = ty == task.index(recall_of) if recall_of in task else None
 
     def score(method: str, fn) -> None:  # noqa: ANN001 - a thunk returning probabilities
@@ -143,17 +207,19 @@ def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random
                 recalls[method] = accuracy(proba[focus], ty[focus])
 
     for bank_name, bank in world.banks.items():
+        covered = all(c in bank.label_names for c in task)
         if bank.family == "discriminative":
             score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names), task).predict_proba(tx))
-            if all(c in bank.label_names for c in task):
-                score(f"{bank_name} zero-shot", lambda b=bank: in_task_order(b.zero_shot(list(task)), task).predict_proba(tx))
-        elif with_generative and all(c in bank.label_names for c in task):
-            for recompose in ("gaussian", "mixture"):
-                model = bank.adapt(sx, names, recompose=recompose, n_z=16)
-                cols = [model.classes_.tolist().index(c) for c in task]
-                log_joint = model.task.log_joint(torch.from_numpy(tx))  # shared by both prediction forms
-                for form in ("conditional", "joint"):
-                    score(f"{bank_name} {recompose}/{form}", lambda f=form, m=model: predict_log_proba(log_joint, m.task.q, f).exp().numpy()[:, cols])
+        elif covered:  # the generative family cannot adapt to a label no expert covers
+            score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names, n_z=16), task).predict_proba(tx))
+            if generative_forms:
+                for recompose in ("gaussian", "mixture"):
+                    model = bank.adapt(sx, names, recompose=recompose, n_z=16)
+                    cols = [model.classes_.tolist().index(c) for c in task]
+                    log_joint = model.task.log_joint(torch.from_numpy(tx))  # shared by both prediction forms
+                    for form in ("conditional", "joint"):
+                        score(f"{bank_name} {recompose}/{form}", lambda f=form, m=model: predict_log_proba(log_joint, m.task.q, f).exp().numpy()[:, cols])
+        if covered:
             score(f"{bank_name} zero-shot", lambda b=bank: in_task_order(b.zero_shot(list(task), n_z=16), task).predict_proba(tx))
     test_out = [baselines.ExpertOutput(e.labels, query_expert(e.expert, tx, e.name)) for e in world.experts]
     sup_out = [baselines.ExpertOutput(e.labels, query_expert(e.expert, sx, e.name)) for e in world.experts]
@@ -161,12 +227,19 @@ def run_episode(world: Federation, task: tuple[str, ...], k: int, rng: np.random
     score("stacking (experts online)", lambda: baselines.stacking(sup_out, sy, test_out, task))
     score("scratch", lambda: baselines.scratch(sx, sy, tx, n_classes=len(task)))
     score("nearest class mean", lambda: baselines.nearest_class_mean(sx, sy, tx, n_classes=len(task)))
-    for imitator_name, imitator in world.imitators.items():
-        score(imitator_name, lambda i=imitator: i.probe(sx, sy, tx, n_classes=len(task)))
-    if k == SHOTS[0]:  # the upper bound does not depend on k: compute once per task
-        pool = [task_subset(sp.expert_train, classes), task_subset(sp.queries, classes)]
-        score("all-data upper bound", lambda: baselines.all_data(np.concatenate([p[0] for p in pool]), np.concatenate([p[1] for p in pool]), tx, n_classes=len(task)))
+    for encoder, imitator in world.imitators.items():
+        score(f"imitator ({encoder}) + probe", lambda i=imitator: i.probe(sx, sy, tx, n_classes=len(task)))
+        score(f"imitator ({encoder}) + cosine NCM", lambda i=imitator: i.cosine_ncm(sx, sy, tx, n_classes=len(task)))
+        score(f"imitator ({encoder}) zero-shot vote", lambda i=imitator: i.vote(tx, task))
+    if world.ceiling is not None:
+        score(CEILING, lambda: world.ceiling.predict_proba(tx, task))
     return out
+
+
+def episode_tasks(recipes: tuple[ExpertRecipe, ...], labels: tuple[str, ...], ways: list[int], n: int, seed: int, must_include: str | None = None) -> list[tuple[str, ...]]:
+    """The new tasks of one (dataset, seed): for each size, n combinations no expert of ``recipes`` covers."""
+    rng = np.random.default_rng(1000 + seed)
+    return [t for w in ways for t in uncovered_tasks(recipes, labels, w, n, rng, must_include)]
 
 
 def log(line: str) -> None:
@@ -177,24 +250,28 @@ def log(line: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=["digits", "mnist5k"])
-    p.add_argument("--seeds", type=int, default=3, help="bank seeds (split, experts, training)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS), help=f"bank seeds (split, experts, training); default: the reported seeds {list(REPORT_SEEDS)}")
+    p.add_argument("--dev", action="store_true", help=f"use the development seeds {list(DEV_SEEDS)}, where defaults and ablations are chosen")
     p.add_argument("--tasks", type=int, default=10, help="new tasks per (ways, seed)")
     p.add_argument("--ways", type=int, nargs="+", default=[2, 5])
     p.add_argument("--no-generative", action="store_true", help="skip the generative family (its episodes are the slowest)")
-    p.add_argument("--generative-tasks", type=int, default=3, help="tasks per (ways, seed) on which the generative variants run (they cost ~20 s an episode on MNIST)")
+    p.add_argument("--generative-forms", action="store_true", help="score every recomposition and prediction form of the generative family, not only its default")
     p.add_argument("--ablations", action="store_true", help="also fit the ablation banks (mlp encoder, shifts only, no consensus distillation, no reweighting) and an mlp imitator")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceiling (one extra encoder trained per seed)")
     p.add_argument("--hide-label", help="remove this label from every expert: tasks then include a label no expert covers")
-    p.add_argument("--max-test", type=int, default=300, help="test examples per episode (the same for every method)")
-    p.add_argument("--robustness", action="store_true", help="add a poor and an overconfident expert to the federation")
+    p.add_argument("--max-test", type=int, default=300, help="test examples per episode (the same for every method and every k)")
+    p.add_argument("--robustness", action="store_true", help="add a poor and an overconfident expert to the federation, and a bank without reweighting")
     p.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not a measurement")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     args = p.parse_args(argv)
+    seeds = list(DEV_SEEDS) if args.dev else args.seeds
     torch.set_num_threads(1)
     recipes = DEFAULT_RECIPES + (ROBUSTNESS_RECIPES if args.robustness else ())
     if args.hide_label:
         recipes = hide_label(recipes, args.hide_label)
     banks = {k: v for k, v in BANKS.items() if not (args.no_generative and v[0].get("family") == "generative")}
     banks |= ABLATIONS if args.ablations else {}
+    banks |= ROBUSTNESS_BANKS if args.robustness else {}
     imitator_encoders = ["conv", "mlp"] if args.ablations else ["conv"]
     epochs = 3 if args.quick else None
     rows: list[dict] = []
@@ -205,29 +282,29 @@ def main(argv: list[str] | None = None) -> int:
 
     with Progress() as bar:
         for name in args.datasets:
-            for seed in range(args.seeds):
+            for seed in seeds:
                 job = bar.add_task(f"{name} seed {seed}: fitting", total=None)
-                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders)
+                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders, ceiling=not args.no_ceiling)
                 log(f"{name} seed {seed}: fitted in " + ", ".join(f"{k} {v:.0f}s" for k, v in world.timings.items()))
                 timings.append({"dataset": name, "seed": seed, **world.timings})
                 for bank_name, bank in world.banks.items():
                     fidelity += [{"dataset": name, "seed": seed, "bank": bank_name, "expert": e.name, "labels": " ".join(e.labels), "agreement": e.fidelity.agreement, "kl": e.fidelity.kl, "consensus": e.consensus, "weight": e.weight} for e in bank.experts]
-                rng = np.random.default_rng(1000 + seed)
-                tasks = [(ways, i, t) for ways in args.ways for i, t in enumerate(uncovered_tasks(DEFAULT_RECIPES, world.dataset.label_names, ways, args.tasks, rng, args.hide_label))]
+                tasks = episode_tasks(recipes, world.dataset.label_names, args.ways, args.tasks, seed, args.hide_label)
                 bar.update(job, description=f"{name} seed {seed}: episodes", total=len(tasks) * len(SHOTS), completed=0)
-                for ti, (ways, i, task) in enumerate(tasks):
+                for ti, task in enumerate(tasks):
+                    episode = draw_episode(world, task, np.random.default_rng([seed, ti]), args.max_test)
                     for k in SHOTS:
-                        erng = np.random.default_rng([seed, ti, k])
                         t0 = time.perf_counter()
                         hidden: dict[str, float] = {}
-                        acc = run_episode(world, task, k, erng, args.max_test, {"all"}, with_generative=i < args.generative_tasks, recall_of=args.hide_label, recalls=hidden)
-                        episode = {"dataset": name, "seed": seed, "ways": ways, "task": " ".join(task), "k": k}
-                        rows += [{**episode, "method": m, "accuracy": a} for m, a in acc.items()]
-                        recall_rows += [{**episode, "method": m, "accuracy": a} for m, a in hidden.items()]
+                        acc = run_episode(world, episode, k, {"all"}, args.generative_forms, recall_of=args.hide_label, recalls=hidden)
+                        record = {"dataset": name, "seed": seed, "ways": len(task), "task": " ".join(task), "k": k}
+                        rows += [{**record, "method": m, "accuracy": a} for m, a in acc.items()]
+                        recall_rows += [{**record, "method": m, "accuracy": a} for m, a in hidden.items()]
                         bar.advance(job)
-                        log(f"{name} seed {seed} {ways}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
+                        log(f"{name} seed {seed} {len(task)}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
                         timings.append({"dataset": name, "seed": seed, "episode_s": time.perf_counter() - t0})
-    write_report(args.out, rows, fidelity, timings, vars(args) | {"out": str(args.out)}, recall_rows, args.hide_label)
+    config = vars(args) | {"out": str(args.out), "seeds": seeds}
+    write_report(args.out, rows, fidelity, timings, config, recall_rows, args.hide_label)
     return 0
 
 

@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from bench.report import paired_gaps, summarize
-from bench.run import build_world, hide_label, run_episode, uncovered_tasks
-from client_sdk.federation import DEFAULT_RECIPES
+from bench.run import CEILING, SHOTS, build_world, draw_episode, episode_tasks, hide_label, run_episode, uncovered_tasks
+from client_sdk.federation import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
 
 torch.set_num_threads(1)
 
 
-def test_new_tasks_are_covered_by_no_single_expert():
+@pytest.mark.parametrize("ways", [2, 3, 5])
+def test_new_tasks_are_covered_by_no_single_expert(ways):
     labels = tuple(str(i) for i in range(10))
-    tasks = uncovered_tasks(DEFAULT_RECIPES, labels, 5, 10, np.random.default_rng(0))
+    tasks = uncovered_tasks(DEFAULT_RECIPES, labels, ways, 10, np.random.default_rng(0))
     assert len(tasks) == 10 and len(set(tasks)) == 10
     for task in tasks:
-        assert not any(set(task) <= set(r.classes) for r in DEFAULT_RECIPES)
+        assert len(task) == ways and not any(set(task) <= set(r.classes) for r in DEFAULT_RECIPES)
     with_nine = uncovered_tasks(DEFAULT_RECIPES, labels, 2, 4, np.random.default_rng(0), must_include="9")
     assert all("9" in t for t in with_nine)
+
+
+def test_every_pair_an_expert_covers_is_left_out():
+    labels = tuple(str(i) for i in range(10))
+    tasks = set(uncovered_tasks(DEFAULT_RECIPES, labels, 2, 1000, np.random.default_rng(0)))
+    covered = {tuple(sorted(p)) for r in DEFAULT_RECIPES for p in itertools.combinations(r.classes, 2)}
+    assert len(tasks) == 45 - len(covered) and not tasks & covered
+
+
+def test_tasks_avoid_what_added_experts_cover_too():
+    labels = tuple(str(i) for i in range(10))
+    recipes = DEFAULT_RECIPES + ROBUSTNESS_RECIPES
+    tasks = episode_tasks(recipes, labels, [2, 5], 10, seed=0)
+    assert len(tasks) == 20
+    for task in tasks:
+        assert not any(set(task) <= set(r.classes) for r in recipes), task
+    assert tasks == episode_tasks(recipes, labels, [2, 5], 10, seed=0)  # seeded
 
 
 def test_hide_label_removes_it_from_every_expert():
@@ -34,27 +54,50 @@ def world():
     return build_world("digits", 0, DEFAULT_RECIPES, {"protofuse": ({}, {})}, 3, ["mlp"])
 
 
+def test_episodes_keep_their_test_rows_and_nest_their_supports_across_k(world):
+    episode = draw_episode(world, ("1", "4", "9"), np.random.default_rng(0), 60)
+    assert len(episode.test_x) == 60 and len(episode.support_y) == 3 * max(SHOTS)
+    previous = None
+    for k in SHOTS:
+        sx, sy = episode.support(k)
+        assert np.bincount(sy).tolist() == [k, k, k]
+        rows = {r.tobytes() for r in sx}
+        assert previous is None or previous <= rows  # the k-shot support is inside the larger ones
+        previous = rows
+    with pytest.raises(ValueError, match="outside"):
+        episode.support(max(SHOTS) + 1)
+    again = draw_episode(world, ("1", "4", "9"), np.random.default_rng(0), 60)
+    np.testing.assert_array_equal(again.test_x, episode.test_x)
+    np.testing.assert_array_equal(again.support_x, episode.support_x)
+
+
 def test_every_method_is_scored_on_the_same_episode(world):
-    task = ("1", "4", "9")
-    acc = run_episode(world, task, 2, np.random.default_rng(0), 60, {"all"})
-    expected = {"protofuse", "protofuse zero-shot", "expert vote (experts online)", "stacking (experts online)", "scratch", "nearest class mean", "imitator (mlp) + probe"}
+    episode = draw_episode(world, ("1", "4", "9"), np.random.default_rng(0), 60)
+    acc = run_episode(world, episode, 2, {"all"})
+    expected = {
+        "protofuse", "protofuse zero-shot", "expert vote (experts online)", "stacking (experts online)", "scratch", "nearest class mean",
+        "imitator (mlp) + probe", "imitator (mlp) + cosine NCM", "imitator (mlp) zero-shot vote", CEILING,
+    }
     assert expected <= set(acc)
     assert all(0.0 <= a <= 1.0 for a in acc.values())
     assert acc["expert vote (experts online)"] > 0.6  # three-way chance is 0.33
-    again = run_episode(world, task, 2, np.random.default_rng(0), 60, {"all"})
-    assert again == acc  # the same seed draws the same support and test sets
+    assert acc[CEILING] > 0.6
+    assert run_episode(world, episode, 2, {"all"}) == acc  # deterministic given the episode
+    one = run_episode(world, episode, 1, {"scratch", "protofuse zero-shot"})
+    assert set(one) == {"scratch", "protofuse zero-shot"}
+    assert one["protofuse zero-shot"] == acc["protofuse zero-shot"]  # no examples: the same at every k
 
 
 def test_recall_of_one_label_is_scored_on_its_own_examples(world):
-    task = ("1", "4", "9")
+    episode = draw_episode(world, ("1", "4", "9"), np.random.default_rng(0), 60)
     recalls: dict[str, float] = {}
-    acc = run_episode(world, task, 2, np.random.default_rng(0), 60, {"all"}, recall_of="9", recalls=recalls)
-    assert set(recalls) == set(acc)  # every scored method, all-data bound included
+    acc = run_episode(world, episode, 2, {"all"}, recall_of="9", recalls=recalls)
+    assert set(recalls) == set(acc)  # every scored method, the ceiling included
     # Recall is measured on the 9s alone, so it differs from task accuracy for some method.
     assert all(0.0 <= r <= 1.0 for r in recalls.values())
     assert any(recalls[m] != acc[m] for m in acc)
     none: dict[str, float] = {}
-    run_episode(world, task, 2, np.random.default_rng(0), 60, {"all"}, recall_of="7", recalls=none)
+    run_episode(world, episode, 2, {"all"}, recall_of="7", recalls=none)
     assert none == {}  # a label outside the task has no recall
 
 
