@@ -2,8 +2,10 @@
 
 ``meta.json`` carries the artifact kind, a format version and a SHA-256 over ``weights.npz`` and
 every other field of ``meta.json`` (label names and configuration included); loading checks all
-three, so a tampered, truncated or mismatched artifact fails with a clear error instead of
-becoming a wrong model. Writes are atomic per folder: a crash leaves the old artifact or the new.
+three, so a corrupted, truncated or mismatched artifact fails with a clear error instead of
+becoming a wrong model. The checksum detects accidents, not an attacker: whoever can rewrite the
+files can rewrite the checksum too (signed artifacts are what stops that). Writes are atomic per
+folder: a crash leaves the old artifact or the new.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Discriminative prototypes: the paper's idea without a decoder (DESIGN.md section 2).
+"""Discriminative prototypes: the paper's idea without a decoder (docs/method.md).
 
 A shared, task-agnostic encoder ``z = f(x)`` and one prototype vector ``p_c`` and bias ``b_c`` per
 label of the vocabulary. Expert ``i`` is the softmax over the prototypes of its own labels ``Y_i``,

@@ -1,4 +1,4 @@
-"""The paper's generative prototypes (Hoang, Lam, Low, Jaillet, ICML 2020; DESIGN.md section 2).
+"""The paper's generative prototypes (Hoang, Lam, Low, Jaillet, ICML 2020; docs/method.md).
 
     z ~ N(0, I)                    task-agnostic concept
     w ~ p_gamma(w | tau)           task-specific pattern (diagonal Gaussian from a network of tau)

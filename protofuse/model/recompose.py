@@ -1,4 +1,4 @@
-"""Decomposition and recomposition for the generative family (DESIGN.md section 2).
+"""Decomposition and recomposition for the generative family (docs/method.md).
 
 An expert is a distribution over prototypes ``w``; a new task is a new distribution ``q*(w)``
 fitted to a support set by maximizing
