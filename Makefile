@@ -31,8 +31,8 @@ bench: bench-main bench-dev bench-robust bench-hidden  ## every benchmark table 
 bench-main: $(STAMP)  ## reported seeds: protofuse against every baseline, both datasets, 2- and 5-way
 	$(BENCH) --out bench-results/main
 
-bench-dev: $(STAMP)  ## development seeds: ablations and the generative family's forms
-	$(BENCH) --dev --ablations --generative-forms --no-ceiling --out bench-results/dev
+bench-dev: $(STAMP)  ## development seeds: ablations of the bank and of adaptation's prior strength
+	$(BENCH) --dev --ablations --adapt-variants --no-generative --no-ceiling --out bench-results/dev
 
 bench-robust: $(STAMP)  ## reported seeds, with a poor and an overconfident expert added
 	$(BENCH) --robustness --no-generative --no-ceiling --out bench-results/robust

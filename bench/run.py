@@ -56,6 +56,8 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "protofuse, no consensus distillation": ({}, {"distill": 0}),
     "protofuse, no reweighting": ({}, {"reweight": False}),
 }
+# Adaptation settings tried on the development seeds, on the default bank: name -> adapt options.
+ADAPT_VARIANTS: dict[str, dict] = {f"protofuse, prior_strength {v:g}": {"prior_strength": v} for v in (0.1, 0.3, 3.0, 10.0)}
 # With bad participants, the paired effect of reweighting is the question.
 ROBUSTNESS_BANKS = {"protofuse, no reweighting": ABLATIONS["protofuse, no reweighting"]}
 
@@ -186,11 +188,12 @@ class in_task_order:  # noqa: N801 - reads as a function at the call sites
         return self.model.predict_proba(x)[:, self.cols]
 
 
-def run_episode(world: Federation, episode: Episode, k: int, methods: set[str], generative_forms: bool = False, recall_of: str | None = None, recalls: dict[str, float] | None = None) -> dict[str, float]:
+def run_episode(world: Federation, episode: Episode, k: int, methods: set[str], generative_forms: bool = False, recall_of: str | None = None, recalls: dict[str, float] | None = None, adapt_variants: dict[str, dict] | None = None) -> dict[str, float]:
     """Every method on one episode's k-shot support and its test rows; returns accuracy per method.
 
     ``generative_forms`` scores every (recomposition, prediction form) of the generative family,
-    not only its default. With ``recall_of`` (a label of the task) and a ``recalls`` dict, also
+    not only its default; ``adapt_variants`` (name -> adaptation options) adapts the default
+    bank ("protofuse") with other settings too. With ``recall_of`` (a label of the task) and a ``recalls`` dict, also
     fills ``recalls`` with each method's recall on that label's test examples alone.
     """
     task, tx, ty = episode.task, episode.test_x, episode.test_y
@@ -210,6 +213,8 @@ def run_episode(world: Federation, episode: Episode, k: int, methods: set[str], 
         covered = all(c in bank.label_names for c in task)
         if bank.family == "discriminative":
             score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names), task).predict_proba(tx))
+            for variant, options in (adapt_variants or {}).items() if bank_name == "protofuse" else ():
+                score(variant, lambda b=bank, o=options: in_task_order(b.adapt(sx, names, **o), task).predict_proba(tx))
         elif covered:  # the generative family cannot adapt to a label no expert covers
             score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names, n_z=16), task).predict_proba(tx))
             if generative_forms:
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-generative", action="store_true", help="skip the generative family (its episodes are the slowest)")
     p.add_argument("--generative-forms", action="store_true", help="score every recomposition and prediction form of the generative family, not only its default")
     p.add_argument("--ablations", action="store_true", help="also fit the ablation banks (mlp encoder, shifts only, no consensus distillation, no reweighting) and an mlp imitator")
+    p.add_argument("--adapt-variants", action="store_true", help="also adapt the default bank with other prior strengths (0.1, 0.3, 3, 10)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceiling (one extra encoder trained per seed)")
     p.add_argument("--hide-label", help="remove this label from every expert: tasks then include a label no expert covers")
     p.add_argument("--max-test", type=int, default=300, help="test examples per episode (the same for every method and every k)")
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                     for k in SHOTS:
                         t0 = time.perf_counter()
                         hidden: dict[str, float] = {}
-                        acc = run_episode(world, episode, k, {"all"}, args.generative_forms, recall_of=args.hide_label, recalls=hidden)
+                        acc = run_episode(world, episode, k, {"all"}, args.generative_forms, recall_of=args.hide_label, recalls=hidden, adapt_variants=ADAPT_VARIANTS if args.adapt_variants else None)
                         record = {"dataset": name, "seed": seed, "ways": len(task), "task": " ".join(task), "k": k}
                         rows += [{**record, "method": m, "accuracy": a} for m, a in acc.items()]
                         recall_rows += [{**record, "method": m, "accuracy": a} for m, a in hidden.items()]

@@ -83,6 +83,8 @@ def test_every_method_is_scored_on_the_same_episode(world):
     assert acc["expert vote (experts online)"] > 0.6  # three-way chance is 0.33
     assert acc[CEILING] > 0.6
     assert run_episode(world, episode, 2, {"all"}) == acc  # deterministic given the episode
+    variants = run_episode(world, episode, 2, {"protofuse", "protofuse, strong prior"}, adapt_variants={"protofuse, strong prior": {"prior_strength": 1e6}})
+    assert variants["protofuse"] == acc["protofuse"] and variants["protofuse, strong prior"] == acc["protofuse zero-shot"]  # a rigid prior is the zero-shot model
     one = run_episode(world, episode, 1, {"scratch", "protofuse zero-shot"})
     assert set(one) == {"scratch", "protofuse zero-shot"}
     assert one["protofuse zero-shot"] == acc["protofuse zero-shot"]  # no examples: the same at every k
