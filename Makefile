@@ -40,6 +40,12 @@ bench-robust: $(STAMP)  ## reported seeds, with a poor and an overconfident expe
 bench-hidden: $(STAMP)  ## reported seeds, label 9 hidden from every expert
 	$(BENCH) --hide-label 9 --no-generative --no-ceiling --out bench-results/hidden
 
+# Not part of `make test` or CI: about 20 minutes on 2 cores. Every third mutant (by a hash of its
+# name), each run against only the tests that reach the mutated function; bench/mutation.py says how.
+mutation: $(STAMP)  ## mutation score of the method's modules; report in bench-results/mutation
+	.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt mutmut==3.8.1
+	$(PY) -m bench.mutation --sample 3 --out bench-results/mutation
+
 bench-quick: $(STAMP)  ## a smoke run of the benchmark
 	$(BENCH) --datasets digits --seeds 100 --tasks 2 --quick --out bench-results/quick
 

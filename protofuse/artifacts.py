@@ -85,8 +85,11 @@ def load(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dic
         raise ArtifactError(f"{folder}: missing {WEIGHTS}") from None
     if checksum(data, meta) != meta.get("sha256"):
         raise ArtifactError(f"{folder}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}")
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as err:  # object arrays need pickle, which is never run on loaded data
+        raise ArtifactError(f"{folder / WEIGHTS}: holds something other than plain arrays ({err}); refused, re-create the {kind}") from None
     return arrays, meta
 
 

@@ -254,7 +254,9 @@ def _train_discriminative_bank(model: DiscriminativePrototypes, train: Triples, 
         train_discriminative(model, train, epochs, *args, seed=training.seed, progress=progress)
         return consensus_agreement(consensus(model, train.x), train), np.ones(n_experts)
     first = epochs // 2
-    train_discriminative(model, train, first, *args, seed=training.seed, progress=progress)
+    # Both phases report against the whole run's epochs, so a progress bar fills once.
+    earlier = None if progress is None else (lambda e, n, loss: progress(e, epochs, loss))
+    train_discriminative(model, train, first, *args, seed=training.seed, progress=earlier)
     pooled = consensus(model, train.x)  # (N, C), the first phase's consensus
     agreement = consensus_agreement(pooled, train)
     weights = reliability_weights(agreement, train.tau.sum(1)) if reweight else np.ones(n_experts)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from protofuse import artifacts
 from protofuse.adapted import load_adapted
 from protofuse.artifacts import ArtifactError
 from protofuse.bank import fit_bank, load_bank
@@ -209,3 +211,73 @@ def test_one_epoch_of_training_works_with_reweighting():
     triples, _, _ = _toy_triples()
     bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
     assert [e.weight for e in bank.experts] == [1.0, 1.0]
+
+
+def test_adapted_models_say_how_they_were_fitted_and_keep_it_on_disk(bank, tmp_path):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [1, 3], 2)
+    model = bank.adapt(sx, sy)
+    expected_method = "map" if bank.family == "discriminative" else "mixture"
+    assert model.info["method"] == expected_method and model.info["n_support"] == 4 and model.info["uncovered_labels"] == []
+    assert model.info["options"] == bank.adapt_settings.model_dump()
+    assert bank.zero_shot(["1", "3"]).info == {"method": "zero-shot", "n_support": 0}
+    model.save(tmp_path / "model")
+    assert load_adapted(tmp_path / "model").info == json.loads(json.dumps(model.info))
+    assert model.classes_.dtype.kind == "U" and model.predict(x[:3]).dtype.kind == "U"
+
+
+def test_expert_records_survive_a_round_trip(bank, tmp_path):
+    bank.save(tmp_path / "bank")
+    loaded = load_bank(tmp_path / "bank")
+    assert len(loaded.experts) == len(bank.experts)
+    for a, b in zip(loaded.experts, bank.experts):
+        assert (a.name, a.labels, a.n_queries, a.weight, a.fidelity.n) == (b.name, b.labels, b.n_queries, b.weight, b.fidelity.n)
+        np.testing.assert_allclose([a.fidelity.agreement, a.fidelity.kl, a.consensus], [b.fidelity.agreement, b.fidelity.kl, b.consensus], equal_nan=True)
+    assert [e.n_queries for e in loaded.experts] == [400, 400] and loaded.experts[0].labels == ("0", "1", "2")
+    if bank.family == "generative":
+        for e in bank.experts:
+            for source in ("prior", "posterior"):
+                d, again = bank.expert_distribution(e.name, source), loaded.expert_distribution(e.name, source)
+                assert d.mean.shape == (2,) and d.cov.shape == (2, 2)
+                torch.testing.assert_close(again.mean, d.mean)
+
+
+def test_square_inputs_are_rows_not_one_flattened_example(bank):
+    _, x, y = _toy_triples()
+    model = bank.adapt(*_support(x, y, [1, 3], 2))
+    square = x[:16]  # as many rows as features: still 16 examples
+    assert model.predict_proba(square).shape == (16, 2)
+    np.testing.assert_allclose(model.predict_proba(x[0]), model.predict_proba(x[:1]), atol=1e-6)  # one 1-D row is one example
+
+
+def test_generative_recomposition_follows_the_requested_form():
+    triples, x, y = _toy_triples()
+    bank = fit_bank(triples, ModelSettings(family="generative", hidden=16), TrainingSettings(epochs=3), AdaptSettings(n_z=4), None, "bernoulli")
+    sx, sy = _support(x, y, [1, 3], 2)
+    gaussian = bank.adapt(sx, sy, recompose="gaussian", seed=1).task.q
+    mixture = bank.adapt(sx, sy, recompose="mixture", seed=1).task.q
+    assert gaussian.w.shape == (32, 2) and torch.allclose(gaussian.log_weights, torch.full((32,), -math.log(32)))
+    assert mixture.w.shape == (8 * (len(bank.experts) + 1), 2)  # the bank's experts and the task prior
+    for q in (gaussian, mixture, bank.zero_shot(["1", "3"]).task.q):
+        assert torch.logsumexp(q.log_weights, 0).item() == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(bank.adapt(sx, sy, recompose="gaussian", seed=1).task.q.w, gaussian.w)
+    assert not torch.equal(bank.adapt(sx, sy, recompose="gaussian", seed=2).task.q.w, gaussian.w)
+    torch.testing.assert_close(bank.zero_shot(["1", "3"]).task.q.w, bank.zero_shot(["1", "3"]).task.q.w)
+    # The zero-shot prototypes come from the task's own prior p(w | tau*), not another task's.
+    assert not torch.allclose(bank.zero_shot(["1", "3"]).task.q.w, bank.zero_shot(["0", "2"]).task.q.w)
+
+
+def test_weights_that_do_not_match_their_configuration_name_the_folder(tmp_path):
+    triples, _, _ = _toy_triples()
+    bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    bank.save(tmp_path / "bank")
+    arrays, meta = artifacts.load(tmp_path / "bank", "protofuse-bank")
+    meta["config"]["feat_dim"] = 16  # a well-formed, checksummed artifact whose weights are 8-wide
+    meta.pop("sha256")
+    artifacts.save(tmp_path / "odd", "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version")})
+    with pytest.raises(ArtifactError, match=r"odd: weights do not match the recorded discriminative configuration"):
+        load_bank(tmp_path / "odd")
+    meta.pop("experts")
+    artifacts.save(tmp_path / "partial", "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version")})
+    with pytest.raises(ArtifactError, match=r"partial: bank metadata is incomplete or malformed"):
+        load_bank(tmp_path / "partial")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map
-from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, restricted_log_softmax
+from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, gaussian_log_prob, restricted_log_softmax
 from protofuse.model.networks import Augmentation, augment_images
-from protofuse.model.recompose import WDistribution, fit_gaussian, fit_mixture, log_conditional, predict_log_proba
+from protofuse.model.recompose import WDistribution, WeightedPrototypes, fit_gaussian, fit_mixture, log_conditional, mixture_log_prob, predict_log_proba
 from protofuse.training import train_generative
 from protofuse.triples import assemble
 
@@ -170,6 +170,22 @@ def test_integer_shifts_move_content_without_changing_mass():
     assert torch.allclose(shifted.sum(1), torch.ones(200), atol=1e-5)  # bilinear: mass is kept
     rows = (shifted.view(200, 8, 8).sum(2) * torch.arange(8.0)).sum(1)  # centre of mass, row
     assert rows.min() < 2.5 and rows.max() > 3.5 and ((rows - 3).abs() <= 1 + 1e-5).all()
+    cols = (shifted.view(200, 8, 8).sum(1) * torch.arange(8.0)).sum(1)  # the other axis alike
+    assert cols.min() < 2.5 and cols.max() > 3.5 and ((cols - 3).abs() <= 1 + 1e-5).all()
+
+
+def test_rotation_and_zoom_are_a_similarity_a_disc_stays_round():
+    """Rotation with zoom must scale both axes alike: a centred disc may grow or shrink but not
+    become an ellipse (a wrong sign or factor in the affine matrix would shear it)."""
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    disc = (((yy - 11.5) ** 2 + (xx - 11.5) ** 2) < 25).float().reshape(1, 576)
+    out = augment_images(disc.repeat(50, 1), (24, 24), Augmentation(rotation=60.0, scale=0.5), torch.Generator().manual_seed(0)).view(50, 24, 24)
+    mass = out.sum((1, 2))
+    var_y = (out.sum(2) * (torch.arange(24.0) - 11.5) ** 2).sum(1) / mass
+    var_x = (out.sum(1) * (torch.arange(24.0) - 11.5) ** 2).sum(1) / mass
+    cov = (out * (yy - 11.5) * (xx - 11.5)).sum((1, 2)) / mass
+    assert ((var_y - var_x).abs() / (var_y + var_x) < 0.05).all() and (cov.abs() / (var_y + var_x) < 0.05).all()
+    assert mass.max() / mass.min() > 1.5  # the zoom did act
 
 
 def test_rotation_and_zoom_keep_a_centred_disc_in_place():
@@ -204,3 +220,106 @@ def test_conv_variant_of_the_generative_family_trains_and_scores_images():
     with torch.no_grad():
         lj = model.log_joint(torch.from_numpy(x[:4]), torch.tensor([0, 1]), torch.zeros(3, 2), n_z=4)
     assert lj.shape == (4, 2, 3) and torch.isfinite(lj).all()
+
+
+# -- the formulas, each against an independent computation --------------------------------
+
+
+def test_gaussian_log_prob_is_the_diagonal_normal_density():
+    g = torch.Generator().manual_seed(0)
+    x, mu, logvar = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    expected = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(gaussian_log_prob(x, mu, logvar), expected)
+
+
+def test_mixture_log_prob_is_the_uniform_mixture_density():
+    components = [WDistribution(torch.tensor([0.0, 1.0]), torch.tensor([[1.0, 0.3], [0.3, 0.5]])), WDistribution(torch.tensor([-2.0, 0.5]), torch.eye(2) * 0.2)]
+    w = torch.tensor([[0.0, 0.0], [1.0, -1.0], [-2.0, 0.4]])
+    dens = sum(torch.distributions.MultivariateNormal(c.mean, c.cov).log_prob(w).exp() for c in components) / 2
+    torch.testing.assert_close(mixture_log_prob(w, components), dens.log(), atol=1e-4, rtol=1e-4)
+
+
+def test_prediction_forms_weigh_prototypes_by_their_weights():
+    # Two prototypes, two classes, one input: log p(x, c | w) as a (1, K=2, M=2) table.
+    log_joint = torch.log(torch.tensor([[[0.6, 0.02], [0.2, 0.06]]]))
+    q = WeightedPrototypes(torch.zeros(2, 1), torch.log(torch.tensor([0.25, 0.75])))
+    joint = predict_log_proba(log_joint, q, "joint").exp()
+    mix = 0.25 * torch.tensor([0.6, 0.2]) + 0.75 * torch.tensor([0.02, 0.06])
+    torch.testing.assert_close(joint[0], mix / mix.sum())
+    conditional = predict_log_proba(log_joint, q, "conditional").exp()
+    vote = 0.25 * torch.tensor([0.75, 0.25]) + 0.75 * torch.tensor([0.25, 0.75])
+    torch.testing.assert_close(conditional[0], vote / vote.sum())
+    with pytest.raises(ValueError, match="unknown prediction form"):
+        predict_log_proba(log_joint, q, "marginal")
+
+
+def test_task_head_is_a_tempered_softmax_over_its_rows():
+    head = TaskHead(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0.5, -0.5]), torch.tensor(math.log(2.0)))
+    z = torch.tensor([[1.0, 1.0]])
+    logits = 2.0 * torch.tensor([1.0 + 0.5, 2.0 - 0.5])
+    torch.testing.assert_close(head.log_proba(z), torch.log_softmax(logits, -1)[None])
+
+
+def _documented_map_objective(head_params, z, y, prior: TaskHead, scale: torch.Tensor, strength: float) -> torch.Tensor:
+    """docs/method.md: the negative log posterior that adaptation minimises, written out anew."""
+    protos, bias, log_temp = head_params
+    nll = -torch.log_softmax(log_temp.exp() * (z @ protos.T + bias), -1)[torch.arange(len(y)), y].sum()
+    lam = strength / scale**2
+    return nll + 0.5 * (lam * ((protos - prior.prototypes) ** 2).sum(-1)).sum() + 0.5 * (lam * (bias - prior.bias) ** 2).sum() + 0.5 * (log_temp - prior.log_temp) ** 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_map_adaptation_finds_the_minimum_of_the_documented_objective(seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(12, 4, generator=g)
+    y = torch.arange(12) % 3
+    prior = TaskHead(torch.randn(3, 4, generator=g), 0.5 * torch.randn(3, generator=g), torch.tensor(0.2))
+    scale = torch.tensor([0.5, 1.0, 2.0])
+    head = adapt_map(z, y, prior, scale, strength=1.5)
+    params = [head.prototypes.clone().requires_grad_(True), head.bias.clone().requires_grad_(True), head.log_temp.clone().requires_grad_(True)]
+    grads = torch.autograd.grad(_documented_map_objective(params, z, y, prior, scale, 1.5), params)
+    assert max(gr.abs().max().item() for gr in grads) < 1e-2  # L-BFGS stops at float32 tolerance
+
+
+def test_importance_sampling_estimate_does_not_drift_with_the_sample_count(toy_generative):
+    """log p(x, c | w) is an average of importance weights: more samples reduce its noise, not
+    its level (a wrong normaliser would shift it by log n_z)."""
+    model, x, _ = toy_generative
+    classes, w = torch.tensor([0, 1, 2]), torch.zeros(1, 2)
+    with torch.no_grad():
+        few = torch.stack([model.log_joint(x[:10], classes, w, n_z=4, generator=torch.Generator().manual_seed(s)) for s in range(8)]).mean()
+        many = model.log_joint(x[:10], classes, w, n_z=256, generator=torch.Generator().manual_seed(99)).mean()
+    assert abs((few - many).item()) < 1.0 < math.log(256 / 4)
+
+
+def test_aggregated_posterior_has_the_moments_of_the_mixture_of_posteriors(toy_generative):
+    from protofuse.model.recompose import aggregated_posterior
+
+    model, x, _ = toy_generative
+    tau = torch.tensor([1.0, 1.0, 0.0])
+    mu, logvar = model.posterior_w(x, tau)
+    dist = aggregated_posterior(model, x, tau)
+    torch.testing.assert_close(dist.mean, mu.mean(0))
+    # Law of total variance: mean of the covariances plus the covariance of the means.
+    means = mu.numpy().astype(np.float64)
+    expected = np.diag(logvar.exp().numpy().mean(0)) + np.cov(means.T, bias=True)
+    np.testing.assert_allclose(dist.cov.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_mixture_recomposition_prefers_the_component_that_explains_the_support(toy_generative):
+    """Two bank components: one at the prototypes that fit the task best, one far off. The fitted
+    weights must move clearly towards the first."""
+    model, x, y = toy_generative
+    keep = y != 2
+    xs, ys = x[keep][:100], y[keep][:100]
+    classes = torch.tensor([0, 1])
+    candidates = [torch.tensor([a, b]) for a in (-3.0, 0.0, 3.0) for b in (-3.0, 0.0, 3.0)]
+    fits = []
+    for c in candidates:
+        q = WeightedPrototypes(c[None], torch.zeros(1))
+        fits.append(_support_loglik(model, xs, ys, classes, q))
+    best, worst = candidates[int(np.argmax(fits))], candidates[int(np.argmin(fits))]
+    assert max(fits) > min(fits) + 1.0  # the premise: the prototypes differ on this task
+    comps = [WDistribution(worst, 0.01 * torch.eye(2)), WDistribution(best, 0.01 * torch.eye(2))]
+    pi, _ = fit_mixture(model, xs, ys, classes, comps, per_component=4, steps=200)
+    assert pi[1] > 0.9

@@ -154,3 +154,112 @@ def test_distillation_carries_the_first_phase_consensus_to_labels_no_expert_comp
 
     with_distillation, without = divergence(bank(epochs=12, distill=1.0)), divergence(bank(epochs=12, distill=0.0))
     assert with_distillation < 0.8 * without
+
+
+def _contradicting_experts(seed: int = 0):
+    """Experts a and b label the same inputs with the same two labels, b with them swapped."""
+    x, y, _ = _clusters(seed=seed)
+    keep = np.isin(y, [0, 1])
+    x, y = x[keep], y[keep]
+    honest = _answer(y, [0, 1])
+    return assemble(["a", "b"], [("0", "1"), ("0", "1")], [x, x], [honest, honest[:, ::-1].copy()], shared=[0, 0]), x, y
+
+
+@pytest.mark.parametrize("weights, follows", [((1.0, 0.0), "a"), ((0.0, 1.0), "b")])
+def test_training_listens_to_experts_in_proportion_to_their_weights(weights, follows):
+    from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+    from protofuse.training import train_discriminative
+
+    triples, x, y = _contradicting_experts()
+    torch.manual_seed(0)
+    model = DiscriminativePrototypes(DiscriminativeConfig(x.shape[1], 2, 2, feat_dim=8, encoder="mlp"))
+    train_discriminative(model, triples, 10, lr=5e-3, expert_weight=np.array(weights))
+    predicted = model.logits(model.embed(torch.from_numpy(x))).argmax(1).numpy()
+    truth = y if follows == "a" else 1 - y
+    assert (predicted == truth).mean() > 0.95
+
+
+def test_the_consensus_term_pulls_harder_with_a_larger_weight():
+    from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+    from protofuse.training import train_discriminative
+
+    x, y, _ = _clusters()
+    triples = assemble(["a"], [("0", "1", "2", "3")], [x], [_answer(y, [0, 1, 2, 3])])
+    teacher = np.roll(np.eye(4, dtype=np.float32)[y], 1, axis=1) * 0.9 + 0.025  # a teacher that disagrees with the expert
+
+    def disagreement(weight: float) -> float:
+        torch.manual_seed(0)
+        model = DiscriminativePrototypes(DiscriminativeConfig(x.shape[1], 4, 1, feat_dim=8, encoder="mlp"))
+        train_discriminative(model, triples, 8, lr=5e-3, teacher=teacher, teacher_weight=weight)
+        log_p = torch.log_softmax(model.logits(model.embed(torch.from_numpy(x))), -1).detach().numpy()
+        return float((teacher * (np.log(teacher) - log_p)).sum(1).mean())
+
+    assert disagreement(4.0) < 0.5 * disagreement(0.25)
+
+
+@pytest.mark.parametrize("family", ["discriminative", "generative"])
+def test_training_reports_every_epoch_with_its_mean_loss(family):
+    x, y, _ = _clusters()
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [_answer(y, [0, 1, 2]), _answer(y, [2, 3])], shared=[0, 0])
+    seen: list[tuple[int, int, float]] = []
+    fit_bank(triples, ModelSettings(family=family, feat_dim=8, hidden=16), TrainingSettings(epochs=6, lr=5e-3), AdaptSettings(), None, "bernoulli", progress=lambda e, n, loss: seen.append((e, n, loss)))
+    assert [(e, n) for e, n, _ in seen] == [(e, 6) for e in range(1, 7)]
+    losses = [loss for _, _, loss in seen]
+    assert all(np.isfinite(losses))
+    if family == "discriminative":  # cross-entropies: the first half's falls; the second adds the consensus term
+        assert 0.3 < losses[0] < 3.0 and losses[2] < 0.8 * losses[0] and all(loss < 5.0 for loss in losses)
+    else:  # a negative ELBO of 16 features: nats per triple, falling
+        assert losses[0] > 5.0 and losses[-1] < losses[0]
+
+
+def test_a_bank_is_reproducible_from_its_seed():
+    x, y, _ = _clusters()
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [_answer(y, [0, 1, 2]), _answer(y, [2, 3])], shared=[0, 0])
+
+    def fit(seed: int) -> Bank:
+        return fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=4, lr=5e-3, seed=seed), AdaptSettings(), None, "bernoulli")
+
+    a, b, c = fit(3), fit(3), fit(4)
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+    assert [e.fidelity for e in a.experts] == [e.fidelity for e in b.experts]
+    assert not torch.equal(a.model.prototypes, c.model.prototypes)
+
+
+def test_expert_records_count_queries_and_mark_fidelity_unmeasured_without_a_holdout():
+    x, y, _ = _clusters()
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:100]], [_answer(y, [0, 1, 2]), _answer(y[:100], [2, 3])])
+    for family in ("discriminative", "generative"):
+        bank = fit_bank(triples, ModelSettings(family=family, feat_dim=8, hidden=16), TrainingSettings(epochs=2, holdout=0.0), AdaptSettings(), None, "bernoulli")
+        assert [e.n_queries for e in bank.experts] == [400, 100]
+        for e in bank.experts:
+            assert e.fidelity.n == 0 and math.isnan(e.fidelity.agreement) and math.isnan(e.fidelity.kl)
+    held = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=2, holdout=0.2), AdaptSettings(), None, "bernoulli")
+    assert sum(e.fidelity.n for e in held.experts) == round(0.2 * 500) and all(e.fidelity.agreement >= 0 for e in held.experts)
+
+
+def test_image_banks_use_the_conv_encoder_and_train_on_augmented_images():
+    from protofuse.model.networks import ConvEncoder
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    x = np.zeros((120, 8, 8), np.float32)
+    for i, c in enumerate(y):  # a bar whose orientation is the class
+        r = rng.integers(2, 6)
+        if c == 0:
+            x[i, r, 1:7] = 1
+        elif c == 1:
+            x[i, 1:7, r] = 1
+        else:
+            x[i, np.arange(1, 7), np.arange(1, 7)] = 1
+    x = x.reshape(120, 64)
+    p = np.eye(3, dtype=np.float32)[y] * 0.97 + 0.01
+    triples = assemble(["a", "b"], [("0", "1"), ("1", "2")], [x, x], [p[:, :2] / p[:, :2].sum(1, keepdims=True), p[:, 1:] / p[:, 1:].sum(1, keepdims=True)], shared=[0, 0])
+
+    def fit(**training) -> Bank:
+        return fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=2, seed=0, **training), AdaptSettings(), (8, 8), "bernoulli")
+
+    augmented, plain, plain_again = fit(), fit(max_shift=0, max_rotation=0, max_scale=0), fit(max_shift=0, max_rotation=0, max_scale=0)
+    assert isinstance(augmented.model.encoder, ConvEncoder) and augmented.meta["image_shape"] == [8, 8]
+    assert torch.equal(plain.model.prototypes, plain_again.model.prototypes)
+    assert not torch.equal(augmented.model.prototypes, plain.model.prototypes)  # the random transforms reached training

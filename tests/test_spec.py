@@ -1,0 +1,50 @@
+"""The federation spec: validation errors name the field as it is written in the TOML file."""
+
+from __future__ import annotations
+
+import pytest
+
+from protofuse.spec import SpecError, load_spec
+
+GOOD = """
+[[experts]]
+name = "a"
+predict = "experts:a"
+labels = ["0", "1"]
+queries = "q.npy"
+"""
+
+
+def _errors(tmp_path, text: str) -> str:
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return str(info.value)
+
+
+def test_a_good_spec_resolves_paths_beside_itself(tmp_path):
+    (tmp_path / "spec.toml").write_text(GOOD)
+    spec = load_spec(tmp_path / "spec.toml")
+    assert spec.folder == tmp_path.resolve() and spec.queries_path(spec.experts[0]) == (tmp_path / "q.npy").resolve()
+
+
+def test_errors_are_one_line_per_field_written_as_in_the_file(tmp_path):
+    text = GOOD + '\n[[experts]]\nname = "b"\npredict = "nocolon"\nlabels = ["x", "x"]\nqueries = "q.npy"\n\n[training]\nlr = -1\n'
+    message = _errors(tmp_path, text)
+    lines = message.splitlines()
+    assert lines[0].endswith("spec.toml: invalid spec")
+    fields = sorted(line.split(":")[0].strip() for line in lines[1:])
+    assert fields == ["experts[1].labels", "experts[1].predict", "training.lr"]
+    # pydantic's "Value error, " prefix is dropped: the message starts with what is wrong.
+    assert any(line.startswith("  experts[1].predict: 'nocolon' is not an import path") for line in lines)
+    assert "  experts[1].labels: labels ['x'] appear more than once; list each output column's label once" in lines
+    assert "  training.lr: Input should be greater than 0" in lines
+
+
+def test_unknown_fields_and_reserved_names_are_refused_with_the_fix(tmp_path):
+    assert "  training.learning_rate: unknown field; check its spelling against the documented fields" in _errors(tmp_path, GOOD + "\n[training]\nlearning_rate = 0.1\n").splitlines()
+    assert "'folder' is not a spec field; paths are relative to the spec's own folder" in _errors(tmp_path, 'folder = "/x"\n' + GOOD)
+    assert "  experts: Field required" in _errors(tmp_path, "").splitlines()
+    duplicate = _errors(tmp_path, GOOD + GOOD).splitlines()  # a whole-spec rule has no single field
+    assert duplicate[1] == "  (top level): expert names ['a'] appear more than once; give each [[experts]] entry a unique name"
