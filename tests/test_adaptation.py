@@ -130,6 +130,7 @@ def test_a_label_no_expert_covers_is_imprinted_from_its_examples(seed):
     row = head.prototypes[1]  # classes are sorted: ["0", "new"]
     torch.testing.assert_close(row, z_new / z_new.norm() * mean_norm, atol=0.05, rtol=0.01)
     torch.testing.assert_close(head.bias[1], m.bias.detach().mean(), atol=0.02, rtol=0)
+    torch.testing.assert_close(head.prototypes[0], m.prototypes.detach()[bank.label_names.index("0")], atol=0.02, rtol=0)  # a covered row keeps the bank's
     keep = np.isin(y, [0, 3])
     truth = np.where(y[keep] == 3, "new", y[keep].astype(str))
     model = bank.adapt(x[s], names)

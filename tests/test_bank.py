@@ -281,3 +281,47 @@ def test_weights_that_do_not_match_their_configuration_name_the_folder(tmp_path)
     artifacts.save(tmp_path / "partial", "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version")})
     with pytest.raises(ArtifactError, match=r"partial: bank metadata is incomplete or malformed"):
         load_bank(tmp_path / "partial")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reweighting_lets_the_honest_expert_win_where_a_liar_disagrees(seed):
+    """The liar swaps 0 and 1 on 60% of its answers. With reweighting its answers count for
+    less, so the bank separates 0 from 1 by a clearly wider margin than without."""
+    triples, x, y = _toy_triples(seed)
+    rng = np.random.default_rng(seed + 1)
+    lies = (np.eye(4, dtype=np.float32)[y] + 0.01)[:, [0, 1, 2]]
+    swap = rng.random(len(y)) < 0.6
+    lies[swap] = lies[swap][:, [1, 0, 2]]
+    lies /= lies.sum(1, keepdims=True)
+    fed = assemble(["a", "b", "liar"], [("0", "1", "2"), ("2", "3"), ("0", "1", "2")], [x, x, x], [triples.eta[:, 0][:, :3], triples.eta[:, 1][:, [2, 3]], lies], shared=[0, 0, 0])
+    keep = np.isin(y, [0, 1])
+    sign = torch.from_numpy(np.where(y[keep] == 0, 1.0, -1.0)).float()
+
+    def margin(reweight: bool) -> float:
+        bank = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3, reweight=reweight, seed=seed), AdaptSettings(), None, "bernoulli")
+        logits = bank.model.logits(bank.model.embed(torch.from_numpy(x[keep])))
+        return ((logits[:, bank.label_names.index("0")] - logits[:, bank.label_names.index("1")]) * sign).mean().item()
+
+    assert margin(True) > 1.2 * margin(False) > 0
+
+
+def test_integer_support_labels_name_their_classes(bank):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [1, 3], 3)
+    model = bank.adapt(sx, sy.astype(np.int64))
+    assert model.classes_.tolist() == ["1", "3"]
+    np.testing.assert_allclose(model.predict_proba(x[:5]), bank.adapt(sx, sy).predict_proba(x[:5]), atol=1e-6)
+
+
+def test_labels_no_expert_covers_get_the_fix_for_the_family(bank):
+    fix = "give examples with bank.adapt" if bank.family == "discriminative" else "use the discriminative family"
+    with pytest.raises(ValueError, match=rf"labels \['new'\] are covered by no expert in this bank .*; {fix}"):
+        bank.zero_shot(["0", "new"])
+
+
+def test_an_unsaved_bank_says_so_and_describes_itself(bank):
+    triples, _, _ = _toy_triples()
+    fresh = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    assert fresh.version == "unsaved"
+    assert repr(fresh) == "Bank(family='discriminative', labels=['0', '1', '2', '3'], experts=['a', 'b'], version='unsaved')"
+    assert repr(fresh.zero_shot(["0", "3"])) == "AdaptedModel(family='discriminative', classes=['0', '3'])"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map
-from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, gaussian_log_prob, restricted_log_softmax
+from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, gaussian_log_prob, hide_rows, reparameterize, restricted_log_softmax
 from protofuse.model.networks import Augmentation, augment_images
 from protofuse.model.recompose import WDistribution, WeightedPrototypes, fit_gaussian, fit_mixture, log_conditional, mixture_log_prob, predict_log_proba
 from protofuse.training import train_generative
@@ -323,3 +323,86 @@ def test_mixture_recomposition_prefers_the_component_that_explains_the_support(t
     comps = [WDistribution(worst, 0.01 * torch.eye(2)), WDistribution(best, 0.01 * torch.eye(2))]
     pi, _ = fit_mixture(model, xs, ys, classes, comps, per_component=4, steps=200)
     assert pi[1] > 0.9
+
+
+def test_reparameterized_draws_have_the_asked_mean_and_spread():
+    mu, logvar = torch.tensor([1.0, -2.0]).expand(20000, 2), torch.tensor([math.log(4.0), math.log(0.25)]).expand(20000, 2)
+    draws = reparameterize(mu, logvar, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws.mean(0), torch.tensor([1.0, -2.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(draws.std(0), torch.tensor([2.0, 0.5]), atol=0.03, rtol=0)
+    assert abs(((draws[:, 0] - 1.0) / 2.0).pow(4).mean().item() - 3.0) < 0.2  # Gaussian tails (kurtosis 3)
+
+
+def test_hiding_rows_zeroes_whole_rows_at_the_asked_rate():
+    eta = torch.softmax(torch.randn(4000, 3, generator=torch.Generator().manual_seed(0)), -1)
+    assert torch.equal(hide_rows(eta, 0.0), eta) and (hide_rows(eta, 1.0) == 0).all()
+    half = hide_rows(eta, 0.5, torch.Generator().manual_seed(1))
+    hidden = (half == 0).all(1)
+    assert abs(hidden.float().mean().item() - 0.5) < 0.03
+    assert torch.equal(half[~hidden], eta[~hidden])  # the others pass unchanged
+
+
+def test_label_terms_of_the_elbo_are_restricted_to_the_experts_labels():
+    """With the label head and the regulariser answering all-zero logits, the restricted
+    cross-entropy of a one-hot answer is exactly log of the expert's label count, not of the
+    vocabulary's: the softmax runs over the expert's own labels only."""
+    torch.manual_seed(0)
+    model = GenerativePrototypes(GenerativeConfig(6, 4, hidden=8))
+    for head in (model.label_head, model.regularizer):
+        last = head.net[-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+    model.eval()
+    tau = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(5, 4)
+    eta = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(5, 4)
+    out = model.loss(torch.rand(5, 6), eta, tau)
+    assert out["label"].item() == pytest.approx(-math.log(2)) and out["reg"].item() == pytest.approx(-math.log(2))
+
+
+def test_gaussian_heads_bound_their_log_variance():
+    from protofuse.model.networks import GaussianHead
+
+    head = GaussianHead(3, 2, hidden=8).eval()
+    _, logvar = head(torch.randn(50, 3))
+    assert (logvar > -8).all() and (logvar < 6).all() and logvar.std() > 0  # ordinary inputs: untouched
+    with torch.no_grad():
+        head.mlp.net[-1].bias[2:] = torch.tensor([100.0, -100.0])
+    _, logvar = head(torch.randn(50, 3))
+    assert (logvar[:, 0] == 6.0).all() and (logvar[:, 1] == -8.0).all()
+
+
+def test_gaussian_decoder_scores_inputs_with_its_learned_noise():
+    torch.manual_seed(0)
+    model = GenerativePrototypes(GenerativeConfig(5, 3, likelihood="gaussian", hidden=8)).eval()
+    with torch.no_grad():
+        model.x_logvar.copy_(torch.tensor([0.0, 1.0, -1.0, 9.0, -9.0]))  # the last two beyond the bounds
+    x, w, z = torch.randn(4, 5), torch.randn(4, 2), torch.randn(4, 5)
+    mean = model.decoder(torch.cat([w, z], -1))
+    std = (0.5 * torch.tensor([0.0, 1.0, -1.0, 4.0, -6.0])).exp()
+    torch.testing.assert_close(model.log_px(x, w, z), torch.distributions.Normal(mean, std).log_prob(x).sum(-1))
+    bernoulli = GenerativePrototypes(GenerativeConfig(5, 3, likelihood="bernoulli", hidden=8))
+    assert not hasattr(bernoulli, "x_logvar")
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        GenerativePrototypes(GenerativeConfig(5, 3, likelihood="poisson"))
+
+
+@pytest.mark.parametrize("side", [10, 12, 13])
+def test_conv_networks_of_the_generative_family_keep_image_geometry(side):
+    """Features: two conv blocks that halve the side twice, then 128 features. Decoder: two
+    transposed convolutions that double it twice (to 4 * (side // 4)), padded to the image."""
+    from protofuse.model.generative import ConvDecoder, ConvFeatures
+
+    torch.manual_seed(0)
+    features, decoder = ConvFeatures((side, side)).eval(), ConvDecoder(7, (side, side)).eval()
+    x = torch.rand(3, side * side)
+    assert features(x).shape == (3, 128)
+    wz = torch.randn(3, 7)
+    inner = decoder.deconv(decoder.fc(wz).view(-1, 32, side // 4, side // 4))
+    assert inner.shape == (3, 1, 4 * (side // 4), 4 * (side // 4))
+    out = decoder(wz).view(3, side, side)
+    torch.testing.assert_close(out[:, : inner.shape[2], : inner.shape[3]], inner[:, 0])
+    assert (out[:, inner.shape[2] :, :] == 0).all() and (out[:, :, inner.shape[3] :] == 0).all()
+    model = GenerativePrototypes(GenerativeConfig(side * side, 3, image_shape=(side, side), conv=True, hidden=8))
+    assert isinstance(model.decoder, ConvDecoder) and isinstance(model.features, ConvFeatures)
+    with pytest.raises(ValueError, match="needs image inputs"):
+        GenerativePrototypes(GenerativeConfig(side * side, 3, conv=True))

@@ -39,11 +39,12 @@ def test_outputs_land_on_their_declared_labels_with_unsorted_overlapping_label_s
 
 
 def test_private_pools_are_stacked_and_each_expert_answers_only_its_own_rows():
-    xa = np.full((3, 2), 1.0, dtype=np.float32)
+    xa = np.full((3, 2), 1.0, dtype=np.float64)  # stored as float32 whatever comes in
     xb = np.full((2, 2), 2.0, dtype=np.float32)
     outs = [_answers(3, 2, 0), _answers(2, 2, 1)]
     triples = assemble(["a", "b"], [("x", "y"), ("y", "z")], [xa, xb], outs)
     np.testing.assert_array_equal(triples.x, np.concatenate([xa, xb]))
+    assert triples.x.dtype == np.float32
     np.testing.assert_array_equal(triples.mask, [[1, 0], [1, 0], [1, 0], [0, 1], [0, 1]])
     np.testing.assert_array_equal(triples.eta[3:, 1, 1:], outs[1])  # b's rows: y and z
     assert (triples.eta[:3, 1] == 0).all() and (triples.eta[3:, 0] == 0).all()

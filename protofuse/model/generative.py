@@ -47,6 +47,18 @@ def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 / logvar.exp()).sum(-1)
 
 
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A differentiable draw from N(mu, e^logvar): mu + e^(logvar / 2) * eps, eps ~ N(0, I)."""
+    eps = torch.randn(mu.shape, generator=generator).to(mu.device)
+    return mu + (0.5 * logvar).exp() * eps
+
+
+def hide_rows(eta: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """eta (B, C) with each row replaced by zeros with probability ``fraction`` (label hidden)."""
+    hide = torch.rand(eta.shape[0], 1, generator=generator).to(eta.device) < fraction
+    return eta.masked_fill(hide, 0.0)
+
+
 def restricted_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log-softmax over the classes where ``mask`` is true (an expert's or task's label set).
 
@@ -142,12 +154,11 @@ class GenerativePrototypes(nn.Module):
         x_feat = self.features(x)
         # Hide eta from q(z | x, eta) for part of the batch: otherwise the encoder copies the
         # label into z and learns little from the image.
-        hide = (torch.rand(x.shape[0], 1, device=x.device) < self.cfg.hide_eta).float()
-        mu_z, lv_z = self.encode_z(x_feat, eta * (1 - hide))
+        mu_z, lv_z = self.encode_z(x_feat, hide_rows(eta, self.cfg.hide_eta))
         mu_w, lv_w = self.encode_w(x_feat, tau)
         mu_pw, lv_pw = self.prior_w(tau)
-        z = mu_z + (0.5 * lv_z).exp() * torch.randn_like(mu_z)
-        w = mu_w + (0.5 * lv_w).exp() * torch.randn_like(mu_w)
+        z = reparameterize(mu_z, lv_z)
+        w = reparameterize(mu_w, lv_w)
 
         rec = self.log_px(x, w, z)
         label = (eta * restricted_log_softmax(self.label_head(z), mask)).sum(-1)
