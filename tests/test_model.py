@@ -406,3 +406,23 @@ def test_conv_networks_of_the_generative_family_keep_image_geometry(side):
     assert isinstance(model.decoder, ConvDecoder) and isinstance(model.features, ConvFeatures)
     with pytest.raises(ValueError, match="needs image inputs"):
         GenerativePrototypes(GenerativeConfig(side * side, 3, conv=True))
+
+
+def test_support_log_likelihood_averages_over_prototypes_then_sums_over_examples():
+    from protofuse.model.recompose import support_log_likelihood
+
+    # Two examples, two classes, three prototype samples: G_w(c | x) as probabilities.
+    g = torch.tensor([[[0.9, 0.5, 0.1], [0.1, 0.5, 0.9]], [[0.2, 0.6, 0.7], [0.8, 0.4, 0.3]]])
+    y = torch.tensor([0, 1])
+    expected = math.log((0.9 + 0.5 + 0.1) / 3) + math.log((0.8 + 0.4 + 0.3) / 3)
+    assert support_log_likelihood(g.log(), y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_encoders_are_named_and_misnamed_ones_refused():
+    from protofuse.model.networks import ConvEncoder, MLPEncoder, make_encoder
+
+    assert isinstance(make_encoder("conv", 64, 8, (8, 8)), ConvEncoder) and isinstance(make_encoder("mlp", 64, 8, None), MLPEncoder)
+    with pytest.raises(ValueError, match=r"^encoder 'conv' needs image inputs \(an image shape\); use encoder = 'mlp'$"):
+        make_encoder("conv", 64, 8, None)
+    with pytest.raises(ValueError, match=r"^unknown encoder 'resnet': use 'conv' or 'mlp'$"):
+        make_encoder("resnet", 64, 8, None)

@@ -82,6 +82,17 @@ def predict_log_proba(log_joint: torch.Tensor, q: WeightedPrototypes, form: str)
     return torch.log_softmax(out, dim=-1)
 
 
+def support_log_likelihood(log_g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_j log E_{q*(w)} G_w(y_j | x_j), with q* given by equally weighted samples.
+
+    log_g (n, K, M): log G_w(c | x) for each support example, task class and sample of w;
+    y (n,) the support labels in 0..K-1.
+    """
+    m = log_g.shape[-1]
+    at_label = log_g.gather(1, y.view(-1, 1, 1).expand(-1, 1, m)).squeeze(1)  # (n, M)
+    return (torch.logsumexp(at_label, dim=-1) - math.log(m)).sum()
+
+
 def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, init: WDistribution, bank: list[WDistribution], steps: int = 40, n_w: int = 6, n_z: int = 8, lr: float = 0.08, n_out: int = 32, seed: int = 0) -> tuple[WDistribution, WeightedPrototypes]:
     """Fit a diagonal Gaussian q*(w) (mean, log-variance) to the support set (x, y in 0..K-1)."""
     mean = init.mean.clone().requires_grad_(True)
@@ -93,9 +104,9 @@ def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, 
         eps = torch.randn(n_w, mean.shape[0], generator=gen)
         w = mean + (0.5 * logvar).exp() * eps
         log_g = log_conditional(model.log_joint(x, classes, w, n_z=n_z, generator=gen))  # (n, K, M)
-        log_lik = torch.logsumexp(log_g.gather(1, y.view(-1, 1, 1).expand(-1, 1, n_w)).squeeze(1), dim=-1) - math.log(n_w)
+        log_lik = support_log_likelihood(log_g, y)
         kl = (gaussian_log_prob(w, mean, logvar.expand_as(w)) - mixture_log_prob(w, bank)).mean()
-        loss = -(log_lik.sum() - kl)
+        loss = -(log_lik - kl)
         # Gradients for q*'s parameters only: the bank's networks stay frozen and untouched.
         mean.grad, logvar.grad = torch.autograd.grad(loss, [mean, logvar])
         opt.step()
