@@ -87,7 +87,7 @@ def test_tampered_or_mismatched_artifacts_are_refused(bank, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="checksum"):
         load_bank(tmp_path / "bank")
-    with pytest.raises(ArtifactError, match="expected a 'protofuse-adapted-model'"):
+    with pytest.raises(ArtifactError, match="holds a 'protofuse-bank' artifact, expected a 'protofuse-adapted-model'"):
         bank.save(tmp_path / "bank2")
         load_adapted(tmp_path / "bank2")
     meta_path = tmp_path / "bank2" / "meta.json"
@@ -325,3 +325,18 @@ def test_an_unsaved_bank_says_so_and_describes_itself(bank):
     assert fresh.version == "unsaved"
     assert repr(fresh) == "Bank(family='discriminative', labels=['0', '1', '2', '3'], experts=['a', 'b'], version='unsaved')"
     assert repr(fresh.zero_shot(["0", "3"])) == "AdaptedModel(family='discriminative', classes=['0', '3'])"
+
+
+def test_generative_banks_store_each_experts_two_distributions(tmp_path):
+    """Built here, not from the shared fixture, so that the bank's construction is part of this
+    test (mutation testing maps code to the tests that call it)."""
+    triples, _, _ = _toy_triples()
+    bank = fit_bank(triples, ModelSettings(family="generative", hidden=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    bank.save(tmp_path / "bank")
+    loaded = load_bank(tmp_path / "bank")
+    for e in bank.experts:
+        for source in ("prior", "posterior"):
+            d = bank.expert_distribution(e.name, source)
+            assert d.mean.shape == (2,) and d.cov.shape == (2, 2) and torch.isfinite(d.cov).all()
+            torch.testing.assert_close(loaded.expert_distribution(e.name, source).cov, d.cov)
+    assert not torch.allclose(bank.expert_distribution("a", "prior").mean, bank.expert_distribution("a", "posterior").mean)

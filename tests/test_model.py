@@ -331,6 +331,7 @@ def test_reparameterized_draws_have_the_asked_mean_and_spread():
     torch.testing.assert_close(draws.mean(0), torch.tensor([1.0, -2.0]), atol=0.05, rtol=0)
     torch.testing.assert_close(draws.std(0), torch.tensor([2.0, 0.5]), atol=0.03, rtol=0)
     assert abs(((draws[:, 0] - 1.0) / 2.0).pow(4).mean().item() - 3.0) < 0.2  # Gaussian tails (kurtosis 3)
+    torch.testing.assert_close(reparameterize(mu, logvar, torch.Generator().manual_seed(0)), draws)  # the generator decides
 
 
 def test_hiding_rows_zeroes_whole_rows_at_the_asked_rate():
@@ -340,6 +341,7 @@ def test_hiding_rows_zeroes_whole_rows_at_the_asked_rate():
     hidden = (half == 0).all(1)
     assert abs(hidden.float().mean().item() - 0.5) < 0.03
     assert torch.equal(half[~hidden], eta[~hidden])  # the others pass unchanged
+    assert torch.equal(hide_rows(eta, 0.5, torch.Generator().manual_seed(1)), half)  # the generator decides
 
 
 def test_label_terms_of_the_elbo_are_restricted_to_the_experts_labels():
@@ -404,7 +406,7 @@ def test_conv_networks_of_the_generative_family_keep_image_geometry(side):
     assert (out[:, inner.shape[2] :, :] == 0).all() and (out[:, :, inner.shape[3] :] == 0).all()
     model = GenerativePrototypes(GenerativeConfig(side * side, 3, image_shape=(side, side), conv=True, hidden=8))
     assert isinstance(model.decoder, ConvDecoder) and isinstance(model.features, ConvFeatures)
-    with pytest.raises(ValueError, match="needs image inputs"):
+    with pytest.raises(ValueError, match=r"^the conv variant needs image inputs \(an image shape\)$"):
         GenerativePrototypes(GenerativeConfig(side * side, 3, conv=True))
 
 
@@ -426,3 +428,15 @@ def test_encoders_are_named_and_misnamed_ones_refused():
         make_encoder("conv", 64, 8, None)
     with pytest.raises(ValueError, match=r"^unknown encoder 'resnet': use 'conv' or 'mlp'$"):
         make_encoder("resnet", 64, 8, None)
+
+
+def test_the_training_loss_is_the_negative_elbo_plus_the_weighted_regulariser():
+    """loss = -(E[log p(x|w,z)] + E[sum_c eta_c log p(c|z)] - KL_z - KL_w + lambda * E[sum_c eta_c log q(c|w)]),
+    each term averaged over the batch (docs/method.md)."""
+    torch.manual_seed(0)
+    model = GenerativePrototypes(GenerativeConfig(6, 3, hidden=8, lam=0.7)).eval()
+    eta = torch.softmax(torch.randn(5, 3), -1)
+    out = model.loss(torch.rand(5, 6), eta, torch.ones(5, 3))
+    expected = -(out["rec"] + out["label"] - out["kl_z"] - out["kl_w"] + 0.7 * out["reg"])
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["kl_z"] > 0 and out["kl_w"] > 0 and out["rec"] < 0
