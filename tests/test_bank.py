@@ -340,3 +340,22 @@ def test_generative_banks_store_each_experts_two_distributions(tmp_path):
             assert d.mean.shape == (2,) and d.cov.shape == (2, 2) and torch.isfinite(d.cov).all()
             torch.testing.assert_close(loaded.expert_distribution(e.name, source).cov, d.cov)
     assert not torch.allclose(bank.expert_distribution("a", "prior").mean, bank.expert_distribution("a", "posterior").mean)
+
+
+def test_an_expert_whose_queries_are_all_held_out_keeps_its_prior():
+    """Expert b answered one query; when the held-out split takes it, b has no training input and
+    its data-driven distribution falls back to the prior network's (not a NaN from no data)."""
+    triples, x, y = _toy_triples()
+    one = np.eye(2, dtype=np.float32)[[0]] * 0.98 + 0.01
+    fed = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:1]], [triples.eta[:, 0, :3], one])
+    seed = next(s for s in range(100) if 400 in _held_rows(fed, 0.1, s))  # b's only row is row 400
+    bank = fit_bank(fed, ModelSettings(family="generative", hidden=8), TrainingSettings(epochs=1, seed=seed), AdaptSettings(), None, "bernoulli")
+    prior, posterior = bank.expert_distribution("b", "prior"), bank.expert_distribution("b", "posterior")
+    torch.testing.assert_close(posterior.mean, prior.mean)
+    torch.testing.assert_close(posterior.cov, prior.cov)
+
+
+def _held_rows(triples, holdout: float, seed: int) -> set[int]:
+    """Which rows ``Triples.split`` holds out, found by numbering the inputs."""
+    numbered = assemble(["n"], [("0",)], [np.arange(len(triples.x), dtype=np.float32)[:, None]], [np.ones((len(triples.x), 1), np.float32)])
+    return set(numbered.split(holdout, seed)[1].x[:, 0].astype(int).tolist())
