@@ -177,7 +177,7 @@ def git_head() -> str:
 
 def score(mutants: list[Mutant], drop_equivalent: bool = False) -> tuple[int, int]:
     """(killed, run): equivalent survivors leave the denominator when drop_equivalent."""
-    run = [m for m in mutants if m.status in RUN_STATUSES and not (drop_equivalent and m.equivalent is not None)]
+    run = [m for m in mutants if m.status in RUN_STATUSES and not (drop_equivalent and m.equivalent is not None and m.status != "killed")]
     return sum(m.status == "killed" for m in run), len(run)
 
 
