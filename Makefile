@@ -42,6 +42,7 @@ bench-hidden: $(STAMP)  ## reported seeds, label 9 hidden from every expert
 
 # Not part of `make test` or CI: about 20 minutes on 2 cores. Every third mutant (by a hash of its
 # name), each run against only the tests that reach the mutated function; bench/mutation.py says how.
+# mutmut is pinned exactly: bench/mutation.py draws its sample with mutmut's own generation functions.
 mutation: $(STAMP)  ## mutation score of the method's modules; report in bench-results/mutation
 	.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt mutmut==3.8.1
 	$(PY) -m bench.mutation --sample 3 --out bench-results/mutation
