@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines import CEILING
+
 
 def _std(values: np.ndarray) -> float:
     """Sample standard deviation (ddof=1); NaN when there is a single value."""
@@ -126,7 +128,7 @@ def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: lis
     against = [m for m in (
         "protofuse zero-shot", "imitator (conv) + probe", "imitator (conv) + cosine NCM", "imitator (conv) zero-shot vote",
         "imitator (mlp) + probe", "imitator (mlp) + cosine NCM", "stacking (experts online)", "expert vote (experts online)",
-        "scratch", "nearest class mean", "generative", "protofuse, no reweighting", "ceiling: same encoder trained on all labels",
+        "scratch", "nearest class mean", "generative", "protofuse, no reweighting", CEILING,
     ) if any(g["method"] == m for g in gaps)]
     text = markdown(summary) + "\n" + gaps_markdown(gaps, against) + "\n"
     if recall:

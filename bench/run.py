@@ -41,8 +41,6 @@ from .report import write_report
 SHOTS = (1, 5, 10)
 DEV_SEEDS = (0, 1, 2)  # defaults, ablations and settings are chosen here (and on any seed < 100)
 REPORT_SEEDS = (100, 101, 102)  # the reported runs: never used to choose anything
-CEILING = "ceiling: same encoder trained on all labels"
-GENERATIVE_FORMS = tuple((r, f) for r in ("gaussian", "mixture") for f in ("conditional", "joint"))
 
 
 # Banks fitted per seed: name -> (model settings, training settings) overrides of the defaults.
@@ -237,7 +235,7 @@ def run_episode(world: Federation, episode: Episode, k: int, methods: set[str], 
         score(f"imitator ({encoder}) + cosine NCM", lambda i=imitator: i.cosine_ncm(sx, sy, tx, n_classes=len(task)))
         score(f"imitator ({encoder}) zero-shot vote", lambda i=imitator: i.vote(tx, task))
     if world.ceiling is not None:
-        score(CEILING, lambda: world.ceiling.predict_proba(tx, task))
+        score(baselines.CEILING, lambda: world.ceiling.predict_proba(tx, task))
     return out
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.report import paired_gaps, summarize
-from bench.run import CEILING, SHOTS, build_world, draw_episode, episode_tasks, hide_label, run_episode, uncovered_tasks
+from bench.baselines import CEILING
+from bench.run import SHOTS, build_world, draw_episode, episode_tasks, hide_label, run_episode, uncovered_tasks
 from client_sdk.federation import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
 
 torch.set_num_threads(1)
