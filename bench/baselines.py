@@ -265,7 +265,9 @@ class Imitator:
             return f / np.clip(np.linalg.norm(f, axis=1, keepdims=True), 1e-12, None)
 
         means, present = _class_means(unit(self.features(support_x)), support_y, n_classes)
-        logits = temperature * unit(self.features(test_x)) @ unit(means).T
+        # The means are of features already centred: normalise them, do not centre them again.
+        means = means / np.clip(np.linalg.norm(means, axis=1, keepdims=True), 1e-12, None)
+        logits = temperature * unit(self.features(test_x)) @ means.T
         logits[:, ~present] = -np.inf
         return _softmax(logits)
 

@@ -176,6 +176,21 @@ def test_probes_use_the_query_pools_statistics_not_the_supports(digits: Digits, 
     assert np.mean(accuracy) > 0.65  # three-way chance is 1/3
 
 
+def test_cosine_ncm_compares_directions_around_the_pool_centre(digits: Digits, imitator: Imitator) -> None:
+    """Support features centred on the query pool's mean and normalised; the class means of those
+    directions, normalised; a softmax of the tempered cosine. Computed here from the features."""
+    sx, sy, tx, _ = digits.task(NEW_TASK, 3)
+
+    def unit(f: np.ndarray) -> np.ndarray:
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    fs, ft = unit(imitator.features(sx) - imitator.centre), unit(imitator.features(tx) - imitator.centre)
+    means = unit(np.stack([fs[sy == c].mean(0) for c in range(3)]))
+    logits = 10.0 * ft @ means.T
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(imitator.cosine_ncm(sx, sy, tx), expected / expected.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
 def test_cosine_ncm_gives_a_missing_class_no_probability(digits: Digits, imitator: Imitator) -> None:
     sx, sy, tx, _ = digits.task(NEW_TASK, 2)
     keep = sy != 2
