@@ -31,10 +31,14 @@ class Triples:
 
     def split(self, holdout: float, seed: int) -> tuple["Triples", "Triples"]:
         """(train, held-out) by input: held-out inputs measure imitation fidelity."""
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(self.x.shape[0])
+        train, held = self.split_indices(holdout, seed)
+        return self._take(train), self._take(held)
+
+    def split_indices(self, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row indices ``split`` puts in (train, held-out): a seeded permutation of the inputs."""
+        order = np.random.default_rng(seed).permutation(self.x.shape[0])
         n_hold = int(round(holdout * len(order)))
-        return self._take(order[n_hold:]), self._take(order[:n_hold])
+        return order[n_hold:], order[:n_hold]
 
     def _take(self, idx: np.ndarray) -> "Triples":
         return Triples(self.x[idx], self.eta[idx], self.mask[idx], self.label_names, self.expert_names, self.expert_labels)

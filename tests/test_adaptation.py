@@ -10,22 +10,16 @@ import torch
 from protofuse.bank import Bank, fit_bank
 from protofuse.model.discriminative import TaskHead, adapt_map, imprint
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
-from protofuse.triples import assemble
+from toys import clusters, two_experts
 
 torch.set_num_threads(1)
 
 
-def _clusters(seed: int, n: int = 800, d: int = 16, noise: float = 0.3):
+def _clusters(seed: int, n: int = 800):
     """Four overlapping clusters (noise 0.3 around centres in [0, 1]^d): hard enough that one
     example per class is not the whole story. Expert a knows 0/1/2, expert b knows 2/3."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, n)
-    centres = rng.random((4, d))
-    x = (centres[y] + noise * rng.standard_normal((n, d))).astype(np.float32)
-    eye = np.eye(4, dtype=np.float32)[y] + 0.01
-    outs = [eye[:, [0, 1, 2]], eye[:, [2, 3]]]
-    outs = [o / o.sum(1, keepdims=True) for o in outs]
-    return assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], outs, shared=[0, 0]), x, y
+    x, y, _ = clusters(seed, n=n, noise=0.3, clip=False)
+    return two_experts(x, y), x, y
 
 
 def _bank(seed: int) -> tuple[Bank, np.ndarray, np.ndarray]:

@@ -15,21 +15,15 @@ from protofuse.artifacts import ArtifactError
 from protofuse.bank import fit_bank, load_bank
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
 from protofuse.triples import assemble
+from toys import clusters, two_experts
 
 torch.set_num_threads(1)
 
 
 def _toy_triples(seed: int = 0):
     """Four separable clusters; expert a knows 0/1/2, expert b knows 2/3."""
-    rng = np.random.default_rng(seed)
-    n, d = 400, 16
-    y = rng.integers(0, 4, n)
-    centres = rng.random((4, d))
-    x = np.clip(centres[y] + 0.08 * rng.standard_normal((n, d)), 0, 1).astype(np.float32)
-    eye = np.eye(4, dtype=np.float32)[y] + 0.01
-    outs = [eye[:, [0, 1, 2]], eye[:, [2, 3]]]
-    outs = [o / o.sum(1, keepdims=True) for o in outs]
-    return assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], outs, shared=[0, 0]), x, y
+    x, y, _ = clusters(seed)
+    return two_experts(x, y), x, y
 
 
 @pytest.fixture(scope="module", params=["discriminative", "generative"])
@@ -348,14 +342,9 @@ def test_an_expert_whose_queries_are_all_held_out_keeps_its_prior():
     triples, x, y = _toy_triples()
     one = np.eye(2, dtype=np.float32)[[0]] * 0.98 + 0.01
     fed = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:1]], [triples.eta[:, 0, :3], one])
-    seed = next(s for s in range(100) if 400 in _held_rows(fed, 0.1, s))  # b's only row is row 400
+    seed = next(s for s in range(100) if 400 in fed.split_indices(0.1, s)[1])  # b's only row is row 400
     bank = fit_bank(fed, ModelSettings(family="generative", hidden=8), TrainingSettings(epochs=1, seed=seed), AdaptSettings(), None, "bernoulli")
     prior, posterior = bank.expert_distribution("b", "prior"), bank.expert_distribution("b", "posterior")
     torch.testing.assert_close(posterior.mean, prior.mean)
     torch.testing.assert_close(posterior.cov, prior.cov)
 
-
-def _held_rows(triples, holdout: float, seed: int) -> set[int]:
-    """Which rows ``Triples.split`` holds out, found by numbering the inputs."""
-    numbered = assemble(["n"], [("0",)], [np.arange(len(triples.x), dtype=np.float32)[:, None]], [np.ones((len(triples.x), 1), np.float32)])
-    return set(numbered.split(holdout, seed)[1].x[:, 0].astype(int).tolist())

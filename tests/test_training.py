@@ -13,6 +13,7 @@ from protofuse.bank import Bank, fit_bank
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
 from protofuse.training import consensus_agreement, fidelity, reliability_weights
 from protofuse.triples import assemble
+from toys import answers, clusters, two_experts
 
 torch.set_num_threads(1)
 
@@ -23,7 +24,7 @@ def _two_experts(eta_a: np.ndarray, eta_b: np.ndarray):
     return assemble(["a", "b"], [("0", "1"), ("1", "2")], [x, x], [eta_a, eta_b], shared=[0, 0])
 
 
-def test_fidelity_on_a_case_with_a_known_answer():
+def test_fidelity_on_a_case_with_a_knownanswers():
     eta_a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
     eta_b = np.array([[1.0, 0.0], [0.3, 0.7], [0.3, 0.7], [0.7, 0.3]], dtype=np.float32)
     triples = _two_experts(eta_a, eta_b)
@@ -79,36 +80,23 @@ def test_consensus_agreement_and_reliability_weights_on_a_known_case():
     np.testing.assert_allclose(reliability_weights(np.array([0.5, 0.75]), np.array([2, 2])), [0.0, 1.0])
 
 
-def _clusters(n: int = 400, d: int = 16, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, n)
-    centres = rng.random((4, d))
-    x = np.clip(centres[y] + 0.08 * rng.standard_normal((n, d)), 0, 1).astype(np.float32)
-    return x, y, centres
-
-
-def _answer(y: np.ndarray, cols: list[int]) -> np.ndarray:
-    p = np.eye(4, dtype=np.float32)[y][:, cols] + 0.01
-    return p / p.sum(1, keepdims=True)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fidelity_is_measured_on_queries_the_bank_never_trained_on(seed):
     """The held-out queries sit in a region of their own where the expert answers '1' although
     they lie next to the 0s: a bank that never saw them says '0' there, one that trained on them
     learns '1'. So fidelity near 0 proves they were held out; near 1 would mean a leak."""
-    x, y, centres = _clusters(seed=seed)
-    probe = assemble(["a"], [("0", "1")], [x], [_answer(y, [0, 1])])
-    held_rows = np.flatnonzero(np.isin(np.arange(len(x)), _held_indices(probe, 0.1, seed)))
+    x, y, centres = clusters(seed)
+    probe = assemble(["a"], [("0", "1")], [x], [answers(y, [0, 1])])
+    held_rows = np.sort(probe.split_indices(0.1, seed)[1])
     y = y.copy()
     y[held_rows] = 0
     x = x.copy()
     offset = np.zeros(x.shape[1], np.float32)
     offset[0] = 0.25
     x[held_rows] = centres[0] + offset + 0.02 * np.random.default_rng(seed).standard_normal((len(held_rows), x.shape[1]))
-    answers_a = _answer(y, [0, 1, 2])
+    answers_a = answers(y, [0, 1, 2])
     answers_a[held_rows] = [0.01, 0.98, 0.01]  # the expert's private rule for that region
-    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [answers_a, _answer(y, [2, 3])], shared=[0, 0])
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [answers_a, answers(y, [2, 3])], shared=[0, 0])
     bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=15, lr=5e-3, holdout=0.1, seed=seed), AdaptSettings(), None, "bernoulli")
     a = {e.name: e for e in bank.experts}["a"]
     assert a.fidelity.n == len(held_rows) == 40
@@ -116,13 +104,6 @@ def test_fidelity_is_measured_on_queries_the_bank_never_trained_on(seed):
     leaked = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=15, lr=5e-3, holdout=0.0, seed=seed), AdaptSettings(), None, "bernoulli")
     # The same region, learned from: the test's premise holds (the bank could have learned it).
     assert (leaked.model.logits(leaked.model.embed(torch.from_numpy(x[held_rows]))).argmax(1) == leaked.label_names.index("1")).float().mean() > 0.8
-
-
-def _held_indices(triples, holdout: float, seed: int) -> np.ndarray:
-    """Which rows ``Triples.split`` holds out (it permutes row indices; inputs do not matter)."""
-    numbered = assemble(["a"], [("0", "1")], [np.arange(len(triples.x), dtype=np.float32)[:, None]], [triples.eta[:, 0, :2]])
-    _, held = numbered.split(holdout, seed)
-    return held.x[:, 0].astype(int)
 
 
 def _pair_log_proba(bank: Bank, x: np.ndarray, a: str, b: str) -> torch.Tensor:
@@ -138,8 +119,8 @@ def test_distillation_carries_the_first_phase_consensus_to_labels_no_expert_comp
     """0 and 3 never share an expert, so only the bank ranks them against each other. Distillation
     makes the second phase keep the first phase's consensus on that pair: with it, the final
     bank's 0-vs-3 distribution is clearly closer to the first phase's than without it."""
-    x, y, _ = _clusters(seed=seed)
-    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [_answer(y, [0, 1, 2]), _answer(y, [2, 3])], shared=[0, 0])
+    x, y, _ = clusters(seed)
+    triples = two_experts(x, y)
     pair = x[np.isin(y, [0, 3])]
     model, adapt = ModelSettings(feat_dim=8), AdaptSettings()
 
@@ -159,10 +140,10 @@ def test_distillation_carries_the_first_phase_consensus_to_labels_no_expert_comp
 
 def _contradicting_experts(seed: int = 0):
     """Experts a and b label the same inputs with the same two labels, b with them swapped."""
-    x, y, _ = _clusters(seed=seed)
+    x, y, _ = clusters(seed)
     keep = np.isin(y, [0, 1])
     x, y = x[keep], y[keep]
-    honest = _answer(y, [0, 1])
+    honest = answers(y, [0, 1])
     return assemble(["a", "b"], [("0", "1"), ("0", "1")], [x, x], [honest, honest[:, ::-1].copy()], shared=[0, 0]), x, y
 
 
@@ -184,8 +165,8 @@ def test_the_consensus_term_pulls_harder_with_a_larger_weight():
     from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
     from protofuse.training import train_discriminative
 
-    x, y, _ = _clusters()
-    triples = assemble(["a"], [("0", "1", "2", "3")], [x], [_answer(y, [0, 1, 2, 3])])
+    x, y, _ = clusters()
+    triples = assemble(["a"], [("0", "1", "2", "3")], [x], [answers(y, [0, 1, 2, 3])])
     teacher = np.roll(np.eye(4, dtype=np.float32)[y], 1, axis=1) * 0.9 + 0.025  # a teacher that disagrees with the expert
 
     def disagreement(weight: float) -> float:
@@ -200,8 +181,8 @@ def test_the_consensus_term_pulls_harder_with_a_larger_weight():
 
 @pytest.mark.parametrize("family", ["discriminative", "generative"])
 def test_training_reports_every_epoch_with_its_mean_loss(family):
-    x, y, _ = _clusters()
-    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [_answer(y, [0, 1, 2]), _answer(y, [2, 3])], shared=[0, 0])
+    x, y, _ = clusters()
+    triples = two_experts(x, y)
     seen: list[tuple[int, int, float]] = []
     fit_bank(triples, ModelSettings(family=family, feat_dim=8, hidden=16), TrainingSettings(epochs=6, lr=5e-3), AdaptSettings(), None, "bernoulli", progress=lambda e, n, loss: seen.append((e, n, loss)))
     assert [(e, n) for e, n, _ in seen] == [(e, 6) for e in range(1, 7)]
@@ -218,8 +199,8 @@ def test_training_reports_every_epoch_with_its_mean_loss(family):
 
 
 def test_a_bank_is_reproducible_from_its_seed():
-    x, y, _ = _clusters()
-    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [_answer(y, [0, 1, 2]), _answer(y, [2, 3])], shared=[0, 0])
+    x, y, _ = clusters()
+    triples = two_experts(x, y)
 
     def fit(seed: int) -> Bank:
         return fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=4, lr=5e-3, seed=seed), AdaptSettings(), None, "bernoulli")
@@ -232,8 +213,8 @@ def test_a_bank_is_reproducible_from_its_seed():
 
 
 def test_expert_records_count_queries_and_mark_fidelity_unmeasured_without_a_holdout():
-    x, y, _ = _clusters()
-    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:100]], [_answer(y, [0, 1, 2]), _answer(y[:100], [2, 3])])
+    x, y, _ = clusters()
+    triples = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:100]], [answers(y, [0, 1, 2]), answers(y[:100], [2, 3])])
     for family in ("discriminative", "generative"):
         bank = fit_bank(triples, ModelSettings(family=family, feat_dim=8, hidden=16), TrainingSettings(epochs=2, holdout=0.0), AdaptSettings(), None, "bernoulli")
         assert [e.n_queries for e in bank.experts] == [400, 100]
@@ -245,8 +226,8 @@ def test_expert_records_count_queries_and_mark_fidelity_unmeasured_without_a_hol
 
 
 def test_default_epochs_follow_the_family():
-    x, y, _ = _clusters(n=60)
-    triples = assemble(["a"], [("0", "1", "2", "3")], [x], [_answer(y, [0, 1, 2, 3])])
+    x, y, _ = clusters(n=60)
+    triples = assemble(["a"], [("0", "1", "2", "3")], [x], [answers(y, [0, 1, 2, 3])])
     for family, expected in (("generative", 40), ("discriminative", 600)):  # 54 queries: one batch an epoch, 600 steps
         seen: list[int] = []
         fit_bank(triples, ModelSettings(family=family, feat_dim=4, hidden=8), TrainingSettings(lr=5e-3), AdaptSettings(), None, "bernoulli", progress=lambda e, n, loss: seen.append(n))

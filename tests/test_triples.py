@@ -76,6 +76,9 @@ def test_held_out_split_is_a_seeded_disjoint_cover_of_the_inputs():
     other, _ = triples.split(0.2, seed=4)
     np.testing.assert_array_equal(again.x, train.x)
     assert not np.array_equal(other.x, train.x)
+    train_idx, held_idx = triples.split_indices(0.2, seed=3)
+    np.testing.assert_array_equal(triples.x[held_idx], held.x)
+    np.testing.assert_array_equal(triples.x[train_idx], train.x)
     everything, nothing = triples.split(0.0, seed=3)
     assert len(everything.x) == n and len(nothing.x) == 0
 

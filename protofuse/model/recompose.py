@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generative import GenerativePrototypes, gaussian_log_prob
+from .generative import GenerativePrototypes, gaussian_log_prob, reparameterize
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,7 @@ def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, 
     for _ in range(steps):
         # Common random numbers: the same draws every step make the objective a smooth function.
         gen = torch.Generator().manual_seed(seed)
-        eps = torch.randn(n_w, mean.shape[0], generator=gen)
-        w = mean + (0.5 * logvar).exp() * eps
+        w = reparameterize(mean.expand(n_w, -1), logvar.expand(n_w, -1), gen)  # (n_w, wd)
         log_g = log_conditional(model.log_joint(x, classes, w, n_z=n_z, generator=gen))  # (n, K, M)
         log_lik = support_log_likelihood(log_g, y)
         kl = (gaussian_log_prob(w, mean, logvar.expand_as(w)) - mixture_log_prob(w, bank)).mean()
