@@ -16,13 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from client_sdk.federation import DEFAULT_RECIPES
+from bench.federations import DEFAULT_RECIPES
 from protofuse.data import load_dataset, make_splits, sample_support, task_subset
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout holding bench/
 DEMO_TASK = ("1", "4", "5", "8", "9")  # no single expert covers these five classes
 
-EXPERTS_PY = '''"""The demo's black-box experts, trained deterministically on the {dataset} expert split."""
-from client_sdk.federation import demo_expert
+EXPERTS_PY = '''"""The demo's black-box experts, trained deterministically on the {dataset} expert split.
+
+They come from the benchmark package of the protofuse checkout that wrote this folder (it is
+not part of the installed SDK), so that checkout goes on the import path first."""
+import sys
+
+sys.path.insert(0, {repo!r})
+from bench.federations import demo_expert  # noqa: E402
 
 {lines}
 '''
@@ -35,7 +42,7 @@ def write_federation(folder: Path, dataset: str = "digits", k: int = 5, seed: in
     splits = make_splits(ds, seed)
     np.save(folder / "queries.npy", splits.queries.x)
     lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in DEFAULT_RECIPES)
-    (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines))
+    (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
     entries = "\n".join(f'[[experts]]\nname = "{r.name}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "queries.npy"\n'.replace("'", '"') for r in DEFAULT_RECIPES)
     shape = list(ds.image_shape) if ds.image_shape else None
     header = f"# Demo federation on {dataset}: {len(DEFAULT_RECIPES)} experts over overlapping class subsets.\n\n[data]\nimage_shape = {shape}\n\n" if shape else ""

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from client_sdk.experts import query_expert
-from client_sdk.federation import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation
+from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation
 from protofuse.bank import Bank, fit_bank
+from protofuse.families import GenerativeTask
 from protofuse.model.recompose import predict_log_proba
 from protofuse.data import Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
@@ -209,15 +210,15 @@ def run_episode(world: Federation, episode: Episode, k: int, methods: set[str], 
 
     for bank_name, bank in world.banks.items():
         covered = all(c in bank.label_names for c in task)
-        if bank.family == "discriminative":
-            score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names), task).predict_proba(tx))
+        if bank.family_impl.adapts_uncovered_labels or covered:
+            score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names, n_z=16), task).predict_proba(tx))
             for variant, options in (adapt_variants or {}).items() if bank_name == "protofuse" else ():
                 score(variant, lambda b=bank, o=options: in_task_order(b.adapt(sx, names, **o), task).predict_proba(tx))
-        elif covered:  # the generative family cannot adapt to a label no expert covers
-            score(bank_name, lambda b=bank: in_task_order(b.adapt(sx, names, n_z=16), task).predict_proba(tx))
-            if generative_forms:
+            if generative_forms and covered:
                 for recompose in ("gaussian", "mixture"):
                     model = bank.adapt(sx, names, recompose=recompose, n_z=16)
+                    if not isinstance(model.task, GenerativeTask):  # only the generative family has forms
+                        break
                     cols = [model.classes_.tolist().index(c) for c in task]
                     log_joint = model.task.log_joint(torch.from_numpy(tx))  # shared by both prediction forms
                     for form in ("conditional", "joint"):

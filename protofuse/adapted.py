@@ -14,51 +14,22 @@ import numpy as np
 import torch
 
 from . import artifacts
-from .model.discriminative import DiscriminativePrototypes, TaskHead
-from .model.generative import GenerativePrototypes
-from .model.recompose import WeightedPrototypes, predict_log_proba
+from .families import DiscriminativeTask, GenerativeTask, Task, family
 
 KIND = "protofuse-adapted-model"
 
-
-@dataclass(frozen=True)
-class DiscriminativeTask:
-    """Encoder of the bank plus the task's fitted prototype rows."""
-
-    model: DiscriminativePrototypes
-    head: TaskHead
-
-    def log_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.log_proba(self.model.embed(x))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"prototypes": self.head.prototypes.numpy(), "bias": self.head.bias.numpy(), "log_temp": self.head.log_temp.numpy()}
+__all__ = ["KIND", "AdaptedModel", "DiscriminativeTask", "GenerativeTask", "Task", "build_model", "load_adapted"]
 
 
-@dataclass(frozen=True)
-class GenerativeTask:
-    """The generative networks, the task's classes and q*(w) as weighted prototypes."""
-
-    model: GenerativePrototypes
-    classes: torch.Tensor  # (K,) indices into the bank's vocabulary
-    q: WeightedPrototypes
-    form: str  # "conditional" or "joint"
-    n_z: int = 32
-    seed: int = 0
-
-    @torch.no_grad()
-    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x, c | w) at q's samples (n, K, M); the same input always gets the same draws."""
-        return self.model.log_joint(x, self.classes, self.q.w, n_z=self.n_z, generator=torch.Generator().manual_seed(self.seed))
-
-    def log_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return predict_log_proba(self.log_joint(x), self.q, self.form)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"classes": self.classes.numpy(), "w": self.q.w.numpy(), "log_weights": self.q.log_weights.numpy()}
-
-
-Task = DiscriminativeTask | GenerativeTask
+def build_model(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None, source: Any = "bank") -> torch.nn.Module:
+    """Rebuild a bank's networks from its JSON config, loading ``state`` if given."""
+    try:
+        model = family(meta["family"]).build(meta["config"])
+        if state is not None:
+            model.load_state_dict(state)
+    except (TypeError, RuntimeError, KeyError, ValueError) as err:
+        raise artifacts.ArtifactError(f"{source}: weights do not match the recorded {meta.get('family')} configuration ({str(err).splitlines()[0]})") from None
+    return model.eval()
 
 
 class AdaptedModel:
@@ -83,8 +54,7 @@ class AdaptedModel:
         """Write the model folder; returns the SHA-256 of its weights."""
         arrays = {f"bank.{k}": v.numpy() for k, v in self.task.model.state_dict().items()}
         arrays.update({f"task.{k}": v for k, v in self.task.arrays().items()})
-        extra = {"form": self.task.form, "n_z": self.task.n_z, "seed": self.task.seed} if isinstance(self.task, GenerativeTask) else {}
-        meta = {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": extra, "info": self.info}
+        meta = {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": self.task.meta(), "info": self.info}
         return artifacts.save(path, KIND, arrays, meta)
 
     def __repr__(self) -> str:
@@ -93,24 +63,19 @@ class AdaptedModel:
 
 def load_adapted(path: str | os.PathLike) -> AdaptedModel:
     """Load a model saved by :meth:`AdaptedModel.save` (checksum and format verified)."""
-    from .bank import build_model  # the bank knows how to rebuild its networks
-
     arrays, meta = artifacts.load(path, KIND)
     try:
         bank_meta = meta["bank"]
         state = {k[len("bank.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("bank.")}
         model = build_model(bank_meta, state, path)
         t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
-        if bank_meta["family"] == "discriminative":
-            task: Task = DiscriminativeTask(model, TaskHead(t["prototypes"], t["bias"], t["log_temp"]))
-        else:
-            q = WeightedPrototypes(t["w"], t["log_weights"])
-            task = GenerativeTask(model, t["classes"], q, meta["task"]["form"], meta["task"]["n_z"], meta["task"]["seed"])
-        rows = task.head.prototypes.shape[0] if isinstance(task, DiscriminativeTask) else task.classes.shape[0]
-        if rows != len(meta["classes"]):
-            raise artifacts.ArtifactError(f"{path}: {len(meta['classes'])} class names for a task of {rows} classes; re-create it with `protofuse adapt`")
+        task = family(bank_meta["family"]).load_task(model, t, meta["task"])
+        if task.n_classes != len(meta["classes"]):
+            raise artifacts.ArtifactError(f"{path}: {len(meta['classes'])} class names for a task of {task.n_classes} classes; re-create it with `protofuse adapt`")
     except (KeyError, TypeError) as err:
         raise artifacts.ArtifactError(f"{path}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`") from None
+    except ValueError as err:  # an unknown family name
+        raise artifacts.ArtifactError(f"{path}: {err}") from None
     return AdaptedModel(task, meta["classes"], bank_meta, meta.get("info"))
 
 

@@ -22,12 +22,10 @@ import torch
 from pydantic import ValidationError
 
 from . import artifacts
-from .adapted import AdaptedModel, DiscriminativeTask, GenerativeTask, _as_inputs
-from .model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map, imprint
-from .model.generative import GenerativeConfig, GenerativePrototypes
-from .model.recompose import WDistribution, WeightedPrototypes, aggregated_posterior, fit_gaussian, fit_mixture, prior_distribution
+from .adapted import AdaptedModel, _as_inputs, build_model
+from .families import Family, family
 from .settings import AdaptSettings, ModelSettings, TrainingSettings
-from .training import Fidelity, Progress, consensus, consensus_agreement, fidelity, reliability_weights, train_discriminative, train_generative
+from .training import Fidelity, Progress, fidelity
 from .triples import Triples
 
 KIND = "protofuse-bank"
@@ -46,7 +44,7 @@ class ExpertRecord:
 class Bank:
     """Shared prototype weights and the experts' records; ``adapt`` builds new-task models."""
 
-    def __init__(self, model: DiscriminativePrototypes | GenerativePrototypes, meta: dict[str, Any], experts: list[ExpertRecord], distributions: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], experts: list[ExpertRecord], distributions: dict[str, np.ndarray] | None = None) -> None:
         self.model = model.eval()
         self.meta = meta  # family, config, vocabulary, settings: all JSON
         self.experts = experts
@@ -59,6 +57,10 @@ class Bank:
         return self.meta["family"]
 
     @property
+    def family_impl(self) -> Family:
+        return family(self.family)
+
+    @property
     def label_names(self) -> tuple[str, ...]:
         return tuple(self.meta["label_names"])
 
@@ -66,41 +68,28 @@ class Bank:
     def adapt_settings(self) -> AdaptSettings:
         return AdaptSettings(**self.meta["settings"]["adapt"])
 
-    def expert_distribution(self, name: str, source: str = "posterior") -> WDistribution:
-        """Generative family: an expert's distribution over prototypes ('prior' or 'posterior')."""
-        d = self.distributions
-        return WDistribution(torch.from_numpy(d[f"{name}.{source}.mean"]), torch.from_numpy(d[f"{name}.{source}.cov"]))
-
     # -- adaptation ----------------------------------------------------------------------
     def adapt(self, x: np.ndarray, y: np.ndarray, *, seed: int = 0, **options: Any) -> AdaptedModel:
         """Fit a new task from a support set: x (n, d), y (n,) label names.
 
         Options override the bank's ``[adapt]`` settings (e.g. ``recompose="gaussian"``).
-        Labels no expert covers are allowed in the discriminative family: their prototypes are
-        imprinted from the support set and fitted with a weak prior.
+        Labels no expert covers are allowed where the family supports them (discriminative):
+        their prototypes are imprinted from the support set and fitted with a weak prior.
         """
         settings = self._settings(options)
         xt = _as_inputs(x, self.meta["x_dim"])
         classes, yt = _support_labels(y, len(xt))
-        if self.family == "discriminative":
-            task = self._adapt_discriminative(xt, yt, classes, settings)
-        else:
-            task = self._adapt_generative(xt, yt, classes, settings, seed)
+        impl = self.family_impl
+        task = impl.adapt(self, xt, yt, classes, settings, seed)
         uncovered = [c for c in classes if c not in self.label_names]
-        info = {"method": "map" if self.family == "discriminative" else settings.recompose, "n_support": int(len(xt)), "uncovered_labels": uncovered, "options": settings.model_dump()}
+        info = {"method": impl.adapt_method(settings), "n_support": int(len(xt)), "uncovered_labels": uncovered, "options": settings.model_dump()}
         return AdaptedModel(task, classes, self.identity(), info)
 
     def zero_shot(self, labels: list[str], **options: Any) -> AdaptedModel:
         """A model for a task from its label names alone (no examples): the bank's own prediction."""
         settings = self._settings(options)
         classes = sorted(set(map(str, labels)))
-        idx = self._covered_indices(classes)
-        if self.family == "discriminative":
-            m = self.model
-            task: DiscriminativeTask | GenerativeTask = DiscriminativeTask(m, TaskHead(m.prototypes.detach()[idx].clone(), m.bias.detach()[idx].clone(), torch.zeros(())))
-        else:
-            w = self._task_prior(idx).sample(32, torch.Generator().manual_seed(0))
-            task = GenerativeTask(self.model, idx, WeightedPrototypes(w, torch.full((32,), -float(np.log(32)))), settings.form, settings.n_z)
+        task = self.family_impl.zero_shot(self, classes, settings)
         return AdaptedModel(task, classes, self.identity(), {"method": "zero-shot", "n_support": 0})
 
     def _settings(self, options: dict[str, Any]) -> AdaptSettings:
@@ -112,46 +101,12 @@ class Bank:
 
             raise ValueError(f"invalid adaptation options\n{format_errors(err)}") from None
 
-    def _adapt_discriminative(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], s: AdaptSettings) -> DiscriminativeTask:
-        m = self.model
-        z = m.embed(x)
-        bank_p, bank_b = m.prototypes.detach(), m.bias.detach()
-        vocab = {c: i for i, c in enumerate(self.label_names)}
-        covered = torch.tensor([c in vocab for c in classes])
-        idx = torch.tensor([vocab.get(c, 0) for c in classes])
-        protos, bias = bank_p[idx].clone(), bank_b[idx].clone()
-        # A covered row may move by about half its length; an imprinted one, freely.
-        scale = 0.5 * protos.norm(dim=-1)
-        if not covered.all():
-            new = ~covered
-            protos[new] = imprint(z, y, len(classes), bank_p)[new]
-            bias[new] = bank_b.mean()
-            scale[new] = 10.0 * bank_p.norm(dim=-1).mean()
-        prior = TaskHead(protos, bias, torch.zeros(()))
-        return DiscriminativeTask(m, adapt_map(z, y, prior, scale, s.prior_strength))
-
-    def _adapt_generative(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], s: AdaptSettings, seed: int) -> GenerativeTask:
-        idx = self._covered_indices(classes)
-        bank = [self.expert_distribution(e.name) for e in self.experts]
-        prior = self._task_prior(idx)
-        if s.recompose == "gaussian":
-            _, q = fit_gaussian(self.model, x, y, idx, prior, bank, seed=seed)
-        else:
-            _, q = fit_mixture(self.model, x, y, idx, bank + [prior], seed=seed)
-        return GenerativeTask(self.model, idx, q, s.form, s.n_z, seed)
-
-    def _task_prior(self, idx: torch.Tensor) -> WDistribution:
-        """Generative family: p_gamma(w | tau*) for the task whose labels are ``idx``."""
-        tau = torch.zeros(len(self.label_names))
-        tau[idx] = 1.0
-        return prior_distribution(self.model, tau)
-
-    def _covered_indices(self, classes: list[str]) -> torch.Tensor:
+    def covered_indices(self, classes: list[str]) -> torch.Tensor:
         """Vocabulary indices of the classes; every class must be covered by some expert."""
         vocab = {c: i for i, c in enumerate(self.label_names)}
         missing = [c for c in classes if c not in vocab]
         if missing:
-            hint = "give examples with bank.adapt (discriminative family)" if self.family == "discriminative" else "use the discriminative family, which fits uncovered labels from examples"
+            hint = "give examples with bank.adapt" if self.family_impl.adapts_uncovered_labels else "use the discriminative family, which fits uncovered labels from examples"
             raise ValueError(f"labels {missing} are covered by no expert in this bank (it knows {list(self.label_names)}); {hint}")
         return torch.tensor([vocab[c] for c in classes])
 
@@ -192,104 +147,30 @@ def _bank_from(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: Any) -
     return Bank(model, meta, experts, dists)
 
 
-def build_model(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None, source: Any = "bank") -> DiscriminativePrototypes | GenerativePrototypes:
-    """Rebuild a family's networks from its JSON config, loading ``state`` if given."""
-    cfg = dict(meta["config"])
-    if cfg.get("image_shape") is not None:
-        cfg["image_shape"] = tuple(cfg["image_shape"])
-    try:
-        model = DiscriminativePrototypes(DiscriminativeConfig(**cfg)) if meta["family"] == "discriminative" else GenerativePrototypes(GenerativeConfig(**cfg))
-        if state is not None:
-            model.load_state_dict(state)
-    except (TypeError, RuntimeError, KeyError) as err:
-        raise artifacts.ArtifactError(f"{source}: weights do not match the recorded {meta.get('family')} configuration ({str(err).splitlines()[0]})") from None
-    return model.eval()
-
-
 def fit_bank(triples: Triples, model_settings: ModelSettings, training: TrainingSettings, adapt: AdaptSettings, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None = None) -> Bank:
     """Train a bank centrally on pooled triples and decompose it into expert records."""
     torch.manual_seed(training.seed)
     train, held = triples.split(training.holdout, training.seed)
-    family = model_settings.family
-    x_dim, n_labels, n_experts = triples.x.shape[1], len(triples.label_names), len(triples.expert_names)
-    epochs = training.resolved_epochs(family, len(train.x))
-    if family == "discriminative":
-        encoder = model_settings.encoder if model_settings.encoder != "auto" else ("conv" if image_shape else "mlp")
-        config: Any = DiscriminativeConfig(x_dim, n_labels, n_experts, model_settings.feat_dim, encoder, image_shape)
-        model: Any = DiscriminativePrototypes(config)
-        agreement, weights = _train_discriminative_bank(model, train, epochs, training, image_shape, progress)
-        imitated = model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach() if len(held.x) else None
-        dists: dict[str, np.ndarray] = {}
-    else:
-        s = model_settings
-        config = GenerativeConfig(x_dim, n_labels, s.z_dim, s.w_dim, s.hidden, likelihood, image_shape, s.conv, s.lam, s.hide_eta)
-        model = GenerativePrototypes(config)
-        train_generative(model, train, epochs, training.lr, training.batch_size, training.seed, progress)
-        imitated = _generative_imitation(model, held) if len(held.x) else None
-        dists = _decompose(model, train)
-        agreement, weights = np.full(n_experts, np.nan), np.ones(n_experts)
-    fid = fidelity(imitated, held) if imitated is not None else [Fidelity(float("nan"), float("nan"), 0)] * n_experts
+    impl = family(model_settings.family)
+    epochs = training.resolved_epochs(impl.name, len(train.x))
+    fitted = impl.fit(train, model_settings, training, epochs, image_shape, likelihood, progress)
+    n_experts = len(triples.expert_names)
+    fid = fidelity(impl.imitate(fitted.model, held), held) if len(held.x) else [Fidelity(float("nan"), float("nan"), 0)] * n_experts
     experts = [
-        ExpertRecord(name, labels, f, int(triples.mask[:, e].sum()), float(agreement[e]), float(weights[e]))
+        ExpertRecord(name, labels, f, int(triples.mask[:, e].sum()), float(fitted.agreement[e]), float(fitted.weights[e]))
         for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))
     ]
-    cfg_json = asdict(config)
-    meta = {
-        "family": family, "config": cfg_json, "x_dim": x_dim, "label_names": list(triples.label_names),
+    meta = bank_meta(impl.name, fitted.config, triples.label_names, image_shape, likelihood, model_settings, training, adapt)
+    return Bank(fitted.model, meta, experts, fitted.distributions)
+
+
+def bank_meta(family_name: str, config: dict[str, Any], label_names: tuple[str, ...] | list[str], image_shape: tuple[int, int] | None, likelihood: str, model: ModelSettings, training: TrainingSettings, adapt: AdaptSettings) -> dict[str, Any]:
+    """A bank's JSON description: family, networks' config, vocabulary and the settings used."""
+    return {
+        "family": family_name, "config": config, "x_dim": config["x_dim"], "label_names": list(label_names),
         "image_shape": list(image_shape) if image_shape else None, "likelihood": likelihood,
-        "settings": {"model": model_settings.model_dump(), "training": training.model_dump(), "adapt": adapt.model_dump()},
+        "settings": {"model": model.model_dump(), "training": training.model_dump(), "adapt": adapt.model_dump()},
     }
-    return Bank(model, meta, experts, dists)
-
-
-def _train_discriminative_bank(model: DiscriminativePrototypes, train: Triples, epochs: int, training: TrainingSettings, image_shape: tuple[int, int] | None, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
-    """Two phases: learn a consensus from everyone; then weight each expert by how well it agrees
-    with that consensus (so a poor participant cannot drag its labels' prototypes) and distil the
-    consensus over the whole vocabulary into the bank. Returns (agreement, weights), each (E,)."""
-    n_experts = len(train.expert_names)
-    aug = training.resolved_augmentation(image_shape)
-    reweight = training.reweight and n_experts > 1
-    args = (training.lr, training.batch_size, aug)
-    if epochs < 2 or not (reweight or training.distill > 0):
-        train_discriminative(model, train, epochs, *args, seed=training.seed, progress=progress)
-        return consensus_agreement(consensus(model, train.x), train), np.ones(n_experts)
-    first = epochs // 2
-    # Both phases report against the whole run's epochs, so a progress bar fills once.
-    earlier = None if progress is None else (lambda e, n, loss: progress(e, epochs, loss))
-    train_discriminative(model, train, first, *args, seed=training.seed, progress=earlier)
-    pooled = consensus(model, train.x)  # (N, C), the first phase's consensus
-    agreement = consensus_agreement(pooled, train)
-    weights = reliability_weights(agreement, train.tau.sum(1)) if reweight else np.ones(n_experts)
-    teacher = pooled if training.distill > 0 else None
-    later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
-    train_discriminative(model, train, epochs - first, *args, expert_weight=weights, teacher=teacher, teacher_weight=training.distill, seed=training.seed + 1, progress=later)
-    return agreement, weights
-
-
-@torch.no_grad()
-def _generative_imitation(model: GenerativePrototypes, held: Triples) -> torch.Tensor:
-    """The generative bank's imitation of each expert: label head on q(z | x, eta hidden)."""
-    from .model.generative import restricted_log_softmax
-
-    x = torch.from_numpy(held.x)
-    mu_z, _ = model.encode_z(model.features(x), torch.zeros(len(x), len(held.label_names)))
-    logits = model.label_head(mu_z)  # (N, C)
-    tau = torch.from_numpy(held.tau) > 0  # (E, C)
-    return restricted_log_softmax(logits[:, None, :].expand(-1, tau.shape[0], -1), tau[None])
-
-
-def _decompose(model: GenerativePrototypes, triples: Triples) -> dict[str, np.ndarray]:
-    """Each expert's distribution over w: prior network p(w | tau_i) and aggregated posterior."""
-    out: dict[str, np.ndarray] = {}
-    tau = torch.from_numpy(triples.tau)
-    for e, name in enumerate(triples.expert_names):
-        x = torch.from_numpy(triples.x[triples.mask[:, e]])
-        prior = prior_distribution(model, tau[e])
-        posterior = aggregated_posterior(model, x, tau[e]) if len(x) else prior  # no queries left: the prior is all we know
-        for source, dist in (("prior", prior), ("posterior", posterior)):
-            out[f"{name}.{source}.mean"] = dist.mean.numpy()
-            out[f"{name}.{source}.cov"] = dist.cov.numpy()
-    return out
 
 
 def _support_labels(y: np.ndarray, n: int) -> tuple[list[str], torch.Tensor]:

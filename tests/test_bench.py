@@ -11,7 +11,7 @@ import torch
 from bench.report import paired_gaps, summarize
 from bench.baselines import CEILING
 from bench.run import SHOTS, build_world, draw_episode, episode_tasks, hide_label, run_episode, uncovered_tasks
-from client_sdk.federation import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
+from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client_sdk.experts import Expert, query_expert
-from client_sdk.federation import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_expert, build_federation, demo_expert
+from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_expert, build_federation, demo_expert
 from protofuse.data import Dataset, load_digits, make_splits, task_subset
 
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import numpy as np
 
 from protofuse.data import Dataset, load_dataset, make_splits, task_subset
 
-from .experts import CallableExpert, Expert, TorchExpert
+from client_sdk.experts import CallableExpert, Expert, TorchExpert
 
 KINDS = ("logreg", "svm", "forest", "knn", "mlp")
 

@@ -1,0 +1,93 @@
+"""The interface every prototype family implements, so that the bank, adapted models, the CLI,
+the federation and the benchmark never branch on a family's name.
+
+A family knows how to build its networks from a JSON config, train them on pooled triples,
+imitate the experts on held-out queries, fit a new task from a support set (or from label names
+alone) and rebuild a saved task. The bank owns everything that is the same for every family:
+splitting the triples, fidelity, expert records, settings, persistence.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..settings import AdaptSettings, ModelSettings, TrainingSettings
+from ..training import Progress
+from ..triples import Triples
+
+if TYPE_CHECKING:  # the bank calls the family; a family only reads the bank it is given
+    from ..bank import Bank
+
+
+class Task(Protocol):
+    """A new task fitted over the bank's prototypes: what an adapted model runs."""
+
+    model: nn.Module
+
+    @property
+    def n_classes(self) -> int: ...
+
+    def log_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, d) inputs -> (n, K) log-probabilities over the task's classes."""
+        ...
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The task's fitted parameters as plain arrays (saved beside the bank's weights)."""
+        ...
+
+    def meta(self) -> dict[str, Any]:
+        """The task's JSON settings (saved in meta.json)."""
+        ...
+
+
+@dataclass
+class Fitted:
+    """What a family's training returns to the bank."""
+
+    model: nn.Module
+    config: dict[str, Any]  # JSON: rebuilds the networks with ``Family.build``
+    agreement: np.ndarray  # (E,) agreement with the bank's consensus; NaN where not measured
+    weights: np.ndarray  # (E,) trust given to each expert in training
+    distributions: dict[str, np.ndarray] = field(default_factory=dict)  # per-expert arrays kept in the bank
+
+
+class Family(ABC):
+    """One prototype family. Instances are stateless; ``FAMILIES`` holds one of each."""
+
+    name: str
+    adapts_uncovered_labels: bool  # can a new task include labels no expert covers?
+    federates: bool  # does the Flower strategy train this family?
+
+    @abstractmethod
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        """The family's networks from their JSON config (untrained)."""
+
+    @abstractmethod
+    def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
+        """Train on pooled triples."""
+
+    @abstractmethod
+    def imitate(self, model: nn.Module, held: Triples) -> torch.Tensor:
+        """The bank's imitation of every expert on held-out inputs: (N, E, C) log-probabilities."""
+
+    @abstractmethod
+    def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> Task:
+        """A new task from support inputs x (n, d) and labels y (n,) indexing ``classes``."""
+
+    @abstractmethod
+    def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> Task:
+        """A new task from its label names alone (every label covered by some expert)."""
+
+    @abstractmethod
+    def load_task(self, model: nn.Module, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> Task:
+        """Rebuild a task saved with its ``arrays()`` and ``meta()``."""
+
+    def adapt_method(self, settings: AdaptSettings) -> str:
+        """How ``adapt`` fits a task with these settings, recorded in the adapted model."""
+        return self.name

@@ -1,0 +1,120 @@
+"""The discriminative family: a shared encoder, one prototype and bias per label, each expert an
+imitation head over its own labels; a new task is the MAP estimate of its labels' rows
+(docs/method.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map, imprint
+from ..settings import AdaptSettings, ModelSettings, TrainingSettings
+from ..training import Progress, consensus, consensus_agreement, reliability_weights, train_discriminative
+from ..triples import Triples
+from .base import Family, Fitted
+
+if TYPE_CHECKING:
+    from ..bank import Bank
+
+
+@dataclass(frozen=True)
+class DiscriminativeTask:
+    """Encoder of the bank plus the task's fitted prototype rows."""
+
+    model: DiscriminativePrototypes
+    head: TaskHead
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.head.prototypes.shape[0])
+
+    def log_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.log_proba(self.model.embed(x))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"prototypes": self.head.prototypes.numpy(), "bias": self.head.bias.numpy(), "log_temp": self.head.log_temp.numpy()}
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+
+def config_for(x_dim: int, n_labels: int, n_experts: int, model: ModelSettings, image_shape: tuple[int, int] | None) -> DiscriminativeConfig:
+    """The networks' config from the settings; the encoder is a conv net for images unless set."""
+    encoder = model.encoder if model.encoder != "auto" else ("conv" if image_shape else "mlp")
+    return DiscriminativeConfig(x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape)
+
+
+class Discriminative(Family):
+    name = "discriminative"
+    adapts_uncovered_labels = True
+    federates = True
+
+    def build(self, config: dict[str, Any]) -> DiscriminativePrototypes:
+        cfg = dict(config)
+        if cfg.get("image_shape") is not None:
+            cfg["image_shape"] = tuple(cfg["image_shape"])
+        return DiscriminativePrototypes(DiscriminativeConfig(**cfg))
+
+    def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
+        config = config_for(train.x.shape[1], len(train.label_names), len(train.expert_names), model, image_shape)
+        net = DiscriminativePrototypes(config)
+        agreement, weights = _two_phases(net, train, epochs, training, image_shape, progress)
+        return Fitted(net, asdict(config), agreement, weights)
+
+    def imitate(self, model: DiscriminativePrototypes, held: Triples) -> torch.Tensor:
+        return model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach()
+
+    def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> DiscriminativeTask:
+        m = bank.model
+        z = m.embed(x)
+        bank_p, bank_b = m.prototypes.detach(), m.bias.detach()
+        vocab = {c: i for i, c in enumerate(bank.label_names)}
+        covered = torch.tensor([c in vocab for c in classes])
+        idx = torch.tensor([vocab.get(c, 0) for c in classes])
+        protos, bias = bank_p[idx].clone(), bank_b[idx].clone()
+        # A covered row may move by about half its length; an imprinted one, freely.
+        scale = 0.5 * protos.norm(dim=-1)
+        if not covered.all():
+            new = ~covered
+            protos[new] = imprint(z, y, len(classes), bank_p)[new]
+            bias[new] = bank_b.mean()
+            scale[new] = 10.0 * bank_p.norm(dim=-1).mean()
+        prior = TaskHead(protos, bias, torch.zeros(()))
+        return DiscriminativeTask(m, adapt_map(z, y, prior, scale, settings.prior_strength))
+
+    def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> DiscriminativeTask:
+        m, idx = bank.model, bank.covered_indices(classes)
+        return DiscriminativeTask(m, TaskHead(m.prototypes.detach()[idx].clone(), m.bias.detach()[idx].clone(), torch.zeros(())))
+
+    def load_task(self, model: DiscriminativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> DiscriminativeTask:
+        return DiscriminativeTask(model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"]))
+
+    def adapt_method(self, settings: AdaptSettings) -> str:
+        return "map"
+
+
+def _two_phases(model: DiscriminativePrototypes, train: Triples, epochs: int, training: TrainingSettings, image_shape: tuple[int, int] | None, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+    """Two phases: learn a consensus from everyone; then weight each expert by how well it agrees
+    with that consensus (so a poor participant cannot drag its labels' prototypes) and distil the
+    consensus over the whole vocabulary into the bank. Returns (agreement, weights), each (E,)."""
+    n_experts = len(train.expert_names)
+    aug = training.resolved_augmentation(image_shape)
+    reweight = training.reweight and n_experts > 1
+    args = (training.lr, training.batch_size, aug)
+    if epochs < 2 or not (reweight or training.distill > 0):
+        train_discriminative(model, train, epochs, *args, seed=training.seed, progress=progress)
+        return consensus_agreement(consensus(model, train.x), train), np.ones(n_experts)
+    first = epochs // 2
+    # Both phases report against the whole run's epochs, so a progress bar fills once.
+    earlier = None if progress is None else (lambda e, n, loss: progress(e, epochs, loss))
+    train_discriminative(model, train, first, *args, seed=training.seed, progress=earlier)
+    pooled = consensus(model, train.x)  # (N, C), the first phase's consensus
+    agreement = consensus_agreement(pooled, train)
+    weights = reliability_weights(agreement, train.tau.sum(1)) if reweight else np.ones(n_experts)
+    teacher = pooled if training.distill > 0 else None
+    later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
+    train_discriminative(model, train, epochs - first, *args, expert_weight=weights, teacher=teacher, teacher_weight=training.distill, seed=training.seed + 1, progress=later)
+    return agreement, weights

@@ -1,0 +1,1 @@
+"""The fusion server (imported as ``protofuse_server``): Flower ServerApp, strategy, bank store."""
