@@ -6,8 +6,11 @@ queries (plain ``.npy``, never pickle), query the black box once, validate what 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,16 @@ from .experts import Expert, as_expert, query_expert
 
 
 def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
-    """Import ``module:attribute`` with the spec's folder first on the import path."""
+    """The entry's black box: a model server over HTTP (``endpoint``), or ``module:attribute``
+    imported with the spec's folder first on the import path (``predict``)."""
+    if entry.endpoint is not None:
+        from .model_servers import model_server_expert
+
+        e = entry.endpoint
+        try:
+            return model_server_expert(e.protocol, e.url, entry.labels, model=e.model, version=e.version, output=e.output, timeout=e.timeout, retries=e.retries, batch_size=e.batch_size)
+        except (TypeError, ValueError) as err:
+            raise SpecError(f"expert {entry.name!r}: endpoint: {err}") from None
     module_name, _, attr = entry.predict.partition(":")
     folder = str(spec.folder)
     added = folder not in sys.path
@@ -117,3 +129,29 @@ def likelihood_for(spec: Spec, triples: Triples) -> str:
     if spec.data.likelihood != "auto":
         return spec.data.likelihood
     return "bernoulli" if spec.data.image_shape is not None and in_unit else "gaussian"
+
+
+def cached_answers(spec: Spec, entry: ExpertEntry, x: np.ndarray, cache_dir: Path) -> np.ndarray:
+    """The expert's answers on x, asking the black box only once per query set.
+
+    Answers are cached on the client's disk, keyed by the queries' bytes, the expert's address and
+    its labels, so a restarted client or a later round never queries the black box again; a
+    changed query file or expert gets a new entry. Written atomically (a crash leaves no half file).
+    """
+    key = hashlib.sha256()
+    key.update(np.ascontiguousarray(x).tobytes())
+    key.update(json.dumps([entry.name, entry.predict, entry.endpoint.model_dump() if entry.endpoint else None, list(entry.labels)]).encode())
+    path = Path(cache_dir) / f"{entry.name}-{key.hexdigest()[:24]}.npy"
+    if path.is_file():
+        answers = np.load(path, allow_pickle=False)
+        if answers.shape == (len(x), len(entry.labels)):
+            return answers
+    answers = query_expert(resolve_expert(spec, entry), x, entry.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, answers)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return answers

@@ -14,6 +14,7 @@ family the moments of its distribution over ``w`` (prior network and aggregated 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from .training import Fidelity, Progress, fidelity
 from .triples import Triples
 
 KIND = "protofuse-bank"
+RUN_BANK = "bank"  # a federation's run folder keeps its bank here, beside the store
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,10 @@ class Bank:
 
 
 def load_bank(path: str | os.PathLike) -> Bank:
-    """Load a bank written by ``protofuse fit`` (checksum and format verified)."""
+    """Load a bank written by ``protofuse fit``, or the run folder of a federation (``simulate``
+    or the deployed server), whose bank sits in its ``bank/`` folder (checksum and format verified)."""
+    if not (Path(path) / artifacts.META).exists() and (Path(path) / RUN_BANK / artifacts.META).exists():
+        path = Path(path) / RUN_BANK
     arrays, meta = artifacts.load(path, KIND)
     try:
         return _bank_from(arrays, meta, path)

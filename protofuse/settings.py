@@ -64,3 +64,27 @@ class AdaptSettings(_Strict):
     recompose: Literal["gaussian", "mixture"] = Field("mixture", description="generative: form of q*(w)")
     form: Literal["conditional", "joint"] = Field("joint", description="generative: prediction form")
     n_z: int = Field(32, ge=1, le=4096, description="generative: importance samples of z per prediction")
+
+
+class FederationSettings(_Strict):
+    """How the fusion server schedules rounds (``protofuse simulate`` and the deployed server).
+
+    Training rounds follow the two phases of central training: consensus rounds, then one
+    agreement round (each client scores its expert against the bank's consensus; the server sets
+    trust), then weighted rounds with consensus distillation.
+    """
+
+    rounds: int = Field(40, ge=1, le=100_000, description="training rounds, split evenly between the two phases (plus one agreement round between them)")
+    local_epochs: int = Field(1, ge=1, le=1000, description="local passes over a client's queries per round (more drift apart: measured worse)")
+    aggregation: Literal["rowwise", "fedavg"] = Field("rowwise", description="prototype rows averaged over the clients whose expert covers the label (rowwise) or over all clients (fedavg)")
+    batch_size: int | None = Field(None, ge=2, le=65_536, description="client batch size; default: whatever gives each client the optimizer steps central training would take on its queries (at most [training] batch_size)")
+    min_clients: int | None = Field(None, ge=1, le=100_000, description="clients to wait for before the first round; default: every expert of the spec (simulation) or 2")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
+
+    def client_batch_size(self, n_train: int, training: "TrainingSettings") -> int:
+        """Rounds x local epochs x batches per epoch = the steps central training takes on the same queries."""
+        if self.batch_size is not None:
+            return self.batch_size
+        central_steps = training.resolved_epochs("discriminative", n_train) * -(-n_train // training.batch_size)
+        epochs = self.rounds * self.local_epochs
+        return int(min(training.batch_size, max(8, -(-n_train * epochs // central_steps))))

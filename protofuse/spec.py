@@ -9,7 +9,7 @@
     labels = ["0", "1", "2", "3"]# in the order of the expert's output columns
     queries = "queries.npy"      # unlabeled inputs (n, d), relative to the spec
 
-    [model] / [training] / [adapt]   # optional, see protofuse.settings
+    [model] / [training] / [adapt] / [federation]   # optional, see protofuse.settings
 """
 
 from __future__ import annotations
@@ -21,24 +21,54 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .settings import AdaptSettings, ModelSettings, TrainingSettings
+from .settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
 
 
 class SpecError(ValueError):
     """A federation spec that cannot be used; the message names the field and the fix."""
 
 
+class Endpoint(BaseModel):
+    """A black box served over HTTP, as organizations usually serve their models already."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: Literal["open-inference", "mlflow"] = Field(description="open-inference: POST /v2/models/MODEL/infer (KServe, Triton, MLServer); mlflow: POST /invocations")
+    url: str = Field(pattern=r"^https?://", description="base URL of the model server, e.g. http://127.0.0.1:8080")
+    model: str | None = Field(None, min_length=1, description="open-inference: the model's name on the server")
+    version: str | None = Field(None, description="open-inference: the model's version (default: the server's)")
+    output: str | None = Field(None, description="open-inference: name of the output holding probabilities (MLServer's scikit-learn runtime: predict_proba)")
+    timeout: float = Field(30.0, gt=0, le=3600, description="seconds per request")
+    retries: int = Field(3, ge=0, le=20, description="retries on connection errors, timeouts, 429 and 5xx")
+    batch_size: int = Field(256, ge=1, le=1_000_000, description="rows per request")
+
+    @model_validator(mode="after")
+    def _model_named(self) -> "Endpoint":
+        if self.protocol == "open-inference" and not self.model:
+            raise ValueError("protocol 'open-inference' needs model = the model's name on the server")
+        return self
+
+
 class ExpertEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$", description="unique name (letters, digits, _ . -)")
-    predict: str = Field(description="import path module:attribute of a callable, fitted estimator or torch module")
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$", description="unique name (letters, digits, _ . -); also the expert's pseudonym in a federation")
+    predict: str | None = Field(None, description="import path module:attribute of a callable, fitted estimator or torch module")
+    endpoint: Endpoint | None = Field(None, description="or: a model server over HTTP")
     labels: list[str] = Field(min_length=1, description="label names, in the order of the expert's output columns")
     queries: str = Field(description=".npy file of unlabeled inputs (n, d), relative to the spec")
 
+    @model_validator(mode="after")
+    def _one_black_box(self) -> "ExpertEntry":
+        if (self.predict is None) == (self.endpoint is None):
+            raise ValueError("give exactly one of predict = 'module:attribute' or an [experts.endpoint] table (a model server)")
+        return self
+
     @field_validator("predict")
     @classmethod
-    def _import_path(cls, v: str) -> str:
+    def _import_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         module, sep, attr = v.partition(":")
         if not sep or not module or not attr:
             raise ValueError(f"{v!r} is not an import path; write it as 'module:attribute', e.g. 'experts:logreg_a'")
@@ -80,11 +110,12 @@ class DataSettings(BaseModel):
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    experts: list[ExpertEntry] = Field(min_length=1)
+    experts: list[ExpertEntry] = Field(default_factory=list)
     data: DataSettings = DataSettings()
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
     adapt: AdaptSettings = AdaptSettings()
+    federation: FederationSettings = FederationSettings()
     folder: Path = Field(Path("."), exclude=True, description="the spec's folder; relative paths start here")
 
     @model_validator(mode="after")
@@ -95,12 +126,23 @@ class Spec(BaseModel):
             raise ValueError(f"expert names {dup} appear more than once; give each [[experts]] entry a unique name")
         return self
 
+    def expert(self, name: str) -> ExpertEntry:
+        """The entry called ``name``; a SpecError lists the names there are."""
+        for entry in self.experts:
+            if entry.name == name:
+                return entry
+        raise SpecError(f"no expert named {name!r} in the spec (it lists {[e.name for e in self.experts]})")
+
     def queries_path(self, entry: ExpertEntry) -> Path:
         return (self.folder / entry.queries).resolve()
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
-    """Read and validate a spec; every problem is reported with its field, e.g. ``experts[1].labels``."""
+def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec:
+    """Read and validate a spec; every problem is reported with its field, e.g. ``experts[1].labels``.
+
+    The fusion server reads the same file for its settings (``[data]``, ``[model]``,
+    ``[training]``, ``[adapt]``, ``[federation]``): there the experts are the clients' business
+    and may be absent (``experts_required=False``)."""
     file = Path(path)
     try:
         raw = tomllib.loads(file.read_text())
@@ -111,9 +153,12 @@ def load_spec(path: str | os.PathLike) -> Spec:
     if "folder" in raw:
         raise SpecError(f"{file}: 'folder' is not a spec field; paths are relative to the spec's own folder")
     try:
-        return Spec(**raw, folder=file.resolve().parent)
+        spec = Spec(**raw, folder=file.resolve().parent)
     except ValidationError as err:
         raise SpecError(f"{file}: invalid spec\n{format_errors(err)}") from None
+    if experts_required and not spec.experts:
+        raise SpecError(f"{file}: invalid spec\n  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)")
+    return spec
 
 
 def format_errors(err: ValidationError) -> str:

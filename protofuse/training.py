@@ -6,6 +6,7 @@ runs the same loop on its own triples for a few local epochs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,19 +38,46 @@ def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epoc
     term of ``DiscriminativePrototypes.consensus_loss``.
     """
     gen = torch.Generator().manual_seed(seed)
-    x, eta, mask = (torch.from_numpy(a) for a in (triples.x, triples.eta, triples.mask))
-    tau = torch.from_numpy(triples.tau)
-    weight = torch.ones(len(triples.expert_names)) if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32)
-    target = None if teacher is None or teacher_weight <= 0 else torch.as_tensor(teacher, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * _n_batches(len(x), batch_size))
-    image_shape = model.cfg.image_shape
-    model.train()
+    trainer = DiscriminativeTrainer(model, lr, total_steps=epochs * n_batches(len(triples.x), batch_size))
     for epoch in range(epochs):
+        loss = trainer.epoch(triples, batch_size, gen, augmentation, expert_weight, teacher, teacher_weight)
+        if progress:
+            progress(epoch + 1, epochs, loss)
+    model.eval()
+
+
+class DiscriminativeTrainer:
+    """AdamW with a one-cycle schedule over ``total_steps``, run an epoch at a time.
+
+    Centrally one trainer runs a whole phase; in a federation a client keeps its trainer's state
+    between rounds (``state_arrays``), so its schedule and moments continue instead of restarting.
+    """
+
+    def __init__(self, model: DiscriminativePrototypes, lr: float, total_steps: int) -> None:
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=max(1, total_steps))
+        self.total_steps = max(1, total_steps)
+
+    @property
+    def steps_done(self) -> int:
+        return int(self.sched.last_epoch)
+
+    def epoch(self, triples: Triples, batch_size: int, gen: torch.Generator, augmentation: Augmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0) -> float:
+        """One pass over the triples in a random order drawn from ``gen``; returns the mean loss."""
+        model = self.model
+        x, eta, mask = (torch.from_numpy(a) for a in (triples.x, triples.eta, triples.mask))
+        tau = torch.from_numpy(triples.tau)
+        weight = torch.ones(len(triples.expert_names)) if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32)
+        target = None if teacher is None or teacher_weight <= 0 else torch.as_tensor(teacher, dtype=torch.float32)
+        image_shape = model.cfg.image_shape
+        model.train()
         total, count = 0.0, 0
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             if len(idx) < 2:  # batch norm needs two examples
                 continue
+            if self.steps_done >= self.total_steps:  # the schedule is spent (a client may get extra rounds)
+                break
             xb = x[idx]
             if augmentation is not None and image_shape is not None:
                 xb = augment_images(xb, image_shape, augmentation, gen)
@@ -57,14 +85,42 @@ def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epoc
             loss = model.imitation_loss(z, eta[idx], mask[idx], tau, weight)
             if target is not None:
                 loss = loss + teacher_weight * model.consensus_loss(z, target[idx])
-            opt.zero_grad()
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
-            sched.step()
+            self.opt.step()
+            self.sched.step()
             total, count = total + loss.item() * len(idx), count + len(idx)
-        if progress:
-            progress(epoch + 1, epochs, total / max(count, 1))
-    model.eval()
+        model.eval()
+        return total / max(count, 1)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The optimizer's moments and the schedule's position as plain arrays."""
+        out = {"steps_done": np.asarray([self.steps_done], dtype=np.int64)}
+        for i, state in self.opt.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"{i}.{key}"] = torch.as_tensor(value).numpy()
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> bool:
+        """Restore ``state_arrays``; False (and nothing changed) if they do not fit this model."""
+        params = list(self.model.parameters())
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in arrays.items():
+            if key == "steps_done":
+                continue
+            i, _, name = key.partition(".")
+            state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(value))
+        fits = all(0 <= i < len(params) and all(v.shape == params[i].shape for k, v in s.items() if k != "step") for i, s in state.items())
+        if not fits or "steps_done" not in arrays:
+            return False
+        full = self.opt.state_dict()
+        full["state"] = state
+        self.opt.load_state_dict(full)
+        with warnings.catch_warnings():  # stepping the schedule alone is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(min(int(np.ravel(arrays["steps_done"])[0]), self.total_steps)):  # replay the schedule to its position
+                self.sched.step()
+        return True
 
 
 def train_generative(model: GenerativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, progress: Progress | None = None) -> None:
@@ -143,5 +199,5 @@ def reliability_weights(agreement: np.ndarray, n_labels: np.ndarray) -> np.ndarr
     return (kappa / max(kappa.max(), 1e-8)) ** 2
 
 
-def _n_batches(n: int, batch_size: int) -> int:
+def n_batches(n: int, batch_size: int) -> int:
     return max(1, (n + batch_size - 1) // batch_size)

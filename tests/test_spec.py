@@ -45,6 +45,26 @@ def test_errors_are_one_line_per_field_written_as_in_the_file(tmp_path):
 def test_unknown_fields_and_reserved_names_are_refused_with_the_fix(tmp_path):
     assert "  training.learning_rate: unknown field; check its spelling against the documented fields" in _errors(tmp_path, GOOD + "\n[training]\nlearning_rate = 0.1\n").splitlines()
     assert "'folder' is not a spec field; paths are relative to the spec's own folder" in _errors(tmp_path, 'folder = "/x"\n' + GOOD)
-    assert "  experts: Field required" in _errors(tmp_path, "").splitlines()
+    assert "  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)" in _errors(tmp_path, "").splitlines()
     duplicate = _errors(tmp_path, GOOD + GOOD).splitlines()  # a whole-spec rule has no single field
     assert duplicate[1] == "  (top level): expert names ['a'] appear more than once; give each [[experts]] entry a unique name"
+
+
+def test_an_expert_is_an_import_path_or_a_model_server_never_both(tmp_path):
+    served = '[[experts]]\nname = "org"\nlabels = ["0", "1"]\nqueries = "q.npy"\n[experts.endpoint]\nprotocol = "open-inference"\nurl = "http://127.0.0.1:8080"\nmodel = "digits"\n'
+    (tmp_path / "spec.toml").write_text(served)
+    entry = load_spec(tmp_path / "spec.toml").experts[0]
+    assert entry.predict is None and entry.endpoint.model == "digits" and entry.endpoint.retries == 3
+    both = served.replace('queries = "q.npy"', 'queries = "q.npy"\npredict = "m:f"')
+    assert "give exactly one of predict" in _errors(tmp_path, both)
+    assert "give exactly one of predict" in _errors(tmp_path, '[[experts]]\nname = "a"\nlabels = ["0"]\nqueries = "q.npy"\n')
+    assert "experts[0].endpoint: protocol 'open-inference' needs model" in _errors(tmp_path, served.replace('model = "digits"\n', ""))
+    assert "experts[0].endpoint.url" in _errors(tmp_path, served.replace("http://", "ftp://"))
+
+
+def test_the_server_reads_the_same_file_without_experts(tmp_path):
+    (tmp_path / "server.toml").write_text("[federation]\nrounds = 6\naggregation = 'fedavg'\n[data]\nimage_shape = [8, 8]\n")
+    spec = load_spec(tmp_path / "server.toml", experts_required=False)
+    assert spec.experts == [] and spec.federation.rounds == 6 and spec.federation.aggregation == "fedavg"
+    with pytest.raises(SpecError, match="no \\[\\[experts\\]\\] table"):
+        load_spec(tmp_path / "server.toml")

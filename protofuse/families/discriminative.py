@@ -118,3 +118,23 @@ def _two_phases(model: DiscriminativePrototypes, train: Triples, epochs: int, tr
     later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
     train_discriminative(model, train, epochs - first, *args, expert_weight=weights, teacher=teacher, teacher_weight=training.distill, seed=training.seed + 1, progress=later)
     return agreement, weights
+
+
+# Each expert's imitation head (temperature and per-label biases) is private to its client: it
+# travels only inside the expert's prototype-distribution message. Everything else is shared.
+PRIVATE_PARAMETERS = ("expert_log_temp", "expert_bias")
+
+
+def shared_arrays(model: DiscriminativePrototypes) -> dict[str, np.ndarray]:
+    """The shared part of the model (encoder, prototype rows, biases) as plain arrays."""
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k not in PRIVATE_PARAMETERS}
+
+
+def load_shared(model: DiscriminativePrototypes, arrays: dict[str, np.ndarray]) -> None:
+    """Load the shared part; the private heads keep their values."""
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    missing = set(shared_arrays(model)) - set(state)
+    unknown = set(state) - set(shared_arrays(model))
+    if missing or unknown:
+        raise ValueError(f"shared weights do not fit the model: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    model.load_state_dict(state, strict=False)

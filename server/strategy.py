@@ -1,0 +1,280 @@
+"""The fusion strategy: Flower's FedAvg plus the prototype bank.
+
+Round schedule (the two phases of central training, as rounds):
+1. consensus rounds: every client imitates its expert; the shared weights are averaged;
+2. one agreement round: each client scores its expert against the bank's consensus on its own
+   queries; the server turns the scores into trust weights (``reliability_weights``);
+3. weighted rounds: clients also distil the consensus (each computes its teacher locally) and
+   their updates count in proportion to examples x trust.
+
+Aggregation: encoder weights are averaged over all clients (FedAvg). A prototype row and its bias
+are averaged over the clients whose expert covers that label (``rowwise``, the default), or over
+all clients (``fedavg``). Every reply's prototype-distribution message and imitator statistics
+are decoded (validated) and merged into the experts' records; the bank is checkpointed every round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from protofuse import wire
+from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse.training import reliability_weights
+
+from .store import ExpertState
+
+ROW_KEYS = ("prototypes", "bias")  # arrays with one row per label of the vocabulary
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "consensus", "agreement" or "weighted"
+    index: int  # 0-based position of the round within its phase
+    rounds: int  # rounds in the phase
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Training rounds split between the two phases, an agreement round between them."""
+
+    consensus: int
+    weighted: int
+
+    @classmethod
+    def from_settings(cls, federation: FederationSettings, training: TrainingSettings) -> "Schedule":
+        two_phases = federation.rounds >= 2 and (training.reweight or training.distill > 0)
+        first = federation.rounds // 2 if two_phases else federation.rounds
+        return cls(first, federation.rounds - first)
+
+    @property
+    def total(self) -> int:
+        return self.consensus + (1 + self.weighted if self.weighted else 0)
+
+    def at(self, round: int) -> Phase:
+        """The phase of a 1-based round."""
+        if not 1 <= round <= self.total:
+            raise ValueError(f"round {round} outside the schedule's 1..{self.total}")
+        if round <= self.consensus:
+            return Phase("consensus", round - 1, self.consensus)
+        if round == self.consensus + 1:
+            return Phase("agreement", 0, 1)
+        return Phase("weighted", round - self.consensus - 2, self.weighted)
+
+
+@dataclass
+class Client:
+    """What the server knows of one node: from its description and its latest messages."""
+
+    pseudonym: str
+    labels: tuple[str, ...]
+    n_queries: int
+    record: ExpertState | None = None
+
+
+@dataclass
+class Federation:
+    """The server's view of the run: vocabulary (append-only), clients and experts' records."""
+
+    vocabulary: list[str]
+    x_dim: int
+    nodes: dict[int, Client] = field(default_factory=dict)  # node id -> client
+    records: dict[str, ExpertState] = field(default_factory=dict)  # pseudonym -> latest record
+    trust: dict[str, float] = field(default_factory=dict)  # pseudonym -> trust weight
+
+    def admit(self, node_id: int, describe: ConfigRecord) -> list[str]:
+        """Register a described node; returns the labels it adds to the vocabulary."""
+        pseudonym = str(describe["pseudonym"])
+        labels = tuple(str(c) for c in describe["labels"])
+        x_dim = int(describe["x-dim"])
+        if x_dim != self.x_dim:
+            raise ValueError(f"node {node_id} ({pseudonym}) has inputs of width {x_dim}, the federation's are {self.x_dim}")
+        taken = {c.pseudonym for nid, c in self.nodes.items() if nid != node_id}
+        if pseudonym in taken:
+            raise ValueError(f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give each expert a unique name")
+        self.nodes[node_id] = Client(pseudonym, labels, int(describe["n-queries"]))
+        new = [c for c in labels if c not in self.vocabulary]
+        self.vocabulary.extend(new)
+        return new
+
+
+def describe_nodes(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, ConfigRecord]:
+    """Ask nodes for their expert's pseudonym, labels and input width (a ``query`` message)."""
+    from flwr.app import MessageType, RecordDict
+
+    messages = [Message(RecordDict({"ask": ConfigRecord({"what": "describe"})}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    out: dict[int, ConfigRecord] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log(WARNING, "node %s could not describe its expert: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        out[reply.metadata.src_node_id] = reply.content["describe"]
+    return out
+
+
+class FusionStrategy(FedAvg):
+    """FedAvg over the shared weights; merges prototype-distribution messages into the bank."""
+
+    def __init__(self, federation: Federation, schedule: Schedule, training: TrainingSettings, settings: FederationSettings, model_config: dict[str, Any], checkpoint: Callable[[int, dict[str, np.ndarray], "FusionStrategy"], None], round_offset: int = 0, **fedavg: Any) -> None:
+        super().__init__(fraction_evaluate=0.0, min_train_nodes=settings.min_clients or 2, min_available_nodes=settings.min_clients or 2, **fedavg)
+        self.federation = federation
+        self.schedule = schedule
+        self.training = training
+        self.settings = settings
+        self.model_config = model_config
+        self.checkpoint = checkpoint
+        self.offset = round_offset
+        self.history: list[dict[str, Any]] = []
+        self._sent: dict[str, np.ndarray] = {}
+
+    # -- sending -------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        r = self.offset + server_round
+        phase = self.schedule.at(r)
+        current = {k: v.numpy() for k, v in arrays.items()}
+        current = self._admit_new_nodes(grid, current)
+        self._sent = current
+        config = ConfigRecord({
+            "round": r, "phase": phase.name, "phase-round": phase.index, "phase-rounds": phase.rounds,
+            "vocabulary": list(self.federation.vocabulary), "model": json.dumps(self.model_config),
+            "training": self.training.model_dump_json(), "federation": self.settings.model_dump_json(),
+        })
+        messages = list(super().configure_train(server_round, to_record(current), config, grid))
+        return [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
+
+    def _admit_new_nodes(self, grid: Grid, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Nodes that joined since the last round describe themselves; their new labels are
+        appended to the vocabulary, with fresh prototype rows (existing rows keep their index)."""
+        new_nodes = [n for n in grid.get_node_ids() if n not in self.federation.nodes]
+        if not new_nodes:
+            return current
+        added: list[str] = []
+        for node_id, describe in describe_nodes(grid, new_nodes, self.settings.round_timeout).items():
+            try:
+                added += self.federation.admit(node_id, describe)
+            except ValueError as err:
+                log(WARNING, "refusing node %s: %s", node_id, err)
+        return extend_rows(current, len(added), self.training.seed + len(self.federation.vocabulary)) if added else current
+
+    # -- receiving -----------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r = self.offset + server_round
+        phase = self.schedule.at(r)
+        ok: list[tuple[Client, Message, wire.ImitatorStats]] = []
+        for reply in list(replies):
+            client = self.federation.nodes.get(reply.metadata.src_node_id)
+            if reply.has_error() or client is None:
+                log(WARNING, "round %s: no usable reply from node %s (%s)", r, reply.metadata.src_node_id, reply.error.reason if reply.has_error() else "unknown node")
+                continue
+            try:
+                stats = self._merge(client, reply, r)
+            except wire.WireError as err:  # a malformed message is dropped, the round goes on
+                log(WARNING, "round %s: node %s (%s) sent an invalid message, ignored: %s", r, reply.metadata.src_node_id, client.pseudonym, err)
+                continue
+            ok.append((client, reply, stats))
+        if not ok:
+            raise RuntimeError(f"round {r}: no client replied with a usable update; see the warnings above")
+        if phase.name == "agreement":
+            self._set_trust([(c, s) for c, _, s in ok])
+            arrays = self._sent
+        else:
+            arrays = self.aggregate([(c, {k: v.numpy() for k, v in m.content["arrays"].items()}, s.n_examples) for c, m, s in ok])
+        metrics = self._round_metrics(r, phase, ok, arrays)
+        self.checkpoint(r, arrays, self)
+        return to_record(arrays), metrics
+
+    def _merge(self, client: Client, reply: Message, round: int) -> wire.ImitatorStats:
+        fusion = reply.content["fusion"]
+        dist = wire.decode_distribution(bytes(fusion["distribution"]))
+        stats = wire.decode_stats(bytes(fusion["stats"]))
+        for who in (dist.pseudonym, stats.pseudonym):
+            if who != client.pseudonym:
+                raise wire.WireError(f"ExpertDistribution.pseudonym: {who!r} from the node registered as {client.pseudonym!r}")
+        if tuple(dist.label_names) != client.labels:
+            raise wire.WireError(f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels the node declared {list(client.labels)}")
+        old = self.federation.records.get(client.pseudonym)
+        consensus = stats.consensus_agreement if stats.consensus_agreement is not None else (old.consensus if old else None)
+        self.federation.records[client.pseudonym] = ExpertState(
+            client.pseudonym, client.labels, wire.encode_distribution(dist), stats.n_examples, stats.n_queries,
+            stats.fidelity.agreement, stats.fidelity.kl, stats.fidelity.n, consensus, self.federation.trust.get(client.pseudonym, 1.0), round,
+        )
+        return stats
+
+    def _set_trust(self, scored: list[tuple[Client, wire.ImitatorStats]]) -> None:
+        agreement = np.array([s.consensus_agreement if s.consensus_agreement is not None else np.nan for _, s in scored])
+        n_labels = np.array([len(c.labels) for c, _ in scored])
+        weights = reliability_weights(agreement, n_labels) if self.training.reweight and len(scored) > 1 else np.ones(len(scored))
+        for (client, _), w in zip(scored, weights):
+            self.federation.trust[client.pseudonym] = float(w)
+            rec = self.federation.records[client.pseudonym]
+            self.federation.records[client.pseudonym] = replace(rec, trust=float(w))
+
+    def aggregate(self, updates: list[tuple[Client, dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        """Weighted means of the clients' shared arrays (weights: examples x trust)."""
+        weights = np.array([n * self.federation.trust.get(c.pseudonym, 1.0) for c, _, n in updates], dtype=np.float64)
+        if weights.sum() <= 0:  # everyone distrusted: fall back to examples alone
+            weights = np.array([n for _, _, n in updates], dtype=np.float64)
+        vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
+        covers = np.zeros((len(updates), len(vocab)))
+        for i, (client, _, _) in enumerate(updates):
+            covers[i, [vocab[c] for c in client.labels]] = 1.0
+        out: dict[str, np.ndarray] = {}
+        for key, reference in self._sent.items():
+            stack = np.stack([u[key] for _, u, _ in updates]).astype(np.float64)
+            if key in ROW_KEYS and self.settings.aggregation == "rowwise":
+                out[key] = rowwise_mean(stack, weights, covers, reference)
+            else:
+                out[key] = np.tensordot(weights / weights.sum(), stack, axes=1)
+            out[key] = out[key].astype(reference.dtype) if np.issubdtype(reference.dtype, np.floating) else np.rint(out[key]).astype(reference.dtype)
+        return out
+
+    def _round_metrics(self, r: int, phase: Phase, ok: list[tuple[Client, Message, wire.ImitatorStats]], arrays: dict[str, np.ndarray]) -> MetricRecord:
+        sent = [recorddict_to_proto(m.content).ByteSize() for _, m, _ in ok]
+        shared = sum(a.nbytes for a in arrays.values())
+        losses = [s.loss for _, _, s in ok if s.loss is not None]
+        row = {
+            "round": r, "phase": phase.name, "clients": len(ok), "loss": float(np.mean(losses)) if losses else math.nan,
+            "bytes_per_client": float(np.mean(sent)), "shared_bytes": shared,
+            "fidelity": float(np.mean([s.fidelity.agreement for _, _, s in ok])),
+            "trust": {c.pseudonym: self.federation.trust.get(c.pseudonym, 1.0) for c, _, _ in ok},
+        }
+        self.history.append(row)
+        log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), row["loss"], row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)
+        return MetricRecord({"loss": row["loss"], "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]})
+
+
+def rowwise_mean(stack: np.ndarray, weights: np.ndarray, covers: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Row c averaged over the clients covering label c; rows nobody covers keep ``reference``.
+
+    stack (K, C, ...) the clients' arrays; weights (K,); covers (K, C) 0/1; reference (C, ...).
+    """
+    w = weights[:, None] * covers  # (K, C)
+    total = w.sum(0)  # (C,)
+    extra = (1,) * (stack.ndim - 2)
+    mean = (w.reshape(w.shape + extra) * stack).sum(0) / np.maximum(total, 1e-12).reshape(total.shape + extra)
+    return np.where((total > 0).reshape(total.shape + extra), mean, reference.astype(np.float64))
+
+
+def extend_rows(arrays: dict[str, np.ndarray], n_new: int, seed: int) -> dict[str, np.ndarray]:
+    """Append rows for new labels: prototypes drawn like the model's initial rows, biases 0."""
+    out = dict(arrays)
+    protos = arrays["prototypes"]
+    rng = np.random.default_rng(seed)
+    out["prototypes"] = np.concatenate([protos, (rng.standard_normal((n_new, protos.shape[1])) / np.sqrt(protos.shape[1])).astype(protos.dtype)])
+    out["bias"] = np.concatenate([arrays["bias"], np.zeros(n_new, dtype=arrays["bias"].dtype)])
+    return out
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
