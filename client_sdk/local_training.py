@@ -96,7 +96,8 @@ def run_round(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndarray
     loss: float | None = None
     trained: dict[str, np.ndarray] | None = None
     if plan.phase == "agreement":
-        agreement = float(consensus_agreement(consensus(model, train.x), train)[0])
+        score = float(consensus_agreement(consensus(model, train.x), train)[0])
+        agreement = None if np.isnan(score) else score  # NaN: the consensus never chose its labels
     else:
         teacher = _teacher(model, train, plan, kept, out_state)
         loss = _train(model, train, plan, teacher, kept, out_state, expert.pseudonym)

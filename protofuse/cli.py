@@ -53,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help=".npz to write proba and classes to")
     predict.set_defaults(run=_predict)
 
+    sim = sub.add_parser("simulate", help="run the federation of a spec on Flower's simulation engine", description="Run the spec's federation on Flower's simulation engine: the same ServerApp and ClientApp as a deployment, one virtual client per expert. Writes the run folder (bank/, store/, rounds.json), which adapt, predict and info accept like fit's output. Only the discriminative family federates.")
+    sim.add_argument("spec", type=Path, help="federation spec (TOML), the same format as fit's; [federation] sets rounds, local epochs, aggregation")
+    sim.add_argument("--out", type=Path, required=True, help="run folder; a run interrupted there resumes from its last checkpoint")
+    sim.add_argument("--rounds", type=int, help="training rounds (default: the spec's [federation] rounds, 40)")
+    sim.add_argument("--verbose", action="store_true", help="show all of Flower's log, not only the rounds")
+    sim.set_defaults(run=_simulate)
+
+    client = sub.add_parser("client", help="run a client (Flower SuperNode) for one expert of a spec", description="Start a Flower SuperNode whose ClientApp serves one expert of SPEC: the expert answers its queries once (cached), then each round the node trains the shared model locally and sends only the shared weights and its expert's two messages.")
+    client.add_argument("spec", type=Path, help="spec naming the expert (import path or [experts.endpoint]) and its queries")
+    client.add_argument("--expert", help="the expert's name in the spec (default: the spec's only expert)")
+    client.add_argument("--superlink", required=True, help="the SuperLink's Fleet address, host:port")
+    client.add_argument("--port", type=int, default=9094, help="this SuperNode's ClientApp I/O port (give each node on one host its own)")
+    client.add_argument("--cache-dir", type=Path, help="where the expert's answers are cached (default: .protofuse-cache beside the spec)")
+    client.add_argument("--root-certificates", type=Path, help="CA certificate of the SuperLink (TLS)")
+    client.add_argument("--insecure", action="store_true", help="no TLS (testing only: traffic and weights travel in clear)")
+    client.add_argument("--auth-supernode-private-key", type=Path, help="this node's private key when the SuperLink authenticates SuperNodes")
+    client.set_defaults(run=_client)
+
     info = sub.add_parser("info", help="describe a bank: experts, labels, fidelity", description="Print a bank's family, vocabulary and one row per expert.")
     info.add_argument("bank", type=Path)
     info.set_defaults(run=_info)
@@ -117,11 +135,63 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from protofuse.bank import load_bank
+    from protofuse_server.simulation import simulate
+
+    t0 = time.perf_counter()
+
+    def echo(line: str) -> None:  # the rounds, the bank and errors; everything with --verbose
+        if args.verbose or "round " in line and "/" in line and "clients" in line or "fusion:" in line or "ERROR" in line or "Error" in line:
+            print(line, file=sys.stderr, flush=True)
+
+    out = simulate(args.spec, args.out, args.rounds, echo=echo)
+    bank = load_bank(out)
+    print(f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta['federation']['rounds']} rounds)", file=sys.stderr)
+    _print_experts(bank)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from client_sdk.client_app import load_queries
+    from client_sdk.collect import cached_answers
+    from protofuse.spec import load_spec
+    from protofuse_server.simulation import FLOWER_ENV, _bin
+
+    spec_path = args.spec.resolve()
+    spec = load_spec(spec_path)
+    entry = spec.expert(args.expert) if args.expert else (spec.experts[0] if len(spec.experts) == 1 else None)
+    if entry is None:
+        raise ValueError(f"the spec lists {len(spec.experts)} experts; name this client's with --expert")
+    if not (args.insecure or args.root_certificates):
+        raise ValueError("give --root-certificates CA.crt (TLS), or --insecure for a test on a trusted network")
+    cache = (args.cache_dir or spec_path.parent / ".protofuse-cache").resolve()
+    # Ask the black box now: a broken expert fails here, with its name, before the node joins.
+    x = load_queries(spec.queries_path(entry))
+    answers = cached_answers(spec, entry, x, cache)
+    print(f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in {cache}", file=sys.stderr)
+    node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'
+    cmd = [_bin("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port), "--node-config", node_config]
+    cmd += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates.resolve())]
+    if args.auth_supernode_private_key:
+        cmd += ["--auth-supernode-private-key", str(args.auth_supernode_private_key.resolve())]
+    if args.insecure:
+        print("warning: --insecure: no TLS between this client and the SuperLink", file=sys.stderr)
+    env = {**os.environ, **FLOWER_ENV}
+    return subprocess.call(cmd, env=env)
+
+
 def _info(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
 
     bank = load_bank(args.bank)
     print(f"{bank.family} bank {bank.version}: {len(bank.label_names)} labels {list(bank.label_names)}")
+    fed = bank.meta.get("federation")
+    if fed:
+        print(f"federated: {fed['rounds']} rounds, {fed['settings']['aggregation']} aggregation, {fed['settings']['local_epochs']} local epoch(s) per round")
     _print_experts(bank)
     return 0
 

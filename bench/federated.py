@@ -1,0 +1,160 @@
+"""Federated against central: the bank from ``protofuse simulate`` and the bank from ``fit`` on the
+same experts and queries, scored on the same paired episodes (new 5-way tasks no expert covers).
+
+    python -m bench.federated --out bench-results/federated            # reported seeds
+    python -m bench.federated --modes shards --seeds 0 --out /tmp/dev   # a development run
+
+Modes: ``shared`` (every expert answers the whole query pool, as in ``bench.run``) and ``shards``
+(the pool split into disjoint private shards, one per expert). ``--robust`` adds the poor and the
+overconfident expert. Writes results.md and results.json (accuracy per k, paired gaps, rounds,
+traffic per client and round against the shared weights, trust per expert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.demo import EXPERTS_PY, REPO
+from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
+from bench.run import REPORT_SEEDS, SHOTS, accuracy, build_world, draw_episode, episode_tasks, in_task_order, log
+from protofuse.bank import Bank, load_bank
+from protofuse_server.simulation import simulate
+
+
+def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int) -> Path:  # noqa: ANN001
+    """A spec folder for the world's experts: shared pool or one disjoint shard per expert."""
+    folder.mkdir(parents=True, exist_ok=True)
+    qx = world.splits.queries.x
+    files = {}
+    if mode == "shared":
+        np.save(folder / "queries.npy", qx)
+        files = {r.name: "queries.npy" for r in recipes}
+    else:
+        order = np.random.default_rng(seed).permutation(len(qx))
+        for i, (r, rows) in enumerate(zip(recipes, np.array_split(order, len(recipes)))):
+            np.save(folder / f"shard{i}.npy", qx[np.sort(rows)])
+            files[r.name] = f"shard{i}.npy"
+    lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in recipes)
+    (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
+    shape = world.dataset.image_shape
+    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\n\n"
+    text += "\n".join(f'[[experts]]\nname = "{r.name}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "{files[r.name]}"\n'.replace("'", '"') for r in recipes)
+    (folder / "spec.toml").write_text(text)
+    return folder / "spec.toml"
+
+
+def central_bank(world, recipes, mode: str, seed: int) -> Bank:  # noqa: ANN001
+    """``fit`` on exactly the triples the federation trains on (shared pool, or shards)."""
+    if mode == "shared":
+        return world.banks["protofuse"]
+    from client_sdk.experts import query_expert
+    from protofuse.bank import fit_bank
+    from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
+    from protofuse.triples import assemble
+
+    qx = world.splits.queries.x
+    order = np.random.default_rng(seed).permutation(len(qx))
+    shards = [qx[np.sort(rows)] for rows in np.array_split(order, len(recipes))]
+    outputs = [query_expert(e.expert, s, e.name) for e, s in zip(world.experts, shards)]
+    triples = assemble([e.name for e in world.experts], [e.labels for e in world.experts], shards, outputs)
+    return fit_bank(triples, ModelSettings(), TrainingSettings(seed=seed), AdaptSettings(), world.dataset.image_shape, world.dataset.likelihood)
+
+
+def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> list[dict]:  # noqa: ANN001
+    rng = np.random.default_rng(seed + 7)
+    rows = []
+    for task in tasks:
+        ep = draw_episode(world, task, rng, max_test)
+        for k in SHOTS:
+            sx, sy = ep.support(k)
+            names = np.asarray(task)[sy]
+            row = {"task": list(task), "k": k}
+            for name, bank in banks.items():
+                row[name] = accuracy(in_task_order(bank.adapt(sx, names), task).predict_proba(ep.test_x), ep.test_y)
+                row[f"{name} zero-shot"] = accuracy(in_task_order(bank.zero_shot(list(task)), task).predict_proba(ep.test_x), ep.test_y)
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict], a: str, b: str) -> dict:
+    out = {}
+    for k in SHOTS:
+        sel = [r for r in rows if r["k"] == k]
+        xa, xb = np.array([r[a] for r in sel]), np.array([r[b] for r in sel])
+        gap = xa - xb
+        out[k] = {a: 100 * xa.mean(), b: 100 * xb.mean(), "gap": 100 * gap.mean(), "gap_se": 100 * gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else float("nan"), "n": len(sel)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.federated", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="mnist5k", choices=["digits", "mnist5k"])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
+    p.add_argument("--modes", nargs="+", default=["shared", "shards"], choices=["shared", "shards"])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--tasks", type=int, default=10, help="new 5-way tasks per seed")
+    p.add_argument("--max-test", type=int, default=300)
+    p.add_argument("--robust", action="store_true", help="add the poor and the overconfident expert")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    recipes = DEFAULT_RECIPES + (ROBUSTNESS_RECIPES if args.robust else ())
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    for seed in args.seeds:
+        world = build_world(args.dataset, seed, recipes, {"protofuse": ({}, {})}, None, [], ceiling=False)
+        tasks = episode_tasks(recipes, world.dataset.label_names, [5], args.tasks, seed)
+        for mode in args.modes:
+            t0 = time.perf_counter()
+            central = central_bank(world, recipes, mode, seed)
+            t_central = time.perf_counter() - t0 + (world.timings.get("fit protofuse", 0.0) if mode == "shared" else 0.0)
+            run = args.out / f"run-{mode}-{seed}"
+            spec = write_spec(args.out / f"spec-{mode}-{seed}", world, recipes, args.dataset, seed, mode, args.rounds)
+            t0 = time.perf_counter()
+            simulate(spec, run, echo=lambda line: None)
+            t_fed = time.perf_counter() - t0
+            federated = load_bank(run)
+            rows = score({"federated": federated, "central": central}, world, tasks, seed, args.max_test)
+            rounds = json.loads((run / "rounds.json").read_text())["rounds"]
+            traffic = [r["bytes_per_client"] / r["shared_bytes"] for r in rounds if r["phase"] != "agreement"]
+            entry = {
+                "seed": seed, "mode": mode, "rows": rows, "rounds": rounds, "traffic_ratio_max": max(traffic),
+                "seconds": {"central": t_central, "federated": t_fed},
+                "trust": {e.name: {"federated": e.weight, "central": next(c.weight for c in central.experts if c.name == e.name)} for e in federated.experts},
+            }
+            results["runs"].append(entry)
+            s = summarize(rows, "federated", "central")
+            log(f"seed {seed} {mode}: " + "  ".join(f"k={k} fed {v['federated']:.1f} central {v['central']:.1f} gap {v['gap']:+.2f}±{v['gap_se']:.2f}" for k, v in s.items()) + f"  ({t_fed:.0f}s federated, {t_central:.0f}s central)")
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (args.out / "results.md").write_text(report(results))
+    print(report(results))
+    return 0
+
+
+def report(results: dict) -> str:
+    lines = ["# Federated (protofuse simulate) against central (protofuse fit)", "", f"Settings: {results['args']}", ""]
+    for mode in ("shared", "shards"):
+        runs = [r for r in results["runs"] if r["mode"] == mode]
+        if not runs:
+            continue
+        rows = [row for r in runs for row in r["rows"]]
+        s = summarize(rows, "federated", "central")
+        z = summarize(rows, "federated zero-shot", "central zero-shot")
+        lines += [f"## {mode} queries (seeds {[r['seed'] for r in runs]}, {s[1]['n']} episodes per k)", "", "| k | federated | central | paired gap (± s.e.) |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['federated']:.1f} | {v['central']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |" for k, v in s.items()]
+        lines += [f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | {z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |", ""]
+        lines += [f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared weights per client and round. "
+                  f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, {np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per process, 2 cores).", ""]
+        lines += ["| expert | trust federated | trust central |", "|---|---|---|"]
+        for name in runs[0]["trust"]:
+            lines.append(f"| {name} | " + " / ".join(f"{r['trust'][name]['federated']:.2f}" for r in runs) + " | " + " / ".join(f"{r['trust'][name]['central']:.2f}" for r in runs) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
