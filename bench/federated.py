@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.demo import EXPERTS_PY, REPO
-from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
+from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, SPARSE_RECIPES
 from bench.run import REPORT_SEEDS, SHOTS, accuracy, build_world, draw_episode, episode_tasks, in_task_order, log
 from protofuse.bank import Bank, load_bank
 from protofuse_server.simulation import simulate
 
 
-def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int) -> Path:  # noqa: ANN001
+def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int, aggregation: str = "rowwise") -> Path:  # noqa: ANN001
     """A spec folder for the world's experts: shared pool or one disjoint shard per expert."""
     folder.mkdir(parents=True, exist_ok=True)
     qx = world.splits.queries.x
@@ -42,7 +42,7 @@ def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str,
     lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in recipes)
     (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
     shape = world.dataset.image_shape
-    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\n\n"
+    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = \"{aggregation}\"\n\n"
     text += "\n".join(f'[[experts]]\nname = "{r.name}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "{files[r.name]}"\n'.replace("'", '"') for r in recipes)
     (folder / "spec.toml").write_text(text)
     return folder / "spec.toml"
@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=10, help="new 5-way tasks per seed")
     p.add_argument("--max-test", type=int, default=300)
     p.add_argument("--robust", action="store_true", help="add the poor and the overconfident expert")
+    p.add_argument("--sparse", action="store_true", help="sparse label coverage: five experts of three classes, half the labels covered once")
+    p.add_argument("--aggregation", choices=["rowwise", "fedavg"], default="rowwise", help="how prototype rows are averaged")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    recipes = DEFAULT_RECIPES + (ROBUSTNESS_RECIPES if args.robust else ())
+    recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (ROBUSTNESS_RECIPES if args.robust else ())
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     for seed in args.seeds:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             central = central_bank(world, recipes, mode, seed)
             t_central = time.perf_counter() - t0 + (world.timings.get("fit protofuse", 0.0) if mode == "shared" else 0.0)
             run = args.out / f"run-{mode}-{seed}"
-            spec = write_spec(args.out / f"spec-{mode}-{seed}", world, recipes, args.dataset, seed, mode, args.rounds)
+            spec = write_spec(args.out / f"spec-{mode}-{seed}", world, recipes, args.dataset, seed, mode, args.rounds, args.aggregation)
             t0 = time.perf_counter()
             simulate(spec, run, echo=lambda line: None)
             t_fed = time.perf_counter() - t0

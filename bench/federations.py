@@ -55,6 +55,15 @@ DEFAULT_RECIPES: tuple[ExpertRecipe, ...] = (
     ExpertRecipe("mlp", "mlp", _digits(8, 9, 0, 1)),
 )
 
+# Sparse coverage: three classes each, neighbours sharing one; half the digits are covered once.
+SPARSE_RECIPES: tuple[ExpertRecipe, ...] = (
+    ExpertRecipe("s-logreg", "logreg", _digits(0, 1, 2)),
+    ExpertRecipe("s-svm", "svm", _digits(2, 3, 4)),
+    ExpertRecipe("s-forest", "forest", _digits(4, 5, 6)),
+    ExpertRecipe("s-knn", "knn", _digits(6, 7, 8)),
+    ExpertRecipe("s-mlp", "mlp", _digits(8, 9, 0)),
+)
+
 # Bad participants for robustness checks. "poor": its annotator labelled most 1s as 3s, plus
 # 20% random label noise (measured about 0.65-0.8 accuracy on its classes on digits and
 # MNIST-5k; label noise alone barely hurts a logistic regression). "overconfident": a sound
@@ -184,7 +193,7 @@ def build_federation(train: Dataset, recipes: Sequence[ExpertRecipe] = DEFAULT_R
 @functools.lru_cache(maxsize=4)
 def _demo_federation(dataset: str, seed: int, split_seed: int) -> dict[str, BuiltExpert]:
     splits = make_splits(load_dataset(dataset), split_seed)
-    built = build_federation(splits.expert_train, DEFAULT_RECIPES + ROBUSTNESS_RECIPES, seed)
+    built = build_federation(splits.expert_train, DEFAULT_RECIPES + ROBUSTNESS_RECIPES + SPARSE_RECIPES, seed)
     return {b.name: b for b in built}
 
 

@@ -137,7 +137,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
-    from protofuse_server.simulation import simulate
+    from protofuse_server.simulation import SimulationError, simulate
 
     t0 = time.perf_counter()
 
@@ -145,7 +145,11 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.verbose or "round " in line and "/" in line and "clients" in line or "fusion:" in line or "ERROR" in line or "Error" in line:
             print(line, file=sys.stderr, flush=True)
 
-    out = simulate(args.spec, args.out, args.rounds, echo=echo)
+    try:
+        out = simulate(args.spec, args.out, args.rounds, echo=echo)
+    except SimulationError as err:  # the cause is in the log shown above; the run can be resumed
+        print(f"protofuse simulate: {err}", file=sys.stderr)
+        return 1
     bank = load_bank(out)
     print(f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta['federation']['rounds']} rounds)", file=sys.stderr)
     _print_experts(bank)

@@ -27,6 +27,10 @@ from protofuse.spec import SpecError, load_spec
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
+class SimulationError(RuntimeError):
+    """The simulation stopped without a bank; what went wrong is in its log."""
+
+
 def app_dir() -> Path:
     """The Flower app folder shipped with protofuse (its pyproject names our components)."""
     return Path(str(resources.files("protofuse_server") / "flwr_app"))
@@ -53,7 +57,7 @@ def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, ext
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with status {proc.returncode}; see {log_file}")
+            raise SimulationError(f"flower-superlink exited with status {proc.returncode}; see {log_file}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
@@ -61,7 +65,7 @@ def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, ext
         except OSError:
             time.sleep(0.3)
     stop(proc)
-    raise RuntimeError(f"flower-superlink did not answer on 127.0.0.1:{port} within 60 s; see {log_file}")
+    raise SimulationError(f"flower-superlink did not answer on 127.0.0.1:{port} within 60 s; see {log_file}")
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -115,7 +119,7 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
     finally:
         stop(link)
     if not (out / "bank" / "meta.json").exists():
-        raise RuntimeError(f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}")
+        raise SimulationError(f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}; run the same command again to resume from the last completed round")
     return out
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
@@ -171,6 +173,7 @@ class FusionStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.offset + server_round
         phase = self.schedule.at(r)
+        _crash_point(r)
         ok: list[tuple[Client, Message, wire.ImitatorStats]] = []
         for reply in list(replies):
             client = self.federation.nodes.get(reply.metadata.src_node_id)
@@ -252,6 +255,13 @@ class FusionStrategy(FedAvg):
         self.history.append(row)
         log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), row["loss"], row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)
         return MetricRecord({"loss": row["loss"], "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]})
+
+
+def _crash_point(round: int) -> None:
+    """Tests of resumption kill the server here, in the middle of a round (replies received,
+    nothing merged or checkpointed), exactly as a power cut would: SIGKILL, no cleanup."""
+    if os.environ.get("PROTOFUSE_TEST_KILL_IN_ROUND") == str(round):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rowwise_mean(stack: np.ndarray, weights: np.ndarray, covers: np.ndarray, reference: np.ndarray) -> np.ndarray:
