@@ -188,6 +188,7 @@ class FusionStrategy(FedAvg):
             ok.append((client, reply, stats))
         if not ok:
             raise RuntimeError(f"round {r}: no client replied with a usable update; see the warnings above")
+        ok.sort(key=lambda item: item[0].pseudonym)  # replies arrive in any order; sums must not depend on it
         if phase.name == "agreement":
             self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
