@@ -26,7 +26,7 @@ from protofuse.bank import Bank, load_bank
 from protofuse_server.simulation import simulate
 
 
-def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int, aggregation: str = "rowwise") -> Path:  # noqa: ANN001
+def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int, aggregation: str = "rowwise", keep: int = 2) -> Path:  # noqa: ANN001
     """A spec folder for the world's experts: shared pool or one disjoint shard per expert."""
     folder.mkdir(parents=True, exist_ok=True)
     qx = world.splits.queries.x
@@ -42,7 +42,7 @@ def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str,
     lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in recipes)
     (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
     shape = world.dataset.image_shape
-    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = \"{aggregation}\"\n\n"
+    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = \"{aggregation}\"\nkeep_checkpoints = {keep}\n\n"
     text += "\n".join(f'[[experts]]\nname = "{r.name}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "{files[r.name]}"\n'.replace("'", '"') for r in recipes)
     (folder / "spec.toml").write_text(text)
     return folder / "spec.toml"
@@ -81,6 +81,26 @@ def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> lis
     return rows
 
 
+def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: int) -> list[dict]:  # noqa: ANN001
+    """The bank's accuracy at k = 5 and zero-shot every 5 rounds (the first seed's run keeps every checkpoint)."""
+    import copy
+
+    from protofuse.families.discriminative import load_shared
+    from protofuse.spec import load_spec
+    from protofuse_server.server_app import STORE, run_key
+    from protofuse_server.store import BankStore
+
+    out = []
+    with BankStore(run / STORE, run_key(load_spec(spec, experts_required=False))) as store:
+        kept = [r for r, _ in store.rounds()]
+        for r in [r for r in kept if r % 5 == 0 or r == kept[-1]]:
+            at = copy.deepcopy(bank)
+            load_shared(at.model, store.weights(r))
+            rows = score({"bank": at}, world, tasks, seed, max_test)
+            out.append({"round": r, "k5": 100 * np.mean([x["bank"] for x in rows if x["k"] == 5]), "zero_shot": 100 * np.mean([x["bank zero-shot"] for x in rows if x["k"] == 5])})
+    return out
+
+
 def summarize(rows: list[dict], a: str, b: str) -> dict:
     out = {}
     for k in SHOTS:
@@ -102,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robust", action="store_true", help="add the poor and the overconfident expert")
     p.add_argument("--sparse", action="store_true", help="sparse label coverage: five experts of three classes, half the labels covered once")
     p.add_argument("--aggregation", choices=["rowwise", "fedavg"], default="rowwise", help="how prototype rows are averaged")
+    p.add_argument("--curve-tasks", type=int, default=5, help="tasks of the first seed scored at every 5th round (accuracy against rounds)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (ROBUSTNESS_RECIPES if args.robust else ())
@@ -115,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             central = central_bank(world, recipes, mode, seed)
             t_central = time.perf_counter() - t0 + (world.timings.get("fit protofuse", 0.0) if mode == "shared" else 0.0)
             run = args.out / f"run-{mode}-{seed}"
-            spec = write_spec(args.out / f"spec-{mode}-{seed}", world, recipes, args.dataset, seed, mode, args.rounds, args.aggregation)
+            spec = write_spec(args.out / f"spec-{mode}-{seed}", world, recipes, args.dataset, seed, mode, args.rounds, args.aggregation, keep=args.rounds + 2 if seed == args.seeds[0] else 2)
             t0 = time.perf_counter()
             simulate(spec, run, echo=lambda line: None)
             t_fed = time.perf_counter() - t0
@@ -128,13 +149,39 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": {"central": t_central, "federated": t_fed},
                 "trust": {e.name: {"federated": e.weight, "central": next(c.weight for c in central.experts if c.name == e.name)} for e in federated.experts},
             }
+            if seed == args.seeds[0]:
+                entry["curve"] = curve(spec, run, federated, world, tasks[: args.curve_tasks], seed, args.max_test)
             results["runs"].append(entry)
             s = summarize(rows, "federated", "central")
             log(f"seed {seed} {mode}: " + "  ".join(f"k={k} fed {v['federated']:.1f} central {v['central']:.1f} gap {v['gap']:+.2f}±{v['gap_se']:.2f}" for k, v in s.items()) + f"  ({t_fed:.0f}s federated, {t_central:.0f}s central)")
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (args.out / "results.md").write_text(report(results))
+    plot_curves(results, args.out / "accuracy_vs_rounds.png")
     print(report(results))
     return 0
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if r.get("curve")]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        rounds = [c["round"] for c in r["curve"]]
+        ax.plot(rounds, [c["k5"] for c in r["curve"]], marker="o", label=f"{r['mode']} queries, k = 5")
+        ax.plot(rounds, [c["zero_shot"] for c in r["curve"]], linestyle="--", label=f"{r['mode']} queries, zero-shot")
+    ax.set_xlabel("round (incl. the agreement round)")
+    ax.set_ylabel("accuracy on new 5-way tasks (%)")
+    ax.set_title(f"federated bank against rounds (seed {runs[0]['seed']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def report(results: dict) -> str:
@@ -151,6 +198,9 @@ def report(results: dict) -> str:
         lines += [f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | {z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |", ""]
         lines += [f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared weights per client and round. "
                   f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, {np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per process, 2 cores).", ""]
+        for r in runs:
+            if r.get("curve"):
+                lines += [f"Accuracy against rounds (seed {r['seed']}, {len(r['curve'])} checkpoints, k = 5 / zero-shot): " + ", ".join(f"{c['round']}: {c['k5']:.1f} / {c['zero_shot']:.1f}" for c in r["curve"]), ""]
         lines += ["| expert | trust federated | trust central |", "|---|---|---|"]
         for name in runs[0]["trust"]:
             lines.append(f"| {name} | " + " / ".join(f"{r['trust'][name]['federated']:.2f}" for r in runs) + " | " + " / ".join(f"{r['trust'][name]['central']:.2f}" for r in runs) + " |")

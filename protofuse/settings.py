@@ -80,6 +80,7 @@ class FederationSettings(_Strict):
     batch_size: int | None = Field(None, ge=2, le=65_536, description="client batch size; default: whatever gives each client the optimizer steps central training would take on its queries (at most [training] batch_size)")
     min_clients: int | None = Field(None, ge=1, le=100_000, description="clients to wait for before the first round; default: every expert of the spec (simulation) or 2")
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
+    keep_checkpoints: int = Field(2, ge=1, le=100_000, description="checkpoints whose weights the store keeps (the history of every round is kept regardless)")
 
     def client_batch_size(self, n_train: int, training: "TrainingSettings") -> int:
         """Rounds x local epochs x batches per epoch = the steps central training takes on the same queries."""

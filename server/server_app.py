@@ -60,7 +60,7 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
         raise SpecError(f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)")
     torch.set_num_threads(spec.training.threads)
     schedule = Schedule.from_settings(spec.federation, spec.training)
-    store = BankStore(out / STORE, run_key(spec))
+    store = BankStore(out / STORE, run_key(spec), keep=spec.federation.keep_checkpoints)
     try:
         last = store.latest()
         fed, arrays, model_config = _start(grid, spec, last)
@@ -85,6 +85,7 @@ def run_key(spec: Spec) -> str:
     settings = {k: getattr(spec, k).model_dump() for k in ("data", "model", "training", "federation")}
     settings["federation"].pop("round_timeout")
     settings["federation"].pop("min_clients")
+    settings["federation"].pop("keep_checkpoints")
     settings["training"].pop("threads")
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

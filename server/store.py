@@ -348,6 +348,13 @@ class BankStore:
             )
             return [RoundRecord(*row) for row in rows]
 
+    def weights(self, round: int) -> dict[str, np.ndarray]:
+        """The shared arrays of a kept checkpoint (verified), e.g. to score the bank round by round."""
+        digests = dict(self.rounds())
+        if round not in digests:
+            raise StoreError(f"{self._folder}: no kept checkpoint of round {round} (kept: {sorted(digests)}); keep more with [federation] keep_checkpoints")
+        return self._load_weights(digests[round])
+
     def _load_weights(self, digest: str) -> dict[str, np.ndarray]:
         file = self._weights / f"{digest}.npz"
         fix = f"restore {self._weights} from a backup, or delete {self._folder} to start the run again"

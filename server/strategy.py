@@ -181,6 +181,8 @@ class FusionStrategy(FedAvg):
                 log(WARNING, "round %s: no usable reply from node %s (%s)", r, reply.metadata.src_node_id, reply.error.reason if reply.has_error() else "unknown node")
                 continue
             try:
+                if phase.name != "agreement":
+                    check_update(reply.content["arrays"], self._sent)
                 stats = self._merge(client, reply, r)
             except wire.WireError as err:  # a malformed message is dropped, the round goes on
                 log(WARNING, "round %s: node %s (%s) sent an invalid message, ignored: %s", r, reply.metadata.src_node_id, client.pseudonym, err)
@@ -256,6 +258,20 @@ class FusionStrategy(FedAvg):
         self.history.append(row)
         log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), row["loss"], row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)
         return MetricRecord({"loss": row["loss"], "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]})
+
+
+def check_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> None:
+    """A client's shared weights must be the arrays it was sent: same names, shapes and dtypes,
+    finite values; anything else is refused (WireError naming the array) before averaging."""
+    names = set(record.keys())
+    if names != set(sent):
+        raise wire.WireError(f"arrays: got {sorted(names ^ set(sent))[:5]} that do not match the shared weights sent")
+    for key, reference in sent.items():
+        value = record[key].numpy()
+        if value.shape != reference.shape or value.dtype != reference.dtype:
+            raise wire.WireError(f"arrays.{key}: {value.dtype} {value.shape}, the shared weights are {reference.dtype} {reference.shape}")
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise wire.WireError(f"arrays.{key}: holds NaN or infinite values (a diverged local fit)")
 
 
 def _crash_point(round: int) -> None:

@@ -287,6 +287,10 @@ def test_old_weight_files_are_collected(tmp_path: Path) -> None:
         assert bank.rounds() == [(3, digests[2]), (4, digests[3])]
         assert [(h.round, h.weights_digest) for h in bank.history()] == list(zip([1, 2, 3, 4], digests))
         assert bank.latest().round == 4
+        for key, value in round_inputs(3)[0].items():
+            np.testing.assert_array_equal(bank.weights(3)[key], value)
+        with pytest.raises(StoreError, match="no kept checkpoint of round 2"):
+            bank.weights(2)
 
 
 # -- crash safety ---------------------------------------------------------------------------------

@@ -142,3 +142,20 @@ def test_to_record_round_trips_arrays():
     back = {k: v.numpy() for k, v in to_record(arrays).items()}
     for k in arrays:
         np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_an_update_that_does_not_fit_the_shared_weights_is_refused_by_name():
+    from protofuse_server.strategy import check_update
+
+    sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    check_update(to_record(sent), sent)
+    bad = [
+        ({**sent, "extra": np.zeros(1, np.float32)}, "do not match"),
+        ({"prototypes": sent["prototypes"]}, "do not match"),
+        ({**sent, "bias": np.zeros(4, np.float32)}, "arrays.bias"),
+        ({**sent, "bias": np.zeros(3, np.float64)}, "arrays.bias"),
+        ({**sent, "prototypes": np.full((3, 2), np.nan, np.float32)}, "arrays.prototypes: holds NaN"),
+    ]
+    for arrays, message in bad:
+        with pytest.raises(wire.WireError, match=message):
+            check_update(to_record(arrays), sent)
