@@ -57,11 +57,11 @@ DEFAULT_RECIPES: tuple[ExpertRecipe, ...] = (
 
 # Sparse coverage: three classes each, neighbours sharing one; half the digits are covered once.
 SPARSE_RECIPES: tuple[ExpertRecipe, ...] = (
-    ExpertRecipe("s-logreg", "logreg", _digits(0, 1, 2)),
-    ExpertRecipe("s-svm", "svm", _digits(2, 3, 4)),
-    ExpertRecipe("s-forest", "forest", _digits(4, 5, 6)),
-    ExpertRecipe("s-knn", "knn", _digits(6, 7, 8)),
-    ExpertRecipe("s-mlp", "mlp", _digits(8, 9, 0)),
+    ExpertRecipe("s_logreg", "logreg", _digits(0, 1, 2)),
+    ExpertRecipe("s_svm", "svm", _digits(2, 3, 4)),
+    ExpertRecipe("s_forest", "forest", _digits(4, 5, 6)),
+    ExpertRecipe("s_knn", "knn", _digits(6, 7, 8)),
+    ExpertRecipe("s_mlp", "mlp", _digits(8, 9, 0)),
 )
 
 # Bad participants for robustness checks. "poor": its annotator labelled most 1s as 3s, plus
