@@ -1,5 +1,8 @@
 """Client SDK: run next to a private black-box expert; load banks and adapted models.
 
+The Flower ClientApp is ``client_sdk.client_app:app`` (``protofuse client`` starts a SuperNode
+for it); experts may be callables, scikit-learn classifiers, torch modules or model servers.
+
     import client_sdk
     bank = client_sdk.load_bank("runs/demo/bank")
     model = bank.adapt(x_support, y_support)       # y: label names
@@ -11,8 +14,9 @@ from protofuse.adapted import AdaptedModel, load_adapted
 from protofuse.bank import Bank, load_bank
 
 from .experts import CallableExpert, Expert, ExpertOutputError, SklearnExpert, TorchExpert, as_expert, query_expert
+from .model_servers import MLflowExpert, ModelServerError, OpenInferenceExpert, model_server_expert
 
 __all__ = [
     "AdaptedModel", "Bank", "CallableExpert", "Expert", "ExpertOutputError", "SklearnExpert", "TorchExpert",
-    "as_expert", "load_adapted", "load_bank", "query_expert",
+    "MLflowExpert", "ModelServerError", "OpenInferenceExpert", "as_expert", "load_adapted", "load_bank", "model_server_expert", "query_expert",
 ]

@@ -163,7 +163,7 @@ def _client(args: argparse.Namespace) -> int:
     from client_sdk.client_app import load_queries
     from client_sdk.collect import cached_answers
     from protofuse.spec import load_spec
-    from protofuse_server.simulation import FLOWER_ENV, _bin
+    from protofuse_server.simulation import FLOWER_ENV, flower_bin
 
     spec_path = args.spec.resolve()
     spec = load_spec(spec_path)
@@ -178,7 +178,7 @@ def _client(args: argparse.Namespace) -> int:
     answers = cached_answers(spec, entry, x, cache)
     print(f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in {cache}", file=sys.stderr)
     node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'
-    cmd = [_bin("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port), "--node-config", node_config]
+    cmd = [flower_bin("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port), "--node-config", node_config]
     cmd += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates.resolve())]
     if args.auth_supernode_private_key:
         cmd += ["--auth-supernode-private-key", str(args.auth_supernode_private_key.resolve())]

@@ -51,7 +51,7 @@ def free_port() -> int:
 
 def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, extra: list[str] | None = None) -> subprocess.Popen:
     """A SuperLink on 127.0.0.1:port (its own process group, so it and its children stop together)."""
-    cmd = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else []), *(extra or [])]
+    cmd = [flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else []), *(extra or [])]
     log = open(log_file, "ab")
     proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
@@ -105,7 +105,7 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
         n = len(spec.experts)
         run_config = f'spec="{spec_path.resolve()}" out="{out}" cache-dir="{out / "cache"}" min-clients={n}' + (f" rounds={rounds}" if rounds else "")
         threads = spec.training.threads
-        cmd = [_bin("flwr"), "run", str(app_dir()), "protofuse-sim", "--stream", "--run-config", run_config,
+        cmd = [flower_bin("flwr"), "run", str(app_dir()), "protofuse-sim", "--stream", "--run-config", run_config,
                "--federation-config", f"num-supernodes={n} client-resources-num-cpus={threads} client-resources-num-gpus=0.0"]
         proc = subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, start_new_session=True)
         assert proc.stdout is not None
@@ -127,7 +127,7 @@ def _run_finished(line: str) -> bool:
     return "fusion: bank" in line and "written to" in line
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
     """A Flower executable beside this Python (a venv's bin/), else from PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)

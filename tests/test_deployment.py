@@ -20,7 +20,7 @@ from bench.demo import EXPERTS_PY, REPO
 from bench.federations import ExpertRecipe
 from protofuse.bank import load_bank
 from protofuse.data import load_dataset, make_splits, sample_support, task_subset
-from protofuse_server.simulation import _bin, app_dir, flower_env, free_port, start_superlink, stop, write_connection
+from protofuse_server.simulation import flower_bin, app_dir, flower_env, free_port, start_superlink, stop, write_connection
 
 # A ring of three experts over the ten digits: each pair shares a label, no expert knows the task.
 RECIPES = (
@@ -72,7 +72,7 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
             cmd = [sys.executable, "-m", "protofuse.cli", "client", str(spec), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         run_config = f'spec="{server}" out="{tmp / "run"}"'
-        result = subprocess.run([_bin("flwr"), "run", str(app_dir()), "deployment", "--stream", "--run-config", run_config], env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
+        result = subprocess.run([flower_bin("flwr"), "run", str(app_dir()), "deployment", "--stream", "--run-config", run_config], env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
         assert (tmp / "run" / "bank" / "meta.json").exists(), result.stdout[-4000:] + result.stderr[-2000:]
         assert "round 5/5 weighted" in result.stdout
     finally:
