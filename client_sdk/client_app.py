@@ -5,7 +5,8 @@ Where its expert comes from:
   ``spec`` (absolute path of a spec naming the expert) and ``expert`` (its name; optional when
   the spec lists one expert), optionally ``cache-dir`` for the cached answers;
 - simulation: the run config's ``spec`` and the virtual node's ``partition-id``, which picks the
-  spec's expert of that index.
+  spec's expert of that index. Answers are cached beside the spec (``.protofuse-cache``) unless
+  the node config names a ``cache-dir``.
 
 Messages:
 - ``query`` (``describe``): the expert's pseudonym, labels, input width and query count, so the
@@ -76,7 +77,7 @@ def round_plan(config: ConfigRecord) -> RoundPlan:
 def local_expert(context: Context) -> LocalExpert:
     """This node's expert and its answers (queried once, cached on disk)."""
     spec_path, name = _where(context)
-    cache = str(context.node_config.get("cache-dir") or context.run_config.get("cache-dir") or Path(spec_path).parent / ".protofuse-cache")
+    cache = str(context.node_config.get("cache-dir") or Path(spec_path).parent / ".protofuse-cache")
     spec = load_spec(spec_path)
     entry = spec.expert(name) if name else _only_or_partition(spec, context)
     key = (spec_path, entry.name, cache)  # virtual nodes of one simulation process share the cache
@@ -106,7 +107,10 @@ def load_queries(path: Path) -> np.ndarray:
 
 
 def _where(context: Context) -> tuple[str, str]:
-    spec = context.node_config.get("spec") or context.run_config.get("spec")
+    # Only a simulation's virtual nodes (which have a partition-id) take their spec from the run
+    # config; a deployed node's files are its owner's to name, never the server's.
+    simulated = "partition-id" in context.node_config
+    spec = context.node_config.get("spec") or (context.run_config.get("spec") if simulated else None)
     if not spec:
         raise SpecError("this node has no spec: start it with --node-config 'spec=\"/abs/path/spec.toml\" expert=\"NAME\"' (or `protofuse client`)")
     if not os.path.isabs(str(spec)):

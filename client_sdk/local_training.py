@@ -10,6 +10,7 @@ inputs and the expert's answers never leave: only the trained weights and the tw
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from protofuse.training import DiscriminativeTrainer, consensus, consensus_agree
 from protofuse.triples import Triples
 
 PHASES = ("consensus", "agreement", "weighted")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ def _train(model: DiscriminativePrototypes, train: Triples, plan: RoundPlan, tea
     trainer = DiscriminativeTrainer(model, t.lr, total_steps=plan.phase_rounds * f.local_epochs * n_batches(len(train.x), batch))
     previous = kept.get("trainer")
     if previous is not None and plan.phase_round > 0 and int(np.ravel(previous.get("phase", -1))[0]) == PHASES.index(plan.phase):
-        trainer.load_state_arrays({k: v for k, v in previous.items() if k != "phase"})
+        if not trainer.load_state_arrays({k: v for k, v in previous.items() if k != "phase"}):
+            log.warning("%s: the optimizer state kept from the last round does not fit the model; this round starts a fresh one", pseudonym)
     gen = torch.Generator().manual_seed(client_seed(t.seed, pseudonym, plan.round))
     aug = t.resolved_augmentation(model.cfg.image_shape)
     loss = 0.0

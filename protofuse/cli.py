@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("spec", type=Path, help="spec naming the expert (import path or [experts.endpoint]) and its queries")
     client.add_argument("--expert", help="the expert's name in the spec (default: the spec's only expert)")
     client.add_argument("--superlink", required=True, help="the SuperLink's Fleet address, host:port")
-    client.add_argument("--port", type=int, default=9094, help="this SuperNode's ClientApp I/O port (give each node on one host its own)")
+    client.add_argument("--port", type=int, default=9094, help="this SuperNode's runtime API port on 127.0.0.1 (give each node on one host its own)")
     client.add_argument("--cache-dir", type=Path, help="where the expert's answers are cached (default: .protofuse-cache beside the spec)")
     client.add_argument("--root-certificates", type=Path, help="CA certificate of the SuperLink (TLS)")
     client.add_argument("--insecure", action="store_true", help="no TLS (testing only: traffic and weights travel in clear)")
@@ -158,7 +158,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     from client_sdk.client_app import load_queries
     from client_sdk.collect import cached_answers
@@ -185,7 +184,10 @@ def _client(args: argparse.Namespace) -> int:
     if args.insecure:
         print("warning: --insecure: no TLS between this client and the SuperLink", file=sys.stderr)
     env = {**os.environ, **FLOWER_ENV}
-    return subprocess.call(cmd, env=env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)  # the SuperNode takes this process's place: signals reach it directly
+    return 0  # not reached
 
 
 def _info(args: argparse.Namespace) -> int:

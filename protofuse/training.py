@@ -110,9 +110,21 @@ class DiscriminativeTrainer:
                 continue
             i, _, name = key.partition(".")
             state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(value))
-        fits = all(0 <= i < len(params) and all(v.shape == params[i].shape for k, v in s.items() if k != "step") for i, s in state.items())
-        if not fits or "steps_done" not in arrays:
+        if "steps_done" not in arrays or not all(0 <= i < len(params) for i in state):
             return False
+        for i, s in state.items():
+            for k, v in s.items():
+                if k == "step" or v.shape == params[i].shape:
+                    continue
+                differ = [d for d in range(v.ndim) if v.shape[d] != params[i].shape[d]] if v.ndim == params[i].ndim else []
+                if len(differ) != 1 or v.shape[differ[0]] > params[i].shape[differ[0]]:
+                    return False
+                # Labels appended to the vocabulary since (rows of prototypes and biases, columns
+                # of the imitation head's biases): their moments start at zero.
+                d = differ[0]
+                pad = list(v.shape)
+                pad[d] = params[i].shape[d] - v.shape[d]
+                s[k] = torch.cat([v, v.new_zeros(pad)], dim=d)
         full = self.opt.state_dict()
         full["state"] = state
         self.opt.load_state_dict(full)

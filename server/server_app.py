@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from protofuse.model.discriminative import DiscriminativePrototypes
 from protofuse.spec import Spec, SpecError, load_spec
 from protofuse.training import Fidelity
 
-from .store import BankStore, Checkpoint
+from .store import BankStore, Checkpoint, StoreError
 from .strategy import Federation, FusionStrategy, Schedule, describe_nodes, to_record
 
 app = ServerApp()
@@ -60,7 +60,12 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
         raise SpecError(f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)")
     torch.set_num_threads(spec.training.threads)
     schedule = Schedule.from_settings(spec.federation, spec.training)
-    store = BankStore(out / STORE, run_key(spec), keep=spec.federation.keep_checkpoints)
+    try:
+        store = BankStore(out / STORE, run_key(spec), keep=spec.federation.keep_checkpoints)
+    except StoreError as err:
+        if "run key" not in str(err) and "holds run" not in str(err):
+            raise
+        raise SpecError(f"{err} (the settings that shape the bank, rounds included, differ from the run stored in {out})") from None
     try:
         last = store.latest()
         fed, arrays, model_config = _start(grid, spec, last)
@@ -110,10 +115,10 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
     described = describe_nodes(grid, nodes, spec.federation.round_timeout)
     if not described:
         raise RuntimeError("no node described its expert; check the clients' logs")
-    widths = {int(d["x-dim"]) for d in described.values()}
-    if len(widths) != 1:
-        raise SpecError(f"the clients' inputs have different widths {sorted(widths)}; every expert's queries must have the same features")
-    x_dim = widths.pop()
+    widths = [int(d["x-dim"]) for d in described.values() if "x-dim" in d]
+    if not widths:
+        raise RuntimeError("no node described its input width; are the clients the same protofuse version?")
+    x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
     image_shape = spec.data.image_shape
     if image_shape is not None and image_shape[0] * image_shape[1] != x_dim:
         raise SpecError(f"data.image_shape {list(image_shape)} has {image_shape[0] * image_shape[1]} pixels but the clients' inputs have {x_dim} features")
@@ -121,8 +126,13 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
     if last:
         fed.records = {e.pseudonym: e for e in last.experts}
         fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
-    for node_id in sorted(described, key=lambda n: str(described[n]["pseudonym"])):
-        fed.admit(node_id, described[node_id])
+    for node_id in sorted(described, key=lambda n: str(described[n].get("pseudonym", ""))):
+        try:
+            fed.admit(node_id, described[node_id], set(nodes))
+        except ValueError as err:  # one misconfigured client must not stop the others' federation
+            log(WARNING, "refusing node %s: %s", node_id, err)
+    if not fed.nodes:
+        raise RuntimeError("every node was refused; see the warnings above")
     config = config_for(x_dim, len(fed.vocabulary), 1, spec.model, image_shape)
     model_config = {k: v for k, v in asdict(config).items() if k not in ("n_labels", "n_experts")}
     if last:

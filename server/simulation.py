@@ -52,8 +52,8 @@ def free_port() -> int:
 def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, extra: list[str] | None = None) -> subprocess.Popen:
     """A SuperLink on 127.0.0.1:port (its own process group, so it and its children stop together)."""
     cmd = [flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else []), *(extra or [])]
-    log = open(log_file, "ab")
-    proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_file, "ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -101,24 +101,30 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
     port = free_port()
     write_connection(home, "protofuse-sim", port)
     link = start_superlink(home, port, simulation=True, log_file=out / "superlink.log")
+    finished = False
     try:
         n = len(spec.experts)
-        run_config = f'spec="{spec_path.resolve()}" out="{out}" cache-dir="{out / "cache"}" min-clients={n}' + (f" rounds={rounds}" if rounds else "")
+        # The answers are cached beside the spec (as a deployed client caches them), not in the
+        # run folder: a run folder is shared with whoever adapts from its bank.
+        run_config = f'spec="{spec_path.resolve()}" out="{out}" min-clients={n}' + (f" rounds={rounds}" if rounds else "")
         threads = spec.training.threads
         cmd = [flower_bin("flwr"), "run", str(app_dir()), "protofuse-sim", "--stream", "--run-config", run_config,
                "--federation-config", f"num-supernodes={n} client-resources-num-cpus={threads} client-resources-num-gpus=0.0"]
         proc = subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, start_new_session=True)
-        assert proc.stdout is not None
-        failed = False
-        for line in proc.stdout:
-            echo(line.rstrip())
-            failed |= "ERROR" in line and "Traceback" not in line
-            if (out / "bank" / "meta.json").exists() and _run_finished(line):
-                break
-        stop(proc, grace=5.0)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                echo(line.rstrip())
+                if _run_finished(line):
+                    finished = True
+                    break
+        finally:
+            stop(proc, grace=5.0)
+            if proc.stdout is not None:
+                proc.stdout.close()
     finally:
         stop(link)
-    if not (out / "bank" / "meta.json").exists():
+    if not finished or not (out / "bank" / "meta.json").exists():
         raise SimulationError(f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}; run the same command again to resume from the last completed round")
     return out
 

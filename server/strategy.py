@@ -95,17 +95,25 @@ class Federation:
     records: dict[str, ExpertState] = field(default_factory=dict)  # pseudonym -> latest record
     trust: dict[str, float] = field(default_factory=dict)  # pseudonym -> trust weight
 
-    def admit(self, node_id: int, describe: ConfigRecord) -> list[str]:
-        """Register a described node; returns the labels it adds to the vocabulary."""
-        pseudonym = str(describe["pseudonym"])
-        labels = tuple(str(c) for c in describe["labels"])
-        x_dim = int(describe["x-dim"])
+    def admit(self, node_id: int, describe: ConfigRecord, online: set[int] | None = None) -> list[str]:
+        """Register a described node; returns the labels it adds to the vocabulary.
+
+        ``online``: the nodes connected now. A pseudonym held by a node that is gone passes to
+        the new node (a restarted SuperNode comes back under a new node id)."""
+        try:
+            pseudonym = str(describe["pseudonym"])
+            labels = tuple(str(c) for c in describe["labels"])
+            x_dim, n_queries = int(describe["x-dim"]), int(describe["n-queries"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"node {node_id} sent an incomplete description ({err!r})") from None
         if x_dim != self.x_dim:
             raise ValueError(f"node {node_id} ({pseudonym}) has inputs of width {x_dim}, the federation's are {self.x_dim}")
-        taken = {c.pseudonym for nid, c in self.nodes.items() if nid != node_id}
-        if pseudonym in taken:
+        holders = [nid for nid, c in self.nodes.items() if c.pseudonym == pseudonym and nid != node_id]
+        if any(online is None or nid in online for nid in holders):
             raise ValueError(f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give each expert a unique name")
-        self.nodes[node_id] = Client(pseudonym, labels, int(describe["n-queries"]))
+        for nid in holders:  # gone: its expert is back under a new node id
+            del self.nodes[nid]
+        self.nodes[node_id] = Client(pseudonym, labels, n_queries)
         new = [c for c in labels if c not in self.vocabulary]
         self.vocabulary.extend(new)
         return new
@@ -138,12 +146,17 @@ class FusionStrategy(FedAvg):
         self.checkpoint = checkpoint
         self.offset = round_offset
         self.history: list[dict[str, Any]] = []
+        self.refused: set[int] = set()  # nodes not admitted: not asked again
         self._sent: dict[str, np.ndarray] = {}
 
     # -- sending -------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         r = self.offset + server_round
         phase = self.schedule.at(r)
+        if server_round > 1:
+            # min_clients is a start-up condition: a client going offline later must not stall
+            # the federation (Flower's sampling would wait for it forever).
+            self.min_available_nodes = self.min_train_nodes = 1
         current = {k: v.numpy() for k, v in arrays.items()}
         current = self._admit_new_nodes(grid, current)
         self._sent = current
@@ -158,14 +171,18 @@ class FusionStrategy(FedAvg):
     def _admit_new_nodes(self, grid: Grid, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Nodes that joined since the last round describe themselves; their new labels are
         appended to the vocabulary, with fresh prototype rows (existing rows keep their index)."""
-        new_nodes = [n for n in grid.get_node_ids() if n not in self.federation.nodes]
+        online = set(grid.get_node_ids())
+        new_nodes = sorted(n for n in online if n not in self.federation.nodes and n not in self.refused)
         if not new_nodes:
             return current
         added: list[str] = []
-        for node_id, describe in describe_nodes(grid, new_nodes, self.settings.round_timeout).items():
+        described = describe_nodes(grid, new_nodes, self.settings.round_timeout)
+        self.refused |= set(new_nodes) - set(described)
+        for node_id in sorted(described, key=lambda n: str(described[n].get("pseudonym", ""))):  # the same order every time
             try:
-                added += self.federation.admit(node_id, describe)
+                added += self.federation.admit(node_id, described[node_id], online)
             except ValueError as err:
+                self.refused.add(node_id)
                 log(WARNING, "refusing node %s: %s", node_id, err)
         return extend_rows(current, len(added), self.training.seed + len(self.federation.vocabulary)) if added else current
 
@@ -184,18 +201,19 @@ class FusionStrategy(FedAvg):
                 if phase.name != "agreement":
                     check_update(reply.content["arrays"], self._sent)
                 stats = self._merge(client, reply, r)
-            except wire.WireError as err:  # a malformed message is dropped, the round goes on
+            except (wire.WireError, KeyError, TypeError, ValueError) as err:  # a malformed reply is dropped, the round goes on
                 log(WARNING, "round %s: node %s (%s) sent an invalid message, ignored: %s", r, reply.metadata.src_node_id, client.pseudonym, err)
                 continue
             ok.append((client, reply, stats))
         if not ok:
-            raise RuntimeError(f"round {r}: no client replied with a usable update; see the warnings above")
+            raise RuntimeError(f"round {r}: no client replied with a usable update; see the warnings above (the run resumes from round {r - 1}'s checkpoint when started again)")
         ok.sort(key=lambda item: item[0].pseudonym)  # replies arrive in any order; sums must not depend on it
         if phase.name == "agreement":
             self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
         else:
-            arrays = self.aggregate([(c, {k: v.numpy() for k, v in m.content["arrays"].items()}, s.n_examples) for c, m, s in ok])
+            # Examples are self-reported: never more than the queries the node declared.
+            arrays = self.aggregate([(c, {k: v.numpy() for k, v in m.content["arrays"].items()}, min(s.n_examples, c.n_queries)) for c, m, s in ok])
         metrics = self._round_metrics(r, phase, ok, arrays)
         self.checkpoint(r, arrays, self)
         return to_record(arrays), metrics
@@ -213,7 +231,7 @@ class FusionStrategy(FedAvg):
         consensus = stats.consensus_agreement if stats.consensus_agreement is not None else (old.consensus if old else None)
         self.federation.records[client.pseudonym] = ExpertState(
             client.pseudonym, client.labels, wire.encode_distribution(dist), stats.n_examples, stats.n_queries,
-            stats.fidelity.agreement, stats.fidelity.kl, stats.fidelity.n, consensus, self.federation.trust.get(client.pseudonym, 1.0), round,
+            stats.fidelity.agreement, stats.fidelity.kl, stats.fidelity.n, consensus, self.trust_of(client.pseudonym), round,
         )
         return stats
 
@@ -226,11 +244,19 @@ class FusionStrategy(FedAvg):
             rec = self.federation.records[client.pseudonym]
             self.federation.records[client.pseudonym] = replace(rec, trust=float(w))
 
+    def trust_of(self, pseudonym: str) -> float:
+        """A client's trust; one never scored (it missed the agreement round or joined after it)
+        gets the lowest trust given so far, not full trust."""
+        trust = self.federation.trust
+        return trust.get(pseudonym, min(trust.values()) if trust else 1.0)
+
     def aggregate(self, updates: list[tuple[Client, dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
         """Weighted means of the clients' shared arrays (weights: examples x trust)."""
-        weights = np.array([n * self.federation.trust.get(c.pseudonym, 1.0) for c, _, n in updates], dtype=np.float64)
-        if weights.sum() <= 0:  # everyone distrusted: fall back to examples alone
+        weights = np.array([n * self.trust_of(c.pseudonym) for c, _, n in updates], dtype=np.float64)
+        if weights.sum() <= 0:  # everyone distrusted: fall back to examples alone, then to equal weights
             weights = np.array([n for _, _, n in updates], dtype=np.float64)
+        if weights.sum() <= 0:
+            weights = np.ones(len(updates))
         vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
         covers = np.zeros((len(updates), len(vocab)))
         for i, (client, _, _) in enumerate(updates):
@@ -253,7 +279,7 @@ class FusionStrategy(FedAvg):
             "round": r, "phase": phase.name, "clients": len(ok), "loss": float(np.mean(losses)) if losses else math.nan,
             "bytes_per_client": float(np.mean(sent)), "shared_bytes": shared,
             "fidelity": float(np.mean([s.fidelity.agreement for _, _, s in ok])),
-            "trust": {c.pseudonym: self.federation.trust.get(c.pseudonym, 1.0) for c, _, _ in ok},
+            "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
         }
         self.history.append(row)
         log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), row["loss"], row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)

@@ -259,3 +259,29 @@ def test_image_banks_use_the_conv_encoder_and_train_on_augmented_images():
     assert isinstance(augmented.model.encoder, ConvEncoder) and augmented.meta["image_shape"] == [8, 8]
     assert torch.equal(plain.model.prototypes, plain_again.model.prototypes)
     assert not torch.equal(augmented.model.prototypes, plain.model.prototypes)  # the random transforms reached training
+
+
+def test_a_trainer_resumes_its_moments_and_schedule_even_after_the_vocabulary_grew():
+    import torch
+
+    from client_sdk.local_training import LocalExpert, local_triples
+    from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+    from protofuse.training import DiscriminativeTrainer
+
+    x = np.random.default_rng(0).random((64, 16)).astype(np.float32)
+    expert = LocalExpert("a", ("0", "1"), x, np.full((64, 2), 0.5, np.float32), 64)
+    torch.manual_seed(0)
+    first = DiscriminativeTrainer(DiscriminativePrototypes(DiscriminativeConfig(16, 3, 1, 8, "mlp", None)), 1e-3, total_steps=100)
+    first.epoch(local_triples(expert, ("0", "1", "2")), 16, torch.Generator().manual_seed(0))
+    saved = first.state_arrays()
+    assert int(saved["steps_done"][0]) == 4
+    same = DiscriminativeTrainer(DiscriminativePrototypes(DiscriminativeConfig(16, 3, 1, 8, "mlp", None)), 1e-3, total_steps=100)
+    assert same.load_state_arrays(saved) and same.steps_done == 4
+    assert same.opt.param_groups[0]["lr"] == first.opt.param_groups[0]["lr"]  # the schedule's position too
+    grown = DiscriminativeTrainer(DiscriminativePrototypes(DiscriminativeConfig(16, 4, 1, 8, "mlp", None)), 1e-3, total_steps=100)
+    assert grown.load_state_arrays(saved) and grown.steps_done == 4
+    moments = grown.opt.state_dict()["state"]
+    protos = next(i for i, p in enumerate(grown.model.parameters()) if p is grown.model.prototypes)
+    assert moments[protos]["exp_avg_sq"].shape == (4, 8) and torch.all(moments[protos]["exp_avg_sq"][3] == 0) and torch.any(moments[protos]["exp_avg_sq"][:3] > 0)
+    narrower = DiscriminativeTrainer(DiscriminativePrototypes(DiscriminativeConfig(16, 2, 1, 8, "mlp", None)), 1e-3, total_steps=100)
+    assert not narrower.load_state_arrays(saved) and narrower.steps_done == 0
