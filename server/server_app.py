@@ -4,7 +4,8 @@ Run config (``flwr run ... --run-config``; ``protofuse simulate`` fills it in):
 - ``spec``: absolute path of a spec; the server reads its ``[data]``, ``[model]``, ``[training]``,
   ``[adapt]`` and ``[federation]`` tables (its ``[[experts]]`` are the clients' business);
 - ``out``: absolute path of the run folder: ``store/`` (SQLite + weight files, checkpointed every
-  round), ``rounds.json`` (per-round metrics) and, when the schedule is done, ``bank/``; the run
+  round), ``rounds.json`` (per-round metrics) and, when the schedule is done, ``bank/`` and
+  ``manifest.pb`` (the bank manifest: version, vocabulary, weights digest, experts); the run
   folder itself is accepted by ``protofuse adapt | predict | info`` and ``client_sdk.load_bank``
   as ``fit``'s output is;
 - ``rounds`` (optional): overrides ``[federation] rounds``; ``min-clients`` (optional): clients
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
@@ -80,6 +82,7 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
         store.close()
     bank = export_bank(final, spec, model_config)
     bank.save(out / RUN_BANK)
+    write_manifest(out, manifest_of(final, bank.version))
     (out / "rounds.json").write_text(json.dumps({"history": history, "rounds": strategy.history}, indent=1, default=float))
     log(INFO, "fusion: bank %s written to %s", bank.version, out)
     return bank
@@ -161,6 +164,25 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any]) -> None:
     fed = strategy.federation
     store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), {"trust": fed.trust, "model": model_config})
+
+
+MANIFEST = "manifest.pb"
+
+
+def manifest_of(ck: Checkpoint, version: str) -> wire.BankManifest:
+    """The bank manifest published beside the exported bank (protobuf, ``protofuse.v1.BankManifest``)."""
+    experts = tuple(
+        wire.ManifestExpert(e.pseudonym, e.label_names, e.trust, wire.Fidelity(e.fidelity_agreement, max(e.fidelity_kl, 0.0), e.fidelity_n), e.consensus, e.n_examples, e.n_queries, e.last_round)
+        for e in sorted(ck.experts, key=lambda e: e.pseudonym)
+    )
+    return wire.BankManifest(version, ck.round, ck.vocabulary, ck.weights_digest, "discriminative", experts)
+
+
+def write_manifest(out: Path, manifest: wire.BankManifest) -> None:
+    """Atomically: a reader sees the old manifest or the new one."""
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_bytes(wire.encode_manifest(manifest))
+    os.replace(tmp, out / MANIFEST)
 
 
 def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Bank:
