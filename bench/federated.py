@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             simulate(spec, run, echo=lambda line: None)
             t_fed = time.perf_counter() - t0
             federated = load_bank(run)
-            rows = score({"federated": federated, "central": central}, world, tasks, seed, args.max_test)
+            banks = {"federated": federated, "central": central}
+            if args.robust:  # the same federation without its bad participants, on the same tasks
+                honest_run = args.out / f"run-{mode}-{seed}-honest"
+                honest_spec = write_spec(args.out / f"spec-{mode}-{seed}-honest", world, DEFAULT_RECIPES, args.dataset, seed, mode, args.rounds, args.aggregation)
+                simulate(honest_spec, honest_run, echo=lambda line: None)
+                banks["federated honest"] = load_bank(honest_run)
+            rows = score(banks, world, tasks, seed, args.max_test)
             rounds = json.loads((run / "rounds.json").read_text())["rounds"]
             traffic = [r["bytes_per_client"] / r["shared_bytes"] for r in rounds if r["phase"] != "agreement"]
             entry = {
@@ -173,12 +179,12 @@ def plot_curves(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
         rounds = [c["round"] for c in r["curve"]]
-        ax.plot(rounds, [c["k5"] for c in r["curve"]], marker="o", label=f"{r['mode']} queries, k = 5")
-        ax.plot(rounds, [c["zero_shot"] for c in r["curve"]], linestyle="--", label=f"{r['mode']} queries, zero-shot")
+        ax.plot(rounds, [c["k5"] for c in r["curve"]], marker="o", label=f"seed {r['seed']}, {r['mode']} queries, k = 5")
+        ax.plot(rounds, [c["zero_shot"] for c in r["curve"]], linestyle="--", label=f"seed {r['seed']}, {r['mode']} queries, zero-shot")
     ax.set_xlabel("round (incl. the agreement round)")
     ax.set_ylabel("accuracy on new 5-way tasks (%)")
-    ax.set_title(f"federated bank against rounds (seed {runs[0]['seed']})")
-    ax.legend()
+    ax.set_title("federated bank against rounds (5 new tasks per curve)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -196,6 +202,11 @@ def report(results: dict) -> str:
         lines += [f"## {mode} queries (seeds {[r['seed'] for r in runs]}, {s[1]['n']} episodes per k)", "", "| k | federated | central | paired gap (± s.e.) |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['federated']:.1f} | {v['central']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |" for k, v in s.items()]
         lines += [f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | {z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |", ""]
+        if "federated honest" in rows[0]:
+            h = summarize(rows, "federated", "federated honest")
+            lines += ["With the bad participants against the same federation without them (both federated, same tasks):", "", "| k | with them | without | paired gap (± s.e.) |", "|---|---|---|---|"]
+            lines += [f"| {k} | {v['federated']:.1f} | {v['federated honest']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |" for k, v in h.items()]
+            lines.append("")
         lines += [f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared weights per client and round. "
                   f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, {np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per process, 2 cores).", ""]
         for r in runs:
