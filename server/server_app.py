@@ -170,7 +170,7 @@ MANIFEST = "manifest.pb"
 
 
 def manifest_of(ck: Checkpoint, version: str) -> wire.BankManifest:
-    """The bank manifest published beside the exported bank (protobuf, ``protofuse.v1.BankManifest``)."""
+    """The bank manifest published beside the exported bank (the BankManifest message of protos/)."""
     experts = tuple(
         wire.ManifestExpert(e.pseudonym, e.label_names, e.trust, wire.Fidelity(e.fidelity_agreement, max(e.fidelity_kl, 0.0), e.fidelity_n), e.consensus, e.n_examples, e.n_queries, e.last_round)
         for e in sorted(ck.experts, key=lambda e: e.pseudonym)
