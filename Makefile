@@ -64,6 +64,7 @@ bench-federated: $(STAMP)  ## reported seeds: simulate against fit, paired; robu
 	$(PY) -m bench.federated --out bench-results/federated
 	$(PY) -m bench.federated --robust --modes shared --out bench-results/federated-robust
 	$(PY) -m bench.scale --clients 50 --rounds 3 --out bench-results/scale
+	$(PY) -m bench.scale --clients 50 --rounds 3 --dataset mnist5k --out bench-results/scale-mnist5k
 
 bench-quick: $(STAMP)  ## a smoke run of the benchmark
 	$(BENCH) --datasets digits --seeds 100 --tasks 2 --quick --out bench-results/quick
