@@ -70,10 +70,13 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
         raise SpecError(f"{err} (the settings that shape the bank, rounds included, differ from the run stored in {out})") from None
     try:
         last = store.latest()
-        fed, arrays, model_config = _start(grid, spec, last)
         done = last.round if last else 0
-        strategy = FusionStrategy(fed, schedule, spec.training, spec.federation, model_config, lambda r, a, s: _checkpoint(store, r, a, s, model_config), round_offset=done)
-        if done < schedule.total:
+        if last is not None and done >= schedule.total:  # finished: export again, no client needed
+            model_config = last.state["model"]
+        else:
+            fed, arrays, model_config = _start(grid, spec, last)
+            earlier = list(last.state.get("rounds", [])) if last else []  # metrics of the rounds before a resume
+            strategy = FusionStrategy(fed, schedule, spec.training, spec.federation, model_config, lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier), round_offset=done)
             log(INFO, "fusion: rounds %d..%d of %d (%d clients, %d labels)", done + 1, schedule.total, schedule.total, len(fed.nodes), len(fed.vocabulary))
             strategy.start(grid, to_record(arrays), num_rounds=schedule.total - done, timeout=spec.federation.round_timeout)
         final = store.latest()
@@ -83,9 +86,16 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
     bank = export_bank(final, spec, model_config)
     bank.save(out / RUN_BANK)
     write_manifest(out, manifest_of(final, bank.version))
-    (out / "rounds.json").write_text(json.dumps({"history": history, "rounds": strategy.history}, indent=1, default=float))
+    _write_rounds(out / "rounds.json", history, final.state.get("rounds", []))
     log(INFO, "fusion: bank %s written to %s", bank.version, out)
     return bank
+
+
+def _write_rounds(path: Path, history: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> None:
+    """Per-round metrics of every round (kept in the checkpoints, so a resume loses none)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"history": history, "rounds": rounds}, indent=1, default=float))
+    os.replace(tmp, path)
 
 
 def run_key(spec: Spec) -> str:
@@ -161,9 +171,9 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any]) -> None:
+def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
     fed = strategy.federation
-    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), {"trust": fed.trust, "model": model_config})
+    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history})
 
 
 MANIFEST = "manifest.pb"

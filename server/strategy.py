@@ -276,14 +276,15 @@ class FusionStrategy(FedAvg):
         shared = sum(a.nbytes for a in arrays.values())
         losses = [s.loss for _, _, s in ok if s.loss is not None]
         row = {
-            "round": r, "phase": phase.name, "clients": len(ok), "loss": float(np.mean(losses)) if losses else math.nan,
+            "round": r, "phase": phase.name, "clients": len(ok), "loss": float(np.mean(losses)) if losses else None,  # None: nothing trained
             "bytes_per_client": float(np.mean(sent)), "shared_bytes": shared,
             "fidelity": float(np.mean([s.fidelity.agreement for _, _, s in ok])),
             "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
         }
         self.history.append(row)
-        log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), row["loss"], row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)
-        return MetricRecord({"loss": row["loss"], "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]})
+        loss = math.nan if row["loss"] is None else row["loss"]
+        log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), loss, row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)
+        return MetricRecord({"loss": loss, "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]})
 
 
 def check_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> None:

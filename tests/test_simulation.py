@@ -4,6 +4,7 @@ of a round (SIGKILL of the server), then resumed; the bank it exports serves ada
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -58,6 +59,8 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federatio
     assert set(np.unique(support["y"])) == set(pred["classes"].tolist())
     assert main(["info", str(run)]) == 0
     assert "federated: 5 rounds, rowwise aggregation" in capsys.readouterr().out
+    # rounds.json keeps the metrics of the rounds before the resume.
+    assert [r["round"] for r in json.loads((run / "rounds.json").read_text())["rounds"]] == [1, 2, 3, 4, 5]
 
 
 def test_the_generative_family_is_refused_with_the_reason(federation, tmp_path, capsys):
