@@ -35,6 +35,12 @@ from bench.federations import demo_expert  # noqa: E402
 '''
 
 
+def spec_entry(name: str, predict: str, labels: tuple[str, ...] | list[str], queries: str) -> str:
+    """One ``[[experts]]`` table of a spec."""
+    quoted = ", ".join(f'"{c}"' for c in labels)
+    return f'[[experts]]\nname = "{name}"\npredict = "{predict}"\nlabels = [{quoted}]\nqueries = "{queries}"\n'
+
+
 def write_federation(folder: Path, dataset: str = "digits", k: int = 5, seed: int = 0, task: tuple[str, ...] = DEMO_TASK) -> Path:
     """Write a spec folder for the demo federation; returns the spec's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,7 +49,7 @@ def write_federation(folder: Path, dataset: str = "digits", k: int = 5, seed: in
     np.save(folder / "queries.npy", splits.queries.x)
     lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in DEFAULT_RECIPES)
     (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
-    entries = "\n".join(f'[[experts]]\nname = "{r.name}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "queries.npy"\n'.replace("'", '"') for r in DEFAULT_RECIPES)
+    entries = "\n".join(spec_entry(r.name, f"experts:{r.name}", r.classes, "queries.npy") for r in DEFAULT_RECIPES)
     shape = list(ds.image_shape) if ds.image_shape else None
     header = f"# Demo federation on {dataset}: {len(DEFAULT_RECIPES)} experts over overlapping class subsets.\n\n[data]\nimage_shape = {shape}\n\n" if shape else ""
     (folder / "spec.toml").write_text(header + entries)

@@ -19,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.demo import EXPERTS_PY, REPO
+from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, SPARSE_RECIPES
 from bench.run import REPORT_SEEDS, SHOTS, accuracy, build_world, draw_episode, episode_tasks, in_task_order, log
 from protofuse.bank import Bank, load_bank
 from protofuse_server.simulation import simulate
+
+
+def shard_rows(n: int, parts: int, seed: int) -> list[np.ndarray]:
+    """Disjoint private shards of a query pool of n rows (sorted row indices), one per expert."""
+    return [np.sort(rows) for rows in np.array_split(np.random.default_rng(seed).permutation(n), parts)]
 
 
 def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int, aggregation: str = "rowwise", keep: int = 2) -> Path:  # noqa: ANN001
@@ -35,15 +40,14 @@ def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str,
         np.save(folder / "queries.npy", qx)
         files = {r.name: "queries.npy" for r in recipes}
     else:
-        order = np.random.default_rng(seed).permutation(len(qx))
-        for i, (r, rows) in enumerate(zip(recipes, np.array_split(order, len(recipes)))):
-            np.save(folder / f"shard{i}.npy", qx[np.sort(rows)])
+        for i, (r, rows) in enumerate(zip(recipes, shard_rows(len(qx), len(recipes), seed))):
+            np.save(folder / f"shard{i}.npy", qx[rows])
             files[r.name] = f"shard{i}.npy"
     lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in recipes)
     (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
     shape = world.dataset.image_shape
     text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = \"{aggregation}\"\nkeep_checkpoints = {keep}\n\n"
-    text += "\n".join(f'[[experts]]\nname = "{r.name}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "{files[r.name]}"\n'.replace("'", '"') for r in recipes)
+    text += "\n".join(spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes)
     (folder / "spec.toml").write_text(text)
     return folder / "spec.toml"
 
@@ -58,8 +62,7 @@ def central_bank(world, recipes, mode: str, seed: int) -> Bank:  # noqa: ANN001
     from protofuse.triples import assemble
 
     qx = world.splits.queries.x
-    order = np.random.default_rng(seed).permutation(len(qx))
-    shards = [qx[np.sort(rows)] for rows in np.array_split(order, len(recipes))]
+    shards = [qx[rows] for rows in shard_rows(len(qx), len(recipes), seed)]
     outputs = [query_expert(e.expert, s, e.name) for e, s in zip(world.experts, shards)]
     triples = assemble([e.name for e in world.experts], [e.labels for e in world.experts], shards, outputs)
     return fit_bank(triples, ModelSettings(), TrainingSettings(seed=seed), AdaptSettings(), world.dataset.image_shape, world.dataset.likelihood)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.demo import EXPERTS_PY, REPO
+from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES
 from protofuse.data import load_dataset, make_splits
 from protofuse_server.simulation import simulate
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = []
     for i in range(args.clients):
         r = DEFAULT_RECIPES[i % len(DEFAULT_RECIPES)]
-        entries.append(f'[[experts]]\nname = "{r.name}-{i}"\npredict = "experts:{r.name}"\nlabels = {list(r.classes)!r}\nqueries = "queries.npy"\n'.replace("'", '"'))
+        entries.append(spec_entry(f"{r.name}-{i}", f"experts:{r.name}", r.classes, "queries.npy"))
     shape = f"[data]\nimage_shape = {list(ds.image_shape)}\n\n" if ds.image_shape else ""
     (folder / "spec.toml").write_text(shape + f"[federation]\nrounds = {args.rounds}\n\n" + "\n".join(entries))
 

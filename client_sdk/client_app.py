@@ -33,7 +33,7 @@ from protofuse import wire
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.spec import SpecError, load_spec
 
-from .collect import cached_answers
+from .collect import cached_answers, load_array
 from .local_training import LocalExpert, RoundPlan, run_round
 
 app = ClientApp()
@@ -82,28 +82,10 @@ def local_expert(context: Context) -> LocalExpert:
     entry = spec.expert(name) if name else _only_or_partition(spec, context)
     key = (spec_path, entry.name, cache)  # virtual nodes of one simulation process share the cache
     if key not in _EXPERTS:
-        x = load_queries(spec.queries_path(entry))
+        x = load_array(spec.queries_path(entry), f"expert {entry.name!r}: queries", mmap=True)
         answers = cached_answers(spec, entry, x, Path(cache))
         _EXPERTS[key] = LocalExpert(entry.name, tuple(entry.labels), x, answers, len(x))
     return _EXPERTS[key]
-
-
-def load_queries(path: Path) -> np.ndarray:
-    """A client's query inputs, memory-mapped when stored as float32 (clients of one machine that
-    share a query file then share its pages instead of each holding a copy)."""
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise SpecError(f"queries file {path} not found") from None
-    except ValueError as err:
-        raise SpecError(f"{path} is not a plain .npy array ({err}); save it with numpy.save") from None
-    if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
-        raise SpecError(f"{path} holds {x.dtype} of shape {x.shape}, expected (n, d) real numbers with n >= 1")
-    if x.dtype != np.float32:
-        x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise SpecError(f"{path} holds NaN or infinite values; clean the queries")
-    return x
 
 
 def _where(context: Context) -> tuple[str, str]:

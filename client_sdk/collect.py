@@ -80,10 +80,13 @@ def _import_beside(folder: Path, module_name: str) -> Any:
     return module
 
 
-def load_array(path: Path, what: str) -> np.ndarray:
-    """A 2-D finite float array from a ``.npy`` file, with errors that name the file."""
+def load_array(path: Path, what: str, mmap: bool = False) -> np.ndarray:
+    """A 2-D finite float32 array from a ``.npy`` file, with errors that name the file.
+
+    ``mmap``: memory-map a file already stored as float32 instead of reading a copy (clients of
+    one machine that share a query file then share its pages)."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError:
         raise SpecError(f"{what}: file {path} not found") from None
     except ValueError as err:
@@ -92,7 +95,7 @@ def load_array(path: Path, what: str) -> np.ndarray:
         raise SpecError(f"{what}: {path} holds shape {getattr(arr, 'shape', None)}, expected (n, d) with n >= 1: one flattened input per row")
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
         raise SpecError(f"{what}: {path} must hold finite real numbers")
-    return arr.astype(np.float32)
+    return arr.astype(np.float32, copy=not mmap)
 
 
 def collect_triples(spec: Spec) -> Triples:

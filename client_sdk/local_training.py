@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from protofuse import wire
+from protofuse.families import family
 from protofuse.families.discriminative import load_shared, shared_arrays
-from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+from protofuse.model.discriminative import DiscriminativePrototypes
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.training import DiscriminativeTrainer, consensus, consensus_agreement, fidelity, n_batches
 from protofuse.triples import Triples
@@ -116,10 +117,7 @@ def run_round(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndarray
 
 
 def _local_model(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndarray], head: dict[str, np.ndarray] | None) -> DiscriminativePrototypes:
-    cfg = dict(plan.model)
-    if cfg.get("image_shape") is not None:
-        cfg["image_shape"] = tuple(cfg["image_shape"])
-    model = DiscriminativePrototypes(DiscriminativeConfig(**cfg, n_labels=len(plan.vocabulary), n_experts=1))
+    model = family("discriminative").build({**plan.model, "n_labels": len(plan.vocabulary), "n_experts": 1})
     load_shared(model, shared)
     if head is not None and len(head["bias"]) == len(expert.labels):
         cols = [plan.vocabulary.index(c) for c in expert.labels]

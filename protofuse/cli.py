@@ -159,8 +159,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     import os
 
-    from client_sdk.client_app import load_queries
-    from client_sdk.collect import cached_answers
+    from client_sdk.collect import cached_answers, load_array
     from protofuse.spec import load_spec
     from protofuse_server.simulation import FLOWER_ENV, flower_bin
 
@@ -173,7 +172,7 @@ def _client(args: argparse.Namespace) -> int:
         raise ValueError("give --root-certificates CA.crt (TLS), or --insecure for a test on a trusted network")
     cache = (args.cache_dir or spec_path.parent / ".protofuse-cache").resolve()
     # Ask the black box now: a broken expert fails here, with its name, before the node joins.
-    x = load_queries(spec.queries_path(entry))
+    x = load_array(spec.queries_path(entry), f"expert {entry.name!r}: queries", mmap=True)
     answers = cached_answers(spec, entry, x, cache)
     print(f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in {cache}", file=sys.stderr)
     node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'

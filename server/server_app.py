@@ -41,7 +41,7 @@ from protofuse.spec import Spec, SpecError, load_spec
 from protofuse.training import Fidelity
 
 from .store import BankStore, Checkpoint, StoreError
-from .strategy import Federation, FusionStrategy, Schedule, describe_nodes, to_record
+from .strategy import Federation, FusionStrategy, Schedule, describe_nodes, extend_rows, to_record
 
 app = ServerApp()
 
@@ -149,8 +149,6 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
     config = config_for(x_dim, len(fed.vocabulary), 1, spec.model, image_shape)
     model_config = {k: v for k, v in asdict(config).items() if k not in ("n_labels", "n_experts")}
     if last:
-        from .strategy import extend_rows
-
         arrays = last.arrays
         grown = len(fed.vocabulary) - len(last.vocabulary)
         arrays = extend_rows(arrays, grown, spec.training.seed + len(fed.vocabulary)) if grown else arrays

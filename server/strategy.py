@@ -25,7 +25,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
@@ -121,8 +121,6 @@ class Federation:
 
 def describe_nodes(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, ConfigRecord]:
     """Ask nodes for their expert's pseudonym, labels and input width (a ``query`` message)."""
-    from flwr.app import MessageType, RecordDict
-
     messages = [Message(RecordDict({"ask": ConfigRecord({"what": "describe"})}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     out: dict[int, ConfigRecord] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):

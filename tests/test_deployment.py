@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.demo import EXPERTS_PY, REPO
+from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import ExpertRecipe
 from protofuse.bank import load_bank
 from protofuse.data import load_dataset, make_splits, sample_support, task_subset
@@ -51,7 +51,7 @@ def folders(tmp_path):
         np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])
         line = f"{recipe.name} = build_expert(ExpertRecipe({recipe.name!r}, 'logreg', {recipe.classes!r}), _train, 0).expert"
         (org / "experts.py").write_text(EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line))
-        (org / "spec.toml").write_text(f'[[experts]]\nname = "{recipe.name}"\npredict = "experts:{recipe.name}"\nlabels = {list(recipe.classes)!r}\nqueries = "queries.npy"\n'.replace("'", '"'))
+        (org / "spec.toml").write_text(spec_entry(recipe.name, f"experts:{recipe.name}", recipe.classes, "queries.npy"))
         specs.append(org / "spec.toml")
     server = tmp_path / "server.toml"
     server.write_text("[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = 4\nmin_clients = 3\n")

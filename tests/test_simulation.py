@@ -65,7 +65,7 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federatio
 
 def test_the_generative_family_is_refused_with_the_reason(federation, tmp_path, capsys):
     spec = tmp_path / "spec.toml"
-    spec.write_text(federation.read_text().replace("[[experts]]", "[model]\nfamily = \"generative\"\n\n[[experts]]", 1).replace('"experts:', '"experts:'))
+    spec.write_text(federation.read_text().replace("[[experts]]", "[model]\nfamily = \"generative\"\n\n[[experts]]", 1))
     (tmp_path / "experts.py").write_text((federation.parent / "experts.py").read_text())
     (tmp_path / "queries.npy").write_bytes((federation.parent / "queries.npy").read_bytes())
     assert main(["simulate", str(spec), "--out", str(tmp_path / "run")]) == 2

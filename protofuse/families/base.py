@@ -57,6 +57,14 @@ class Fitted:
     distributions: dict[str, np.ndarray] = field(default_factory=dict)  # per-expert arrays kept in the bank
 
 
+def config_from_json(config: dict[str, Any]) -> dict[str, Any]:
+    """A networks' config as read back from JSON: ``image_shape`` becomes a tuple again."""
+    cfg = dict(config)
+    if cfg.get("image_shape") is not None:
+        cfg["image_shape"] = tuple(cfg["image_shape"])
+    return cfg
+
+
 class Family(ABC):
     """One prototype family. Instances are stateless; ``FAMILIES`` holds one of each."""
 

@@ -14,7 +14,7 @@ from ..model.discriminative import DiscriminativeConfig, DiscriminativePrototype
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, consensus, consensus_agreement, reliability_weights, train_discriminative
 from ..triples import Triples
-from .base import Family, Fitted
+from .base import Family, Fitted, config_from_json
 
 if TYPE_CHECKING:
     from ..bank import Bank
@@ -53,10 +53,7 @@ class Discriminative(Family):
     federates = True
 
     def build(self, config: dict[str, Any]) -> DiscriminativePrototypes:
-        cfg = dict(config)
-        if cfg.get("image_shape") is not None:
-            cfg["image_shape"] = tuple(cfg["image_shape"])
-        return DiscriminativePrototypes(DiscriminativeConfig(**cfg))
+        return DiscriminativePrototypes(DiscriminativeConfig(**config_from_json(config)))
 
     def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
         config = config_for(train.x.shape[1], len(train.label_names), len(train.expert_names), model, image_shape)

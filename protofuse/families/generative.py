@@ -14,7 +14,7 @@ from ..model.recompose import WDistribution, WeightedPrototypes, aggregated_post
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, train_generative
 from ..triples import Triples
-from .base import Family, Fitted
+from .base import Family, Fitted, config_from_json
 
 if TYPE_CHECKING:
     from ..bank import Bank
@@ -58,10 +58,7 @@ class Generative(Family):
     federates = False
 
     def build(self, config: dict[str, Any]) -> GenerativePrototypes:
-        cfg = dict(config)
-        if cfg.get("image_shape") is not None:
-            cfg["image_shape"] = tuple(cfg["image_shape"])
-        return GenerativePrototypes(GenerativeConfig(**cfg))
+        return GenerativePrototypes(GenerativeConfig(**config_from_json(config)))
 
     def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
         s = model
