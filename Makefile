@@ -20,7 +20,7 @@ demo: $(STAMP)  ## simulate the digits federation on Flower, adapt its bank to a
 	$(PY) -m bench.demo --out $(RUN)
 	.venv/bin/protofuse simulate $(RUN)/federation/spec.toml --out $(RUN)/run
 	.venv/bin/protofuse adapt $(RUN)/run --support $(RUN)/federation/support.npz --out $(RUN)/model
-	.venv/bin/protofuse predict $(RUN)/model --inputs $(RUN)/federation/test_x.npy --out $(RUN)/pred.npz
+	.venv/bin/protofuse predict $(RUN)/model --inputs $(RUN)/federation/test_x.npy --out $(RUN)/pred.npz --unsigned-ok
 	$(PY) -m bench.demo --score $(RUN)
 
 # The model-server tests run real MLServer and MLflow servers from their own virtualenv
@@ -30,7 +30,7 @@ test: $(STAMP)  ## the test suite
 	$(PY) -m pytest -q
 
 protos: $(STAMP)  ## regenerate protofuse/v1 from protos/ (tests/test_wire.py fails when it is stale)
-	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/protofuse/v1/federation.proto protos/protofuse/v1/bank.proto
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/protofuse/v1/federation.proto protos/protofuse/v1/bank.proto protos/protofuse/v1/fusion.proto
 
 # Every table the README quotes comes from one of these; each writes bench-results/<name>/
 # (results.md, results.json, accuracy_vs_k.png). Reported runs use seeds 100-102; defaults and

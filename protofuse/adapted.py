@@ -6,19 +6,23 @@ map and the bank version it came from) and predicts with no server round-trip.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
-from typing import Any
+import warnings
+from typing import Any, Union
 
 import numpy as np
 import torch
 
-from . import artifacts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import artifacts, signing
 from .families import DiscriminativeTask, GenerativeTask, Task, family
 
 KIND = "protofuse-adapted-model"
+PublicKeyLike = Union[str, os.PathLike, bytes, Ed25519PublicKey]
 
-__all__ = ["KIND", "AdaptedModel", "DiscriminativeTask", "GenerativeTask", "Task", "build_model", "load_adapted"]
+__all__ = ["KIND", "AdaptedModel", "DiscriminativeTask", "GenerativeTask", "Task", "build_model", "from_files", "load_adapted"]
 
 
 def build_model(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None, source: Any = "bank") -> torch.nn.Module:
@@ -50,32 +54,56 @@ class AdaptedModel:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(x).argmax(1)]
 
-    def save(self, path: str | os.PathLike) -> str:
-        """Write the model folder; returns the SHA-256 of its weights."""
+    def save(self, path: str | os.PathLike, signing_key: Ed25519PrivateKey | None = None) -> str:
+        """Write the model folder (signed when a key is given); returns its SHA-256."""
+        files = self.to_files(signing_key)
+        artifacts.write(path, files, KIND)
+        return json.loads(files[artifacts.META])["sha256"]
+
+    def to_files(self, signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
+        """The model folder's files as bytes: what :meth:`save` writes and the service sends."""
         arrays = {f"bank.{k}": v.numpy() for k, v in self.task.model.state_dict().items()}
         arrays.update({f"task.{k}": v for k, v in self.task.arrays().items()})
         meta = {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": self.task.meta(), "info": self.info}
-        return artifacts.save(path, KIND, arrays, meta)
+        return artifacts.encode(KIND, arrays, meta, signing_key)
 
     def __repr__(self) -> str:
         return f"AdaptedModel(family={self.bank_meta['family']!r}, classes={self.classes_.tolist()})"
 
 
-def load_adapted(path: str | os.PathLike) -> AdaptedModel:
-    """Load a model saved by :meth:`AdaptedModel.save` (checksum and format verified)."""
-    arrays, meta = artifacts.load(path, KIND)
+def load_adapted(path: str | os.PathLike, public_key: PublicKeyLike | None = None, *, unsigned_ok: bool = False) -> AdaptedModel:
+    """Load a model saved by :meth:`AdaptedModel.save` or fetched from the adaptation service.
+
+    With ``public_key`` (the server's ``signing.pub``, as a path, PEM bytes or key object) the
+    model must carry a valid signature by that key: an unsigned, re-signed or altered model is
+    refused. ``unsigned_ok=True`` says explicitly that you trust the folder (a model you adapted
+    yourself); the checksum is still verified either way.
+    """
+    return from_files(artifacts.read(path, KIND), public_key, unsigned_ok=unsigned_ok, source=path)
+
+
+def from_files(files: dict[str, bytes], public_key: PublicKeyLike | None = None, *, unsigned_ok: bool = False, source: Any = "adapted model") -> AdaptedModel:
+    """An adapted model from its files' bytes, verified as :func:`load_adapted` says."""
+    key = signing.load_public_key(public_key) if public_key is not None else None
+    if key is None and not unsigned_ok:
+        warnings.warn(
+            f"{source}: loaded without verifying who made it (only its checksum); pass public_key= (the server's signing.pub) "
+            "to verify its signature, or unsigned_ok=True for a model you adapted yourself. A future release will refuse to load without one of them.",
+            FutureWarning, stacklevel=3,
+        )
+    arrays, meta = artifacts.decode(files, KIND, source, key)
     try:
         bank_meta = meta["bank"]
         state = {k[len("bank.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("bank.")}
-        model = build_model(bank_meta, state, path)
+        model = build_model(bank_meta, state, source)
         t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])
         if task.n_classes != len(meta["classes"]):
-            raise artifacts.ArtifactError(f"{path}: {len(meta['classes'])} class names for a task of {task.n_classes} classes; re-create it with `protofuse adapt`")
+            raise artifacts.ArtifactError(f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} classes; re-create it with `protofuse adapt`")
     except (KeyError, TypeError) as err:
-        raise artifacts.ArtifactError(f"{path}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`") from None
+        raise artifacts.ArtifactError(f"{source}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`") from None
     except ValueError as err:  # an unknown family name
-        raise artifacts.ArtifactError(f"{path}: {err}") from None
+        raise artifacts.ArtifactError(f"{source}: {err}") from None
     return AdaptedModel(task, meta["classes"], bank_meta, meta.get("info"))
 
 

@@ -4,8 +4,9 @@
 every other field of ``meta.json`` (label names and configuration included); loading checks all
 three, so a corrupted, truncated or mismatched artifact fails with a clear error instead of
 becoming a wrong model. The checksum detects accidents, not an attacker: whoever can rewrite the
-files can rewrite the checksum too (signed artifacts are what stops that). Writes are atomic per
-folder: a crash leaves the old artifact or the new.
+files can rewrite the checksum too. A signed artifact adds ``signature.json`` (Ed25519 over the
+checksum, see :mod:`protofuse.signing`): that is what stops an attacker. Writes are atomic per
+folder: a crash leaves the old artifact or the new. The same files travel over the wire.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import signing
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.npz"
@@ -40,57 +44,85 @@ def checksum(weights: bytes, meta: dict[str, Any]) -> str:
     return sha256(weights + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
 
 
-def save(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
-    """Write an artifact folder atomically; returns its SHA-256 (weights and meta together)."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ArtifactError(f"{folder} is a file; give a folder path for the {kind}")
+def encode(kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
+    """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed, ``signature.json``."""
     buffer = io.BytesIO()
     np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
     data = buffer.getvalue()
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
     record["sha256"] = checksum(data, record)
+    files = {WEIGHTS: data, META: json.dumps(record, indent=2, sort_keys=True).encode()}
+    if signing_key is not None:
+        files[signing.SIGNATURE] = signing.sign(kind, record["sha256"], signing_key)
+    return files
+
+
+def decode(files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519PublicKey | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Verify an artifact's files (kind, version, checksum; the signature when a key is given) and parse them."""
+    if META not in files:
+        raise ArtifactError(f"{source}: missing {META}; is this a protofuse {kind}?")
+    try:
+        meta = json.loads(files[META])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{source}: {META} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        raise ArtifactError(f"{source}: holds a {meta.get('kind') if isinstance(meta, dict) else None!r} artifact, expected a {kind!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{source}: format version {meta.get('format_version')!r}, this protofuse reads version {FORMAT_VERSION}; re-create it with this version")
+    if WEIGHTS not in files:
+        raise ArtifactError(f"{source}: missing {WEIGHTS}")
+    data = files[WEIGHTS]
+    if checksum(data, meta) != meta.get("sha256"):
+        raise ArtifactError(f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}")
+    if public_key is not None:
+        signing.verify(kind, meta["sha256"], files.get(signing.SIGNATURE), public_key, source)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as err:  # object arrays need pickle, which is never run on loaded data
+        raise ArtifactError(f"{source}: {WEIGHTS} holds something other than plain arrays ({err}); refused, re-create the {kind}") from None
+    return arrays, meta
+
+
+def save(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signing_key: Ed25519PrivateKey | None = None) -> str:
+    """Write an artifact folder atomically (signed when a key is given); returns its SHA-256."""
+    files = encode(kind, arrays, meta, signing_key)
+    write(path, files, kind)
+    return json.loads(files[META])["sha256"]
+
+
+def write(path: str | os.PathLike, files: dict[str, bytes], kind: str = "artifact") -> None:
+    """Write an artifact's files as one folder, atomically: a crash leaves the old folder or the new."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} is a file; give a folder path for the {kind}")
+    unknown = set(files) - {WEIGHTS, META, signing.SIGNATURE}
+    if unknown:
+        raise ArtifactError(f"unexpected artifact files {sorted(unknown)}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
     try:
-        (staging / WEIGHTS).write_bytes(data)
-        (staging / META).write_text(json.dumps(record, indent=2, sort_keys=True))
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
         _fsync_folder(staging)
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is shared like any folder
         _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return record["sha256"]
 
 
-def load(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read and verify an artifact folder written by :func:`save` for the given kind."""
+def read(path: str | os.PathLike, kind: str) -> dict[str, bytes]:
+    """An artifact folder's files (those present of weights, meta and signature)."""
     folder = Path(path)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such {kind} folder (expected {META} and {WEIGHTS} inside)")
-    try:
-        meta = json.loads((folder / META).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{folder}: missing {META}; is this a protofuse {kind}?") from None
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{folder / META}: not valid JSON ({err})") from None
-    if meta.get("kind") != kind:
-        raise ArtifactError(f"{folder}: holds a {meta.get('kind')!r} artifact, expected a {kind!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{folder}: format version {meta.get('format_version')!r}, this protofuse reads version {FORMAT_VERSION}; re-create it with this version")
-    try:
-        data = (folder / WEIGHTS).read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{folder}: missing {WEIGHTS}") from None
-    if checksum(data, meta) != meta.get("sha256"):
-        raise ArtifactError(f"{folder}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as err:  # object arrays need pickle, which is never run on loaded data
-        raise ArtifactError(f"{folder / WEIGHTS}: holds something other than plain arrays ({err}); refused, re-create the {kind}") from None
-    return arrays, meta
+    return {name: (folder / name).read_bytes() for name in (WEIGHTS, META, signing.SIGNATURE) if (folder / name).exists()}
+
+
+def load(path: str | os.PathLike, kind: str, public_key: Ed25519PublicKey | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read and verify an artifact folder written by :func:`save` for the given kind."""
+    return decode(read(path, kind), kind, Path(path), public_key)
 
 
 def _swap_in(staging: Path, folder: Path) -> None:

@@ -37,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, required=True, help="folder to write the bank to")
     fit.set_defaults(run=_fit)
 
-    adapt = sub.add_parser("adapt", help="fit a model for a new task from a support set", description="Fit a new task's distribution over the bank's prototypes from a few labeled examples.")
-    adapt.add_argument("bank", type=Path, help="bank folder written by `protofuse fit`")
+    adapt = sub.add_parser("adapt", help="fit a model for a new task from a support set", description="Fit a new task's distribution over the bank's prototypes from a few labeled examples: locally from a bank folder, or through an adaptation service with --server (the model comes back signed and is verified).")
+    adapt.add_argument("bank", type=Path, nargs="?", help="bank folder written by `protofuse fit`, or a federation's run folder (omit with --server)")
+    adapt.add_argument("--server", metavar="HOST:PORT", help="adapt through this adaptation service (`protofuse serve`) instead of a local bank")
+    adapt.add_argument("--certs", type=Path, help="with --server: folder with ca.crt, client.crt, client.key and signing.pub (as `protofuse certs init` writes)")
+    adapt.add_argument("--insecure", action="store_true", help="with --server: no TLS (a service on a trusted host started with --insecure)")
+    adapt.add_argument("--unsigned-ok", action="store_true", help="with --server: accept a model that is not signed by the server's key (not recommended)")
+    adapt.add_argument("--signing-key", type=Path, help="without --server: sign the model with this Ed25519 key (signing.key)")
     adapt.add_argument("--support", type=Path, required=True, help=".npz with x (n, d) floats and y (n,) label names as strings")
     adapt.add_argument("--out", type=Path, required=True, help="folder to write the adapted model to")
     adapt.add_argument("--seed", type=int, default=0, help="seed of the adaptation's random draws")
@@ -51,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("model", type=Path, help="adapted model folder written by `protofuse adapt`")
     predict.add_argument("--inputs", type=Path, required=True, help=".npy array (n, d) of inputs")
     predict.add_argument("--out", type=Path, required=True, help=".npz to write proba and classes to")
+    predict.add_argument("--public-key", type=Path, help="verify the model's signature with this key (the server's signing.pub); unsigned or altered models are refused")
+    predict.add_argument("--unsigned-ok", action="store_true", help="load without a signature check (a model you adapted yourself); the checksum is still verified")
     predict.set_defaults(run=_predict)
 
     sim = sub.add_parser("simulate", help="run the federation of a spec on Flower's simulation engine", description="Run the spec's federation on Flower's simulation engine: the same ServerApp and ClientApp as a deployment, one virtual client per expert. Writes the run folder (bank/, store/, rounds.json), which adapt, predict and info accept like fit's output. Only the discriminative family federates.")
@@ -70,6 +77,38 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--insecure", action="store_true", help="no TLS (testing only: traffic and weights travel in clear)")
     client.add_argument("--auth-supernode-private-key", type=Path, help="this node's private key when the SuperLink authenticates SuperNodes")
     client.set_defaults(run=_client)
+
+    serve = sub.add_parser("serve", help="run the adaptation service (gRPC) beside a bank", description="Serve protofuse.v1.Fusion (Adapt, GetBank, ListExperts), the gRPC health service and reflection. A new bank version written to the folder is served without a restart; every adapted model is signed. Callers authenticate with mutual TLS.")
+    serve.add_argument("bank", type=Path, help="bank folder, or a federation's run folder (its bank/ may appear later)")
+    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051; 0.0.0.0:50051 in a container)")
+    serve.add_argument("--certs", type=Path, help="folder from `protofuse certs init`: server.crt/.key (TLS), ca.crt (callers' CA), signing.key")
+    serve.add_argument("--insecure", action="store_true", help="no TLS and no caller authentication (tests on a trusted host only; logs a warning)")
+    serve.add_argument("--signing-key", type=Path, help="Ed25519 key to sign models with (default: signing.key in --certs)")
+    from protofuse_server.service_settings import ServiceSettings
+
+    for name, fld in ServiceSettings.model_fields.items():
+        default = fld.default if fld.default_factory is None else "number of CPUs"
+        serve.add_argument(f"--{name.replace('_', '-')}", type=fld.annotation, help=f"{fld.description} (default {default})")
+    serve.set_defaults(run=_serve)
+
+    health = sub.add_parser("health", help="ask an adaptation service whether it is serving", description="Standard gRPC health check; exit status 0 when SERVING.")
+    health.add_argument("address", help="host:port of the service")
+    health.add_argument("--certs", type=Path, help="folder with ca.crt, client.crt, client.key")
+    health.add_argument("--insecure", action="store_true", help="the service runs without TLS")
+    health.add_argument("--service", default="", help="a service name (protofuse.v1.Fusion: is a bank loaded?); default: the whole server")
+    health.set_defaults(run=_health)
+
+    certs = sub.add_parser("certs", help="create the deployment's CA, certificates and keys", description="Certificates and keys for a deployment.")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    init = certs_sub.add_parser("init", help="create a CA, server and client certificates, SuperNode keys and the signing key", description="Create ca.crt/.key, server.crt/.key, client.crt/.key, supernodes/node-<i>.key/.pub (EC P-384, OpenSSH) and signing.key/.pub (Ed25519) in OUT. Refuses a folder that already has a CA.")
+    init.add_argument("--out", type=Path, required=True, help="folder to create them in")
+    init.add_argument("--names", nargs="*", default=[], help="extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1, superlink, proxy and service are always in)")
+    init.add_argument("--supernodes", type=int, default=3, help="SuperNode key pairs to create (default 3; more later with `protofuse certs node`)")
+    init.set_defaults(run=_certs_init)
+    node = certs_sub.add_parser("node", help="create one more SuperNode key pair", description="Create NAME.key and NAME.pub in OUT/supernodes; register NAME.pub with `flwr supernode register`.")
+    node.add_argument("--out", type=Path, required=True, help="the certificates folder")
+    node.add_argument("--name", required=True, help="the key's file name, e.g. org-7")
+    node.set_defaults(run=_certs_node)
 
     info = sub.add_parser("info", help="describe a bank: experts, labels, fidelity", description="Print a bank's family, vocabulary and one row per expert.")
     info.add_argument("bank", type=Path)
@@ -104,14 +143,23 @@ def _fit(args: argparse.Namespace) -> int:
 def _adapt(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
 
+    if (args.bank is None) == (args.server is None):
+        raise ValueError("give a bank folder, or --server HOST:PORT for an adaptation service (not both)")
     x, y = _load_support(args.support)
     _check_out_folder(args.out)
-    bank = load_bank(args.bank)
     options = {k: v for k, v in {"recompose": args.recompose, "form": args.form, "prior_strength": args.prior_strength}.items() if v is not None}
+    if args.server:
+        return _adapt_remote(args, x, y, options)
+    bank = load_bank(args.bank)
+    key = None
+    if args.signing_key:
+        from protofuse.signing import load_private_key
+
+        key = load_private_key(args.signing_key)
     t0 = time.perf_counter()
     model = bank.adapt(x, y, seed=args.seed, **options)
     elapsed = time.perf_counter() - t0
-    model.save(args.out)
+    model.save(args.out, signing_key=key)
     acc = float((model.predict(x) == np.asarray(y).astype(str)).mean())
     print(f"adapted {bank.family} bank {bank.version} to classes {model.classes_.tolist()} from {len(x)} examples in {elapsed:.2f}s (support accuracy {acc:.3f}); written to {args.out}", file=sys.stderr)
     if model.info.get("uncovered_labels"):
@@ -119,11 +167,24 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt_remote(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, options: dict) -> int:
+    from client_sdk.fusion_client import FusionClient, FusionError
+
+    t0 = time.perf_counter()
+    try:
+        with FusionClient(args.server, certs=args.certs, insecure=args.insecure, unsigned_ok=args.unsigned_ok) as client:
+            model = client.adapt(x, y, out=args.out, seed=args.seed, **options)
+    except FusionError as err:
+        raise ValueError(f"{args.server}: {err}") from None
+    print(f"adapted bank {model.bank_meta['version']} on {args.server} to classes {model.classes_.tolist()} from {len(x)} examples in {time.perf_counter() - t0:.2f}s ({'signature verified' if not args.unsigned_ok else 'signature NOT verified'}); written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from client_sdk.collect import load_array
     from protofuse.adapted import load_adapted
 
-    model = load_adapted(args.model)
+    model = load_adapted(args.model, args.public_key, unsigned_ok=args.unsigned_ok)
     x = load_array(args.inputs, "--inputs")
     proba = model.predict_proba(x)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +248,60 @@ def _client(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execvpe(cmd[0], cmd, env)  # the SuperNode takes this process's place: signals reach it directly
     return 0  # not reached
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from protofuse_server.service import Credentials, build_server
+    from protofuse_server.service_settings import ServiceSettings
+
+    if args.insecure == (args.certs is not None):
+        raise ValueError("give --certs DIR (TLS with client certificates), or --insecure for a test on a trusted host")
+    settings = ServiceSettings(**{k: getattr(args, k) for k in ServiceSettings.model_fields if getattr(args, k) is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    credentials = Credentials.from_folder(args.certs) if args.certs else None
+    server, port, served = build_server(args.bank, args.address, settings, credentials, args.signing_key)
+    snapshot = served.get()
+    host = args.address.rsplit(":", 1)[0]
+    print(f"serving protofuse.v1.Fusion on {host}:{port} ({'TLS, client certificates required' if credentials else 'INSECURE'}); bank: {snapshot.bank.version if snapshot else 'none yet, waiting for ' + str(served.bank_dir)}", file=sys.stderr, flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=5).wait()
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from client_sdk.fusion_client import FusionClient, FusionError
+
+    try:
+        with FusionClient(args.address, certs=args.certs, insecure=args.insecure, unsigned_ok=True, timeout=5.0) as client:
+            status = client.health(args.service)
+    except FusionError as err:
+        print(f"protofuse health: {err}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from protofuse_server.certs import init
+
+    written = init(args.out, args.names, args.supernodes)
+    print(f"wrote {len(written)} files to {args.out}: give organizations ca.crt and their supernodes/node-<i>.key; give adaptation callers ca.crt, client.crt, client.key and signing.pub; keep ca.key, server.key and signing.key on the server", file=sys.stderr)
+    return 0
+
+
+def _certs_node(args: argparse.Namespace) -> int:
+    from protofuse_server.certs import supernode_key
+
+    key, pub = supernode_key(args.out / "supernodes", args.name)
+    print(f"wrote {key} (give it to the organization) and {pub} (register it: flwr supernode register {pub} <connection>)", file=sys.stderr)
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:

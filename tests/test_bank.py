@@ -68,7 +68,7 @@ def test_bank_and_adapted_model_round_trip_exactly(bank, tmp_path):
         assert k1 == k2 and torch.equal(v1, v2)
     np.testing.assert_array_equal(loaded.adapt(sx, sy).predict_proba(x[:50]), model.predict_proba(x[:50]))
     model.save(tmp_path / "model")
-    again = load_adapted(tmp_path / "model")
+    again = load_adapted(tmp_path / "model", unsigned_ok=True)
     assert again.classes_.tolist() == model.classes_.tolist()
     assert again.bank_meta["version"] == version
     np.testing.assert_array_equal(again.predict_proba(x[:50]), model.predict_proba(x[:50]))
@@ -84,7 +84,7 @@ def test_tampered_or_mismatched_artifacts_are_refused(bank, tmp_path):
         load_bank(tmp_path / "bank")
     with pytest.raises(ArtifactError, match="holds a 'protofuse-bank' artifact, expected a 'protofuse-adapted-model'"):
         bank.save(tmp_path / "bank2")
-        load_adapted(tmp_path / "bank2")
+        load_adapted(tmp_path / "bank2", unsigned_ok=True)
     meta_path = tmp_path / "bank2" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["format_version"] = 99
@@ -217,7 +217,7 @@ def test_adapted_models_say_how_they_were_fitted_and_keep_it_on_disk(bank, tmp_p
     assert model.info["options"] == bank.adapt_settings.model_dump()
     assert bank.zero_shot(["1", "3"]).info == {"method": "zero-shot", "n_support": 0}
     model.save(tmp_path / "model")
-    assert load_adapted(tmp_path / "model").info == json.loads(json.dumps(model.info))
+    assert load_adapted(tmp_path / "model", unsigned_ok=True).info == json.loads(json.dumps(model.info))
     assert model.classes_.dtype.kind == "U" and model.predict(x[:3]).dtype.kind == "U"
 
 

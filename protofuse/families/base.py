@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress
 from ..triples import Triples
@@ -95,6 +96,10 @@ class Family(ABC):
     @abstractmethod
     def load_task(self, model: nn.Module, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> Task:
         """Rebuild a task saved with its ``arrays()`` and ``meta()``."""
+
+    @abstractmethod
+    def describe_expert(self, bank: Bank, index: int) -> wire.ExpertDistribution:
+        """Expert ``index``'s distribution over the bank's prototypes, as the wire carries it."""
 
     def adapt_method(self, settings: AdaptSettings) -> str:
         """How ``adapt`` fits a task with these settings, recorded in the adapted model."""

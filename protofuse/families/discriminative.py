@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map, imprint
+from .. import wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, consensus, consensus_agreement, reliability_weights, train_discriminative
 from ..triples import Triples
@@ -88,6 +89,13 @@ class Discriminative(Family):
 
     def load_task(self, model: DiscriminativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> DiscriminativeTask:
         return DiscriminativeTask(model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"]))
+
+    def describe_expert(self, bank: Bank, index: int) -> wire.ExpertDistribution:
+        expert = bank.experts[index]
+        vocab = {c: i for i, c in enumerate(bank.label_names)}
+        bias = bank.model.expert_bias.detach()[index, [vocab[c] for c in expert.labels]]
+        head = wire.DiscriminativeHead(float(bank.model.expert_log_temp.detach()[index]), tuple(float(b) for b in bias))
+        return wire.ExpertDistribution(expert.name, expert.labels, int(bank.meta.get("federation", {}).get("rounds", 0)), head)
 
     def adapt_method(self, settings: AdaptSettings) -> str:
         return "map"

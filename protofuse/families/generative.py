@@ -11,6 +11,7 @@ import torch
 
 from ..model.generative import GenerativeConfig, GenerativePrototypes, restricted_log_softmax
 from ..model.recompose import WDistribution, WeightedPrototypes, aggregated_posterior, fit_gaussian, fit_mixture, predict_log_proba, prior_distribution
+from .. import wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, train_generative
 from ..triples import Triples
@@ -95,6 +96,12 @@ class Generative(Family):
     def load_task(self, model: GenerativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> GenerativeTask:
         q = WeightedPrototypes(arrays["w"], arrays["log_weights"])
         return GenerativeTask(model, arrays["classes"], q, meta["form"], meta["n_z"], meta["seed"])
+
+    def describe_expert(self, bank: Bank, index: int) -> wire.ExpertDistribution:
+        expert = bank.experts[index]
+        moments = {source: expert_distribution(bank, expert.name, source) for source in ("prior", "posterior")}
+        gaussians = {k: wire.Gaussian(d.mean.double().numpy(), d.cov.double().numpy()) for k, d in moments.items()}
+        return wire.ExpertDistribution(expert.name, expert.labels, 0, wire.GenerativeMoments(gaussians["prior"], gaussians["posterior"]))
 
     def adapt_method(self, settings: AdaptSettings) -> str:
         return settings.recompose

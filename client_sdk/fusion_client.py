@@ -1,0 +1,158 @@
+"""``FusionClient``: ask a protofuse adaptation service for a model for a new task.
+
+    from client_sdk import FusionClient
+    with FusionClient("fusion.example.org:50051", certs="certs/") as client:
+        client.bank().manifest.vocabulary            # what the bank knows
+        model = client.adapt(x_support, y_support)   # verified against the server's signing key
+        model.predict_proba(x)
+
+``certs`` is a folder with ``ca.crt`` (the deployment's CA), ``client.crt``/``client.key`` (this
+caller's certificate, for mutual TLS) and ``signing.pub`` (the server's artifact-signing key);
+each can also be given on its own. Every model received is verified before it is returned: an
+unsigned model, or one signed by another key, raises :class:`SignatureError` unless you pass
+``unsigned_ok=True`` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from protofuse import artifacts
+from protofuse.adapted import KIND, AdaptedModel, from_files
+from protofuse.signing import SignatureError, load_public_key
+from protofuse.wire import WireError
+from protofuse.wire_service import SERVICE, AdaptRequest, AdaptResponse, BankInfo, ExpertList, decode_adapt_response, decode_bank_info, decode_expert_list, encode_adapt_request, encode_empty_request
+
+__all__ = ["FusionClient", "FusionError", "SignatureError"]
+
+_MiB = 1 << 20
+
+
+class FusionError(RuntimeError):
+    """The service refused or failed a call; ``code`` is the gRPC status (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.method, self.code, self.details = method, code, details
+
+
+class FusionClient:
+    """A connection to one adaptation service (``protofuse serve``)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        certs: str | os.PathLike | None = None,
+        root_certificates: str | os.PathLike | None = None,
+        certificate: str | os.PathLike | None = None,
+        private_key: str | os.PathLike | None = None,
+        public_key: Any = None,
+        insecure: bool = False,
+        unsigned_ok: bool = False,
+        timeout: float = 120.0,
+    ) -> None:
+        folder = Path(certs) if certs is not None else None
+        pick = lambda given, name: Path(given) if given is not None else (folder / name if folder is not None else None)  # noqa: E731
+        self.root_certificates = pick(root_certificates, "ca.crt")
+        self.certificate = pick(certificate, "client.crt")
+        self.private_key = pick(private_key, "client.key")
+        key = public_key if public_key is not None else pick(None, "signing.pub")
+        self.public_key = load_public_key(key) if key is not None else None
+        if self.public_key is None and not unsigned_ok:
+            raise ValueError("give the server's signing key (public_key= or certs= with signing.pub) so models can be verified, or unsigned_ok=True to accept unverified models")
+        self.unsigned_ok = unsigned_ok
+        self.timeout = timeout
+        self.address = address
+        options = [("grpc.max_receive_message_length", 512 * _MiB), ("grpc.max_send_message_length", 512 * _MiB)]
+        if insecure:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            if self.root_certificates is None:
+                raise ValueError("give the deployment's CA certificate (root_certificates= or certs=), or insecure=True for a service on a trusted host")
+            chain = [self._read(p, what) for p, what in ((self.private_key, "private_key"), (self.certificate, "certificate"))] if self.certificate is not None else [None, None]
+            creds = grpc.ssl_channel_credentials(self._read(self.root_certificates, "root_certificates"), chain[0], chain[1])
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}") for name in ("Adapt", "GetBank", "ListExperts")}
+
+    # -- the service's methods --------------------------------------------------------------
+    def bank(self) -> BankInfo:
+        """The served bank's manifest (version, vocabulary, experts) and input width."""
+        return decode_bank_info(self._call("GetBank", encode_empty_request("GetBankRequest")))
+
+    def experts(self) -> ExpertList:
+        """Every expert's label names, distribution over the prototypes, fidelity and trust."""
+        return decode_expert_list(self._call("ListExperts", encode_empty_request("ListExpertsRequest")))
+
+    def adapt(self, x: np.ndarray, y: Any, *, out: str | os.PathLike | None = None, seed: int | None = None, **options: Any) -> AdaptedModel:
+        """A model for the task of the support set x (n, d), y (n,) label names, verified.
+
+        ``options`` are the bank's adaptation settings (``prior_strength=...``); ``out`` also
+        writes the model folder (the files exactly as the server signed them).
+        """
+        response = self.adapt_response(x, y, seed=seed, **options)
+        model = from_files(response.files, self.public_key, unsigned_ok=self.unsigned_ok, source=f"model from {self.address}")
+        if out is not None:
+            artifacts.write(out, response.files, KIND)
+        return model
+
+    def adapt_response(self, x: np.ndarray, y: Any, *, seed: int | None = None, **options: Any) -> AdaptResponse:
+        """The raw reply of Adapt (artifact files and fit metrics), not yet verified."""
+        arr = np.asarray(x)
+        if arr.dtype not in (np.float32, np.float64):
+            if not np.issubdtype(arr.dtype, np.number):
+                raise ValueError(f"x has dtype {arr.dtype}, expected numbers")
+            arr = arr.astype(np.float64)
+        labels = np.asarray(y)
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.str_) or np.issubdtype(labels.dtype, np.integer)):
+            raise ValueError(f"y has shape {labels.shape} and dtype {labels.dtype}; give one label name (string) per example")
+        opts = {k: str(v) for k, v in options.items()}
+        if seed is not None:
+            opts["seed"] = str(int(seed))
+        try:
+            request = encode_adapt_request(AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts))
+        except WireError as err:
+            raise ValueError(str(err)) from None
+        return decode_adapt_response(self._call("Adapt", request))
+
+    def health(self, service: str = "") -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...) of the whole server or one service."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=min(self.timeout, 10.0))
+        except grpc.RpcError as err:
+            raise FusionError("Health/Check", err.code(), err.details() or "") from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _call(self, method: str, request: bytes) -> bytes:
+        try:
+            return self._calls[method](request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise FusionError(method, err.code(), err.details() or "") from None
+
+    @staticmethod
+    def _read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise ValueError(f"{what}: cannot read {path} ({err.strerror})") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FusionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FusionClient({self.address!r})"
+
