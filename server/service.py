@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict
@@ -168,7 +169,8 @@ def build_server(bank_path: Path, address: str, settings: ServiceSettings, crede
     fusion = FusionService(served, settings, signing_key)
     limit = int(settings.max_message_mb * MiB)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_concurrent + 8, thread_name_prefix="fusion"),
+        # One torch thread per worker: adaptations run side by side, never fighting over cores.
+        futures.ThreadPoolExecutor(max_workers=settings.max_concurrent + 8, thread_name_prefix="fusion", initializer=torch.set_num_threads, initargs=(1,)),
         handlers=[fusion.handler()],
         maximum_concurrent_rpcs=settings.max_queued,
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 512 * MiB), ("grpc.so_reuseport", 0)],
