@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,17 +50,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, extra: list[str] | None = None) -> subprocess.Popen:
-    """A SuperLink on 127.0.0.1:port (its own process group, so it and its children stop together)."""
-    cmd = [flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else []), *(extra or [])]
+def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, extra: list[str] | None = None, certs: Path | None = None) -> subprocess.Popen:
+    """A SuperLink on 127.0.0.1:port (its own process group, so it and its children stop together).
+
+    With ``certs`` (a ``protofuse certs init`` folder) it serves TLS and authenticates SuperNodes;
+    without, it runs insecure (simulation, tests on one host)."""
+    security = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"] if certs else ["--insecure"]
+    cmd = [flower_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else []), *(extra or [])]
     with open(log_file, "ab") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tls = ssl.create_default_context(cafile=str(certs / "ca.crt")) if certs else None
+    url = f"{'https' if certs else 'http'}://localhost:{port}/health"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SimulationError(f"flower-superlink exited with status {proc.returncode}; see {log_file}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=tls) as r:
                 if r.status == 200:
                     return proc
         except OSError:
@@ -84,9 +91,11 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-def write_connection(home: Path, name: str, port: int) -> None:
+def write_connection(home: Path, name: str, port: int, root_certificates: Path | None = None) -> None:
+    """The Flower CLI's connection to a SuperLink on 127.0.0.1 (TLS when given the CA)."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n')
 
 
 def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callable[[str], None] = print) -> Path:
