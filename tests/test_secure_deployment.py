@@ -53,7 +53,9 @@ def start_proxy(tmp: Path, certs: Path, listen: int, superlink: int) -> subproce
     check = subprocess.run([NGINX, "-t", "-q", "-c", str(conf), "-p", str(run), "-e", "stderr"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     log = open(tmp / "proxy.log", "wb")
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(run), "-e", "stderr", "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Run as root, nginx's workers would become `nobody`, who cannot enter pytest's private tmp.
+    directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
+    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(run), "-e", "stderr", "-g", directives], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     assert _wait(lambda: _status(f"https://localhost:{listen}/health", certs) == 200, 30), (tmp / "proxy.log").read_text()
     return proc
 

@@ -1,0 +1,191 @@
+"""The adaptation service's cost: latency against the same adaptation in-process, and throughput.
+
+    python -m bench.service --bank RUN_OR_BANK --dataset mnist5k --out bench-results/service
+
+1. Latency: k-shot, n-way tasks drawn from the dataset's support split, adapted (a) in-process
+   with ``bank.adapt`` and (b) through ``protofuse serve`` (its own process, mutual TLS,
+   ``--max-concurrent 1``) with ``FusionClient.adapt``, which includes encoding, TLS, signing,
+   sending the model back and verifying its signature. Calls alternate between the two, same
+   tasks and seeds, after warm-up calls. The ratio of medians is the service's overhead.
+2. Throughput: ``--callers`` threads, each with its own FusionClient, adapt in a loop for
+   ``--seconds`` against a service with the default concurrency (one slot per CPU). Requests per
+   second, errors, and the service's peak resident memory (VmHWM from /proc).
+
+One torch thread in this process and one per service worker. Without ``--bank`` a bank is fitted
+centrally first (``protofuse fit`` on the dataset's demo federation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client_sdk import FusionClient
+from protofuse.bank import load_bank
+from protofuse.data import load_dataset, make_splits, sample_support
+from protofuse_server.certs import init
+from protofuse_server.simulation import free_port
+
+
+def tasks(dataset: str, split_seed: int, ways: int, k: int, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    splits = make_splits(load_dataset(dataset), split_seed)
+    rng = np.random.default_rng(seed)
+    names = np.asarray(splits.support.label_names)
+    out = []
+    for _ in range(n):
+        classes = sorted(rng.choice(len(names), ways, replace=False).tolist())
+        x, y = sample_support(splits.support, classes, k, rng)
+        out.append((x.astype(np.float32), names[classes][y]))
+    return out
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "mean": float(np.mean(ms)), "n": len(ms)}
+
+
+def start_service(bank: Path, certs: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "protofuse.cli", "serve", str(bank), "--address", f"127.0.0.1:{port}", "--certs", str(certs), *extra]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    with FusionClient(f"127.0.0.1:{port}", certs=certs, timeout=5) as client:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if client.health("protofuse.v1.Fusion") == "SERVING":
+                    return proc
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"the service did not come up; see {log}")
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def latency(bank_path: Path, certs: Path, work: list, warmup: int, out: Path) -> dict:
+    bank = load_bank(bank_path)
+    port = free_port()
+    proc = start_service(bank_path, certs, port, out / "service-latency.log", ["--max-concurrent", "1"])
+    local, remote = [], []
+    try:
+        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+            for i, (x, y) in enumerate(work):
+                t0 = time.perf_counter()
+                bank.adapt(x, y, seed=i)
+                t1 = time.perf_counter()
+                client.adapt(x, y, seed=i)
+                t2 = time.perf_counter()
+                if i >= warmup:
+                    local.append(1000 * (t1 - t0))
+                    remote.append(1000 * (t2 - t1))
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    a, b = percentiles(local), percentiles(remote)
+    return {"in_process_ms": a, "service_ms": b, "ratio_p50": b["p50"] / a["p50"], "ratio_p99": b["p99"] / a["p99"], "service_peak_rss_mib": rss}
+
+
+def throughput(bank_path: Path, certs: Path, work: list, callers: int, seconds: float, out: Path) -> dict:
+    port = free_port()
+    proc = start_service(bank_path, certs, port, out / "service-throughput.log", [])
+    counts = [0] * callers
+    errors: list[str] = []
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    def caller(c: int) -> None:
+        torch.set_num_threads(1)
+        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+            i = c
+            while time.monotonic() < stop_at:
+                x, y = work[i % len(work)]
+                t0 = time.perf_counter()
+                try:
+                    client.adapt(x, y, seed=i)
+                    counts[c] += 1
+                    latencies.append(1000 * (time.perf_counter() - t0))
+                except Exception as err:  # noqa: BLE001 - counted and reported
+                    errors.append(f"{type(err).__name__}: {err}")
+                i += callers
+
+    try:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"callers": callers, "seconds": elapsed, "requests": sum(counts), "requests_per_s": sum(counts) / elapsed, "errors": len(errors), "first_errors": errors[:3], "latency_ms": percentiles(latencies) if latencies else None, "service_peak_rss_mib": rss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.splitlines()[0])
+    p.add_argument("--bank", type=Path, help="bank or run folder (default: fit one on the dataset's demo federation)")
+    p.add_argument("--dataset", default="mnist5k", choices=["digits", "mnist5k"])
+    p.add_argument("--split-seed", type=int, default=100, help="split the tasks are drawn from (the bank's own, for a bank built by the benchmarks)")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--calls", type=int, default=60, help="latency: measured calls each way, after --warmup")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--callers", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    certs = args.out / "certs"
+    if not (certs / "ca.crt").exists():
+        init(certs, supernodes=0)
+    bank = args.bank
+    if bank is None:
+        from bench.demo import write_federation
+        from protofuse.cli import main as cli
+
+        spec = write_federation(args.out / "federation", args.dataset, k=args.k, seed=args.split_seed)
+        bank = args.out / "bank"
+        if not (bank / "meta.json").exists():
+            assert cli(["fit", str(spec), "--out", str(bank)]) == 0
+    work = tasks(args.dataset, args.split_seed, args.ways, args.k, args.calls + args.warmup, seed=1)
+    print(f"latency: {args.calls} calls each way ({args.ways}-way, k = {args.k}, {args.dataset}) ...", file=sys.stderr)
+    lat = latency(bank, certs, work, args.warmup, args.out)
+    print(f"throughput: {args.callers} callers for {args.seconds:.0f} s ...", file=sys.stderr)
+    thr = throughput(bank, certs, work, args.callers, args.seconds, args.out)
+    result = {"bank": str(bank), "version": load_bank(bank).version, "dataset": args.dataset, "ways": args.ways, "k": args.k, "torch_threads": 1, "latency": lat, "throughput": thr}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    a, b = lat["in_process_ms"], lat["service_ms"]
+    table = [
+        f"# Adaptation service: {args.ways}-way, k = {args.k}, {args.dataset} (bank {result['version']})",
+        "",
+        "| | p50 (ms) | p99 (ms) | mean (ms) | calls |",
+        "|---|---|---|---|---|",
+        f"| in-process `bank.adapt` | {a['p50']:.0f} | {a['p99']:.0f} | {a['mean']:.0f} | {a['n']} |",
+        f"| through the service (`FusionClient.adapt`, mTLS, signed and verified) | {b['p50']:.0f} | {b['p99']:.0f} | {b['mean']:.0f} | {b['n']} |",
+        f"| ratio | {lat['ratio_p50']:.2f} | {lat['ratio_p99']:.2f} | | |",
+        "",
+        f"Throughput: {thr['callers']} concurrent callers for {thr['seconds']:.0f} s: {thr['requests']} requests, {thr['requests_per_s']:.2f} per second, {thr['errors']} errors; "
+        f"latency under load p50 {thr['latency_ms']['p50']:.0f} ms, p99 {thr['latency_ms']['p99']:.0f} ms; service peak memory {thr['service_peak_rss_mib']:.0f} MiB "
+        f"(latency run: {lat['service_peak_rss_mib']:.0f} MiB). One torch thread per process and per service worker; callers and service share the machine's cores.",
+    ]
+    (args.out / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return 0 if thr["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
