@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test protos bench bench-main bench-dev bench-robust bench-hidden bench-quick mutation clean
+.PHONY: demo test protos bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-quick mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -50,6 +50,13 @@ bench-robust: $(STAMP)  ## reported seeds, with a poor and an overconfident expe
 
 bench-hidden: $(STAMP)  ## reported seeds, label 9 hidden from every expert
 	$(BENCH) --hide-label 9 --no-generative --no-ceiling --out bench-results/hidden
+
+bench-service: $(STAMP)  ## the adaptation service: latency against in-process adaptation, throughput of 8 callers (MNIST-5k, 5-way, k = 5)
+	$(PY) -m bench.service --dataset mnist5k --out bench-results/service
+
+images: $(STAMP)  ## the deployment's images, offline from deploy/wheels (BASE_IMAGE: the base image)
+	bash deploy/build-wheelhouse.sh
+	docker compose build
 
 # Not part of `make test` or CI: about 20 minutes on 2 cores. Every third mutant (by a hash of its
 # name), each run against only the tests that reach the mutated function; bench/mutation.py says how.

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from protofuse import artifacts
-from protofuse.adapted import KIND, AdaptedModel, from_files
+from protofuse.adapted import KIND, AdaptedModel, bank_arrays, from_files
 from protofuse.signing import SignatureError, load_public_key
 from protofuse.wire import WireError
 from protofuse.wire_service import SERVICE, AdaptRequest, AdaptResponse, BankInfo, ExpertList, decode_adapt_response, decode_bank_info, decode_expert_list, encode_adapt_request, encode_empty_request
@@ -79,6 +79,9 @@ class FusionClient:
             creds = grpc.ssl_channel_credentials(self._read(self.root_certificates, "root_certificates"), chain[0], chain[1])
             self._channel = grpc.secure_channel(address, creds, options=options)
         self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}") for name in ("Adapt", "GetBank", "ListExperts")}
+        # The bank's arrays from the last full reply, by digest: later replies for the same bank
+        # version leave them out (a model's weights are mostly the bank's, the same every time).
+        self._bank_weights: tuple[str, dict[str, np.ndarray]] | None = None
 
     # -- the service's methods --------------------------------------------------------------
     def bank(self) -> BankInfo:
@@ -96,9 +99,17 @@ class FusionClient:
         writes the model folder (the files exactly as the server signed them).
         """
         response = self.adapt_response(x, y, seed=seed, **options)
-        model = from_files(response.files, self.public_key, unsigned_ok=self.unsigned_ok, source=f"model from {self.address}")
+        files = self._full_files(response)
+        # Verified here (checksum and signature over the complete weights file) before any use.
+        try:
+            model = from_files(files, self.public_key, unsigned_ok=self.unsigned_ok, source=f"model from {self.address}")
+        except ValueError:
+            if response.bank_weights_omitted:
+                self._bank_weights = None  # our copy may be what is wrong: the next reply brings all
+            raise
+        self._keep_bank_weights(response, model)
         if out is not None:
-            artifacts.write(out, response.files, KIND)
+            artifacts.write(out, files, KIND)
         return model
 
     def adapt_response(self, x: np.ndarray, y: Any, *, seed: int | None = None, **options: Any) -> AdaptResponse:
@@ -114,8 +125,9 @@ class FusionClient:
         opts = {k: str(v) for k, v in options.items()}
         if seed is not None:
             opts["seed"] = str(int(seed))
+        known = self._bank_weights[0] if self._bank_weights else ""
         try:
-            request = encode_adapt_request(AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts))
+            request = encode_adapt_request(AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts, known))
         except WireError as err:
             raise ValueError(str(err)) from None
         return decode_adapt_response(self._call("Adapt", request))
@@ -131,6 +143,22 @@ class FusionClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # -- plumbing ---------------------------------------------------------------------------
+    def _full_files(self, response: AdaptResponse) -> dict[str, bytes]:
+        """The model's files with the bank's weights put back when the reply left them out."""
+        if not response.bank_weights_omitted:
+            return response.files
+        if self._bank_weights is None or self._bank_weights[0] != response.bank_weights_digest:
+            raise FusionError("Adapt", grpc.StatusCode.DATA_LOSS, f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that this client does not hold")
+        task = artifacts.npz_arrays(response.files["weights.npz"], f"model from {self.address}: task weights")
+        return {**response.files, "weights.npz": artifacts.npz_bytes({**self._bank_weights[1], **task})}
+
+    def _keep_bank_weights(self, response: AdaptResponse, model: AdaptedModel) -> None:
+        if response.bank_weights_omitted or not response.bank_weights_digest:
+            return
+        shared = {k: v.copy() for k, v in bank_arrays(model.task.model).items()}  # not views: the caller owns the model
+        if artifacts.sha256(artifacts.npz_bytes(shared)) == response.bank_weights_digest:  # what the server will leave out
+            self._bank_weights = (response.bank_weights_digest, shared)
+
     def _call(self, method: str, request: bytes) -> bytes:
         try:
             return self._calls[method](request, timeout=self.timeout)

@@ -20,6 +20,7 @@ from . import artifacts, signing
 from .families import DiscriminativeTask, GenerativeTask, Task, family
 
 KIND = "protofuse-adapted-model"
+BANK_PREFIX = "bank."
 PublicKeyLike = Union[str, os.PathLike, bytes, Ed25519PublicKey]
 
 __all__ = ["KIND", "AdaptedModel", "DiscriminativeTask", "GenerativeTask", "Task", "build_model", "from_files", "load_adapted"]
@@ -34,6 +35,11 @@ def build_model(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = No
     except (TypeError, RuntimeError, KeyError, ValueError) as err:
         raise artifacts.ArtifactError(f"{source}: weights do not match the recorded {meta.get('family')} configuration ({str(err).splitlines()[0]})") from None
     return model.eval()
+
+
+def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The bank networks' weights as an adapted model stores them."""
+    return {f"{BANK_PREFIX}{k}": v.numpy() for k, v in model.state_dict().items()}
 
 
 class AdaptedModel:
@@ -62,10 +68,15 @@ class AdaptedModel:
 
     def to_files(self, signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
         """The model folder's files as bytes: what :meth:`save` writes and the service sends."""
-        arrays = {f"bank.{k}": v.numpy() for k, v in self.task.model.state_dict().items()}
-        arrays.update({f"task.{k}": v for k, v in self.task.arrays().items()})
         meta = {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": self.task.meta(), "info": self.info}
-        return artifacts.encode(KIND, arrays, meta, signing_key)
+        return artifacts.encode(KIND, self.arrays(), meta, signing_key)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``weights.npz``'s arrays: the bank's (``bank.*``, the same for every model of one bank
+        version) first, then the task's (``task.*``)."""
+        arrays = bank_arrays(self.task.model)
+        arrays.update({f"task.{k}": v for k, v in self.task.arrays().items()})
+        return arrays
 
     def __repr__(self) -> str:
         return f"AdaptedModel(family={self.bank_meta['family']!r}, classes={self.classes_.tolist()})"

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,36 @@ def checksum(weights: bytes, meta: dict[str, Any]) -> str:
     return sha256(weights + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
 
 
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An ``.npz`` (uncompressed) that depends only on the arrays and their order: no timestamps.
+
+    So anyone holding the same arrays rebuilds the same bytes, hence the same checksum; the
+    adaptation service relies on it to leave out weights its caller already holds.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.external_attr = 0o644 << 16
+            with zf.open(entry, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npz_arrays(data: bytes, source: Any = "weights.npz") -> dict[str, np.ndarray]:
+    """The arrays of ``.npz`` bytes, in file order; never runs pickle."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as err:  # object arrays need pickle, which is never run on loaded data
+        raise ArtifactError(f"{source}: holds something other than plain arrays ({err}); refused") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ArtifactError(f"{source}: not a readable .npz ({err})") from None
+
+
 def encode(kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
     """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed, ``signature.json``."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-    data = buffer.getvalue()
+    data = npz_bytes(arrays)
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
     record["sha256"] = checksum(data, record)
@@ -77,12 +103,7 @@ def decode(files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519P
         raise ArtifactError(f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}")
     if public_key is not None:
         signing.verify(kind, meta["sha256"], files.get(signing.SIGNATURE), public_key, source)
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as err:  # object arrays need pickle, which is never run on loaded data
-        raise ArtifactError(f"{source}: {WEIGHTS} holds something other than plain arrays ({err}); refused, re-create the {kind}") from None
-    return arrays, meta
+    return npz_arrays(data, f"{source}: {WEIGHTS}"), meta
 
 
 def save(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signing_key: Ed25519PrivateKey | None = None) -> str:

@@ -82,9 +82,10 @@ class Bank:
         xt = _as_inputs(x, self.meta["x_dim"])
         classes, yt = _support_labels(y, len(xt))
         impl = self.family_impl
-        task = impl.adapt(self, xt, yt, classes, settings, seed)
+        task, support_log_proba = impl.adapt_scored(self, xt, yt, classes, settings, seed)
         uncovered = [c for c in classes if c not in self.label_names]
-        info = {"method": impl.adapt_method(settings), "n_support": int(len(xt)), "uncovered_labels": uncovered, "options": settings.model_dump()}
+        accuracy = float((support_log_proba.argmax(1) == yt).float().mean())
+        info = {"method": impl.adapt_method(settings), "n_support": int(len(xt)), "support_accuracy": accuracy, "uncovered_labels": uncovered, "options": settings.model_dump()}
         return AdaptedModel(task, classes, self.identity(), info)
 
     def zero_shot(self, labels: list[str], **options: Any) -> AdaptedModel:

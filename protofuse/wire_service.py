@@ -30,6 +30,7 @@ class AdaptRequest:
     x: np.ndarray  # (n, d) float32 or float64
     labels: tuple[str, ...]  # n label names
     options: dict[str, str] = field(default_factory=dict)
+    known_bank_weights_digest: str = ""  # bank weights the caller holds; "" for none
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class AdaptResponse:
     bank_version: str
     files: dict[str, bytes]  # weights.npz, meta.json, signature.json: the model folder's files
     metrics: FitMetrics
+    bank_weights_digest: str = ""  # sha256 of the .npz of the bank's arrays alone
+    bank_weights_omitted: bool = False  # weights.npz holds only the task's arrays
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def encode_adapt_request(r: AdaptRequest) -> bytes:
     if x.dtype not in _DTYPE_CODES:
         raise WireError(f"AdaptRequest.x.dtype: {x.dtype} is not sent; convert inputs to float32 or float64")
     _check_request(x, tuple(r.labels), dict(r.options), max_support=None, input_width=None, option_names=None)
-    msg = fusion_pb2.AdaptRequest(format_version=FORMAT_VERSION, labels=list(r.labels), options=dict(r.options))
+    _check_digest(r.known_bank_weights_digest, "AdaptRequest.known_bank_weights_digest")
+    msg = fusion_pb2.AdaptRequest(format_version=FORMAT_VERSION, labels=list(r.labels), options=dict(r.options), known_bank_weights_digest=r.known_bank_weights_digest)
     msg.x.dtype = _DTYPE_CODES[x.dtype]
     msg.x.shape.extend(x.shape)
     msg.x.data = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
@@ -88,9 +92,15 @@ def decode_adapt_request(data: bytes, *, max_support: int | None = None, input_w
     if not msg.HasField("x"):
         raise WireError("AdaptRequest.x: missing; send the support inputs as a Tensor of shape (n, d)")
     x = _tensor_from_proto(msg.x, "AdaptRequest.x", max_rows=max_support)
-    request = AdaptRequest(x, tuple(msg.labels), dict(msg.options))
+    request = AdaptRequest(x, tuple(msg.labels), dict(msg.options), msg.known_bank_weights_digest)
     _check_request(x, request.labels, request.options, max_support=max_support, input_width=input_width, option_names=option_names)
+    _check_digest(request.known_bank_weights_digest, "AdaptRequest.known_bank_weights_digest")
     return request
+
+
+def _check_digest(value: str, path: str) -> None:
+    if _check_text(value, path) and not wire._SHA256_HEX.fullmatch(value):
+        raise WireError(f"{path}: {value[:80]!r} is not a sha256 digest (64 lowercase hex characters); send one from an earlier reply, or leave it empty")
 
 
 def _tensor_from_proto(t: fusion_pb2.Tensor, path: str, max_rows: int | None) -> np.ndarray:
@@ -149,6 +159,8 @@ def encode_adapt_response(r: AdaptResponse) -> bytes:
     for name, attr in _FILES.items():
         if name in r.files:
             setattr(msg.artifact, attr, r.files[name])
+    msg.artifact.bank_weights_digest = r.bank_weights_digest
+    msg.artifact.bank_weights_omitted = r.bank_weights_omitted
     m = r.metrics
     msg.metrics.classes.extend(m.classes)
     msg.metrics.n_support = int(m.n_support)
@@ -163,7 +175,8 @@ def decode_adapt_response(data: bytes) -> AdaptResponse:
     msg = _parse(fusion_pb2.AdaptResponse, data, "AdaptResponse")
     files = {name: getattr(msg.artifact, attr) for name, attr in _FILES.items() if getattr(msg.artifact, attr)}
     m = msg.metrics
-    r = AdaptResponse(msg.bank_version, files, FitMetrics(tuple(m.classes), m.n_support, m.support_accuracy, m.seconds, m.method, tuple(m.uncovered_labels)))
+    metrics = FitMetrics(tuple(m.classes), m.n_support, m.support_accuracy, m.seconds, m.method, tuple(m.uncovered_labels))
+    r = AdaptResponse(msg.bank_version, files, metrics, msg.artifact.bank_weights_digest, msg.artifact.bank_weights_omitted)
     _check_adapt_response(r)
     return r
 
@@ -174,6 +187,9 @@ def _check_adapt_response(r: AdaptResponse) -> None:
     for name in ("weights.npz", "meta.json"):
         if not r.files.get(name):
             raise WireError(f"AdaptResponse.artifact.{_FILES[name]}: missing; send the adapted model's {name}")
+    _check_digest(r.bank_weights_digest, "AdaptResponse.artifact.bank_weights_digest")
+    if r.bank_weights_omitted and not r.bank_weights_digest:
+        raise WireError("AdaptResponse.artifact.bank_weights_omitted: set without bank_weights_digest; name the weights left out")
     wire._check_labels(tuple(r.metrics.classes), "AdaptResponse.metrics.classes", what="the model's classes")
     wire._check_unit_interval(r.metrics.support_accuracy, "AdaptResponse.metrics.support_accuracy")
     wire._check_finite(r.metrics.seconds, "AdaptResponse.metrics.seconds")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protofuse import artifacts, wire
+from protofuse.adapted import bank_arrays
 from protofuse.bank import RUN_BANK, Bank, load_bank
 from protofuse.wire_service import ExpertList, ExpertSummary
 
@@ -33,6 +34,7 @@ class Snapshot:
     bank: Bank
     manifest: wire.BankManifest
     experts: ExpertList
+    bank_weights_digest: str  # sha256 of the .npz of the bank's arrays as adapted models store them
 
 
 class ServedBank:
@@ -75,7 +77,7 @@ class ServedBank:
         try:
             bank = load_bank(self.bank_dir)
             manifest = self._manifest(bank)
-            snapshot = Snapshot(bank, manifest, _experts(bank, manifest))
+            snapshot = Snapshot(bank, manifest, _experts(bank, manifest), artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))))
         except (ValueError, OSError) as err:  # mid-swap or damaged: keep what we serve
             log.warning("bank in %s not loaded (%s); still serving %s", self.bank_dir, err, self._snapshot.bank.version if self._snapshot else "nothing")
             return

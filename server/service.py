@@ -29,7 +29,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict
 
-from protofuse import signing
+from protofuse import artifacts, signing
+from protofuse.adapted import BANK_PREFIX
 from protofuse.settings import AdaptSettings
 from protofuse.wire import WireError
 from protofuse.wire_service import METHODS, SERVICE, AdaptResponse, BankInfo, FitMetrics, decode_adapt_request, decode_empty_request, encode_adapt_response, encode_bank_info, encode_expert_list
@@ -94,12 +95,15 @@ class FusionService:
             except ValueError as err:  # options the bank refuses, labels its family cannot fit
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options: {err}" if "adaptation options" in str(err) else f"AdaptRequest.labels: {err}")
             seconds = time.perf_counter() - t0
-            accuracy = float((model.predict(req.x) == np.asarray(req.labels)).mean())
             files = model.to_files(self.signing_key)
+            # The caller already holds this bank version's weights: send the task's arrays alone.
+            omit = req.known_bank_weights_digest == snapshot.bank_weights_digest
+            if omit:
+                files["weights.npz"] = artifacts.npz_bytes({k: v for k, v in model.arrays().items() if not k.startswith(BANK_PREFIX)})
         finally:
             self._slots.release()
-        metrics = FitMetrics(tuple(model.classes_.tolist()), len(req.x), accuracy, seconds, model.info.get("method", ""), tuple(model.info.get("uncovered_labels", ())))
-        return encode_adapt_response(AdaptResponse(bank.version, files, metrics))
+        metrics = FitMetrics(tuple(model.classes_.tolist()), len(req.x), model.info["support_accuracy"], seconds, model.info.get("method", ""), tuple(model.info.get("uncovered_labels", ())))
+        return encode_adapt_response(AdaptResponse(bank.version, files, metrics, snapshot.bank_weights_digest, omit))
 
     def _budget(self, context: grpc.ServicerContext, started: float) -> float:
         """Seconds this request may still wait: the shorter of its caller's deadline and ours."""

@@ -74,6 +74,28 @@ def test_adapt_returns_a_signed_model_that_names_its_bank_and_predicts(served, c
     np.testing.assert_allclose(again.predict_proba(X), local.predict_proba(X), atol=1e-4)  # L-BFGS in another thread
 
 
+def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_signed_model(served, certs, tmp_path):
+    address, _, _ = served
+    x, y = _support()
+    with FusionClient(address, certs=certs) as fresh:
+        full = fresh.adapt_response(x, y, seed=1)
+    with FusionClient(address, certs=certs) as client:
+        client.adapt(x, y, seed=2)  # the first reply carries everything; the client keeps the bank's part
+        assert client._bank_weights is not None and client._bank_weights[0] == full.bank_weights_digest
+        partial = client.adapt_response(x, y, seed=1)
+        assert partial.bank_weights_omitted and not full.bank_weights_omitted
+        assert len(partial.files["weights.npz"]) < len(full.files["weights.npz"]) / 10
+        assert client._full_files(partial)["weights.npz"] == full.files["weights.npz"]  # byte for byte
+        model = client.adapt(x, y, seed=1, out=tmp_path / "model")
+        assert load_adapted(tmp_path / "model", certs / "signing.pub").classes_.tolist() == model.classes_.tolist()
+        # A damaged copy of the bank's weights cannot pass for the signed model.
+        name = next(iter(client._bank_weights[1]))
+        client._bank_weights[1][name] += 1.0
+        with pytest.raises(Exception, match="checksum mismatch"):
+            client.adapt(x, y, seed=1)
+        assert client.adapt(x, y, seed=1).classes_.tolist() == model.classes_.tolist()  # the copy was dropped
+
+
 def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served, certs):
     address, folder, _ = served
     bank = load_bank(folder)

@@ -89,6 +89,12 @@ class Family(ABC):
     def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> Task:
         """A new task from support inputs x (n, d) and labels y (n,) indexing ``classes``."""
 
+    def adapt_scored(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[Task, torch.Tensor]:
+        """``adapt``, plus the fitted task's (n, K) log-probabilities on its own support set."""
+        task = self.adapt(bank, x, y, classes, settings, seed)
+        with torch.no_grad():
+            return task, task.log_proba(x)
+
     @abstractmethod
     def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> Task:
         """A new task from its label names alone (every label covered by some expert)."""

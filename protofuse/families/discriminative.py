@@ -66,6 +66,10 @@ class Discriminative(Family):
         return model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach()
 
     def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> DiscriminativeTask:
+        return self.adapt_scored(bank, x, y, classes, settings, seed)[0]
+
+    def adapt_scored(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[DiscriminativeTask, torch.Tensor]:
+        # The support set's embeddings are at hand: scoring the fit on it costs one matrix product.
         m = bank.model
         z = m.embed(x)
         bank_p, bank_b = m.prototypes.detach(), m.bias.detach()
@@ -81,7 +85,9 @@ class Discriminative(Family):
             bias[new] = bank_b.mean()
             scale[new] = 10.0 * bank_p.norm(dim=-1).mean()
         prior = TaskHead(protos, bias, torch.zeros(()))
-        return DiscriminativeTask(m, adapt_map(z, y, prior, scale, settings.prior_strength))
+        head = adapt_map(z, y, prior, scale, settings.prior_strength)
+        with torch.no_grad():
+            return DiscriminativeTask(m, head), head.log_proba(z)
 
     def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> DiscriminativeTask:
         m, idx = bank.model, bank.covered_indices(classes)

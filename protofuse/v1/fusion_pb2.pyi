@@ -28,7 +28,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("format_version", "x", "labels", "options")
+    __slots__ = ("format_version", "x", "labels", "options", "known_bank_weights_digest")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,21 +40,27 @@ class AdaptRequest(_message.Message):
     X_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_BANK_WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     x: Tensor
     labels: _containers.RepeatedScalarFieldContainer[str]
     options: _containers.ScalarMap[str, str]
-    def __init__(self, format_version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    known_bank_weights_digest: str
+    def __init__(self, format_version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, str]] = ..., known_bank_weights_digest: _Optional[str] = ...) -> None: ...
 
 class AdaptedArtifact(_message.Message):
-    __slots__ = ("weights_npz", "meta_json", "signature_json")
+    __slots__ = ("weights_npz", "meta_json", "signature_json", "bank_weights_digest", "bank_weights_omitted")
     WEIGHTS_NPZ_FIELD_NUMBER: _ClassVar[int]
     META_JSON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_JSON_FIELD_NUMBER: _ClassVar[int]
+    BANK_WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BANK_WEIGHTS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     weights_npz: bytes
     meta_json: bytes
     signature_json: bytes
-    def __init__(self, weights_npz: _Optional[bytes] = ..., meta_json: _Optional[bytes] = ..., signature_json: _Optional[bytes] = ...) -> None: ...
+    bank_weights_digest: str
+    bank_weights_omitted: bool
+    def __init__(self, weights_npz: _Optional[bytes] = ..., meta_json: _Optional[bytes] = ..., signature_json: _Optional[bytes] = ..., bank_weights_digest: _Optional[str] = ..., bank_weights_omitted: _Optional[bool] = ...) -> None: ...
 
 class FitMetrics(_message.Message):
     __slots__ = ("classes", "n_support", "support_accuracy", "seconds", "method", "uncovered_labels")
