@@ -62,7 +62,8 @@ class FusionClient:
         self.root_certificates = pick(root_certificates, "ca.crt")
         self.certificate = pick(certificate, "client.crt")
         self.private_key = pick(private_key, "client.key")
-        key = public_key if public_key is not None else pick(None, "signing.pub")
+        found = pick(None, "signing.pub")
+        key = public_key if public_key is not None else (found if found is not None and (found.exists() or not unsigned_ok) else None)
         self.public_key = load_public_key(key) if key is not None else None
         if self.public_key is None and not unsigned_ok:
             raise ValueError("give the server's signing key (public_key= or certs= with signing.pub) so models can be verified, or unsigned_ok=True to accept unverified models")
@@ -98,8 +99,9 @@ class FusionClient:
         ``options`` are the bank's adaptation settings (``prior_strength=...``); ``out`` also
         writes the model folder (the files exactly as the server signed them).
         """
-        response = self.adapt_response(x, y, seed=seed, **options)
-        files = self._full_files(response)
+        held = self._bank_weights  # read once: another thread may replace it meanwhile
+        response = self._adapt(x, y, held, seed=seed, **options)
+        files = self._full_files(response, held)
         # Verified here (checksum and signature over the complete weights file) before any use.
         try:
             model = from_files(files, self.public_key, unsigned_ok=self.unsigned_ok, source=f"model from {self.address}")
@@ -107,13 +109,17 @@ class FusionClient:
             if response.bank_weights_omitted:
                 self._bank_weights = None  # our copy may be what is wrong: the next reply brings all
             raise
-        self._keep_bank_weights(response, model)
+        if not response.bank_weights_omitted:
+            self._keep_bank_weights(response, model)
         if out is not None:
             artifacts.write(out, files, KIND)
         return model
 
     def adapt_response(self, x: np.ndarray, y: Any, *, seed: int | None = None, **options: Any) -> AdaptResponse:
         """The raw reply of Adapt (artifact files and fit metrics), not yet verified."""
+        return self._adapt(x, y, self._bank_weights, seed=seed, **options)
+
+    def _adapt(self, x: np.ndarray, y: Any, held: tuple[str, dict[str, np.ndarray]] | None, *, seed: int | None = None, **options: Any) -> AdaptResponse:
         arr = np.asarray(x)
         if arr.dtype not in (np.float32, np.float64):
             if not np.issubdtype(arr.dtype, np.number):
@@ -125,7 +131,7 @@ class FusionClient:
         opts = {k: str(v) for k, v in options.items()}
         if seed is not None:
             opts["seed"] = str(int(seed))
-        known = self._bank_weights[0] if self._bank_weights else ""
+        known = held[0] if held else ""
         try:
             request = encode_adapt_request(AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts, known))
         except WireError as err:
@@ -143,17 +149,17 @@ class FusionClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _full_files(self, response: AdaptResponse) -> dict[str, bytes]:
+    def _full_files(self, response: AdaptResponse, held: tuple[str, dict[str, np.ndarray]] | None) -> dict[str, bytes]:
         """The model's files with the bank's weights put back when the reply left them out."""
         if not response.bank_weights_omitted:
             return response.files
-        if self._bank_weights is None or self._bank_weights[0] != response.bank_weights_digest:
+        if held is None or held[0] != response.bank_weights_digest:
             raise FusionError("Adapt", grpc.StatusCode.DATA_LOSS, f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that this client does not hold")
         task = artifacts.npz_arrays(response.files["weights.npz"], f"model from {self.address}: task weights")
-        return {**response.files, "weights.npz": artifacts.npz_bytes({**self._bank_weights[1], **task})}
+        return {**response.files, "weights.npz": artifacts.npz_bytes({**held[1], **task})}
 
     def _keep_bank_weights(self, response: AdaptResponse, model: AdaptedModel) -> None:
-        if response.bank_weights_omitted or not response.bank_weights_digest:
+        if not response.bank_weights_digest:
             return
         shared = {k: v.copy() for k, v in bank_arrays(model.task.model).items()}  # not views: the caller owns the model
         if artifacts.sha256(artifacts.npz_bytes(shared)) == response.bank_weights_digest:  # what the server will leave out

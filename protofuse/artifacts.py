@@ -90,7 +90,7 @@ def decode(files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519P
         raise ArtifactError(f"{source}: missing {META}; is this a protofuse {kind}?")
     try:
         meta = json.loads(files[META])
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ArtifactError(f"{source}: {META} is not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         raise ArtifactError(f"{source}: holds a {meta.get('kind') if isinstance(meta, dict) else None!r} artifact, expected a {kind!r}")

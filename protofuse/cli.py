@@ -149,6 +149,8 @@ def _adapt(args: argparse.Namespace) -> int:
     _check_out_folder(args.out)
     options = {k: v for k, v in {"recompose": args.recompose, "form": args.form, "prior_strength": args.prior_strength}.items() if v is not None}
     if args.server:
+        if args.signing_key:
+            raise ValueError("--signing-key signs models adapted here; the service signs its own (verify them with the certs folder's signing.pub)")
         return _adapt_remote(args, x, y, options)
     bank = load_bank(args.bank)
     key = None

@@ -67,7 +67,7 @@ def verify(kind: str, sha256: str, signature_json: bytes | None, public_key: Ed2
         record = json.loads(signature_json)
         signature = base64.b64decode(record["signature"], validate=True)
         algorithm, signed_sha = record["algorithm"], record["sha256"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, binascii.Error) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, binascii.Error) as err:
         raise SignatureError(f"{source}: {SIGNATURE} is malformed ({err!r}); refused") from None
     if algorithm != ALGORITHM:
         raise SignatureError(f"{source}: signed with {algorithm!r}, expected {ALGORITHM!r}; refused")

@@ -23,6 +23,7 @@ METHODS = ("Adapt", "GetBank", "ListExperts")
 _DTYPES = {fusion_pb2.Tensor.FLOAT32: np.dtype("<f4"), fusion_pb2.Tensor.FLOAT64: np.dtype("<f8")}
 _DTYPE_CODES = {np.dtype(np.float32): fusion_pb2.Tensor.FLOAT32, np.dtype(np.float64): fusion_pb2.Tensor.FLOAT64}
 MAX_OPTION_LENGTH = 256
+MAX_WIDTH = 1 << 24  # no bank has wider inputs; refused before any array is shaped
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +112,8 @@ def _tensor_from_proto(t: fusion_pb2.Tensor, path: str, max_rows: int | None) ->
         raise WireError(f"{path}.shape: {list(shape)} has {len(shape)} dimensions; send (n, d): one row of d features per example")
     if max_rows is not None and shape[0] > max_rows:
         raise WireError(f"{path}.shape: {shape[0]} support examples, more than this service's limit of {max_rows}; send fewer (a few per class is what adaptation needs)")
+    if not 1 <= shape[1] <= MAX_WIDTH:
+        raise WireError(f"{path}.shape: width {shape[1]} is outside [1, {MAX_WIDTH}]; send rows of the bank's input width")
     dtype = _DTYPES[t.dtype]
     expected = shape[0] * shape[1] * dtype.itemsize
     if len(t.data) != expected:

@@ -78,8 +78,9 @@ class ServedBank:
             bank = load_bank(self.bank_dir)
             manifest = self._manifest(bank)
             snapshot = Snapshot(bank, manifest, _experts(bank, manifest), artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))))
-        except (ValueError, OSError) as err:  # mid-swap or damaged: keep what we serve
+        except Exception as err:  # noqa: BLE001 - damaged in any way: keep what we serve
             log.warning("bank in %s not loaded (%s); still serving %s", self.bank_dir, err, self._snapshot.bank.version if self._snapshot else "nothing")
+            self._stamp = stamp  # not retried until its files change again
             return
         previous = self._snapshot.bank.version if self._snapshot else None
         self._snapshot, self._stamp = snapshot, stamp

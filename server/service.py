@@ -81,8 +81,10 @@ class FusionService:
         seed = options.pop("seed", "0")
         try:
             seed = int(seed)
+            if not 0 <= seed < 2**63:
+                raise ValueError
         except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options['seed']: {seed!r} is not an integer")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options['seed']: {seed!r} is not an integer in [0, 2**63)")
         budget = self._budget(context, started)
         if not self._slots.acquire(timeout=budget):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.settings.max_concurrent} adaptation slots stayed busy for {budget:.0f} s; retry later")
@@ -93,7 +95,7 @@ class FusionService:
             try:
                 model = bank.adapt(req.x, np.asarray(req.labels), seed=seed, **options)
             except ValueError as err:  # options the bank refuses, labels its family cannot fit
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options: {err}" if "adaptation options" in str(err) else f"AdaptRequest.labels: {err}")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options: {err}" if "adaptation options" in str(err) else f"AdaptRequest: {err}")
             seconds = time.perf_counter() - t0
             files = model.to_files(self.signing_key)
             # The caller already holds this bank version's weights: send the task's arrays alone.
@@ -173,8 +175,9 @@ def build_server(bank_path: Path, address: str, settings: ServiceSettings, crede
     fusion = FusionService(served, settings, signing_key)
     limit = int(settings.max_message_mb * MiB)
     server = grpc.server(
-        # One torch thread per worker: adaptations run side by side, never fighting over cores.
-        futures.ThreadPoolExecutor(max_workers=settings.max_concurrent + 8, thread_name_prefix="fusion", initializer=torch.set_num_threads, initargs=(1,)),
+        # A worker per request held: Adapt calls waiting for a slot must not starve health checks
+        # and GetBank. One torch thread each (OpenMP's count is per calling thread: set in every worker).
+        futures.ThreadPoolExecutor(max_workers=settings.max_queued + 4, thread_name_prefix="fusion", initializer=torch.set_num_threads, initargs=(1,)),
         handlers=[fusion.handler()],
         maximum_concurrent_rpcs=settings.max_queued,
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 512 * MiB), ("grpc.so_reuseport", 0)],
@@ -182,18 +185,19 @@ def build_server(bank_path: Path, address: str, settings: ServiceSettings, crede
     checker = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if credentials is None:
-        log.warning("insecure mode: no TLS and no caller authentication; anyone who reaches %s can adapt models and read the bank's description", address)
-        port = server.add_insecure_port(address)
-    else:
-        tls = grpc.ssl_server_credentials(
-            [(credentials.private_key.read_bytes(), credentials.certificate.read_bytes())],
-            root_certificates=credentials.client_ca.read_bytes(),
-            require_client_auth=True,
-        )
-        port = server.add_secure_port(address, tls)
-    if port == 0:
-        raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
+    try:
+        if credentials is None:
+            log.warning("insecure mode: no TLS and no caller authentication; anyone who reaches %s can adapt models and read the bank's description", address)
+            port = server.add_insecure_port(address)
+        else:
+            tls = grpc.ssl_server_credentials(
+                [(credentials.private_key.read_bytes(), credentials.certificate.read_bytes())],
+                root_certificates=credentials.client_ca.read_bytes(),
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(address, tls)
+    except RuntimeError as err:  # grpc raises this for a port in use, a bad address, unusable TLS files
+        raise OSError(f"cannot listen on {address}: {err} (is the port in use, the address one of this host's, the certificate and key a pair in PEM?)") from None
     server.start()
     _track_health(checker, served, settings.reload_interval_s or 1.0)
     return server, port, served
@@ -205,7 +209,11 @@ def _track_health(checker: health.HealthServicer, served: ServedBank, interval: 
 
     def watch() -> None:
         while True:
-            status = health_pb2.HealthCheckResponse.SERVING if served.get() is not None else health_pb2.HealthCheckResponse.NOT_SERVING
+            try:
+                status = health_pb2.HealthCheckResponse.SERVING if served.get() is not None else health_pb2.HealthCheckResponse.NOT_SERVING
+            except Exception:  # noqa: BLE001 - never leave a stale SERVING behind
+                log.exception("checking the bank failed")
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
             checker.set(SERVICE, status)
             time.sleep(interval)
 

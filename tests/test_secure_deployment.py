@@ -104,9 +104,10 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
         assert _status(f"https://localhost:{proxy_port}/docs", certs) == 404
         assert _status(f"https://localhost:{link_port}/docs", certs) == 200  # the internal port has them
         outside = subprocess.run([flwr, "supernode", "register", str(certs / "supernodes" / "node-3.pub"), "outside"], env=env, capture_output=True, text=True, timeout=120)
-        assert outside.returncode != 0, outside.stdout
+        told = outside.stdout + outside.stderr
+        assert outside.returncode != 0 and "404 Not Found" in told and "/v1/control/register-node" in told, told
         outside_run = subprocess.run([flwr, "run", str(app_dir()), "outside", "--run-config", f'spec="{server_spec}" out="{tmp / "stolen"}"'], env=env, cwd=tmp, capture_output=True, text=True, timeout=120)
-        assert outside_run.returncode != 0 and not (tmp / "stolen").exists(), outside_run.stdout
+        assert outside_run.returncode != 0 and "404 Not Found" in outside_run.stdout + outside_run.stderr and not (tmp / "stolen").exists(), outside_run.stdout + outside_run.stderr
 
         for i in range(3):  # the operator registers each organization's public key, internally
             reg = subprocess.run([flwr, "supernode", "register", str(certs / "supernodes" / f"node-{i}.pub"), "internal"], env=env, capture_output=True, text=True, timeout=120)

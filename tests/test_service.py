@@ -85,7 +85,7 @@ def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_si
         partial = client.adapt_response(x, y, seed=1)
         assert partial.bank_weights_omitted and not full.bank_weights_omitted
         assert len(partial.files["weights.npz"]) < len(full.files["weights.npz"]) / 10
-        assert client._full_files(partial)["weights.npz"] == full.files["weights.npz"]  # byte for byte
+        assert client._full_files(partial, client._bank_weights)["weights.npz"] == full.files["weights.npz"]  # byte for byte
         model = client.adapt(x, y, seed=1, out=tmp_path / "model")
         assert load_adapted(tmp_path / "model", certs / "signing.pub").classes_.tolist() == model.classes_.tolist()
         # A damaged copy of the bank's weights cannot pass for the signed model.
@@ -203,6 +203,9 @@ BAD_REQUESTS = [
     ("unknown option", _request(options={"learning_rate": "3"}), "AdaptRequest.options['learning_rate']: unknown option"),
     ("bad option value", _request(options={"prior_strength": "strong"}), "prior_strength"),
     ("bad seed", _request(options={"seed": "x"}), "AdaptRequest.options['seed']"),
+    ("seed out of range", _request(options={"seed": str(2**64)}), "AdaptRequest.options['seed']"),
+    ("absurd width", _request(x=np.zeros((0, 16), np.float32), labels=[], shape=(0, 2**40), data=b""), "AdaptRequest.x.shape: width"),
+    ("a digest that is not one", _request() + fusion_pb2.AdaptRequest(known_bank_weights_digest="abc").SerializeToString(), "AdaptRequest.known_bank_weights_digest"),
 ]
 
 
@@ -225,20 +228,27 @@ def test_a_request_over_the_message_limit_is_refused_and_the_service_carries_on(
 def test_callers_beyond_the_concurrency_limit_wait_their_turn(served, certs):
     address = served[0]  # max_concurrent = 1
     results: list[object] = []
+    fits: list[float] = []
 
     def call(seed: int) -> None:
         with FusionClient(address, certs=certs) as client:
             try:
-                results.append(client.adapt(*_support(seed=seed)).classes_.tolist())
+                reply = client.adapt_response(*_support(seed=seed), seed=seed)
+                results.append(list(reply.metrics.classes))
+                fits.append(reply.metrics.seconds)
             except Exception as err:  # noqa: BLE001 - collected and asserted below
                 results.append(err)
 
-    threads = [threading.Thread(target=call, args=(s,)) for s in range(4)]
+    threads = [threading.Thread(target=call, args=(s,)) for s in range(6)]
+    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [["0", "2", "3"]] * 4
+    elapsed = time.perf_counter() - t0
+    assert results == [["0", "2", "3"]] * 6
+    # One slot: the fits ran one after another, so the wall time covers all of them.
+    assert elapsed >= 0.95 * sum(fits), (elapsed, fits)
 
 
 def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
@@ -261,9 +271,20 @@ def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
             assert second.version != first.version
             assert _wait_for(lambda: client.bank().manifest.version == second.version)
             assert client.adapt(x, y).bank_meta["version"] == second.version
-            shutil.rmtree(run / "bank")  # gone: the last good version stays served
+            assert client._bank_weights is not None  # the new version's weights came in full and were kept
+            kept = client._bank_weights[0]
+            # A damaged bank swapped in (new files) and a vanished one: the last good version stays.
+            third = tmp_path / "third"
+            _bank("discriminative", seed=2).save(third)
+            weights = (third / "weights.npz").read_bytes()
+            (third / "weights.npz").write_bytes(weights[:-100] + bytes(100))
+            shutil.rmtree(run / "bank")
             time.sleep(0.3)
             assert client.bank().manifest.version == second.version
+            third.rename(run / "bank")
+            time.sleep(0.5)
+            assert client.bank().manifest.version == second.version and client.health("protofuse.v1.Fusion") == "SERVING"
+            assert client.adapt(x, y).bank_meta["version"] == second.version and client._bank_weights[0] == kept
     finally:
         server.stop(grace=None)
 
@@ -299,6 +320,14 @@ def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, cert
         assert refused.returncode == 2 and "UNAVAILABLE" in refused.stderr
         no_mode = subprocess.run([*cli, "serve", str(folder)], capture_output=True, text=True)
         assert no_mode.returncode == 2 and "--insecure" in no_mode.stderr
+        taken = subprocess.run([*cli, "serve", str(folder), "--address", f"127.0.0.1:{port}", "--certs", str(certs)], capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and "cannot listen on" in taken.stderr, taken.stderr
+        # A health check needs no signing key: the folder a prober holds may lack signing.pub.
+        prober = tmp_path / "prober"
+        prober.mkdir()
+        for name in ("ca.crt", "client.crt", "client.key"):
+            shutil.copy(certs / name, prober / name)
+        assert subprocess.run([*cli, "health", f"127.0.0.1:{port}", "--certs", str(prober)], capture_output=True).returncode == 0
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
