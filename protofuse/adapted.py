@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import artifacts, signing
 from .families import DiscriminativeTask, GenerativeTask, Task, family
+from .input_checks import warn_if_out_of_range
 
 KIND = "protofuse-adapted-model"
 BANK_PREFIX = "bank."
@@ -54,6 +55,7 @@ class AdaptedModel:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(n, d) inputs -> (n, len(classes_)) probabilities, columns in the order of ``classes_``."""
         xt = _as_inputs(x, self.bank_meta["x_dim"])
+        warn_if_out_of_range(xt.numpy(), self.bank_meta.get("input_range"), "inputs")
         with torch.no_grad():
             return self.task.log_proba(xt).exp().numpy().astype(np.float64)
 

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from . import artifacts
 from .adapted import AdaptedModel, _as_inputs, build_model
 from .families import Family, family
+from .input_checks import input_range, warn_if_out_of_range
 from .settings import AdaptSettings, ModelSettings, TrainingSettings
 from .training import Fidelity, Progress, fidelity
 from .triples import Triples
@@ -80,6 +81,7 @@ class Bank:
         """
         settings = self._settings(options)
         xt = _as_inputs(x, self.meta["x_dim"])
+        warn_if_out_of_range(xt.numpy(), self.meta.get("input_range"), "support inputs")
         classes, yt = _support_labels(y, len(xt))
         impl = self.family_impl
         task, support_log_proba = impl.adapt_scored(self, xt, yt, classes, settings, seed)
@@ -117,7 +119,8 @@ class Bank:
     def identity(self) -> dict[str, Any]:
         """What an adapted model keeps of its bank: enough to rebuild the networks and trace it."""
         keys = ("family", "config", "x_dim", "label_names", "image_shape", "likelihood")
-        return {**{k: self.meta[k] for k in keys}, "version": self.version}
+        optional = {k: self.meta[k] for k in ("input_range",) if self.meta.get(k) is not None}  # banks before it lack it
+        return {**{k: self.meta[k] for k in keys}, **optional, "version": self.version}
 
     def save(self, path: str | os.PathLike) -> str:
         arrays = {f"model.{k}": v.numpy() for k, v in self.model.state_dict().items()}
@@ -167,6 +170,7 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))
     ]
     meta = bank_meta(impl.name, fitted.config, triples.label_names, image_shape, likelihood, model_settings, training, adapt)
+    meta["input_range"] = input_range(triples.x)
     return Bank(fitted.model, meta, experts, fitted.distributions)
 
 

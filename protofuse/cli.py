@@ -131,6 +131,7 @@ def _fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     triples = collect_triples(spec)
     print(f"queried {len(spec.experts)} experts on {len(triples.x)} inputs ({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    _hint_image_shape(spec, triples.x)
     with Progress(TextColumn("training {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs  loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task(spec.model.family, total=None, loss=float("nan"))
         bank = fit_bank(triples, spec.model, spec.training, spec.adapt, spec.data.image_shape, likelihood_for(spec, triples), progress=lambda e, n, loss: bar.update(task, completed=e, total=n, loss=loss))
@@ -199,9 +200,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from client_sdk.collect import load_array
     from protofuse.bank import load_bank
+    from protofuse.spec import load_spec
     from protofuse_server.simulation import SimulationError, simulate
 
+    spec = load_spec(args.spec)
+    first = spec.experts[0]
+    _hint_image_shape(spec, load_array(spec.queries_path(first), f"expert {first.name!r}: queries", mmap=True))
     t0 = time.perf_counter()
 
     def echo(line: str) -> None:  # the rounds, the bank and errors; everything with --verbose
@@ -328,6 +334,15 @@ def _print_experts(bank) -> None:  # noqa: ANN001 - a Bank, imported lazily
     for e in bank.experts:
         table.add_row(e.name, " ".join(e.labels), str(e.n_queries), f"{e.fidelity.agreement:.3f}", f"{e.fidelity.kl:.3f}", f"{e.consensus:.3f}", f"{e.weight:.2f}")
     Console(stderr=True).print(table)
+
+
+def _hint_image_shape(spec, x: np.ndarray) -> None:  # noqa: ANN001 - a Spec, imported lazily
+    """Say so when tabular inputs look like flattened images (the weaker path, chosen silently)."""
+    from protofuse.input_checks import image_hint
+
+    hint = image_hint(x) if spec.data.image_shape is None else None
+    if hint:
+        print(f"note: {hint}", file=sys.stderr)
 
 
 def _check_out_folder(path: Path) -> None:
