@@ -6,7 +6,6 @@ map and the bank version it came from) and predicts with no server round-trip.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Any, Union
@@ -64,21 +63,23 @@ class AdaptedModel:
 
     def save(self, path: str | os.PathLike, signing_key: Ed25519PrivateKey | None = None) -> str:
         """Write the model folder (signed when a key is given); returns its SHA-256."""
-        files = self.to_files(signing_key)
-        artifacts.write(path, files, KIND)
-        return json.loads(files[artifacts.META])["sha256"]
+        return artifacts.save(path, KIND, self.arrays(), self._meta(), signing_key)
 
     def to_files(self, signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
         """The model folder's files as bytes: what :meth:`save` writes and the service sends."""
-        meta = {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": self.task.meta(), "info": self.info}
-        return artifacts.encode(KIND, self.arrays(), meta, signing_key)
+        return artifacts.encode(KIND, self.arrays(), self._meta(), signing_key)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``weights.npz``'s arrays: the bank's (``bank.*``, the same for every model of one bank
-        version) first, then the task's (``task.*``)."""
-        arrays = bank_arrays(self.task.model)
-        arrays.update({f"task.{k}": v for k, v in self.task.arrays().items()})
-        return arrays
+        version) first, then the task's."""
+        return {**bank_arrays(self.task.model), **self.task_arrays()}
+
+    def task_arrays(self) -> dict[str, np.ndarray]:
+        """The task's own arrays (``task.*``): all a caller holding the bank's needs."""
+        return {f"task.{k}": v for k, v in self.task.arrays().items()}
+
+    def _meta(self) -> dict[str, Any]:
+        return {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": self.task.meta(), "info": self.info}
 
     def __repr__(self) -> str:
         return f"AdaptedModel(family={self.bank_meta['family']!r}, classes={self.classes_.tolist()})"
@@ -107,7 +108,7 @@ def from_files(files: dict[str, bytes], public_key: PublicKeyLike | None = None,
     arrays, meta = artifacts.decode(files, KIND, source, key)
     try:
         bank_meta = meta["bank"]
-        state = {k[len("bank.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("bank.")}
+        state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(BANK_PREFIX)}
         model = build_model(bank_meta, state, source)
         t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])

@@ -102,8 +102,7 @@ class ServedBank:
 def manifest_of_bank(bank: Bank) -> wire.BankManifest:
     """A manifest for a bank without one (``protofuse fit`` output): its records as the server knows them."""
     rounds = int(bank.meta.get("federation", {}).get("rounds", 0))
-    digest = bank.meta.get("sha256") or artifacts.sha256(b"")
-    return wire.BankManifest(bank.version, rounds, bank.label_names, digest, bank.family, tuple(_manifest_expert(e, rounds) for e in bank.experts))
+    return wire.BankManifest(bank.version, rounds, bank.label_names, bank.meta["sha256"], bank.family, tuple(_manifest_expert(e, rounds) for e in bank.experts))
 
 
 def _manifest_expert(e, rounds: int) -> wire.ManifestExpert:  # noqa: ANN001 - an ExpertRecord

@@ -30,7 +30,6 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict
 
 from protofuse import artifacts, signing
-from protofuse.adapted import BANK_PREFIX
 from protofuse.settings import AdaptSettings
 from protofuse.wire import WireError
 from protofuse.wire_service import METHODS, SERVICE, AdaptResponse, BankInfo, FitMetrics, decode_adapt_request, decode_empty_request, encode_adapt_response, encode_bank_info, encode_expert_list
@@ -101,7 +100,7 @@ class FusionService:
             # The caller already holds this bank version's weights: send the task's arrays alone.
             omit = req.known_bank_weights_digest == snapshot.bank_weights_digest
             if omit:
-                files["weights.npz"] = artifacts.npz_bytes({k: v for k, v in model.arrays().items() if not k.startswith(BANK_PREFIX)})
+                files[artifacts.WEIGHTS] = artifacts.npz_bytes(model.task_arrays())
         finally:
             self._slots.release()
         metrics = FitMetrics(tuple(model.classes_.tolist()), len(req.x), model.info["support_accuracy"], seconds, model.info.get("method", ""), tuple(model.info.get("uncovered_labels", ())))
@@ -129,7 +128,7 @@ def _logged(name: str, fn: Callable[[bytes, grpc.ServicerContext], bytes]) -> Ca
             log.info("%s from %s: OK in %.0f ms", name, _caller(context), 1000 * (time.perf_counter() - t0))
             return reply
         except Exception:
-            code = context.code() if hasattr(context, "code") else None
+            code = context.code()
             log.info("%s from %s: %s in %.0f ms", name, _caller(context), getattr(code, "name", "ERROR"), 1000 * (time.perf_counter() - t0))
             raise
 

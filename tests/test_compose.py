@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from client_sdk import FusionClient, FusionError, load_adapted
-from protofuse.data import sample_support, task_subset
 from protofuse_server.simulation import flower_bin, flower_env, free_port, stop
-from test_deployment import TASK, folders  # noqa: F401 - the fixture: three organizations' spec folders
+from test_deployment import TASK, folders, held_out_task  # noqa: F401 - the fixture: three organizations' spec folders
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "0.1.0"
@@ -180,16 +178,14 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
         assert _wait(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 60), compose.logs()
         version = client.bank().manifest.version
         assert sorted(e.expert.pseudonym for e in client.experts().experts) == ["east", "north", "west"]
-        classes = [splits.support.label_names.index(c) for c in TASK]
-        sx, sy = sample_support(splits.support, classes, 5, np.random.default_rng(1))
-        tx, ty = task_subset(splits.test, classes)
-        model = client.adapt(sx, np.asarray(TASK)[sy], out=tmp_path / "model")
-        accuracy = float((model.predict(tx) == np.asarray(TASK)[ty]).mean())
+        sx, sy, tx, ty = held_out_task(splits)
+        model = client.adapt(sx, sy, out=tmp_path / "model")
+        accuracy = float((model.predict(tx) == ty).mean())
         assert accuracy > 0.85, accuracy
         assert model.bank_meta["version"] == version
         assert load_adapted(tmp_path / "model", pki / "signing.pub").classes_.tolist() == sorted(TASK)
         with pytest.raises(FusionError) as bad:
-            client.adapt(sx[:, :10], np.asarray(TASK)[sy])
+            client.adapt(sx[:, :10], sy)
         assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "AdaptRequest.x.shape" in bad.value.details
     with FusionClient(service, root_certificates=pki / "ca.crt", public_key=pki / "signing.pub", timeout=10) as anonymous:
         with pytest.raises(FusionError) as denied:
@@ -205,5 +201,5 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     compose.up()
     with FusionClient(service, certs=pki) as client:
         assert _wait(lambda: client.bank().manifest.version == version, 90), compose.logs()
-        assert client.adapt(sx, np.asarray(TASK)[sy]).bank_meta["version"] == version
+        assert client.adapt(sx, sy).bank_meta["version"] == version
         assert client.health() == "SERVING"

@@ -39,6 +39,14 @@ _train = make_splits(load_dataset("digits"), 0).expert_train
 '''
 
 
+def held_out_task(splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001 - Splits
+    """TASK's 5-shot support set and its test examples, labels as names: (sx, sy, tx, ty)."""
+    classes = [splits.support.label_names.index(c) for c in TASK]
+    sx, sy = sample_support(splits.support, classes, 5, np.random.default_rng(1))
+    tx, ty = task_subset(splits.test, classes)
+    return sx, np.asarray(TASK)[sy], tx, np.asarray(TASK)[ty]
+
+
 @pytest.fixture
 def folders(tmp_path):
     """One spec folder per organization: its expert and its own shard of the query pool."""
@@ -88,9 +96,7 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     for spec in specs:
         assert len(list((spec.parent / ".protofuse-cache").glob("*.npy"))) == 1
 
-    classes = [splits.support.label_names.index(c) for c in TASK]
-    sx, sy = sample_support(splits.support, classes, 5, np.random.default_rng(1))
-    tx, ty = task_subset(splits.test, classes)
-    model = bank.adapt(sx, np.asarray(TASK)[sy])
-    accuracy = float((model.predict(tx) == np.asarray(TASK)[ty]).mean())
+    sx, sy, tx, ty = held_out_task(splits)
+    model = bank.adapt(sx, sy)
+    accuracy = float((model.predict(tx) == ty).mean())
     assert accuracy > 0.85, accuracy

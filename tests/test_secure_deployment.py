@@ -21,14 +21,12 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from client_sdk import FusionClient, FusionError
-from protofuse.data import sample_support, task_subset
 from protofuse_server.certs import init
 from protofuse_server.simulation import app_dir, flower_bin, flower_env, free_port, start_superlink, stop, write_connection
-from test_deployment import TASK, folders  # noqa: F401 - the fixture: three organizations' spec folders
+from test_deployment import folders, held_out_task  # noqa: F401 - the fixture: three organizations' spec folders
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "deploy" / "proxy" / "fleet.conf.template"
@@ -141,21 +139,19 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
         address = f"127.0.0.1:{service_port}"
         with FusionClient(address, certs=certs) as client:
             assert _wait(lambda: _healthy(client), 60), (tmp / "service.log").read_text()
-            classes = [splits.support.label_names.index(c) for c in TASK]
-            sx, sy = sample_support(splits.support, classes, 5, np.random.default_rng(1))
-            tx, ty = task_subset(splits.test, classes)
-            model = client.adapt(sx, np.asarray(TASK)[sy], out=tmp / "model")
-            accuracy = float((model.predict(tx) == np.asarray(TASK)[ty]).mean())
+            sx, sy, tx, ty = held_out_task(splits)
+            model = client.adapt(sx, sy, out=tmp / "model")
+            accuracy = float((model.predict(tx) == ty).mean())
             assert accuracy > 0.85, accuracy
             assert model.bank_meta["version"] == client.bank().manifest.version
             assert sorted(e.expert.pseudonym for e in client.experts().experts) == ["east", "north", "west"]
             with pytest.raises(FusionError) as bad:
-                client.adapt(sx[:, :10], np.asarray(TASK)[sy])  # the SDK sends it; the server refuses it
+                client.adapt(sx[:, :10], sy)  # the SDK sends it; the server refuses it
             assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "AdaptRequest.x.shape" in bad.value.details
             assert client.health() == "SERVING" and client.health("protofuse.v1.Fusion") == "SERVING"
         with FusionClient(address, root_certificates=certs / "ca.crt", public_key=certs / "signing.pub", timeout=10) as anonymous:
             with pytest.raises(FusionError) as refused:
-                anonymous.adapt(sx, np.asarray(TASK)[sy])
+                anonymous.adapt(sx, sy)
             assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         for proc in reversed(procs):
