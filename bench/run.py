@@ -32,7 +32,7 @@ from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, 
 from protofuse.bank import Bank, fit_bank
 from protofuse.families import GenerativeTask
 from protofuse.model.recompose import predict_log_proba
-from protofuse.data import Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
+from protofuse.data import DATASETS, Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
 from protofuse.triples import Triples, assemble
 
@@ -253,7 +253,7 @@ def log(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=["digits", "mnist5k"])
+    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=DATASETS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS), help=f"bank seeds (split, experts, training); default: the reported seeds {list(REPORT_SEEDS)}")
     p.add_argument("--dev", action="store_true", help=f"use the development seeds {list(DEV_SEEDS)}, where defaults and ablations are chosen")
     p.add_argument("--tasks", type=int, default=10, help="new tasks per (ways, seed)")

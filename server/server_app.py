@@ -37,6 +37,7 @@ from protofuse.bank import RUN_BANK, Bank, ExpertRecord, bank_meta
 from protofuse.families import family
 from protofuse.families.discriminative import config_for, load_shared, shared_arrays
 from protofuse.model.discriminative import DiscriminativePrototypes
+from protofuse.model.networks import image_size
 from protofuse.spec import Spec, SpecError, load_spec
 from protofuse.training import Fidelity
 
@@ -133,8 +134,8 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
         raise RuntimeError("no node described its input width; are the clients the same protofuse version?")
     x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
     image_shape = spec.data.image_shape
-    if image_shape is not None and image_shape[0] * image_shape[1] != x_dim:
-        raise SpecError(f"data.image_shape {list(image_shape)} has {image_shape[0] * image_shape[1]} pixels but the clients' inputs have {x_dim} features")
+    if image_shape is not None and image_size(image_shape) != x_dim:
+        raise SpecError(f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features")
     fed = Federation(list(last.vocabulary) if last else [], x_dim)
     if last:
         fed.records = {e.pseudonym: e for e in last.experts}
