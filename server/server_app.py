@@ -140,6 +140,7 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
     if last:
         fed.records = {e.pseudonym: e for e in last.experts}
         fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
+        fed.input_range = last.state.get("input_range")
     for node_id in sorted(described, key=lambda n: str(described[n].get("pseudonym", ""))):
         try:
             fed.admit(node_id, described[node_id], set(nodes))
@@ -172,7 +173,8 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 
 def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
     fed = strategy.federation
-    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history})
+    state = {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history, "input_range": fed.input_range}
+    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), state)
 
 
 MANIFEST = "manifest.pb"
@@ -213,4 +215,6 @@ def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Ban
     image_shape = tuple(spec.data.image_shape) if spec.data.image_shape else None
     meta = bank_meta("discriminative", config, ck.vocabulary, image_shape, "gaussian", spec.model, spec.training, spec.adapt)
     meta["federation"] = {"rounds": ck.round, "weights_digest": ck.weights_digest, "settings": spec.federation.model_dump()}
+    if ck.state.get("input_range"):
+        meta["input_range"] = ck.state["input_range"]
     return Bank(model.eval(), meta, records)
