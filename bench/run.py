@@ -21,6 +21,7 @@ import argparse
 import itertools
 import sys
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 
 from client_sdk.experts import query_expert
 from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation
-from protofuse.bank import Bank, fit_bank
+from protofuse.bank import Bank, fit_bank, load_bank
 from protofuse.families import GenerativeTask
 from protofuse.model.recompose import predict_log_proba
 from protofuse.data import DATASETS, Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
@@ -111,7 +112,7 @@ def hide_label(recipes: tuple[ExpertRecipe, ...], label: str) -> tuple[ExpertRec
     return tuple(replace(r, classes=tuple(c for c in r.classes if c != label)) for r in recipes)
 
 
-def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True) -> Federation:
+def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True, bank_cache: Path | None = None) -> Federation:
     ds = load_dataset(name)
     splits = make_splits(ds, seed)
     timings: dict[str, float] = {}
@@ -125,8 +126,14 @@ def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: 
     for bank_name, (model_over, train_over) in banks.items():
         t0 = time.perf_counter()
         training = TrainingSettings(**{"epochs": epochs, "seed": seed, **train_over})
+        cached = None if bank_cache is None else bank_cache / f"{name}-seed{seed}-{zlib.crc32(repr((recipes, model_over, training)).encode()):08x}"
+        if cached is not None and (cached / "meta.json").exists():
+            fitted[bank_name] = load_bank(cached)
+            continue
         fitted[bank_name] = fit_bank(triples, ModelSettings(**model_over), training, AdaptSettings(), ds.image_shape, ds.likelihood)
         timings[f"fit {bank_name}"] = time.perf_counter() - t0
+        if cached is not None:
+            fitted[bank_name].save(cached)
     imitators = {}
     for encoder in imitator_encoders:
         if encoder == "conv" and ds.image_shape is None:
@@ -263,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true", help="also fit the ablation banks (mlp encoder, shifts only, no consensus distillation, no reweighting) and an mlp imitator")
     p.add_argument("--adapt-variants", action="store_true", help="also adapt the default bank with other prior strengths (0.1, 0.3, 3, 10)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceiling (one extra encoder trained per seed)")
+    p.add_argument("--no-imitator", action="store_true", help="skip the imitator baselines (one extra encoder trained per seed)")
+    p.add_argument("--bank-cache", type=Path, help="keep fitted banks here and reuse them (keyed by dataset, seed, federation and settings): re-scores adaptation without refitting; empty it after changing how banks are trained")
     p.add_argument("--hide-label", help="remove this label from every expert: tasks then include a label no expert covers")
     p.add_argument("--max-test", type=int, default=300, help="test examples per episode (the same for every method and every k)")
     p.add_argument("--robustness", action="store_true", help="add a poor and an overconfident expert to the federation, and a bank without reweighting")
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     banks = {k: v for k, v in BANKS.items() if not (args.no_generative and v[0].get("family") == "generative")}
     banks |= ABLATIONS if args.ablations else {}
     banks |= ROBUSTNESS_BANKS if args.robustness else {}
-    imitator_encoders = ["conv", "mlp"] if args.ablations else ["conv"]
+    imitator_encoders = [] if args.no_imitator else ["conv", "mlp"] if args.ablations else ["conv"]
     epochs = 3 if args.quick else None
     rows: list[dict] = []
     recall_rows: list[dict] = []  # with --hide-label: recall of the hidden label, same schema as rows
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets:
             for seed in seeds:
                 job = bar.add_task(f"{name} seed {seed}: fitting", total=None)
-                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders, ceiling=not args.no_ceiling)
+                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders, ceiling=not args.no_ceiling, bank_cache=args.bank_cache)
                 log(f"{name} seed {seed}: fitted in " + ", ".join(f"{k} {v:.0f}s" for k, v in world.timings.items()))
                 timings.append({"dataset": name, "seed": seed, **world.timings})
                 for bank_name, bank in world.banks.items():
