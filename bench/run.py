@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                         bar.advance(job)
                         log(f"{name} seed {seed} {len(task)}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
                         timings.append({"dataset": name, "seed": seed, "episode_s": time.perf_counter() - t0})
-    config = vars(args) | {"out": str(args.out), "seeds": seeds}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"seeds": seeds}
     write_report(args.out, rows, fidelity, timings, config, recall_rows, args.hide_label)
     return 0
 
