@@ -54,6 +54,7 @@ bench-hidden: $(STAMP)  ## reported seeds, label 9 hidden from every expert
 # Colour and 64 x 64 versions of the packaged sets on the same episodes as the greyscale ones.
 bench-images: $(STAMP)  ## reported seeds, 5-way: colour and 64 x 64 images against greyscale; epoch time against image side
 	$(BENCH) --datasets digits digits-colour mnist5k mnist5k-colour mnist5k-64 --ways 5 --no-generative --no-ceiling --no-imitator --out bench-results/images
+	$(PY) -m bench.compare bench-results/images digits-colour:digits mnist5k-colour:mnist5k mnist5k-64:mnist5k
 	$(PY) -m bench.epoch_time --out bench-results/epoch-time
 
 bench-service: $(STAMP)  ## the adaptation service: latency against in-process adaptation, throughput of 8 callers (MNIST-5k, 5-way, k = 5)

@@ -123,3 +123,15 @@ def test_epoch_time_benchmark_writes_a_row_per_shape(tmp_path):
     assert all(r["epoch_s"] > 0 for r in rows)
     assert [r["blocks"] for r in rows] == [2, 3, 2, 3]
     assert "| 64 x 64 x 3 | 3 |" in (tmp_path / "results.md").read_text()
+
+
+def test_datasets_are_compared_episode_by_episode():
+    from bench.compare import paired_gaps
+
+    def row(dataset, seed, k, accuracy):
+        return {"dataset": dataset, "seed": seed, "task": "0 1", "k": k, "method": "protofuse", "accuracy": accuracy}
+
+    episodes = [row("a", 0, 1, 0.9), row("a", 1, 1, 0.8), row("b", 0, 1, 0.8), row("b", 1, 1, 0.9), row("b", 2, 1, 0.1)]
+    gaps = paired_gaps(episodes, "b", "a", "protofuse")
+    assert gaps[1][2] == 2  # seed 2 has no partner and is left out
+    assert gaps[1][0] == pytest.approx(0.0) and gaps[1][1] == pytest.approx(10.0)
