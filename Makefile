@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test protos bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick mutation clean
+.PHONY: demo test protos bench-images bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -50,6 +50,11 @@ bench-robust: $(STAMP)  ## reported seeds, with a poor and an overconfident expe
 
 bench-hidden: $(STAMP)  ## reported seeds, label 9 hidden from every expert
 	$(BENCH) --hide-label 9 --no-generative --no-ceiling --out bench-results/hidden
+
+# Colour and 64 x 64 versions of the packaged sets on the same episodes as the greyscale ones.
+bench-images: $(STAMP)  ## reported seeds, 5-way: colour and 64 x 64 images against greyscale; epoch time against image side
+	$(BENCH) --datasets digits digits-colour mnist5k mnist5k-colour mnist5k-64 --ways 5 --no-generative --no-ceiling --no-imitator --out bench-results/images
+	$(PY) -m bench.epoch_time --out bench-results/epoch-time
 
 # Feature vectors: the digit datasets given as flat vectors, and river's image-segmentation table.
 bench-tables: $(STAMP)  ## reported seeds: the tabular path (MLP encoder, table augmentation) against every baseline

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.federations import DEFAULT_RECIPES
-from protofuse.data import load_dataset, make_splits, sample_support, task_subset
+from protofuse.data import DATASETS, load_dataset, make_splits, sample_support, task_subset
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout holding bench/
 DEMO_TASK = ("1", "4", "5", "8", "9")  # no single expert covers these five classes
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.demo", description="Write the demo federation, or score the demo's predictions.")
     p.add_argument("--out", type=Path, help="run folder to write federation/ into")
     p.add_argument("--score", type=Path, help="run folder whose pred.npz to score")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--k", type=int, default=5, help="labeled examples per class in support.npz")
     args = p.parse_args(argv)
     if args.out:

@@ -23,6 +23,7 @@ from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, SPARSE_RECIPES
 from bench.run import REPORT_SEEDS, SHOTS, accuracy, build_world, draw_episode, episode_tasks, in_task_order, log
 from protofuse.bank import Bank, load_bank
+from protofuse.data import DATASETS
 from protofuse_server.simulation import simulate
 
 
@@ -116,7 +117,7 @@ def summarize(rows: list[dict], a: str, b: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.federated", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="mnist5k", choices=["digits", "mnist5k"])
+    p.add_argument("--dataset", default="mnist5k", choices=DATASETS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
     p.add_argument("--modes", nargs="+", default=["shared", "shards"], choices=["shared", "shards"])
     p.add_argument("--rounds", type=int, default=40)

@@ -22,6 +22,7 @@ import argparse
 import itertools
 import sys
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 
 from client_sdk.experts import query_expert
 from bench.federations import ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation, recipes_for
-from protofuse.bank import Bank, fit_bank
+from protofuse.bank import Bank, fit_bank, load_bank
 from protofuse.families import GenerativeTask
 from protofuse.model.networks import FeatureAugmentation
 from protofuse.model.recompose import predict_log_proba
@@ -117,7 +118,7 @@ def hide_label(recipes: tuple[ExpertRecipe, ...], label: str) -> tuple[ExpertRec
     return tuple(replace(r, classes=tuple(c for c in r.classes if c != label)) for r in recipes)
 
 
-def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True, table_variants: bool = True) -> Federation:
+def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True, bank_cache: Path | None = None, table_variants: bool = True) -> Federation:
     """One seed's world. On a table (no image shape), ``table_variants`` also fits the bank without
     table augmentation and the mlp imitator with and without it, and skips image-only ablations."""
     ds = load_dataset(name)
@@ -135,13 +136,19 @@ def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: 
     for bank_name, (model_over, train_over) in banks.items():
         t0 = time.perf_counter()
         training = TrainingSettings(**{"epochs": epochs, "seed": seed, **train_over})
+        cached = None if bank_cache is None else bank_cache / f"{name}-seed{seed}-{zlib.crc32(repr((recipes, model_over, training)).encode()):08x}"
+        if cached is not None and (cached / "meta.json").exists():
+            fitted[bank_name] = load_bank(cached)
+            continue
         fitted[bank_name] = fit_bank(triples, ModelSettings(**model_over), training, AdaptSettings(), ds.image_shape, ds.likelihood)
         timings[f"fit {bank_name}"] = time.perf_counter() - t0
+        if cached is not None:
+            fitted[bank_name].save(cached)
     imitators = {}
-    for name, args in _imitators(ds, imitator_encoders, len(qx), epochs, seed, table_variants).items():
+    for imitator, args in _imitators(ds, imitator_encoders, len(qx), epochs, seed, table_variants).items():
         t0 = time.perf_counter()
-        imitators[name] = baselines.Imitator(**args).fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
-        timings[f"fit imitator {name}"] = time.perf_counter() - t0
+        imitators[imitator] = baselines.Imitator(**args).fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
+        timings[f"fit imitator {imitator}"] = time.perf_counter() - t0
     top = None
     if ceiling:
         t0 = time.perf_counter()
@@ -167,9 +174,10 @@ def _imitator_args(ds: Dataset, encoder: str, n: int, epochs: int | None, seed: 
 
 def _imitators(ds: Dataset, encoders: list[str], n: int, epochs: int | None, seed: int, table_variants: bool = True) -> dict[str, dict]:
     """The imitators to fit, by name: one per encoder with the bank's defaults; on a table (with
-    ``table_variants``) the mlp one with the bank's table augmentation, without any, and with
-    half its features dropped (the imitator's own best rate on the pixel tables, bench.table_sweep)."""
-    if ds.image_shape is not None or not table_variants:
+    ``table_variants``, unless no encoder is asked for) the mlp one with the bank's table
+    augmentation, without any, and with half its features dropped (the imitator's own best rate on
+    the pixel tables, bench.table_sweep)."""
+    if ds.image_shape is not None or not table_variants or not encoders:
         return {e: _imitator_args(ds, e, n, epochs, seed) for e in encoders if e == "mlp" or ds.image_shape is not None}
     mlp = _imitator_args(ds, "mlp", n, epochs, seed)
     return {"mlp": mlp, "mlp, no augmentation": mlp | {"augmentation": None}, "mlp, feature dropout 0.5": mlp | {"augmentation": FeatureAugmentation(dropout=0.5)}}
@@ -277,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true", help="also fit the ablation banks (mlp encoder, shifts only, no consensus distillation, no reweighting) and an mlp imitator")
     p.add_argument("--adapt-variants", action="store_true", help="also adapt the default bank with other prior strengths (0.1, 0.3, 3, 10)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceiling (one extra encoder trained per seed)")
+    p.add_argument("--no-imitator", action="store_true", help="skip the imitator baselines (one extra encoder trained per seed)")
+    p.add_argument("--bank-cache", type=Path, help="keep fitted banks here and reuse them (keyed by dataset, seed, federation and settings): re-scores adaptation without refitting; empty it after changing how banks are trained")
     p.add_argument("--hide-label", help="remove this label from every expert: tasks then include a label no expert covers")
     p.add_argument("--max-test", type=int, default=300, help="test examples per episode (the same for every method and every k)")
     p.add_argument("--robustness", action="store_true", help="add a poor and an overconfident expert to the federation, and a bank without reweighting")
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     banks = {k: v for k, v in BANKS.items() if not (args.no_generative and v[0].get("family") == "generative")}
     banks |= ABLATIONS if args.ablations else {}
     banks |= ROBUSTNESS_BANKS if args.robustness else {}
-    imitator_encoders = ["conv", "mlp"] if args.ablations else ["conv"]
+    imitator_encoders = [] if args.no_imitator else ["conv", "mlp"] if args.ablations else ["conv"]
     epochs = 3 if args.quick else None
     rows: list[dict] = []
     recall_rows: list[dict] = []  # with --hide-label: recall of the hidden label, same schema as rows
@@ -305,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 recipes = hide_label(recipes, args.hide_label)
             for seed in seeds:
                 job = bar.add_task(f"{name} seed {seed}: fitting", total=None)
-                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders, ceiling=not args.no_ceiling)
+                world = build_world(name, seed, recipes, banks, epochs, imitator_encoders, ceiling=not args.no_ceiling, bank_cache=args.bank_cache)
                 log(f"{name} seed {seed}: fitted in " + ", ".join(f"{k} {v:.0f}s" for k, v in world.timings.items()))
                 timings.append({"dataset": name, "seed": seed, **world.timings})
                 for bank_name, bank in world.banks.items():
@@ -324,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                         bar.advance(job)
                         log(f"{name} seed {seed} {len(task)}-way {' '.join(task)} k={k}: " + ", ".join(f"{m} {100 * a:.1f}" for m, a in acc.items() if m.startswith("protofuse")) + f" ({time.perf_counter() - t0:.0f}s)")
                         timings.append({"dataset": name, "seed": seed, "episode_s": time.perf_counter() - t0})
-    config = vars(args) | {"out": str(args.out), "seeds": seeds}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"seeds": seeds}
     write_report(args.out, rows, fidelity, timings, config, recall_rows, args.hide_label)
     return 0
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES
-from protofuse.data import load_dataset, make_splits
+from protofuse.data import DATASETS, load_dataset, make_splits
 from protofuse_server.simulation import simulate
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     folder = args.out / "federation"

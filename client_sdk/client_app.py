@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from protofuse import wire
+from protofuse.input_checks import input_range
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.spec import SpecError, load_spec
 
@@ -44,7 +45,9 @@ _EXPERTS: dict[tuple[str, str, str], LocalExpert] = {}  # one load per process (
 @app.query()
 def describe(message: Message, context: Context) -> Message:
     expert = local_expert(context)
-    reply = ConfigRecord({"pseudonym": expert.pseudonym, "labels": list(expert.labels), "x-dim": int(expert.x.shape[1]), "n-queries": int(expert.n_queries)})
+    # The queries' overall min and max (two numbers) let the bank warn when new inputs are scaled
+    # unlike them; nothing else about the queries leaves the client.
+    reply = ConfigRecord({"pseudonym": expert.pseudonym, "labels": list(expert.labels), "x-dim": int(expert.x.shape[1]), "n-queries": int(expert.n_queries), "x-range": input_range(expert.x)})
     return Message(RecordDict({"describe": reply}), reply_to=message)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from protofuse.model.networks import image_size
 from protofuse.spec import ExpertEntry, Spec, SpecError
 from protofuse.triples import Triples, assemble
 
@@ -109,9 +110,9 @@ def collect_triples(spec: Spec) -> Triples:
     if len(widths) > 1:
         raise SpecError(f"experts' queries have different widths {sorted(widths)}; every input must have the same number of features")
     if spec.data.image_shape is not None:
-        h, w = spec.data.image_shape
-        if h * w not in widths:
-            raise SpecError(f"data.image_shape {[h, w]} has {h * w} pixels but the queries have {widths.pop()} features; fix image_shape or the queries")
+        size = image_size(spec.data.image_shape)
+        if size not in widths:
+            raise SpecError(f"data.image_shape {list(spec.data.image_shape)} has {size} values per image but the queries have {widths.pop()} features; fix image_shape or the queries")
     pool_ids = {path: i for i, path in enumerate(arrays)}
     names, labels, queries, outputs, pools = [], [], [], [], []
     for entry in spec.experts:

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model.networks import ImageShape, as_channels_first, as_rows, image_dims, image_size
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -19,7 +23,7 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray
     label_names: tuple[str, ...]
-    image_shape: tuple[int, int] | None
+    image_shape: ImageShape | None  # (H, W) or (H, W, C), rows flattened channels-last
     likelihood: str
 
     def __post_init__(self) -> None:
@@ -29,8 +33,8 @@ class Dataset:
             raise ValueError(f"Dataset.y has shape {self.y.shape}, expected ({self.x.shape[0]},): one label per row of x")
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.label_names)):
             raise ValueError(f"Dataset.y holds values in [{self.y.min()}, {self.y.max()}] but there are {len(self.label_names)} label_names; y must index label_names")
-        if self.image_shape is not None and self.image_shape[0] * self.image_shape[1] != self.x.shape[1]:
-            raise ValueError(f"Dataset.image_shape {self.image_shape} has {self.image_shape[0] * self.image_shape[1]} pixels but x has {self.x.shape[1]} features")
+        if self.image_shape is not None and image_size(self.image_shape) != self.x.shape[1]:
+            raise ValueError(f"Dataset.image_shape {self.image_shape} has {image_size(self.image_shape)} values per image but x has {self.x.shape[1]} features")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"Dataset.likelihood is {self.likelihood!r}; use one of {LIKELIHOODS}")
 
@@ -115,6 +119,36 @@ def load_mnist_idx(images_path: str | Path, labels_path: str | Path) -> Dataset:
     return Dataset(x, y, tuple(str(int(v)) for v in present), (h, w), "bernoulli")
 
 
+def colourize(ds: Dataset, seed: int = 0) -> Dataset:
+    """Greyscale images redrawn in colour: each image gets a random dark background colour and a
+    random bright ink colour, so colour carries no label. (H, W) -> (H, W, 3), values in [0, 1].
+
+    Ink is brighter than the background in every channel (as light strokes on a dark ground
+    are in the greyscale sets), so the experts' pixel-based models still read the digits.
+    """
+    if ds.image_shape is None or len(ds.image_shape) == 3:
+        raise ValueError(f"colourize needs greyscale images; this dataset's image_shape is {ds.image_shape}")
+    rng = np.random.default_rng(seed)
+    n = len(ds)
+    background = rng.uniform(0.0, 0.4, (n, 1, 3))
+    ink = rng.uniform(0.6, 1.0, (n, 1, 3))
+    grey = ds.x[:, :, None]  # (n, H*W, 1)
+    x = (background * (1 - grey) + ink * grey).astype(np.float32)  # (n, H*W, 3): channels last
+    h, w = ds.image_shape
+    return Dataset(x.reshape(n, -1), ds.y, ds.label_names, (h, w, 3), ds.likelihood)
+
+
+def resize(ds: Dataset, side: int) -> Dataset:
+    """Images resampled to side x side (bilinear), channels kept: larger inputs from the same data."""
+    if ds.image_shape is None:
+        raise ValueError("resize needs images; this dataset has no image_shape")
+    _, _, c = image_dims(ds.image_shape)
+    images = as_channels_first(torch.from_numpy(ds.x), ds.image_shape)
+    big = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
+    shape = (side, side) if len(ds.image_shape) == 2 else (side, side, c)
+    return Dataset(as_rows(big).numpy(), ds.y, ds.label_names, shape, ds.likelihood)
+
+
 def flat(ds: Dataset) -> Dataset:
     """The same inputs as plain feature vectors: no image shape, so a bank treats them as a
     table (an MLP encoder, table augmentation instead of image transforms)."""
@@ -142,6 +176,10 @@ def load_segment() -> Dataset:
 _LOADERS = {
     "digits": load_digits,
     "mnist5k": load_mnist5k,
+    # Colour and larger images built from the packaged sets: same labels, harder inputs.
+    "digits-colour": lambda: colourize(load_digits()),
+    "mnist5k-colour": lambda: colourize(load_mnist5k()),
+    "mnist5k-64": lambda: resize(load_mnist5k(), 64),
     "digits-flat": lambda: flat(load_digits()),
     "mnist5k-flat": lambda: flat(load_mnist5k()),
     "segment": load_segment,
@@ -150,9 +188,10 @@ DATASETS = tuple(_LOADERS)
 
 
 def load_dataset(name: str) -> Dataset:
-    """A packaged dataset by name: ``digits`` (quick default) or ``mnist5k`` (benchmark) as
-    images; ``digits-flat`` and ``mnist5k-flat``, the same pixels as feature vectors; ``segment``,
-    a real table (needs the river package)."""
+    """A packaged dataset by name: ``digits`` (quick default), ``mnist5k`` (benchmark), or a
+    colour (``-colour``) or 64 x 64 (``-64``) version of them as images; ``digits-flat`` and
+    ``mnist5k-flat``, the same pixels as feature vectors; ``segment``, a real table (needs the
+    river package)."""
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_LOADERS))}")
     return _LOADERS[name]()

@@ -29,21 +29,31 @@ def input_range(x: np.ndarray) -> list[float]:
 
 
 def image_hint(x: np.ndarray) -> str | None:
-    """A sentence naming ``image_shape`` when inputs look like flattened greyscale images:
-    a square width and values in [0, 1] or in [0, 255]."""
-    d = x.shape[1]
-    side = math.isqrt(d)
-    if side * side != d or side < MIN_IMAGE_SIDE:
+    """A sentence naming ``image_shape`` when inputs look like flattened images: a width that is
+    a square (greyscale) or three times a square (RGB), and values in [0, 1] or in [0, 255]."""
+    shape = _square_image_shape(x.shape[1])
+    if shape is None:
         return None
     lo, hi = input_range(x)
     if lo < 0 or not (hi <= 1.0 or (hi <= 255.0 and _integral(x))):
         return None
     scale = "[0, 1]" if hi <= 1.0 else "[0, 255]"
+    product = " x ".join(str(v) for v in shape)
+    kind = "images" if len(shape) == 2 else "RGB images (channels last)"
     return (
-        f"the inputs have {d} = {side} x {side} features with values in {scale}: if they are flattened images, "
-        f"set `[data] image_shape = [{side}, {side}]` in the spec (a convolutional encoder and image augmentation; "
+        f"the inputs have {x.shape[1]} = {product} features with values in {scale}: if they are flattened {kind}, "
+        f"set `[data] image_shape = [{', '.join(str(v) for v in shape)}]` in the spec (a convolutional encoder and image augmentation; "
         "on MNIST about 8 points better than the flat path); if they are not, ignore this"
     )
+
+
+def _square_image_shape(d: int) -> list[int] | None:
+    """[side, side] if d is a square, [side, side, 3] if d is three squares; else None."""
+    for channels in (1, 3):
+        side = math.isqrt(d // channels)
+        if d % channels == 0 and side * side * channels == d and side >= MIN_IMAGE_SIDE:
+            return [side, side] if channels == 1 else [side, side, 3]
+    return None
 
 
 def warn_if_out_of_range(x: np.ndarray, expected: list[float] | None, what: str) -> None:

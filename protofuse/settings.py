@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .model.networks import Augmentation, FeatureAugmentation
+from .model.networks import Augmentation, FeatureAugmentation, ImageShape, image_dims
 
 
 class _Strict(BaseModel):
@@ -60,12 +60,13 @@ class TrainingSettings(_Strict):
         batches = max(1, -(-n_inputs // self.batch_size))
         return max(30, -(-600 // batches))
 
-    def resolved_augmentation(self, image_shape: tuple[int, int] | None, n_features: int = 0) -> Augmentation | FeatureAugmentation | None:
+    def resolved_augmentation(self, image_shape: ImageShape | None, n_features: int = 0) -> Augmentation | FeatureAugmentation | None:
         """The augmentation to train with: image transforms for images, feature dropout and noise
         for tables of ``n_features`` (the other kind's settings are ignored); None when all are 0."""
         if image_shape is None:
             return self.table_augmentation(n_features)
-        shift = self.max_shift if self.max_shift is not None else max(1, round(min(image_shape) / 14))
+        side = min(image_dims(image_shape)[:2])
+        shift = self.max_shift if self.max_shift is not None else max(1, round(side / 14))
         aug = Augmentation(shift, 12.0 if self.max_rotation is None else self.max_rotation, 0.1 if self.max_scale is None else self.max_scale)
         return aug if aug.active else None
 

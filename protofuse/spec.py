@@ -1,7 +1,7 @@
 """The federation spec: one TOML file naming the experts, their labels and query data.
 
     [data]                       # optional
-    image_shape = [8, 8]         # inputs are flattened images of this shape (else: tabular)
+    image_shape = [8, 8]         # inputs are flattened images: [H, W] greyscale or [H, W, C] colour (else: tabular)
 
     [[experts]]
     name = "logreg_a"
@@ -21,7 +21,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .input_checks import MIN_IMAGE_SIDE
 from .settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
+
+MAX_CHANNELS = 64  # RGB(A) and multispectral stacks; more is more likely a mistaken shape
 
 
 class SpecError(ValueError):
@@ -96,14 +99,25 @@ class ExpertEntry(BaseModel):
 class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_shape: tuple[int, int] | None = Field(None, description="(height, width) when inputs are flattened images")
+    image_shape: tuple[int, int] | tuple[int, int, int] | None = Field(None, description="[height, width] (greyscale) or [height, width, channels] when inputs are images, each row flattened channels-last (numpy's images.reshape(n, -1))")
     likelihood: Literal["auto", "bernoulli", "gaussian"] = Field("auto", description="generative decoder; auto: bernoulli for images in [0,1]")
+
+    @field_validator("image_shape", mode="before")
+    @classmethod
+    def _two_or_three(cls, v: object) -> object:
+        if isinstance(v, (list, tuple)) and len(v) not in (2, 3):
+            raise ValueError(f"image_shape {list(v)} has {len(v)} numbers; write [height, width] for greyscale or [height, width, channels] for colour, e.g. [32, 32, 3]")
+        return v
 
     @field_validator("image_shape")
     @classmethod
-    def _positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and min(v) < 4:
-            raise ValueError(f"image_shape {list(v)} is too small; each side must be at least 4 pixels")
+    def _positive(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
+        if min(v[:2]) < MIN_IMAGE_SIDE:
+            raise ValueError(f"image_shape {list(v)} is too small; each side must be at least {MIN_IMAGE_SIDE} pixels")
+        if len(v) == 3 and not 1 <= v[2] <= MAX_CHANNELS:
+            raise ValueError(f"image_shape {list(v)} has {v[2]} channels; use 1 to {MAX_CHANNELS} (3 for RGB), channels last")
         return v
 
 

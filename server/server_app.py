@@ -37,6 +37,7 @@ from protofuse.bank import RUN_BANK, Bank, ExpertRecord, bank_meta
 from protofuse.families import family
 from protofuse.families.discriminative import config_for, load_shared, shared_arrays
 from protofuse.model.discriminative import DiscriminativePrototypes
+from protofuse.model.networks import image_size
 from protofuse.spec import Spec, SpecError, load_spec
 from protofuse.training import Fidelity
 
@@ -133,12 +134,13 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
         raise RuntimeError("no node described its input width; are the clients the same protofuse version?")
     x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
     image_shape = spec.data.image_shape
-    if image_shape is not None and image_shape[0] * image_shape[1] != x_dim:
-        raise SpecError(f"data.image_shape {list(image_shape)} has {image_shape[0] * image_shape[1]} pixels but the clients' inputs have {x_dim} features")
+    if image_shape is not None and image_size(image_shape) != x_dim:
+        raise SpecError(f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features")
     fed = Federation(list(last.vocabulary) if last else [], x_dim)
     if last:
         fed.records = {e.pseudonym: e for e in last.experts}
         fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
+        fed.input_range = last.state.get("input_range")
     for node_id in sorted(described, key=lambda n: str(described[n].get("pseudonym", ""))):
         try:
             fed.admit(node_id, described[node_id], set(nodes))
@@ -171,7 +173,8 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 
 def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
     fed = strategy.federation
-    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history})
+    state = {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history, "input_range": fed.input_range}
+    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), state)
 
 
 MANIFEST = "manifest.pb"
@@ -212,4 +215,6 @@ def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Ban
     image_shape = tuple(spec.data.image_shape) if spec.data.image_shape else None
     meta = bank_meta("discriminative", config, ck.vocabulary, image_shape, "gaussian", spec.model, spec.training, spec.adapt)
     meta["federation"] = {"rounds": ck.round, "weights_digest": ck.weights_digest, "settings": spec.federation.model_dump()}
+    if ck.state.get("input_range"):
+        meta["input_range"] = ck.state["input_range"]
     return Bank(model.eval(), meta, records)

@@ -94,6 +94,7 @@ class Federation:
     nodes: dict[int, Client] = field(default_factory=dict)  # node id -> client
     records: dict[str, ExpertState] = field(default_factory=dict)  # pseudonym -> latest record
     trust: dict[str, float] = field(default_factory=dict)  # pseudonym -> trust weight
+    input_range: list[float] | None = None  # [min, max] over every client's queries, as described
 
     def admit(self, node_id: int, describe: ConfigRecord, online: set[int] | None = None) -> list[str]:
         """Register a described node; returns the labels it adds to the vocabulary.
@@ -114,9 +115,22 @@ class Federation:
         for nid in holders:  # gone: its expert is back under a new node id
             del self.nodes[nid]
         self.nodes[node_id] = Client(pseudonym, labels, n_queries)
+        self._widen_range(describe)
         new = [c for c in labels if c not in self.vocabulary]
         self.vocabulary.extend(new)
         return new
+
+
+    def _widen_range(self, describe: ConfigRecord) -> None:
+        """Take in a client's queries' [min, max]; clients of earlier versions do not send it."""
+        try:
+            lo, hi = (float(v) for v in describe["x-range"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if not lo <= hi:  # NaN or reversed: not a range to warn against
+            return
+        old = self.input_range or [lo, hi]
+        self.input_range = [min(old[0], lo), max(old[1], hi)]
 
 
 def describe_nodes(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, ConfigRecord]:

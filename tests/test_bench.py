@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -144,3 +145,14 @@ def test_the_table_sweep_reads_its_grid_and_refuses_the_reported_seeds(tmp_path,
     with pytest.raises(SystemExit):
         main(["--seeds", "0", "100", "--out", str(tmp_path)])
     assert "development seeds only" in capsys.readouterr().err
+
+
+def test_epoch_time_benchmark_writes_a_row_per_shape(tmp_path):
+    from bench.epoch_time import main as epoch_time
+
+    assert epoch_time(["--sides", "8", "64", "--channels", "1", "3", "--queries", "40", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["side"], r["channels"]) for r in rows] == [(8, 1), (64, 1), (8, 3), (64, 3)]
+    assert all(r["epoch_s"] > 0 for r in rows)
+    assert [r["blocks"] for r in rows] == [2, 3, 2, 3]
+    assert "| 64 x 64 x 3 | 3 |" in (tmp_path / "results.md").read_text()

@@ -44,6 +44,8 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federatio
     assert sorted(e.name for e in bank.experts) == ["forest", "knn", "logreg", "mlp", "svm"]
     assert all(e.n_queries > 0 and 0 < e.weight <= 1 and 0.5 < e.fidelity.agreement <= 1 for e in bank.experts)
     assert max(e.weight for e in bank.experts) == 1.0
+    queries = np.load(federation.parent / "queries.npy")  # each client sent its queries' min and max
+    assert bank.meta["input_range"] == [float(queries.min()), float(queries.max())]
     manifest = wire.decode_manifest((run / "manifest.pb").read_bytes())  # what the server publishes
     assert (manifest.round, manifest.version, manifest.vocabulary) == (5, bank.version, bank.label_names)
     assert {e.pseudonym: e.trust for e in manifest.experts} == {e.name: e.weight for e in bank.experts}

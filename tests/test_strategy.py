@@ -62,6 +62,16 @@ def test_the_vocabulary_is_only_ever_appended_to_and_new_rows_leave_old_ones_in_
     assert grown["encoder.w"] is arrays["encoder.w"] and grown["prototypes"].dtype == np.float32
 
 
+def test_the_input_range_spans_every_client_that_sent_one():
+    fed = Federation([], 8)
+    fed.admit(1, _describe("old", ["0", "1"]))  # a client of an earlier version sends no range
+    assert fed.input_range is None
+    fed.admit(2, ConfigRecord({"pseudonym": "a", "labels": ["0"], "x-dim": 8, "n-queries": 10, "x-range": [0.0, 0.8]}))
+    fed.admit(3, ConfigRecord({"pseudonym": "b", "labels": ["1"], "x-dim": 8, "n-queries": 10, "x-range": [-0.5, 0.6]}))
+    fed.admit(4, ConfigRecord({"pseudonym": "c", "labels": ["1"], "x-dim": 8, "n-queries": 10, "x-range": [1.0, float("nan")]}))  # ignored
+    assert fed.input_range == [-0.5, 0.8]
+
+
 def _strategy(fed: Federation, aggregation: str = "rowwise", rounds: int = 2) -> tuple[FusionStrategy, list]:
     saved: list = []
     s = FusionStrategy(fed, Schedule.from_settings(FederationSettings(rounds=rounds), TrainingSettings()), TrainingSettings(), FederationSettings(rounds=rounds, aggregation=aggregation), {}, lambda r, a, st: saved.append((r, a)))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .generative import restricted_log_softmax
-from .networks import make_encoder
+from .networks import ImageShape, make_encoder
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class DiscriminativeConfig:
     n_experts: int
     feat_dim: int = 64
     encoder: str = "conv"  # "conv" for images, "mlp" otherwise
-    image_shape: tuple[int, int] | None = None
+    image_shape: ImageShape | None = None  # (H, W) or (H, W, C)
 
 
 class DiscriminativePrototypes(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .networks import MLP, GaussianHead
+from .networks import MLP, GaussianHead, ImageShape, as_channels_first, as_rows, image_dims
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -31,7 +31,7 @@ class GenerativeConfig:
     w_dim: int = 2
     hidden: int = 100
     likelihood: str = "bernoulli"  # "bernoulli" ([0,1] images) or "gaussian" (tabular)
-    image_shape: tuple[int, int] | None = None
+    image_shape: ImageShape | None = None  # (H, W) or (H, W, C)
     conv: bool = False  # conv encoders and a transposed-conv decoder (images only)
     lam: float = 1.0  # weight of the regularizer q_psi(eta | w)
     hide_eta: float = 0.5  # fraction of training triples whose eta is hidden from q(z | x, eta)
@@ -70,42 +70,42 @@ def restricted_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 class ConvFeatures(nn.Module):
-    """Image -> 128 features, the shared front of the conv variant's encoders."""
+    """Image rows (n, H*W*C) -> 128 features, the shared front of the conv variant's encoders."""
 
-    def __init__(self, image_shape: tuple[int, int]) -> None:
+    def __init__(self, image_shape: ImageShape) -> None:
         super().__init__()
-        h, w = image_shape
-        self.image_shape = (h, w)
+        h, w, c = image_dims(image_shape)
+        self.image_shape = tuple(image_shape)
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.view(-1, 1, *self.image_shape))
+        return self.net(as_channels_first(x, self.image_shape))
 
 
 class ConvDecoder(nn.Module):
-    """(w, z) -> image logits through two transposed convolutions."""
+    """(w, z) -> image logits (n, H*W*C), flattened like the inputs, through two transposed convolutions."""
 
-    def __init__(self, in_dim: int, image_shape: tuple[int, int]) -> None:
+    def __init__(self, in_dim: int, image_shape: ImageShape) -> None:
         super().__init__()
-        h, w = image_shape
+        h, w, c = image_dims(image_shape)
         self.h4, self.w4 = h // 4, w // 4
         self.out_shape = (h, w)
         self.fc = nn.Sequential(nn.Linear(in_dim, 100), nn.BatchNorm1d(100), nn.ReLU(), nn.Linear(100, 32 * self.h4 * self.w4), nn.ReLU())
         self.deconv = nn.Sequential(
             nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1),
+            nn.ConvTranspose2d(16, c, 4, stride=2, padding=1),
         )
 
     def forward(self, wz: torch.Tensor) -> torch.Tensor:
         h = self.fc(wz).view(-1, 32, self.h4, self.w4)
-        out = self.deconv(h)  # (n, 1, 4*h4, 4*w4)
+        out = self.deconv(h)  # (n, C, 4*h4, 4*w4)
         h, w = self.out_shape
         out = F.pad(out, (0, w - out.shape[-1], 0, h - out.shape[-2]))  # sizes not divisible by 4
-        return out.flatten(1)
+        return as_rows(out)
 
 
 class GenerativePrototypes(nn.Module):

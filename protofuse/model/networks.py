@@ -2,6 +2,9 @@
 
 Sizes follow the paper's MNIST defaults (two hidden layers of 100 ReLU units, batch norm after
 the first); the conv encoder is the small net the discriminative family uses on images.
+
+Images travel as rows: an (H, W) greyscale or (H, W, C) colour image flattened channels-last,
+exactly as numpy flattens an (n, H, W, C) array with ``images.reshape(n, -1)``.
 """
 
 from __future__ import annotations
@@ -45,29 +48,67 @@ class GaussianHead(nn.Module):
         return mu, logvar.clamp(-8.0, 6.0)
 
 
-class ConvEncoder(nn.Module):
-    """(n, h*w) images in [0,1] -> (n, out_dim) features; two conv blocks and a linear layer."""
+ImageShape = tuple[int, int] | tuple[int, int, int]  # (height, width) greyscale, or (height, width, channels)
 
-    def __init__(self, image_shape: tuple[int, int], out_dim: int, channels: int = 32) -> None:
+
+def image_dims(image_shape: ImageShape) -> tuple[int, int, int]:
+    """(height, width, channels) of an image shape given as ``[H, W]`` (greyscale) or ``[H, W, C]``."""
+    if len(image_shape) == 2:
+        h, w = image_shape
+        return int(h), int(w), 1
+    h, w, c = image_shape
+    return int(h), int(w), int(c)
+
+
+def image_size(image_shape: ImageShape) -> int:
+    """Features of one flattened image: H * W * C."""
+    h, w, c = image_dims(image_shape)
+    return h * w * c
+
+
+def as_channels_first(x: torch.Tensor, image_shape: ImageShape) -> torch.Tensor:
+    """(n, H*W*C) rows, each an image flattened channels-last (numpy's ``images.reshape(n, -1)``
+    of an (n, H, W, C) array) -> (n, C, H, W), the layout convolutions take."""
+    h, w, c = image_dims(image_shape)
+    return x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n, C, H, W) -> (n, H*W*C) rows flattened channels-last: the inverse of ``as_channels_first``."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+def conv_blocks(image_shape: ImageShape) -> int:
+    """Conv blocks (each halves the side) for an image: two, and one more while the shorter side
+    would still exceed 8 pixels, so the linear layer after them stays small on large images.
+    Images up to 32 x 32 (MNIST, digits) get the two blocks the defaults were measured with."""
+    h, w, _ = image_dims(image_shape)
+    blocks = 2
+    while min(h, w) >> blocks > 8:
+        blocks += 1
+    return blocks
+
+
+class ConvEncoder(nn.Module):
+    """(n, H*W*C) images in [0,1] -> (n, out_dim) features: conv blocks, then two linear layers."""
+
+    def __init__(self, image_shape: ImageShape, out_dim: int, channels: int = 32) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
-        h, w = self.image_shape
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1),
-            nn.BatchNorm2d(2 * channels),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        flat = 2 * channels * (h // 4) * (w // 4)
+        h, w, c = image_dims(image_shape)
+        blocks = conv_blocks(image_shape)
+        layers: list[nn.Module] = []
+        width_in = c
+        for b in range(blocks):
+            width_out = channels if b == 0 else 2 * channels
+            layers += [nn.Conv2d(width_in, width_out, 3, padding=1), nn.BatchNorm2d(width_out), nn.ReLU(), nn.MaxPool2d(2)]
+            width_in = width_out
+        self.conv = nn.Sequential(*layers)
+        flat = width_in * (h >> blocks) * (w >> blocks)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.image_shape
-        return self.head(self.conv(x.view(-1, 1, h, w)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, H*W*C) -> (n, out_dim)
+        return self.head(self.conv(as_channels_first(x, self.image_shape)))
 
 
 class MLPEncoder(nn.Module):
@@ -81,7 +122,7 @@ class MLPEncoder(nn.Module):
         return self.mlp(x)
 
 
-def make_encoder(kind: str, in_dim: int, out_dim: int, image_shape: tuple[int, int] | None) -> nn.Module:
+def make_encoder(kind: str, in_dim: int, out_dim: int, image_shape: ImageShape | None) -> nn.Module:
     """The encoder named by a config: ``"conv"`` (needs an image shape) or ``"mlp"``."""
     if kind == "conv":
         if image_shape is None:
@@ -107,14 +148,17 @@ class Augmentation:
         return self.shift > 0 or self.rotation > 0 or self.scale > 0
 
 
-def augment_images(x: torch.Tensor, image_shape: tuple[int, int], aug: Augmentation, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply one random affine transform (shift, rotation, zoom) per flattened image, (n, h*w).
+def augment_images(x: torch.Tensor, image_shape: ImageShape, aug: Augmentation, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply one random affine transform (shift, rotation, zoom) per flattened image, (n, H*W*C).
 
-    Pixels sampled from outside the image are zero (the background of the datasets we use).
+    Every channel of an image moves with the same transform, so colours stay aligned. Pixels
+    sampled from outside a greyscale image are zero (the background of the digit sets the
+    defaults were measured on); a colour image repeats its border instead, since its background
+    is rarely black.
     """
     if not aug.active:
         return x
-    h, w = image_shape
+    h, w, c = image_dims(image_shape)
     n = x.shape[0]
 
     def uniform(half_width: float) -> torch.Tensor:  # (n,) in [-half_width, half_width]
@@ -127,8 +171,10 @@ def augment_images(x: torch.Tensor, image_shape: tuple[int, int], aug: Augmentat
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     tx, ty = uniform(aug.shift) * 2 / w, uniform(aug.shift) * 2 / h
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n, 2, 3)
-    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-    return F.grid_sample(x.view(n, 1, h, w), grid, align_corners=False).reshape(n, h * w)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    padding = "zeros" if c == 1 else "border"
+    moved = F.grid_sample(as_channels_first(x, image_shape), grid, padding_mode=padding, align_corners=False)  # (n, C, H, W)
+    return as_rows(moved)
 
 
 @dataclass(frozen=True)
