@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test protos bench-images bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-quick mutation clean
+.PHONY: demo test protos bench-images bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -37,7 +37,7 @@ protos: $(STAMP)  ## regenerate protofuse/v1 from protos/ (tests/test_wire.py fa
 # ablations are chosen on the development seeds 0-2 (bench-dev), which no reported run uses.
 BENCH := $(PY) -m bench.run
 
-bench: bench-main bench-dev bench-robust bench-hidden bench-federated  ## every benchmark table the README quotes
+bench: bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-federated  ## every benchmark table the README quotes
 
 bench-main: $(STAMP)  ## reported seeds: protofuse against every baseline, both datasets, 2- and 5-way
 	$(BENCH) --out bench-results/main
@@ -56,6 +56,15 @@ bench-images: $(STAMP)  ## reported seeds, 5-way: colour and 64 x 64 images agai
 	$(BENCH) --datasets digits digits-colour mnist5k mnist5k-colour mnist5k-64 --ways 5 --no-generative --no-ceiling --no-imitator --out bench-results/images
 	$(PY) -m bench.compare bench-results/images digits-colour:digits mnist5k-colour:mnist5k mnist5k-64:mnist5k
 	$(PY) -m bench.epoch_time --out bench-results/epoch-time
+
+# Feature vectors: the digit datasets given as flat vectors, and river's image-segmentation table.
+bench-tables: $(STAMP)  ## reported seeds: the tabular path (MLP encoder, table augmentation) against every baseline
+	$(BENCH) --datasets digits-flat mnist5k-flat segment --no-generative --no-ceiling --out bench-results/tables
+
+bench-tables-dev: $(STAMP)  ## development seeds: the same, and the sweep where the table augmentation's rates were chosen
+	$(BENCH) --dev --datasets digits-flat mnist5k-flat segment --no-generative --no-ceiling --out bench-results/tables-dev
+	$(PY) -m bench.table_sweep --imitator 0:0 0.1:0 0.2:0 0.5:0 0:0.5 --out bench-results/tables-dev/sweep
+	$(PY) -m bench.table_sweep --datasets digits-flat mnist5k-flat --bank 0.2:0 0.2:0.3 0.3:0.3 0.4:0 --imitator 0.5:0 0.7:0 0.5:0.3 --out bench-results/tables-dev/sweep-wide
 
 bench-service: $(STAMP)  ## the adaptation service: latency against in-process adaptation, throughput of 8 callers (MNIST-5k, 5-way, k = 5)
 	$(PY) -m bench.service --dataset mnist5k --out bench-results/service

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from protofuse.model.networks import Augmentation, augment_images, make_encoder
+from protofuse.model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, make_encoder
 
 
 @dataclass(frozen=True)
@@ -164,11 +164,12 @@ class _MultiHead(nn.Module):
 class Imitator:
     """Classic local-distillation fusion: imitate every expert through a shared encoder, then probe.
 
-    Uses the same encoder factory and image augmentation as our discriminative bank, so a gap
-    between the two measures the fusion (prototypes vs. unrelated heads), not the encoder.
+    Uses the same encoder factory and augmentation (image transforms, or feature dropout and
+    noise for tables) as our discriminative bank, so a gap between the two measures the fusion
+    (prototypes vs. unrelated heads), not the encoder.
     """
 
-    def __init__(self, in_dim: int, image_shape: tuple[int, int] | None, encoder: str = "conv", feat_dim: int = 64, epochs: int = 30, augmentation: Augmentation | None = None, seed: int = 0, lr: float = 1e-3, batch_size: int = 128) -> None:
+    def __init__(self, in_dim: int, image_shape: tuple[int, int] | None, encoder: str = "conv", feat_dim: int = 64, epochs: int = 30, augmentation: Augmentation | FeatureAugmentation | None = None, seed: int = 0, lr: float = 1e-3, batch_size: int = 128) -> None:
         if encoder == "conv" and image_shape is None:
             raise ValueError("encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'")
         if encoder not in ("conv", "mlp"):
@@ -209,14 +210,17 @@ class Imitator:
         n_batches = max(1, (len(x) + self.batch_size - 1) // self.batch_size)
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=max(1, self.epochs * n_batches))
+        centre, spread = x.mean(0), x.std(0, correction=0)  # (d,): the query pool's, as the bank's
         self.net.train()
         for _ in range(self.epochs):
             for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):
                 if len(idx) < 2:  # batch norm needs two examples
                     continue
                 xb = x[idx]
-                if self.augmentation is not None and self.image_shape is not None:
-                    # The expert's answer for the original image stays the target.
+                # The expert's answer for the original input stays the target.
+                if isinstance(self.augmentation, FeatureAugmentation):
+                    xb = augment_features(xb, self.augmentation, centre, spread, gen)
+                elif self.augmentation is not None and self.image_shape is not None:
                     xb = augment_images(xb, self.image_shape, self.augmentation, gen)
                 log_q = self.net(xb)
                 loss = torch.stack([-(t[idx] * lq).sum(-1).mean() for t, lq in zip(targets, log_q)]).mean()

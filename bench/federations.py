@@ -64,6 +64,28 @@ SPARSE_RECIPES: tuple[ExpertRecipe, ...] = (
     ExpertRecipe("s_mlp", "mlp", _digits(8, 9, 0)),
 )
 
+
+def _ring_of_triples(labels: tuple[str, ...]) -> tuple[ExpertRecipe, ...]:
+    """One expert per label, trained on it and its next two around the ring, the kinds taken in
+    turn: every label is covered by three experts and neighbours share two labels (as the digits'
+    ring), and exactly the pairs three apart around the ring have no common expert."""
+    recipes = []
+    for i in range(len(labels)):
+        kind = KINDS[i % len(KINDS)]
+        name = kind if i < len(KINDS) else f"{kind}-{i // len(KINDS) + 1}"
+        recipes.append(ExpertRecipe(name, kind, tuple(labels[(i + j) % len(labels)] for j in range(3))))
+    return tuple(recipes)
+
+
+# The 7 classes of the image-segmentation table (protofuse.data.load_segment), in label order.
+SEGMENT_RECIPES: tuple[ExpertRecipe, ...] = _ring_of_triples(("brickface", "cement", "foliage", "grass", "path", "sky", "window"))
+
+
+def recipes_for(dataset: str) -> tuple[ExpertRecipe, ...]:
+    """The benchmark's federation for a dataset: the digits' ring, or the table's own."""
+    return SEGMENT_RECIPES if dataset == "segment" else DEFAULT_RECIPES
+
+
 # Bad participants for robustness checks. "poor": its annotator labelled most 1s as 3s, plus
 # 20% random label noise (measured about 0.65-0.8 accuracy on its classes on digits and
 # MNIST-5k; label noise alone barely hurts a logistic regression). "overconfident": a sound

@@ -127,8 +127,8 @@ def write_report(out: Path, rows: list[dict], fidelity: list[dict], timings: lis
         fid_lines.append(f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | {mean['consensus']:.3f} | {mean['weight']:.2f} |")
     against = [m for m in (
         "protofuse zero-shot", "imitator (conv) + probe", "imitator (conv) + cosine NCM", "imitator (conv) zero-shot vote",
-        "imitator (mlp) + probe", "imitator (mlp) + cosine NCM", "stacking (experts online)", "expert vote (experts online)",
-        "scratch", "nearest class mean", "generative", "protofuse, no reweighting", CEILING,
+        "imitator (mlp) + probe", "imitator (mlp) + cosine NCM", "imitator (mlp, no augmentation) + probe", "imitator (mlp, feature dropout 0.5) + probe", "stacking (experts online)", "expert vote (experts online)",
+        "scratch", "nearest class mean", "generative", "protofuse, no reweighting", "protofuse, no table augmentation", CEILING,
     ) if any(g["method"] == m for g in gaps)]
     text = markdown(summary) + "\n" + gaps_markdown(gaps, against) + "\n"
     if recall:

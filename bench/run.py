@@ -3,6 +3,7 @@
     python -m bench.run --out bench-results            # both datasets, the reported seeds
     python -m bench.run --dev --ablations              # development seeds: where defaults are chosen
     python -m bench.run --datasets digits --seeds 100 --tasks 2 --quick
+    python -m bench.run --dev --datasets digits-flat mnist5k-flat segment --no-generative --no-ceiling   # tables
 
 For each (dataset, seed): splits, a federation of heterogeneous experts trained on overlapping
 class subsets, one bank per family fitted on the experts' answers to the query pool, and the
@@ -29,9 +30,10 @@ import numpy as np
 import torch
 
 from client_sdk.experts import query_expert
-from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation
+from bench.federations import ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_federation, recipes_for
 from protofuse.bank import Bank, fit_bank, load_bank
 from protofuse.families import GenerativeTask
+from protofuse.model.networks import FeatureAugmentation
 from protofuse.model.recompose import predict_log_proba
 from protofuse.data import DATASETS, Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
@@ -56,6 +58,10 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "protofuse, no consensus distillation": ({}, {"distill": 0}),
     "protofuse, no reweighting": ({}, {"reweight": False}),
 }
+# Ablations that change nothing on a table (its encoder is the MLP already; no image transforms).
+IMAGE_ONLY = ("protofuse, mlp encoder", "protofuse, shifts only")
+# On tables the default bank is also fitted without table augmentation: what the augmentation adds.
+TABLE_BANKS: dict[str, tuple[dict, dict]] = {"protofuse, no table augmentation": ({}, {"feature_dropout": 0.0, "feature_noise": 0.0})}
 # Adaptation settings tried on the development seeds, on the default bank: name -> adapt options.
 ADAPT_VARIANTS: dict[str, dict] = {f"protofuse, prior_strength {v:g}": {"prior_strength": v} for v in (0.1, 0.3, 3.0, 10.0)}
 # With bad participants, the paired effect of reweighting is the question.
@@ -71,7 +77,7 @@ class Federation:
     experts: list[BuiltExpert]
     triples: Triples
     banks: dict[str, Bank]
-    imitators: dict[str, baselines.Imitator]  # by encoder: "conv", "mlp"
+    imitators: dict[str, baselines.Imitator]  # "conv", "mlp" (the bank's augmentation), "mlp, no augmentation" (tables)
     ceiling: baselines.Ceiling | None
     timings: dict[str, float]
 
@@ -112,7 +118,9 @@ def hide_label(recipes: tuple[ExpertRecipe, ...], label: str) -> tuple[ExpertRec
     return tuple(replace(r, classes=tuple(c for c in r.classes if c != label)) for r in recipes)
 
 
-def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True, bank_cache: Path | None = None) -> Federation:
+def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: dict[str, tuple[dict, dict]], epochs: int | None, imitator_encoders: list[str], ceiling: bool = True, bank_cache: Path | None = None, table_variants: bool = True) -> Federation:
+    """One seed's world. On a table (no image shape), ``table_variants`` also fits the bank without
+    table augmentation and the mlp imitator with and without it, and skips image-only ablations."""
     ds = load_dataset(name)
     splits = make_splits(ds, seed)
     timings: dict[str, float] = {}
@@ -123,6 +131,8 @@ def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: 
     outputs = [query_expert(e.expert, qx, e.name) for e in experts]
     triples = assemble([e.name for e in experts], [e.labels for e in experts], [qx] * len(experts), outputs, shared=[0] * len(experts))
     fitted = {}
+    if ds.image_shape is None and table_variants:
+        banks = {k: v for k, v in banks.items() if k not in IMAGE_ONLY} | TABLE_BANKS
     for bank_name, (model_over, train_over) in banks.items():
         t0 = time.perf_counter()
         training = TrainingSettings(**{"epochs": epochs, "seed": seed, **train_over})
@@ -135,12 +145,10 @@ def build_world(name: str, seed: int, recipes: tuple[ExpertRecipe, ...], banks: 
         if cached is not None:
             fitted[bank_name].save(cached)
     imitators = {}
-    for encoder in imitator_encoders:
-        if encoder == "conv" and ds.image_shape is None:
-            continue
+    for imitator, args in _imitators(ds, imitator_encoders, len(qx), epochs, seed, table_variants).items():
         t0 = time.perf_counter()
-        imitators[encoder] = _imitator(ds, encoder, len(qx), epochs, seed).fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
-        timings[f"fit imitator {encoder}"] = time.perf_counter() - t0
+        imitators[imitator] = baselines.Imitator(**args).fit(qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)])
+        timings[f"fit imitator {imitator}"] = time.perf_counter() - t0
     top = None
     if ceiling:
         t0 = time.perf_counter()
@@ -160,12 +168,19 @@ def _imitator_args(ds: Dataset, encoder: str, n: int, epochs: int | None, seed: 
     return {
         "in_dim": ds.x.shape[1], "image_shape": ds.image_shape, "encoder": encoder, "seed": seed,
         "epochs": training.resolved_epochs("discriminative", round(n * (1 - training.holdout))),
-        "augmentation": training.resolved_augmentation(ds.image_shape), "lr": training.lr, "batch_size": training.batch_size,
+        "augmentation": training.resolved_augmentation(ds.image_shape, ds.x.shape[1]), "lr": training.lr, "batch_size": training.batch_size,
     }
 
 
-def _imitator(ds: Dataset, encoder: str, n: int, epochs: int | None, seed: int) -> baselines.Imitator:
-    return baselines.Imitator(**_imitator_args(ds, encoder, n, epochs, seed))
+def _imitators(ds: Dataset, encoders: list[str], n: int, epochs: int | None, seed: int, table_variants: bool = True) -> dict[str, dict]:
+    """The imitators to fit, by name: one per encoder with the bank's defaults; on a table (with
+    ``table_variants``, unless no encoder is asked for) the mlp one with the bank's table
+    augmentation, without any, and with half its features dropped (the imitator's own best rate on
+    the pixel tables, bench.table_sweep)."""
+    if ds.image_shape is not None or not table_variants or not encoders:
+        return {e: _imitator_args(ds, e, n, epochs, seed) for e in encoders if e == "mlp" or ds.image_shape is not None}
+    mlp = _imitator_args(ds, "mlp", n, epochs, seed)
+    return {"mlp": mlp, "mlp, no augmentation": mlp | {"augmentation": None}, "mlp, feature dropout 0.5": mlp | {"augmentation": FeatureAugmentation(dropout=0.5)}}
 
 
 def draw_episode(world: Federation, task: tuple[str, ...], rng: np.random.Generator, max_test: int) -> Episode:
@@ -260,7 +275,7 @@ def log(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=DATASETS)
+    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=DATASETS, help="digits, mnist5k: images; digits-flat, mnist5k-flat: the same pixels as feature vectors; segment: a real table (river's image-segmentation data, 7 classes)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS), help=f"bank seeds (split, experts, training); default: the reported seeds {list(REPORT_SEEDS)}")
     p.add_argument("--dev", action="store_true", help=f"use the development seeds {list(DEV_SEEDS)}, where defaults and ablations are chosen")
     p.add_argument("--tasks", type=int, default=10, help="new tasks per (ways, seed)")
@@ -280,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     seeds = list(DEV_SEEDS) if args.dev else args.seeds
     torch.set_num_threads(1)
-    recipes = DEFAULT_RECIPES + (ROBUSTNESS_RECIPES if args.robustness else ())
-    if args.hide_label:
-        recipes = hide_label(recipes, args.hide_label)
+    if (args.robustness or args.hide_label) and "segment" in args.datasets:
+        p.error("--robustness and --hide-label are defined for the digit datasets (their experts and labels); drop segment")
     banks = {k: v for k, v in BANKS.items() if not (args.no_generative and v[0].get("family") == "generative")}
     banks |= ABLATIONS if args.ablations else {}
     banks |= ROBUSTNESS_BANKS if args.robustness else {}
@@ -296,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with Progress() as bar:
         for name in args.datasets:
+            recipes = recipes_for(name) + (ROBUSTNESS_RECIPES if args.robustness else ())
+            if args.hide_label:
+                recipes = hide_label(recipes, args.hide_label)
             for seed in seeds:
                 job = bar.add_task(f"{name} seed {seed}: fitting", total=None)
                 world = build_world(name, seed, recipes, banks, epochs, imitator_encoders, ceiling=not args.no_ceiling, bank_cache=args.bank_cache)

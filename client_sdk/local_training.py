@@ -157,7 +157,7 @@ def _train(model: DiscriminativePrototypes, train: Triples, plan: RoundPlan, tea
         if not trainer.load_state_arrays({k: v for k, v in previous.items() if k != "phase"}):
             log.warning("%s: the optimizer state kept from the last round does not fit the model; this round starts a fresh one", pseudonym)
     gen = torch.Generator().manual_seed(client_seed(t.seed, pseudonym, plan.round))
-    aug = t.resolved_augmentation(model.cfg.image_shape)
+    aug = t.resolved_augmentation(model.cfg.image_shape, model.cfg.x_dim)  # the rule of central training, tables included
     loss = 0.0
     for _ in range(f.local_epochs):
         loss = trainer.epoch(train, batch, gen, aug, None, teacher, t.distill if teacher is not None else 0.0)

@@ -149,6 +149,30 @@ def resize(ds: Dataset, side: int) -> Dataset:
     return Dataset(as_rows(big).numpy(), ds.y, ds.label_names, shape, ds.likelihood)
 
 
+def flat(ds: Dataset) -> Dataset:
+    """The same inputs as plain feature vectors: no image shape, so a bank treats them as a
+    table (an MLP encoder, table augmentation instead of image transforms)."""
+    return Dataset(ds.x, ds.y, ds.label_names, None, ds.likelihood)
+
+
+def load_segment() -> Dataset:
+    """The Statlog image-segmentation table shipped in river (``river.datasets.ImageSegments``):
+    2,310 regions of outdoor images, 330 of each of 7 classes, 18 numeric features; standardised
+    with the whole table's mean and spread (a feature that never varies is left at 0)."""
+    try:
+        from river.datasets import ImageSegments
+    except ImportError:
+        raise ImportError("the 'segment' dataset ships in the river package: pip install river") from None
+    rows = list(ImageSegments())  # (features dict, class name) per region, from the packaged file
+    features = list(rows[0][0])
+    x = np.array([[r[0][f] for f in features] for r in rows], dtype=np.float64)
+    spread = x.std(0)
+    x = (x - x.mean(0)) / np.where(spread > 0, spread, 1.0)
+    names = tuple(sorted({r[1] for r in rows}))
+    y = np.array([names.index(r[1]) for r in rows], dtype=np.int64)
+    return Dataset(x.astype(np.float32), y, names, None, "gaussian")
+
+
 _LOADERS = {
     "digits": load_digits,
     "mnist5k": load_mnist5k,
@@ -156,13 +180,18 @@ _LOADERS = {
     "digits-colour": lambda: colourize(load_digits()),
     "mnist5k-colour": lambda: colourize(load_mnist5k()),
     "mnist5k-64": lambda: resize(load_mnist5k(), 64),
+    "digits-flat": lambda: flat(load_digits()),
+    "mnist5k-flat": lambda: flat(load_mnist5k()),
+    "segment": load_segment,
 }
 DATASETS = tuple(_LOADERS)
 
 
 def load_dataset(name: str) -> Dataset:
     """A packaged dataset by name: ``digits`` (quick default), ``mnist5k`` (benchmark), or a
-    colour (``-colour``) or 64 x 64 (``-64``) version of them."""
+    colour (``-colour``) or 64 x 64 (``-64``) version of them as images; ``digits-flat`` and
+    ``mnist5k-flat``, the same pixels as feature vectors; ``segment``, a real table (needs the
+    river package)."""
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_LOADERS))}")
     return _LOADERS[name]()

@@ -15,7 +15,7 @@ import torch
 
 from .model.discriminative import DiscriminativePrototypes
 from .model.generative import GenerativePrototypes
-from .model.networks import Augmentation, augment_images
+from .model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images
 from .triples import Triples
 
 Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean loss)
@@ -30,11 +30,11 @@ class Fidelity:
     n: int
 
 
-def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, augmentation: Augmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0, seed: int = 0, progress: Progress | None = None) -> None:
+def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, augmentation: Augmentation | FeatureAugmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0, seed: int = 0, progress: Progress | None = None) -> None:
     """Fit encoder, prototypes and imitation heads by soft cross-entropy against the experts.
 
-    ``augmentation`` transforms image batches (the targets stay the experts' answers for the
-    original images); ``teacher`` (N, C), if given, adds ``teacher_weight`` times the consensus
+    ``augmentation`` transforms image batches, or perturbs the features of tabular ones (the
+    targets stay the experts' answers for the original inputs); ``teacher`` (N, C), if given, adds ``teacher_weight`` times the consensus
     term of ``DiscriminativePrototypes.consensus_loss``.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +63,7 @@ class DiscriminativeTrainer:
     def steps_done(self) -> int:
         return int(self.sched.last_epoch)
 
-    def epoch(self, triples: Triples, batch_size: int, gen: torch.Generator, augmentation: Augmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0) -> float:
+    def epoch(self, triples: Triples, batch_size: int, gen: torch.Generator, augmentation: Augmentation | FeatureAugmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0) -> float:
         """One pass over the triples in a random order drawn from ``gen``; returns the mean loss."""
         model = self.model
         x, eta, mask = (torch.from_numpy(a) for a in (triples.x, triples.eta, triples.mask))
@@ -71,6 +71,9 @@ class DiscriminativeTrainer:
         weight = torch.ones(len(triples.expert_names)) if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32)
         target = None if teacher is None or teacher_weight <= 0 else torch.as_tensor(teacher, dtype=torch.float32)
         image_shape = model.cfg.image_shape
+        if isinstance(augmentation, FeatureAugmentation):
+            # Each feature's mean and spread over these queries (a federated client: its own).
+            centre, spread = x.mean(0), x.std(0, correction=0)  # (d,), (d,)
         model.train()
         total, count = 0.0, 0
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
@@ -79,7 +82,9 @@ class DiscriminativeTrainer:
             if self.steps_done >= self.total_steps:  # the schedule is spent (a client may get extra rounds)
                 break
             xb = x[idx]
-            if augmentation is not None and image_shape is not None:
+            if isinstance(augmentation, FeatureAugmentation):
+                xb = augment_features(xb, augmentation, centre, spread, gen)
+            elif augmentation is not None and image_shape is not None:
                 xb = augment_images(xb, image_shape, augmentation, gen)
             z = model.encoder(xb)
             loss = model.imitation_loss(z, eta[idx], mask[idx], tau, weight)

@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from bench.baselines import Ceiling, ExpertOutput, Imitator, expert_vote, nearest_class_mean, scratch, stacking
-from protofuse.model.networks import Augmentation
+from protofuse.model.networks import Augmentation, FeatureAugmentation
 
 torch.set_num_threads(1)
 
@@ -229,6 +229,18 @@ def test_imitator_is_seeded_and_leaves_global_rng_alone(digits: Digits) -> None:
     assert torch.rand(1) == expected  # fit must not reseed or consume the caller's generator
     b = Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3).fit(pool, outs).features(pool)
     np.testing.assert_array_equal(a, b)
+
+
+def test_imitator_trains_on_perturbed_features_when_given_a_table_augmentation(digits: Digits) -> None:
+    pool, outs = digits.train_x[:128], digits.outputs(digits.train_x[:128])
+
+    def features(augmentation: FeatureAugmentation | None) -> np.ndarray:
+        return Imitator(64, None, encoder="mlp", feat_dim=8, epochs=2, augmentation=augmentation, seed=3).fit(pool, outs).features(pool)
+
+    perturbed = features(FeatureAugmentation(dropout=0.3, noise=0.1))
+    np.testing.assert_array_equal(perturbed, features(FeatureAugmentation(dropout=0.3, noise=0.1)))  # seeded
+    assert not np.allclose(perturbed, features(None))  # the perturbations reached training
+    np.testing.assert_array_equal(features(FeatureAugmentation()), features(None))  # all zero: plain training
 
 
 def test_imitator_rejects_bad_configs(digits: Digits) -> None:

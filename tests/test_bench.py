@@ -12,7 +12,8 @@ import torch
 from bench.report import paired_gaps, summarize
 from bench.baselines import CEILING
 from bench.run import SHOTS, build_world, draw_episode, episode_tasks, hide_label, run_episode, uncovered_tasks
-from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES
+from bench.federations import DEFAULT_RECIPES, KINDS, ROBUSTNESS_RECIPES, SEGMENT_RECIPES, recipes_for
+from protofuse.settings import TrainingSettings
 
 torch.set_num_threads(1)
 
@@ -49,6 +50,29 @@ def test_hide_label_removes_it_from_every_expert():
     hidden = hide_label(DEFAULT_RECIPES, "9")
     assert all("9" not in r.classes for r in hidden)
     assert [r.name for r in hidden] == [r.name for r in DEFAULT_RECIPES]
+
+
+def test_the_segment_ring_covers_each_class_thrice_and_leaves_only_the_pairs_three_apart():
+    labels = ("brickface", "cement", "foliage", "grass", "path", "sky", "window")
+    assert sorted(c for r in SEGMENT_RECIPES for c in r.classes) == sorted(labels * 3)
+    assert len({r.name for r in SEGMENT_RECIPES}) == 7 and {r.kind for r in SEGMENT_RECIPES} == set(KINDS)
+    pairs = uncovered_tasks(SEGMENT_RECIPES, labels, 2, 100, np.random.default_rng(0))
+    assert len(pairs) == 7 and all((labels.index(b) - labels.index(a)) % 7 in (3, 4) for a, b in pairs)
+    assert len(uncovered_tasks(SEGMENT_RECIPES, labels, 5, 100, np.random.default_rng(0))) == 21  # every 5-way task
+    assert recipes_for("segment") == SEGMENT_RECIPES and recipes_for("digits-flat") == DEFAULT_RECIPES == recipes_for("mnist5k")
+
+
+def test_a_table_world_fits_the_bank_and_the_mlp_imitator_with_and_without_table_augmentation():
+    banks = {"protofuse": ({}, {}), "protofuse, mlp encoder": ({"encoder": "mlp"}, {})}
+    table = build_world("digits-flat", 0, DEFAULT_RECIPES, banks, 2, ["conv"], ceiling=False)
+    assert set(table.banks) == {"protofuse", "protofuse, no table augmentation"}  # the image-only ablation is the default here
+    assert table.banks["protofuse, no table augmentation"].meta["settings"]["training"]["feature_dropout"] == 0
+    assert set(table.imitators) == {"mlp", "mlp, no augmentation", "mlp, feature dropout 0.5"}
+    assert table.imitators["mlp"].augmentation == TrainingSettings().resolved_augmentation(None, 64) is not None  # the bank's own rule
+    assert table.imitators["mlp, no augmentation"].augmentation is None
+    episode = draw_episode(table, ("1", "4"), np.random.default_rng(0), 40)
+    acc = run_episode(table, episode, 1, {"all"})
+    assert {"protofuse", "protofuse, no table augmentation", "imitator (mlp) + probe", "imitator (mlp, no augmentation) + probe", "stacking (experts online)"} <= set(acc)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +136,15 @@ def test_report_pairs_episodes_and_measures_spread():
     assert gap["mean_gap"] == pytest.approx(-0.05) and gap["win_or_tie"] == 0.5 and gap["n"] == 2
     cell = {s["method"]: s for s in summarize(rows)}["protofuse"]
     assert cell["mean"] == pytest.approx(0.8) and cell["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1)) and cell["n"] == 2
+
+
+def test_the_table_sweep_reads_its_grid_and_refuses_the_reported_seeds(tmp_path, capsys):
+    from bench.table_sweep import grid_point, main
+
+    assert grid_point("0.2:0.3") == (0.2, 0.3) and grid_point("0.5") == (0.5, 0.0)
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "100", "--out", str(tmp_path)])
+    assert "development seeds only" in capsys.readouterr().err
 
 
 def test_epoch_time_benchmark_writes_a_row_per_shape(tmp_path):

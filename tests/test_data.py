@@ -213,3 +213,22 @@ def test_task_subset_remaps_labels():
     orig = ds.y[x[:, 0].astype(int)]
     assert (y[orig == 2] == 0).all() and (y[orig == 1] == 1).all()
     assert np.all(np.diff(x[:, 0]) > 0)  # pool order kept
+
+
+def test_flat_datasets_are_the_same_pixels_without_an_image_shape():
+    for flat, images in ((load_dataset("digits-flat"), load_digits()), (load_dataset("mnist5k-flat"), load_mnist5k())):
+        assert flat.image_shape is None and images.image_shape is not None
+        assert np.array_equal(flat.x, images.x) and np.array_equal(flat.y, images.y) and flat.label_names == images.label_names
+
+
+def test_load_segment_is_a_standardised_seven_class_table():
+    pytest.importorskip("river", reason="the segment table ships in river (the test extra installs it)")
+    ds = load_dataset("segment")
+    assert ds.x.shape == (2310, 18) and ds.x.dtype == np.float32
+    assert ds.image_shape is None and ds.likelihood == "gaussian"
+    assert ds.label_names == ("brickface", "cement", "foliage", "grass", "path", "sky", "window")
+    assert np.bincount(ds.y).tolist() == [330] * 7
+    np.testing.assert_allclose(ds.x.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(ds.x.std(0), 1, atol=1e-3)
+    splits = make_splits(ds, 0)  # the benchmark's splits leave at least 10 support examples per class
+    assert np.bincount(splits.support.y).min() >= 10

@@ -10,7 +10,7 @@ import torch
 
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map
 from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, gaussian_log_prob, hide_rows, reparameterize, restricted_log_softmax
-from protofuse.model.networks import Augmentation, augment_images
+from protofuse.model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images
 from protofuse.model.recompose import WDistribution, WeightedPrototypes, fit_gaussian, fit_mixture, log_conditional, mixture_log_prob, predict_log_proba
 from protofuse.training import train_generative
 from protofuse.triples import assemble
@@ -201,6 +201,33 @@ def test_rotation_and_zoom_keep_a_centred_disc_in_place():
 def test_no_augmentation_is_the_identity():
     x = torch.rand(5, 64)
     assert augment_images(x, (8, 8), Augmentation(), None) is x
+
+
+def test_feature_dropout_replaces_about_the_asked_share_of_each_feature_by_its_centre():
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(4000, 6) + torch.arange(6.0) * 10  # raw columns far from 0
+    centre, spread = x.mean(0), x.std(0, correction=0)
+    out = augment_features(x, FeatureAugmentation(dropout=0.3), centre, spread, gen)
+    assert out.shape == x.shape
+    dropped = out != x
+    assert ((dropped.float().mean(0) - 0.3).abs() < 0.03).all()  # about the set share, in every column
+    assert torch.equal(out[dropped], centre.expand_as(x)[dropped])  # a dropped feature takes its centre, not 0
+    assert dropped.sum(1).float().var() > 0  # drawn per feature, not whole rows
+
+
+def test_feature_noise_is_in_units_of_each_features_spread():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.ones(8000, 3)
+    spread = torch.tensor([1.0, 10.0, 0.0])  # the last feature never varies in the queries
+    out = augment_features(x, FeatureAugmentation(noise=0.5), torch.zeros(3), spread, gen)
+    assert torch.allclose(out.std(0)[:2], torch.tensor([0.5, 5.0]), rtol=0.05)
+    assert torch.allclose(out.mean(0)[:2], torch.ones(2), atol=0.15)  # centred on the input
+    assert torch.equal(out[:, 2], x[:, 2])
+
+
+def test_no_feature_augmentation_is_the_identity():
+    x = torch.rand(5, 3)
+    assert augment_features(x, FeatureAugmentation(), x.mean(0), x.std(0), None) is x
 
 
 def test_conv_variant_of_the_generative_family_trains_and_scores_images():

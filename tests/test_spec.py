@@ -68,3 +68,14 @@ def test_the_server_reads_the_same_file_without_experts(tmp_path):
     assert spec.experts == [] and spec.federation.rounds == 6 and spec.federation.aggregation == "fedavg"
     with pytest.raises(SpecError, match="no \\[\\[experts\\]\\] table"):
         load_spec(tmp_path / "server.toml")
+
+
+def test_table_augmentation_is_set_in_the_training_table(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(GOOD)
+    default = load_spec(path).training
+    assert (default.feature_dropout, default.feature_noise) == (None, None)  # the measured default
+    path.write_text(GOOD + "\n[training]\nfeature_dropout = 0.1\nfeature_noise = 0.2\n")
+    training = load_spec(path).training
+    assert (training.feature_dropout, training.feature_noise) == (0.1, 0.2)
+    assert "  training.feature_dropout: Input should be less than 1" in _errors(tmp_path, GOOD + "\n[training]\nfeature_dropout = 1.0\n").splitlines()

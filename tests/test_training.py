@@ -285,3 +285,80 @@ def test_a_trainer_resumes_its_moments_and_schedule_even_after_the_vocabulary_gr
     assert moments[protos]["exp_avg_sq"].shape == (4, 8) and torch.all(moments[protos]["exp_avg_sq"][3] == 0) and torch.any(moments[protos]["exp_avg_sq"][:3] > 0)
     narrower = DiscriminativeTrainer(DiscriminativePrototypes(DiscriminativeConfig(16, 2, 1, 8, "mlp", None)), 1e-3, total_steps=100)
     assert not narrower.load_state_arrays(saved) and narrower.steps_done == 0
+
+
+def test_table_augmentation_is_a_setting_of_tabular_inputs_only():
+    from pydantic import ValidationError
+
+    from protofuse.model.networks import Augmentation, FeatureAugmentation
+    from protofuse.settings import TABLE_DROPOUT, TABLE_WIDE
+
+    default = TrainingSettings()
+    assert default.resolved_augmentation(None, TABLE_WIDE) == FeatureAugmentation(dropout=TABLE_DROPOUT)  # wide: features dropped
+    assert default.resolved_augmentation(None, 784) == FeatureAugmentation(dropout=TABLE_DROPOUT)
+    assert default.resolved_augmentation(None, TABLE_WIDE - 1) is None  # narrow: one feature may decide the class
+    set_both = TrainingSettings(feature_dropout=0.3, feature_noise=0.1)
+    assert set_both.resolved_augmentation(None, 18) == set_both.resolved_augmentation(None, 784) == FeatureAugmentation(0.3, 0.1)  # set: any width
+    assert TrainingSettings(feature_noise=0.5).resolved_augmentation(None, 18) == FeatureAugmentation(0.0, 0.5)
+    assert TrainingSettings(feature_dropout=0, feature_noise=0).resolved_augmentation(None, 784) is None
+    image = set_both.resolved_augmentation((8, 8), 64)
+    assert isinstance(image, Augmentation) and image == default.resolved_augmentation((8, 8), 64)  # images have their own
+    for bad in ({"feature_dropout": 1.0}, {"feature_dropout": -0.1}, {"feature_noise": -1.0}):
+        with pytest.raises(ValidationError, match="feature_"):
+            TrainingSettings(**bad)
+
+
+def test_a_central_bank_applies_the_width_rule_to_its_own_inputs(monkeypatch):
+    from protofuse.families import discriminative
+    from protofuse.model.networks import FeatureAugmentation
+    from protofuse.settings import TABLE_DROPOUT, TABLE_WIDE
+
+    seen: list = []
+    monkeypatch.setattr(discriminative, "train_discriminative", lambda model, train, epochs, lr, batch, aug, **kw: seen.append(aug))
+    for width, expected in ((TABLE_WIDE, FeatureAugmentation(dropout=TABLE_DROPOUT)), (TABLE_WIDE - 1, None)):
+        x, y, _ = clusters(n=40, d=width)
+        seen.clear()
+        fit_bank(two_experts(x, y), ModelSettings(feat_dim=4), TrainingSettings(epochs=2), AdaptSettings(), None, "gaussian")
+        assert seen == [expected, expected]  # both phases
+
+
+def test_tabular_banks_train_on_perturbed_features_and_stay_reproducible():
+    x, y, _ = clusters(n=120, clip=False)
+    triples = two_experts(x, y)
+
+    def fit(**training) -> Bank:
+        return fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=2, seed=0, **training), AdaptSettings(), None, "gaussian")
+
+    plain, perturbed, perturbed_again = fit(feature_dropout=0, feature_noise=0), fit(feature_dropout=0.3, feature_noise=0.2), fit(feature_dropout=0.3, feature_noise=0.2)
+    assert torch.equal(perturbed.model.prototypes, perturbed_again.model.prototypes)
+    assert not torch.equal(perturbed.model.prototypes, plain.model.prototypes)  # the perturbations reached training
+    assert perturbed.meta["settings"]["training"]["feature_dropout"] == 0.3  # recorded with the bank
+
+
+def test_a_federated_client_trains_on_the_same_table_augmentation_with_its_own_statistics(monkeypatch):
+    from client_sdk import local_training
+    from protofuse import training as training_module
+    from protofuse.families.discriminative import shared_arrays
+    from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+    from protofuse.model.networks import FeatureAugmentation
+    from protofuse.settings import FederationSettings
+
+    seen: list[tuple[FeatureAugmentation, torch.Tensor]] = []
+    original = training_module.augment_features
+
+    def spy(x, aug, centre, spread, generator=None):  # noqa: ANN001, ANN202 - augment_features' own
+        seen.append((aug, centre.clone()))
+        return original(x, aug, centre, spread, generator)
+
+    monkeypatch.setattr(training_module, "augment_features", spy)
+    x, y, _ = clusters(n=80)
+    expert = local_training.LocalExpert("a", ("0", "1", "2"), x, answers(y, [0, 1, 2]), 80)
+    vocabulary = ("0", "1", "2", "3")
+    model = {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}
+    shared = shared_arrays(DiscriminativePrototypes(DiscriminativeConfig(n_labels=4, n_experts=1, **model)))
+    settings = TrainingSettings(feature_dropout=0.25, feature_noise=0.1)
+    plan = local_training.RoundPlan(1, "consensus", 0, 2, vocabulary, model, settings, FederationSettings())
+    local_training.run_round(expert, plan, shared, {})
+    assert seen and all(aug == FeatureAugmentation(0.25, 0.1) for aug, _ in seen)
+    train, _ = local_training.local_triples(expert, vocabulary).split(settings.holdout, local_training.client_seed(settings.seed, "a", 0))
+    assert torch.allclose(seen[0][1], torch.from_numpy(train.x).mean(0))  # the centre of the client's own training queries

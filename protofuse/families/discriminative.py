@@ -112,7 +112,7 @@ def _two_phases(model: DiscriminativePrototypes, train: Triples, epochs: int, tr
     with that consensus (so a poor participant cannot drag its labels' prototypes) and distil the
     consensus over the whole vocabulary into the bank. Returns (agreement, weights), each (E,)."""
     n_experts = len(train.expert_names)
-    aug = training.resolved_augmentation(image_shape)
+    aug = training.resolved_augmentation(image_shape, train.x.shape[1])
     reweight = training.reweight and n_experts > 1
     args = (training.lr, training.batch_size, aug)
     if epochs < 2 or not (reweight or training.distill > 0):

@@ -1,4 +1,4 @@
-"""Building blocks shared by both prototype families: MLPs, conv encoders, image augmentation.
+"""Building blocks shared by both prototype families: MLPs, conv encoders, image and table augmentation.
 
 Sizes follow the paper's MNIST defaults (two hidden layers of 100 ReLU units, batch norm after
 the first); the conv encoder is the small net the discriminative family uses on images.
@@ -175,3 +175,34 @@ def augment_images(x: torch.Tensor, image_shape: ImageShape, aug: Augmentation, 
     padding = "zeros" if c == 1 else "border"
     moved = F.grid_sample(as_channels_first(x, image_shape), grid, padding_mode=padding, align_corners=False)  # (n, C, H, W)
     return as_rows(moved)
+
+
+@dataclass(frozen=True)
+class FeatureAugmentation:
+    """Random perturbations of tabular training inputs (feature vectors). As with images, the
+    expert's answer for the clean input stays the target: the encoder learns answers that do not
+    hang on any one feature, and no extra query is spent."""
+
+    dropout: float = 0.0  # probability that a feature is replaced by its centre (the query pool's mean)
+    noise: float = 0.0  # Gaussian noise, in units of each feature's spread over the query pool
+
+    @property
+    def active(self) -> bool:
+        return self.dropout > 0 or self.noise > 0
+
+
+def augment_features(x: torch.Tensor, aug: FeatureAugmentation, centre: torch.Tensor, spread: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Perturb a batch of feature vectors (n, d); ``centre`` and ``spread`` (d,) are each
+    feature's mean and standard deviation over the training queries.
+
+    A dropped feature takes its centre rather than 0, so raw, unstandardised columns are
+    perturbed alike; relative noise leaves a constant feature constant.
+    """
+    if not aug.active:
+        return x
+    if aug.dropout > 0:
+        dropped = torch.rand(x.shape, generator=generator) < aug.dropout  # (n, d)
+        x = torch.where(dropped, centre.expand_as(x), x)
+    if aug.noise > 0:
+        x = x + aug.noise * spread * torch.randn(x.shape, generator=generator)
+    return x
