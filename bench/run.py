@@ -275,7 +275,7 @@ def log(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=DATASETS, help="digits, mnist5k: images; digits-flat, mnist5k-flat: the same pixels as feature vectors; segment: a real table (river's image-segmentation data, 7 classes)")
+    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=DATASETS, help="digits, mnist5k: greyscale images; -colour: the same in random colours; mnist5k-64: at 64 x 64; -flat: the same pixels as feature vectors; segment: a real table (river's image-segmentation data, 7 classes)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS), help=f"bank seeds (split, experts, training); default: the reported seeds {list(REPORT_SEEDS)}")
     p.add_argument("--dev", action="store_true", help=f"use the development seeds {list(DEV_SEEDS)}, where defaults and ablations are chosen")
     p.add_argument("--tasks", type=int, default=10, help="new tasks per (ways, seed)")
