@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from protofuse.model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, make_encoder
+from protofuse.model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, feature_statistics, make_encoder
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ class Imitator:
         n_batches = max(1, (len(x) + self.batch_size - 1) // self.batch_size)
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=max(1, self.epochs * n_batches))
-        centre, spread = x.mean(0), x.std(0, correction=0)  # (d,): the query pool's, as the bank's
+        centre, spread = feature_statistics(x)  # the query pool's, as the bank's
         self.net.train()
         for _ in range(self.epochs):
             for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):

@@ -15,7 +15,7 @@ import torch
 
 from .model.discriminative import DiscriminativePrototypes
 from .model.generative import GenerativePrototypes
-from .model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images
+from .model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, feature_statistics
 from .triples import Triples
 
 Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean loss)
@@ -73,7 +73,7 @@ class DiscriminativeTrainer:
         image_shape = model.cfg.image_shape
         if isinstance(augmentation, FeatureAugmentation):
             # Each feature's mean and spread over these queries (a federated client: its own).
-            centre, spread = x.mean(0), x.std(0, correction=0)  # (d,), (d,)
+            centre, spread = feature_statistics(x)
         model.train()
         total, count = 0.0, 0
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):

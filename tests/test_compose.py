@@ -29,6 +29,7 @@ import pytest
 from client_sdk import FusionClient, FusionError, load_adapted
 from protofuse_server.simulation import flower_bin, flower_env, free_port, stop
 from test_deployment import TASK, folders, held_out_task  # noqa: F401 - the fixture: three organizations' spec folders
+from polling import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "0.1.0"
@@ -116,18 +117,6 @@ def _pki(compose: Compose, into: Path) -> Path:
     return into
 
 
-def _wait(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return True
-        except FusionError:
-            pass
-        time.sleep(1)
-    return False
-
-
 def test_the_compose_deployment_federates_and_serves_signed_models(deployment, folders, tmp_path):  # noqa: F811
     compose, fleet_port, service_port = deployment
     tmp, specs, _, splits = folders
@@ -175,7 +164,7 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
 
     # The service was up before the bank existed; it serves the new one without a restart.
     with FusionClient(service, certs=pki) as client:
-        assert _wait(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 60), compose.logs()
+        assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 60, interval=1, retry_on=(FusionError,)), compose.logs()
         version = client.bank().manifest.version
         assert sorted(e.expert.pseudonym for e in client.experts().experts) == ["east", "north", "west"]
         sx, sy, tx, ty = held_out_task(splits)
@@ -196,10 +185,10 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     compose("restart", timeout=300)
     compose.up()
     with FusionClient(service, certs=pki) as client:
-        assert _wait(lambda: client.bank().manifest.version == version, 90), compose.logs()
+        assert wait_until(lambda: client.bank().manifest.version == version, 90, interval=1, retry_on=(FusionError,)), compose.logs()
     compose("down", "--timeout", "10", timeout=300)
     compose.up()
     with FusionClient(service, certs=pki) as client:
-        assert _wait(lambda: client.bank().manifest.version == version, 90), compose.logs()
+        assert wait_until(lambda: client.bank().manifest.version == version, 90, interval=1, retry_on=(FusionError,)), compose.logs()
         assert client.adapt(sx, sy).bank_meta["version"] == version
         assert client.health() == "SERVING"

@@ -15,7 +15,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ from client_sdk import FusionClient, FusionError
 from protofuse_server.certs import init
 from protofuse_server.simulation import app_dir, flower_bin, flower_env, free_port, start_superlink, stop, write_connection
 from test_deployment import folders, held_out_task  # noqa: F401 - the fixture: three organizations' spec folders
+from polling import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "deploy" / "proxy" / "fleet.conf.template"
@@ -54,7 +54,7 @@ def start_proxy(tmp: Path, certs: Path, listen: int, superlink: int) -> subproce
     # Run as root, nginx's workers would become `nobody`, who cannot enter pytest's private tmp.
     directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(run), "-e", "stderr", "-g", directives], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    assert _wait(lambda: _status(f"https://localhost:{listen}/health", certs) == 200, 30), (tmp / "proxy.log").read_text()
+    assert wait_until(lambda: _status(f"https://localhost:{listen}/health", certs) == 200, 30, interval=0.3), (tmp / "proxy.log").read_text()
     return proc
 
 
@@ -67,15 +67,6 @@ def _status(url: str, certs: Path, method: str = "GET", body: bytes | None = Non
         return err.code
     except OSError:
         return None
-
-
-def _wait(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the_service(folders, tmp_path):  # noqa: F811
@@ -138,7 +129,7 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
         procs.append(subprocess.Popen([sys.executable, "-m", "protofuse.cli", "serve", str(tmp / "run"), "--address", f"127.0.0.1:{service_port}", "--certs", str(certs)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         address = f"127.0.0.1:{service_port}"
         with FusionClient(address, certs=certs) as client:
-            assert _wait(lambda: _healthy(client), 60), (tmp / "service.log").read_text()
+            assert wait_until(lambda: _healthy(client), 60, interval=0.3), (tmp / "service.log").read_text()
             sx, sy, tx, ty = held_out_task(splits)
             model = client.adapt(sx, sy, out=tmp / "model")
             accuracy = float((model.predict(tx) == ty).mean())

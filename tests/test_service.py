@@ -22,6 +22,7 @@ from protofuse.v1 import fusion_pb2
 from protofuse_server.certs import init
 from protofuse_server.service import Credentials, build_server
 from protofuse_server.service_settings import ServiceSettings
+from polling import wait_until
 from toys import clusters, two_experts
 
 torch.set_num_threads(1)
@@ -260,16 +261,16 @@ def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
             with pytest.raises(FusionError) as err:
                 client.adapt(x, y)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE and "no bank yet" in err.value.details
-            assert _wait_for(lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING")
+            assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", 10, interval=0.1)
             assert client.health() == "SERVING"
             first = _bank("discriminative", seed=0)
             first.save(run / "bank")
-            assert _wait_for(lambda: client.health("protofuse.v1.Fusion") == "SERVING")
+            assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 10, interval=0.1)
             assert client.adapt(x, y).bank_meta["version"] == first.version
             second = _bank("discriminative", seed=1)
             second.save(run / "bank")  # swapped in atomically, as the federation's export does
             assert second.version != first.version
-            assert _wait_for(lambda: client.bank().manifest.version == second.version)
+            assert wait_until(lambda: client.bank().manifest.version == second.version, 10, interval=0.1)
             assert client.adapt(x, y).bank_meta["version"] == second.version
             assert client._bank_weights is not None  # the new version's weights came in full and were kept
             kept = client._bank_weights[0]
@@ -289,15 +290,6 @@ def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
         server.stop(grace=None)
 
 
-def _wait_for(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, certs, tmp_path):
     """``protofuse serve`` as its own process; ``adapt --server`` and ``health`` against it."""
     from protofuse_server.simulation import free_port
@@ -310,7 +302,7 @@ def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, cert
     cli = [sys.executable, "-m", "protofuse.cli"]
     proc = subprocess.Popen([*cli, "serve", str(folder), "--address", f"127.0.0.1:{port}", "--certs", str(certs), "--max-concurrent", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert _wait_for(lambda: subprocess.run([*cli, "health", f"127.0.0.1:{port}", "--certs", str(certs)], capture_output=True).returncode == 0, 60)
+        assert wait_until(lambda: subprocess.run([*cli, "health", f"127.0.0.1:{port}", "--certs", str(certs)], capture_output=True).returncode == 0, 60, interval=0.1)
         run = subprocess.run([*cli, "adapt", "--server", f"127.0.0.1:{port}", "--certs", str(certs), "--support", str(tmp_path / "support.npz"), "--out", str(tmp_path / "model")], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         assert "signature verified" in run.stderr

@@ -191,6 +191,12 @@ class FeatureAugmentation:
         return self.dropout > 0 or self.noise > 0
 
 
+def feature_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each feature's centre and spread (mean and population std) over the training queries
+    (n, d) -> (d,), (d,): what ``augment_features`` drops to and scales noise by."""
+    return x.mean(0), x.std(0, correction=0)
+
+
 def augment_features(x: torch.Tensor, aug: FeatureAugmentation, centre: torch.Tensor, spread: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Perturb a batch of feature vectors (n, d); ``centre`` and ``spread`` (d,) are each
     feature's mean and standard deviation over the training queries.
