@@ -26,7 +26,7 @@ demo: $(STAMP)  ## simulate the digits federation on Flower, adapt its bank to a
 # The model-server tests run real MLServer and MLflow servers from their own virtualenv
 # (.venv-mlserver): their dependencies would clash with Flower's in ours.
 test: $(STAMP)  ## the test suite
-	bash tests/servers/setup-model-servers.sh
+	bash tests/host/setup-model-servers.sh
 	$(PY) -m pytest -q
 
 protos: $(STAMP)  ## regenerate protofuse/v1 from protos/ (tests/test_wire.py fails when it is stale)

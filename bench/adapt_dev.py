@@ -46,7 +46,7 @@ import torch
 from bench.federations import DEFAULT_RECIPES
 from bench.run import DEV_SEEDS, SHOTS, build_world, draw_episode, episode_tasks
 from protofuse.bank import Bank, load_bank
-from protofuse.data import load_dataset, make_splits, task_subset
+from bench.datasets import load_dataset, make_splits, task_subset
 from protofuse.model.discriminative import TaskHead, imprint
 from protofuse.model.networks import Augmentation, augment_images
 from protofuse.settings import TrainingSettings

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.federations import DEFAULT_RECIPES
-from protofuse.data import DATASETS, load_dataset, make_splits, sample_support, task_subset
+from bench.datasets import DATASETS, load_dataset, make_splits, sample_support, task_subset
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout holding bench/
 DEMO_TASK = ("1", "4", "5", "8", "9")  # no single expert covers these five classes

@@ -23,8 +23,8 @@ from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, SPARSE_RECIPES
 from bench.run import REPORT_SEEDS, SHOTS, accuracy, build_world, draw_episode, episode_tasks, in_task_order, log
 from protofuse.bank import Bank, load_bank
-from protofuse.data import DATASETS
-from protofuse_server.simulation import simulate
+from bench.datasets import DATASETS
+from protofuse.flower.simulation import simulate
 
 
 def shard_rows(n: int, parts: int, seed: int) -> list[np.ndarray]:
@@ -91,8 +91,8 @@ def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: 
 
     from protofuse.families.discriminative import load_shared
     from protofuse.spec import load_spec
-    from protofuse_server.server_app import STORE, run_key
-    from protofuse_server.store import BankStore
+    from protofuse_server.fusion.server_app import STORE, run_key
+    from protofuse_server.fusion.store import BankStore
 
     out = []
     with BankStore(run / STORE, run_key(load_spec(spec, experts_required=False))) as store:

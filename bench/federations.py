@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protofuse.data import Dataset, load_dataset, make_splits, task_subset
+from bench.datasets import Dataset, load_dataset, make_splits, task_subset
 
 from client_sdk.experts import CallableExpert, Expert, TorchExpert
 
@@ -77,7 +77,7 @@ def _ring_of_triples(labels: tuple[str, ...]) -> tuple[ExpertRecipe, ...]:
     return tuple(recipes)
 
 
-# The 7 classes of the image-segmentation table (protofuse.data.load_segment), in label order.
+# The 7 classes of the image-segmentation table (bench.datasets.load_segment), in label order.
 SEGMENT_RECIPES: tuple[ExpertRecipe, ...] = _ring_of_triples(("brickface", "cement", "foliage", "grass", "path", "sky", "window"))
 
 

@@ -35,7 +35,7 @@ from protofuse.bank import Bank, fit_bank, load_bank
 from protofuse.families import GenerativeTask
 from protofuse.model.networks import FeatureAugmentation
 from protofuse.model.recompose import predict_log_proba
-from protofuse.data import DATASETS, Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
+from bench.datasets import DATASETS, Dataset, Splits, load_dataset, make_splits, sample_support, task_subset
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
 from protofuse.triples import Triples, assemble
 

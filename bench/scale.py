@@ -21,8 +21,8 @@ import numpy as np
 
 from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES
-from protofuse.data import DATASETS, load_dataset, make_splits
-from protofuse_server.simulation import simulate
+from bench.datasets import DATASETS, load_dataset, make_splits
+from protofuse.flower.simulation import simulate
 
 
 def used_memory() -> int:

@@ -30,9 +30,9 @@ import torch
 
 from client_sdk import FusionClient
 from protofuse.bank import load_bank
-from protofuse.data import load_dataset, make_splits, sample_support
+from bench.datasets import load_dataset, make_splits, sample_support
 from protofuse_server.certs import init
-from protofuse_server.simulation import free_port
+from protofuse.flower.launcher import free_port
 
 
 def tasks(dataset: str, split_seed: int, ways: int, k: int, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -52,7 +52,7 @@ def percentiles(ms: list[float]) -> dict[str, float]:
 
 
 def start_service(bank: Path, certs: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "protofuse.cli", "serve", str(bank), "--address", f"127.0.0.1:{port}", "--certs", str(certs), *extra]
+    cmd = [sys.executable, "-m", "protofuse_cli.main", "serve", str(bank), "--address", f"127.0.0.1:{port}", "--certs", str(certs), *extra]
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     with FusionClient(f"127.0.0.1:{port}", certs=certs, timeout=5) as client:
         deadline = time.monotonic() + 120
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     bank = args.bank
     if bank is None:
         from bench.demo import write_federation
-        from protofuse.cli import main as cli
+        from protofuse_cli.main import main as cli
 
         spec = write_federation(args.out / "federation", args.dataset, k=args.k, seed=args.split_seed)
         bank = args.out / "bank"

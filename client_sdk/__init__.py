@@ -1,6 +1,6 @@
 """Client SDK: run next to a private black-box expert; load banks and adapted models.
 
-The Flower ClientApp is ``client_sdk.client_app:app`` (``protofuse client`` starts a SuperNode
+The Flower ClientApp is ``client_sdk.clientapp.app:app`` (``protofuse client`` starts a SuperNode
 for it); experts may be callables, scikit-learn classifiers, torch modules or model servers.
 
     import client_sdk

@@ -25,8 +25,8 @@ import numpy as np
 from protofuse import artifacts
 from protofuse.adapted import KIND, AdaptedModel, bank_arrays, from_files
 from protofuse.signing import SignatureError, load_public_key
-from protofuse.wire import WireError
-from protofuse.wire_service import SERVICE, AdaptRequest, AdaptResponse, BankInfo, ExpertList, decode_adapt_response, decode_bank_info, decode_expert_list, encode_adapt_request, encode_empty_request
+from protofuse.protocol.federation import WireError
+from protofuse.protocol.service import SERVICE, AdaptRequest, AdaptResponse, BankInfo, ExpertList, decode_adapt_response, decode_bank_info, decode_expert_list, encode_adapt_request, encode_empty_request
 
 __all__ = ["FusionClient", "FusionError", "SignatureError"]
 

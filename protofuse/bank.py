@@ -32,6 +32,7 @@ from .triples import Triples
 
 KIND = "protofuse-bank"
 RUN_BANK = "bank"  # a federation's run folder keeps its bank here, beside the store
+RUN_MANIFEST = "manifest.pb"  # ... and the bank manifest (protos/protofuse/v1/bank.proto) beside it
 
 
 @dataclass(frozen=True)

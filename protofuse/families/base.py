@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import wire
+from ..protocol import federation as wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress
 from ..triples import Triples

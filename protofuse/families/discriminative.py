@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map, imprint
-from .. import wire
+from ..protocol import federation as wire
+from ..schedule import TwoPhases
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, consensus, consensus_agreement, reliability_weights, train_discriminative
 from ..triples import Triples
@@ -115,10 +116,11 @@ def _two_phases(model: DiscriminativePrototypes, train: Triples, epochs: int, tr
     aug = training.resolved_augmentation(image_shape, train.x.shape[1])
     reweight = training.reweight and n_experts > 1
     args = (training.lr, training.batch_size, aug)
-    if epochs < 2 or not (reweight or training.distill > 0):
+    phases = TwoPhases.split(epochs, training, n_experts)
+    if not phases.weighted:
         train_discriminative(model, train, epochs, *args, seed=training.seed, progress=progress)
         return consensus_agreement(consensus(model, train.x), train), np.ones(n_experts)
-    first = epochs // 2
+    first = phases.consensus
     # Both phases report against the whole run's epochs, so a progress bar fills once.
     earlier = None if progress is None else (lambda e, n, loss: progress(e, epochs, loss))
     train_discriminative(model, train, first, *args, seed=training.seed, progress=earlier)

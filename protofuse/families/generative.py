@@ -11,7 +11,7 @@ import torch
 
 from ..model.generative import GenerativeConfig, GenerativePrototypes, restricted_log_softmax
 from ..model.recompose import WDistribution, WeightedPrototypes, aggregated_posterior, fit_gaussian, fit_mixture, predict_log_proba, prior_distribution
-from .. import wire
+from ..protocol import federation as wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, train_generative
 from ..triples import Triples

@@ -1,0 +1,123 @@
+"""The Flower ClientApp that runs next to one private expert.
+
+Where its expert comes from:
+- deployment (``protofuse client`` or ``flower-supernode --node-config``): node config
+  ``spec`` (absolute path of a spec naming the expert) and ``expert`` (its name; optional when
+  the spec lists one expert), optionally ``cache-dir`` for the cached answers;
+- simulation: the run config's ``spec`` and the virtual node's ``partition-id``, which picks the
+  spec's expert of that index. Answers are cached beside the spec (``.protofuse-cache``) unless
+  the node config names a ``cache-dir``.
+
+Messages:
+- ``query`` (``describe``): the expert's pseudonym, labels, input width and query count, so the
+  server can issue the vocabulary before the first round;
+- ``train``: one round of ``local_training.run_round``. The reply holds the shared weights
+  (``arrays``), ``metrics`` (``num-examples``, ``loss``) and ``fusion``, a ConfigRecord with the
+  encoded prototype-distribution message and imitator statistics. The queries, the expert's
+  answers and the black box itself never leave this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from protofuse.protocol import federation as wire
+from protofuse.input_checks import input_range
+from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse.spec import SpecError, load_spec
+
+from ..collect import cached_answers, load_array
+from .local_training import LocalExpert, RoundPlan, run_round
+
+app = ClientApp()
+
+_EXPERTS: dict[tuple[str, str, str], LocalExpert] = {}  # one load per process (simulation actors live long)
+
+
+@app.query()
+def describe(message: Message, context: Context) -> Message:
+    expert = local_expert(context)
+    # The queries' overall min and max (two numbers) let the bank warn when new inputs are scaled
+    # unlike them; nothing else about the queries leaves the client.
+    reply = ConfigRecord({"pseudonym": expert.pseudonym, "labels": list(expert.labels), "x-dim": int(expert.x.shape[1]), "n-queries": int(expert.n_queries), "x-range": input_range(expert.x)})
+    return Message(RecordDict({"describe": reply}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    plan = round_plan(message.content["config"])
+    torch.set_num_threads(plan.training.threads)
+    expert = local_expert(context)
+    shared = {k: v.numpy() for k, v in message.content["arrays"].items()}
+    result = run_round(expert, plan, shared, _kept(context))
+    _keep(context, result.state)
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in (result.shared or {}).items()})
+    metrics = MetricRecord({"num-examples": int(result.n_examples), "loss": float(result.loss if result.loss is not None else 0.0)})
+    fusion = ConfigRecord({"distribution": wire.encode_distribution(result.distribution), "stats": wire.encode_stats(result.stats)})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "fusion": fusion}), reply_to=message)
+
+
+def round_plan(config: ConfigRecord) -> RoundPlan:
+    """Decode the server's round configuration (validated like a spec's tables)."""
+    try:
+        return RoundPlan(
+            round=int(config["round"]), phase=str(config["phase"]), phase_round=int(config["phase-round"]), phase_rounds=int(config["phase-rounds"]),
+            vocabulary=tuple(str(c) for c in config["vocabulary"]), model=json.loads(str(config["model"])),
+            training=TrainingSettings.model_validate_json(str(config["training"])), federation=FederationSettings.model_validate_json(str(config["federation"])),
+        )
+    except KeyError as err:
+        raise ValueError(f"the server's round configuration lacks {err}; are server and client the same protofuse version?") from None
+
+
+def local_expert(context: Context) -> LocalExpert:
+    """This node's expert and its answers (queried once, cached on disk)."""
+    spec_path, name = _where(context)
+    cache = str(context.node_config.get("cache-dir") or Path(spec_path).parent / ".protofuse-cache")
+    spec = load_spec(spec_path)
+    entry = spec.expert(name) if name else _only_or_partition(spec, context)
+    key = (spec_path, entry.name, cache)  # virtual nodes of one simulation process share the cache
+    if key not in _EXPERTS:
+        x = load_array(spec.queries_path(entry), f"expert {entry.name!r}: queries", mmap=True)
+        answers = cached_answers(spec, entry, x, Path(cache))
+        _EXPERTS[key] = LocalExpert(entry.name, tuple(entry.labels), x, answers, len(x))
+    return _EXPERTS[key]
+
+
+def _where(context: Context) -> tuple[str, str]:
+    # Only a simulation's virtual nodes (which have a partition-id) take their spec from the run
+    # config; a deployed node's files are its owner's to name, never the server's.
+    simulated = "partition-id" in context.node_config
+    spec = context.node_config.get("spec") or (context.run_config.get("spec") if simulated else None)
+    if not spec:
+        raise SpecError("this node has no spec: start it with --node-config 'spec=\"/abs/path/spec.toml\" expert=\"NAME\"' (or `protofuse client`)")
+    if not os.path.isabs(str(spec)):
+        raise SpecError(f"spec {spec!r} is a relative path; a ClientApp runs in another working folder, give an absolute path")
+    return str(spec), str(context.node_config.get("expert") or "")
+
+
+def _only_or_partition(spec: Any, context: Context) -> Any:
+    if "partition-id" in context.node_config:
+        i = int(context.node_config["partition-id"])
+        if not 0 <= i < len(spec.experts):
+            raise SpecError(f"virtual node {i} has no expert: the spec lists {len(spec.experts)}; simulate with one node per expert")
+        return spec.experts[i]
+    if len(spec.experts) != 1:
+        raise SpecError(f"the spec lists {len(spec.experts)} experts; name this node's with --node-config 'expert=\"NAME\"'")
+    return spec.experts[0]
+
+
+def _kept(context: Context) -> dict[str, dict[str, np.ndarray]]:
+    return {k: {n: a.numpy() for n, a in rec.items()} for k, rec in context.state.array_records.items()}
+
+
+def _keep(context: Context, state: dict[str, dict[str, np.ndarray]]) -> None:
+    for key, arrays in state.items():
+        context.state[key] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})

@@ -1,0 +1,220 @@
+"""The Flower ServerApp of the fusion server.
+
+Run config (``flwr run ... --run-config``; ``protofuse simulate`` fills it in):
+- ``spec``: absolute path of a spec; the server reads its ``[data]``, ``[model]``, ``[training]``,
+  ``[adapt]`` and ``[federation]`` tables (its ``[[experts]]`` are the clients' business);
+- ``out``: absolute path of the run folder: ``store/`` (SQLite + weight files, checkpointed every
+  round), ``rounds.json`` (per-round metrics) and, when the schedule is done, ``bank/`` and
+  ``manifest.pb`` (the bank manifest: version, vocabulary, weights digest, experts); the run
+  folder itself is accepted by ``protofuse adapt | predict | info`` and ``client_sdk.load_bank``
+  as ``fit``'s output is;
+- ``rounds`` (optional): overrides ``[federation] rounds``; ``min-clients`` (optional): clients
+  to wait for before the first round.
+
+A restarted run with the same settings resumes after the last checkpoint; every expert record
+survives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from protofuse.protocol import federation as wire
+from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, ExpertRecord, bank_meta
+from protofuse.families import family
+from protofuse.families.discriminative import config_for, load_shared, shared_arrays
+from protofuse.model.discriminative import DiscriminativePrototypes
+from protofuse.model.networks import image_size
+from protofuse.spec import Spec, SpecError, load_spec
+from protofuse.training import Fidelity
+
+from .store import BankStore, Checkpoint, StoreError
+from .strategy import Federation, FusionStrategy, Schedule, describe_nodes, extend_rows, to_record
+
+app = ServerApp()
+
+STORE = "store"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    spec, out = _settings(cfg)
+    fuse(grid, spec, out)
+
+
+def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
+    """Run the whole schedule (resuming from the store if it holds a checkpoint); export the bank."""
+    impl = family(spec.model.family)
+    if not impl.federates:
+        raise SpecError(f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)")
+    torch.set_num_threads(spec.training.threads)
+    schedule = Schedule.from_settings(spec.federation, spec.training)
+    try:
+        store = BankStore(out / STORE, run_key(spec), keep=spec.federation.keep_checkpoints)
+    except StoreError as err:
+        if "run key" not in str(err) and "holds run" not in str(err):
+            raise
+        raise SpecError(f"{err} (the settings that shape the bank, rounds included, differ from the run stored in {out})") from None
+    try:
+        last = store.latest()
+        done = last.round if last else 0
+        if last is not None and done >= schedule.total:  # finished: export again, no client needed
+            model_config = last.state["model"]
+        else:
+            fed, arrays, model_config = _start(grid, spec, last)
+            earlier = list(last.state.get("rounds", [])) if last else []  # metrics of the rounds before a resume
+            strategy = FusionStrategy(fed, schedule, spec.training, spec.federation, model_config, lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier), round_offset=done)
+            log(INFO, "fusion: rounds %d..%d of %d (%d clients, %d labels)", done + 1, schedule.total, schedule.total, len(fed.nodes), len(fed.vocabulary))
+            strategy.start(grid, to_record(arrays), num_rounds=schedule.total - done, timeout=spec.federation.round_timeout)
+        final = store.latest()
+        history = [asdict(h) for h in store.history()]
+    finally:
+        store.close()
+    bank = export_bank(final, spec, model_config)
+    bank.save(out / RUN_BANK)
+    write_manifest(out, manifest_of(final, bank.version))
+    _write_rounds(out / "rounds.json", history, final.state.get("rounds", []))
+    log(INFO, "fusion: bank %s written to %s", bank.version, out)
+    return bank
+
+
+def _write_rounds(path: Path, history: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> None:
+    """Per-round metrics of every round (kept in the checkpoints, so a resume loses none)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"history": history, "rounds": rounds}, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def run_key(spec: Spec) -> str:
+    """What a checkpoint must match to be resumed: every setting that shapes the bank."""
+    settings = {k: getattr(spec, k).model_dump() for k in ("data", "model", "training", "federation")}
+    settings["federation"].pop("round_timeout")
+    settings["federation"].pop("min_clients")
+    settings["federation"].pop("keep_checkpoints")
+    settings["training"].pop("threads")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings(cfg: Any) -> tuple[Spec, Path]:
+    for key in ("spec", "out"):
+        if not cfg.get(key):
+            raise SpecError(f"run config lacks {key!r}: run with --run-config 'spec=\"/abs/spec.toml\" out=\"/abs/run\"'")
+    spec = load_spec(str(cfg["spec"]), experts_required=False)
+    fed = spec.federation.model_dump()
+    if cfg.get("rounds"):
+        fed["rounds"] = int(cfg["rounds"])
+    if cfg.get("min-clients"):
+        fed["min_clients"] = int(cfg["min-clients"])
+    spec = spec.model_copy(update={"federation": type(spec.federation)(**fed)})
+    return spec, Path(str(cfg["out"]))
+
+
+def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation, dict[str, np.ndarray], dict[str, Any]]:
+    """Wait for the clients, learn their labels, and build (or restore) the shared weights."""
+    nodes = _wait_for_nodes(grid, spec.federation.min_clients or 2, spec.federation.round_timeout)
+    described = describe_nodes(grid, nodes, spec.federation.round_timeout)
+    if not described:
+        raise RuntimeError("no node described its expert; check the clients' logs")
+    widths = [int(d["x-dim"]) for d in described.values() if "x-dim" in d]
+    if not widths:
+        raise RuntimeError("no node described its input width; are the clients the same protofuse version?")
+    x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
+    image_shape = spec.data.image_shape
+    if image_shape is not None and image_size(image_shape) != x_dim:
+        raise SpecError(f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features")
+    fed = Federation(list(last.vocabulary) if last else [], x_dim)
+    if last:
+        fed.records = {e.pseudonym: e for e in last.experts}
+        fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
+        fed.input_range = last.state.get("input_range")
+    for node_id in sorted(described, key=lambda n: str(described[n].get("pseudonym", ""))):
+        try:
+            fed.admit(node_id, described[node_id], set(nodes))
+        except ValueError as err:  # one misconfigured client must not stop the others' federation
+            log(WARNING, "refusing node %s: %s", node_id, err)
+    if not fed.nodes:
+        raise RuntimeError("every node was refused; see the warnings above")
+    config = config_for(x_dim, len(fed.vocabulary), 1, spec.model, image_shape)
+    model_config = {k: v for k, v in asdict(config).items() if k not in ("n_labels", "n_experts")}
+    if last:
+        arrays = last.arrays
+        grown = len(fed.vocabulary) - len(last.vocabulary)
+        arrays = extend_rows(arrays, grown, spec.training.seed + len(fed.vocabulary)) if grown else arrays
+    else:
+        torch.manual_seed(spec.training.seed)
+        arrays = shared_arrays(DiscriminativePrototypes(config))
+    return fed, arrays, model_config
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of the {n} clients connected within {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
+    fed = strategy.federation
+    state = {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history, "input_range": fed.input_range}
+    store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), state)
+
+
+MANIFEST = RUN_MANIFEST
+
+
+def manifest_of(ck: Checkpoint, version: str) -> wire.BankManifest:
+    """The bank manifest published beside the exported bank (the BankManifest message of protos/)."""
+    experts = tuple(
+        wire.ManifestExpert(e.pseudonym, e.label_names, e.trust, wire.Fidelity(e.fidelity_agreement, max(e.fidelity_kl, 0.0), e.fidelity_n), e.consensus, e.n_examples, e.n_queries, e.last_round)
+        for e in sorted(ck.experts, key=lambda e: e.pseudonym)
+    )
+    return wire.BankManifest(version, ck.round, ck.vocabulary, ck.weights_digest, "discriminative", experts)
+
+
+def write_manifest(out: Path, manifest: wire.BankManifest) -> None:
+    """Atomically: a reader sees the old manifest or the new one."""
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_bytes(wire.encode_manifest(manifest))
+    os.replace(tmp, out / MANIFEST)
+
+
+def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Bank:
+    """The run's bank in the format ``protofuse fit`` writes: shared weights plus each expert's
+    imitation head (from its prototype-distribution message) and record."""
+    experts = sorted(ck.experts, key=lambda e: e.pseudonym)
+    config = {**model_config, "n_labels": len(ck.vocabulary), "n_experts": len(experts)}
+    model = family("discriminative").build(config)
+    load_shared(model, ck.arrays)
+    vocab = {c: i for i, c in enumerate(ck.vocabulary)}
+    records = []
+    with torch.no_grad():
+        for e, state in enumerate(experts):
+            head = wire.decode_distribution(state.distribution).head
+            model.expert_log_temp[e] = head.log_temperature
+            model.expert_bias[e, [vocab[c] for c in state.label_names]] = torch.tensor(head.label_bias, dtype=torch.float32)
+            fid = Fidelity(state.fidelity_agreement, state.fidelity_kl, state.fidelity_n)
+            records.append(ExpertRecord(state.pseudonym, state.label_names, fid, state.n_queries, state.consensus if state.consensus is not None else float("nan"), state.trust))
+    image_shape = tuple(spec.data.image_shape) if spec.data.image_shape else None
+    meta = bank_meta("discriminative", config, ck.vocabulary, image_shape, "gaussian", spec.model, spec.training, spec.adapt)
+    meta["federation"] = {"rounds": ck.round, "weights_digest": ck.weights_digest, "settings": spec.federation.model_dump()}
+    if ck.state.get("input_range"):
+        meta["input_range"] = ck.state["input_range"]
+    return Bank(model.eval(), meta, records)

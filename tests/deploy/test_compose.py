@@ -1,0 +1,194 @@
+"""The docker compose deployment, for real: images built from a local base and the wheelhouse, the
+compose project up, three organizations' clients (on this host, installed with pip) joining
+through the Fleet-only proxy over TLS with SuperNode authentication, a federation submitted by
+the operator, then a model for a held-out task from the adaptation service, its signature
+verified. Also: an unregistered SuperNode refused; a caller without credentials refused; a
+malformed request answered INVALID_ARGUMENT; the Control API unreachable from outside; the bank
+surviving `docker compose restart` and a `down`/`up` that keeps the volumes.
+
+It starts the Docker engine if it is not running (tests/host/setup-docker.sh, as root) and stops
+it again if it did; it removes the containers, networks and volumes of its own compose project
+(the images stay, as a build cache). Outside CI, a machine where the engine cannot be set up
+skips it; in CI (CI=1) that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import io
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client_sdk import FusionClient, FusionError, load_adapted
+from protofuse.flower.launcher import flower_bin, flower_env, free_port, stop
+from test_deployment import TASK, folders, held_out_task  # noqa: F401 - the fixture: three organizations' spec folders
+from polling import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+TAG = "0.1.0"
+BASE = os.environ.get("BASE_IMAGE", "protofuse-base:bookworm")
+PIDFILE = Path("/run/protofuse-dockerd.pid")
+APP = "/opt/protofuse/lib/python3.11/site-packages/protofuse/flower/app"
+
+
+def _sh(cmd: list[str], timeout: float = 900, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and run.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    return run
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A running Docker engine with Compose v2 and the local base image; stopped after if we started it."""
+    started_before = PIDFILE.exists()
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("setting up the Docker engine needs root")
+    setup = subprocess.run(["bash", str(REPO / "tests/host/setup-docker.sh")], capture_output=True, text=True, timeout=1200)
+    if setup.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"the Docker engine could not be set up:\n{setup.stdout[-3000:]}\n{setup.stderr[-3000:]}")
+        pytest.skip(f"no Docker engine here: {setup.stderr.strip().splitlines()[-1:]}")
+    ours = PIDFILE.exists() and not started_before
+    yield
+    if ours:
+        os.kill(int(PIDFILE.read_text()), signal.SIGTERM)
+        PIDFILE.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def images(engine):
+    """The protofuse and proxy images, built offline from the wheelhouse and the local base."""
+    t0 = time.monotonic()
+    _sh(["bash", str(REPO / "deploy/build-wheelhouse.sh")], env={**os.environ, "PYTHON": sys.executable}, timeout=1800)
+    _sh(["docker", "build", "-q", "--network", "none", "--build-arg", f"BASE={BASE}", "-f", "deploy/Dockerfile", "-t", f"protofuse:{TAG}", "deploy"], cwd=REPO, timeout=1800)
+    _sh(["docker", "build", "-q", "--network", "host", "--build-arg", f"BASE={BASE}", "-t", f"protofuse-proxy:{TAG}", "deploy/proxy"], cwd=REPO, timeout=900)
+    print(f"images built in {time.monotonic() - t0:.0f} s")
+
+
+class Compose:
+    def __init__(self, project: str, env: dict[str, str]) -> None:
+        self.project, self.env = project, env
+
+    def __call__(self, *args: str, timeout: float = 600, check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        cmd = ["docker", "compose", "-p", self.project, *args]
+        run = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=self.env, cwd=REPO)
+        if check and run.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout.decode()[-3000:]}\n{run.stderr.decode()[-3000:]}\n{self.logs()}")
+        return run
+
+    def operator(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        return self("--profile", "operator", "run", "--rm", "--no-deps", "-T", "operator", *args, timeout=timeout, check=check)
+
+    def up(self) -> None:
+        self("up", "-d", "--wait", "--wait-timeout", "240", "superlink", "proxy", "fusion", "service", timeout=600)
+
+    def logs(self) -> str:
+        run = subprocess.run(["docker", "compose", "-p", self.project, "logs", "--no-color", "--tail", "30"], capture_output=True, text=True, env=self.env, cwd=REPO)
+        return run.stdout[-6000:]
+
+
+@pytest.fixture
+def deployment(images, tmp_path):
+    env = {**os.environ, "BASE_IMAGE": BASE, "PROTOFUSE_TAG": TAG, "FLEET_PORT": str(free_port()), "SERVICE_PORT": str(free_port()), "SUPERNODES": "4"}
+    compose = Compose(f"pf-e2e-{os.getpid()}", env)
+    try:
+        compose.up()
+        yield compose, int(env["FLEET_PORT"]), int(env["SERVICE_PORT"])
+    finally:
+        compose("--profile", "operator", "down", "-v", "--timeout", "10", timeout=300, check=False)
+        left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={compose.project}"], capture_output=True, text=True).stdout.strip()
+        vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={compose.project}"], capture_output=True, text=True).stdout.strip()
+        assert not left and not vols, f"left behind: containers {left!r}, volumes {vols!r}"
+
+
+def _pki(compose: Compose, into: Path) -> Path:
+    """The deployment's certificates and keys, copied out of its pki volume as the operator would."""
+    tar = compose.operator("tar", "-C", "/pki", "-c", ".").stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(into, filter="data")
+    return into
+
+
+def test_the_compose_deployment_federates_and_serves_signed_models(deployment, folders, tmp_path):  # noqa: F811
+    compose, fleet_port, service_port = deployment
+    tmp, specs, _, splits = folders
+    pki = _pki(compose, tmp_path / "pki")
+    service = f"127.0.0.1:{service_port}"
+
+    # Only the proxy and the service are published, on 127.0.0.1; the SuperLink not at all.
+    assert compose("port", "proxy", "9443").stdout.decode().strip() == f"127.0.0.1:{fleet_port}"
+    assert compose("port", "service", "50051").stdout.decode().strip() == service
+    link = compose("ps", "-q", "superlink").stdout.decode().strip()
+    assert subprocess.run(["docker", "port", link], capture_output=True, text=True).stdout.strip() == ""
+
+    # From outside, the Control API cannot be reached: through the proxy it is 404.
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "outside"\n\n[superlink.outside]\naddress = "127.0.0.1:{fleet_port}"\nroot-certificates = "{pki / "ca.crt"}"\n')
+    env = flower_env(home)
+    flwr = flower_bin("flwr")
+    for args in (["supernode", "register", str(pki / "supernodes" / "node-3.pub")], ["ls"], ["run", str(REPO / "server" / "flwr_app")]):
+        refused = _sh([flwr, *args, "outside"], env=env, timeout=120, check=False)
+        assert refused.returncode != 0 and "404 Not Found" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+
+    # The operator registers the three organizations' keys, on the compose network.
+    for i in range(3):
+        compose.operator("flwr", "supernode", "register", f"/pki/supernodes/node-{i}.pub")
+    procs: list[subprocess.Popen] = []
+    secure = ["--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.crt")]
+    cli = [sys.executable, "-m", "protofuse_cli.main", "client"]
+    try:
+        for i, spec in enumerate(specs):
+            log = open(tmp_path / f"client{i}.log", "wb")
+            procs.append(subprocess.Popen([*cli, str(spec), *secure, "--port", str(free_port()), "--auth-supernode-private-key", str(pki / "supernodes" / f"node-{i}.key")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        stranger_log = tmp_path / "stranger.log"
+        with open(stranger_log, "wb") as log:
+            stranger = subprocess.Popen([*cli, str(specs[0]), *secure, "--port", str(free_port()), "--auth-supernode-private-key", str(pki / "supernodes" / "node-3.key")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(stranger)
+
+        run = compose.operator("flwr", "run", APP, "--stream", "--run-config", 'spec="/config/server.toml" out="/data/run"', timeout=900)
+        assert "round 5/5 weighted" in run.stdout.decode(), run.stdout.decode()[-3000:]
+        stranger.wait(timeout=60)
+        assert stranger.returncode != 0 and "Failed to activate SuperNode" in stranger_log.read_text()
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+    # The service was up before the bank existed; it serves the new one without a restart.
+    with FusionClient(service, certs=pki) as client:
+        assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 60, interval=1, retry_on=(FusionError,)), compose.logs()
+        version = client.bank().manifest.version
+        assert sorted(e.expert.pseudonym for e in client.experts().experts) == ["east", "north", "west"]
+        sx, sy, tx, ty = held_out_task(splits)
+        model = client.adapt(sx, sy, out=tmp_path / "model")
+        accuracy = float((model.predict(tx) == ty).mean())
+        assert accuracy > 0.85, accuracy
+        assert model.bank_meta["version"] == version
+        assert load_adapted(tmp_path / "model", pki / "signing.pub").classes_.tolist() == sorted(TASK)
+        with pytest.raises(FusionError) as bad:
+            client.adapt(sx[:, :10], sy)
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "AdaptRequest.x.shape" in bad.value.details
+    with FusionClient(service, root_certificates=pki / "ca.crt", public_key=pki / "signing.pub", timeout=10) as anonymous:
+        with pytest.raises(FusionError) as denied:
+            anonymous.bank()
+        assert denied.value.code == grpc.StatusCode.UNAVAILABLE
+
+    # The bank survives a restart, and a down/up that keeps the volumes.
+    compose("restart", timeout=300)
+    compose.up()
+    with FusionClient(service, certs=pki) as client:
+        assert wait_until(lambda: client.bank().manifest.version == version, 90, interval=1, retry_on=(FusionError,)), compose.logs()
+    compose("down", "--timeout", "10", timeout=300)
+    compose.up()
+    with FusionClient(service, certs=pki) as client:
+        assert wait_until(lambda: client.bank().manifest.version == version, 90, interval=1, retry_on=(FusionError,)), compose.logs()
+        assert client.adapt(sx, sy).bank_meta["version"] == version
+        assert client.health() == "SERVING"

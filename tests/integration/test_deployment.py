@@ -1,0 +1,103 @@
+"""The deployment engine, for real: a flower-superlink and three SuperNodes started with
+``protofuse client`` on 127.0.0.1, each with its own expert and private query shard; the app
+submitted with ``flwr run``; then a model for a new task adapted from the resulting bank.
+
+Processes are started and stopped here by PID (process groups); FLWR_HOME is a temporary folder
+and runtime dependency installation stays disabled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bench.demo import EXPERTS_PY, REPO, spec_entry
+from bench.federations import ExpertRecipe
+from protofuse.bank import load_bank
+from bench.datasets import load_dataset, make_splits, sample_support, task_subset
+from protofuse.flower.simulation import app_dir
+from protofuse.flower.launcher import flower_bin, flower_env, free_port, start_superlink, stop, write_connection
+
+# A ring of three experts over the ten digits: each pair shares a label, no expert knows the task.
+RECIPES = (
+    ExpertRecipe("north", "logreg", ("0", "1", "2", "3")),
+    ExpertRecipe("east", "logreg", ("3", "4", "5", "6")),
+    ExpertRecipe("west", "logreg", ("6", "7", "8", "9", "0")),
+)
+TASK = ("1", "5", "8")
+
+EXPERTS = EXPERTS_PY + '''
+from bench.federations import build_expert, ExpertRecipe  # noqa: E402
+from bench.datasets import load_dataset, make_splits  # noqa: E402
+
+_train = make_splits(load_dataset("digits"), 0).expert_train
+{recipes}
+'''
+
+
+def held_out_task(splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001 - Splits
+    """TASK's 5-shot support set and its test examples, labels as names: (sx, sy, tx, ty)."""
+    classes = [splits.support.label_names.index(c) for c in TASK]
+    sx, sy = sample_support(splits.support, classes, 5, np.random.default_rng(1))
+    tx, ty = task_subset(splits.test, classes)
+    return sx, np.asarray(TASK)[sy], tx, np.asarray(TASK)[ty]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """One spec folder per organization: its expert and its own shard of the query pool."""
+    splits = make_splits(load_dataset("digits"), 0)
+    shards = np.array_split(np.random.default_rng(0).permutation(len(splits.queries.x)), len(RECIPES))
+    specs = []
+    for recipe, rows in zip(RECIPES, shards):
+        org = tmp_path / recipe.name
+        org.mkdir()
+        np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])
+        line = f"{recipe.name} = build_expert(ExpertRecipe({recipe.name!r}, 'logreg', {recipe.classes!r}), _train, 0).expert"
+        (org / "experts.py").write_text(EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line))
+        (org / "spec.toml").write_text(spec_entry(recipe.name, f"experts:{recipe.name}", recipe.classes, "queries.npy"))
+        specs.append(org / "spec.toml")
+    server = tmp_path / "server.toml"
+    server.write_text("[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = 4\nmin_clients = 3\n")
+    return tmp_path, specs, server, splits
+
+
+def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
+    tmp, specs, server, splits = folders
+    home = tmp / "flwr-home"
+    port = free_port()
+    write_connection(home, "deployment", port)
+    env = flower_env(home)
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(start_superlink(home, port, simulation=False, log_file=tmp / "superlink.log"))
+        for i, spec in enumerate(specs):
+            log = open(tmp / f"client{i}.log", "wb")
+            cmd = [sys.executable, "-m", "protofuse_cli.main", "client", str(spec), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        run_config = f'spec="{server}" out="{tmp / "run"}"'
+        result = subprocess.run([flower_bin("flwr"), "run", str(app_dir()), "deployment", "--stream", "--run-config", run_config], env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
+        assert (tmp / "run" / "bank" / "meta.json").exists(), result.stdout[-4000:] + result.stderr[-2000:]
+        assert "round 5/5 weighted" in result.stdout
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    leftovers = [p.pid for p in procs if p.poll() is None]
+    assert not leftovers
+
+    bank = load_bank(tmp / "run")
+    assert sorted(e.name for e in bank.experts) == ["east", "north", "west"]
+    assert sorted(bank.label_names) == sorted(str(d) for d in range(10))
+    # The clients asked their black boxes once each, and cached the answers beside their specs.
+    for spec in specs:
+        assert len(list((spec.parent / ".protofuse-cache").glob("*.npy"))) == 1
+
+    sx, sy, tx, ty = held_out_task(splits)
+    model = bank.adapt(sx, sy)
+    accuracy = float((model.predict(tx) == ty).mean())
+    assert accuracy > 0.85, accuracy

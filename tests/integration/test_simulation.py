@@ -1,0 +1,74 @@
+"""protofuse simulate on Flower's simulation engine, end to end: a SuperLink in simulation mode,
+one virtual client per expert, the real ServerApp and ClientApp. The run is killed in the middle
+of a round (SIGKILL of the server), then resumed; the bank it exports serves adapt and predict."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from bench.demo import write_federation
+from protofuse.protocol import federation as wire
+from protofuse.bank import load_bank
+from protofuse_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sim")
+    return write_federation(folder / "federation", "digits", k=5, seed=0)
+
+
+def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federation, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setenv("PROTOFUSE_TEST_KILL_IN_ROUND", "3")  # the agreement round: replies in, nothing merged
+    assert main(["simulate", str(federation), "--out", str(run), "--rounds", "4"]) == 1
+    assert "run the same command again to resume" in capsys.readouterr().err
+    with sqlite3.connect(run / "store" / "bank.sqlite") as db:
+        assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [1, 2]
+        assert db.execute("SELECT COUNT(*) FROM experts").fetchone()[0] == 5
+    monkeypatch.delenv("PROTOFUSE_TEST_KILL_IN_ROUND")
+
+    assert main(["simulate", str(federation), "--out", str(run), "--rounds", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "fusion: rounds 3..5 of 5" in err  # resumed after the last checkpoint, not from scratch
+    assert "round 3/5 agreement" in err and "round 5/5 weighted" in err
+    with sqlite3.connect(run / "store" / "bank.sqlite") as db:
+        assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [1, 2, 3, 4, 5]
+
+    bank = load_bank(run)  # the run folder, as adapt, predict and info take it
+    assert bank.meta["federation"]["rounds"] == 5
+    assert sorted(e.name for e in bank.experts) == ["forest", "knn", "logreg", "mlp", "svm"]
+    assert all(e.n_queries > 0 and 0 < e.weight <= 1 and 0.5 < e.fidelity.agreement <= 1 for e in bank.experts)
+    assert max(e.weight for e in bank.experts) == 1.0
+    queries = np.load(federation.parent / "queries.npy")  # each client sent its queries' min and max
+    assert bank.meta["input_range"] == [float(queries.min()), float(queries.max())]
+    manifest = wire.decode_manifest((run / "manifest.pb").read_bytes())  # what the server publishes
+    assert (manifest.round, manifest.version, manifest.vocabulary) == (5, bank.version, bank.label_names)
+    assert {e.pseudonym: e.trust for e in manifest.experts} == {e.name: e.weight for e in bank.experts}
+
+    folder = federation.parent
+    support = np.load(folder / "support.npz")
+    assert main(["adapt", str(run), "--support", str(folder / "support.npz"), "--out", str(tmp_path / "model")]) == 0
+    assert main(["predict", str(tmp_path / "model"), "--inputs", str(folder / "test_x.npy"), "--out", str(tmp_path / "pred.npz")]) == 0
+    pred = np.load(tmp_path / "pred.npz")
+    truth = np.load(folder / "test_y.npy")
+    accuracy = float((pred["classes"][pred["proba"].argmax(1)] == truth).mean())
+    assert accuracy > 0.85, accuracy  # measured 0.95 at 4 rounds; 5-way, 5 shots, digits
+    assert set(np.unique(support["y"])) == set(pred["classes"].tolist())
+    assert main(["info", str(run)]) == 0
+    assert "federated: 5 rounds, rowwise aggregation" in capsys.readouterr().out
+    # rounds.json keeps the metrics of the rounds before the resume.
+    assert [r["round"] for r in json.loads((run / "rounds.json").read_text())["rounds"]] == [1, 2, 3, 4, 5]
+
+
+def test_the_generative_family_is_refused_with_the_reason(federation, tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(federation.read_text().replace("[[experts]]", "[model]\nfamily = \"generative\"\n\n[[experts]]", 1))
+    (tmp_path / "experts.py").write_text((federation.parent / "experts.py").read_text())
+    (tmp_path / "queries.npy").write_bytes((federation.parent / "queries.npy").read_bytes())
+    assert main(["simulate", str(spec), "--out", str(tmp_path / "run")]) == 2
+    assert "only the discriminative family federates" in capsys.readouterr().err

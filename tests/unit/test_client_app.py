@@ -1,0 +1,156 @@
+"""The ClientApp, called the way a SuperNode calls it: what it sends, what it keeps, what it asks
+of the black box. The privacy test inspects the exact bytes of a reply."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from client_sdk.clientapp import app as client_app
+from client_sdk.clientapp.local_training import client_seed
+from protofuse.protocol import federation as wire
+from protofuse.families.discriminative import PRIVATE_PARAMETERS, shared_arrays
+from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse_server.fusion.strategy import to_record
+from toys import clusters
+
+EXPERTS = '''
+from pathlib import Path
+import numpy as np
+
+HERE = Path(__file__).parent
+CENTRES = np.load(HERE / "centres.npy")
+
+def _answer(x, cols):
+    with open(HERE / "calls.txt", "a") as f:  # every row the black box is asked about
+        f.write(f"{len(x)}\\n")
+    d = ((np.asarray(x)[:, None, :] - CENTRES[None, cols]) ** 2).sum(-1)
+    p = np.exp(-(d - d.min(1, keepdims=True)) * 20)
+    return p / p.sum(1, keepdims=True)
+
+def a(x):
+    return _answer(x, [0, 1, 2])
+'''
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A spec folder with one expert (labels 0, 1, 2 of the toy clusters) and a node's context."""
+    x, _, centres = clusters(seed=3, n=240)
+    np.save(tmp_path / "queries.npy", x)
+    np.save(tmp_path / "centres.npy", centres)
+    (tmp_path / "experts.py").write_text(EXPERTS)
+    (tmp_path / "spec.toml").write_text('[[experts]]\nname = "a"\npredict = "experts:a"\nlabels = ["0", "1", "2"]\nqueries = "queries.npy"\n')
+    client_app._EXPERTS.clear()  # a fresh process
+    context = Context(run_id=1, node_id=7, node_config={"spec": str(tmp_path / "spec.toml"), "cache-dir": str(tmp_path / "cache")}, state=RecordDict(), run_config={})
+    return tmp_path, x, context
+
+
+@pytest.fixture(autouse=True)
+def as_a_node():
+    """Flower stamps every Message with the run and node of its process: pose as node 7 of run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+VOCAB = ["0", "1", "2", "3"]
+
+
+def _instruction(round: int, phase: str, phase_round: int, phase_rounds: int, arrays: dict[str, np.ndarray]) -> Message:
+    config = ConfigRecord({
+        "round": round, "phase": phase, "phase-round": phase_round, "phase-rounds": phase_rounds, "vocabulary": VOCAB,
+        "model": json.dumps({"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}),
+        "training": TrainingSettings(seed=0, holdout=0.25).model_dump_json(), "federation": FederationSettings(rounds=4, local_epochs=1).model_dump_json(),
+    })
+    return Message(RecordDict({"arrays": to_record(arrays), "config": config}), dst_node_id=7, message_type="train")
+
+
+def _initial() -> dict[str, np.ndarray]:
+    import torch
+
+    torch.manual_seed(0)
+    return shared_arrays(DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None)))
+
+
+def test_describe_names_the_expert_and_asks_the_black_box_once(node):
+    folder, x, context = node
+    reply = client_app.app(Message(RecordDict({"ask": ConfigRecord({"what": "describe"})}), dst_node_id=7, message_type="query"), context)
+    d = reply.content["describe"]
+    assert (d["pseudonym"], list(d["labels"]), d["x-dim"], d["n-queries"]) == ("a", ["0", "1", "2"], 16, len(x))
+    client_app.app(_instruction(1, "consensus", 0, 2, _initial()), context)
+    client_app._EXPERTS.clear()  # a restarted client reads its answers from the disk cache
+    client_app.app(_instruction(2, "consensus", 1, 2, _initial()), context)
+    assert sum(int(n) for n in (folder / "calls.txt").read_text().split()) == len(x)
+
+
+def test_a_reply_holds_the_shared_weights_and_two_messages_and_nothing_private(node):
+    folder, x, context = node
+    start = _initial()
+    reply = client_app.app(_instruction(1, "consensus", 0, 2, start), context)
+    assert set(reply.content.keys()) == {"arrays", "metrics", "fusion"}
+    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert set(arrays) == set(start) and not set(arrays) & set(PRIVATE_PARAMETERS)  # the imitation head stays
+    assert not np.allclose(arrays["prototypes"], start["prototypes"])  # it trained
+    dist = wire.decode_distribution(bytes(reply.content["fusion"]["distribution"]))
+    stats = wire.decode_stats(bytes(reply.content["fusion"]["stats"]))
+    assert dist.label_names == ("0", "1", "2") and len(dist.head.label_bias) == 3 and stats.n_examples == 180 and stats.n_queries == len(x)
+    assert 0.8 < stats.fidelity.agreement <= 1.0 and stats.fidelity.n == 60
+
+    # The bytes that leave the client: no query input, no answer of the expert, in any encoding.
+    sent = recorddict_to_proto(reply.content).SerializeToString()
+    expert = __import__("importlib").util.spec_from_file_location("experts_probe", folder / "experts.py")
+    module = __import__("importlib").util.module_from_spec(expert)
+    expert.loader.exec_module(module)
+    answers = module.a(x)
+    for i in range(len(x)):
+        for row in (x[i], answers[i]):
+            for dtype in (np.float32, np.float64):
+                assert np.asarray(row, dtype=dtype).tobytes()[:16] not in sent, f"row {i} of the private data appears in the reply"
+    shared = sum(a.nbytes for a in start.values())
+    assert len(sent) <= 1.05 * shared + 2048  # the weights, two small messages and framing
+
+
+def test_the_optimizer_and_schedule_carry_over_rounds_and_reset_with_the_phase(node):
+    _, _, context = node
+    arrays = _initial()
+    client_app.app(_instruction(1, "consensus", 0, 3, arrays), context)
+    first = int(np.ravel(context.state["trainer"]["steps_done"].numpy())[0])
+    reply = client_app.app(_instruction(2, "consensus", 1, 3, arrays), context)
+    assert int(np.ravel(context.state["trainer"]["steps_done"].numpy())[0]) == 2 * first > 0
+    # The agreement round trains nothing and measures the expert against the bank's consensus.
+    agreed = client_app.app(_instruction(3, "agreement", 0, 1, {k: v.numpy() for k, v in reply.content["arrays"].items()}), context)
+    assert len(agreed.content["arrays"]) == 0
+    stats = wire.decode_stats(bytes(agreed.content["fusion"]["stats"]))
+    assert stats.consensus_agreement is not None and 0.0 <= stats.consensus_agreement <= 1.0
+    # A new phase starts a new optimizer and schedule, and keeps its teacher for later rounds.
+    client_app.app(_instruction(4, "weighted", 0, 2, arrays), context)
+    assert int(np.ravel(context.state["trainer"]["steps_done"].numpy())[0]) == first
+    teacher = context.state["teacher"]["teacher"].numpy()
+    assert teacher.shape == (180, len(VOCAB)) and np.allclose(teacher.sum(1), 1, atol=1e-5)
+    client_app.app(_instruction(5, "weighted", 1, 2, {k: v * 0 for k, v in arrays.items()}), context)
+    np.testing.assert_array_equal(context.state["teacher"]["teacher"].numpy(), teacher)  # not recomputed
+
+
+def test_seeds_differ_per_client_and_per_round():
+    seeds = {client_seed(0, who, r) for who in ("a", "b") for r in range(1, 6)}
+    assert len(seeds) == 10 and client_seed(0, "a", 1) == client_seed(0, "a", 1)
+
+
+def test_a_node_without_a_spec_is_told_how_to_start(node):
+    _, _, context = node
+    bare = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="this node has no spec"):
+        client_app.local_expert(bare)
+    relative = Context(run_id=1, node_id=7, node_config={"spec": "spec.toml"}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="relative path"):
+        client_app.local_expert(relative)

@@ -1,0 +1,171 @@
+"""The fusion strategy's parts: the round schedule, row-wise averaging, the append-only vocabulary,
+trust-weighted aggregation and the merge of the clients' messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from protofuse.protocol import federation as wire
+from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse_server.fusion.strategy import Client, Federation, FusionStrategy, Schedule, extend_rows, rowwise_mean, to_record
+
+
+def test_schedule_has_the_two_phases_of_central_training_with_an_agreement_round_between():
+    s = Schedule.from_settings(FederationSettings(rounds=5), TrainingSettings())
+    assert (s.consensus, s.weighted, s.total) == (2, 3, 6)
+    assert [s.at(r).name for r in range(1, 7)] == ["consensus", "consensus", "agreement", "weighted", "weighted", "weighted"]
+    assert [(s.at(r).index, s.at(r).rounds) for r in (1, 2, 4, 6)] == [(0, 2), (1, 2), (0, 3), (2, 3)]
+    with pytest.raises(ValueError, match="outside"):
+        s.at(7)
+    # Without reweighting or distillation there is nothing to agree on: one phase.
+    single = Schedule.from_settings(FederationSettings(rounds=5), TrainingSettings(reweight=False, distill=0.0))
+    assert (single.total, {single.at(r).name for r in range(1, 6)}) == (5, {"consensus"})
+
+
+def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
+    rng = np.random.default_rng(0)
+    stack = rng.standard_normal((3, 4, 2))  # 3 clients, 4 labels, 2 features
+    weights = np.array([1.0, 2.0, 3.0])
+    covers = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0]], dtype=float)
+    reference = rng.standard_normal((4, 2))
+    out = rowwise_mean(stack, weights, covers, reference)
+    np.testing.assert_allclose(out[0], (1 * stack[0, 0] + 3 * stack[2, 0]) / 4)
+    np.testing.assert_allclose(out[1], (1 * stack[0, 1] + 2 * stack[1, 1]) / 3)
+    np.testing.assert_allclose(out[2], (2 * stack[1, 2] + 3 * stack[2, 2]) / 5)
+    np.testing.assert_allclose(out[3], reference[3])  # nobody covers label 3: the row stays
+    bias = rowwise_mean(stack[:, :, 0], weights, covers, reference[:, 0])  # 1-D rows too
+    np.testing.assert_allclose(bias, out[:, 0])
+
+
+def _describe(pseudonym: str, labels: list[str], x_dim: int = 8) -> ConfigRecord:
+    return ConfigRecord({"pseudonym": pseudonym, "labels": labels, "x-dim": x_dim, "n-queries": 10})
+
+
+def test_the_vocabulary_is_only_ever_appended_to_and_new_rows_leave_old_ones_in_place():
+    fed = Federation([], 8)
+    assert fed.admit(1, _describe("a", ["0", "1", "2"])) == ["0", "1", "2"]
+    assert fed.admit(2, _describe("b", ["2", "3"])) == ["3"]
+    assert fed.vocabulary == ["0", "1", "2", "3"]
+    assert fed.admit(3, _describe("late", ["7", "1"])) == ["7"]  # a later client extends it
+    assert fed.vocabulary == ["0", "1", "2", "3", "7"]
+    with pytest.raises(ValueError, match="width 5"):
+        fed.admit(4, _describe("c", ["0"], x_dim=5))
+    with pytest.raises(ValueError, match="already taken"):
+        fed.admit(5, _describe("a", ["0"]))
+    arrays = {"prototypes": np.ones((4, 3), np.float32), "bias": np.arange(4, dtype=np.float32), "encoder.w": np.zeros(2, np.float32)}
+    grown = extend_rows(arrays, 1, seed=0)
+    assert grown["prototypes"].shape == (5, 3) and grown["bias"].shape == (5,)
+    np.testing.assert_array_equal(grown["prototypes"][:4], arrays["prototypes"])
+    np.testing.assert_array_equal(grown["bias"], [0, 1, 2, 3, 0])
+    assert grown["encoder.w"] is arrays["encoder.w"] and grown["prototypes"].dtype == np.float32
+
+
+def test_the_input_range_spans_every_client_that_sent_one():
+    fed = Federation([], 8)
+    fed.admit(1, _describe("old", ["0", "1"]))  # a client of an earlier version sends no range
+    assert fed.input_range is None
+    fed.admit(2, ConfigRecord({"pseudonym": "a", "labels": ["0"], "x-dim": 8, "n-queries": 10, "x-range": [0.0, 0.8]}))
+    fed.admit(3, ConfigRecord({"pseudonym": "b", "labels": ["1"], "x-dim": 8, "n-queries": 10, "x-range": [-0.5, 0.6]}))
+    fed.admit(4, ConfigRecord({"pseudonym": "c", "labels": ["1"], "x-dim": 8, "n-queries": 10, "x-range": [1.0, float("nan")]}))  # ignored
+    assert fed.input_range == [-0.5, 0.8]
+
+
+def _strategy(fed: Federation, aggregation: str = "rowwise", rounds: int = 2) -> tuple[FusionStrategy, list]:
+    saved: list = []
+    s = FusionStrategy(fed, Schedule.from_settings(FederationSettings(rounds=rounds), TrainingSettings()), TrainingSettings(), FederationSettings(rounds=rounds, aggregation=aggregation), {}, lambda r, a, st: saved.append((r, a)))
+    return s, saved
+
+
+def test_aggregation_weighs_by_examples_times_trust_and_casts_back():
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {1: Client("a", ("0", "1"), 5), 2: Client("b", ("1", "2"), 5)}
+    fed.trust = {"a": 1.0, "b": 0.5}
+    for aggregation in ("rowwise", "fedavg"):
+        strategy, _ = _strategy(fed, aggregation)
+        strategy._sent = {"encoder.w": np.zeros(2, np.float32), "encoder.n": np.zeros((), np.int64), "prototypes": np.full((3, 2), 9.0, np.float32), "bias": np.zeros(3, np.float32)}
+        a = {"encoder.w": np.array([1.0, 1.0], np.float32), "encoder.n": np.array(4), "prototypes": np.full((3, 2), 1.0, np.float32), "bias": np.ones(3, np.float32)}
+        b = {"encoder.w": np.array([4.0, 4.0], np.float32), "encoder.n": np.array(7), "prototypes": np.full((3, 2), 4.0, np.float32), "bias": np.full(3, 4.0, np.float32)}
+        out = strategy.aggregate([(fed.nodes[1], a, 30), (fed.nodes[2], b, 20)])  # weights 30 and 20 * 0.5
+        np.testing.assert_allclose(out["encoder.w"], [(30 * 1 + 10 * 4) / 40] * 2)
+        assert out["encoder.w"].dtype == np.float32 and out["encoder.n"].dtype == np.int64 and out["encoder.n"] == round((30 * 4 + 10 * 7) / 40)
+        if aggregation == "rowwise":  # label 0 only a's, label 2 only b's, label 1 both
+            np.testing.assert_allclose(out["prototypes"][:, 0], [1.0, 1.75, 4.0])
+        else:
+            np.testing.assert_allclose(out["prototypes"][:, 0], [1.75] * 3)
+
+
+@pytest.fixture
+def in_a_run():
+    """Flower stamps every Message with the run of the process that makes it: pose as run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def _reply(node: int, pseudonym: str, labels: tuple[str, ...], round: int, agreement: float | None, distribution_name: str | None = None) -> Message:
+    dist = wire.ExpertDistribution(distribution_name or pseudonym, labels, round, wire.DiscriminativeHead(0.1, tuple(0.0 for _ in labels)))
+    stats = wire.ImitatorStats(pseudonym, round, 20, 30, wire.Fidelity(0.9, 0.1, 5), agreement, 0.5)
+    content = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 20}), "fusion": ConfigRecord({"distribution": wire.encode_distribution(dist), "stats": wire.encode_stats(stats)})})
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.node_id = node  # the sender: Flower stamps it as the message's source
+    message = Message(content, dst_node_id=0, message_type="train")
+    assert message.metadata.src_node_id == node
+    return message
+
+
+def test_the_agreement_round_sets_trust_and_records_every_expert_checkpointed(in_a_run):
+    fed = Federation(["0", "1", "2", "3"], 8)
+    fed.nodes = {1: Client("good", ("0", "1"), 30), 2: Client("fair", ("1", "2"), 30), 3: Client("poor", ("2", "3"), 30)}
+    strategy, saved = _strategy(fed, rounds=2)  # rounds: consensus, agreement, weighted
+    strategy._sent = {"prototypes": np.zeros((4, 2), np.float32), "bias": np.zeros(4, np.float32)}
+    replies = [_reply(1, "good", ("0", "1"), 2, 0.98), _reply(2, "fair", ("1", "2"), 2, 0.9), _reply(3, "poor", ("2", "3"), 2, 0.6)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert {k for k in arrays.keys()} == {"prototypes", "bias"}  # nothing trained: the weights stay
+    assert fed.trust["good"] == 1.0 and fed.trust["poor"] < 0.3 < fed.trust["fair"] < 1.0
+    assert {r.pseudonym: r.trust for r in fed.records.values()} == fed.trust
+    assert all(r.last_round == 2 for r in fed.records.values()) and fed.records["poor"].consensus == 0.6
+    assert saved and saved[-1][0] == 2
+
+
+def test_an_invalid_or_impersonating_message_is_dropped_and_the_round_goes_on(in_a_run):
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {1: Client("a", ("0", "1"), 30), 2: Client("b", ("1", "2"), 30)}
+    strategy, _ = _strategy(fed)
+    strategy._sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    forged = _reply(2, "b", ("1", "2"), 2, 0.9, distribution_name="a")  # b speaks for a
+    strategy.aggregate_train(2, [_reply(1, "a", ("0", "1"), 2, 0.9), forged])
+    assert set(fed.records) == {"a"}
+    garbage = _reply(2, "b", ("1", "2"), 2, 0.9)
+    garbage.content["fusion"]["stats"] = b"\x00not a message"
+    with pytest.raises(RuntimeError, match="no client replied with a usable update"):
+        strategy.aggregate_train(2, [garbage])
+
+
+def test_to_record_round_trips_arrays():
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([3], np.int64)}
+    back = {k: v.numpy() for k, v in to_record(arrays).items()}
+    for k in arrays:
+        np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_an_update_that_does_not_fit_the_shared_weights_is_refused_by_name():
+    from protofuse_server.fusion.strategy import check_update
+
+    sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    check_update(to_record(sent), sent)
+    bad = [
+        ({**sent, "extra": np.zeros(1, np.float32)}, "do not match"),
+        ({"prototypes": sent["prototypes"]}, "do not match"),
+        ({**sent, "bias": np.zeros(4, np.float32)}, "arrays.bias"),
+        ({**sent, "bias": np.zeros(3, np.float64)}, "arrays.bias"),
+        ({**sent, "prototypes": np.full((3, 2), np.nan, np.float32)}, "arrays.prototypes: holds NaN"),
+    ]
+    for arrays, message in bad:
+        with pytest.raises(wire.WireError, match=message):
+            check_update(to_record(arrays), sent)
