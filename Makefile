@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test protos bench-images bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick mutation clean
+.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -23,13 +23,39 @@ demo: $(STAMP)  ## simulate the digits federation on Flower, adapt its bank to a
 	.venv/bin/protofuse predict $(RUN)/model --inputs $(RUN)/federation/test_x.npy --out $(RUN)/pred.npz --unsigned-ok
 	$(PY) -m bench.demo --score $(RUN)
 
-# The model-server tests run real MLServer and MLflow servers from their own virtualenv
-# (.venv-mlserver): their dependencies would clash with Flower's in ours.
-test: $(STAMP)  ## the test suite
-	bash tests/host/setup-model-servers.sh
-	$(PY) -m pytest -q
+# The tiers (tests/unit, tests/integration, tests/deploy; README "Tests" has their measured times).
+# The unit tier needs nothing but .venv; the others need what tests/host/setup.sh installs (the
+# model servers' .venv-mlserver, nginx, the Docker engine): `make test` runs it first and
+# tests/host/teardown.sh after (it stops only a Docker daemon that setup started).
+test-fast: $(STAMP)  ## the unit tier: every core module, in-process, under a minute
+	$(PY) -m pytest -q -m unit
 
-protos: $(STAMP)  ## regenerate protofuse/v1 from protos/ (tests/test_wire.py fails when it is stale)
+test-integration: $(STAMP)  ## real SuperLinks and SuperNodes, the gRPC service, model servers, the benchmark
+	bash tests/host/setup.sh
+	$(PY) -m pytest -q -m integration
+
+test: $(STAMP) lint  ## lint and types, then every tier (what .ci/run runs)
+	bash tests/host/setup.sh
+	$(PY) -m pytest -q; status=$$?; bash tests/host/teardown.sh; exit $$status
+
+# Lint and types, before the tests in `make test` and CI (and before every commit with pre-commit).
+# mypy checks the packages by their installed names: .typecheck/ links protofuse_server to server/
+# and protofuse_cli to cli/, which an editable install maps by an import hook mypy cannot follow.
+lint: $(STAMP)  ## ruff (lint and format check) and mypy
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: $(STAMP)
+	rm -rf .typecheck && mkdir .typecheck
+	ln -s ../protofuse ../client_sdk .typecheck/ && ln -s ../server .typecheck/protofuse_server && ln -s ../cli .typecheck/protofuse_cli
+	cd .typecheck && ../.venv/bin/mypy --config-file ../pyproject.toml -p protofuse -p client_sdk -p protofuse_server -p protofuse_cli
+
+format: $(STAMP)  ## apply ruff's fixes and format
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+protos: $(STAMP)  ## regenerate protofuse/v1 from protos/ (tests/unit/test_wire.py fails when it is stale)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/protofuse/v1/federation.proto protos/protofuse/v1/bank.proto protos/protofuse/v1/fusion.proto
 
 # Every table the README quotes comes from one of these; each writes bench-results/<name>/

@@ -49,7 +49,6 @@ from protofuse.bank import Bank, load_bank
 from bench.datasets import load_dataset, make_splits, task_subset
 from protofuse.model.discriminative import TaskHead, imprint
 from protofuse.model.networks import Augmentation, augment_images
-from protofuse.settings import TrainingSettings
 
 
 def cached_bank(dataset: str, seed: int, cache: Path) -> Bank:
@@ -230,7 +229,7 @@ def run(dataset: str, seeds: list[int], ways: list[int], n_tasks: int, cache: Pa
     rows = []
     for seed in seeds:
         bank = cached_bank(dataset, seed, cache)
-        aug = TrainingSettings(**bank.meta["settings"]["training"]).resolved_augmentation(ds.image_shape)
+        aug = bank.meta.settings.training.resolved_augmentation(ds.image_shape)
         world = SimpleNamespace(dataset=ds, splits=make_splits(ds, seed))  # all draw_episode reads
         for ti, task in enumerate(episode_tasks(DEFAULT_RECIPES, ds.label_names, ways, n_tasks, seed)):
             drawn = draw_episode(world, task, np.random.default_rng([seed, ti]), 300)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from protofuse import __version__
+
 # SpecError, ArtifactError and ExpertOutputError are ValueErrors; OSError covers unreadable or
 # unwritable paths (missing, a folder where a file belongs, permissions).
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
@@ -21,14 +23,47 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads or 1)
     try:
+        _require_extra(args)
         return args.run(args)
     except USER_ERRORS as err:
         print(f"protofuse {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        # The command's side is not installed: one line naming its extra, no traceback.
+        extra, modules = EXTRAS.get(args.command, ("", ()))
+        if (err.name or "").split(".")[0] not in modules:
+            raise
+        line = f"{err.name} is not installed; pip install 'protofuse[{extra}]'"
+        print(f"protofuse {args.command}: error: {line}", file=sys.stderr)
+        return 2
+
+
+# The commands whose side is an extra (README "Install"): the extra, and the modules it brings
+# that the command needs. Flower runs as processes (`client` execs a SuperNode, `simulate` runs
+# Ray through Flower), so they are looked for before the command starts.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "client": ("client", ("flwr",)),
+    "simulate": ("simulation", ("flwr", "ray")),
+    "serve": ("server", ("grpc", "grpc_health", "grpc_reflection")),
+    "health": ("client", ("grpc", "grpc_health")),
+    "adapt": ("client", ("grpc", "grpc_health")),  # with --server only
+}
+
+
+def _require_extra(args: argparse.Namespace) -> None:
+    """ModuleNotFoundError when a module the command's extra brings is not installed."""
+    import importlib.util
+
+    if args.command == "adapt" and not args.server:
+        return
+    for module in EXTRAS.get(args.command, ("", ()))[1]:
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="protofuse", description="Fuse black-box experts into a bank of task-agnostic prototypes, and build models for new tasks from a few labeled examples.")
+    p.add_argument("--version", action="version", version=f"protofuse {__version__}")
     p.add_argument("--threads", type=int, help="torch threads (default: the spec's [training] threads for fit, else 1: fastest on small shared machines)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -186,15 +221,14 @@ def _adapt_remote(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, option
 def _predict(args: argparse.Namespace) -> int:
     from client_sdk.collect import load_array
     from protofuse.adapted import load_adapted
+    from protofuse.io import atomic_write_bytes, npz_bytes
 
     model = load_adapted(args.model, args.public_key, unsigned_ok=args.unsigned_ok)
     x = load_array(args.inputs, "--inputs")
     proba = model.predict_proba(x)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object: numpy writes exactly this path, no added suffix
-        np.savez(f, proba=proba, classes=model.classes_.astype(str))
-    tmp.replace(args.out)
+    # Exactly this path (np.savez would add .npz to a bare name), old file or new after a crash.
+    atomic_write_bytes(args.out, npz_bytes({"proba": proba, "classes": model.classes_.astype(str)}))
     print(f"wrote proba {proba.shape} and classes {model.classes_.tolist()} to {args.out}", file=sys.stderr)
     return 0
 
@@ -220,7 +254,7 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"protofuse simulate: {err}", file=sys.stderr)
         return 1
     bank = load_bank(out)
-    print(f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta['federation']['rounds']} rounds)", file=sys.stderr)
+    print(f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta.federated_rounds} rounds)", file=sys.stderr)
     _print_experts(bank)
     return 0
 
@@ -317,9 +351,9 @@ def _info(args: argparse.Namespace) -> int:
 
     bank = load_bank(args.bank)
     print(f"{bank.family} bank {bank.version}: {len(bank.label_names)} labels {list(bank.label_names)}")
-    fed = bank.meta.get("federation")
-    if fed:
-        print(f"federated: {fed['rounds']} rounds, {fed['settings']['aggregation']} aggregation, {fed['settings']['local_epochs']} local epoch(s) per round")
+    fed = bank.meta.federation
+    if fed is not None:
+        print(f"federated: {fed.rounds} rounds, {fed.settings.aggregation} aggregation, {fed.settings.local_epochs} local epoch(s) per round")
     _print_experts(bank)
     return 0
 

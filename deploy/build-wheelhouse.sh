@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Build deploy/wheels/: every wheel the protofuse image installs, so that
-# `docker build --network none` installs offline (`pip install --no-index --find-links`):
+# `docker build --network none` installs offline (`pip install --no-index --find-links`). The
+# image is the server and organizations' clients, so the wheelhouse holds exactly the closure of
+# protofuse[server,client] (EXTRAS): Flower without Ray, gRPC, torch; no scikit-learn,
+# matplotlib or mlxtend (the benchmark's), no Ray (`protofuse simulate`, a researcher's host).
 #   deploy/wheels/*.whl                its dependencies (torch pinned to the CPU wheel by
 #                                      constraints.txt), the Dockerfile's first, slow layer;
 #   deploy/wheels/app/protofuse-*.whl  the project's own wheel, its own layer (a code change
@@ -18,6 +21,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=deploy/wheels
+# The extras the image installs (deploy/Dockerfile installs protofuse[server,client]: keep both
+# in step).
+EXTRAS=server,client
 PYTHON=${PYTHON:-}
 if [ -z "$PYTHON" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -49,19 +55,19 @@ pipq() { "$PYTHON" -m pip --disable-pip-version-check "$@"; }
 rm -rf build
 pipq wheel --quiet --no-deps -w "$out/app" .
 rm -rf build
-# Its dependencies, resolved against the constraints; wheels already in $out are reused. pip
-# writes the protofuse wheel there too: moved back to app/.
-pipq wheel --quiet -w "$out" --find-links "$out" -c constraints.txt "$out"/app/protofuse-*.whl
+# Its dependencies with the image's extras, resolved against the constraints; wheels already in
+# $out are reused. pip writes the protofuse wheel there too: moved back to app/.
+app=$(ls "$out"/app/protofuse-*.whl)
+pipq wheel --quiet -w "$out" --find-links "$out" -c constraints.txt "$app[$EXTRAS]"
 rm -f "$out"/protofuse-*.whl
 # Wheels no longer needed (an upgraded dependency) would be installed too: keep only what a
 # fresh resolution asks for.
-"$PYTHON" - "$out" <<'PY'
+"$PYTHON" - "$out" "$app[$EXTRAS]" <<'PY'
 import json, pathlib, subprocess, sys, urllib.parse
-out = pathlib.Path(sys.argv[1])
+out, app = pathlib.Path(sys.argv[1]), sys.argv[2]
 report = subprocess.run(
     [sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--dry-run", "--quiet",
-     "--ignore-installed", "--no-index", "--find-links", str(out), "--report", "-",
-     *map(str, out.glob("app/protofuse-*.whl"))],
+     "--ignore-installed", "--no-index", "--find-links", str(out), "--report", "-", app],
     check=True, capture_output=True, text=True).stdout
 wanted = {urllib.parse.unquote(i["download_info"]["url"].rsplit("/", 1)[-1])
           for i in json.loads(report)["install"]}
@@ -69,6 +75,10 @@ for whl in out.glob("*.whl"):
     if whl.name not in wanted:
         print(f"[wheelhouse] removing unused {whl.name}")
         whl.unlink()
+# What the image must not hold: the benchmark's libraries and the simulation engine.
+heavy = sorted(w.name for w in out.glob("*.whl") if w.name.split("-")[0].lower() in ("ray", "scikit_learn", "matplotlib", "mlxtend", "scipy", "pandas"))
+if heavy:
+    sys.exit(f"[wheelhouse] the image would hold what no service runs: {heavy}")
 PY
 # Anything that is not a wheel (an sdist pip could not build) would break the offline install.
 if ls "$out" | grep -vqE '(\.whl|^app)$'; then

@@ -26,14 +26,14 @@ PublicKeyLike = Union[str, os.PathLike, bytes, Ed25519PublicKey]
 __all__ = ["KIND", "AdaptedModel", "DiscriminativeTask", "GenerativeTask", "Task", "build_model", "from_files", "load_adapted"]
 
 
-def build_model(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None, source: Any = "bank") -> torch.nn.Module:
-    """Rebuild a bank's networks from its JSON config, loading ``state`` if given."""
+def build_model(family_name: str, config: dict[str, Any], state: dict[str, torch.Tensor] | None = None, source: Any = "bank") -> torch.nn.Module:
+    """Rebuild a bank's networks from its family's name and JSON config, loading ``state`` if given."""
     try:
-        model = family(meta["family"]).build(meta["config"])
+        model = family(family_name).build(config)
         if state is not None:
             model.load_state_dict(state)
     except (TypeError, RuntimeError, KeyError, ValueError) as err:
-        raise artifacts.ArtifactError(f"{source}: weights do not match the recorded {meta.get('family')} configuration ({str(err).splitlines()[0]})") from None
+        raise artifacts.ArtifactError(f"{source}: weights do not match the recorded {family_name} configuration ({str(err).splitlines()[0]})") from None
     return model.eval()
 
 
@@ -109,7 +109,7 @@ def from_files(files: dict[str, bytes], public_key: PublicKeyLike | None = None,
     try:
         bank_meta = meta["bank"]
         state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(BANK_PREFIX)}
-        model = build_model(bank_meta, state, source)
+        model = build_model(bank_meta["family"], bank_meta["config"], state, source)
         t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])
         if task.n_classes != len(meta["classes"]):

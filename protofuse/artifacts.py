@@ -6,7 +6,9 @@ three, so a corrupted, truncated or mismatched artifact fails with a clear error
 becoming a wrong model. The checksum detects accidents, not an attacker: whoever can rewrite the
 files can rewrite the checksum too. A signed artifact adds ``signature.json`` (Ed25519 over the
 checksum, see :mod:`protofuse.signing`): that is what stops an attacker. Writes are atomic per
-folder: a crash leaves the old artifact or the new. The same files travel over the wire.
+folder (:func:`protofuse.io.replace_folder`): a crash leaves the old artifact or the new. The same
+files travel over the wire. ``npz_bytes`` (from :mod:`protofuse.io`) stays importable from here:
+the adaptation service and its client rebuild the same bytes to leave out weights a caller holds.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import signing
+from .io import npz_bytes, replace_folder
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.npz"
@@ -43,22 +44,6 @@ def checksum(weights: bytes, meta: dict[str, Any]) -> str:
     """SHA-256 of the weights' bytes followed by the canonical JSON of the other meta fields."""
     fields = {k: v for k, v in meta.items() if k != "sha256"}
     return sha256(weights + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An ``.npz`` (uncompressed) that depends only on the arrays and their order: no timestamps.
-
-    So anyone holding the same arrays rebuilds the same bytes, hence the same checksum; the
-    adaptation service relies on it to leave out weights its caller already holds.
-    """
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
-        for name, array in arrays.items():
-            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.external_attr = 0o644 << 16
-            with zf.open(entry, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def npz_arrays(data: bytes, source: Any = "weights.npz") -> dict[str, np.ndarray]:
@@ -121,16 +106,7 @@ def write(path: str | os.PathLike, files: dict[str, bytes], kind: str = "artifac
     unknown = set(files) - {WEIGHTS, META, signing.SIGNATURE}
     if unknown:
         raise ArtifactError(f"unexpected artifact files {sorted(unknown)}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
-    try:
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        _fsync_folder(staging)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is shared like any folder
-        _swap_in(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    replace_folder(folder, files)
 
 
 def read(path: str | os.PathLike, kind: str) -> dict[str, bytes]:
@@ -144,26 +120,3 @@ def read(path: str | os.PathLike, kind: str) -> dict[str, bytes]:
 def load(path: str | os.PathLike, kind: str, public_key: Ed25519PublicKey | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read and verify an artifact folder written by :func:`save` for the given kind."""
     return decode(read(path, kind), kind, Path(path), public_key)
-
-
-def _swap_in(staging: Path, folder: Path) -> None:
-    """Replace ``folder`` by ``staging``; the old one is moved aside first, then removed."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-        os.replace(folder, old / folder.name)
-    os.replace(staging, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    for file in folder.iterdir():
-        with open(file, "rb+") as f:
-            os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

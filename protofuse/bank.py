@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,10 @@ from pydantic import ValidationError
 
 from . import artifacts
 from .adapted import AdaptedModel, _as_inputs, build_model
+from .bank_meta import BankMeta, BankMetaError, BankSettings, FederationRecord
 from .families import Family, family
 from .input_checks import input_range, warn_if_out_of_range
+from .records import ExpertRecord  # the one expert record (bank, fusion server, manifest)
 from .settings import AdaptSettings, ModelSettings, TrainingSettings
 from .training import Fidelity, Progress, fidelity
 from .triples import Triples
@@ -35,30 +38,26 @@ RUN_BANK = "bank"  # a federation's run folder keeps its bank here, beside the s
 RUN_MANIFEST = "manifest.pb"  # ... and the bank manifest (protos/protofuse/v1/bank.proto) beside it
 
 
-@dataclass(frozen=True)
-class ExpertRecord:
-    name: str
-    labels: tuple[str, ...]
-    fidelity: Fidelity
-    n_queries: int
-    consensus: float = float("nan")  # agreement with the bank's consensus on its own labels
-    weight: float = 1.0  # trust given to its answers in training
-
-
 class Bank:
     """Shared prototype weights and the experts' records; ``adapt`` builds new-task models."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], experts: list[ExpertRecord], distributions: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, meta: BankMeta, experts: list[ExpertRecord], distributions: dict[str, np.ndarray] | None = None) -> None:
+        if not isinstance(meta, BankMeta):  # a dict, as before BankMeta: say how to build one
+            raise TypeError(f"meta must be a BankMeta (protofuse.bank.bank_meta(...) or BankMeta.from_json(...)), got {type(meta).__name__}")
         self.model = model.eval()
-        self.meta = meta  # family, config, vocabulary, settings: all JSON
+        self.meta = meta  # family, config, vocabulary, settings; saving replaces it by a copy with the version
         self.experts = experts
         # generative only: per expert "prior.mean", "prior.cov", "posterior.mean", "posterior.cov"
         self.distributions = distributions or {}
-        self.version = meta.get("version", "unsaved")
+
+    @property
+    def version(self) -> str:
+        """The first 16 hex digits of the saved bank's checksum, or "unsaved"."""
+        return self.meta.version
 
     @property
     def family(self) -> str:
-        return self.meta["family"]
+        return self.meta.family
 
     @property
     def family_impl(self) -> Family:
@@ -66,11 +65,11 @@ class Bank:
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        return tuple(self.meta["label_names"])
+        return self.meta.label_names
 
     @property
     def adapt_settings(self) -> AdaptSettings:
-        return AdaptSettings(**self.meta["settings"]["adapt"])
+        return self.meta.settings.adapt
 
     # -- adaptation ----------------------------------------------------------------------
     def adapt(self, x: np.ndarray, y: np.ndarray, *, seed: int = 0, **options: Any) -> AdaptedModel:
@@ -81,8 +80,8 @@ class Bank:
         their prototypes are imprinted from the support set and fitted with a weak prior.
         """
         settings = self._settings(options)
-        xt = _as_inputs(x, self.meta["x_dim"])
-        warn_if_out_of_range(xt.numpy(), self.meta.get("input_range"), "support inputs")
+        xt = _as_inputs(x, self.meta.x_dim)
+        warn_if_out_of_range(xt.numpy(), list(self.meta.input_range) if self.meta.input_range else None, "support inputs")
         classes, yt = _support_labels(y, len(xt))
         impl = self.family_impl
         task, support_log_proba = impl.adapt_scored(self, xt, yt, classes, settings, seed)
@@ -101,7 +100,7 @@ class Bank:
     def _settings(self, options: dict[str, Any]) -> AdaptSettings:
         """The bank's adaptation settings with per-call overrides, validated like the spec's."""
         try:
-            return AdaptSettings.model_validate({**self.meta["settings"]["adapt"], **options})
+            return AdaptSettings.model_validate({**self.meta.settings.adapt.model_dump(), **options})
         except ValidationError as err:
             from .spec import format_errors
 
@@ -119,17 +118,14 @@ class Bank:
     # -- persistence ---------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What an adapted model keeps of its bank: enough to rebuild the networks and trace it."""
-        keys = ("family", "config", "x_dim", "label_names", "image_shape", "likelihood")
-        optional = {k: self.meta[k] for k in ("input_range",) if self.meta.get(k) is not None}  # banks before it lack it
-        return {**{k: self.meta[k] for k in keys}, **optional, "version": self.version}
+        return self.meta.identity()
 
     def save(self, path: str | os.PathLike) -> str:
         arrays = {f"model.{k}": v.numpy() for k, v in self.model.state_dict().items()}
         arrays.update({f"dist.{k}": v for k, v in self.distributions.items()})
-        meta = {**self.meta, "experts": [{"name": e.name, "labels": list(e.labels), "fidelity": asdict(e.fidelity), "n_queries": e.n_queries, "consensus": e.consensus, "weight": e.weight} for e in self.experts]}
-        meta.pop("version", None)
-        self.version = artifacts.save(path, KIND, arrays, meta)[:16]
-        self.meta["version"] = self.version
+        meta = {**self.meta.to_json(), "experts": [{"name": e.name, "labels": list(e.labels), "fidelity": asdict(e.fidelity), "n_queries": e.n_queries, "consensus": e.consensus, "weight": e.weight} for e in self.experts]}
+        sha = artifacts.save(path, KIND, arrays, meta)
+        self.meta = self.meta.model_copy(update={"sha256": sha, "version": sha[:16]})
         return self.version
 
     def __repr__(self) -> str:
@@ -141,20 +137,32 @@ def load_bank(path: str | os.PathLike) -> Bank:
     or the deployed server), whose bank sits in its ``bank/`` folder (checksum and format verified)."""
     if not (Path(path) / artifacts.META).exists() and (Path(path) / RUN_BANK / artifacts.META).exists():
         path = Path(path) / RUN_BANK
-    arrays, meta = artifacts.load(path, KIND)
+    arrays, record = artifacts.load(path, KIND)
+    fix = "re-create it with `protofuse fit` (or the federation that made it)"
     try:
-        return _bank_from(arrays, meta, path)
-    except (KeyError, TypeError, ValueError) as err:
-        raise artifacts.ArtifactError(f"{path}: bank metadata is incomplete or malformed ({err!r}); re-create it with `protofuse fit`") from None
-
-
-def _bank_from(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: Any) -> Bank:
-    meta["version"] = meta["sha256"][:16]
+        meta = BankMeta.from_json(record)
+    except BankMetaError as err:  # names every field; no traceback for a damaged file
+        raise artifacts.ArtifactError(f"{path}: {err}\n{fix}") from None
+    experts = _expert_records(record.get("experts"), f"{path}: bank metadata is incomplete or malformed in {artifacts.META}", fix)
     state = {k[len("model.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
-    model = build_model(meta, state, path)
+    model = build_model(meta.family, meta.config, state, path)
     dists = {k[len("dist.") :]: v for k, v in arrays.items() if k.startswith("dist.")}
-    experts = [ExpertRecord(e["name"], tuple(e["labels"]), Fidelity(**e["fidelity"]), e["n_queries"], e["consensus"], e["weight"]) for e in meta.pop("experts")]
     return Bank(model, meta, experts, dists)
+
+
+def _expert_records(entries: Any, where: str, fix: str) -> list[ExpertRecord]:
+    """The ``experts`` of a loaded meta.json, each as saved by :meth:`Bank.save`; errors name the entry."""
+    if not isinstance(entries, list):
+        raise artifacts.ArtifactError(f"{where}:\n  experts: {'missing' if entries is None else 'not a list'}\n{fix}")
+    records = []
+    for i, e in enumerate(entries):
+        try:
+            records.append(ExpertRecord(e["name"], tuple(e["labels"]), Fidelity(**e["fidelity"]), e["n_queries"], e["consensus"], e["weight"]))
+        except KeyError as err:
+            raise artifacts.ArtifactError(f"{where}:\n  experts[{i}].{err.args[0]}: missing\n{fix}") from None
+        except (TypeError, ValueError) as err:
+            raise artifacts.ArtifactError(f"{where}:\n  experts[{i}]: {err}\n{fix}") from None
+    return records
 
 
 def fit_bank(triples: Triples, model_settings: ModelSettings, training: TrainingSettings, adapt: AdaptSettings, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None = None) -> Bank:
@@ -170,18 +178,30 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
         ExpertRecord(name, labels, f, int(triples.mask[:, e].sum()), float(fitted.agreement[e]), float(fitted.weights[e]))
         for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))
     ]
-    meta = bank_meta(impl.name, fitted.config, triples.label_names, image_shape, likelihood, model_settings, training, adapt)
-    meta["input_range"] = input_range(triples.x)
+    meta = bank_meta(impl.name, fitted.config, triples.label_names, image_shape, likelihood, model_settings, training, adapt, input_range=input_range(triples.x))
     return Bank(fitted.model, meta, experts, fitted.distributions)
 
 
-def bank_meta(family_name: str, config: dict[str, Any], label_names: tuple[str, ...] | list[str], image_shape: tuple[int, int] | None, likelihood: str, model: ModelSettings, training: TrainingSettings, adapt: AdaptSettings) -> dict[str, Any]:
-    """A bank's JSON description: family, networks' config, vocabulary and the settings used."""
-    return {
-        "family": family_name, "config": config, "x_dim": config["x_dim"], "label_names": list(label_names),
-        "image_shape": list(image_shape) if image_shape else None, "likelihood": likelihood,
-        "settings": {"model": model.model_dump(), "training": training.model_dump(), "adapt": adapt.model_dump()},
-    }
+def bank_meta(
+    family_name: str, config: dict[str, Any], label_names: Sequence[str], image_shape: Sequence[int] | None, likelihood: str,
+    model: ModelSettings, training: TrainingSettings, adapt: AdaptSettings,
+    *, input_range: Sequence[float] | None = None, federation: FederationRecord | None = None,
+) -> BankMeta:
+    """A new bank's metadata: family, networks' config, vocabulary, the settings used and, for a
+    federated bank, how it was federated."""
+    return BankMeta(
+        family=family_name, config=config, x_dim=config["x_dim"], label_names=tuple(label_names),
+        image_shape=tuple(image_shape) if image_shape else None, likelihood=likelihood,
+        settings=BankSettings(model=model, training=training, adapt=adapt),
+        input_range=_pair(input_range), federation=federation,
+    )
+
+
+def _pair(values: Sequence[float] | None) -> tuple[float, float] | None:
+    if values is None:
+        return None
+    lo, hi = values  # a ValueError unless exactly [min, max]
+    return float(lo), float(hi)
 
 
 def _support_labels(y: np.ndarray, n: int) -> tuple[list[str], torch.Tensor]:

@@ -7,7 +7,6 @@ runs the same loop on its own triples for a few local epochs.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -16,18 +15,10 @@ import torch
 from .model.discriminative import DiscriminativePrototypes
 from .model.generative import GenerativePrototypes
 from .model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, feature_statistics
+from .records import Fidelity  # re-exported: protofuse.training.Fidelity is the one Fidelity
 from .triples import Triples
 
 Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean loss)
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """How well the bank imitates one expert on held-out queries."""
-
-    agreement: float  # fraction where the imitation's top class is the expert's
-    kl: float  # mean KL(expert || imitation), nats
-    n: int
 
 
 def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, augmentation: Augmentation | FeatureAugmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0, seed: int = 0, progress: Progress | None = None) -> None:

@@ -26,3 +26,12 @@ def _flower_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture
+def folders(tmp_path: Path):  # noqa: ANN201 - (tmp, specs, server spec, splits), see organizations.make_folders
+    """Three organizations' spec folders, each with its expert and its own shard of the queries
+    (the deployment tests of the integration and deploy tiers)."""
+    from organizations import make_folders  # the benchmark's datasets: only the tests that use it pay
+
+    return make_folders(tmp_path)

@@ -8,18 +8,21 @@ Where its expert comes from:
   spec's expert of that index. Answers are cached beside the spec (``.protofuse-cache``) unless
   the node config names a ``cache-dir``.
 
-Messages:
-- ``query`` (``describe``): the expert's pseudonym, labels, input width and query count, so the
-  server can issue the vocabulary before the first round;
-- ``train``: one round of ``local_training.run_round``. The reply holds the shared weights
-  (``arrays``), ``metrics`` (``num-examples``, ``loss``) and ``fusion``, a ConfigRecord with the
-  encoded prototype-distribution message and imitator statistics. The queries, the expert's
-  answers and the black box itself never leave this process.
+Messages (protos/protofuse/v1/federation.proto, as bytes inside Flower's records):
+- ``query`` (``describe``): replies ``describe``, a ConfigRecord whose ``node-description`` is the
+  encoded ``NodeDescription`` (the expert's pseudonym, labels, input width, query count and the
+  queries' overall [min, max]), so the server can issue the vocabulary before the first round. A
+  server of another federation format (or one from before the typed messages) is refused here,
+  with both formats named;
+- ``train``: the ``config`` ConfigRecord's ``round-plan`` is the encoded ``RoundPlan``; one round
+  of ``local_training.run_round``. The reply holds the shared weights (``arrays``), ``metrics``
+  (``num-examples``, ``loss``) and ``fusion``, a ConfigRecord with the encoded
+  prototype-distribution message and imitator statistics. The queries, the expert's answers and
+  the black box itself never leave this process.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from protofuse.protocol import federation as wire
 from protofuse.input_checks import input_range
-from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse.protocol import federation as wire
 from protofuse.spec import SpecError, load_spec
 
 from ..collect import cached_answers, load_array
@@ -42,13 +44,31 @@ app = ClientApp()
 _EXPERTS: dict[tuple[str, str, str], LocalExpert] = {}  # one load per process (simulation actors live long)
 
 
+# Where the typed messages travel in Flower's records (the names are the protocol's).
+DESCRIBE, NODE_DESCRIPTION, ROUND_PLAN = wire.DESCRIBE, wire.NODE_DESCRIPTION_KEY, wire.ROUND_PLAN_KEY
+# The keys of the untyped round configuration of protofuse before RoundPlan.
+_LEGACY_PLAN_KEYS = ("round", "phase", "vocabulary", "training")
+
+
 @app.query()
 def describe(message: Message, context: Context) -> Message:
+    check_server_format(message.content[wire.ASK_RECORD] if wire.ASK_RECORD in message.content else None)
     expert = local_expert(context)
     # The queries' overall min and max (two numbers) let the bank warn when new inputs are scaled
     # unlike them; nothing else about the queries leaves the client.
-    reply = ConfigRecord({"pseudonym": expert.pseudonym, "labels": list(expert.labels), "x-dim": int(expert.x.shape[1]), "n-queries": int(expert.n_queries), "x-range": input_range(expert.x)})
-    return Message(RecordDict({"describe": reply}), reply_to=message)
+    description = wire.NodeDescription(expert.pseudonym, expert.labels, int(expert.x.shape[1]), int(expert.n_queries), tuple(input_range(expert.x)))
+    reply = ConfigRecord({NODE_DESCRIPTION: wire.encode_node_description(description)})
+    return Message(RecordDict({DESCRIBE: reply}), reply_to=message)
+
+
+def check_server_format(ask: ConfigRecord | None) -> None:
+    """Refuse, before any work, a server that speaks another federation format: its ``describe``
+    query names its format (a server from before the typed messages names none)."""
+    version = ask.get(wire.FORMAT_VERSION_KEY) if ask is not None else None
+    if version is None:
+        raise wire.WireError(f"describe: the server speaks the untyped federation protocol of protofuse before format 1 (its query names no format), this client format {wire.FORMAT_VERSION}: run matching protofuse versions")
+    if version != wire.FORMAT_VERSION:
+        raise wire.WireError(f"describe: the server speaks federation format {version}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions")
 
 
 @app.train()
@@ -66,15 +86,16 @@ def train(message: Message, context: Context) -> Message:
 
 
 def round_plan(config: ConfigRecord) -> RoundPlan:
-    """Decode the server's round configuration (validated like a spec's tables)."""
-    try:
-        return RoundPlan(
-            round=int(config["round"]), phase=str(config["phase"]), phase_round=int(config["phase-round"]), phase_rounds=int(config["phase-rounds"]),
-            vocabulary=tuple(str(c) for c in config["vocabulary"]), model=json.loads(str(config["model"])),
-            training=TrainingSettings.model_validate_json(str(config["training"])), federation=FederationSettings.model_validate_json(str(config["federation"])),
-        )
-    except KeyError as err:
-        raise ValueError(f"the server's round configuration lacks {err}; are server and client the same protofuse version?") from None
+    """Decode the server's plan of this round (every field validated, the settings like a spec's
+    tables); a WireError names the field, or says the server speaks another format."""
+    if ROUND_PLAN not in config:
+        if any(key in config for key in _LEGACY_PLAN_KEYS):
+            raise wire.WireError(f"RoundPlan: the server sent the untyped round configuration of protofuse before format 1 (keys {sorted(config.keys())}), this client speaks federation format {wire.FORMAT_VERSION}: run matching protofuse versions")
+        raise wire.WireError(f"RoundPlan: missing; the server's train message has no {ROUND_PLAN!r} in its config (keys {sorted(config.keys())}); run matching protofuse versions")
+    value = config[ROUND_PLAN]
+    if not isinstance(value, bytes):
+        raise wire.WireError(f"RoundPlan: {ROUND_PLAN!r} holds a {type(value).__name__}, not the encoded message; run matching protofuse versions")
+    return wire.decode_round_plan(value)
 
 
 def local_expert(context: Context) -> LocalExpert:

@@ -12,20 +12,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from protofuse.protocol import federation as wire
 from protofuse.families import family
+from protofuse.protocol import federation as wire
+from protofuse.protocol.federation import PHASES, RoundPlan  # re-exported: what the server asks of a round
 from protofuse.families.discriminative import load_shared, shared_arrays
 from protofuse.model.discriminative import DiscriminativePrototypes
-from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse.records import Fidelity
 from protofuse.training import DiscriminativeTrainer, consensus, consensus_agreement, fidelity, n_batches
 from protofuse.triples import Triples
-
-PHASES = ("consensus", "agreement", "weighted")
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +37,6 @@ class LocalExpert:
     x: np.ndarray  # (n, d) float32, often a read-only memory map shared with other clients
     answers: np.ndarray  # (n, len(labels)) float32
     n_queries: int  # black-box queries this client's answers took (each input asked once)
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the server asks of every client in one round."""
-
-    round: int
-    phase: str  # one of PHASES
-    phase_round: int  # 0-based index of this round within its phase
-    phase_rounds: int
-    vocabulary: tuple[str, ...]
-    model: dict[str, Any]  # DiscriminativeConfig fields except n_labels and n_experts
-    training: TrainingSettings
-    federation: FederationSettings
-
-    def __post_init__(self) -> None:
-        if self.phase not in PHASES:
-            raise ValueError(f"phase is {self.phase!r}; the server sends one of {PHASES}")
-        if not 0 <= self.phase_round < self.phase_rounds:
-            raise ValueError(f"phase_round {self.phase_round} outside 0..{self.phase_rounds - 1}")
 
 
 @dataclass
@@ -165,8 +143,8 @@ def _train(model: DiscriminativePrototypes, train: Triples, plan: RoundPlan, tea
     return loss
 
 
-def _fidelity(model: DiscriminativePrototypes, held: Triples) -> wire.Fidelity:
+def _fidelity(model: DiscriminativePrototypes, held: Triples) -> Fidelity:
     if len(held.x) == 0:
-        return wire.Fidelity(0.0, 0.0, 0)
+        return Fidelity(0.0, 0.0, 0)  # nothing held out: sent as measured on none
     f = fidelity(model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach(), held)[0]
-    return wire.Fidelity(f.agreement, max(f.kl, 0.0), f.n)
+    return Fidelity(f.agreement, max(f.kl, 0.0), f.n)

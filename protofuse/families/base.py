@@ -10,20 +10,57 @@ splitting the triples, fidelity, expert records, settings, persistence.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..bank_meta import BankMeta
 from ..protocol import federation as wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress
 from ..triples import Triples
 
-if TYPE_CHECKING:  # the bank calls the family; a family only reads the bank it is given
-    from ..bank import Bank
+
+class ExpertView(Protocol):
+    """What a family reads of one expert's record (``protofuse.records.ExpertRecord`` has it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+
+class BankView(Protocol):
+    """What a family reads of the bank it adapts or describes: ``protofuse.bank.Bank`` satisfies it.
+
+    The bank calls its family; the family only reads this much of the bank, so families depend on
+    neither ``protofuse.bank`` nor ``protofuse.adapted`` (no import cycle, even for the type checker),
+    and a test can hand a family a stand-in.
+    """
+
+    @property
+    def model(self) -> nn.Module: ...  # the bank's networks (the family's own kind), in eval mode
+
+    @property
+    def label_names(self) -> tuple[str, ...]: ...  # the vocabulary, in the order of the weights' label rows
+
+    @property
+    def meta(self) -> BankMeta: ...
+
+    @property
+    def experts(self) -> Sequence[ExpertView]: ...  # in the order of the weights' expert rows
+
+    @property
+    def distributions(self) -> Mapping[str, np.ndarray]: ...  # generative: "<expert>.prior.mean" and the like
+
+    def covered_indices(self, classes: list[str]) -> torch.Tensor:
+        """Vocabulary indices of ``classes``; a ValueError naming any label no expert covers."""
+        ...
 
 
 class Task(Protocol):
@@ -86,17 +123,17 @@ class Family(ABC):
         """The bank's imitation of every expert on held-out inputs: (N, E, C) log-probabilities."""
 
     @abstractmethod
-    def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> Task:
+    def adapt(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> Task:
         """A new task from support inputs x (n, d) and labels y (n,) indexing ``classes``."""
 
-    def adapt_scored(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[Task, torch.Tensor]:
+    def adapt_scored(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[Task, torch.Tensor]:
         """``adapt``, plus the fitted task's (n, K) log-probabilities on its own support set."""
         task = self.adapt(bank, x, y, classes, settings, seed)
         with torch.no_grad():
             return task, task.log_proba(x)
 
     @abstractmethod
-    def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> Task:
+    def zero_shot(self, bank: BankView, classes: list[str], settings: AdaptSettings) -> Task:
         """A new task from its label names alone (every label covered by some expert)."""
 
     @abstractmethod
@@ -104,7 +141,7 @@ class Family(ABC):
         """Rebuild a task saved with its ``arrays()`` and ``meta()``."""
 
     @abstractmethod
-    def describe_expert(self, bank: Bank, index: int) -> wire.ExpertDistribution:
+    def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
         """Expert ``index``'s distribution over the bank's prototypes, as the wire carries it."""
 
     def adapt_method(self, settings: AdaptSettings) -> str:

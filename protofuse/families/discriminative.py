@@ -5,7 +5,7 @@ imitation head over its own labels; a new task is the MAP estimate of its labels
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,10 +16,8 @@ from ..schedule import TwoPhases
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, consensus, consensus_agreement, reliability_weights, train_discriminative
 from ..triples import Triples
-from .base import Family, Fitted, config_from_json
+from .base import BankView, Family, Fitted, config_from_json
 
-if TYPE_CHECKING:
-    from ..bank import Bank
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,10 @@ class Discriminative(Family):
     def imitate(self, model: DiscriminativePrototypes, held: Triples) -> torch.Tensor:
         return model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach()
 
-    def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> DiscriminativeTask:
+    def adapt(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> DiscriminativeTask:
         return self.adapt_scored(bank, x, y, classes, settings, seed)[0]
 
-    def adapt_scored(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[DiscriminativeTask, torch.Tensor]:
+    def adapt_scored(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[DiscriminativeTask, torch.Tensor]:
         # The support set's embeddings are at hand: scoring the fit on it costs one matrix product.
         m = bank.model
         z = m.embed(x)
@@ -90,19 +88,19 @@ class Discriminative(Family):
         with torch.no_grad():
             return DiscriminativeTask(m, head), head.log_proba(z)
 
-    def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> DiscriminativeTask:
+    def zero_shot(self, bank: BankView, classes: list[str], settings: AdaptSettings) -> DiscriminativeTask:
         m, idx = bank.model, bank.covered_indices(classes)
         return DiscriminativeTask(m, TaskHead(m.prototypes.detach()[idx].clone(), m.bias.detach()[idx].clone(), torch.zeros(())))
 
     def load_task(self, model: DiscriminativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> DiscriminativeTask:
         return DiscriminativeTask(model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"]))
 
-    def describe_expert(self, bank: Bank, index: int) -> wire.ExpertDistribution:
+    def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
         expert = bank.experts[index]
         vocab = {c: i for i, c in enumerate(bank.label_names)}
         bias = bank.model.expert_bias.detach()[index, [vocab[c] for c in expert.labels]]
         head = wire.DiscriminativeHead(float(bank.model.expert_log_temp.detach()[index]), tuple(float(b) for b in bias))
-        return wire.ExpertDistribution(expert.name, expert.labels, int(bank.meta.get("federation", {}).get("rounds", 0)), head)
+        return wire.ExpertDistribution(expert.name, expert.labels, bank.meta.federated_rounds, head)
 
     def adapt_method(self, settings: AdaptSettings) -> str:
         return "map"

@@ -4,7 +4,7 @@ task recomposes ``q*(w)`` from the bank's distributions (docs/method.md)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,10 +15,8 @@ from ..protocol import federation as wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, train_generative
 from ..triples import Triples
-from .base import Family, Fitted, config_from_json
+from .base import BankView, Family, Fitted, config_from_json
 
-if TYPE_CHECKING:
-    from ..bank import Bank
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class Generative(Family):
         tau = torch.from_numpy(held.tau) > 0  # (E, C)
         return restricted_log_softmax(logits[:, None, :].expand(-1, tau.shape[0], -1), tau[None])
 
-    def adapt(self, bank: Bank, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> GenerativeTask:
+    def adapt(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> GenerativeTask:
         idx = bank.covered_indices(classes)
         experts = [expert_distribution(bank, e.name) for e in bank.experts]
         prior = task_prior(bank, idx)
@@ -88,7 +86,7 @@ class Generative(Family):
             _, q = fit_mixture(bank.model, x, y, idx, experts + [prior], seed=seed)
         return GenerativeTask(bank.model, idx, q, settings.form, settings.n_z, seed)
 
-    def zero_shot(self, bank: Bank, classes: list[str], settings: AdaptSettings) -> GenerativeTask:
+    def zero_shot(self, bank: BankView, classes: list[str], settings: AdaptSettings) -> GenerativeTask:
         idx = bank.covered_indices(classes)
         w = task_prior(bank, idx).sample(32, torch.Generator().manual_seed(0))
         return GenerativeTask(bank.model, idx, WeightedPrototypes(w, torch.full((32,), -float(np.log(32)))), settings.form, settings.n_z)
@@ -97,7 +95,7 @@ class Generative(Family):
         q = WeightedPrototypes(arrays["w"], arrays["log_weights"])
         return GenerativeTask(model, arrays["classes"], q, meta["form"], meta["n_z"], meta["seed"])
 
-    def describe_expert(self, bank: Bank, index: int) -> wire.ExpertDistribution:
+    def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
         expert = bank.experts[index]
         moments = {source: expert_distribution(bank, expert.name, source) for source in ("prior", "posterior")}
         gaussians = {k: wire.Gaussian(d.mean.double().numpy(), d.cov.double().numpy()) for k, d in moments.items()}
@@ -107,13 +105,13 @@ class Generative(Family):
         return settings.recompose
 
 
-def expert_distribution(bank: Bank, name: str, source: str = "posterior") -> WDistribution:
+def expert_distribution(bank: BankView, name: str, source: str = "posterior") -> WDistribution:
     """An expert's distribution over prototypes ('prior' network or aggregated 'posterior')."""
     d = bank.distributions
     return WDistribution(torch.from_numpy(d[f"{name}.{source}.mean"]), torch.from_numpy(d[f"{name}.{source}.cov"]))
 
 
-def task_prior(bank: Bank, idx: torch.Tensor) -> WDistribution:
+def task_prior(bank: BankView, idx: torch.Tensor) -> WDistribution:
     """p_gamma(w | tau*) for the task whose labels are ``idx``."""
     tau = torch.zeros(len(bank.label_names))
     tau[idx] = 1.0

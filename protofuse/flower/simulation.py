@@ -28,8 +28,11 @@ def app_dir() -> Path:
     return Path(str(resources.files("protofuse.flower") / "app"))
 
 
-def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callable[[str], None] = print) -> Path:
-    """Run a whole federation of the spec's experts on Flower's simulation engine; returns ``out``."""
+def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callable[[str], None] = print, app: Path | None = None) -> Path:
+    """Run a whole federation of the spec's experts on Flower's simulation engine; returns ``out``.
+
+    app: another Flower app folder to run instead of ``app_dir()`` (its pyproject names the
+    components; the tests use one whose ServerApp wraps the fusion server's)."""
     spec = load_spec(spec_path)
     impl = family(spec.model.family)
     if not impl.federates:
@@ -50,7 +53,7 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
         # run folder: a run folder is shared with whoever adapts from its bank.
         run_config = f'spec="{spec_path.resolve()}" out="{out}" min-clients={n}' + (f" rounds={rounds}" if rounds else "")
         threads = spec.training.threads
-        cmd = [flower_bin("flwr"), "run", str(app_dir()), "protofuse-sim", "--stream", "--run-config", run_config,
+        cmd = [flower_bin("flwr"), "run", str(app or app_dir()), "protofuse-sim", "--stream", "--run-config", run_config,
                "--federation-config", f"num-supernodes={n} client-resources-num-cpus={threads} client-resources-num-gpus=0.0"]
         proc = subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, start_new_session=True)
         try:

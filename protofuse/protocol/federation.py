@@ -1,8 +1,11 @@
 """The wire format: plain frozen dataclasses and their protobuf codecs.
 
-This is the only module that touches the generated classes in protofuse/v1 (schemas in
-protos/protofuse/v1/). The rest of protofuse works with the dataclasses below, so a schema change
-stays contained here.
+This is the only module (with its companion ``protofuse.protocol.service``) that touches the
+generated classes in protofuse/v1 (schemas in protos/protofuse/v1/). The rest of protofuse works
+with the dataclasses below, so a schema change stays contained here. The whole federation speaks
+these messages: a node describes itself (``NodeDescription``), the server plans each round
+(``RoundPlan``), a client reports its expert (``ExpertDistribution``, ``ImitatorStats``), the server
+publishes its bank (``BankManifest``, whose experts are ``protofuse.records.ExpertRecord``).
 
 Every decoder validates every field and raises WireError naming the field by its wire path
 (``MessageName.field.path``) and saying how to fix it. Every encoder runs the same checks first,
@@ -14,28 +17,65 @@ and then runs them.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
+from protofuse.records import ExpertRecord, Fidelity
 from protofuse.v1 import bank_pb2, federation_pb2
 
+if TYPE_CHECKING:  # imported where used: the settings import torch, the codecs need not
+    from protofuse.settings import FederationSettings, TrainingSettings
+
 # Readers refuse any other version: bump it when a field changes meaning (protos/README.md).
+# Still 1 after NodeDescription and RoundPlan joined: they are new messages (an older build never
+# decodes them; it is refused by the absence of their bytes, see protofuse_server.fusion.membership
+# and client_sdk.clientapp.app), and the meaning of every existing field is unchanged, so the
+# distributions already kept in a server's store and published manifests stay readable.
 FORMAT_VERSION = 1
 
 MAX_PSEUDONYM_LENGTH = 128
 # exp(20) ~ 5e8: beyond that a temperature flattens or sharpens the head into a constant, which
 # only a broken or hostile client sends.
 MAX_ABS_LOG_TEMPERATURE = 20.0
-FAMILIES = ("discriminative", "generative")
+# Bounds of what enters a federation (NodeDescription, RoundPlan). Every label costs a prototype
+# row on every client; ImageNet-21k has about 21,000 classes, so 100,000 labels is past any
+# classification vocabulary and only a bug or a hostile node sends more.
+MAX_LABELS = 100_000
+MAX_LABEL_LENGTH = 256  # a class name, not a document
+# 2**24 features: a flattened 2048 x 2048 RGB image has 12.6M; the adaptation service refuses
+# wider support rows with the same constant.
+MAX_X_DIM = 1 << 24
+# A client loads its queries whole (and asks its expert about each once): a billion rows is far
+# past what one node holds; beyond that the count is a bug, and it weighs the node's updates.
+MAX_QUERIES = 1_000_000_000
+MAX_PHASE_ROUNDS = 100_000  # FederationSettings.rounds' own upper bound
+
+# Where the messages travel in Flower's records (both sides read these names from here): the
+# server's query record ASK_RECORD holds {"what": DESCRIBE, FORMAT_VERSION_KEY: FORMAT_VERSION}; the
+# node replies with the record DESCRIBE holding {NODE_DESCRIPTION_KEY: encoded NodeDescription};
+# each train message's "config" record holds {ROUND_PLAN_KEY: encoded RoundPlan}.
+ASK_RECORD = "ask"
+DESCRIBE = "describe"
+FORMAT_VERSION_KEY = "format-version"
+NODE_DESCRIPTION_KEY = "node-description"
+ROUND_PLAN_KEY = "round-plan"
+
+# The kinds of round, in schedule order; protos' Phase enum, PHASE_<NAME>.
+PHASES = ("consensus", "agreement", "weighted")
+_PHASE_CODES = {name: federation_pb2.Phase.Value(f"PHASE_{name.upper()}") for name in PHASES}
 
 _PSEUDONYM = re.compile(r"[A-Za-z0-9_.\-]+")
+# The form of a family's name (protofuse.families registers them); the registry, not the codec,
+# says which names exist.
+_FAMILY_NAME = re.compile(r"[a-z][a-z0-9_]*")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _UINT64_MAX = 2**64 - 1
 # Covariances computed in floating point (A @ A.T, averages) can be asymmetric in the last bits;
@@ -50,15 +90,6 @@ class WireError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Dataclasses
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """Imitation fidelity on held-out local queries, restricted to the expert's own labels."""
-
-    agreement: float  # fraction of queries where imitator and expert agree, in [0, 1]
-    kl: float  # mean KL(expert || imitator) in nats, >= 0
-    n: int  # number of held-out queries measured
 
 
 @dataclass(frozen=True)
@@ -130,36 +161,55 @@ class ImitatorStats:
 
 
 @dataclass(frozen=True)
-class ManifestExpert:
-    """One expert fused into the bank, as the server publishes it."""
-
-    pseudonym: str
-    label_names: tuple[str, ...]
-    trust: float  # in [0, 1]
-    fidelity: Fidelity
-    consensus_agreement: float | None
-    n_examples: int
-    n_queries: int
-    last_round: int
-
-    def __post_init__(self) -> None:
-        _freeze_sequence(self, "label_names")
-
-
-@dataclass(frozen=True)
 class BankManifest:
-    """One version of the shared bank: its labels, its weights file and its experts."""
+    """One version of the shared bank: its labels, its weights file and its experts.
+
+    Each expert is the one record type of protofuse (``ExpertRecord``); the manifest carries its
+    name, labels, trust (``weight``), fidelity, consensus, counts and last round, not its
+    distribution (``ExpertRecord.distribution`` is left empty when decoding)."""
 
     version: str
     round: int
     vocabulary: tuple[str, ...]  # global, append-only
     weights_digest: str  # sha256 of the weights file, lowercase hex
-    family: str  # "discriminative" or "generative"
-    experts: tuple[ManifestExpert, ...]
+    family: str  # a name protofuse.families registers ("discriminative", "generative")
+    experts: tuple[ExpertRecord, ...]
 
     def __post_init__(self) -> None:
         _freeze_sequence(self, "vocabulary")
         _freeze_sequence(self, "experts")
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    """A node's description of its expert, sent once before it is admitted to the federation."""
+
+    pseudonym: str
+    label_names: tuple[str, ...]  # the expert's labels in its output-column order
+    x_dim: int  # width of one input row
+    n_queries: int  # query inputs the client holds
+    x_range: tuple[float, float]  # (min, max) over every feature of the queries
+
+    def __post_init__(self) -> None:
+        _freeze_sequence(self, "label_names")
+        _freeze_sequence(self, "x_range")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks of every client in one round."""
+
+    round: int  # 1-based, over the whole run
+    phase: str  # one of PHASES
+    phase_round: int  # 0-based index of this round within its phase
+    phase_rounds: int  # rounds in the phase
+    vocabulary: tuple[str, ...]  # global, append-only
+    model: dict[str, Any]  # the family's network config (JSON object) without n_labels and n_experts
+    training: TrainingSettings
+    federation: FederationSettings
+
+    def __post_init__(self) -> None:
+        _freeze_sequence(self, "vocabulary")
 
 
 def _freeze_sequence(obj: object, name: str) -> None:
@@ -270,8 +320,12 @@ def encode_manifest(m: BankManifest) -> bytes:
     return _serialize(msg)
 
 
-def decode_manifest(data: bytes) -> BankManifest:
-    """Parse and validate a bank manifest."""
+def decode_manifest(data: bytes, *, families: Collection[str] | None = None) -> BankManifest:
+    """Parse and validate a bank manifest.
+
+    families: the family names the reader knows (``protofuse.families.FAMILIES``); when given, a
+    manifest of another family is refused naming ``BankManifest.family``. Without it only the
+    name's form is checked: the registry, not the codec, says which families exist."""
     msg = _parse(bank_pb2.BankManifest, data, "BankManifest")
     m = BankManifest(
         version=msg.version,
@@ -282,7 +336,80 @@ def decode_manifest(data: bytes) -> BankManifest:
         experts=tuple(_manifest_expert_from_proto(e, f"BankManifest.experts[{i}]") for i, e in enumerate(msg.experts)),
     )
     _check_manifest(m)
+    if families is not None and m.family not in families:
+        raise WireError(f"BankManifest.family: {m.family!r} is not a family this reader knows ({', '.join(sorted(families))}); read the bank with the protofuse that wrote it")
     return m
+
+
+def encode_node_description(d: NodeDescription) -> bytes:
+    """Validate and serialise a node's description of its expert."""
+    _expect_type(d, NodeDescription, "NodeDescription")
+    _check_node_description(d)
+    msg = federation_pb2.NodeDescription(
+        format_version=FORMAT_VERSION,
+        pseudonym=d.pseudonym,
+        label_names=d.label_names,
+        x_dim=int(d.x_dim),
+        n_queries=int(d.n_queries),
+    )
+    msg.x_range.lo, msg.x_range.hi = (float(v) for v in d.x_range)
+    return _serialize(msg)
+
+
+def decode_node_description(data: bytes) -> NodeDescription:
+    """Parse and validate a node's description (the server reads it; the sender is a client)."""
+    msg = _parse(federation_pb2.NodeDescription, data, "NodeDescription", sender="client")
+    if not msg.HasField("x_range"):
+        raise WireError("NodeDescription.x_range: missing; send the queries' overall [min, max] (protofuse.input_checks.input_range)")
+    d = NodeDescription(
+        pseudonym=msg.pseudonym,
+        label_names=tuple(msg.label_names),
+        x_dim=msg.x_dim,
+        n_queries=msg.n_queries,
+        x_range=(msg.x_range.lo, msg.x_range.hi),
+    )
+    _check_node_description(d)
+    return d
+
+
+def encode_round_plan(p: RoundPlan) -> bytes:
+    """Validate and serialise the server's plan of one round."""
+    _expect_type(p, RoundPlan, "RoundPlan")
+    _check_round_plan(p)
+    msg = federation_pb2.RoundPlan(
+        format_version=FORMAT_VERSION,
+        round=int(p.round),
+        phase=_PHASE_CODES[p.phase],
+        phase_round=int(p.phase_round),
+        phase_rounds=int(p.phase_rounds),
+        vocabulary=p.vocabulary,
+        # sort_keys: the same plan always gives the same bytes
+        model_json=json.dumps(p.model, sort_keys=True, allow_nan=False),
+        training_json=p.training.model_dump_json(),
+        federation_json=p.federation.model_dump_json(),
+    )
+    return _serialize(msg)
+
+
+def decode_round_plan(data: bytes) -> RoundPlan:
+    """Parse and validate a round plan (a client reads it; the sender is the server). The settings
+    are validated as a spec's tables are, so the client trains on nothing the server could not."""
+    msg = _parse(federation_pb2.RoundPlan, data, "RoundPlan", sender="server")
+    phases = {code: name for name, code in _PHASE_CODES.items()}
+    if msg.phase not in phases:
+        raise WireError(f"RoundPlan.phase: {federation_pb2.Phase.Name(msg.phase) if msg.phase in federation_pb2.Phase.values() else msg.phase} is not a kind of round; send one of {', '.join(f'PHASE_{p.upper()}' for p in PHASES)}")
+    p = RoundPlan(
+        round=msg.round,
+        phase=phases[msg.phase],
+        phase_round=msg.phase_round,
+        phase_rounds=msg.phase_rounds,
+        vocabulary=tuple(msg.vocabulary),
+        model=_json_object(msg.model_json, "RoundPlan.model_json"),
+        training=_settings_from_json("TrainingSettings", msg.training_json, "RoundPlan.training_json"),
+        federation=_settings_from_json("FederationSettings", msg.federation_json, "RoundPlan.federation_json"),
+    )
+    _check_round_plan(p)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +419,11 @@ def decode_manifest(data: bytes) -> BankManifest:
 _M = TypeVar("_M", bound=Message)
 
 
-def _parse(cls: type[_M], data: bytes, name: str) -> _M:
-    """Parse bytes as message cls, turning protobuf's errors into a WireError; check the version."""
+def _parse(cls: type[_M], data: bytes, name: str, sender: str | None = None) -> _M:
+    """Parse bytes as message cls, turning protobuf's errors into a WireError; check the version.
+
+    sender: who sends this message ("client", "server") when only one side does, so that a
+    version skew is reported as the two sides' formats."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{name}: expected bytes to decode, got {type(data).__name__}")
     msg = cls()
@@ -301,13 +431,16 @@ def _parse(cls: type[_M], data: bytes, name: str) -> _M:
         msg.ParseFromString(bytes(data))
     except (DecodeError, ValueError, UnicodeDecodeError) as exc:
         raise WireError(f"{name}: the bytes do not parse as a protofuse.v1.{name} message ({exc}); send the output of the matching encode function") from None
-    _check_format_version(msg.format_version, f"{name}.format_version")  # type: ignore[attr-defined]
+    _check_format_version(msg.format_version, f"{name}.format_version", sender)  # type: ignore[attr-defined]
     return msg
 
 
-def _check_format_version(version: int, path: str) -> None:
+def _check_format_version(version: int, path: str, sender: str | None = None) -> None:
     if version == 0:
         raise WireError(f"{path}: missing (0); set it to {FORMAT_VERSION}, the format this build reads")
+    if version != FORMAT_VERSION and sender is not None:
+        reader = "server" if sender == "client" else "client"
+        raise WireError(f"{path}: the {sender} speaks federation format {version}, this {reader} format {FORMAT_VERSION}; run matching protofuse versions on both sides")
     if version != FORMAT_VERSION:
         raise WireError(f"{path}: format {version} is not supported; this build reads format {FORMAT_VERSION}, so sender and receiver must run matching protofuse versions")
 
@@ -360,26 +493,27 @@ def _fidelity_to_proto(f: Fidelity, out: federation_pb2.Fidelity) -> None:
     out.n = int(f.n)
 
 
-def _manifest_expert_from_proto(e: bank_pb2.ManifestExpert, path: str) -> ManifestExpert:
-    return ManifestExpert(
-        pseudonym=e.pseudonym,
-        label_names=tuple(e.label_names),
-        trust=e.trust,
+def _manifest_expert_from_proto(e: bank_pb2.ManifestExpert, path: str) -> ExpertRecord:
+    """A ManifestExpert message as the one expert record (its distribution does not travel here)."""
+    return ExpertRecord(
+        name=e.pseudonym,
+        labels=tuple(e.label_names),
         fidelity=_fidelity_from_proto(e, f"{path}.fidelity"),
-        consensus_agreement=e.consensus_agreement if e.HasField("consensus_agreement") else None,
-        n_examples=e.n_examples,
         n_queries=e.n_queries,
+        consensus=e.consensus_agreement if e.HasField("consensus_agreement") else None,  # absent: not measured (NaN)
+        weight=e.trust,
+        n_examples=e.n_examples,
         last_round=e.last_round,
     )
 
 
-def _manifest_expert_to_proto(e: ManifestExpert, out: bank_pb2.ManifestExpert) -> None:
-    out.pseudonym = e.pseudonym
-    out.label_names.extend(e.label_names)
-    out.trust = float(e.trust)
+def _manifest_expert_to_proto(e: ExpertRecord, out: bank_pb2.ManifestExpert) -> None:
+    out.pseudonym = e.name
+    out.label_names.extend(e.labels)
+    out.trust = float(e.weight)
     _fidelity_to_proto(e.fidelity, out.fidelity)
-    if e.consensus_agreement is not None:
-        out.consensus_agreement = float(e.consensus_agreement)
+    if e.consensus_measured:
+        out.consensus_agreement = float(e.consensus)
     out.n_examples = int(e.n_examples)
     out.n_queries = int(e.n_queries)
     out.last_round = int(e.last_round)
@@ -470,9 +604,7 @@ def _check_manifest(m: BankManifest) -> None:
     _check_text(m.weights_digest, f"{name}.weights_digest")
     if not _SHA256_HEX.fullmatch(m.weights_digest):
         raise WireError(f"{name}.weights_digest: {m.weights_digest!r} is not a sha256 digest; send hashlib.sha256(weights).hexdigest() (64 lowercase hex characters)")
-    _check_text(m.family, f"{name}.family")
-    if m.family not in FAMILIES:
-        raise WireError(f"{name}.family: {m.family!r} is not a prototype family; use one of {', '.join(FAMILIES)}")
+    _check_family_name(m.family, f"{name}.family")
     experts = _check_tuple(m.experts, f"{name}.experts")
     vocabulary = set(m.vocabulary)
     seen: set[str] = set()
@@ -485,20 +617,91 @@ def _check_manifest(m: BankManifest) -> None:
 
 
 def _check_manifest_expert(e: Any, vocabulary: set[str], path: str) -> None:
-    if not isinstance(e, ManifestExpert):
-        raise WireError(f"{path}: expected a ManifestExpert, got {type(e).__name__}")
-    _check_pseudonym(e.pseudonym, f"{path}.pseudonym")
-    _check_labels(e.label_names, f"{path}.label_names", what="the expert's labels")
-    unknown = [label for label in e.label_names if label not in vocabulary]
+    """An expert record as the manifest carries it; paths are the wire's (ManifestExpert) names."""
+    if not isinstance(e, ExpertRecord):
+        raise WireError(f"{path}: expected a protofuse.records.ExpertRecord, got {type(e).__name__}")
+    _check_pseudonym(e.name, f"{path}.pseudonym")
+    _check_labels(e.labels, f"{path}.label_names", what="the expert's labels")
+    unknown = [label for label in e.labels if label not in vocabulary]
     if unknown:
         raise WireError(f"{path}.label_names: {unknown!r} not in BankManifest.vocabulary; add them to the vocabulary (it is append-only)")
-    _check_unit_interval(e.trust, f"{path}.trust")
+    _check_unit_interval(e.weight, f"{path}.trust")
     _check_fidelity(e.fidelity, f"{path}.fidelity")
-    if e.consensus_agreement is not None:
-        _check_unit_interval(e.consensus_agreement, f"{path}.consensus_agreement")
+    if e.consensus_measured:
+        _check_unit_interval(e.consensus, f"{path}.consensus_agreement")
     _check_uint(e.n_examples, f"{path}.n_examples")
     _check_uint(e.n_queries, f"{path}.n_queries")
     _check_uint(e.last_round, f"{path}.last_round")
+
+
+def _check_node_description(d: NodeDescription) -> None:
+    name = "NodeDescription"
+    _check_pseudonym(d.pseudonym, f"{name}.pseudonym")
+    _check_labels(d.label_names, f"{name}.label_names", what="the expert's labels", bounded=True)
+    _check_count(d.x_dim, f"{name}.x_dim", MAX_X_DIM, what="features per input row")
+    _check_count(d.n_queries, f"{name}.n_queries", MAX_QUERIES, what="query inputs")
+    x_range = _check_tuple(d.x_range, f"{name}.x_range")
+    if len(x_range) != 2:
+        raise WireError(f"{name}.x_range: {len(x_range)} values; send (min, max) of the queries")
+    lo, hi = _check_finite(x_range[0], f"{name}.x_range.lo"), _check_finite(x_range[1], f"{name}.x_range.hi")
+    if lo > hi:
+        raise WireError(f"{name}.x_range: lo {lo!r} > hi {hi!r}; send the queries' minimum first, then their maximum")
+
+
+def _check_round_plan(p: RoundPlan) -> None:
+    from protofuse.settings import FederationSettings, TrainingSettings  # see TYPE_CHECKING above
+
+    name = "RoundPlan"
+    if _check_uint(p.round, f"{name}.round") < 1:
+        raise WireError(f"{name}.round: 0; rounds count from 1")
+    if p.phase not in PHASES:
+        raise WireError(f"{name}.phase: {p.phase!r} is not a kind of round; send one of {', '.join(PHASES)}")
+    rounds = _check_count(p.phase_rounds, f"{name}.phase_rounds", MAX_PHASE_ROUNDS, what="rounds in a phase")
+    if _check_uint(p.phase_round, f"{name}.phase_round") >= rounds:
+        raise WireError(f"{name}.phase_round: {p.phase_round} is outside 0..{rounds - 1}, the phase's {rounds} rounds; send the round's 0-based index within its phase")
+    _check_labels(p.vocabulary, f"{name}.vocabulary", what="the global label vocabulary", bounded=True)
+    if not isinstance(p.model, dict) or not all(isinstance(k, str) for k in p.model):
+        raise WireError(f"{name}.model_json: expected a JSON object (a dict with string keys), got {type(p.model).__name__}; send the family's network config")
+    try:
+        json.dumps(p.model, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise WireError(f"{name}.model_json: not JSON-able ({err}); keep plain numbers, strings, lists and dicts in it") from None
+    if not isinstance(p.training, TrainingSettings):
+        raise WireError(f"{name}.training_json: expected a protofuse.settings.TrainingSettings, got {type(p.training).__name__}")
+    if not isinstance(p.federation, FederationSettings):
+        raise WireError(f"{name}.federation_json: expected a protofuse.settings.FederationSettings, got {type(p.federation).__name__}")
+
+
+def _json_object(text: str, path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise WireError(f"{path}: not JSON ({err}); send a JSON object") from None
+    if not isinstance(value, dict):
+        raise WireError(f"{path}: a JSON {type(value).__name__}, not an object; send a JSON object")
+    return value
+
+
+def _settings_from_json(cls_name: str, text: str, path: str) -> Any:
+    """The settings in a plan, validated by their pydantic model as a spec's table is."""
+    from pydantic import ValidationError
+
+    from protofuse import settings  # see TYPE_CHECKING above
+
+    cls = getattr(settings, cls_name)
+    try:
+        return cls.model_validate_json(text)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(whole)'}: {e['msg']}" for e in err.errors()[:5])
+        raise WireError(f"{path}: not valid {cls_name} ({problems}); server and client must run matching protofuse versions") from None
+
+
+def _check_family_name(value: object, path: str) -> None:
+    text = _check_text(value, path)
+    if not text:
+        raise WireError(f"{path}: empty; set the prototype family's name (e.g. 'discriminative')")
+    if not _FAMILY_NAME.fullmatch(text):
+        raise WireError(f"{path}: {text!r} is not a family name; use lowercase letters, digits and '_', as protofuse.families names them")
 
 
 def _check_fidelity(f: Any, path: str) -> None:
@@ -541,15 +744,22 @@ def _check_pseudonym(value: object, path: str) -> None:
         raise WireError(f"{path}: {text!r} has characters outside [A-Za-z0-9_.-]; use only letters, digits, '_', '.' and '-'")
 
 
-def _check_labels(names: object, path: str, *, what: str) -> None:
+def _check_labels(names: object, path: str, *, what: str, bounded: bool = False) -> None:
+    """Non-empty, unique, non-empty names. ``bounded``: also at most MAX_LABELS names of at most
+    MAX_LABEL_LENGTH characters (the messages that bring labels into a federation; the older
+    messages keep their format 1 rules)."""
     names = _check_tuple(names, path)
     if not names:
         raise WireError(f"{path}: empty; send {what} (at least one)")
+    if bounded and len(names) > MAX_LABELS:
+        raise WireError(f"{path}: {len(names)} labels; send at most {MAX_LABELS}")
     seen: set[str] = set()
     for i, label in enumerate(names):
         _check_text(label, f"{path}[{i}]")
         if not label:
             raise WireError(f"{path}[{i}]: empty label name; every label needs a non-empty name")
+        if bounded and len(label) > MAX_LABEL_LENGTH:
+            raise WireError(f"{path}[{i}]: {len(label)} characters; use label names of at most {MAX_LABEL_LENGTH}")
         if label in seen:
             raise WireError(f"{path}[{i}]: {label!r} appears twice; label names must be unique")
         seen.add(label)
@@ -568,6 +778,14 @@ def _check_uint(value: object, path: str) -> int:
     if not 0 <= int(value) <= _UINT64_MAX:
         raise WireError(f"{path}: {int(value)} is outside [0, 2**64 - 1]; counts and rounds are unsigned 64-bit")
     return int(value)
+
+
+def _check_count(value: object, path: str, maximum: int, *, what: str) -> int:
+    """A positive count of at most ``maximum``."""
+    number = _check_uint(value, path)
+    if not 1 <= number <= maximum:
+        raise WireError(f"{path}: {number} is outside [1, {maximum}]; send the number of {what} (at least one)")
+    return number
 
 
 def _check_finite(value: object, path: str) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protofuse.protocol import federation as wire
+from protofuse.records import ExpertRecord
 from protofuse.v1 import fusion_pb2
 from protofuse.protocol.federation import FORMAT_VERSION, WireError, _check_text, _parse, _serialize
 
@@ -23,7 +24,7 @@ METHODS = ("Adapt", "GetBank", "ListExperts")
 _DTYPES = {fusion_pb2.Tensor.FLOAT32: np.dtype("<f4"), fusion_pb2.Tensor.FLOAT64: np.dtype("<f8")}
 _DTYPE_CODES = {np.dtype(np.float32): fusion_pb2.Tensor.FLOAT32, np.dtype(np.float64): fusion_pb2.Tensor.FLOAT64}
 MAX_OPTION_LENGTH = 256
-MAX_WIDTH = 1 << 24  # no bank has wider inputs; refused before any array is shaped
+MAX_WIDTH = wire.MAX_X_DIM  # no bank has wider inputs (a federation admits none); refused before any array is shaped
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +62,7 @@ class BankInfo:
 
 @dataclass(frozen=True)
 class ExpertSummary:
-    expert: wire.ManifestExpert
+    expert: ExpertRecord  # as the manifest carries it (no distribution: that is the next field)
     distribution: wire.ExpertDistribution
 
 

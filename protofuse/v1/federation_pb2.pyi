@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PHASE_CONSENSUS: _ClassVar[Phase]
+    PHASE_AGREEMENT: _ClassVar[Phase]
+    PHASE_WEIGHTED: _ClassVar[Phase]
+PHASE_UNSPECIFIED: Phase
+PHASE_CONSENSUS: Phase
+PHASE_AGREEMENT: Phase
+PHASE_WEIGHTED: Phase
 
 class Fidelity(_message.Message):
     __slots__ = ("agreement", "kl", "n")
@@ -75,3 +87,49 @@ class ImitatorStats(_message.Message):
     consensus_agreement: float
     loss: float
     def __init__(self, format_version: _Optional[int] = ..., pseudonym: _Optional[str] = ..., round: _Optional[int] = ..., n_examples: _Optional[int] = ..., n_queries: _Optional[int] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., consensus_agreement: _Optional[float] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class InputRange(_message.Message):
+    __slots__ = ("lo", "hi")
+    LO_FIELD_NUMBER: _ClassVar[int]
+    HI_FIELD_NUMBER: _ClassVar[int]
+    lo: float
+    hi: float
+    def __init__(self, lo: _Optional[float] = ..., hi: _Optional[float] = ...) -> None: ...
+
+class NodeDescription(_message.Message):
+    __slots__ = ("format_version", "pseudonym", "label_names", "x_dim", "n_queries", "x_range")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    X_DIM_FIELD_NUMBER: _ClassVar[int]
+    N_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    X_RANGE_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    pseudonym: str
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    x_dim: int
+    n_queries: int
+    x_range: InputRange
+    def __init__(self, format_version: _Optional[int] = ..., pseudonym: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., x_dim: _Optional[int] = ..., n_queries: _Optional[int] = ..., x_range: _Optional[_Union[InputRange, _Mapping]] = ...) -> None: ...
+
+class RoundPlan(_message.Message):
+    __slots__ = ("format_version", "round", "phase", "phase_round", "phase_rounds", "vocabulary", "model_json", "training_json", "federation_json")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_JSON_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    round: int
+    phase: Phase
+    phase_round: int
+    phase_rounds: int
+    vocabulary: _containers.RepeatedScalarFieldContainer[str]
+    model_json: str
+    training_json: str
+    federation_json: str
+    def __init__(self, format_version: _Optional[int] = ..., round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., phase_round: _Optional[int] = ..., phase_rounds: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., model_json: _Optional[str] = ..., training_json: _Optional[str] = ..., federation_json: _Optional[str] = ...) -> None: ...

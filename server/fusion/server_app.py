@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -32,17 +32,23 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from protofuse.protocol import federation as wire
-from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, ExpertRecord, bank_meta
-from protofuse.families import family
+from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, bank_meta
+from protofuse.bank_meta import FederationRecord
+from protofuse.families import Family, family
+# Only the discriminative family federates (Family.federates): its split of shared and private
+# weights is what the rounds exchange.
 from protofuse.families.discriminative import config_for, load_shared, shared_arrays
-from protofuse.model.discriminative import DiscriminativePrototypes
+from protofuse.io import atomic_write_bytes
 from protofuse.model.networks import image_size
+from protofuse.protocol import federation as wire
+from protofuse.records import Fidelity
 from protofuse.spec import Spec, SpecError, load_spec
-from protofuse.training import Fidelity
 
+from .aggregation import extend_rows, to_record
+from .membership import Federation, describe_nodes
+from .schedule import Schedule
 from .store import BankStore, Checkpoint, StoreError
-from .strategy import Federation, FusionStrategy, Schedule, describe_nodes, extend_rows, to_record
+from .strategy import FusionStrategy
 
 app = ServerApp()
 
@@ -51,16 +57,17 @@ STORE = "store"
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
-    spec, out = _settings(cfg)
+    spec, out = run_settings(context.run_config)
     fuse(grid, spec, out)
 
 
-def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
-    """Run the whole schedule (resuming from the store if it holds a checkpoint); export the bank."""
-    impl = family(spec.model.family)
-    if not impl.federates:
-        raise SpecError(f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)")
+def fuse(grid: Grid, spec: Spec, out: Path, on_replies: Callable[[int], None] | None = None) -> Bank:
+    """Run the whole schedule (resuming from the store if it holds a checkpoint); export the bank.
+
+    ``on_replies(round)``: called in every round once the replies are in, before anything is
+    merged or checkpointed (``FusionStrategy``); a test's own ServerApp passes one to kill the
+    server mid-round."""
+    impl = federating_family(spec)
     torch.set_num_threads(spec.training.threads)
     schedule = Schedule.from_settings(spec.federation, spec.training)
     try:
@@ -77,7 +84,7 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
         else:
             fed, arrays, model_config = _start(grid, spec, last)
             earlier = list(last.state.get("rounds", [])) if last else []  # metrics of the rounds before a resume
-            strategy = FusionStrategy(fed, schedule, spec.training, spec.federation, model_config, lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier), round_offset=done)
+            strategy = FusionStrategy(fed, schedule, spec.training, spec.federation, model_config, lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier), round_offset=done, on_replies=on_replies)
             log(INFO, "fusion: rounds %d..%d of %d (%d clients, %d labels)", done + 1, schedule.total, schedule.total, len(fed.nodes), len(fed.vocabulary))
             strategy.start(grid, to_record(arrays), num_rounds=schedule.total - done, timeout=spec.federation.round_timeout)
         final = store.latest()
@@ -86,7 +93,7 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
         store.close()
     bank = export_bank(final, spec, model_config)
     bank.save(out / RUN_BANK)
-    write_manifest(out, manifest_of(final, bank.version))
+    write_manifest(out, manifest_of(final, bank.version, impl))
     _write_rounds(out / "rounds.json", history, final.state.get("rounds", []))
     log(INFO, "fusion: bank %s written to %s", bank.version, out)
     return bank
@@ -94,9 +101,7 @@ def fuse(grid: Grid, spec: Spec, out: Path) -> Bank:
 
 def _write_rounds(path: Path, history: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> None:
     """Per-round metrics of every round (kept in the checkpoints, so a resume loses none)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"history": history, "rounds": rounds}, indent=1, default=float))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps({"history": history, "rounds": rounds}, indent=1, default=float).encode())
 
 
 def run_key(spec: Spec) -> str:
@@ -109,7 +114,16 @@ def run_key(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _settings(cfg: Any) -> tuple[Spec, Path]:
+def federating_family(spec: Spec) -> Family:
+    """The spec's family from the registry, refused unless it federates."""
+    impl = family(spec.model.family)
+    if not impl.federates:
+        raise SpecError(f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)")
+    return impl
+
+
+def run_settings(cfg: Any) -> tuple[Spec, Path]:
+    """The spec and the run folder that the run config names (see the module's docstring)."""
     for key in ("spec", "out"):
         if not cfg.get(key):
             raise SpecError(f"run config lacks {key!r}: run with --run-config 'spec=\"/abs/spec.toml\" out=\"/abs/run\"'")
@@ -126,22 +140,20 @@ def _settings(cfg: Any) -> tuple[Spec, Path]:
 def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation, dict[str, np.ndarray], dict[str, Any]]:
     """Wait for the clients, learn their labels, and build (or restore) the shared weights."""
     nodes = _wait_for_nodes(grid, spec.federation.min_clients or 2, spec.federation.round_timeout)
-    described = describe_nodes(grid, nodes, spec.federation.round_timeout)
+    described = describe_nodes(grid, nodes, spec.federation.round_timeout)  # the others are refused there, by name
     if not described:
-        raise RuntimeError("no node described its expert; check the clients' logs")
-    widths = [int(d["x-dim"]) for d in described.values() if "x-dim" in d]
-    if not widths:
-        raise RuntimeError("no node described its input width; are the clients the same protofuse version?")
+        raise RuntimeError("no node described its expert; see the warnings above and the clients' logs (are they the same protofuse version?)")
+    widths = [d.x_dim for d in described.values()]
     x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
     image_shape = spec.data.image_shape
     if image_shape is not None and image_size(image_shape) != x_dim:
         raise SpecError(f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features")
     fed = Federation(list(last.vocabulary) if last else [], x_dim)
     if last:
-        fed.records = {e.pseudonym: e for e in last.experts}
+        fed.records = {e.name: e for e in last.experts}
         fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
         fed.input_range = last.state.get("input_range")
-    for node_id in sorted(described, key=lambda n: str(described[n].get("pseudonym", ""))):
+    for node_id in sorted(described, key=lambda n: described[n].pseudonym):
         try:
             fed.admit(node_id, described[node_id], set(nodes))
         except ValueError as err:  # one misconfigured client must not stop the others' federation
@@ -156,7 +168,7 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
         arrays = extend_rows(arrays, grown, spec.training.seed + len(fed.vocabulary)) if grown else arrays
     else:
         torch.manual_seed(spec.training.seed)
-        arrays = shared_arrays(DiscriminativePrototypes(config))
+        arrays = shared_arrays(federating_family(spec).build(asdict(config)))
     return fed, arrays, model_config
 
 
@@ -180,41 +192,41 @@ def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], str
 MANIFEST = RUN_MANIFEST
 
 
-def manifest_of(ck: Checkpoint, version: str) -> wire.BankManifest:
-    """The bank manifest published beside the exported bank (the BankManifest message of protos/)."""
+def manifest_of(ck: Checkpoint, version: str, impl: Family) -> wire.BankManifest:
+    """The bank manifest published beside the exported bank (the BankManifest message of protos/):
+    the checkpoint's expert records, without their distributions (those are in the bank)."""
     experts = tuple(
-        wire.ManifestExpert(e.pseudonym, e.label_names, e.trust, wire.Fidelity(e.fidelity_agreement, max(e.fidelity_kl, 0.0), e.fidelity_n), e.consensus, e.n_examples, e.n_queries, e.last_round)
-        for e in sorted(ck.experts, key=lambda e: e.pseudonym)
+        # A KL computed in floating point can come out a hair below 0; the manifest wants >= 0.
+        replace(e, fidelity=Fidelity(e.fidelity.agreement, max(e.fidelity.kl, 0.0), e.fidelity.n), distribution=b"")
+        for e in sorted(ck.experts, key=lambda e: e.name)
     )
-    return wire.BankManifest(version, ck.round, ck.vocabulary, ck.weights_digest, "discriminative", experts)
+    return wire.BankManifest(version, ck.round, ck.vocabulary, ck.weights_digest, impl.name, experts)
 
 
 def write_manifest(out: Path, manifest: wire.BankManifest) -> None:
     """Atomically: a reader sees the old manifest or the new one."""
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_bytes(wire.encode_manifest(manifest))
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_bytes(out / MANIFEST, wire.encode_manifest(manifest))
 
 
 def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Bank:
     """The run's bank in the format ``protofuse fit`` writes: shared weights plus each expert's
     imitation head (from its prototype-distribution message) and record."""
-    experts = sorted(ck.experts, key=lambda e: e.pseudonym)
+    impl = federating_family(spec)
+    experts = sorted(ck.experts, key=lambda e: e.name)
     config = {**model_config, "n_labels": len(ck.vocabulary), "n_experts": len(experts)}
-    model = family("discriminative").build(config)
+    model = impl.build(config)
     load_shared(model, ck.arrays)
     vocab = {c: i for i, c in enumerate(ck.vocabulary)}
-    records = []
     with torch.no_grad():
-        for e, state in enumerate(experts):
-            head = wire.decode_distribution(state.distribution).head
+        for e, record in enumerate(experts):
+            head = wire.decode_distribution(record.distribution).head
+            if not isinstance(head, wire.DiscriminativeHead):
+                raise ValueError(f"expert {record.name!r}: the store holds a {type(head).__name__}, not the imitation head of the {impl.name} family; the store belongs to another run")
             model.expert_log_temp[e] = head.log_temperature
-            model.expert_bias[e, [vocab[c] for c in state.label_names]] = torch.tensor(head.label_bias, dtype=torch.float32)
-            fid = Fidelity(state.fidelity_agreement, state.fidelity_kl, state.fidelity_n)
-            records.append(ExpertRecord(state.pseudonym, state.label_names, fid, state.n_queries, state.consensus if state.consensus is not None else float("nan"), state.trust))
+            model.expert_bias[e, [vocab[c] for c in record.labels]] = torch.tensor(head.label_bias, dtype=torch.float32)
+    # The bank keeps each expert's head in its weights: its records drop the encoded distribution.
+    records = [replace(record, distribution=b"") for record in experts]
     image_shape = tuple(spec.data.image_shape) if spec.data.image_shape else None
-    meta = bank_meta("discriminative", config, ck.vocabulary, image_shape, "gaussian", spec.model, spec.training, spec.adapt)
-    meta["federation"] = {"rounds": ck.round, "weights_digest": ck.weights_digest, "settings": spec.federation.model_dump()}
-    if ck.state.get("input_range"):
-        meta["input_range"] = ck.state["input_range"]
+    federation = FederationRecord(rounds=ck.round, weights_digest=ck.weights_digest, settings=spec.federation)
+    meta = bank_meta(impl.name, config, ck.vocabulary, image_shape, "gaussian", spec.model, spec.training, spec.adapt, input_range=ck.state.get("input_range") or None, federation=federation)
     return Bank(model.eval(), meta, records)

@@ -10,8 +10,9 @@ even in the middle of a checkpoint) and restarted resumes from the last complete
 every expert record it held. That rests on two orderings:
 
 * a weight file is written to a temporary file in ``weights/``, flushed and fsynced, renamed into
-  place with ``os.replace`` and the folder fsynced, *before* the SQL transaction that references
-  it commits; so a committed checkpoint never points at a missing or half-written file;
+  place with ``os.replace`` and the folder fsynced (``protofuse.io.atomic_write_bytes``), *before*
+  the SQL transaction that references it commits; so a committed checkpoint never points at a
+  missing or half-written file;
 * the SQL transaction (WAL journal, ``synchronous=FULL``) records the round, the vocabulary, the
   upserted experts and the state together; a crash before ``COMMIT`` leaves the previous
   checkpoint as it was, a crash after leaves the new one complete. Weight files nobody references
@@ -28,7 +29,8 @@ Integrity: foreign keys tie every expert label to the vocabulary, and checks kee
 the vocabulary is append-only because label indices in the shared weights refer to its positions.
 The SHA-256 of a weight file detects accidents (disk errors, truncation, a stray edit), not an
 attacker who can rewrite files. Arrays are stored as ``.npy`` members of an uncompressed zip with
-fixed timestamps, never pickled, so equal arrays give equal bytes and share one file.
+fixed timestamps (``protofuse.io.npz_bytes``), never pickled, so equal arrays give equal bytes
+and share one file.
 
 One server process writes a store; other processes may read it (WAL lets them), but a reader that
 races a writer's garbage collection across ``keep`` checkpoints can find its weight file gone.
@@ -45,7 +47,6 @@ import operator
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 import zipfile
@@ -57,14 +58,14 @@ from typing import Any, Self
 
 import numpy as np
 
+from protofuse.io import TEMP_PREFIX, atomic_write_bytes, fsync_dir, npz_bytes
+from protofuse.records import ExpertRecord, Fidelity
+
 SCHEMA_VERSION = 1
 DATABASE = "bank.sqlite"
 WEIGHTS = "weights"
 BUSY_TIMEOUT_S = 10.0
-_TEMP_PREFIX = ".tmp-"
 _WEIGHT_NAME = re.compile(r"[0-9a-f]{64}\.npz")
-# Zip members get a fixed timestamp so the file's bytes, hence its name, depend on content only.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -123,30 +124,6 @@ class StoreError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ExpertState:
-    """What the server remembers about one expert; one record per pseudonym, upserted each round."""
-
-    pseudonym: str
-    label_names: tuple[str, ...]
-    distribution: bytes  # the encoded prototype-distribution protobuf message (opaque here)
-    n_examples: int
-    n_queries: int
-    fidelity_agreement: float
-    fidelity_kl: float
-    fidelity_n: int
-    consensus: float | None  # agreement with the bank's consensus, None until measured
-    trust: float  # in [0, 1]
-    last_round: int
-
-    def __post_init__(self) -> None:
-        # Lists and bytearrays would compare unequal to what the store reads back.
-        if isinstance(self.label_names, str):
-            raise TypeError(f"label_names must be a sequence of names, got the string {self.label_names!r}")
-        object.__setattr__(self, "label_names", tuple(self.label_names))
-        object.__setattr__(self, "distribution", bytes(memoryview(self.distribution)))  # an int is no message
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     """The last complete checkpoint: shared weights, vocabulary, every expert ever seen, state."""
 
@@ -154,7 +131,7 @@ class Checkpoint:
     weights_digest: str
     arrays: dict[str, np.ndarray]
     vocabulary: tuple[str, ...]
-    experts: tuple[ExpertState, ...]  # every expert ever seen, sorted by pseudonym
+    experts: tuple[ExpertRecord, ...]  # every expert ever seen, sorted by name (pseudonym)
     state: dict[str, Any]  # as JSON reads it back: tuples become lists, keys become strings
 
 
@@ -170,19 +147,16 @@ class RoundRecord:
     n_known: int  # expert records held after this round's upsert
 
 
-def _no_hook(stage: str) -> None:
-    """Default crash-test hook: does nothing."""
-
-
-# Called with "weights_temp", "weights_durable", "before_commit" and "after_commit" while a
-# checkpoint runs. Only the crash-safety tests replace it (in a child process they SIGKILL).
-_checkpoint_hook: Callable[[str], None] = _no_hook
-
-
 class BankStore:
-    """A folder holding one federated run's bank: ``bank.sqlite`` and ``weights/``."""
+    """A folder holding one federated run's bank: ``bank.sqlite`` and ``weights/``.
 
-    def __init__(self, folder: str | os.PathLike, run_key: str, *, keep: int = 2) -> None:
+    ``on_stage``, when given, is called with ``"weights_temp"`` (weight file fsynced under its
+    temporary name), ``"weights_durable"`` (renamed into place, folder fsynced), ``"before_commit"``
+    and ``"after_commit"`` as each checkpoint passes them: the crash-safety tests kill a child
+    process there. It runs inside the checkpoint, under the store's locks; keep it quick.
+    """
+
+    def __init__(self, folder: str | os.PathLike, run_key: str, *, keep: int = 2, on_stage: Callable[[str], None] | None = None) -> None:
         if not isinstance(run_key, str) or not run_key:
             raise StoreError(f"run_key must be a non-empty string, got {run_key!r}")
         if operator.index(keep) < 1:
@@ -190,6 +164,7 @@ class BankStore:
         self._folder = Path(folder)
         self._weights = self._folder / WEIGHTS
         self._keep = int(keep)
+        self._on_stage = on_stage
         self._lock = threading.RLock()  # the server may call from Flower's threads
         _make_folders(self._folder, self._weights)
         self._db: sqlite3.Connection | None = _connect(self.path)
@@ -211,7 +186,7 @@ class BankStore:
         round: int,
         arrays: dict[str, np.ndarray],
         vocabulary: Sequence[str],
-        experts: Sequence[ExpertState],
+        experts: Sequence[ExpertRecord],
         state: dict[str, Any],
     ) -> str:
         """Record one round durably; returns the digest of its weight file.
@@ -230,16 +205,21 @@ class BankStore:
         digest = _sha256(data)
         with self._lock, self._write() as db:
             self._check_against_last(db, round, vocabulary)
-            _write_atomically(self._weights, f"{digest}.npz", data)
-            _checkpoint_hook("weights_durable")
+            # Durable (fsynced, renamed, folder fsynced) before the transaction that refers to it.
+            atomic_write_bytes(self._weights / f"{digest}.npz", data, before_replace=lambda: self._stage("weights_temp"))
+            self._stage("weights_durable")
             self._record(db, round, digest, vocabulary, experts, rows, state_json)
-            _checkpoint_hook("before_commit")
-        _checkpoint_hook("after_commit")
+            self._stage("before_commit")
+        self._stage("after_commit")
         try:
             self._collect_garbage()
         except (StoreError, OSError) as err:  # the checkpoint is committed; stale files wait for the next one
             _log.warning("%s: weight files not collected this round (%s)", self.path, err)
         return digest
+
+    def _stage(self, stage: str) -> None:
+        if self._on_stage is not None:
+            self._on_stage(stage)
 
     def _check_against_last(self, db: sqlite3.Connection, round: int, vocabulary: tuple[str, ...]) -> None:
         last = db.execute("SELECT max(round) FROM history").fetchone()[0]
@@ -260,7 +240,7 @@ class BankStore:
         round: int,
         digest: str,
         vocabulary: tuple[str, ...],
-        experts: Sequence[ExpertState],
+        experts: Sequence[ExpertRecord],
         rows: list[tuple[Any, ...]],
         state_json: str,
     ) -> None:
@@ -273,10 +253,10 @@ class BankStore:
             rows,
         )
         for expert in experts:  # an expert's label set may change between rounds: replace it
-            db.execute("DELETE FROM expert_labels WHERE pseudonym = ?", (expert.pseudonym,))
+            db.execute("DELETE FROM expert_labels WHERE pseudonym = ?", (expert.name,))
             db.executemany(
                 "INSERT INTO expert_labels (pseudonym, position, label) VALUES (?, ?, ?)",
-                [(expert.pseudonym, i, name) for i, name in enumerate(expert.label_names)],
+                [(expert.name, i, name) for i, name in enumerate(expert.labels)],
             )
         n_known = db.execute("SELECT count(*) FROM experts").fetchone()[0]
         db.execute(
@@ -299,13 +279,13 @@ class BankStore:
             wanted = {f"{d}.npz" for (d,) in db.execute("SELECT weights_digest FROM checkpoints JOIN history USING (round)")}
             removed = False
             for entry in self._weights.iterdir():
-                ours = _WEIGHT_NAME.fullmatch(entry.name) or entry.name.startswith(_TEMP_PREFIX)
+                ours = _WEIGHT_NAME.fullmatch(entry.name) or entry.name.startswith(TEMP_PREFIX)
                 if ours and entry.name not in wanted:
                     with suppress(FileNotFoundError):
                         entry.unlink()
                     removed = True
             if removed:
-                _fsync_folder(self._weights)
+                fsync_dir(self._weights)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -330,8 +310,8 @@ class BankStore:
             state=json.loads(state_json),
         )
 
-    def experts(self) -> tuple[ExpertState, ...]:
-        """Every expert ever checkpointed, sorted by pseudonym."""
+    def experts(self) -> tuple[ExpertRecord, ...]:
+        """Every expert ever checkpointed, sorted by name (pseudonym)."""
         with self._lock, self._read() as db:
             return _experts(db)
 
@@ -475,42 +455,46 @@ def _check_vocabulary(vocabulary: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_unique(experts: Sequence[ExpertState]) -> Sequence[ExpertState]:
+def _check_unique(experts: Sequence[ExpertRecord]) -> Sequence[ExpertRecord]:
     seen: set[str] = set()
     for expert in experts:
-        if not isinstance(expert, ExpertState):
-            raise StoreError(f"experts must be ExpertState records, got {type(expert).__name__}")
-        if expert.pseudonym in seen:
-            raise StoreError(f"expert {expert.pseudonym!r} appears twice in one checkpoint; send one record per expert")
-        seen.add(expert.pseudonym)
+        if not isinstance(expert, ExpertRecord):
+            raise StoreError(f"experts must be protofuse.records.ExpertRecord records, got {type(expert).__name__}")
+        if expert.name in seen:
+            raise StoreError(f"expert {expert.name!r} appears twice in one checkpoint; send one record per expert")
+        seen.add(expert.name)
     return experts
 
 
-def _expert_row(expert: ExpertState, vocabulary: set[str], round: int) -> tuple[Any, ...]:
-    """The expert's ``experts`` row, after checks that name the expert and the field."""
-    who = f"expert {expert.pseudonym!r}"
-    if not isinstance(expert.pseudonym, str) or not expert.pseudonym:
-        raise StoreError(f"an expert's pseudonym must be a non-empty string, got {expert.pseudonym!r}")
-    missing = [n for n in expert.label_names if n not in vocabulary]
+def _expert_row(expert: ExpertRecord, vocabulary: set[str], round: int) -> tuple[Any, ...]:
+    """The expert's ``experts`` row, after checks that name the expert and the field (the
+    record's name is the ``pseudonym`` column, its weight the ``trust`` column)."""
+    who = f"expert {expert.name!r}"
+    if not isinstance(expert.name, str) or not expert.name:
+        raise StoreError(f"an expert's name (pseudonym) must be a non-empty string, got {expert.name!r}")
+    missing = [n for n in expert.labels if n not in vocabulary]
     if missing:
         raise StoreError(f"{who} has labels {missing[:5]!r} outside the vocabulary; add them to the vocabulary first")
-    if len(set(expert.label_names)) != len(expert.label_names):
-        raise StoreError(f"{who} lists a label twice in {expert.label_names!r}")
-    counts = {name: _count(who, name, getattr(expert, name)) for name in ("n_examples", "n_queries", "fidelity_n", "last_round")}
+    if len(set(expert.labels)) != len(expert.labels):
+        raise StoreError(f"{who} lists a label twice in {expert.labels!r}")
+    fidelity = expert.fidelity
+    if not isinstance(fidelity, Fidelity):
+        raise StoreError(f"{who}: fidelity must be a protofuse.records.Fidelity, got {type(fidelity).__name__}")
+    counts = {name: _count(who, name, value) for name, value in (("n_examples", expert.n_examples), ("n_queries", expert.n_queries), ("fidelity.n", fidelity.n), ("last_round", expert.last_round))}
     if counts["last_round"] > round:
         raise StoreError(f"{who}: last_round {counts['last_round']} is after the checkpoint's round {round}")
-    trust = _real(who, "trust", expert.trust)
+    trust = _real(who, "weight", expert.weight)
     if not 0.0 <= trust <= 1.0:
-        raise StoreError(f"{who}: trust {trust} is outside [0, 1]")
-    consensus = None if expert.consensus is None else _real(who, "consensus", expert.consensus)
+        raise StoreError(f"{who}: weight (trust) {trust} is outside [0, 1]")
+    consensus = _real(who, "consensus", expert.consensus) if expert.consensus_measured else None  # NaN: not measured, NULL
     return (
-        expert.pseudonym,
+        expert.name,
         expert.distribution,
         counts["n_examples"],
         counts["n_queries"],
-        _real(who, "fidelity_agreement", expert.fidelity_agreement),
-        _real(who, "fidelity_kl", expert.fidelity_kl),
-        counts["fidelity_n"],
+        _real(who, "fidelity.agreement", fidelity.agreement),
+        _real(who, "fidelity.kl", fidelity.kl),
+        counts["fidelity.n"],
         consensus,
         trust,
         counts["last_round"],
@@ -553,44 +537,12 @@ def _encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """An ``.npz`` whose bytes depend only on the arrays (sorted names, fixed timestamps, no pickle)."""
     if not arrays:
         raise StoreError("arrays is empty; a checkpoint needs the bank's weights")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as npz:
-        for name in sorted(arrays):
-            if not isinstance(name, str) or not name:
-                raise StoreError(f"array names must be non-empty strings, got {name!r}")
-            array = np.asarray(arrays[name])
-            if array.dtype.hasobject:
-                raise StoreError(f"array {name!r} has dtype {array.dtype}; only plain numeric arrays are stored (no pickle)")
-            with npz.open(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _write_atomically(folder: Path, name: str, data: bytes) -> None:
-    """Temp file in the same folder, flush + fsync, rename over, fsync the folder."""
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=_TEMP_PREFIX, suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        _checkpoint_hook("weights_temp")
-        os.replace(temp, folder / name)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_folder(folder)  # the rename itself must be durable before SQL refers to the file
-
-
-def _fsync_folder(folder: Path) -> None:
-    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals renames itself
-        return
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for name in arrays:
+        if not isinstance(name, str) or not name:
+            raise StoreError(f"array names must be non-empty strings, got {name!r}")
+        if np.asarray(arrays[name]).dtype.hasobject:
+            raise StoreError(f"array {name!r} has dtype {np.asarray(arrays[name]).dtype}; only plain numeric arrays are stored (no pickle)")
+    return npz_bytes({name: arrays[name] for name in sorted(arrays)})
 
 
 def _sha256(data: bytes) -> str:
@@ -606,8 +558,8 @@ def _make_folders(folder: Path, weights: Path) -> None:
     created = not weights.is_dir()
     weights.mkdir(parents=True, exist_ok=True)
     if created:  # make the new folders' entries durable before files go in them
-        _fsync_folder(folder)
-        _fsync_folder(folder.parent)
+        fsync_dir(folder)
+        fsync_dir(folder.parent)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -637,7 +589,7 @@ def _vocabulary(db: sqlite3.Connection) -> tuple[str, ...]:
     return tuple(name for (name,) in db.execute("SELECT name FROM vocabulary ORDER BY position"))
 
 
-def _experts(db: sqlite3.Connection) -> tuple[ExpertState, ...]:
+def _experts(db: sqlite3.Connection) -> tuple[ExpertRecord, ...]:
     labels: dict[str, list[str]] = {}
     for pseudonym, label in db.execute("SELECT pseudonym, label FROM expert_labels ORDER BY pseudonym, position"):
         labels.setdefault(pseudonym, []).append(label)
@@ -645,18 +597,16 @@ def _experts(db: sqlite3.Connection) -> tuple[ExpertState, ...]:
     return tuple(_expert(row, tuple(labels.get(row[0], ()))) for row in rows)
 
 
-def _expert(row: tuple[Any, ...], label_names: tuple[str, ...]) -> ExpertState:
+def _expert(row: tuple[Any, ...], label_names: tuple[str, ...]) -> ExpertRecord:
     pseudonym, distribution, n_examples, n_queries, agreement, kl, fidelity_n, consensus, trust, last_round = row
-    return ExpertState(
-        pseudonym=pseudonym,
-        label_names=label_names,
-        distribution=bytes(distribution),
-        n_examples=n_examples,
+    return ExpertRecord(
+        name=pseudonym,
+        labels=label_names,
+        fidelity=Fidelity(agreement, kl, fidelity_n),
         n_queries=n_queries,
-        fidelity_agreement=agreement,
-        fidelity_kl=kl,
-        fidelity_n=fidelity_n,
-        consensus=consensus,
-        trust=trust,
+        consensus=consensus,  # NULL: not measured (NaN)
+        weight=trust,
+        n_examples=n_examples,
         last_round=last_round,
+        distribution=bytes(distribution),
     )

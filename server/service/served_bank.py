@@ -101,17 +101,19 @@ class ServedBank:
 
 def manifest_of_bank(bank: Bank) -> wire.BankManifest:
     """A manifest for a bank without one (``protofuse fit`` output): its records as the server knows them."""
-    rounds = int(bank.meta.get("federation", {}).get("rounds", 0))
-    return wire.BankManifest(bank.version, rounds, bank.label_names, bank.meta["sha256"], bank.family, tuple(_manifest_expert(e, rounds) for e in bank.experts))
+    if bank.meta.sha256 is None:
+        raise ValueError("the bank is unsaved: save it (or load it) before describing it in a manifest")
+    rounds = bank.meta.federated_rounds
+    return wire.BankManifest(bank.version, rounds, bank.label_names, bank.meta.sha256, bank.family, tuple(_manifest_expert(e, rounds) for e in bank.experts))
 
 
-def _manifest_expert(e, rounds: int) -> wire.ManifestExpert:  # noqa: ANN001 - an ExpertRecord
+def _manifest_expert(e: wire.ExpertRecord, rounds: int) -> wire.ExpertRecord:
     f = e.fidelity
     measured = f.n > 0 and math.isfinite(f.agreement) and math.isfinite(f.kl)
     fidelity = wire.Fidelity(f.agreement, max(f.kl, 0.0), f.n) if measured else wire.Fidelity(0.0, 0.0, 0)
     consensus = e.consensus if math.isfinite(e.consensus) else None
     trust = min(max(e.weight, 0.0), 1.0)
-    return wire.ManifestExpert(e.name, e.labels, trust, fidelity, consensus, e.n_queries, e.n_queries, rounds)
+    return wire.ExpertRecord(e.name, e.labels, fidelity, e.n_queries, consensus, trust, n_examples=e.n_queries, last_round=rounds)
 
 
 def _experts(bank: Bank, manifest: wire.BankManifest) -> ExpertList:

@@ -65,7 +65,7 @@ class FusionService:
     def get_bank(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         _decode(context, decode_empty_request, "GetBankRequest", request)
         snapshot = self._snapshot(context)
-        return encode_bank_info(BankInfo(snapshot.manifest, int(snapshot.bank.meta["x_dim"])))
+        return encode_bank_info(BankInfo(snapshot.manifest, snapshot.bank.meta.x_dim))
 
     def list_experts(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         _decode(context, decode_empty_request, "ListExpertsRequest", request)
@@ -75,7 +75,7 @@ class FusionService:
         started = time.monotonic()
         snapshot = self._snapshot(context)
         bank = snapshot.bank
-        req = _decode(context, decode_adapt_request, request, max_support=self.settings.max_support, input_width=int(bank.meta["x_dim"]), option_names=OPTION_NAMES)
+        req = _decode(context, decode_adapt_request, request, max_support=self.settings.max_support, input_width=bank.meta.x_dim, option_names=OPTION_NAMES)
         options: dict[str, Any] = dict(req.options)
         seed = options.pop("seed", "0")
         try:

@@ -16,7 +16,7 @@
 # process group), also on failure.
 #
 # Environment: PROJECT (pf-smoke-<pid>), BASE_IMAGE (protofuse-base:bookworm), PROTOFUSE_TAG
-# (0.1.0), PYTHON_BIN (.venv/bin: flower-supernode, flwr, protofuse on the host), KEEP_PKI (a
+# (0.2.0), PYTHON_BIN (.venv/bin: flower-supernode, flwr, protofuse on the host), KEEP_PKI (a
 # folder to copy the deployment's certificates and keys to).
 set -euo pipefail
 
@@ -24,7 +24,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 PROJECT=${PROJECT:-pf-smoke-$$}
 export BASE_IMAGE=${BASE_IMAGE:-protofuse-base:bookworm}
-export PROTOFUSE_TAG=${PROTOFUSE_TAG:-0.1.0}
+export PROTOFUSE_TAG=${PROTOFUSE_TAG:-0.2.0}
 PYTHON_BIN=${PYTHON_BIN:-$root/.venv/bin}
 export PATH="$PYTHON_BIN:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1

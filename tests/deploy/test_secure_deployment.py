@@ -26,7 +26,7 @@ from client_sdk import FusionClient, FusionError
 from protofuse_server.certs import init
 from protofuse.flower.simulation import app_dir
 from protofuse.flower.launcher import flower_bin, flower_env, free_port, start_superlink, stop, write_connection
-from test_deployment import folders, held_out_task  # noqa: F401 - the fixture: three organizations' spec folders
+from organizations import held_out_task
 from polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def _status(url: str, certs: Path, method: str = "GET", body: bytes | None = Non
         return None
 
 
-def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the_service(folders, tmp_path):  # noqa: F811
+def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the_service(folders, tmp_path):
     tmp, specs, server_spec, splits = folders
     certs = tmp / "certs"
     init(certs, supernodes=4)  # node-3 is never registered

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs real model servers for tests/test_model_servers.py into a separate virtualenv,
+# Installs real model servers for tests/integration/test_model_servers.py into a separate virtualenv,
 # .venv-mlserver at the repository root: MLServer (Open Inference Protocol, scikit-learn
 # runtime) and MLflow's scoring server (mlflow-skinny; `mlflow models serve --env-manager local`).
 # They live apart from .venv because their dependencies (protobuf, grpcio, fastapi, ...) must

@@ -66,7 +66,7 @@ def test_a_table_world_fits_the_bank_and_the_mlp_imitator_with_and_without_table
     banks = {"protofuse": ({}, {}), "protofuse, mlp encoder": ({"encoder": "mlp"}, {})}
     table = build_world("digits-flat", 0, DEFAULT_RECIPES, banks, 2, ["conv"], ceiling=False)
     assert set(table.banks) == {"protofuse", "protofuse, no table augmentation"}  # the image-only ablation is the default here
-    assert table.banks["protofuse, no table augmentation"].meta["settings"]["training"]["feature_dropout"] == 0
+    assert table.banks["protofuse, no table augmentation"].meta.settings.training.feature_dropout == 0
     assert set(table.imitators) == {"mlp", "mlp, no augmentation", "mlp, feature dropout 0.5"}
     assert table.imitators["mlp"].augmentation == TrainingSettings().resolved_augmentation(None, 64) is not None  # the bank's own rule
     assert table.imitators["mlp, no augmentation"].augmentation is None

@@ -16,56 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from bench.demo import EXPERTS_PY, REPO, spec_entry
-from bench.federations import ExpertRecipe
 from protofuse.bank import load_bank
-from bench.datasets import load_dataset, make_splits, sample_support, task_subset
+from organizations import TASK, held_out_task
+
 from protofuse.flower.simulation import app_dir
 from protofuse.flower.launcher import flower_bin, flower_env, free_port, start_superlink, stop, write_connection
-
-# A ring of three experts over the ten digits: each pair shares a label, no expert knows the task.
-RECIPES = (
-    ExpertRecipe("north", "logreg", ("0", "1", "2", "3")),
-    ExpertRecipe("east", "logreg", ("3", "4", "5", "6")),
-    ExpertRecipe("west", "logreg", ("6", "7", "8", "9", "0")),
-)
-TASK = ("1", "5", "8")
-
-EXPERTS = EXPERTS_PY + '''
-from bench.federations import build_expert, ExpertRecipe  # noqa: E402
-from bench.datasets import load_dataset, make_splits  # noqa: E402
-
-_train = make_splits(load_dataset("digits"), 0).expert_train
-{recipes}
-'''
-
-
-def held_out_task(splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001 - Splits
-    """TASK's 5-shot support set and its test examples, labels as names: (sx, sy, tx, ty)."""
-    classes = [splits.support.label_names.index(c) for c in TASK]
-    sx, sy = sample_support(splits.support, classes, 5, np.random.default_rng(1))
-    tx, ty = task_subset(splits.test, classes)
-    return sx, np.asarray(TASK)[sy], tx, np.asarray(TASK)[ty]
-
-
-@pytest.fixture
-def folders(tmp_path):
-    """One spec folder per organization: its expert and its own shard of the query pool."""
-    splits = make_splits(load_dataset("digits"), 0)
-    shards = np.array_split(np.random.default_rng(0).permutation(len(splits.queries.x)), len(RECIPES))
-    specs = []
-    for recipe, rows in zip(RECIPES, shards):
-        org = tmp_path / recipe.name
-        org.mkdir()
-        np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])
-        line = f"{recipe.name} = build_expert(ExpertRecipe({recipe.name!r}, 'logreg', {recipe.classes!r}), _train, 0).expert"
-        (org / "experts.py").write_text(EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line))
-        (org / "spec.toml").write_text(spec_entry(recipe.name, f"experts:{recipe.name}", recipe.classes, "queries.npy"))
-        specs.append(org / "spec.toml")
-    server = tmp_path / "server.toml"
-    server.write_text("[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = 4\nmin_clients = 3\n")
-    return tmp_path, specs, server, splits
-
 
 def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     tmp, specs, server, splits = folders

@@ -1,19 +1,26 @@
 """protofuse simulate on Flower's simulation engine, end to end: a SuperLink in simulation mode,
 one virtual client per expert, the real ServerApp and ClientApp. The run is killed in the middle
-of a round (SIGKILL of the server), then resumed; the bank it exports serves adapt and predict."""
+of a round (SIGKILL of the server, by the ServerApp of crashing_server_app.py, run from a copy of
+protofuse's Flower app), then resumed by the real one; the bank it exports serves adapt and predict."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.demo import write_federation
-from protofuse.protocol import federation as wire
 from protofuse.bank import load_bank
+from protofuse.families import FAMILIES
+from protofuse.flower.simulation import SimulationError, app_dir, simulate
+from protofuse.protocol import federation as wire
 from protofuse_cli.main import main
+
+SERVERAPP = 'serverapp = "protofuse_server.fusion.server_app:app"'
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +29,25 @@ def federation(tmp_path_factory):
     return write_federation(folder / "federation", "digits", k=5, seed=0)
 
 
-def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federation, tmp_path, monkeypatch, capsys):
+def crashing_app(folder: Path) -> Path:
+    """A copy of protofuse's Flower app whose ServerApp is crashing_server_app's (same clients)."""
+    app = folder / "crashing-app"
+    app.mkdir()
+    pyproject = (app_dir() / "pyproject.toml").read_text()
+    assert SERVERAPP in pyproject, "protofuse's Flower app names another ServerApp: update this test"
+    (app / "pyproject.toml").write_text(pyproject.replace(SERVERAPP, 'serverapp = "crashing_server_app:app"'))
+    shutil.copy(Path(__file__).with_name("crashing_server_app.py"), app)
+    return app
+
+
+def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federation, tmp_path, capsys):
     run = tmp_path / "run"
-    monkeypatch.setenv("PROTOFUSE_TEST_KILL_IN_ROUND", "3")  # the agreement round: replies in, nothing merged
-    assert main(["simulate", str(federation), "--out", str(run), "--rounds", "4"]) == 1
-    assert "run the same command again to resume" in capsys.readouterr().err
+    # Killed in round 3 (the agreement round: replies in, nothing merged), as a power cut would.
+    with pytest.raises(SimulationError, match="run the same command again to resume"):
+        simulate(federation, run, rounds=4, app=crashing_app(tmp_path))
     with sqlite3.connect(run / "store" / "bank.sqlite") as db:
         assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [1, 2]
         assert db.execute("SELECT COUNT(*) FROM experts").fetchone()[0] == 5
-    monkeypatch.delenv("PROTOFUSE_TEST_KILL_IN_ROUND")
 
     assert main(["simulate", str(federation), "--out", str(run), "--rounds", "4"]) == 0
     err = capsys.readouterr().err
@@ -40,15 +57,17 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federatio
         assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [1, 2, 3, 4, 5]
 
     bank = load_bank(run)  # the run folder, as adapt, predict and info take it
-    assert bank.meta["federation"]["rounds"] == 5
+    assert bank.meta.federation.rounds == 5
     assert sorted(e.name for e in bank.experts) == ["forest", "knn", "logreg", "mlp", "svm"]
     assert all(e.n_queries > 0 and 0 < e.weight <= 1 and 0.5 < e.fidelity.agreement <= 1 for e in bank.experts)
     assert max(e.weight for e in bank.experts) == 1.0
     queries = np.load(federation.parent / "queries.npy")  # each client sent its queries' min and max
-    assert bank.meta["input_range"] == [float(queries.min()), float(queries.max())]
-    manifest = wire.decode_manifest((run / "manifest.pb").read_bytes())  # what the server publishes
-    assert (manifest.round, manifest.version, manifest.vocabulary) == (5, bank.version, bank.label_names)
-    assert {e.pseudonym: e.trust for e in manifest.experts} == {e.name: e.weight for e in bank.experts}
+    assert bank.meta.input_range == (float(queries.min()), float(queries.max()))
+    manifest = wire.decode_manifest((run / "manifest.pb").read_bytes(), families=FAMILIES)  # what the server publishes
+    assert (manifest.round, manifest.version, manifest.vocabulary, manifest.family) == (5, bank.version, bank.label_names, "discriminative")
+    # One record type on both sides: the manifest's experts are the bank's, with the federation's counts.
+    assert {e.name: (e.labels, e.weight, e.n_queries) for e in manifest.experts} == {e.name: (e.labels, e.weight, e.n_queries) for e in bank.experts}
+    assert all(e.last_round == 5 and e.n_examples > 0 for e in manifest.experts)
 
     folder = federation.parent
     support = np.load(folder / "support.npz")

@@ -12,9 +12,10 @@ import torch
 from protofuse import artifacts
 from protofuse.adapted import load_adapted
 from protofuse.artifacts import ArtifactError
-from protofuse.bank import fit_bank, load_bank
+from protofuse.bank import Bank, bank_meta, fit_bank, load_bank
+from protofuse.bank_meta import BankMeta, FederationRecord
 from protofuse.families.generative import expert_distribution
-from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
+from protofuse.settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
 from protofuse.triples import assemble
 from toys import clusters, two_experts
 
@@ -199,7 +200,7 @@ def test_labels_no_expert_compares_are_ranked_with_or_without_distillation(tmp_p
         bank = fit_bank(triples, ModelSettings(feat_dim=8), train, AdaptSettings(), None, "bernoulli")
         assert (bank.zero_shot(["0", "3"]).predict(x[keep]) == y[keep].astype(str)).mean() > 0.95
     bank.save(tmp_path / "bank")
-    assert load_bank(tmp_path / "bank").meta["settings"]["training"]["distill"] == 0.0
+    assert load_bank(tmp_path / "bank").meta.settings.training.distill == 0.0
 
 
 def test_one_epoch_of_training_works_with_reweighting():
@@ -276,6 +277,94 @@ def test_weights_that_do_not_match_their_configuration_name_the_folder(tmp_path)
     artifacts.save(tmp_path / "partial", "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version")})
     with pytest.raises(ArtifactError, match=r"partial: bank metadata is incomplete or malformed"):
         load_bank(tmp_path / "partial")
+
+
+def _resaved(src, dst, edit):
+    """The bank at ``src`` re-saved at ``dst`` with its meta.json edited and a valid checksum."""
+    arrays, meta = artifacts.load(src, "protofuse-bank")
+    edit(meta)
+    artifacts.save(dst, "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version", "sha256")})
+    return dst
+
+
+def test_bank_meta_round_trips_through_save_and_load_typed_and_in_the_json_shape_of_before(bank, tmp_path):
+    version = bank.save(tmp_path / "bank")
+    loaded = load_bank(tmp_path / "bank")
+    assert loaded.meta == bank.meta and loaded.meta.version == version and loaded.meta.sha256.startswith(version)
+    meta = loaded.meta
+    assert isinstance(meta, BankMeta) and isinstance(meta.settings.training, TrainingSettings) and isinstance(meta.settings.adapt, AdaptSettings)
+    assert meta.label_names == ("0", "1", "2", "3") and meta.x_dim == meta.config["x_dim"] and meta.federation is None and meta.federated_rounds == 0
+    assert meta.input_range is not None and meta.input_range[0] < meta.input_range[1]
+    on_disk = json.loads((tmp_path / "bank" / "meta.json").read_text())
+    assert set(on_disk) == {"kind", "format_version", "sha256", "experts", "family", "config", "x_dim", "label_names", "image_shape", "likelihood", "settings", "input_range"}
+    assert set(on_disk["settings"]) == {"model", "training", "adapt"} and on_disk["image_shape"] is None
+    assert {k: on_disk[k] for k in meta.to_json()} == meta.to_json()
+    with pytest.warns(DeprecationWarning, match=r"bank.meta.x_dim"):  # the dict it was, still readable
+        assert loaded.meta["x_dim"] == meta.x_dim
+    with pytest.warns(DeprecationWarning):
+        assert loaded.meta.get("federation") is None and loaded.meta.get("sha256") == meta.sha256
+
+
+def test_a_federated_banks_meta_round_trips_and_a_bank_before_input_checks_still_loads(tmp_path):
+    triples, _, _ = _toy_triples()
+    fitted = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    federation = FederationRecord(rounds=3, weights_digest="ab" * 32, settings=FederationSettings(rounds=3))
+    meta = bank_meta("discriminative", fitted.meta.config, fitted.label_names, [2, 2], "gaussian", ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), federation=federation)
+    Bank(fitted.model, meta, fitted.experts).save(tmp_path / "fed")
+    loaded = load_bank(tmp_path / "fed")
+    assert loaded.meta.federation == federation and loaded.meta.federated_rounds == 3 and loaded.meta.image_shape == (2, 2)
+    assert loaded.meta.input_range is None
+    assert "input_range" not in json.loads((tmp_path / "fed" / "meta.json").read_text())  # absent, as before it existed
+    assert json.loads((tmp_path / "fed" / "meta.json").read_text())["federation"]["settings"]["rounds"] == 3
+    with pytest.raises(TypeError, match="meta must be a BankMeta"):
+        Bank(fitted.model, meta.to_json(), fitted.experts)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(x_dim="wide"), "x_dim"),
+        (lambda m: m.pop("label_names"), "label_names"),
+        (lambda m: m["settings"]["training"].update(lr=-1), "settings.training.lr"),
+        (lambda m: m["settings"]["adapt"].update(colour="red"), "settings.adapt.colour"),
+        (lambda m: m.update(input_range=[0.0]), r"input_range\[1\]"),
+        (lambda m: m.update(label_names=["0", "0", "1", "2"]), "label_names"),
+        (lambda m: m.update(federation={"rounds": -1, "weights_digest": "ab" * 32, "settings": {}}), "federation.rounds"),
+        (lambda m: m.update(x_dim=m["x_dim"] + 1), "x_dim"),
+        (lambda m: m["experts"][1].pop("fidelity"), r"experts\[1\].fidelity"),
+    ],
+)
+def test_a_malformed_meta_field_is_refused_by_name(tmp_path, edit, field):
+    triples, _, _ = _toy_triples()
+    fitted = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    fitted.save(tmp_path / "bank")
+    with pytest.raises(ArtifactError, match=rf"odd: bank metadata is incomplete or malformed in meta.json:\n  {field}: ") as error:
+        load_bank(_resaved(tmp_path / "bank", tmp_path / "odd", edit))
+    assert "re-create it with `protofuse fit`" in str(error.value)
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # a message, not a pydantic traceback
+
+
+def test_families_see_the_bank_through_bank_view_only(bank):
+    """No family imports the bank or the adapted model, not even for the type checker; a stand-in
+    holding only BankView's members is all a family needs."""
+    import ast
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import protofuse.families
+
+    for file in Path(protofuse.families.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in ("bank", "adapted", "protofuse.bank", "protofuse.adapted"), f"{file.name} imports {node.module}"
+    members = ("model", "label_names", "meta", "experts", "distributions", "covered_indices")
+    view = SimpleNamespace(**{m: getattr(bank, m) for m in members})
+    impl = bank.family_impl
+    _, x, _ = _toy_triples()
+    task = impl.zero_shot(view, ["0", "3"], bank.adapt_settings)
+    with torch.no_grad():
+        torch.testing.assert_close(task.log_proba(torch.from_numpy(x[:5])), bank.zero_shot(["0", "3"]).task.log_proba(torch.from_numpy(x[:5])))
+    assert impl.describe_expert(view, 1) == impl.describe_expert(bank, 1)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -17,7 +17,7 @@ from protofuse.protocol import federation as wire
 from protofuse.families.discriminative import PRIVATE_PARAMETERS, shared_arrays
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
 from protofuse.settings import FederationSettings, TrainingSettings
-from protofuse_server.fusion.strategy import to_record
+from protofuse_server.fusion.aggregation import to_record
 from toys import clusters
 
 EXPERTS = '''
@@ -66,13 +66,19 @@ def as_a_node():
 VOCAB = ["0", "1", "2", "3"]
 
 
-def _instruction(round: int, phase: str, phase_round: int, phase_rounds: int, arrays: dict[str, np.ndarray]) -> Message:
-    config = ConfigRecord({
-        "round": round, "phase": phase, "phase-round": phase_round, "phase-rounds": phase_rounds, "vocabulary": VOCAB,
-        "model": json.dumps({"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}),
-        "training": TrainingSettings(seed=0, holdout=0.25).model_dump_json(), "federation": FederationSettings(rounds=4, local_epochs=1).model_dump_json(),
-    })
+def _plan(round: int, phase: str, phase_round: int, phase_rounds: int) -> wire.RoundPlan:
+    model = {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}
+    return wire.RoundPlan(round, phase, phase_round, phase_rounds, tuple(VOCAB), model, TrainingSettings(seed=0, holdout=0.25), FederationSettings(rounds=4, local_epochs=1))
+
+
+def _instruction(round: int, phase: str, phase_round: int, phase_rounds: int, arrays: dict[str, np.ndarray], config: ConfigRecord | None = None) -> Message:
+    """The server's train message: the shared weights and the encoded RoundPlan (as FedAvg adds it, beside its server-round)."""
+    config = config if config is not None else ConfigRecord({"round-plan": wire.encode_round_plan(_plan(round, phase, phase_round, phase_rounds)), "server-round": round})
     return Message(RecordDict({"arrays": to_record(arrays), "config": config}), dst_node_id=7, message_type="train")
+
+
+def _ask(**ask: object) -> Message:
+    return Message(RecordDict({"ask": ConfigRecord({"what": "describe", **ask})}), dst_node_id=7, message_type="query")
 
 
 def _initial() -> dict[str, np.ndarray]:
@@ -84,9 +90,11 @@ def _initial() -> dict[str, np.ndarray]:
 
 def test_describe_names_the_expert_and_asks_the_black_box_once(node):
     folder, x, context = node
-    reply = client_app.app(Message(RecordDict({"ask": ConfigRecord({"what": "describe"})}), dst_node_id=7, message_type="query"), context)
-    d = reply.content["describe"]
-    assert (d["pseudonym"], list(d["labels"]), d["x-dim"], d["n-queries"]) == ("a", ["0", "1", "2"], 16, len(x))
+    reply = client_app.app(_ask(**{"format-version": wire.FORMAT_VERSION}), context)
+    assert list(reply.content["describe"].keys()) == ["node-description"]  # one typed message, nothing else
+    d = wire.decode_node_description(reply.content["describe"]["node-description"])
+    assert (d.pseudonym, d.label_names, d.x_dim, d.n_queries) == ("a", ("0", "1", "2"), 16, len(x))
+    assert d.x_range == (float(x.min()), float(x.max()))
     client_app.app(_instruction(1, "consensus", 0, 2, _initial()), context)
     client_app._EXPERTS.clear()  # a restarted client reads its answers from the disk cache
     client_app.app(_instruction(2, "consensus", 1, 2, _initial()), context)
@@ -154,3 +162,37 @@ def test_a_node_without_a_spec_is_told_how_to_start(node):
     relative = Context(run_id=1, node_id=7, node_config={"spec": "spec.toml"}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="relative path"):
         client_app.local_expert(relative)
+
+
+def test_a_server_of_another_federation_format_is_refused_at_describe_with_both_formats(node):
+    _, _, context = node
+    with pytest.raises(wire.WireError, match=f"the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions"):
+        client_app.describe(_ask(**{"format-version": wire.FORMAT_VERSION + 1}), context)
+    # A server from before the typed messages asks {"what": "describe"} and names no format.
+    with pytest.raises(wire.WireError, match="the server speaks the untyped federation protocol .* run matching protofuse versions"):
+        client_app.describe(_ask(), context)
+
+
+def test_an_untyped_round_configuration_from_an_old_server_is_refused_clearly(node):
+    _, _, context = node
+    legacy = ConfigRecord({
+        "round": 1, "phase": "consensus", "phase-round": 0, "phase-rounds": 2, "vocabulary": VOCAB,
+        "model": json.dumps({"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}),
+        "training": TrainingSettings().model_dump_json(), "federation": FederationSettings().model_dump_json(), "server-round": 1,
+    })
+    with pytest.raises(wire.WireError, match="^RoundPlan: the server sent the untyped round configuration .* this client speaks federation format 1: run matching protofuse versions"):
+        client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=legacy), context)
+    with pytest.raises(wire.WireError, match="^RoundPlan: missing"):
+        client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=ConfigRecord({"server-round": 1})), context)
+
+
+def test_a_round_plan_of_another_format_is_refused_naming_both_formats(node):
+    from protofuse.v1 import federation_pb2
+
+    _, _, context = node
+    msg = federation_pb2.RoundPlan()
+    msg.ParseFromString(wire.encode_round_plan(_plan(1, "consensus", 0, 2)))
+    msg.format_version = wire.FORMAT_VERSION + 1
+    config = ConfigRecord({"round-plan": msg.SerializeToString(), "server-round": 1})
+    with pytest.raises(wire.WireError, match=f"^RoundPlan.format_version: the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}"):
+        client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=config), context)

@@ -42,7 +42,7 @@ def test_inputs_scaled_unlike_the_queries_get_a_warning_naming_both_ranges(bank,
     bank, x, y = bank
     idx = np.concatenate([np.flatnonzero(y == c)[:3] for c in (0, 2, 3)])
     sx, sy = x[idx], y[idx].astype(str)
-    assert bank.meta["input_range"] == [float(x.min()), float(x.max())]
+    assert bank.meta.input_range == (float(x.min()), float(x.max()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = bank.adapt(sx, sy)  # the queries' own scale: silent

@@ -3,7 +3,7 @@ parameter and buffer by name, so a change of layers, names or shapes makes every
 unloadable. This test pins the layout of each network family at small sizes against
 tests/unit/data/layouts.json; change it only together with artifacts.FORMAT_VERSION.
 
-    python tests/test_layout.py --write     # re-record after a deliberate, versioned change
+    python tests/unit/test_layout.py --write     # re-record after a deliberate, versioned change
 """
 
 from __future__ import annotations

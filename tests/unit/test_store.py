@@ -20,24 +20,23 @@ from typing import Any
 import numpy as np
 import pytest
 from protofuse_server.fusion import store
-from protofuse_server.fusion.store import BankStore, Checkpoint, ExpertState, StoreError
+from protofuse.records import ExpertRecord, Fidelity
+from protofuse_server.fusion.store import BankStore, Checkpoint, StoreError
 
 RUN = "run-digits-seed0"
-Inputs = tuple[dict[str, np.ndarray], list[str], list[ExpertState], dict[str, Any]]
+Inputs = tuple[dict[str, np.ndarray], list[str], list[ExpertRecord], dict[str, Any]]
 
 
-def expert(name: str, labels: tuple[str, ...], last_round: int, **changes: Any) -> ExpertState:
-    record = ExpertState(
-        pseudonym=name,
-        label_names=labels,
+def expert(name: str, labels: tuple[str, ...], last_round: int, **changes: Any) -> ExpertRecord:
+    record = ExpertRecord(
+        name=name,
+        labels=labels,
         distribution=f"proto:{name}:{last_round}".encode() + bytes([0, 255]),  # opaque, binary-safe
         n_examples=100 + last_round,
         n_queries=32 * last_round,
-        fidelity_agreement=0.875,
-        fidelity_kl=0.1 * last_round,
-        fidelity_n=64,
-        consensus=None,
-        trust=0.5,
+        fidelity=Fidelity(0.875, 0.1 * last_round, 64),
+        consensus=None,  # not measured: stored as NULL, read back as NaN, equal to itself
+        weight=0.5,
         last_round=last_round,
     )
     return replace(record, **changes)
@@ -56,18 +55,18 @@ def round_inputs(round: int) -> Inputs:
         experts = [expert("alice", ("zero", "one"), 1), expert("bob", ("two",), 1, consensus=0.25)]
     else:  # bob reports again with a new label; carol joins; alice is absent
         experts = [
-            expert("bob", ("two", "three"), round, consensus=0.75, trust=0.9),
-            expert("carol", ("zero",), round, trust=1.0),
+            expert("bob", ("two", "three"), round, consensus=0.75, weight=0.9),
+            expert("carol", ("zero",), round, weight=1.0),
         ]
     state = {"round": round, "schedule": {"position": round, "phases": ["fuse", "probe"]}, "trust": {"bob": 0.5}}
     return arrays, vocabulary, experts, state
 
 
-def merged_experts(*rounds: int) -> tuple[ExpertState, ...]:
+def merged_experts(*rounds: int) -> tuple[ExpertRecord, ...]:
     """What the store must hold after these rounds: the latest record of each pseudonym."""
-    latest: dict[str, ExpertState] = {}
+    latest: dict[str, ExpertRecord] = {}
     for r in rounds:
-        latest.update({e.pseudonym: e for e in round_inputs(r)[2]})
+        latest.update({e.name: e for e in round_inputs(r)[2]})
     return tuple(latest[k] for k in sorted(latest))
 
 
@@ -142,7 +141,7 @@ def test_upsert_keeps_absent_experts_and_updates_present_ones(tmp_path: Path) ->
     with BankStore(tmp_path, RUN) as bank:
         alice, bob, carol = bank.experts()
         assert alice == round_inputs(1)[2][0]  # absent from round 2: untouched
-        assert (bob.last_round, bob.label_names, bob.trust, bob.consensus) == (2, ("two", "three"), 0.9, 0.75)
+        assert (bob.last_round, bob.labels, bob.weight, bob.consensus) == (2, ("two", "three"), 0.9, 0.75)
         assert carol.last_round == 2
         assert bank.latest().experts == (alice, bob, carol)
         assert [(h.round, h.n_experts, h.n_known, h.vocabulary_size) for h in bank.history()] == [(1, 2, 2, 3), (2, 2, 3, 4)]
@@ -151,9 +150,9 @@ def test_upsert_keeps_absent_experts_and_updates_present_ones(tmp_path: Path) ->
 @pytest.mark.parametrize(
     "change, words",
     [
-        ({"label_names": ("zero", "nine")}, "outside the vocabulary"),
-        ({"trust": 1.5}, "outside [0, 1]"),
-        ({"fidelity_kl": float("nan")}, "NaN"),
+        ({"labels": ("zero", "nine")}, "outside the vocabulary"),
+        ({"weight": 1.5}, "outside [0, 1]"),
+        ({"fidelity": Fidelity(0.875, float("nan"), 64)}, "NaN"),
         ({"n_queries": -1}, "non-negative"),
         ({"last_round": 5}, "after the checkpoint"),
     ],
@@ -296,6 +295,18 @@ def test_old_weight_files_are_collected(tmp_path: Path) -> None:
 # -- crash safety ---------------------------------------------------------------------------------
 
 
+def test_on_stage_sees_every_stage_of_a_checkpoint_in_order(tmp_path: Path) -> None:
+    """The seam the crash tests kill at: the weight file is durable before the commit begins."""
+    seen: list[tuple[str, set[str]]] = []
+    with BankStore(tmp_path, RUN, on_stage=lambda at: seen.append((at, weight_files(tmp_path)))) as bank:
+        digest = bank.checkpoint(1, *round_inputs(1))
+    stages = [at for at, _ in seen]
+    assert stages == ["weights_temp", "weights_durable", "before_commit", "after_commit"]
+    files = dict(seen)
+    assert f"{digest}.npz" not in files["weights_temp"] and any(n.startswith(".tmp-") for n in files["weights_temp"])
+    assert files["weights_durable"] == {f"{digest}.npz"}
+
+
 def run_child_until_killed(folder: Path, stage: str, tmp_path: Path) -> None:
     """Start the child, wait until it reaches ``stage`` of checkpointing round 2, SIGKILL it."""
     ready = tmp_path / "ready"
@@ -331,9 +342,9 @@ def child_main(folder: str, stage: str, ready: str) -> None:
             os.replace(f"{ready}.tmp", ready)  # the parent never reads a half-written signal
             time.sleep(600)  # killed here
 
-    bank = BankStore(folder, RUN)
-    bank.checkpoint(1, *round_inputs(1))
-    store._checkpoint_hook = hook
+    with BankStore(folder, RUN) as bank:
+        bank.checkpoint(1, *round_inputs(1))
+    bank = BankStore(folder, RUN, on_stage=hook)  # reopened, as a restarted server would: the seam for round 2 only
     bank.checkpoint(2, *round_inputs(2))
     sys.exit(f"stage {stage} never reached")
 

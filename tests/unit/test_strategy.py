@@ -1,5 +1,6 @@
-"""The fusion strategy's parts: the round schedule, row-wise averaging, the append-only vocabulary,
-trust-weighted aggregation and the merge of the clients' messages."""
+"""The fusion server's parts: the round schedule (schedule), row-wise averaging (aggregation), the
+append-only vocabulary and the admission of described nodes (membership), trust-weighted
+aggregation, the round plan sent and the merge of the clients' messages (strategy)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from protofuse.protocol import federation as wire
+from protofuse.records import Fidelity
 from protofuse.settings import FederationSettings, TrainingSettings
-from protofuse_server.fusion.strategy import Client, Federation, FusionStrategy, Schedule, extend_rows, rowwise_mean, to_record
+from protofuse_server.fusion.aggregation import check_update, extend_rows, rowwise_mean, to_record
+from protofuse_server.fusion.membership import Client, Federation
+from protofuse_server.fusion.schedule import Schedule
+from protofuse_server.fusion.strategy import ROUND_PLAN, FusionStrategy
 
 
 def test_schedule_has_the_two_phases_of_central_training_with_an_agreement_round_between():
@@ -22,6 +27,7 @@ def test_schedule_has_the_two_phases_of_central_training_with_an_agreement_round
     # Without reweighting or distillation there is nothing to agree on: one phase.
     single = Schedule.from_settings(FederationSettings(rounds=5), TrainingSettings(reweight=False, distill=0.0))
     assert (single.total, {single.at(r).name for r in range(1, 6)}) == (5, {"consensus"})
+    assert {s.at(r).name for r in range(1, 7)} == set(wire.PHASES)  # the names the round plan carries
 
 
 def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
@@ -39,8 +45,8 @@ def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
     np.testing.assert_allclose(bias, out[:, 0])
 
 
-def _describe(pseudonym: str, labels: list[str], x_dim: int = 8) -> ConfigRecord:
-    return ConfigRecord({"pseudonym": pseudonym, "labels": labels, "x-dim": x_dim, "n-queries": 10})
+def _describe(pseudonym: str, labels: list[str], x_dim: int = 8, x_range: tuple[float, float] = (0.0, 1.0)) -> wire.NodeDescription:
+    return wire.NodeDescription(pseudonym, tuple(labels), x_dim, 10, x_range)
 
 
 def test_the_vocabulary_is_only_ever_appended_to_and_new_rows_leave_old_ones_in_place():
@@ -62,13 +68,14 @@ def test_the_vocabulary_is_only_ever_appended_to_and_new_rows_leave_old_ones_in_
     assert grown["encoder.w"] is arrays["encoder.w"] and grown["prototypes"].dtype == np.float32
 
 
-def test_the_input_range_spans_every_client_that_sent_one():
+def test_the_input_range_spans_every_admitted_client():
     fed = Federation([], 8)
-    fed.admit(1, _describe("old", ["0", "1"]))  # a client of an earlier version sends no range
     assert fed.input_range is None
-    fed.admit(2, ConfigRecord({"pseudonym": "a", "labels": ["0"], "x-dim": 8, "n-queries": 10, "x-range": [0.0, 0.8]}))
-    fed.admit(3, ConfigRecord({"pseudonym": "b", "labels": ["1"], "x-dim": 8, "n-queries": 10, "x-range": [-0.5, 0.6]}))
-    fed.admit(4, ConfigRecord({"pseudonym": "c", "labels": ["1"], "x-dim": 8, "n-queries": 10, "x-range": [1.0, float("nan")]}))  # ignored
+    fed.admit(2, _describe("a", ["0"], x_range=(0.0, 0.8)))
+    fed.admit(3, _describe("b", ["1"], x_range=(-0.5, 0.6)))
+    assert fed.input_range == [-0.5, 0.8]
+    with pytest.raises(ValueError, match="width"):
+        fed.admit(4, _describe("c", ["1"], x_dim=9, x_range=(-9.0, 9.0)))  # refused: its range does not count
     assert fed.input_range == [-0.5, 0.8]
 
 
@@ -109,7 +116,7 @@ def in_a_run():
 
 def _reply(node: int, pseudonym: str, labels: tuple[str, ...], round: int, agreement: float | None, distribution_name: str | None = None) -> Message:
     dist = wire.ExpertDistribution(distribution_name or pseudonym, labels, round, wire.DiscriminativeHead(0.1, tuple(0.0 for _ in labels)))
-    stats = wire.ImitatorStats(pseudonym, round, 20, 30, wire.Fidelity(0.9, 0.1, 5), agreement, 0.5)
+    stats = wire.ImitatorStats(pseudonym, round, 20, 30, Fidelity(0.9, 0.1, 5), agreement, 0.5)
     content = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 20}), "fusion": ConfigRecord({"distribution": wire.encode_distribution(dist), "stats": wire.encode_stats(stats)})})
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -128,8 +135,11 @@ def test_the_agreement_round_sets_trust_and_records_every_expert_checkpointed(in
     arrays, _ = strategy.aggregate_train(2, replies)
     assert {k for k in arrays.keys()} == {"prototypes", "bias"}  # nothing trained: the weights stay
     assert fed.trust["good"] == 1.0 and fed.trust["poor"] < 0.3 < fed.trust["fair"] < 1.0
-    assert {r.pseudonym: r.trust for r in fed.records.values()} == fed.trust
+    assert {r.name: r.weight for r in fed.records.values()} == fed.trust
     assert all(r.last_round == 2 for r in fed.records.values()) and fed.records["poor"].consensus == 0.6
+    good = fed.records["good"]  # the one record type, as the store keeps it and the bank exports it
+    assert (good.labels, good.fidelity, good.n_queries, good.n_examples) == (("0", "1"), Fidelity(0.9, 0.1, 5), 30, 20)
+    assert wire.decode_distribution(good.distribution).pseudonym == "good"
     assert saved and saved[-1][0] == 2
 
 
@@ -155,8 +165,6 @@ def test_to_record_round_trips_arrays():
 
 
 def test_an_update_that_does_not_fit_the_shared_weights_is_refused_by_name():
-    from protofuse_server.fusion.strategy import check_update
-
     sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
     check_update(to_record(sent), sent)
     bad = [
@@ -169,3 +177,118 @@ def test_an_update_that_does_not_fit_the_shared_weights_is_refused_by_name():
     for arrays, message in bad:
         with pytest.raises(wire.WireError, match=message):
             check_update(to_record(arrays), sent)
+
+
+# -- admission: typed node descriptions, refusals by name ------------------------------------------
+
+
+def _from(node: int, content: RecordDict, kind: str = "query") -> Message:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.node_id = node  # the sender: Flower stamps it as the message's source
+    return Message(content, dst_node_id=0, message_type=kind)
+
+
+def _description_reply(payload: object) -> RecordDict:
+    return RecordDict({"describe": ConfigRecord({"node-description": payload})})
+
+
+def _skewed(description: wire.NodeDescription, version: int) -> bytes:
+    from protofuse.v1 import federation_pb2
+
+    msg = federation_pb2.NodeDescription()
+    msg.ParseFromString(wire.encode_node_description(description))
+    msg.format_version = version
+    return msg.SerializeToString()
+
+
+class DescribingGrid:
+    """Nodes that answer the server's describe query with fixed contents (no Flower engine)."""
+
+    def __init__(self, answers: dict[int, RecordDict]) -> None:
+        self.answers = answers
+        self.asked: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.answers)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001 - Grid's signature
+        messages = list(messages)
+        for m in messages:
+            assert m.content["ask"]["what"] == "describe" and m.content["ask"]["format-version"] == wire.FORMAT_VERSION
+        self.asked += [m.metadata.dst_node_id for m in messages]
+        return [_from(m.metadata.dst_node_id, self.answers[m.metadata.dst_node_id]) for m in messages]
+
+
+def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_others_join(in_a_run, caplog):
+    from protofuse.v1 import federation_pb2
+
+    no_range = federation_pb2.NodeDescription()
+    no_range.ParseFromString(wire.encode_node_description(_describe("norange", ["0"])))
+    no_range.ClearField("x_range")
+    answers = {
+        1: _description_reply(wire.encode_node_description(_describe("a", ["0", "1"]))),
+        2: _description_reply(wire.encode_node_description(_describe("b", ["1", "2"]))),
+        3: _description_reply(b"\x00 not a message"),
+        4: _description_reply(_skewed(_describe("future", ["9"]), wire.FORMAT_VERSION + 1)),
+        # a client of protofuse before NodeDescription: the untyped keys, no version
+        5: RecordDict({"describe": ConfigRecord({"pseudonym": "old", "labels": ["7"], "x-dim": 8, "n-queries": 10, "x-range": [0.0, 1.0]})}),
+        6: _description_reply(no_range.SerializeToString()),
+        7: _description_reply(wire.encode_node_description(_describe("wide", ["8"], x_dim=9))),
+        8: RecordDict({"metrics": ConfigRecord({"x": 1})}),
+    }
+    fed = Federation([], 8)
+    strategy, _ = _strategy(fed)
+    current = {"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)}
+    with caplog.at_level("WARNING"):
+        grown = strategy._admit_new_nodes(DescribingGrid(answers), current)
+    assert set(fed.nodes) == {1, 2} and fed.vocabulary == ["0", "1", "2"]  # the valid ones proceed
+    assert grown["prototypes"].shape == (3, 2) and strategy.refused == {3, 4, 5, 6, 7, 8}
+    log = {n: [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"refusing node {n}")] for n in range(3, 9)}
+    assert all(len(lines) == 1 for lines in log.values()), log  # each refused node named once
+    assert "invalid description: NodeDescription: the bytes do not parse" in log[3][0]
+    assert f"the client speaks federation format {wire.FORMAT_VERSION + 1}, this server format {wire.FORMAT_VERSION}" in log[4][0]
+    assert "expert 'old'" in log[5][0] and "before the typed federation protocol" in log[5][0] and "run matching protofuse versions" in log[5][0]
+    assert "NodeDescription.x_range: missing" in log[6][0]
+    assert "width 9" in log[7][0]
+    assert "without a description" in log[8][0]
+    # Refused nodes are never asked again; a node that joins later is.
+    grid = DescribingGrid({**answers, 9: _description_reply(wire.encode_node_description(_describe("late", ["2", "3"])))})
+    strategy._admit_new_nodes(grid, grown)
+    assert grid.asked == [9] and fed.vocabulary == ["0", "1", "2", "3"]
+
+
+def test_every_train_message_carries_the_typed_round_plan(in_a_run):
+    fed = Federation([], 8)
+    strategy, _ = _strategy(fed, rounds=2)
+    strategy.model_config = {"x_dim": 8, "feat_dim": 4, "encoder": "mlp", "image_shape": None}
+    grid = DescribingGrid({n: _description_reply(wire.encode_node_description(_describe(p, labels))) for n, p, labels in ((1, "a", ["0", "1"]), (2, "b", ["1", "2"]))})
+    arrays = to_record({"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)})
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))  # round 2 of consensus, agreement, weighted
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    for m in messages:
+        plan = wire.decode_round_plan(m.content["config"][ROUND_PLAN])
+        assert (plan.round, plan.phase, plan.phase_round, plan.phase_rounds) == (2, "agreement", 0, 1)
+        assert plan.vocabulary == ("0", "1", "2") and plan.model == strategy.model_config
+        assert plan.training == strategy.training and plan.federation == strategy.settings
+        assert m.content["arrays"]["prototypes"].numpy().shape == (3, 2)  # rows for the new labels
+
+
+def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):
+    fed = Federation(["0", "1"], 8)
+    fed.nodes = {1: Client("a", ("0", "1"), 30)}
+    seen: list[int] = []
+
+    class PowerCut(Exception):
+        pass
+
+    def cut(round: int) -> None:
+        seen.append(round)
+        raise PowerCut
+
+    saved: list = []
+    strategy = FusionStrategy(fed, Schedule.from_settings(FederationSettings(rounds=2), TrainingSettings()), TrainingSettings(), FederationSettings(rounds=2), {}, lambda r, a, st: saved.append(r), round_offset=1, on_replies=cut)
+    strategy._sent = {"prototypes": np.zeros((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    with pytest.raises(PowerCut):
+        strategy.aggregate_train(1, [_reply(1, "a", ("0", "1"), 2, 0.9)])
+    assert seen == [2] and fed.records == {} and fed.trust == {} and saved == []  # round 2 = offset 1 + 1

@@ -256,7 +256,7 @@ def test_image_banks_use_the_conv_encoder_and_train_on_augmented_images():
         return fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=2, seed=0, **training), AdaptSettings(), (8, 8), "bernoulli")
 
     augmented, plain, plain_again = fit(), fit(max_shift=0, max_rotation=0, max_scale=0), fit(max_shift=0, max_rotation=0, max_scale=0)
-    assert isinstance(augmented.model.encoder, ConvEncoder) and augmented.meta["image_shape"] == [8, 8]
+    assert isinstance(augmented.model.encoder, ConvEncoder) and augmented.meta.image_shape == (8, 8)
     assert torch.equal(plain.model.prototypes, plain_again.model.prototypes)
     assert not torch.equal(augmented.model.prototypes, plain.model.prototypes)  # the random transforms reached training
 
@@ -332,7 +332,7 @@ def test_tabular_banks_train_on_perturbed_features_and_stay_reproducible():
     plain, perturbed, perturbed_again = fit(feature_dropout=0, feature_noise=0), fit(feature_dropout=0.3, feature_noise=0.2), fit(feature_dropout=0.3, feature_noise=0.2)
     assert torch.equal(perturbed.model.prototypes, perturbed_again.model.prototypes)
     assert not torch.equal(perturbed.model.prototypes, plain.model.prototypes)  # the perturbations reached training
-    assert perturbed.meta["settings"]["training"]["feature_dropout"] == 0.3  # recorded with the bank
+    assert perturbed.meta.settings.training.feature_dropout == 0.3  # recorded with the bank
 
 
 def test_a_federated_client_trains_on_the_same_table_augmentation_with_its_own_statistics(monkeypatch):

@@ -1,5 +1,6 @@
-"""The wire format (protofuse/protocol/federation.py, protos/): round trips, validation of every field on both
-sides, garbage bytes, determinism, and that the committed generated code matches the schemas."""
+"""The wire format (protofuse/protocol/federation.py, protos/): round trips (examples and hypothesis),
+validation of every field on both sides, version skew, garbage bytes, determinism, and that the
+committed generated code matches the schemas."""
 
 from __future__ import annotations
 
@@ -13,26 +14,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from protofuse.v1 import bank_pb2, federation_pb2
+from protofuse.families import FAMILIES
 from protofuse.protocol.federation import (
     FORMAT_VERSION,
+    MAX_LABEL_LENGTH,
+    MAX_LABELS,
+    MAX_QUERIES,
+    MAX_X_DIM,
+    PHASES,
     BankManifest,
     DiscriminativeHead,
     ExpertDistribution,
-    Fidelity,
     Gaussian,
     GenerativeMoments,
     ImitatorStats,
-    ManifestExpert,
+    NodeDescription,
+    RoundPlan,
     WireError,
     decode_distribution,
     decode_manifest,
+    decode_node_description,
+    decode_round_plan,
     decode_stats,
     encode_distribution,
     encode_manifest,
+    encode_node_description,
+    encode_round_plan,
     encode_stats,
 )
+from protofuse.records import ExpertRecord, Fidelity
+from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse.v1 import bank_pb2, federation_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOS = REPO / "protos"
@@ -75,9 +90,20 @@ MANIFEST = BankManifest(
     weights_digest="0123456789abcdef" * 4,
     family="discriminative",
     experts=(
-        ManifestExpert("expert-1.a_b", ("cat", "dog", "eel"), 0.8, Fidelity(0.9, 0.12, 40), 0.75, 120, 500, 4),
-        ManifestExpert("expert-2", ("dog", "fox"), 1.0, Fidelity(1.0, 0.0, 0), None, 0, 0, 2),
+        ExpertRecord("expert-1.a_b", ("cat", "dog", "eel"), Fidelity(0.9, 0.12, 40), 500, 0.75, 0.8, n_examples=120, last_round=4),
+        ExpertRecord("expert-2", ("dog", "fox"), Fidelity(1.0, 0.0, 0), 0, None, 1.0, n_examples=0, last_round=2),
     ),
+)
+NODE = NodeDescription(pseudonym="expert-1.a_b", label_names=("cat", "dog", "eel"), x_dim=64, n_queries=500, x_range=(0.0, 16.0))
+PLAN = RoundPlan(
+    round=4,
+    phase="weighted",
+    phase_round=1,
+    phase_rounds=3,
+    vocabulary=("cat", "dog", "eel", "fox"),
+    model={"x_dim": 64, "feat_dim": 32, "encoder": "conv", "image_shape": [8, 8]},
+    training=TrainingSettings(seed=3, lr=1e-3),
+    federation=FederationSettings(rounds=6, aggregation="fedavg"),
 )
 
 
@@ -136,7 +162,8 @@ def test_stats_round_trip_keeps_optional_fields_and_their_absence():
 def test_manifest_round_trips():
     decoded = decode_manifest(encode_manifest(MANIFEST))
     assert decoded == MANIFEST
-    assert decoded.experts[1].consensus_agreement is None
+    assert not decoded.experts[1].consensus_measured and math.isnan(decoded.experts[1].consensus)  # absent: not measured
+    assert decoded.experts[0].name == decoded.experts[0].pseudonym == "expert-1.a_b" and decoded.experts[0].trust == 0.8
     empty = dataclasses.replace(MANIFEST, experts=(), family="generative")
     assert decode_manifest(encode_manifest(empty)) == empty
 
@@ -148,8 +175,10 @@ def test_manifest_round_trips():
         (GENERATIVE, encode_distribution, decode_distribution),
         (STATS, encode_stats, decode_stats),
         (MANIFEST, encode_manifest, decode_manifest),
+        (NODE, encode_node_description, decode_node_description),
+        (PLAN, encode_round_plan, decode_round_plan),
     ],
-    ids=["discriminative", "generative", "stats", "manifest"],
+    ids=["discriminative", "generative", "stats", "manifest", "node", "plan"],
 )
 def test_encoding_is_deterministic(value, encode, decode):
     first = encode(value)
@@ -277,7 +306,7 @@ MANIFEST_CASES = [
     ("digest missing", lambda m: m.ClearField("weights_digest"), "BankManifest.weights_digest"),
     ("family missing", lambda m: m.ClearField("family"), "BankManifest.family"),
     ("family capitalised", lambda m: setattr(m, "family", "Discriminative"), "BankManifest.family"),
-    ("family unknown", lambda m: setattr(m, "family", "both"), "BankManifest.family"),
+    ("family not a name", lambda m: setattr(m, "family", "two words"), "BankManifest.family"),
     ("expert pseudonym empty", lambda m: setattr(m.experts[0], "pseudonym", ""), "BankManifest.experts[0].pseudonym"),
     ("expert pseudonym bad", lambda m: setattr(m.experts[1], "pseudonym", "bob smith"), "BankManifest.experts[1].pseudonym"),
     ("expert duplicated", lambda m: setattr(m.experts[1], "pseudonym", "expert-1.a_b"), "BankManifest.experts[1].pseudonym"),
@@ -390,8 +419,9 @@ ENCODE_CASES = [
     ("manifest family", _replace(MANIFEST, family="generative "), "BankManifest.family"),
     ("manifest vocabulary", _replace(MANIFEST, vocabulary=("cat", "cat")), "BankManifest.vocabulary[1]"),
     ("manifest duplicate experts", _replace(MANIFEST, experts=(_expert, _expert)), "BankManifest.experts[1].pseudonym"),
-    ("manifest unknown label", _replace(MANIFEST, experts=(_replace(_expert, label_names=("cat", "yak")),)), "BankManifest.experts[0].label_names:"),
-    ("manifest trust", _replace(MANIFEST, experts=(_replace(_expert, trust=1.0001),)), "BankManifest.experts[0].trust"),
+    ("manifest unknown label", _replace(MANIFEST, experts=(_replace(_expert, labels=("cat", "yak")),)), "BankManifest.experts[0].label_names:"),
+    ("manifest trust", _replace(MANIFEST, experts=(_replace(_expert, weight=1.0001),)), "BankManifest.experts[0].trust"),
+    ("manifest consensus", _replace(MANIFEST, experts=(_replace(_expert, consensus=1.5),)), "BankManifest.experts[0].consensus_agreement"),
     ("manifest last round", _replace(MANIFEST, experts=(_replace(_expert, last_round=-1),)), "BankManifest.experts[0].last_round"),
     ("manifest expert type", _replace(MANIFEST, experts=("expert-1",)), "BankManifest.experts[0]"),
 ]
@@ -399,7 +429,7 @@ ENCODE_CASES = [
 
 @pytest.mark.parametrize("value, path", [c[1:] for c in ENCODE_CASES], ids=[c[0] for c in ENCODE_CASES])
 def test_encode_refuses(value, path):
-    encode = {ExpertDistribution: encode_distribution, ImitatorStats: encode_stats, BankManifest: encode_manifest}[type(value)]
+    encode = {ExpertDistribution: encode_distribution, ImitatorStats: encode_stats, BankManifest: encode_manifest, NodeDescription: encode_node_description, RoundPlan: encode_round_plan}[type(value)]
     with pytest.raises(WireError) as err:
         encode(value)
     assert str(err.value).startswith(path), str(err.value)
@@ -408,6 +438,217 @@ def test_encode_refuses(value, path):
 def test_encode_refuses_the_wrong_dataclass():
     with pytest.raises(WireError, match="^ExpertDistribution"):
         encode_distribution(STATS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The node description and the round plan: refusals by field, bounds, version skew
+# ---------------------------------------------------------------------------------------------
+
+NODE_CASES = [
+    ("format missing", lambda m: m.ClearField("format_version"), "NodeDescription.format_version"),
+    ("format future", lambda m: setattr(m, "format_version", FORMAT_VERSION + 1), "NodeDescription.format_version"),
+    ("pseudonym empty", lambda m: setattr(m, "pseudonym", ""), "NodeDescription.pseudonym"),
+    ("pseudonym bad", lambda m: setattr(m, "pseudonym", "a/b"), "NodeDescription.pseudonym"),
+    ("pseudonym too long", lambda m: setattr(m, "pseudonym", "p" * 129), "NodeDescription.pseudonym"),
+    ("no labels", lambda m: m.ClearField("label_names"), "NodeDescription.label_names:"),
+    ("empty label", lambda m: _set(m.label_names, 2, ""), "NodeDescription.label_names[2]"),
+    ("duplicate label", lambda m: m.label_names.append("dog"), "NodeDescription.label_names[3]"),
+    ("label too long", lambda m: _set(m.label_names, 0, "c" * (MAX_LABEL_LENGTH + 1)), "NodeDescription.label_names[0]"),
+    ("too many labels", lambda m: (m.ClearField("label_names"), m.label_names.extend(str(i) for i in range(MAX_LABELS + 1))), "NodeDescription.label_names:"),
+    ("x_dim missing", lambda m: m.ClearField("x_dim"), "NodeDescription.x_dim"),
+    ("x_dim too wide", lambda m: setattr(m, "x_dim", MAX_X_DIM + 1), "NodeDescription.x_dim"),
+    ("n_queries zero", lambda m: setattr(m, "n_queries", 0), "NodeDescription.n_queries"),
+    ("n_queries too many", lambda m: setattr(m, "n_queries", MAX_QUERIES + 1), "NodeDescription.n_queries"),
+    ("n_queries huge", lambda m: setattr(m, "n_queries", 2**64 - 1), "NodeDescription.n_queries"),
+    ("x_range missing", lambda m: m.ClearField("x_range"), "NodeDescription.x_range"),
+    ("x_range lo nan", lambda m: setattr(m.x_range, "lo", NAN), "NodeDescription.x_range.lo"),
+    ("x_range hi inf", lambda m: setattr(m.x_range, "hi", INF), "NodeDescription.x_range.hi"),
+    ("x_range lo -inf", lambda m: setattr(m.x_range, "lo", -INF), "NodeDescription.x_range.lo"),
+    ("x_range reversed", lambda m: setattr(m.x_range, "lo", 17.0), "NodeDescription.x_range:"),
+]
+
+
+@pytest.mark.parametrize("mutate, path", [c[1:] for c in NODE_CASES], ids=[c[0] for c in NODE_CASES])
+def test_decode_node_description_refuses(mutate, path):
+    data = _reencode(federation_pb2.NodeDescription, encode_node_description(NODE), mutate)
+    with pytest.raises(WireError) as err:
+        decode_node_description(data)
+    _assert_names(err, path)
+
+
+def _set_json(field: str, text: str) -> Callable:
+    return lambda m: setattr(m, field, text)
+
+
+PLAN_CASES = [
+    ("format missing", lambda m: m.ClearField("format_version"), "RoundPlan.format_version"),
+    ("format future", lambda m: setattr(m, "format_version", FORMAT_VERSION + 1), "RoundPlan.format_version"),
+    ("round zero", lambda m: setattr(m, "round", 0), "RoundPlan.round"),
+    ("phase unset", lambda m: m.ClearField("phase"), "RoundPlan.phase"),
+    ("phase unknown", lambda m: setattr(m, "phase", 9), "RoundPlan.phase"),
+    ("phase_round past the phase", lambda m: setattr(m, "phase_round", 3), "RoundPlan.phase_round"),
+    ("phase_rounds zero", lambda m: (setattr(m, "phase_rounds", 0), setattr(m, "phase_round", 0)), "RoundPlan.phase_rounds"),
+    ("phase_rounds huge", lambda m: setattr(m, "phase_rounds", 2**40), "RoundPlan.phase_rounds"),
+    ("vocabulary empty", lambda m: m.ClearField("vocabulary"), "RoundPlan.vocabulary:"),
+    ("vocabulary duplicate", lambda m: m.vocabulary.append("cat"), "RoundPlan.vocabulary[4]"),
+    ("vocabulary empty name", lambda m: _set(m.vocabulary, 1, ""), "RoundPlan.vocabulary[1]"),
+    ("vocabulary name too long", lambda m: _set(m.vocabulary, 3, "f" * (MAX_LABEL_LENGTH + 1)), "RoundPlan.vocabulary[3]"),
+    ("model not json", _set_json("model_json", "{x_dim: 64"), "RoundPlan.model_json"),
+    ("model a list", _set_json("model_json", "[64, 32]"), "RoundPlan.model_json"),
+    ("model missing", lambda m: m.ClearField("model_json"), "RoundPlan.model_json"),
+    ("training not json", _set_json("training_json", "lr=0.1"), "RoundPlan.training_json"),
+    ("training out of bounds", _set_json("training_json", '{"lr": -1}'), "RoundPlan.training_json"),
+    ("training unknown setting", _set_json("training_json", '{"learning_rate": 0.1}'), "RoundPlan.training_json"),
+    ("federation out of bounds", _set_json("federation_json", '{"rounds": 0}'), "RoundPlan.federation_json"),
+    ("federation unknown aggregation", _set_json("federation_json", '{"aggregation": "median"}'), "RoundPlan.federation_json"),
+    ("federation missing", lambda m: m.ClearField("federation_json"), "RoundPlan.federation_json"),
+]
+
+
+@pytest.mark.parametrize("mutate, path", [c[1:] for c in PLAN_CASES], ids=[c[0] for c in PLAN_CASES])
+def test_decode_round_plan_refuses(mutate, path):
+    data = _reencode(federation_pb2.RoundPlan, encode_round_plan(PLAN), mutate)
+    with pytest.raises(WireError) as err:
+        decode_round_plan(data)
+    _assert_names(err, path)
+
+
+NEW_ENCODE_CASES = [
+    ("node x_dim bool", _replace(NODE, x_dim=True), "NodeDescription.x_dim"),
+    ("node x_dim zero", _replace(NODE, x_dim=0), "NodeDescription.x_dim"),
+    ("node n_queries negative", _replace(NODE, n_queries=-1), "NodeDescription.n_queries"),
+    ("node n_queries float", _replace(NODE, n_queries=10.0), "NodeDescription.n_queries"),
+    ("node range reversed", _replace(NODE, x_range=(1.0, 0.0)), "NodeDescription.x_range:"),
+    ("node range three values", _replace(NODE, x_range=(0.0, 0.5, 1.0)), "NodeDescription.x_range:"),
+    ("node range nan", _replace(NODE, x_range=(NAN, 1.0)), "NodeDescription.x_range.lo"),
+    ("node label not text", _replace(NODE, label_names=("cat", 3)), "NodeDescription.label_names[1]"),
+    ("plan phase unknown", _replace(PLAN, phase="warmup"), "RoundPlan.phase"),
+    ("plan round zero", _replace(PLAN, round=0), "RoundPlan.round"),
+    ("plan phase_round", _replace(PLAN, phase_round=3), "RoundPlan.phase_round"),
+    ("plan model not a dict", _replace(PLAN, model=[1, 2]), "RoundPlan.model_json"),
+    ("plan model nan", _replace(PLAN, model={"x": NAN}), "RoundPlan.model_json"),
+    ("plan model not json", _replace(PLAN, model={"x": object()}), "RoundPlan.model_json"),
+    ("plan training a dict", _replace(PLAN, training={"lr": 0.1}), "RoundPlan.training_json"),
+    ("plan federation swapped", _replace(PLAN, federation=TrainingSettings()), "RoundPlan.federation_json"),
+]
+
+
+@pytest.mark.parametrize("value, path", [c[1:] for c in NEW_ENCODE_CASES], ids=[c[0] for c in NEW_ENCODE_CASES])
+def test_encode_refuses_what_the_new_messages_refuse(value, path):
+    test_encode_refuses(value, path)
+
+
+def test_version_skew_names_both_sides_formats():
+    node = _reencode(federation_pb2.NodeDescription, encode_node_description(NODE), lambda m: setattr(m, "format_version", 2))
+    with pytest.raises(WireError) as err:
+        decode_node_description(node)  # the server reads a newer client's description
+    assert str(err.value) == "NodeDescription.format_version: the client speaks federation format 2, this server format 1; run matching protofuse versions on both sides"
+    plan = _reencode(federation_pb2.RoundPlan, encode_round_plan(PLAN), lambda m: setattr(m, "format_version", 2))
+    with pytest.raises(WireError) as err:
+        decode_round_plan(plan)  # a client reads a newer server's plan
+    assert str(err.value) == "RoundPlan.format_version: the server speaks federation format 2, this client format 1; run matching protofuse versions on both sides"
+
+
+def test_the_limits_of_a_node_description_are_accepted():
+    edge = NodeDescription("P" * 128, tuple(f"{i:0{MAX_LABEL_LENGTH}d}" for i in range(3)), MAX_X_DIM, MAX_QUERIES, (-1e300, -1e300))
+    assert decode_node_description(encode_node_description(edge)) == edge
+    small = NodeDescription("a", ("only",), 1, 1, (0.0, 0.0))
+    assert decode_node_description(encode_node_description(small)) == small
+
+
+def test_the_round_plan_carries_validated_settings():
+    decoded = decode_round_plan(encode_round_plan(PLAN))
+    assert isinstance(decoded.training, TrainingSettings) and decoded.training.lr == 1e-3 and decoded.federation.aggregation == "fedavg"
+    assert decoded.model == PLAN.model and decoded.phase in PHASES
+    msg = federation_pb2.RoundPlan()
+    msg.ParseFromString(encode_round_plan(PLAN))
+    assert federation_pb2.Phase.Name(msg.phase) == "PHASE_WEIGHTED" and msg.format_version == FORMAT_VERSION
+
+
+def test_the_manifest_family_is_a_name_the_reader_checks_against_its_registry():
+    other = encode_manifest(dataclasses.replace(MANIFEST, family="prism"))  # a family of some later protofuse
+    assert decode_manifest(other).family == "prism"  # the codec checks the name's form only
+    with pytest.raises(WireError) as err:
+        decode_manifest(other, families=FAMILIES)
+    _assert_names(err, "BankManifest.family")
+    assert "discriminative, generative" in str(err.value)
+    assert decode_manifest(encode_manifest(MANIFEST), families=FAMILIES) == MANIFEST
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips of arbitrary valid messages (hypothesis)
+# ---------------------------------------------------------------------------------------------
+
+_names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)  # any Unicode but lone surrogates
+_pseudonyms = st.from_regex(r"[A-Za-z0-9_.\-]{1,128}", fullmatch=True)
+_label_lists = st.lists(_names, min_size=1, max_size=8, unique=True).map(tuple)
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _finite | _names
+_json = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_names, inner, max_size=3), max_leaves=8)
+
+
+@st.composite
+def node_descriptions(draw: st.DrawFn) -> NodeDescription:
+    lo, hi = sorted((draw(_finite), draw(_finite)))
+    return NodeDescription(draw(_pseudonyms), draw(_label_lists), draw(st.integers(1, MAX_X_DIM)), draw(st.integers(1, MAX_QUERIES)), (lo, hi))
+
+
+@st.composite
+def round_plans(draw: st.DrawFn) -> RoundPlan:
+    phase_rounds = draw(st.integers(1, 100_000))
+    training = TrainingSettings(seed=draw(st.integers(-(2**31), 2**31)), lr=draw(st.floats(1e-6, 1.0)), reweight=draw(st.booleans()))
+    federation = FederationSettings(rounds=draw(st.integers(1, 1000)), aggregation=draw(st.sampled_from(["rowwise", "fedavg"])))
+    model = draw(st.dictionaries(_names, _json, max_size=4))
+    return RoundPlan(draw(st.integers(1, 2**63)), draw(st.sampled_from(PHASES)), draw(st.integers(0, phase_rounds - 1)), phase_rounds, draw(_label_lists), model, training, federation)
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> BankManifest:
+    vocabulary = draw(_label_lists)
+    names = draw(st.lists(_pseudonyms, max_size=4, unique=True))
+    experts = tuple(
+        ExpertRecord(
+            name, tuple(draw(st.lists(st.sampled_from(vocabulary), min_size=1, unique=True))),
+            Fidelity(draw(st.floats(0, 1)), draw(st.floats(0, 1e6)), draw(st.integers(0, 2**64 - 1))),
+            draw(st.integers(0, 2**64 - 1)), draw(st.none() | st.floats(0, 1)), draw(st.floats(0, 1)),
+            n_examples=draw(st.integers(0, 2**64 - 1)), last_round=draw(st.integers(0, 2**64 - 1)),
+        )
+        for name in names
+    )
+    return BankManifest(draw(_names), draw(st.integers(0, 2**64 - 1)), vocabulary, draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)), draw(st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)), experts)
+
+
+_examples = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_examples
+@given(node_descriptions())
+def test_any_valid_node_description_round_trips(d):
+    data = encode_node_description(d)
+    assert decode_node_description(data) == d and encode_node_description(decode_node_description(data)) == data
+
+
+@_examples
+@given(round_plans())
+def test_any_valid_round_plan_round_trips(p):
+    data = encode_round_plan(p)
+    assert decode_round_plan(data) == p and encode_round_plan(decode_round_plan(data)) == data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # each example is several records: slower to draw
+@given(manifests())
+def test_any_valid_manifest_round_trips_as_expert_records(m):
+    data = encode_manifest(m)
+    assert decode_manifest(data) == m and encode_manifest(decode_manifest(data)) == data
+
+
+@_examples
+@given(node_descriptions(), st.integers(0, 2**32 - 1).filter(lambda v: v != FORMAT_VERSION))
+def test_a_node_description_of_any_other_format_is_refused_by_its_version(d, version):
+    data = _reencode(federation_pb2.NodeDescription, encode_node_description(d), lambda m: setattr(m, "format_version", version))
+    with pytest.raises(WireError) as err:
+        decode_node_description(data)
+    _assert_names(err, "NodeDescription.format_version")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +665,7 @@ GARBAGE = {
 }
 
 
-@pytest.mark.parametrize("decode", [decode_distribution, decode_stats, decode_manifest], ids=["distribution", "stats", "manifest"])
+@pytest.mark.parametrize("decode", [decode_distribution, decode_stats, decode_manifest, decode_node_description, decode_round_plan], ids=["distribution", "stats", "manifest", "node", "plan"])
 @pytest.mark.parametrize("data", list(GARBAGE.values()), ids=list(GARBAGE))
 def test_garbage_is_a_wire_error(decode, data):
     with pytest.raises(WireError):
@@ -438,8 +679,11 @@ def test_garbage_is_a_wire_error(decode, data):
         (encode_manifest(MANIFEST), decode_stats),
         (encode_distribution(DISCRIMINATIVE), decode_manifest),
         (encode_stats(STATS), decode_distribution),
+        (encode_node_description(NODE), decode_round_plan),
+        (encode_round_plan(PLAN), decode_node_description),
+        (encode_distribution(DISCRIMINATIVE), decode_node_description),
     ],
-    ids=["manifest as distribution", "manifest as stats", "distribution as manifest", "stats as distribution"],
+    ids=["manifest as distribution", "manifest as stats", "distribution as manifest", "stats as distribution", "node as plan", "plan as node", "distribution as node"],
 )
 def test_another_message_is_a_wire_error(data, decode):
     with pytest.raises(WireError):

@@ -1,0 +1,153 @@
+"""Durable writes, once: every file protofuse writes that a crash must not leave half-written.
+
+- :func:`atomic_write_bytes`: one file; a reader (or a restart after a crash, power loss
+  included) finds the old content or the new, never a mix;
+- :func:`replace_folder`: a folder of files (an artifact) replaced as a whole;
+- :func:`fsync_dir`: make a folder's entries (a rename, a new file, a deletion) durable;
+- :func:`npz_bytes`: an ``.npz`` whose bytes depend only on its arrays (no timestamps, no
+  pickle), so equal arrays give equal bytes, hence equal checksums and content-addressed names.
+
+The ordering they keep: data is flushed and fsynced *before* the rename that publishes it, and
+the folder holding the rename is fsynced *before* the call returns, so whatever a caller does
+after (a SQL commit referring to the file, a manifest naming it) never points at a file a crash
+could lose. Temporary names start with :data:`TEMP_PREFIX` in the destination's own folder (a
+rename is atomic only within one file system); callers that sweep leftovers of interrupted writes
+look for that prefix.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import zipfile
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+
+TEMP_PREFIX = ".tmp-"
+# Zip members get a fixed timestamp so that the bytes depend on the arrays only.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An uncompressed ``.npz`` of the arrays, in the mapping's order, that depends on nothing else.
+
+    Members are ``<name>.npy`` with a fixed timestamp and mode; arrays are written C-contiguous and
+    never pickled (an object array raises ValueError). Sort the mapping first where order should
+    not matter.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            entry.external_attr = 0o644 << 16  # rw-r--r-- when unzipped, not the unzipper's default
+            a = np.asarray(array)
+            # C order always (a Fortran-ordered copy of the same numbers gives the same bytes), and
+            # not through ascontiguousarray alone, which would turn a 0-d array into shape (1,).
+            a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+            with zf.open(entry, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the folder's entries durable (a rename into it, a file created or deleted in it)."""
+    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals renames itself
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, before_replace: Callable[[], None] | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash at any instant leaves the old file or the new one.
+
+    A temporary file beside ``path`` is written, flushed and fsynced, renamed over ``path`` with
+    ``os.replace``, and the folder is fsynced: when this returns, the new content survives power
+    loss. The parent folder must exist. ``before_replace`` runs between the fsync and the rename
+    (the crash tests of the bank store stop there). The new file gets the permissions any new file
+    gets (0o666 less the umask), not a temporary file's private ones.
+    """
+    target = Path(path)
+    temp = _create_temp(target)
+    try:
+        fd = os.open(temp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(temp, target)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_dir(target.parent)  # the rename itself must be durable before anyone refers to the file
+
+
+def replace_folder(path: str | os.PathLike, files: Mapping[str, bytes]) -> None:
+    """Replace the folder ``path`` by one holding exactly ``files`` (name -> bytes), durably.
+
+    The new folder is staged beside ``path`` (every file fsynced, then the folder), the old one is
+    moved aside, the new one renamed into place, the parent fsynced, the old one deleted. A reader
+    sees the old folder complete, the new one complete, or (in the instant between the two
+    renames) none; a crash in that instant leaves ``path`` absent and the old folder intact under a
+    ``TEMP_PREFIX`` name beside it. A failed swap puts the old folder back. The parent folder is
+    created if needed.
+    """
+    folder = Path(path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = _create_temp(folder, directory=True)
+    old: Path | None = None
+    try:
+        for name, data in files.items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"file name {name!r} is not a plain name inside the folder")
+            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        fsync_dir(staging)
+        if folder.exists():
+            old = _create_temp(folder, directory=True)
+            os.replace(folder, old / folder.name)
+        try:
+            os.replace(staging, folder)
+        except BaseException:
+            if old is not None:  # put the old folder back rather than leave none
+                os.replace(old / folder.name, folder)
+                old.rmdir()
+                old = None
+            raise
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # renamed away already unless something failed
+    if old is not None:  # only once the new folder is in place
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _create_temp(target: Path, *, directory: bool = False) -> Path:
+    """A new, empty file (or folder) beside ``target`` named ``TEMP_PREFIX<name>-<random>``.
+
+    Created with the ordinary mode (0o666 / 0o777 less the umask, applied by the OS) rather than
+    with ``tempfile``'s private 0o600 / 0o700, so the renamed result is shared like any file.
+    """
+    for _ in range(100):
+        candidate = target.parent / f"{TEMP_PREFIX}{target.name}-{secrets.token_hex(6)}"
+        try:
+            if directory:
+                os.mkdir(candidate, 0o777)
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
