@@ -21,7 +21,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = {"ray", "matplotlib", "mlxtend", "scikit-learn"}
 # pip's words when it cannot reach the index (not when the resolution itself fails).
-OFFLINE = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution", "Network is unreachable", "Could not fetch URL", "ConnectTimeout", "ReadTimeout")
+OFFLINE = (
+    "NewConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "Could not fetch URL",
+    "ConnectTimeout",
+    "ReadTimeout",
+)
 
 
 def normalize(name: str) -> str:
@@ -36,13 +44,29 @@ def project(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md", "constraints.txt"):
         shutil.copy2(ROOT / name, copy / name)
     for folder in ("protofuse", "client_sdk", "server", "cli"):
-        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     return copy
 
 
 def resolve(project: Path, spec: str) -> dict[str, str]:
     """{distribution: version} pip would install for ``spec`` in a fresh environment."""
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--disable-pip-version-check", "--report", "-", "-c", "constraints.txt", spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--report",
+        "-",
+        "-c",
+        "constraints.txt",
+        spec,
+    ]
     run = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=900)
     if run.returncode != 0:
         message = f"pip could not resolve {spec}:\n{run.stderr[-3000:]}"
@@ -65,17 +89,33 @@ def pinned(name: str) -> str:
     ("spec", "present", "absent"),
     [
         # Everyone: the core and the command. No Flower, no gRPC, no side.
-        (".", {"torch", "numpy", "pydantic", "protobuf", "cryptography", "rich"}, HEAVY | {"flwr", "grpcio", "river", "pytest"}),
+        (
+            ".",
+            {"torch", "numpy", "pydantic", "protobuf", "cryptography", "rich"},
+            HEAVY | {"flwr", "grpcio", "river", "pytest"},
+        ),
         # An organization: Flower without its simulation engine, the service's client.
-        (".[client]", {"flwr", "grpcio", "grpcio-health-checking", "torch"}, HEAVY | {"river", "pytest", "grpcio-reflection"}),
+        (
+            ".[client]",
+            {"flwr", "grpcio", "grpcio-health-checking", "torch"},
+            HEAVY | {"river", "pytest", "grpcio-reflection"},
+        ),
         # The deployment image (deploy/build-wheelhouse.sh).
-        (".[server,client]", {"flwr", "grpcio", "grpcio-health-checking", "grpcio-reflection", "torch"}, HEAVY | {"river", "scipy", "pandas", "pytest"}),
+        (
+            ".[server,client]",
+            {"flwr", "grpcio", "grpcio-health-checking", "grpcio-reflection", "torch"},
+            HEAVY | {"river", "scipy", "pandas", "pytest"},
+        ),
     ],
     ids=["core", "client", "server-client"],
 )
-def test_an_install_holds_its_side_and_nothing_heavy_it_does_not_need(project, spec, present, absent):
+def test_an_install_holds_its_side_and_nothing_heavy_it_does_not_need(
+    project, spec, present, absent
+):
     resolved = resolve(project, spec)
     assert "protofuse" in resolved
     assert present <= set(resolved), f"{spec}: missing {sorted(present - set(resolved))}"
     assert not absent & set(resolved), f"{spec} pulls {sorted(absent & set(resolved))}"
-    assert resolved["torch"].split("+")[0] == pinned("torch"), f"{spec}: torch {resolved['torch']}, not constraints.txt's"
+    assert resolved["torch"].split("+")[0] == pinned("torch"), (
+        f"{spec}: torch {resolved['torch']}, not constraints.txt's"
+    )
