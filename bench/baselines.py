@@ -11,7 +11,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from protofuse.model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, feature_statistics, make_encoder
+from protofuse.model.networks import (
+    Augmentation,
+    FeatureAugmentation,
+    augment_features,
+    augment_images,
+    feature_statistics,
+    make_encoder,
+)
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,13 @@ def _n_classes(y: np.ndarray, n_classes: int | None) -> int:
     return int(n_classes) if n_classes is not None else int(np.max(y)) + 1
 
 
-def _fit_proba(clf: ClassifierMixin, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int) -> np.ndarray:
+def _fit_proba(
+    clf: ClassifierMixin,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    n_classes: int,
+) -> np.ndarray:
     """Fit a sklearn classifier and return probabilities over all ``n_classes`` columns.
 
     A class absent from the training set gets probability 0; with a single class present
@@ -47,9 +60,17 @@ def _fit_proba(clf: ClassifierMixin, train_x: np.ndarray, train_y: np.ndarray, t
     return out
 
 
-def _logreg_proba(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+def _logreg_proba(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, seed: int
+) -> np.ndarray:
     """Multinomial logistic regression, C=1 (lbfgs fits softmax for more than two classes)."""
-    return _fit_proba(LogisticRegression(C=1.0, max_iter=1000, random_state=seed), train_x, train_y, test_x, n_classes)
+    return _fit_proba(
+        LogisticRegression(C=1.0, max_iter=1000, random_state=seed),
+        train_x,
+        train_y,
+        test_x,
+        n_classes,
+    )
 
 
 def _normalise_rows(scores: np.ndarray) -> np.ndarray:
@@ -70,21 +91,33 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 # Baselines that see only the support set
 
 
-def scratch(support_x: np.ndarray, support_y: np.ndarray, test_x: np.ndarray, seed: int = 0, n_classes: int | None = None) -> np.ndarray:
+def scratch(
+    support_x: np.ndarray,
+    support_y: np.ndarray,
+    test_x: np.ndarray,
+    seed: int = 0,
+    n_classes: int | None = None,
+) -> np.ndarray:
     """Train from scratch on the support set alone: logistic regression on raw inputs (k=1 ok)."""
     return _logreg_proba(support_x, support_y, test_x, _n_classes(support_y, n_classes), seed)
 
 
-def _class_means(x: np.ndarray, y: np.ndarray, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _class_means(
+    x: np.ndarray, y: np.ndarray, n_classes: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-class mean rows (K, d), zeros for a class with no example, and which classes have one (K,)."""
     y = np.asarray(y, dtype=int)
     k = _n_classes(y, n_classes)
     present = np.array([np.any(y == c) for c in range(k)])
-    means = np.stack([x[y == c].mean(axis=0) if present[c] else np.zeros(x.shape[1]) for c in range(k)])
+    means = np.stack(
+        [x[y == c].mean(axis=0) if present[c] else np.zeros(x.shape[1]) for c in range(k)]
+    )
     return means, present
 
 
-def nearest_class_mean(support_x: np.ndarray, support_y: np.ndarray, test_x: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+def nearest_class_mean(
+    support_x: np.ndarray, support_y: np.ndarray, test_x: np.ndarray, n_classes: int | None = None
+) -> np.ndarray:
     """Softmax of minus the squared distance to each class mean, over a median-distance temperature.
 
     Raw squared distances on pixels are in the tens, so an untempered softmax would be one-hot;
@@ -103,7 +136,9 @@ def nearest_class_mean(support_x: np.ndarray, support_y: np.ndarray, test_x: np.
 # Baselines that query the experts
 
 
-def _task_columns(labels: tuple[str, ...], task_labels: tuple[str, ...]) -> tuple[list[int], list[int]]:
+def _task_columns(
+    labels: tuple[str, ...], task_labels: tuple[str, ...]
+) -> tuple[list[int], list[int]]:
     """(task column, expert column) pairs for the task classes this expert covers."""
     own = {name: j for j, name in enumerate(labels)}
     pairs = [(c, own[name]) for c, name in enumerate(task_labels) if name in own]
@@ -136,12 +171,24 @@ def _stack_features(outputs: list[ExpertOutput]) -> np.ndarray:
     return np.concatenate([np.asarray(o.proba, dtype=np.float64) for o in outputs], axis=1)
 
 
-def stacking(support_outputs: list[ExpertOutput], support_y: np.ndarray, test_outputs: list[ExpertOutput], task_labels: tuple[str, ...], seed: int = 0) -> np.ndarray:
+def stacking(
+    support_outputs: list[ExpertOutput],
+    support_y: np.ndarray,
+    test_outputs: list[ExpertOutput],
+    task_labels: tuple[str, ...],
+    seed: int = 0,
+) -> np.ndarray:
     """Logistic regression on all experts' concatenated outputs, fit on the support set.
 
     Unlike our method this needs every black box at adaptation time, to label support and test.
     """
-    return _logreg_proba(_stack_features(support_outputs), support_y, _stack_features(test_outputs), len(task_labels), seed)
+    return _logreg_proba(
+        _stack_features(support_outputs),
+        support_y,
+        _stack_features(test_outputs),
+        len(task_labels),
+        seed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,12 +216,29 @@ class Imitator:
     (prototypes vs. unrelated heads), not the encoder.
     """
 
-    def __init__(self, in_dim: int, image_shape: tuple[int, int] | None, encoder: str = "conv", feat_dim: int = 64, epochs: int = 30, augmentation: Augmentation | FeatureAugmentation | None = None, seed: int = 0, lr: float = 1e-3, batch_size: int = 128) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        image_shape: tuple[int, int] | None,
+        encoder: str = "conv",
+        feat_dim: int = 64,
+        epochs: int = 30,
+        augmentation: Augmentation | FeatureAugmentation | None = None,
+        seed: int = 0,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+    ) -> None:
         if encoder == "conv" and image_shape is None:
-            raise ValueError("encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'")
+            raise ValueError(
+                "encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'"
+            )
         if encoder not in ("conv", "mlp"):
             raise ValueError(f"unknown encoder {encoder!r}: use 'conv' or 'mlp'")
-        self.in_dim, self.image_shape, self.encoder_kind = in_dim, (tuple(image_shape) if image_shape else None), encoder
+        self.in_dim, self.image_shape, self.encoder_kind = (
+            in_dim,
+            (tuple(image_shape) if image_shape else None),
+            encoder,
+        )
         self.feat_dim, self.epochs, self.augmentation = feat_dim, epochs, augmentation
         self.seed, self.lr, self.batch_size = seed, lr, batch_size
         self.net: _MultiHead | None = None
@@ -182,13 +246,15 @@ class Imitator:
         self.scaler: StandardScaler | None = None  # fitted on the query pool's features
         self.centre: np.ndarray | None = None  # mean feature of the query pool
 
-    def fit(self, query_x: np.ndarray, outputs: list[ExpertOutput]) -> "Imitator":
+    def fit(self, query_x: np.ndarray, outputs: list[ExpertOutput]) -> Imitator:
         """Train encoder and heads by soft cross-entropy against each expert on the query pool."""
         x = torch.as_tensor(np.asarray(query_x, dtype=np.float32))
         targets = [torch.as_tensor(np.asarray(o.proba, dtype=np.float32)) for o in outputs]
         for o, t in zip(outputs, targets):
             if t.shape != (len(x), len(o.labels)):
-                raise ValueError(f"expert output shape {tuple(t.shape)} != ({len(x)}, {len(o.labels)})")
+                raise ValueError(
+                    f"expert output shape {tuple(t.shape)} != ({len(x)}, {len(o.labels)})"
+                )
         # A private RNG scope: seeding the global generator would silently reseed the caller.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -209,7 +275,9 @@ class Imitator:
         gen = torch.Generator().manual_seed(self.seed)
         n_batches = max(1, (len(x) + self.batch_size - 1) // self.batch_size)
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=max(1, self.epochs * n_batches))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.lr, total_steps=max(1, self.epochs * n_batches)
+        )
         centre, spread = feature_statistics(x)  # the query pool's, as the bank's
         self.net.train()
         for _ in range(self.epochs):
@@ -223,7 +291,9 @@ class Imitator:
                 elif self.augmentation is not None and self.image_shape is not None:
                     xb = augment_images(xb, self.image_shape, self.augmentation, gen)
                 log_q = self.net(xb)
-                loss = torch.stack([-(t[idx] * lq).sum(-1).mean() for t, lq in zip(targets, log_q)]).mean()
+                loss = torch.stack(
+                    [-(t[idx] * lq).sum(-1).mean() for t, lq in zip(targets, log_q)]
+                ).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -239,7 +309,9 @@ class Imitator:
         xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
         if len(xt) == 0:
             return np.zeros((0, self.feat_dim), dtype=np.float32)
-        return torch.cat([self.net.encoder(xt[i : i + batch]) for i in range(0, len(xt), batch)]).numpy()
+        return torch.cat(
+            [self.net.encoder(xt[i : i + batch]) for i in range(0, len(xt), batch)]
+        ).numpy()
 
     @torch.no_grad()
     def expert_proba(self, x: np.ndarray, batch: int = 1024) -> list[np.ndarray]:
@@ -251,14 +323,28 @@ class Imitator:
         chunks = [self.net(xt[i : i + batch]) for i in range(0, len(xt), batch)]
         return [torch.cat([c[e] for c in chunks]).exp().numpy() for e in range(len(self.net.heads))]
 
-    def probe(self, support_x: np.ndarray, support_y: np.ndarray, test_x: np.ndarray, seed: int = 0, n_classes: int | None = None) -> np.ndarray:
+    def probe(
+        self,
+        support_x: np.ndarray,
+        support_y: np.ndarray,
+        test_x: np.ndarray,
+        seed: int = 0,
+        n_classes: int | None = None,
+    ) -> np.ndarray:
         """Linear probe: logistic regression on features standardised with the query pool's statistics."""
         if self.scaler is None:
             raise RuntimeError("Imitator.probe called before fit")
         fs, ft = (self.scaler.transform(self.features(a)) for a in (support_x, test_x))
         return _logreg_proba(fs, support_y, ft, _n_classes(support_y, n_classes), seed)
 
-    def cosine_ncm(self, support_x: np.ndarray, support_y: np.ndarray, test_x: np.ndarray, n_classes: int | None = None, temperature: float = 10.0) -> np.ndarray:
+    def cosine_ncm(
+        self,
+        support_x: np.ndarray,
+        support_y: np.ndarray,
+        test_x: np.ndarray,
+        n_classes: int | None = None,
+        temperature: float = 10.0,
+    ) -> np.ndarray:
         """Cosine nearest class mean: features centred on the query pool's mean and L2-normalised,
         class means of the support set, softmax of ``temperature`` times the cosine similarity."""
         if self.centre is None:
@@ -278,7 +364,9 @@ class Imitator:
     def vote(self, test_x: np.ndarray, task_labels: tuple[str, ...]) -> np.ndarray:
         """Zero-shot from the imitator alone: the expert vote over its heads' imitated answers
         (no expert online, no example)."""
-        imitated = [ExpertOutput(labels, p) for labels, p in zip(self.labels, self.expert_proba(test_x))]
+        imitated = [
+            ExpertOutput(labels, p) for labels, p in zip(self.labels, self.expert_proba(test_x))
+        ]
         return expert_vote(imitated, task_labels)
 
 
@@ -294,11 +382,11 @@ class Ceiling:
     reference that a few-shot method with frozen features is measured against.
     """
 
-    def __init__(self, label_names: tuple[str, ...], **imitator_args) -> None:  # noqa: ANN003 - Imitator's arguments
+    def __init__(self, label_names: tuple[str, ...], **imitator_args) -> None:
         self.label_names = tuple(label_names)
         self.net = Imitator(**imitator_args)
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> "Ceiling":
+    def fit(self, x: np.ndarray, y: np.ndarray) -> Ceiling:
         onehot = np.eye(len(self.label_names), dtype=np.float32)[np.asarray(y, dtype=int)]
         self.net.fit(x, [ExpertOutput(self.label_names, onehot)])
         return self

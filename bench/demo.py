@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.federations import DEFAULT_RECIPES
 from bench.datasets import DATASETS, load_dataset, make_splits, sample_support, task_subset
+from bench.federations import DEFAULT_RECIPES
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout holding bench/
 DEMO_TASK = ("1", "4", "5", "8", "9")  # no single expert covers these five classes
@@ -41,17 +41,34 @@ def spec_entry(name: str, predict: str, labels: tuple[str, ...] | list[str], que
     return f'[[experts]]\nname = "{name}"\npredict = "{predict}"\nlabels = [{quoted}]\nqueries = "{queries}"\n'
 
 
-def write_federation(folder: Path, dataset: str = "digits", k: int = 5, seed: int = 0, task: tuple[str, ...] = DEMO_TASK) -> Path:
+def write_federation(
+    folder: Path,
+    dataset: str = "digits",
+    k: int = 5,
+    seed: int = 0,
+    task: tuple[str, ...] = DEMO_TASK,
+) -> Path:
     """Write a spec folder for the demo federation; returns the spec's path."""
     folder.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(dataset)
     splits = make_splits(ds, seed)
     np.save(folder / "queries.npy", splits.queries.x)
-    lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in DEFAULT_RECIPES)
-    (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
-    entries = "\n".join(spec_entry(r.name, f"experts:{r.name}", r.classes, "queries.npy") for r in DEFAULT_RECIPES)
+    lines = "\n".join(
+        f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})'
+        for r in DEFAULT_RECIPES
+    )
+    (folder / "experts.py").write_text(
+        EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO))
+    )
+    entries = "\n".join(
+        spec_entry(r.name, f"experts:{r.name}", r.classes, "queries.npy") for r in DEFAULT_RECIPES
+    )
     shape = list(ds.image_shape) if ds.image_shape else None
-    header = f"# Demo federation on {dataset}: {len(DEFAULT_RECIPES)} experts over overlapping class subsets.\n\n[data]\nimage_shape = {shape}\n\n" if shape else ""
+    header = (
+        f"# Demo federation on {dataset}: {len(DEFAULT_RECIPES)} experts over overlapping class subsets.\n\n[data]\nimage_shape = {shape}\n\n"
+        if shape
+        else ""
+    )
     (folder / "spec.toml").write_text(header + entries)
     classes = [ds.label_names.index(c) for c in task]
     sx, sy = sample_support(splits.support, classes, k, np.random.default_rng(seed))
@@ -66,12 +83,17 @@ def score(run: Path) -> float:
     pred = np.load(run / "pred.npz", allow_pickle=False)
     truth = np.load(run / "federation" / "test_y.npy", allow_pickle=False)
     acc = float((pred["classes"][pred["proba"].argmax(1)] == truth).mean())
-    print(f"new task {pred['classes'].tolist()}: accuracy {acc:.3f} on {len(truth)} held-out examples")
+    print(
+        f"new task {pred['classes'].tolist()}: accuracy {acc:.3f} on {len(truth)} held-out examples"
+    )
     return acc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description="Write the demo federation, or score the demo's predictions.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.demo",
+        description="Write the demo federation, or score the demo's predictions.",
+    )
     p.add_argument("--out", type=Path, help="run folder to write federation/ into")
     p.add_argument("--score", type=Path, help="run folder whose pred.npz to score")
     p.add_argument("--dataset", default="digits", choices=DATASETS)

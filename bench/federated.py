@@ -19,20 +19,41 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.datasets import DATASETS
 from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, SPARSE_RECIPES
-from bench.run import REPORT_SEEDS, SHOTS, accuracy, build_world, draw_episode, episode_tasks, in_task_order, log
+from bench.run import (
+    REPORT_SEEDS,
+    SHOTS,
+    accuracy,
+    build_world,
+    draw_episode,
+    episode_tasks,
+    in_task_order,
+    log,
+)
 from protofuse.bank import Bank, load_bank
-from bench.datasets import DATASETS
 from protofuse.flower.simulation import simulate
 
 
 def shard_rows(n: int, parts: int, seed: int) -> list[np.ndarray]:
     """Disjoint private shards of a query pool of n rows (sorted row indices), one per expert."""
-    return [np.sort(rows) for rows in np.array_split(np.random.default_rng(seed).permutation(n), parts)]
+    return [
+        np.sort(rows) for rows in np.array_split(np.random.default_rng(seed).permutation(n), parts)
+    ]
 
 
-def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str, rounds: int, aggregation: str = "rowwise", keep: int = 2) -> Path:  # noqa: ANN001
+def write_spec(
+    folder: Path,
+    world,
+    recipes,
+    dataset: str,
+    seed: int,
+    mode: str,
+    rounds: int,
+    aggregation: str = "rowwise",
+    keep: int = 2,
+) -> Path:
     """A spec folder for the world's experts: shared pool or one disjoint shard per expert."""
     folder.mkdir(parents=True, exist_ok=True)
     qx = world.splits.queries.x
@@ -44,16 +65,26 @@ def write_spec(folder: Path, world, recipes, dataset: str, seed: int, mode: str,
         for i, (r, rows) in enumerate(zip(recipes, shard_rows(len(qx), len(recipes), seed))):
             np.save(folder / f"shard{i}.npy", qx[rows])
             files[r.name] = f"shard{i}.npy"
-    lines = "\n".join(f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})' for r in recipes)
-    (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO)))
+    lines = "\n".join(
+        f'{r.name} = demo_expert("{dataset}", "{r.name}", seed={seed}, split_seed={seed})'
+        for r in recipes
+    )
+    (folder / "experts.py").write_text(
+        EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO))
+    )
     shape = world.dataset.image_shape
-    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = \"{aggregation}\"\nkeep_checkpoints = {keep}\n\n"
-    text += "\n".join(spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes)
+    text = (
+        (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "")
+        + f'[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "{aggregation}"\nkeep_checkpoints = {keep}\n\n'
+    )
+    text += "\n".join(
+        spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes
+    )
     (folder / "spec.toml").write_text(text)
     return folder / "spec.toml"
 
 
-def central_bank(world, recipes, mode: str, seed: int) -> Bank:  # noqa: ANN001
+def central_bank(world, recipes, mode: str, seed: int) -> Bank:
     """``fit`` on exactly the triples the federation trains on (shared pool, or shards)."""
     if mode == "shared":
         return world.banks["protofuse"]
@@ -65,11 +96,20 @@ def central_bank(world, recipes, mode: str, seed: int) -> Bank:  # noqa: ANN001
     qx = world.splits.queries.x
     shards = [qx[rows] for rows in shard_rows(len(qx), len(recipes), seed)]
     outputs = [query_expert(e.expert, s, e.name) for e, s in zip(world.experts, shards)]
-    triples = assemble([e.name for e in world.experts], [e.labels for e in world.experts], shards, outputs)
-    return fit_bank(triples, ModelSettings(), TrainingSettings(seed=seed), AdaptSettings(), world.dataset.image_shape, world.dataset.likelihood)
+    triples = assemble(
+        [e.name for e in world.experts], [e.labels for e in world.experts], shards, outputs
+    )
+    return fit_bank(
+        triples,
+        ModelSettings(),
+        TrainingSettings(seed=seed),
+        AdaptSettings(),
+        world.dataset.image_shape,
+        world.dataset.likelihood,
+    )
 
 
-def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> list[dict]:  # noqa: ANN001
+def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> list[dict]:
     rng = np.random.default_rng(seed + 7)
     rows = []
     for task in tasks:
@@ -79,13 +119,18 @@ def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> lis
             names = np.asarray(task)[sy]
             row = {"task": list(task), "k": k}
             for name, bank in banks.items():
-                row[name] = accuracy(in_task_order(bank.adapt(sx, names), task).predict_proba(ep.test_x), ep.test_y)
-                row[f"{name} zero-shot"] = accuracy(in_task_order(bank.zero_shot(list(task)), task).predict_proba(ep.test_x), ep.test_y)
+                row[name] = accuracy(
+                    in_task_order(bank.adapt(sx, names), task).predict_proba(ep.test_x), ep.test_y
+                )
+                row[f"{name} zero-shot"] = accuracy(
+                    in_task_order(bank.zero_shot(list(task)), task).predict_proba(ep.test_x),
+                    ep.test_y,
+                )
             rows.append(row)
     return rows
 
 
-def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: int) -> list[dict]:  # noqa: ANN001
+def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: int) -> list[dict]:
     """The bank's accuracy at k = 5 and zero-shot every 5 rounds (the first seed's run keeps every checkpoint)."""
     import copy
 
@@ -101,7 +146,13 @@ def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: 
             at = copy.deepcopy(bank)
             load_shared(at.model, store.weights(r))
             rows = score({"bank": at}, world, tasks, seed, max_test)
-            out.append({"round": r, "k5": 100 * np.mean([x["bank"] for x in rows if x["k"] == 5]), "zero_shot": 100 * np.mean([x["bank zero-shot"] for x in rows if x["k"] == 5])})
+            out.append(
+                {
+                    "round": r,
+                    "k5": 100 * np.mean([x["bank"] for x in rows if x["k"] == 5]),
+                    "zero_shot": 100 * np.mean([x["bank zero-shot"] for x in rows if x["k"] == 5]),
+                }
+            )
     return out
 
 
@@ -111,36 +162,78 @@ def summarize(rows: list[dict], a: str, b: str) -> dict:
         sel = [r for r in rows if r["k"] == k]
         xa, xb = np.array([r[a] for r in sel]), np.array([r[b] for r in sel])
         gap = xa - xb
-        out[k] = {a: 100 * xa.mean(), b: 100 * xb.mean(), "gap": 100 * gap.mean(), "gap_se": 100 * gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else float("nan"), "n": len(sel)}
+        out[k] = {
+            a: 100 * xa.mean(),
+            b: 100 * xb.mean(),
+            "gap": 100 * gap.mean(),
+            "gap_se": 100 * gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else float("nan"),
+            "n": len(sel),
+        }
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.federated", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.federated", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--dataset", default="mnist5k", choices=DATASETS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
     p.add_argument("--modes", nargs="+", default=["shared", "shards"], choices=["shared", "shards"])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--tasks", type=int, default=10, help="new 5-way tasks per seed")
     p.add_argument("--max-test", type=int, default=300)
-    p.add_argument("--robust", action="store_true", help="add the poor and the overconfident expert")
-    p.add_argument("--sparse", action="store_true", help="sparse label coverage: five experts of three classes, half the labels covered once")
-    p.add_argument("--aggregation", choices=["rowwise", "fedavg"], default="rowwise", help="how prototype rows are averaged")
-    p.add_argument("--curve-tasks", type=int, default=5, help="tasks of the first seed scored at every 5th round (accuracy against rounds)")
+    p.add_argument(
+        "--robust", action="store_true", help="add the poor and the overconfident expert"
+    )
+    p.add_argument(
+        "--sparse",
+        action="store_true",
+        help="sparse label coverage: five experts of three classes, half the labels covered once",
+    )
+    p.add_argument(
+        "--aggregation",
+        choices=["rowwise", "fedavg"],
+        default="rowwise",
+        help="how prototype rows are averaged",
+    )
+    p.add_argument(
+        "--curve-tasks",
+        type=int,
+        default=5,
+        help="tasks of the first seed scored at every 5th round (accuracy against rounds)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (ROBUSTNESS_RECIPES if args.robust else ())
+    recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (
+        ROBUSTNESS_RECIPES if args.robust else ()
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     for seed in args.seeds:
-        world = build_world(args.dataset, seed, recipes, {"protofuse": ({}, {})}, None, [], ceiling=False)
+        world = build_world(
+            args.dataset, seed, recipes, {"protofuse": ({}, {})}, None, [], ceiling=False
+        )
         tasks = episode_tasks(recipes, world.dataset.label_names, [5], args.tasks, seed)
         for mode in args.modes:
             t0 = time.perf_counter()
             central = central_bank(world, recipes, mode, seed)
-            t_central = time.perf_counter() - t0 + (world.timings.get("fit protofuse", 0.0) if mode == "shared" else 0.0)
+            t_central = (
+                time.perf_counter()
+                - t0
+                + (world.timings.get("fit protofuse", 0.0) if mode == "shared" else 0.0)
+            )
             run = args.out / f"run-{mode}-{seed}"
-            spec = write_spec(args.out / f"spec-{mode}-{seed}", world, recipes, args.dataset, seed, mode, args.rounds, args.aggregation, keep=args.rounds + 2 if seed == args.seeds[0] else 2)
+            spec = write_spec(
+                args.out / f"spec-{mode}-{seed}",
+                world,
+                recipes,
+                args.dataset,
+                seed,
+                mode,
+                args.rounds,
+                args.aggregation,
+                keep=args.rounds + 2 if seed == args.seeds[0] else 2,
+            )
             t0 = time.perf_counter()
             simulate(spec, run, echo=lambda line: None)
             t_fed = time.perf_counter() - t0
@@ -148,22 +241,54 @@ def main(argv: list[str] | None = None) -> int:
             banks = {"federated": federated, "central": central}
             if args.robust:  # the same federation without its bad participants, on the same tasks
                 honest_run = args.out / f"run-{mode}-{seed}-honest"
-                honest_spec = write_spec(args.out / f"spec-{mode}-{seed}-honest", world, DEFAULT_RECIPES, args.dataset, seed, mode, args.rounds, args.aggregation)
+                honest_spec = write_spec(
+                    args.out / f"spec-{mode}-{seed}-honest",
+                    world,
+                    DEFAULT_RECIPES,
+                    args.dataset,
+                    seed,
+                    mode,
+                    args.rounds,
+                    args.aggregation,
+                )
                 simulate(honest_spec, honest_run, echo=lambda line: None)
                 banks["federated honest"] = load_bank(honest_run)
             rows = score(banks, world, tasks, seed, args.max_test)
             rounds = json.loads((run / "rounds.json").read_text())["rounds"]
-            traffic = [r["bytes_per_client"] / r["shared_bytes"] for r in rounds if r["phase"] != "agreement"]
+            traffic = [
+                r["bytes_per_client"] / r["shared_bytes"]
+                for r in rounds
+                if r["phase"] != "agreement"
+            ]
             entry = {
-                "seed": seed, "mode": mode, "rows": rows, "rounds": rounds, "traffic_ratio_max": max(traffic),
+                "seed": seed,
+                "mode": mode,
+                "rows": rows,
+                "rounds": rounds,
+                "traffic_ratio_max": max(traffic),
                 "seconds": {"central": t_central, "federated": t_fed},
-                "trust": {e.name: {"federated": e.weight, "central": next(c.weight for c in central.experts if c.name == e.name)} for e in federated.experts},
+                "trust": {
+                    e.name: {
+                        "federated": e.weight,
+                        "central": next(c.weight for c in central.experts if c.name == e.name),
+                    }
+                    for e in federated.experts
+                },
             }
             if seed == args.seeds[0]:
-                entry["curve"] = curve(spec, run, federated, world, tasks[: args.curve_tasks], seed, args.max_test)
+                entry["curve"] = curve(
+                    spec, run, federated, world, tasks[: args.curve_tasks], seed, args.max_test
+                )
             results["runs"].append(entry)
             s = summarize(rows, "federated", "central")
-            log(f"seed {seed} {mode}: " + "  ".join(f"k={k} fed {v['federated']:.1f} central {v['central']:.1f} gap {v['gap']:+.2f}±{v['gap_se']:.2f}" for k, v in s.items()) + f"  ({t_fed:.0f}s federated, {t_central:.0f}s central)")
+            log(
+                f"seed {seed} {mode}: "
+                + "  ".join(
+                    f"k={k} fed {v['federated']:.1f} central {v['central']:.1f} gap {v['gap']:+.2f}±{v['gap_se']:.2f}"
+                    for k, v in s.items()
+                )
+                + f"  ({t_fed:.0f}s federated, {t_central:.0f}s central)"
+            )
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (args.out / "results.md").write_text(report(results))
     plot_curves(results, args.out / "accuracy_vs_rounds.png")
@@ -183,8 +308,18 @@ def plot_curves(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
         rounds = [c["round"] for c in r["curve"]]
-        ax.plot(rounds, [c["k5"] for c in r["curve"]], marker="o", label=f"seed {r['seed']}, {r['mode']} queries, k = 5")
-        ax.plot(rounds, [c["zero_shot"] for c in r["curve"]], linestyle="--", label=f"seed {r['seed']}, {r['mode']} queries, zero-shot")
+        ax.plot(
+            rounds,
+            [c["k5"] for c in r["curve"]],
+            marker="o",
+            label=f"seed {r['seed']}, {r['mode']} queries, k = 5",
+        )
+        ax.plot(
+            rounds,
+            [c["zero_shot"] for c in r["curve"]],
+            linestyle="--",
+            label=f"seed {r['seed']}, {r['mode']} queries, zero-shot",
+        )
     ax.set_xlabel("round (incl. the agreement round)")
     ax.set_ylabel("accuracy on new 5-way tasks (%)")
     ax.set_title("federated bank against rounds (5 new tasks per curve)")
@@ -195,7 +330,12 @@ def plot_curves(results: dict, path: Path) -> None:
 
 
 def report(results: dict) -> str:
-    lines = ["# Federated (protofuse simulate) against central (protofuse fit)", "", f"Settings: {results['args']}", ""]
+    lines = [
+        "# Federated (protofuse simulate) against central (protofuse fit)",
+        "",
+        f"Settings: {results['args']}",
+        "",
+    ]
     for mode in ("shared", "shards"):
         runs = [r for r in results["runs"] if r["mode"] == mode]
         if not runs:
@@ -203,22 +343,56 @@ def report(results: dict) -> str:
         rows = [row for r in runs for row in r["rows"]]
         s = summarize(rows, "federated", "central")
         z = summarize(rows, "federated zero-shot", "central zero-shot")
-        lines += [f"## {mode} queries (seeds {[r['seed'] for r in runs]}, {s[1]['n']} episodes per k)", "", "| k | federated | central | paired gap (± s.e.) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['federated']:.1f} | {v['central']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |" for k, v in s.items()]
-        lines += [f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | {z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |", ""]
+        lines += [
+            f"## {mode} queries (seeds {[r['seed'] for r in runs]}, {s[1]['n']} episodes per k)",
+            "",
+            "| k | federated | central | paired gap (± s.e.) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['federated']:.1f} | {v['central']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |"
+            for k, v in s.items()
+        ]
+        lines += [
+            f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | {z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |",
+            "",
+        ]
         if "federated honest" in rows[0]:
             h = summarize(rows, "federated", "federated honest")
-            lines += ["With the bad participants against the same federation without them (both federated, same tasks):", "", "| k | with them | without | paired gap (± s.e.) |", "|---|---|---|---|"]
-            lines += [f"| {k} | {v['federated']:.1f} | {v['federated honest']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |" for k, v in h.items()]
+            lines += [
+                "With the bad participants against the same federation without them (both federated, same tasks):",
+                "",
+                "| k | with them | without | paired gap (± s.e.) |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {k} | {v['federated']:.1f} | {v['federated honest']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |"
+                for k, v in h.items()
+            ]
             lines.append("")
-        lines += [f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared weights per client and round. "
-                  f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, {np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per process, 2 cores).", ""]
+        lines += [
+            f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared weights per client and round. "
+            f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, {np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per process, 2 cores).",
+            "",
+        ]
         for r in runs:
             if r.get("curve"):
-                lines += [f"Accuracy against rounds (seed {r['seed']}, {len(r['curve'])} checkpoints, k = 5 / zero-shot): " + ", ".join(f"{c['round']}: {c['k5']:.1f} / {c['zero_shot']:.1f}" for c in r["curve"]), ""]
+                lines += [
+                    f"Accuracy against rounds (seed {r['seed']}, {len(r['curve'])} checkpoints, k = 5 / zero-shot): "
+                    + ", ".join(
+                        f"{c['round']}: {c['k5']:.1f} / {c['zero_shot']:.1f}" for c in r["curve"]
+                    ),
+                    "",
+                ]
         lines += ["| expert | trust federated | trust central |", "|---|---|---|"]
         for name in runs[0]["trust"]:
-            lines.append(f"| {name} | " + " / ".join(f"{r['trust'][name]['federated']:.2f}" for r in runs) + " | " + " / ".join(f"{r['trust'][name]['central']:.2f}" for r in runs) + " |")
+            lines.append(
+                f"| {name} | "
+                + " / ".join(f"{r['trust'][name]['federated']:.2f}" for r in runs)
+                + " | "
+                + " / ".join(f"{r['trust'][name]['central']:.2f}" for r in runs)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 

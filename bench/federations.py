@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.datasets import Dataset, load_dataset, make_splits, task_subset
-
 from client_sdk.experts import CallableExpert, Expert, TorchExpert
 
 KINDS = ("logreg", "svm", "forest", "knn", "mlp")
@@ -31,14 +30,22 @@ class ExpertRecipe:
         if self.kind not in KINDS:
             raise ValueError(f"recipe {self.name!r}: kind is {self.kind!r}; use one of {KINDS}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"recipe {self.name!r}: classes {self.classes} must name at least 2 distinct labels")
+            raise ValueError(
+                f"recipe {self.name!r}: classes {self.classes} must name at least 2 distinct labels"
+            )
         if not 0.0 <= self.label_noise < 1.0:
-            raise ValueError(f"recipe {self.name!r}: label_noise is {self.label_noise}; use a fraction in [0, 1)")
+            raise ValueError(
+                f"recipe {self.name!r}: label_noise is {self.label_noise}; use a fraction in [0, 1)"
+            )
         # confuse = 1 would remove the first class from training, and with it an output column.
         if not 0.0 <= self.confuse < 1.0:
-            raise ValueError(f"recipe {self.name!r}: confuse is {self.confuse}; use a fraction in [0, 1)")
+            raise ValueError(
+                f"recipe {self.name!r}: confuse is {self.confuse}; use a fraction in [0, 1)"
+            )
         if self.sharpen <= 0:
-            raise ValueError(f"recipe {self.name!r}: sharpen is {self.sharpen}; use a positive factor (1 leaves outputs unchanged)")
+            raise ValueError(
+                f"recipe {self.name!r}: sharpen is {self.sharpen}; use a positive factor (1 leaves outputs unchanged)"
+            )
 
 
 def _digits(*ds: int) -> tuple[str, ...]:
@@ -73,12 +80,16 @@ def _ring_of_triples(labels: tuple[str, ...]) -> tuple[ExpertRecipe, ...]:
     for i in range(len(labels)):
         kind = KINDS[i % len(KINDS)]
         name = kind if i < len(KINDS) else f"{kind}-{i // len(KINDS) + 1}"
-        recipes.append(ExpertRecipe(name, kind, tuple(labels[(i + j) % len(labels)] for j in range(3))))
+        recipes.append(
+            ExpertRecipe(name, kind, tuple(labels[(i + j) % len(labels)] for j in range(3)))
+        )
     return tuple(recipes)
 
 
 # The 7 classes of the image-segmentation table (bench.datasets.load_segment), in label order.
-SEGMENT_RECIPES: tuple[ExpertRecipe, ...] = _ring_of_triples(("brickface", "cement", "foliage", "grass", "path", "sky", "window"))
+SEGMENT_RECIPES: tuple[ExpertRecipe, ...] = _ring_of_triples(
+    ("brickface", "cement", "foliage", "grass", "path", "sky", "window")
+)
 
 
 def recipes_for(dataset: str) -> tuple[ExpertRecipe, ...]:
@@ -111,7 +122,9 @@ def _expert_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
 
 
-def _corrupt_labels(y: np.ndarray, k: int, recipe: ExpertRecipe, rng: np.random.Generator) -> np.ndarray:
+def _corrupt_labels(
+    y: np.ndarray, k: int, recipe: ExpertRecipe, rng: np.random.Generator
+) -> np.ndarray:
     y = y.copy()
     if recipe.confuse > 0:
         first = np.flatnonzero(y == 0)
@@ -127,7 +140,13 @@ def _mlp(d: int, k: int):
     """The small torch MLP expert: two hidden layers of 128 ReLU units."""
     import torch
 
-    return torch.nn.Sequential(torch.nn.Linear(d, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, k))
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, k),
+    )
 
 
 def _train_mlp(x: np.ndarray, y: np.ndarray, k: int, seed: int, steps: int = 400, batch: int = 64):
@@ -171,7 +190,9 @@ def _fit_sklearn(kind: str, x: np.ndarray, y: np.ndarray, seed: int):
 
 def _sharpened(base: Expert, factor: float, x: np.ndarray) -> np.ndarray:
     """softmax(factor * log p): same ranking as the base expert, far more confident."""
-    logp = factor * np.log(np.clip(np.asarray(base.predict_proba(x), dtype=np.float64), 1e-12, None))
+    logp = factor * np.log(
+        np.clip(np.asarray(base.predict_proba(x), dtype=np.float64), 1e-12, None)
+    )
     logp -= logp.max(axis=1, keepdims=True)
     p = np.exp(logp)
     return p / p.sum(axis=1, keepdims=True)
@@ -181,13 +202,17 @@ def build_expert(recipe: ExpertRecipe, train: Dataset, seed: int) -> BuiltExpert
     """Train one expert on the examples of its own classes only; columns follow recipe.classes."""
     missing = [c for c in recipe.classes if c not in train.label_names]
     if missing:
-        raise ValueError(f"recipe {recipe.name!r}: classes {missing} are not labels of the dataset {train.label_names}")
+        raise ValueError(
+            f"recipe {recipe.name!r}: classes {missing} are not labels of the dataset {train.label_names}"
+        )
     class_idx = [train.label_names.index(c) for c in recipe.classes]
     x, y = task_subset(train, class_idx)
     counts = np.bincount(y, minlength=len(class_idx))
     if (counts < 2).any():
         few = [recipe.classes[j] for j in np.flatnonzero(counts < 2)]
-        raise ValueError(f"recipe {recipe.name!r}: classes {few} have fewer than 2 training examples; use a larger expert_train split")
+        raise ValueError(
+            f"recipe {recipe.name!r}: classes {few} have fewer than 2 training examples; use a larger expert_train split"
+        )
     s = _expert_seed(seed, recipe.name)
     k = len(class_idx)
     y = _corrupt_labels(y, k, recipe, np.random.default_rng(s))
@@ -203,7 +228,9 @@ def build_expert(recipe: ExpertRecipe, train: Dataset, seed: int) -> BuiltExpert
     return BuiltExpert(recipe.name, recipe.kind, labels, expert)
 
 
-def build_federation(train: Dataset, recipes: Sequence[ExpertRecipe] = DEFAULT_RECIPES, seed: int = 0) -> list[BuiltExpert]:
+def build_federation(
+    train: Dataset, recipes: Sequence[ExpertRecipe] = DEFAULT_RECIPES, seed: int = 0
+) -> list[BuiltExpert]:
     """Train every recipe's expert on its own classes of ``train``; deterministic given seed."""
     names = [r.name for r in recipes]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -215,7 +242,9 @@ def build_federation(train: Dataset, recipes: Sequence[ExpertRecipe] = DEFAULT_R
 @functools.lru_cache(maxsize=4)
 def _demo_federation(dataset: str, seed: int, split_seed: int) -> dict[str, BuiltExpert]:
     splits = make_splits(load_dataset(dataset), split_seed)
-    built = build_federation(splits.expert_train, DEFAULT_RECIPES + ROBUSTNESS_RECIPES + SPARSE_RECIPES, seed)
+    built = build_federation(
+        splits.expert_train, DEFAULT_RECIPES + ROBUSTNESS_RECIPES + SPARSE_RECIPES, seed
+    )
     return {b.name: b for b in built}
 
 

@@ -40,13 +40,15 @@ import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "bench" / "mutation-equivalent.toml"
-MUTMUT = Path(sys.executable).parent / "mutmut"  # the console script: `python -m mutmut` re-imports its __main__
+MUTMUT = (
+    Path(sys.executable).parent / "mutmut"
+)  # the console script: `python -m mutmut` re-imports its __main__
 
 # One torch thread per worker: the workers already share the cores, and extra threads only contend.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -89,22 +91,36 @@ def mutmut(*args: str, log: Path | None = None) -> str:
     """Run the mutmut CLI in the repository root; raise with its output when it fails."""
     env = os.environ | THREAD_ENV
     if log is None:
-        done = subprocess.run([str(MUTMUT), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [str(MUTMUT), *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
         if done.returncode:
-            raise SystemExit(f"mutmut {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+            raise SystemExit(
+                f"mutmut {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
         return done.stdout
     # A long run goes to a log file (mutmut redraws a progress line many times a second).
     with log.open("w") as f:
-        code = subprocess.run([str(MUTMUT), *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [str(MUTMUT), *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        ).returncode
     if code:
-        raise SystemExit(f"mutmut {args[0]} failed ({code}); see {log}:\n" + log.read_text()[-3000:])
+        raise SystemExit(
+            f"mutmut {args[0]} failed ({code}); see {log}:\n" + log.read_text()[-3000:]
+        )
     return ""
 
 
 def generate(max_children: int) -> None:
     """Rebuild mutants/ from scratch: stale stats would map mutants to yesterday's tests."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-    subprocess.run([sys.executable, "-c", GENERATE, str(max_children)], cwd=ROOT, env=os.environ | THREAD_ENV, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", GENERATE, str(max_children)],
+        cwd=ROOT,
+        env=os.environ | THREAD_ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def statuses() -> dict[str, str]:
@@ -157,9 +173,15 @@ def unmutated_functions(config: dict, names: set[str]) -> list[tuple[str, str, s
         module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
         tree = ast.parse(path.read_text())
         for node in tree.body:
-            methods = [(None, node)] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+            methods = (
+                [(None, node)] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+            )
             if isinstance(node, ast.ClassDef):
-                methods = [(node.name, f) for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+                methods = [
+                    (node.name, f)
+                    for f in node.body
+                    if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                ]
             for cls, f in methods:
                 key = f"{module}.xǁ{cls}ǁ{f.name}" if cls else f"{module}.x_{f.name}"
                 if key in mangled:
@@ -177,7 +199,12 @@ def git_head() -> str:
 
 def score(mutants: list[Mutant], drop_equivalent: bool = False) -> tuple[int, int]:
     """(killed, run): equivalent survivors leave the denominator when drop_equivalent."""
-    run = [m for m in mutants if m.status in RUN_STATUSES and not (drop_equivalent and m.equivalent is not None and m.status != "killed")]
+    run = [
+        m
+        for m in mutants
+        if m.status in RUN_STATUSES
+        and not (drop_equivalent and m.equivalent is not None and m.status != "killed")
+    ]
     return sum(m.status == "killed" for m in run), len(run)
 
 
@@ -185,7 +212,9 @@ def pct(k: int, n: int) -> str:
     return f"{100 * k / n:.1f}%" if n else "n/a"
 
 
-def markdown(summary: dict, mutants: list[Mutant], unmutated: list[tuple[str, str, str]], stale: list[str]) -> str:
+def markdown(
+    summary: dict, mutants: list[Mutant], unmutated: list[tuple[str, str, str]], stale: list[str]
+) -> str:
     """The human report: score, counts per module, the unexplained survivors with their diffs, then the explained ones."""
     killed, run = score(mutants)
     k2, n2 = score(mutants, drop_equivalent=True)
@@ -214,19 +243,47 @@ def markdown(summary: dict, mutants: list[Mutant], unmutated: list[tuple[str, st
         ms = by_module.get(module, [])
         c = Counter(m.status for m in ms)
         other = len(ms) - c["killed"] - c["survived"] - c["no tests"] - c["timeout"]
-        lines.append(f"| {module} | {summary['generated_per_module'][module]} | {len(ms)} | {c['killed']} | {c['survived']} | {c['no tests']} | {c['timeout']} | {other} | {pct(*score(ms))} |")
+        lines.append(
+            f"| {module} | {summary['generated_per_module'][module]} | {len(ms)} | {c['killed']} | {c['survived']} | {c['no tests']} | {c['timeout']} | {other} | {pct(*score(ms))} |"
+        )
     open_ = [m for m in mutants if m.status in NOT_KILLED and m.equivalent is None]
     explained = [m for m in mutants if m.status in NOT_KILLED and m.equivalent is not None]
     lines += ["", f"## Survivors not yet explained ({len(open_)})", ""]
-    lines += ["Each needs a test that kills it, or an entry in `bench/mutation-equivalent.toml` saying why it cannot matter.", ""] if open_ else ["None."]
+    lines += (
+        [
+            "Each needs a test that kills it, or an entry in `bench/mutation-equivalent.toml` saying why it cannot matter.",
+            "",
+        ]
+        if open_
+        else ["None."]
+    )
     for m in open_:
-        lines += [f"### `{m.name}` ({m.status})", "", f"{m.module}: `{m.function}`", "", "```diff", (m.diff or "").strip(), "```", ""]
+        lines += [
+            f"### `{m.name}` ({m.status})",
+            "",
+            f"{m.module}: `{m.function}`",
+            "",
+            "```diff",
+            (m.diff or "").strip(),
+            "```",
+            "",
+        ]
     lines += ["", f"## Survivors judged equivalent or harmless ({len(explained)})", ""]
     lines += [f"- `{m.name}` ({m.status}): {m.equivalent}" for m in explained] or ["None."]
     if stale:
-        lines += ["", "Entries of `bench/mutation-equivalent.toml` that are killed now, or were not generated (stale):", ""]
+        lines += [
+            "",
+            "Entries of `bench/mutation-equivalent.toml` that are killed now, or were not generated (stale):",
+            "",
+        ]
         lines += [f"- `{name}`" for name in stale]
-    lines += ["", f"## Functions with no mutants ({len(unmutated)})", "", "mutmut 3 mutates function bodies only, and skips decorated functions; module-level code and class bodies (dataclass fields, pydantic models) get no mutants.", ""]
+    lines += [
+        "",
+        f"## Functions with no mutants ({len(unmutated)})",
+        "",
+        "mutmut 3 mutates function bodies only, and skips decorated functions; module-level code and class bodies (dataclass fields, pydantic models) get no mutants.",
+        "",
+    ]
     lines += [f"- {module}: `{function}` ({why})" for module, function, why in unmutated]
     return "\n".join(lines) + "\n"
 
@@ -235,15 +292,26 @@ def collect(sample: list[str], max_children: int) -> list[Mutant]:
     """The sampled mutants with their verdicts, the equivalence notes, and the diff of each one not killed."""
     status = statuses()
     equivalent = load_equivalent()
-    mutants = [Mutant(n, *split_name(n), status.get(n, "missing"), equivalent.get(n)) for n in sample]
+    mutants = [
+        Mutant(n, *split_name(n), status.get(n, "missing"), equivalent.get(n)) for n in sample
+    ]
     open_ = [m for m in mutants if m.status in NOT_KILLED]
-    with ThreadPoolExecutor(max_children) as pool:  # one `mutmut show` costs ~1 s of imports; hundreds add up
+    with ThreadPoolExecutor(
+        max_children
+    ) as pool:  # one `mutmut show` costs ~1 s of imports; hundreds add up
         for m, diff in zip(open_, pool.map(lambda m: mutmut("show", m.name), open_)):
             m.diff = diff.partition("\n")[2]  # drop mutmut's '# name: status' header
     return mutants
 
 
-def write_report(out: Path, run_info: dict, config: dict, generated: list[str], sample: list[str], mutants: list[Mutant]) -> None:
+def write_report(
+    out: Path,
+    run_info: dict,
+    config: dict,
+    generated: list[str],
+    sample: list[str],
+    mutants: list[Mutant],
+) -> None:
     """OUT/mutation.json and OUT/mutation.md."""
     equivalent = load_equivalent()
     killed_now = {m.name for m in mutants if m.status == "killed"}
@@ -264,18 +332,46 @@ def write_report(out: Path, run_info: dict, config: dict, generated: list[str], 
         "score": killed / run if run else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mutation.json").write_text(json.dumps({**summary, "unmutated_functions": [list(u) for u in unmutated], "mutants": [asdict(m) for m in mutants]}, indent=1, ensure_ascii=False) + "\n")
+    (out / "mutation.json").write_text(
+        json.dumps(
+            {
+                **summary,
+                "unmutated_functions": [list(u) for u in unmutated],
+                "mutants": [asdict(m) for m in mutants],
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     (out / "mutation.md").write_text(markdown(summary, mutants, unmutated, stale))
-    print(f"score {pct(killed, run)} ({killed} killed / {run} run) in {summary['elapsed_s'] / 60:.1f} min; report in {out / 'mutation.md'}")
+    print(
+        f"score {pct(killed, run)} ({killed} killed / {run} run) in {summary['elapsed_s'] / 60:.1f} min; report in {out / 'mutation.md'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sample", type=int, default=3, help="keep a mutant when crc32(name) %% N == 0 (1: every mutant)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=3,
+        help="keep a mutant when crc32(name) %% N == 0 (1: every mutant)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results/mutation"))
-    p.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel (forked workers)")
-    p.add_argument("--list", action="store_true", help="generate mutants and print the sample's size per module; run nothing")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from the verdicts already in mutants/ (after editing mutation-equivalent.toml)")
+    p.add_argument(
+        "--max-children", type=int, default=2, help="mutants tested in parallel (forked workers)"
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="generate mutants and print the sample's size per module; run nothing",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from the verdicts already in mutants/ (after editing mutation-equivalent.toml)",
+    )
     args = p.parse_args(argv)
     if not MUTMUT.exists():
         raise SystemExit(f"{MUTMUT} not found: pip install mutmut==3.8.1")
@@ -284,13 +380,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         # The run's own facts (commit, start, wall time) come from its JSON, not from now.
         previous = json.loads((out / "mutation.json").read_text())
-        run_info = {k: previous[k] for k in ("commit", "started", "elapsed_s", "max_children", "sample")}
+        run_info = {
+            k: previous[k] for k in ("commit", "started", "elapsed_s", "max_children", "sample")
+        }
         generated = sorted(statuses())
         sample = [n for n in generated if in_sample(n, run_info["sample"])]
         write_report(out, run_info, config, generated, sample, collect(sample, args.max_children))
         return 0
 
-    run_info = {"commit": git_head(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "max_children": args.max_children, "sample": args.sample}
+    run_info = {
+        "commit": git_head(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "max_children": args.max_children,
+        "sample": args.sample,
+    }
     t0 = time.perf_counter()
     generate(args.max_children)
     generated = sorted(statuses())

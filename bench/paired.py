@@ -20,7 +20,9 @@ def paired(a: dict, b: dict, mode: str, k: int | str, column: str = "federated")
     runs_b = [r for r in b["runs"] if r["mode"] == mode]
     for ra, rb in zip(runs_a, runs_b):
         if ra["seed"] != rb["seed"]:
-            raise ValueError(f"runs differ in seeds ({ra['seed']} against {rb['seed']}); compare runs of the same seeds")
+            raise ValueError(
+                f"runs differ in seeds ({ra['seed']} against {rb['seed']}); compare runs of the same seeds"
+            )
         for xa, xb in zip(ra["rows"], rb["rows"]):
             if xa["task"] != xb["task"] or xa["k"] != xb["k"]:
                 raise ValueError("runs differ in tasks; compare runs of the same seeds and --tasks")
@@ -32,12 +34,17 @@ def paired(a: dict, b: dict, mode: str, k: int | str, column: str = "federated")
 
 
 def table(a: dict, b: dict, names: tuple[str, str]) -> str:
-    lines = [f"| queries | k | {names[0]} - {names[1]} (points ± s.e.) | episodes won or tied by {names[0]} |", "|---|---|---|---|"]
+    lines = [
+        f"| queries | k | {names[0]} - {names[1]} (points ± s.e.) | episodes won or tied by {names[0]} |",
+        "|---|---|---|---|",
+    ]
     for mode in ("shards", "shared"):
         for k in (1, 5, 10, "zero-shot"):
             d = paired(a, b, mode, k)
             if len(d):
-                lines.append(f"| {mode} | {k} | {d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {np.mean(d >= 0):.0%} of {len(d)} |")
+                lines.append(
+                    f"| {mode} | {k} | {d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {np.mean(d >= 0):.0%} of {len(d)} |"
+                )
     return "\n".join(lines)
 
 

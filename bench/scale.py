@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.datasets import DATASETS, load_dataset, make_splits
 from bench.demo import EXPERTS_PY, REPO, spec_entry
 from bench.federations import DEFAULT_RECIPES
-from bench.datasets import DATASETS, load_dataset, make_splits
 from protofuse.flower.simulation import simulate
 
 
@@ -39,7 +39,14 @@ def flower_processes_rss() -> dict[int, int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             if any(s in cmd for s in (b"flwr", b"flower", b"ray::", b"raylet", b"gcs_server")):
                 status = Path(f"/proc/{pid}/status").read_text()
-                out[int(pid)] = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) * 1024
+                out[int(pid)] = (
+                    int(
+                        next(
+                            line for line in status.splitlines() if line.startswith("VmRSS")
+                        ).split()[1]
+                    )
+                    * 1024
+                )
         except (OSError, StopIteration, ValueError):
             continue
     return out
@@ -56,14 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(args.dataset)
     np.save(folder / "queries.npy", make_splits(ds, 0).queries.x.astype(np.float32))
-    lines = "\n".join(f'{r.name} = demo_expert("{args.dataset}", "{r.name}", seed=0, split_seed=0)' for r in DEFAULT_RECIPES)
-    (folder / "experts.py").write_text(EXPERTS_PY.format(dataset=args.dataset, lines=lines, repo=str(REPO)))
+    lines = "\n".join(
+        f'{r.name} = demo_expert("{args.dataset}", "{r.name}", seed=0, split_seed=0)'
+        for r in DEFAULT_RECIPES
+    )
+    (folder / "experts.py").write_text(
+        EXPERTS_PY.format(dataset=args.dataset, lines=lines, repo=str(REPO))
+    )
     entries = []
     for i in range(args.clients):
         r = DEFAULT_RECIPES[i % len(DEFAULT_RECIPES)]
         entries.append(spec_entry(f"{r.name}-{i}", f"experts:{r.name}", r.classes, "queries.npy"))
     shape = f"[data]\nimage_shape = {list(ds.image_shape)}\n\n" if ds.image_shape else ""
-    (folder / "spec.toml").write_text(shape + f"[federation]\nrounds = {args.rounds}\n\n" + "\n".join(entries))
+    (folder / "spec.toml").write_text(
+        shape + f"[federation]\nrounds = {args.rounds}\n\n" + "\n".join(entries)
+    )
 
     base = used_memory()
     peak = {"used": 0, "process": 0, "flower_total": 0}
@@ -85,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     sampler.join()
     rounds = json.loads((run / "rounds.json").read_text())["rounds"]
     result = {
-        "clients": args.clients, "rounds": args.rounds, "schedule_rounds": len(rounds), "dataset": args.dataset, "wall_s": wall,
-        "peak_used_above_baseline_mb": peak["used"] / 2**20, "peak_flower_ray_rss_sum_mb": peak["flower_total"] / 2**20,
-        "peak_single_process_mb": peak["process"] / 2**20, "queries_file_mb": (folder / "queries.npy").stat().st_size / 2**20,
-        "clients_per_round": [r["clients"] for r in rounds], "cpus": os.cpu_count(), "torch_threads_per_client": 1,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "schedule_rounds": len(rounds),
+        "dataset": args.dataset,
+        "wall_s": wall,
+        "peak_used_above_baseline_mb": peak["used"] / 2**20,
+        "peak_flower_ray_rss_sum_mb": peak["flower_total"] / 2**20,
+        "peak_single_process_mb": peak["process"] / 2**20,
+        "queries_file_mb": (folder / "queries.npy").stat().st_size / 2**20,
+        "clients_per_round": [r["clients"] for r in rounds],
+        "cpus": os.cpu_count(),
+        "torch_threads_per_client": 1,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    md = "\n".join(f"| {k} | {v if not isinstance(v, float) else round(v, 1)} |" for k, v in result.items())
+    md = "\n".join(
+        f"| {k} | {v if not isinstance(v, float) else round(v, 1)} |" for k, v in result.items()
+    )
     (args.out / "results.md").write_text("# Simulation scale\n\n| | |\n|---|---|\n" + md + "\n")
     print((args.out / "results.md").read_text())
     return 0

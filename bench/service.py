@@ -28,14 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.datasets import load_dataset, make_splits, sample_support
 from client_sdk import FusionClient
 from protofuse.bank import load_bank
-from bench.datasets import load_dataset, make_splits, sample_support
-from protofuse_server.certs import init
 from protofuse.flower.launcher import free_port
+from protofuse_server.certs import init
 
 
-def tasks(dataset: str, split_seed: int, ways: int, k: int, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def tasks(
+    dataset: str, split_seed: int, ways: int, k: int, n: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     splits = make_splits(load_dataset(dataset), split_seed)
     rng = np.random.default_rng(seed)
     names = np.asarray(splits.support.label_names)
@@ -48,11 +50,29 @@ def tasks(dataset: str, split_seed: int, ways: int, k: int, n: int, seed: int) -
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "mean": float(np.mean(ms)), "n": len(ms)}
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "mean": float(np.mean(ms)),
+        "n": len(ms),
+    }
 
 
-def start_service(bank: Path, certs: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "protofuse_cli.main", "serve", str(bank), "--address", f"127.0.0.1:{port}", "--certs", str(certs), *extra]
+def start_service(
+    bank: Path, certs: Path, port: int, log: Path, extra: list[str]
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "protofuse_cli.main",
+        "serve",
+        str(bank),
+        "--address",
+        f"127.0.0.1:{port}",
+        "--certs",
+        str(certs),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     with FusionClient(f"127.0.0.1:{port}", certs=certs, timeout=5) as client:
         deadline = time.monotonic() + 120
@@ -60,7 +80,7 @@ def start_service(bank: Path, certs: Path, port: int, log: Path, extra: list[str
             try:
                 if client.health("protofuse.v1.Fusion") == "SERVING":
                     return proc
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 pass
             time.sleep(0.3)
     proc.kill()
@@ -69,13 +89,18 @@ def start_service(bank: Path, certs: Path, port: int, log: Path, extra: list[str
 
 def peak_rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+    return (
+        int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+        / 1024
+    )
 
 
 def latency(bank_path: Path, certs: Path, work: list, warmup: int, out: Path) -> dict:
     bank = load_bank(bank_path)
     port = free_port()
-    proc = start_service(bank_path, certs, port, out / "service-latency.log", ["--max-concurrent", "1"])
+    proc = start_service(
+        bank_path, certs, port, out / "service-latency.log", ["--max-concurrent", "1"]
+    )
     local, remote = [], []
     try:
         with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
@@ -93,10 +118,18 @@ def latency(bank_path: Path, certs: Path, work: list, warmup: int, out: Path) ->
         proc.terminate()
         proc.wait(30)
     a, b = percentiles(local), percentiles(remote)
-    return {"in_process_ms": a, "service_ms": b, "ratio_p50": b["p50"] / a["p50"], "ratio_p99": b["p99"] / a["p99"], "service_peak_rss_mib": rss}
+    return {
+        "in_process_ms": a,
+        "service_ms": b,
+        "ratio_p50": b["p50"] / a["p50"],
+        "ratio_p99": b["p99"] / a["p99"],
+        "service_peak_rss_mib": rss,
+    }
 
 
-def throughput(bank_path: Path, certs: Path, work: list, callers: int, seconds: float, out: Path) -> dict:
+def throughput(
+    bank_path: Path, certs: Path, work: list, callers: int, seconds: float, out: Path
+) -> dict:
     port = free_port()
     proc = start_service(bank_path, certs, port, out / "service-throughput.log", [])
     counts = [0] * callers
@@ -115,7 +148,7 @@ def throughput(bank_path: Path, certs: Path, work: list, callers: int, seconds: 
                     client.adapt(x, y, seed=i)
                     counts[c] += 1
                     latencies.append(1000 * (time.perf_counter() - t0))
-                except Exception as err:  # noqa: BLE001 - counted and reported
+                except Exception as err:
                     errors.append(f"{type(err).__name__}: {err}")
                 i += callers
 
@@ -131,17 +164,37 @@ def throughput(bank_path: Path, certs: Path, work: list, callers: int, seconds: 
     finally:
         proc.terminate()
         proc.wait(30)
-    return {"callers": callers, "seconds": elapsed, "requests": sum(counts), "requests_per_s": sum(counts) / elapsed, "errors": len(errors), "first_errors": errors[:3], "latency_ms": percentiles(latencies) if latencies else None, "service_peak_rss_mib": rss}
+    return {
+        "callers": callers,
+        "seconds": elapsed,
+        "requests": sum(counts),
+        "requests_per_s": sum(counts) / elapsed,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "latency_ms": percentiles(latencies) if latencies else None,
+        "service_peak_rss_mib": rss,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.splitlines()[0])
-    p.add_argument("--bank", type=Path, help="bank or run folder (default: fit one on the dataset's demo federation)")
+    p.add_argument(
+        "--bank",
+        type=Path,
+        help="bank or run folder (default: fit one on the dataset's demo federation)",
+    )
     p.add_argument("--dataset", default="mnist5k", choices=["digits", "mnist5k"])
-    p.add_argument("--split-seed", type=int, default=100, help="split the tasks are drawn from (the bank's own, for a bank built by the benchmarks)")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=100,
+        help="split the tasks are drawn from (the bank's own, for a bank built by the benchmarks)",
+    )
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--calls", type=int, default=60, help="latency: measured calls each way, after --warmup")
+    p.add_argument(
+        "--calls", type=int, default=60, help="latency: measured calls each way, after --warmup"
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--callers", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0)
@@ -157,16 +210,30 @@ def main(argv: list[str] | None = None) -> int:
         from bench.demo import write_federation
         from protofuse_cli.main import main as cli
 
-        spec = write_federation(args.out / "federation", args.dataset, k=args.k, seed=args.split_seed)
+        spec = write_federation(
+            args.out / "federation", args.dataset, k=args.k, seed=args.split_seed
+        )
         bank = args.out / "bank"
         if not (bank / "meta.json").exists():
             assert cli(["fit", str(spec), "--out", str(bank)]) == 0
     work = tasks(args.dataset, args.split_seed, args.ways, args.k, args.calls + args.warmup, seed=1)
-    print(f"latency: {args.calls} calls each way ({args.ways}-way, k = {args.k}, {args.dataset}) ...", file=sys.stderr)
+    print(
+        f"latency: {args.calls} calls each way ({args.ways}-way, k = {args.k}, {args.dataset}) ...",
+        file=sys.stderr,
+    )
     lat = latency(bank, certs, work, args.warmup, args.out)
     print(f"throughput: {args.callers} callers for {args.seconds:.0f} s ...", file=sys.stderr)
     thr = throughput(bank, certs, work, args.callers, args.seconds, args.out)
-    result = {"bank": str(bank), "version": load_bank(bank).version, "dataset": args.dataset, "ways": args.ways, "k": args.k, "torch_threads": 1, "latency": lat, "throughput": thr}
+    result = {
+        "bank": str(bank),
+        "version": load_bank(bank).version,
+        "dataset": args.dataset,
+        "ways": args.ways,
+        "k": args.k,
+        "torch_threads": 1,
+        "latency": lat,
+        "throughput": thr,
+    }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     a, b = lat["in_process_ms"], lat["service_ms"]
     table = [

@@ -62,116 +62,323 @@ def _require_extra(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="protofuse", description="Fuse black-box experts into a bank of task-agnostic prototypes, and build models for new tasks from a few labeled examples.")
+    p = argparse.ArgumentParser(
+        prog="protofuse",
+        description="Fuse black-box experts into a bank of task-agnostic prototypes, and build models for new tasks from a few labeled examples.",
+    )
     p.add_argument("--version", action="version", version=f"protofuse {__version__}")
-    p.add_argument("--threads", type=int, help="torch threads (default: the spec's [training] threads for fit, else 1: fastest on small shared machines)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: the spec's [training] threads for fit, else 1: fastest on small shared machines)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = sub.add_parser("fit", help="train a bank centrally on the experts listed in a spec", description="Query every expert of SPEC on its queries, train the shared prototypes on the pooled triples, and write the bank to RUN_DIR.")
-    fit.add_argument("spec", type=Path, help="federation spec (TOML): [[experts]] with name, predict, labels, queries")
+    fit = sub.add_parser(
+        "fit",
+        help="train a bank centrally on the experts listed in a spec",
+        description="Query every expert of SPEC on its queries, train the shared prototypes on the pooled triples, and write the bank to RUN_DIR.",
+    )
+    fit.add_argument(
+        "spec",
+        type=Path,
+        help="federation spec (TOML): [[experts]] with name, predict, labels, queries",
+    )
     fit.add_argument("--out", type=Path, required=True, help="folder to write the bank to")
     fit.set_defaults(run=_fit)
 
-    adapt = sub.add_parser("adapt", help="fit a model for a new task from a support set", description="Fit a new task's distribution over the bank's prototypes from a few labeled examples: locally from a bank folder, or through an adaptation service with --server (the model comes back signed and is verified).")
-    adapt.add_argument("bank", type=Path, nargs="?", help="bank folder written by `protofuse fit`, or a federation's run folder (omit with --server)")
-    adapt.add_argument("--server", metavar="HOST:PORT", help="adapt through this adaptation service (`protofuse serve`) instead of a local bank")
-    adapt.add_argument("--certs", type=Path, help="with --server: folder with ca.crt, client.crt, client.key and signing.pub (as `protofuse certs init` writes)")
-    adapt.add_argument("--insecure", action="store_true", help="with --server: no TLS (a service on a trusted host started with --insecure)")
-    adapt.add_argument("--unsigned-ok", action="store_true", help="with --server: accept a model that is not signed by the server's key (not recommended)")
-    adapt.add_argument("--signing-key", type=Path, help="without --server: sign the model with this Ed25519 key (signing.key)")
-    adapt.add_argument("--support", type=Path, required=True, help=".npz with x (n, d) floats and y (n,) label names as strings")
-    adapt.add_argument("--out", type=Path, required=True, help="folder to write the adapted model to")
+    adapt = sub.add_parser(
+        "adapt",
+        help="fit a model for a new task from a support set",
+        description="Fit a new task's distribution over the bank's prototypes from a few labeled examples: locally from a bank folder, or through an adaptation service with --server (the model comes back signed and is verified).",
+    )
+    adapt.add_argument(
+        "bank",
+        type=Path,
+        nargs="?",
+        help="bank folder written by `protofuse fit`, or a federation's run folder (omit with --server)",
+    )
+    adapt.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="adapt through this adaptation service (`protofuse serve`) instead of a local bank",
+    )
+    adapt.add_argument(
+        "--certs",
+        type=Path,
+        help="with --server: folder with ca.crt, client.crt, client.key and signing.pub (as `protofuse certs init` writes)",
+    )
+    adapt.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --server: no TLS (a service on a trusted host started with --insecure)",
+    )
+    adapt.add_argument(
+        "--unsigned-ok",
+        action="store_true",
+        help="with --server: accept a model that is not signed by the server's key (not recommended)",
+    )
+    adapt.add_argument(
+        "--signing-key",
+        type=Path,
+        help="without --server: sign the model with this Ed25519 key (signing.key)",
+    )
+    adapt.add_argument(
+        "--support",
+        type=Path,
+        required=True,
+        help=".npz with x (n, d) floats and y (n,) label names as strings",
+    )
+    adapt.add_argument(
+        "--out", type=Path, required=True, help="folder to write the adapted model to"
+    )
     adapt.add_argument("--seed", type=int, default=0, help="seed of the adaptation's random draws")
-    adapt.add_argument("--recompose", choices=["gaussian", "mixture"], help="generative family: form of q*(w) (default: the bank's setting)")
-    adapt.add_argument("--form", choices=["conditional", "joint"], help="generative family: prediction form (default: the bank's setting)")
-    adapt.add_argument("--prior-strength", type=float, help="discriminative family: pull of the bank's prototypes (default: the bank's setting)")
+    adapt.add_argument(
+        "--recompose",
+        choices=["gaussian", "mixture"],
+        help="generative family: form of q*(w) (default: the bank's setting)",
+    )
+    adapt.add_argument(
+        "--form",
+        choices=["conditional", "joint"],
+        help="generative family: prediction form (default: the bank's setting)",
+    )
+    adapt.add_argument(
+        "--prior-strength",
+        type=float,
+        help="discriminative family: pull of the bank's prototypes (default: the bank's setting)",
+    )
     adapt.set_defaults(run=_adapt)
 
-    predict = sub.add_parser("predict", help="class probabilities of an adapted model", description="Run an adapted model locally on inputs; writes proba (n, K) and classes (K,).")
-    predict.add_argument("model", type=Path, help="adapted model folder written by `protofuse adapt`")
+    predict = sub.add_parser(
+        "predict",
+        help="class probabilities of an adapted model",
+        description="Run an adapted model locally on inputs; writes proba (n, K) and classes (K,).",
+    )
+    predict.add_argument(
+        "model", type=Path, help="adapted model folder written by `protofuse adapt`"
+    )
     predict.add_argument("--inputs", type=Path, required=True, help=".npy array (n, d) of inputs")
-    predict.add_argument("--out", type=Path, required=True, help=".npz to write proba and classes to")
-    predict.add_argument("--public-key", type=Path, help="verify the model's signature with this key (the server's signing.pub); unsigned or altered models are refused")
-    predict.add_argument("--unsigned-ok", action="store_true", help="load without a signature check (a model you adapted yourself); the checksum is still verified")
+    predict.add_argument(
+        "--out", type=Path, required=True, help=".npz to write proba and classes to"
+    )
+    predict.add_argument(
+        "--public-key",
+        type=Path,
+        help="verify the model's signature with this key (the server's signing.pub); unsigned or altered models are refused",
+    )
+    predict.add_argument(
+        "--unsigned-ok",
+        action="store_true",
+        help="load without a signature check (a model you adapted yourself); the checksum is still verified",
+    )
     predict.set_defaults(run=_predict)
 
-    sim = sub.add_parser("simulate", help="run the federation of a spec on Flower's simulation engine", description="Run the spec's federation on Flower's simulation engine: the same ServerApp and ClientApp as a deployment, one virtual client per expert. Writes the run folder (bank/, store/, rounds.json), which adapt, predict and info accept like fit's output. Only the discriminative family federates.")
-    sim.add_argument("spec", type=Path, help="federation spec (TOML), the same format as fit's; [federation] sets rounds, local epochs, aggregation")
-    sim.add_argument("--out", type=Path, required=True, help="run folder; a run interrupted there resumes from its last checkpoint")
-    sim.add_argument("--rounds", type=int, help="training rounds (default: the spec's [federation] rounds, 40)")
-    sim.add_argument("--verbose", action="store_true", help="show all of Flower's log, not only the rounds")
+    sim = sub.add_parser(
+        "simulate",
+        help="run the federation of a spec on Flower's simulation engine",
+        description="Run the spec's federation on Flower's simulation engine: the same ServerApp and ClientApp as a deployment, one virtual client per expert. Writes the run folder (bank/, store/, rounds.json), which adapt, predict and info accept like fit's output. Only the discriminative family federates.",
+    )
+    sim.add_argument(
+        "spec",
+        type=Path,
+        help="federation spec (TOML), the same format as fit's; [federation] sets rounds, local epochs, aggregation",
+    )
+    sim.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run folder; a run interrupted there resumes from its last checkpoint",
+    )
+    sim.add_argument(
+        "--rounds", type=int, help="training rounds (default: the spec's [federation] rounds, 40)"
+    )
+    sim.add_argument(
+        "--verbose", action="store_true", help="show all of Flower's log, not only the rounds"
+    )
     sim.set_defaults(run=_simulate)
 
-    client = sub.add_parser("client", help="run a client (Flower SuperNode) for one expert of a spec", description="Start a Flower SuperNode whose ClientApp serves one expert of SPEC: the expert answers its queries once (cached), then each round the node trains the shared model locally and sends only the shared weights and its expert's two messages.")
-    client.add_argument("spec", type=Path, help="spec naming the expert (import path or [experts.endpoint]) and its queries")
-    client.add_argument("--expert", help="the expert's name in the spec (default: the spec's only expert)")
-    client.add_argument("--superlink", required=True, help="the SuperLink's Fleet address, host:port")
-    client.add_argument("--port", type=int, default=9094, help="this SuperNode's runtime API port on 127.0.0.1 (give each node on one host its own)")
-    client.add_argument("--cache-dir", type=Path, help="where the expert's answers are cached (default: .protofuse-cache beside the spec)")
-    client.add_argument("--root-certificates", type=Path, help="CA certificate of the SuperLink (TLS)")
-    client.add_argument("--insecure", action="store_true", help="no TLS (testing only: traffic and weights travel in clear)")
-    client.add_argument("--auth-supernode-private-key", type=Path, help="this node's private key when the SuperLink authenticates SuperNodes")
+    client = sub.add_parser(
+        "client",
+        help="run a client (Flower SuperNode) for one expert of a spec",
+        description="Start a Flower SuperNode whose ClientApp serves one expert of SPEC: the expert answers its queries once (cached), then each round the node trains the shared model locally and sends only the shared weights and its expert's two messages.",
+    )
+    client.add_argument(
+        "spec",
+        type=Path,
+        help="spec naming the expert (import path or [experts.endpoint]) and its queries",
+    )
+    client.add_argument(
+        "--expert", help="the expert's name in the spec (default: the spec's only expert)"
+    )
+    client.add_argument(
+        "--superlink", required=True, help="the SuperLink's Fleet address, host:port"
+    )
+    client.add_argument(
+        "--port",
+        type=int,
+        default=9094,
+        help="this SuperNode's runtime API port on 127.0.0.1 (give each node on one host its own)",
+    )
+    client.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the expert's answers are cached (default: .protofuse-cache beside the spec)",
+    )
+    client.add_argument(
+        "--root-certificates", type=Path, help="CA certificate of the SuperLink (TLS)"
+    )
+    client.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS (testing only: traffic and weights travel in clear)",
+    )
+    client.add_argument(
+        "--auth-supernode-private-key",
+        type=Path,
+        help="this node's private key when the SuperLink authenticates SuperNodes",
+    )
     client.set_defaults(run=_client)
 
-    serve = sub.add_parser("serve", help="run the adaptation service (gRPC) beside a bank", description="Serve protofuse.v1.Fusion (Adapt, GetBank, ListExperts), the gRPC health service and reflection. A new bank version written to the folder is served without a restart; every adapted model is signed. Callers authenticate with mutual TLS.")
-    serve.add_argument("bank", type=Path, help="bank folder, or a federation's run folder (its bank/ may appear later)")
-    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051; 0.0.0.0:50051 in a container)")
-    serve.add_argument("--certs", type=Path, help="folder from `protofuse certs init`: server.crt/.key (TLS), ca.crt (callers' CA), signing.key")
-    serve.add_argument("--insecure", action="store_true", help="no TLS and no caller authentication (tests on a trusted host only; logs a warning)")
-    serve.add_argument("--signing-key", type=Path, help="Ed25519 key to sign models with (default: signing.key in --certs)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the adaptation service (gRPC) beside a bank",
+        description="Serve protofuse.v1.Fusion (Adapt, GetBank, ListExperts), the gRPC health service and reflection. A new bank version written to the folder is served without a restart; every adapted model is signed. Callers authenticate with mutual TLS.",
+    )
+    serve.add_argument(
+        "bank",
+        type=Path,
+        help="bank folder, or a federation's run folder (its bank/ may appear later)",
+    )
+    serve.add_argument(
+        "--address",
+        default="127.0.0.1:50051",
+        help="host:port to listen on (default 127.0.0.1:50051; 0.0.0.0:50051 in a container)",
+    )
+    serve.add_argument(
+        "--certs",
+        type=Path,
+        help="folder from `protofuse certs init`: server.crt/.key (TLS), ca.crt (callers' CA), signing.key",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no caller authentication (tests on a trusted host only; logs a warning)",
+    )
+    serve.add_argument(
+        "--signing-key",
+        type=Path,
+        help="Ed25519 key to sign models with (default: signing.key in --certs)",
+    )
     from protofuse_server.service.settings import ServiceSettings
 
     for name, fld in ServiceSettings.model_fields.items():
         default = fld.default if fld.default_factory is None else "number of CPUs"
-        serve.add_argument(f"--{name.replace('_', '-')}", type=fld.annotation, help=f"{fld.description} (default {default})")
+        serve.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=fld.annotation,
+            help=f"{fld.description} (default {default})",
+        )
     serve.set_defaults(run=_serve)
 
-    health = sub.add_parser("health", help="ask an adaptation service whether it is serving", description="Standard gRPC health check; exit status 0 when SERVING.")
+    health = sub.add_parser(
+        "health",
+        help="ask an adaptation service whether it is serving",
+        description="Standard gRPC health check; exit status 0 when SERVING.",
+    )
     health.add_argument("address", help="host:port of the service")
     health.add_argument("--certs", type=Path, help="folder with ca.crt, client.crt, client.key")
     health.add_argument("--insecure", action="store_true", help="the service runs without TLS")
-    health.add_argument("--service", default="", help="a service name (protofuse.v1.Fusion: is a bank loaded?); default: the whole server")
+    health.add_argument(
+        "--service",
+        default="",
+        help="a service name (protofuse.v1.Fusion: is a bank loaded?); default: the whole server",
+    )
     health.set_defaults(run=_health)
 
-    certs = sub.add_parser("certs", help="create the deployment's CA, certificates and keys", description="Certificates and keys for a deployment.")
+    certs = sub.add_parser(
+        "certs",
+        help="create the deployment's CA, certificates and keys",
+        description="Certificates and keys for a deployment.",
+    )
     certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    init = certs_sub.add_parser("init", help="create a CA, server and client certificates, SuperNode keys and the signing key", description="Create ca.crt/.key, server.crt/.key, client.crt/.key, supernodes/node-<i>.key/.pub (EC P-384, OpenSSH) and signing.key/.pub (Ed25519) in OUT. Refuses a folder that already has a CA.")
+    init = certs_sub.add_parser(
+        "init",
+        help="create a CA, server and client certificates, SuperNode keys and the signing key",
+        description="Create ca.crt/.key, server.crt/.key, client.crt/.key, supernodes/node-<i>.key/.pub (EC P-384, OpenSSH) and signing.key/.pub (Ed25519) in OUT. Refuses a folder that already has a CA.",
+    )
     init.add_argument("--out", type=Path, required=True, help="folder to create them in")
-    init.add_argument("--names", nargs="*", default=[], help="extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1, superlink, proxy and service are always in)")
-    init.add_argument("--supernodes", type=int, default=3, help="SuperNode key pairs to create (default 3; more later with `protofuse certs node`)")
+    init.add_argument(
+        "--names",
+        nargs="*",
+        default=[],
+        help="extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1, superlink, proxy and service are always in)",
+    )
+    init.add_argument(
+        "--supernodes",
+        type=int,
+        default=3,
+        help="SuperNode key pairs to create (default 3; more later with `protofuse certs node`)",
+    )
     init.set_defaults(run=_certs_init)
-    node = certs_sub.add_parser("node", help="create one more SuperNode key pair", description="Create NAME.key and NAME.pub in OUT/supernodes; register NAME.pub with `flwr supernode register`.")
+    node = certs_sub.add_parser(
+        "node",
+        help="create one more SuperNode key pair",
+        description="Create NAME.key and NAME.pub in OUT/supernodes; register NAME.pub with `flwr supernode register`.",
+    )
     node.add_argument("--out", type=Path, required=True, help="the certificates folder")
     node.add_argument("--name", required=True, help="the key's file name, e.g. org-7")
     node.set_defaults(run=_certs_node)
 
-    info = sub.add_parser("info", help="describe a bank: experts, labels, fidelity", description="Print a bank's family, vocabulary and one row per expert.")
+    info = sub.add_parser(
+        "info",
+        help="describe a bank: experts, labels, fidelity",
+        description="Print a bank's family, vocabulary and one row per expert.",
+    )
     info.add_argument("bank", type=Path)
     info.set_defaults(run=_info)
     return p
 
 
 def _fit(args: argparse.Namespace) -> int:
+    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from client_sdk.collect import collect_triples, likelihood_for
     from protofuse.bank import fit_bank
     from protofuse.spec import load_spec
 
-    import torch
-
     spec = load_spec(args.spec)
     _check_out_folder(args.out)
     torch.set_num_threads(args.threads or spec.training.threads)
     t0 = time.perf_counter()
     triples = collect_triples(spec)
-    print(f"queried {len(spec.experts)} experts on {len(triples.x)} inputs ({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"queried {len(spec.experts)} experts on {len(triples.x)} inputs ({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     _hint_image_shape(spec, triples.x)
-    with Progress(TextColumn("training {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs  loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=False) as bar:
+    with Progress(
+        TextColumn("training {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} epochs  loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
         task = bar.add_task(spec.model.family, total=None, loss=float("nan"))
-        bank = fit_bank(triples, spec.model, spec.training, spec.adapt, spec.data.image_shape, likelihood_for(spec, triples), progress=lambda e, n, loss: bar.update(task, completed=e, total=n, loss=loss))
+        bank = fit_bank(
+            triples,
+            spec.model,
+            spec.training,
+            spec.adapt,
+            spec.data.image_shape,
+            likelihood_for(spec, triples),
+            progress=lambda e, n, loss: bar.update(task, completed=e, total=n, loss=loss),
+        )
     version = bank.save(args.out)
-    print(f"bank {version} written to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    print(
+        f"bank {version} written to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr
+    )
     _print_experts(bank)
     return 0
 
@@ -180,13 +387,25 @@ def _adapt(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
 
     if (args.bank is None) == (args.server is None):
-        raise ValueError("give a bank folder, or --server HOST:PORT for an adaptation service (not both)")
+        raise ValueError(
+            "give a bank folder, or --server HOST:PORT for an adaptation service (not both)"
+        )
     x, y = _load_support(args.support)
     _check_out_folder(args.out)
-    options = {k: v for k, v in {"recompose": args.recompose, "form": args.form, "prior_strength": args.prior_strength}.items() if v is not None}
+    options = {
+        k: v
+        for k, v in {
+            "recompose": args.recompose,
+            "form": args.form,
+            "prior_strength": args.prior_strength,
+        }.items()
+        if v is not None
+    }
     if args.server:
         if args.signing_key:
-            raise ValueError("--signing-key signs models adapted here; the service signs its own (verify them with the certs folder's signing.pub)")
+            raise ValueError(
+                "--signing-key signs models adapted here; the service signs its own (verify them with the certs folder's signing.pub)"
+            )
         return _adapt_remote(args, x, y, options)
     bank = load_bank(args.bank)
     key = None
@@ -199,9 +418,15 @@ def _adapt(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     model.save(args.out, signing_key=key)
     acc = model.info["support_accuracy"]
-    print(f"adapted {bank.family} bank {bank.version} to classes {model.classes_.tolist()} from {len(x)} examples in {elapsed:.2f}s (support accuracy {acc:.3f}); written to {args.out}", file=sys.stderr)
+    print(
+        f"adapted {bank.family} bank {bank.version} to classes {model.classes_.tolist()} from {len(x)} examples in {elapsed:.2f}s (support accuracy {acc:.3f}); written to {args.out}",
+        file=sys.stderr,
+    )
     if model.info.get("uncovered_labels"):
-        print(f"labels covered by no expert, prototypes fitted from their examples alone: {model.info['uncovered_labels']}", file=sys.stderr)
+        print(
+            f"labels covered by no expert, prototypes fitted from their examples alone: {model.info['uncovered_labels']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -210,11 +435,16 @@ def _adapt_remote(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, option
 
     t0 = time.perf_counter()
     try:
-        with FusionClient(args.server, certs=args.certs, insecure=args.insecure, unsigned_ok=args.unsigned_ok) as client:
+        with FusionClient(
+            args.server, certs=args.certs, insecure=args.insecure, unsigned_ok=args.unsigned_ok
+        ) as client:
             model = client.adapt(x, y, out=args.out, seed=args.seed, **options)
     except FusionError as err:
         raise ValueError(f"{args.server}: {err}") from None
-    print(f"adapted bank {model.bank_meta['version']} on {args.server} to classes {model.classes_.tolist()} from {len(x)} examples in {time.perf_counter() - t0:.2f}s ({'signature verified' if not args.unsigned_ok else 'signature NOT verified'}); written to {args.out}", file=sys.stderr)
+    print(
+        f"adapted bank {model.bank_meta['version']} on {args.server} to classes {model.classes_.tolist()} from {len(x)} examples in {time.perf_counter() - t0:.2f}s ({'signature verified' if not args.unsigned_ok else 'signature NOT verified'}); written to {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -229,23 +459,34 @@ def _predict(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Exactly this path (np.savez would add .npz to a bare name), old file or new after a crash.
     atomic_write_bytes(args.out, npz_bytes({"proba": proba, "classes": model.classes_.astype(str)}))
-    print(f"wrote proba {proba.shape} and classes {model.classes_.tolist()} to {args.out}", file=sys.stderr)
+    print(
+        f"wrote proba {proba.shape} and classes {model.classes_.tolist()} to {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from client_sdk.collect import load_array
     from protofuse.bank import load_bank
-    from protofuse.spec import load_spec
     from protofuse.flower.simulation import SimulationError, simulate
+    from protofuse.spec import load_spec
 
     spec = load_spec(args.spec)
     first = spec.experts[0]
-    _hint_image_shape(spec, load_array(spec.queries_path(first), f"expert {first.name!r}: queries", mmap=True))
+    _hint_image_shape(
+        spec, load_array(spec.queries_path(first), f"expert {first.name!r}: queries", mmap=True)
+    )
     t0 = time.perf_counter()
 
     def echo(line: str) -> None:  # the rounds, the bank and errors; everything with --verbose
-        if args.verbose or "round " in line and "/" in line and "clients" in line or "fusion:" in line or "ERROR" in line or "Error" in line:
+        if (
+            args.verbose
+            or ("round " in line and "/" in line and "clients" in line)
+            or "fusion:" in line
+            or "ERROR" in line
+            or "Error" in line
+        ):
             print(line, file=sys.stderr, flush=True)
 
     try:
@@ -254,7 +495,10 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"protofuse simulate: {err}", file=sys.stderr)
         return 1
     bank = load_bank(out)
-    print(f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta.federated_rounds} rounds)", file=sys.stderr)
+    print(
+        f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta.federated_rounds} rounds)",
+        file=sys.stderr,
+    )
     _print_experts(bank)
     return 0
 
@@ -263,24 +507,47 @@ def _client(args: argparse.Namespace) -> int:
     import os
 
     from client_sdk.collect import cached_answers, load_array
-    from protofuse.spec import load_spec
     from protofuse.flower.launcher import FLOWER_ENV, flower_bin
+    from protofuse.spec import load_spec
 
     spec_path = args.spec.resolve()
     spec = load_spec(spec_path)
-    entry = spec.expert(args.expert) if args.expert else (spec.experts[0] if len(spec.experts) == 1 else None)
+    entry = (
+        spec.expert(args.expert)
+        if args.expert
+        else (spec.experts[0] if len(spec.experts) == 1 else None)
+    )
     if entry is None:
-        raise ValueError(f"the spec lists {len(spec.experts)} experts; name this client's with --expert")
+        raise ValueError(
+            f"the spec lists {len(spec.experts)} experts; name this client's with --expert"
+        )
     if not (args.insecure or args.root_certificates):
-        raise ValueError("give --root-certificates CA.crt (TLS), or --insecure for a test on a trusted network")
+        raise ValueError(
+            "give --root-certificates CA.crt (TLS), or --insecure for a test on a trusted network"
+        )
     cache = (args.cache_dir or spec_path.parent / ".protofuse-cache").resolve()
     # Ask the black box now: a broken expert fails here, with its name, before the node joins.
     x = load_array(spec.queries_path(entry), f"expert {entry.name!r}: queries", mmap=True)
     answers = cached_answers(spec, entry, x, cache)
-    print(f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in {cache}", file=sys.stderr)
+    print(
+        f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in {cache}",
+        file=sys.stderr,
+    )
     node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'
-    cmd = [flower_bin("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port), "--node-config", node_config]
-    cmd += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates.resolve())]
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        args.superlink,
+        "--port",
+        str(args.port),
+        "--node-config",
+        node_config,
+    ]
+    cmd += (
+        ["--insecure"]
+        if args.insecure
+        else ["--root-certificates", str(args.root_certificates.resolve())]
+    )
     if args.auth_supernode_private_key:
         cmd += ["--auth-supernode-private-key", str(args.auth_supernode_private_key.resolve())]
     if args.insecure:
@@ -288,7 +555,9 @@ def _client(args: argparse.Namespace) -> int:
     env = {**os.environ, **FLOWER_ENV}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, env)  # the SuperNode takes this process's place: signals reach it directly
+    os.execvpe(
+        cmd[0], cmd, env
+    )  # the SuperNode takes this process's place: signals reach it directly
     return 0  # not reached
 
 
@@ -301,14 +570,32 @@ def _serve(args: argparse.Namespace) -> int:
     from protofuse_server.service.settings import ServiceSettings
 
     if args.insecure == (args.certs is not None):
-        raise ValueError("give --certs DIR (TLS with client certificates), or --insecure for a test on a trusted host")
-    settings = ServiceSettings(**{k: getattr(args, k) for k in ServiceSettings.model_fields if getattr(args, k) is not None})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        raise ValueError(
+            "give --certs DIR (TLS with client certificates), or --insecure for a test on a trusted host"
+        )
+    settings = ServiceSettings(
+        **{
+            k: getattr(args, k)
+            for k in ServiceSettings.model_fields
+            if getattr(args, k) is not None
+        }
+    )
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     credentials = Credentials.from_folder(args.certs) if args.certs else None
-    server, port, served = build_server(args.bank, args.address, settings, credentials, args.signing_key)
+    server, port, served = build_server(
+        args.bank, args.address, settings, credentials, args.signing_key
+    )
     snapshot = served.get()
     host = args.address.rsplit(":", 1)[0]
-    print(f"serving protofuse.v1.Fusion on {host}:{port} ({'TLS, client certificates required' if credentials else 'INSECURE'}); bank: {snapshot.bank.version if snapshot else 'none yet, waiting for ' + str(served.bank_dir)}", file=sys.stderr, flush=True)
+    print(
+        f"serving protofuse.v1.Fusion on {host}:{port} ({'TLS, client certificates required' if credentials else 'INSECURE'}); bank: {snapshot.bank.version if snapshot else 'none yet, waiting for ' + str(served.bank_dir)}",
+        file=sys.stderr,
+        flush=True,
+    )
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
@@ -321,7 +608,9 @@ def _health(args: argparse.Namespace) -> int:
     from client_sdk.fusion_client import FusionClient, FusionError
 
     try:
-        with FusionClient(args.address, certs=args.certs, insecure=args.insecure, unsigned_ok=True, timeout=5.0) as client:
+        with FusionClient(
+            args.address, certs=args.certs, insecure=args.insecure, unsigned_ok=True, timeout=5.0
+        ) as client:
             status = client.health(args.service)
     except FusionError as err:
         print(f"protofuse health: {err}", file=sys.stderr)
@@ -334,7 +623,10 @@ def _certs_init(args: argparse.Namespace) -> int:
     from protofuse_server.certs import init
 
     written = init(args.out, args.names, args.supernodes)
-    print(f"wrote {len(written)} files to {args.out}: give organizations ca.crt and their supernodes/node-<i>.key; give adaptation callers ca.crt, client.crt, client.key and signing.pub; keep ca.key, server.key and signing.key on the server", file=sys.stderr)
+    print(
+        f"wrote {len(written)} files to {args.out}: give organizations ca.crt and their supernodes/node-<i>.key; give adaptation callers ca.crt, client.crt, client.key and signing.pub; keep ca.key, server.key and signing.key on the server",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -342,7 +634,10 @@ def _certs_node(args: argparse.Namespace) -> int:
     from protofuse_server.certs import supernode_key
 
     key, pub = supernode_key(args.out / "supernodes", args.name)
-    print(f"wrote {key} (give it to the organization) and {pub} (register it: flwr supernode register {pub} <connection>)", file=sys.stderr)
+    print(
+        f"wrote {key} (give it to the organization) and {pub} (register it: flwr supernode register {pub} <connection>)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -350,15 +645,19 @@ def _info(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
 
     bank = load_bank(args.bank)
-    print(f"{bank.family} bank {bank.version}: {len(bank.label_names)} labels {list(bank.label_names)}")
+    print(
+        f"{bank.family} bank {bank.version}: {len(bank.label_names)} labels {list(bank.label_names)}"
+    )
     fed = bank.meta.federation
     if fed is not None:
-        print(f"federated: {fed.rounds} rounds, {fed.settings.aggregation} aggregation, {fed.settings.local_epochs} local epoch(s) per round")
+        print(
+            f"federated: {fed.rounds} rounds, {fed.settings.aggregation} aggregation, {fed.settings.local_epochs} local epoch(s) per round"
+        )
     _print_experts(bank)
     return 0
 
 
-def _print_experts(bank) -> None:  # noqa: ANN001 - a Bank, imported lazily
+def _print_experts(bank) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -366,11 +665,19 @@ def _print_experts(bank) -> None:  # noqa: ANN001 - a Bank, imported lazily
     for col in ("expert", "labels", "queries", "agreement", "KL (nats)", "consensus", "weight"):
         table.add_column(col)
     for e in bank.experts:
-        table.add_row(e.name, " ".join(e.labels), str(e.n_queries), f"{e.fidelity.agreement:.3f}", f"{e.fidelity.kl:.3f}", f"{e.consensus:.3f}", f"{e.weight:.2f}")
+        table.add_row(
+            e.name,
+            " ".join(e.labels),
+            str(e.n_queries),
+            f"{e.fidelity.agreement:.3f}",
+            f"{e.fidelity.kl:.3f}",
+            f"{e.consensus:.3f}",
+            f"{e.weight:.2f}",
+        )
     Console(stderr=True).print(table)
 
 
-def _hint_image_shape(spec, x: np.ndarray) -> None:  # noqa: ANN001 - a Spec, imported lazily
+def _hint_image_shape(spec, x: np.ndarray) -> None:
     """Say so when tabular inputs look like flattened images (the weaker path, chosen silently)."""
     from protofuse.input_checks import image_hint
 
@@ -391,20 +698,28 @@ def _load_support(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
-                raise ValueError(f"{path}: missing array(s) {missing}; save with numpy.savez(path, x=inputs, y=label_names)")
+                raise ValueError(
+                    f"{path}: missing array(s) {missing}; save with numpy.savez(path, x=inputs, y=label_names)"
+                )
             x, y = npz["x"], npz["y"]
     except FileNotFoundError:
         raise ValueError(f"--support: file {path} not found") from None
     except ValueError as err:
         if "pickle" in str(err):
-            raise ValueError(f"{path}: y is stored as Python objects; save label names as a string array, e.g. y=np.asarray(labels, dtype=str)") from None
+            raise ValueError(
+                f"{path}: y is stored as Python objects; save label names as a string array, e.g. y=np.asarray(labels, dtype=str)"
+            ) from None
         raise
     except Exception as err:  # zip/npz corruption surfaces as several exception types
         raise ValueError(f"{path}: not a readable .npz file ({err})") from None
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{path}: x has shape {x.shape} and dtype {x.dtype}, expected a 2-D float array (n, d)")
+        raise ValueError(
+            f"{path}: x has shape {x.shape} and dtype {x.dtype}, expected a 2-D float array (n, d)"
+        )
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"{path}: y has shape {y.shape}, expected ({len(x)},): one label per row of x")
+        raise ValueError(
+            f"{path}: y has shape {y.shape}, expected ({len(x)},): one label per row of x"
+        )
     if not (np.issubdtype(y.dtype, np.str_) or np.issubdtype(y.dtype, np.integer)):
         raise ValueError(f"{path}: y has dtype {y.dtype}, expected label names as strings")
     return x, y.astype(str)

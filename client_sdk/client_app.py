@@ -5,6 +5,10 @@ import warnings
 
 from client_sdk.clientapp.app import app
 
-warnings.warn("client_sdk.client_app moved to client_sdk.clientapp.app (ClientApp 'client_sdk.clientapp.app:app')", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "client_sdk.client_app moved to client_sdk.clientapp.app (ClientApp 'client_sdk.clientapp.app:app')",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 __all__ = ["app"]

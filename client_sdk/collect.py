@@ -32,7 +32,17 @@ def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
 
         e = entry.endpoint
         try:
-            return model_server_expert(e.protocol, e.url, entry.labels, model=e.model, version=e.version, output=e.output, timeout=e.timeout, retries=e.retries, batch_size=e.batch_size)
+            return model_server_expert(
+                e.protocol,
+                e.url,
+                entry.labels,
+                model=e.model,
+                version=e.version,
+                output=e.output,
+                timeout=e.timeout,
+                retries=e.retries,
+                batch_size=e.batch_size,
+            )
         except (TypeError, ValueError) as err:
             raise SpecError(f"expert {entry.name!r}: endpoint: {err}") from None
     module_name, _, attr = entry.predict.partition(":")
@@ -43,21 +53,27 @@ def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
     try:
         module = _import_beside(spec.folder, module_name)
     except Exception as err:  # the user's module may fail in any way while importing
-        raise SpecError(f"expert {entry.name!r}: cannot import module {module_name!r} from predict = {entry.predict!r} ({err}); put {module_name}.py beside the spec or install it") from None
+        raise SpecError(
+            f"expert {entry.name!r}: cannot import module {module_name!r} from predict = {entry.predict!r} ({err}); put {module_name}.py beside the spec or install it"
+        ) from None
     finally:
         if added:
             sys.path.remove(folder)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise SpecError(f"expert {entry.name!r}: module {module_name!r} has no attribute {attr!r} (predict = {entry.predict!r})")
+            raise SpecError(
+                f"expert {entry.name!r}: module {module_name!r} has no attribute {attr!r} (predict = {entry.predict!r})"
+            )
         obj = getattr(obj, part)
     try:
         expert = as_expert(obj, entry.labels)
     except (TypeError, ValueError) as err:
         raise SpecError(f"expert {entry.name!r}: {err}") from None
     if list(expert.labels) != list(entry.labels):
-        raise SpecError(f"expert {entry.name!r}: the spec lists labels {entry.labels} but the estimator's classes are {list(expert.labels)}; list them in the order of its output columns")
+        raise SpecError(
+            f"expert {entry.name!r}: the spec lists labels {entry.labels} but the estimator's classes are {list(expert.labels)}; list them in the order of its output columns"
+        )
     return expert
 
 
@@ -91,9 +107,13 @@ def load_array(path: Path, what: str, mmap: bool = False) -> np.ndarray:
     except FileNotFoundError:
         raise SpecError(f"{what}: file {path} not found") from None
     except ValueError as err:
-        raise SpecError(f"{what}: {path} is not a plain .npy array ({err}); save it with numpy.save") from None
+        raise SpecError(
+            f"{what}: {path} is not a plain .npy array ({err}); save it with numpy.save"
+        ) from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[0] == 0:
-        raise SpecError(f"{what}: {path} holds shape {getattr(arr, 'shape', None)}, expected (n, d) with n >= 1: one flattened input per row")
+        raise SpecError(
+            f"{what}: {path} holds shape {getattr(arr, 'shape', None)}, expected (n, d) with n >= 1: one flattened input per row"
+        )
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
         raise SpecError(f"{what}: {path} must hold finite real numbers")
     return arr.astype(np.float32, copy=not mmap)
@@ -108,11 +128,15 @@ def collect_triples(spec: Spec) -> Triples:
             arrays[path] = load_array(path, f"experts[{i}].queries ({entry.name})")
     widths = {x.shape[1] for x in arrays.values()}
     if len(widths) > 1:
-        raise SpecError(f"experts' queries have different widths {sorted(widths)}; every input must have the same number of features")
+        raise SpecError(
+            f"experts' queries have different widths {sorted(widths)}; every input must have the same number of features"
+        )
     if spec.data.image_shape is not None:
         size = image_size(spec.data.image_shape)
         if size not in widths:
-            raise SpecError(f"data.image_shape {list(spec.data.image_shape)} has {size} values per image but the queries have {widths.pop()} features; fix image_shape or the queries")
+            raise SpecError(
+                f"data.image_shape {list(spec.data.image_shape)} has {size} values per image but the queries have {widths.pop()} features; fix image_shape or the queries"
+            )
     pool_ids = {path: i for i, path in enumerate(arrays)}
     names, labels, queries, outputs, pools = [], [], [], [], []
     for entry in spec.experts:
@@ -129,7 +153,9 @@ def likelihood_for(spec: Spec, triples: Triples) -> str:
     """The generative decoder's likelihood: as set, or Bernoulli for images in [0, 1]."""
     in_unit = bool(triples.x.min() >= 0 and triples.x.max() <= 1)
     if spec.data.likelihood == "bernoulli" and not in_unit:
-        raise SpecError("data.likelihood = 'bernoulli' needs inputs in [0, 1]; scale the queries or use 'gaussian'")
+        raise SpecError(
+            "data.likelihood = 'bernoulli' needs inputs in [0, 1]; scale the queries or use 'gaussian'"
+        )
     if spec.data.likelihood != "auto":
         return spec.data.likelihood
     return "bernoulli" if spec.data.image_shape is not None and in_unit else "gaussian"
@@ -144,7 +170,16 @@ def cached_answers(spec: Spec, entry: ExpertEntry, x: np.ndarray, cache_dir: Pat
     """
     key = hashlib.sha256()
     key.update(np.ascontiguousarray(x).tobytes())
-    key.update(json.dumps([entry.name, entry.predict, entry.endpoint.model_dump() if entry.endpoint else None, list(entry.labels)]).encode())
+    key.update(
+        json.dumps(
+            [
+                entry.name,
+                entry.predict,
+                entry.endpoint.model_dump() if entry.endpoint else None,
+                list(entry.labels),
+            ]
+        ).encode()
+    )
     path = Path(cache_dir) / f"{entry.name}-{key.hexdigest()[:24]}.npy"
     if path.is_file():
         answers = np.load(path, allow_pickle=False)

@@ -24,9 +24,20 @@ import numpy as np
 
 from protofuse import artifacts
 from protofuse.adapted import KIND, AdaptedModel, bank_arrays, from_files
-from protofuse.signing import SignatureError, load_public_key
 from protofuse.protocol.federation import WireError
-from protofuse.protocol.service import SERVICE, AdaptRequest, AdaptResponse, BankInfo, ExpertList, decode_adapt_response, decode_bank_info, decode_expert_list, encode_adapt_request, encode_empty_request
+from protofuse.protocol.service import (
+    SERVICE,
+    AdaptRequest,
+    AdaptResponse,
+    BankInfo,
+    ExpertList,
+    decode_adapt_response,
+    decode_bank_info,
+    decode_expert_list,
+    encode_adapt_request,
+    encode_empty_request,
+)
+from protofuse.signing import SignatureError, load_public_key
 
 __all__ = ["FusionClient", "FusionError", "SignatureError"]
 
@@ -58,28 +69,56 @@ class FusionClient:
         timeout: float = 120.0,
     ) -> None:
         folder = Path(certs) if certs is not None else None
-        pick = lambda given, name: Path(given) if given is not None else (folder / name if folder is not None else None)  # noqa: E731
+        pick = lambda given, name: (
+            Path(given) if given is not None else (folder / name if folder is not None else None)
+        )  # noqa: E731
         self.root_certificates = pick(root_certificates, "ca.crt")
         self.certificate = pick(certificate, "client.crt")
         self.private_key = pick(private_key, "client.key")
         found = pick(None, "signing.pub")
-        key = public_key if public_key is not None else (found if found is not None and (found.exists() or not unsigned_ok) else None)
+        key = (
+            public_key
+            if public_key is not None
+            else (found if found is not None and (found.exists() or not unsigned_ok) else None)
+        )
         self.public_key = load_public_key(key) if key is not None else None
         if self.public_key is None and not unsigned_ok:
-            raise ValueError("give the server's signing key (public_key= or certs= with signing.pub) so models can be verified, or unsigned_ok=True to accept unverified models")
+            raise ValueError(
+                "give the server's signing key (public_key= or certs= with signing.pub) so models can be verified, or unsigned_ok=True to accept unverified models"
+            )
         self.unsigned_ok = unsigned_ok
         self.timeout = timeout
         self.address = address
-        options = [("grpc.max_receive_message_length", 512 * _MiB), ("grpc.max_send_message_length", 512 * _MiB)]
+        options = [
+            ("grpc.max_receive_message_length", 512 * _MiB),
+            ("grpc.max_send_message_length", 512 * _MiB),
+        ]
         if insecure:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
             if self.root_certificates is None:
-                raise ValueError("give the deployment's CA certificate (root_certificates= or certs=), or insecure=True for a service on a trusted host")
-            chain = [self._read(p, what) for p, what in ((self.private_key, "private_key"), (self.certificate, "certificate"))] if self.certificate is not None else [None, None]
-            creds = grpc.ssl_channel_credentials(self._read(self.root_certificates, "root_certificates"), chain[0], chain[1])
+                raise ValueError(
+                    "give the deployment's CA certificate (root_certificates= or certs=), or insecure=True for a service on a trusted host"
+                )
+            chain = (
+                [
+                    self._read(p, what)
+                    for p, what in (
+                        (self.private_key, "private_key"),
+                        (self.certificate, "certificate"),
+                    )
+                ]
+                if self.certificate is not None
+                else [None, None]
+            )
+            creds = grpc.ssl_channel_credentials(
+                self._read(self.root_certificates, "root_certificates"), chain[0], chain[1]
+            )
             self._channel = grpc.secure_channel(address, creds, options=options)
-        self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}") for name in ("Adapt", "GetBank", "ListExperts")}
+        self._calls = {
+            name: self._channel.unary_unary(f"/{SERVICE}/{name}")
+            for name in ("Adapt", "GetBank", "ListExperts")
+        }
         # The bank's arrays from the last full reply, by digest: later replies for the same bank
         # version leave them out (a model's weights are mostly the bank's, the same every time).
         self._bank_weights: tuple[str, dict[str, np.ndarray]] | None = None
@@ -91,9 +130,19 @@ class FusionClient:
 
     def experts(self) -> ExpertList:
         """Every expert's label names, distribution over the prototypes, fidelity and trust."""
-        return decode_expert_list(self._call("ListExperts", encode_empty_request("ListExpertsRequest")))
+        return decode_expert_list(
+            self._call("ListExperts", encode_empty_request("ListExpertsRequest"))
+        )
 
-    def adapt(self, x: np.ndarray, y: Any, *, out: str | os.PathLike | None = None, seed: int | None = None, **options: Any) -> AdaptedModel:
+    def adapt(
+        self,
+        x: np.ndarray,
+        y: Any,
+        *,
+        out: str | os.PathLike | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> AdaptedModel:
         """A model for the task of the support set x (n, d), y (n,) label names, verified.
 
         ``options`` are the bank's adaptation settings (``prior_strength=...``); ``out`` also
@@ -104,10 +153,17 @@ class FusionClient:
         files = self._full_files(response, held)
         # Verified here (checksum and signature over the complete weights file) before any use.
         try:
-            model = from_files(files, self.public_key, unsigned_ok=self.unsigned_ok, source=f"model from {self.address}")
+            model = from_files(
+                files,
+                self.public_key,
+                unsigned_ok=self.unsigned_ok,
+                source=f"model from {self.address}",
+            )
         except ValueError:
             if response.bank_weights_omitted:
-                self._bank_weights = None  # our copy may be what is wrong: the next reply brings all
+                self._bank_weights = (
+                    None  # our copy may be what is wrong: the next reply brings all
+                )
             raise
         if not response.bank_weights_omitted:
             self._keep_bank_weights(response, model)
@@ -115,25 +171,41 @@ class FusionClient:
             artifacts.write(out, files, KIND)
         return model
 
-    def adapt_response(self, x: np.ndarray, y: Any, *, seed: int | None = None, **options: Any) -> AdaptResponse:
+    def adapt_response(
+        self, x: np.ndarray, y: Any, *, seed: int | None = None, **options: Any
+    ) -> AdaptResponse:
         """The raw reply of Adapt (artifact files and fit metrics), not yet verified."""
         return self._adapt(x, y, self._bank_weights, seed=seed, **options)
 
-    def _adapt(self, x: np.ndarray, y: Any, held: tuple[str, dict[str, np.ndarray]] | None, *, seed: int | None = None, **options: Any) -> AdaptResponse:
+    def _adapt(
+        self,
+        x: np.ndarray,
+        y: Any,
+        held: tuple[str, dict[str, np.ndarray]] | None,
+        *,
+        seed: int | None = None,
+        **options: Any,
+    ) -> AdaptResponse:
         arr = np.asarray(x)
         if arr.dtype not in (np.float32, np.float64):
             if not np.issubdtype(arr.dtype, np.number):
                 raise ValueError(f"x has dtype {arr.dtype}, expected numbers")
             arr = arr.astype(np.float64)
         labels = np.asarray(y)
-        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.str_) or np.issubdtype(labels.dtype, np.integer)):
-            raise ValueError(f"y has shape {labels.shape} and dtype {labels.dtype}; give one label name (string) per example")
+        if labels.ndim != 1 or not (
+            np.issubdtype(labels.dtype, np.str_) or np.issubdtype(labels.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"y has shape {labels.shape} and dtype {labels.dtype}; give one label name (string) per example"
+            )
         opts = {k: str(v) for k, v in options.items()}
         if seed is not None:
             opts["seed"] = str(int(seed))
         known = held[0] if held else ""
         try:
-            request = encode_adapt_request(AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts, known))
+            request = encode_adapt_request(
+                AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts, known)
+            )
         except WireError as err:
             raise ValueError(str(err)) from None
         return decode_adapt_response(self._call("Adapt", request))
@@ -143,26 +215,40 @@ class FusionClient:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         try:
-            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=min(self.timeout, 10.0))
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=min(self.timeout, 10.0)
+            )
         except grpc.RpcError as err:
             raise FusionError("Health/Check", err.code(), err.details() or "") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _full_files(self, response: AdaptResponse, held: tuple[str, dict[str, np.ndarray]] | None) -> dict[str, bytes]:
+    def _full_files(
+        self, response: AdaptResponse, held: tuple[str, dict[str, np.ndarray]] | None
+    ) -> dict[str, bytes]:
         """The model's files with the bank's weights put back when the reply left them out."""
         if not response.bank_weights_omitted:
             return response.files
         if held is None or held[0] != response.bank_weights_digest:
-            raise FusionError("Adapt", grpc.StatusCode.DATA_LOSS, f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that this client does not hold")
-        task = artifacts.npz_arrays(response.files["weights.npz"], f"model from {self.address}: task weights")
+            raise FusionError(
+                "Adapt",
+                grpc.StatusCode.DATA_LOSS,
+                f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that this client does not hold",
+            )
+        task = artifacts.npz_arrays(
+            response.files["weights.npz"], f"model from {self.address}: task weights"
+        )
         return {**response.files, "weights.npz": artifacts.npz_bytes({**held[1], **task})}
 
     def _keep_bank_weights(self, response: AdaptResponse, model: AdaptedModel) -> None:
         if not response.bank_weights_digest:
             return
-        shared = {k: v.copy() for k, v in bank_arrays(model.task.model).items()}  # not views: the caller owns the model
-        if artifacts.sha256(artifacts.npz_bytes(shared)) == response.bank_weights_digest:  # what the server will leave out
+        shared = {
+            k: v.copy() for k, v in bank_arrays(model.task.model).items()
+        }  # not views: the caller owns the model
+        if (
+            artifacts.sha256(artifacts.npz_bytes(shared)) == response.bank_weights_digest
+        ):  # what the server will leave out
             self._bank_weights = (response.bank_weights_digest, shared)
 
     def _call(self, method: str, request: bytes) -> bytes:
@@ -189,4 +275,3 @@ class FusionClient:
 
     def __repr__(self) -> str:
         return f"FusionClient({self.address!r})"
-

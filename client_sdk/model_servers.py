@@ -47,8 +47,15 @@ class ModelServerError(ExpertOutputError):
     connection error).
     """
 
-    def __init__(self, message: str, *, url: str, model: str | None = None, status: int | None = None,
-                 server_message: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        model: str | None = None,
+        status: int | None = None,
+        server_message: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.url = url
         self.model = model
@@ -59,35 +66,51 @@ class ModelServerError(ExpertOutputError):
 def _check_labels(labels: Sequence[Any] | None, who: str) -> tuple[str, ...]:
     out = _label_tuple(labels, who)
     if not out:
-        raise ValueError(f"{who}: labels is empty; give the label names of the model's output columns, in order")
+        raise ValueError(
+            f"{who}: labels is empty; give the label names of the model's output columns, in order"
+        )
     dup = sorted({label for label in out if out.count(label) > 1})
     if dup:
-        raise ValueError(f"{who}: labels {dup} appear more than once in {list(out)}; each output column needs its own label name")
+        raise ValueError(
+            f"{who}: labels {dup} appear more than once in {list(out)}; each output column needs its own label name"
+        )
     return out
 
 
 def _check_url(url: Any, who: str, protocol: str) -> str:
     if not isinstance(url, str) or not url.strip():
-        raise ValueError(f"{who}: url is {url!r}; give the server's base address, e.g. 'http://localhost:8080'")
+        raise ValueError(
+            f"{who}: url is {url!r}; give the server's base address, e.g. 'http://localhost:8080'"
+        )
     url = url.strip().rstrip("/")
     if not url.lower().startswith(("http://", "https://")):
-        raise ValueError(f"{who}: url {url!r} must start with http:// or https:// (e.g. 'http://{url}')")
+        raise ValueError(
+            f"{who}: url {url!r} must start with http:// or https:// (e.g. 'http://{url}')"
+        )
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:
         raise ValueError(f"{who}: url {url!r} has no host; give e.g. 'http://localhost:8080'")
     if parts.username or parts.password:
-        raise ValueError(f"{who}: url {_redact(url)} carries credentials; pass them as headers instead, e.g. headers={{'Authorization': 'Bearer ...'}}")
+        raise ValueError(
+            f"{who}: url {_redact(url)} carries credentials; pass them as headers instead, e.g. headers={{'Authorization': 'Bearer ...'}}"
+        )
     if parts.query or parts.fragment:
-        raise ValueError(f"{who}: url {url!r} has a query or fragment; give only the server's base address")
+        raise ValueError(
+            f"{who}: url {url!r} has a query or fragment; give only the server's base address"
+        )
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         raise ValueError(f"{who}: url {url!r} has an invalid port") from None
     path = parts.path.lower()
     if protocol == "open-inference" and (path.endswith("/v2") or "/v2/models" in path):
-        raise ValueError(f"{who}: url {url!r} already contains the /v2 path; give the server root (e.g. 'http://host:8080'): the adapter adds /v2/models/<model>/infer")
+        raise ValueError(
+            f"{who}: url {url!r} already contains the /v2 path; give the server root (e.g. 'http://host:8080'): the adapter adds /v2/models/<model>/infer"
+        )
     if protocol == "mlflow" and path.endswith("/invocations"):
-        raise ValueError(f"{who}: url {url!r} already ends with /invocations; give the server root (e.g. 'http://host:5000'): the adapter adds /invocations")
+        raise ValueError(
+            f"{who}: url {url!r} already ends with /invocations; give the server root (e.g. 'http://host:5000'): the adapter adds /invocations"
+        )
     return url
 
 
@@ -102,7 +125,12 @@ def _redact(url: str) -> str:
 
 
 def _positive_number(value: Any, name: str, who: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{who}: {name} is {value!r}; give a positive number of seconds")
     return float(value)
 
@@ -117,7 +145,9 @@ def _check_headers(headers: Mapping[str, str] | None, who: str) -> dict[str, str
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
-        raise TypeError(f"{who}: headers must be a mapping of header names to values, e.g. {{'Authorization': 'Bearer ...'}}")
+        raise TypeError(
+            f"{who}: headers must be a mapping of header names to values, e.g. {{'Authorization': 'Bearer ...'}}"
+        )
     out = {}
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -141,7 +171,9 @@ def _server_text(body: bytes) -> str:
                 found.append(value if isinstance(value, str) else json.dumps(value))
         trace = data.get("stack_trace")
         if isinstance(trace, str) and trace.strip():
-            found.append(trace.strip().splitlines()[-1].strip())  # MLflow: the model's own exception
+            found.append(
+                trace.strip().splitlines()[-1].strip()
+            )  # MLflow: the model's own exception
         if found:
             text = "; ".join(found)
     elif "Traceback (most recent call last)" in text:
@@ -169,8 +201,17 @@ class _HTTPExpert:
     backoff_base = 0.2  # seconds before the first retry; doubled for each further one
     backoff_cap = 5.0  # no single wait is longer (a server's Retry-After included)
 
-    def __init__(self, url: str, labels: Sequence[str], *, timeout: float, retries: int, batch_size: int,
-                 headers: Mapping[str, str] | None, who: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        labels: Sequence[str],
+        *,
+        timeout: float,
+        retries: int,
+        batch_size: int,
+        headers: Mapping[str, str] | None,
+        who: str,
+    ) -> None:
         self.url = _check_url(url, who, self.protocol)
         self.labels = _check_labels(labels, who)
         self.timeout = _positive_number(timeout, "timeout", who)
@@ -201,30 +242,47 @@ class _HTTPExpert:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim != 2:
-            raise ValueError(f"{self._where()}: queries have shape {x.shape}, expected (n, d): one flattened input per row")
+            raise ValueError(
+                f"{self._where()}: queries have shape {x.shape}, expected (n, d): one flattened input per row"
+            )
         if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
             raise ValueError(f"{self._where()}: queries have dtype {x.dtype}; send real numbers")
         if not np.isfinite(x).all():
             row = int(np.argwhere(~np.isfinite(x))[0, 0])
-            raise ValueError(f"{self._where()}: queries contain NaN or infinity (first in row {row}); JSON cannot carry them: clean or impute the inputs first")
+            raise ValueError(
+                f"{self._where()}: queries contain NaN or infinity (first in row {row}); JSON cannot carry them: clean or impute the inputs first"
+            )
         out = np.empty((len(x), len(self.labels)), dtype=np.float64)
         for start in range(0, len(x), self.batch_size):
-            batch = x[start:start + self.batch_size]
+            batch = x[start : start + self.batch_size]
             answer = self._post(self._payload(batch), batch)
-            out[start:start + len(batch)] = self._parse(answer, len(batch))
+            out[start : start + len(batch)] = self._parse(answer, len(batch))
             self.n_requests += 1
             self.n_rows += len(batch)
         return out
 
-    def _error(self, message: str, status: int | None = None, server_message: str | None = None) -> ModelServerError:
-        return ModelServerError(message, url=self._endpoint(), model=getattr(self, "model", None), status=status,
-                                server_message=server_message)
+    def _error(
+        self, message: str, status: int | None = None, server_message: str | None = None
+    ) -> ModelServerError:
+        return ModelServerError(
+            message,
+            url=self._endpoint(),
+            model=getattr(self, "model", None),
+            status=status,
+            server_message=server_message,
+        )
 
     def _request(self, url: str, body: bytes | None, timeout: float) -> bytes:
-        headers = {"Accept": "application/json", "User-Agent": "protofuse-client-sdk", **self.headers}
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": "protofuse-client-sdk",
+            **self.headers,
+        }
         if body is not None:
             headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+        req = urllib.request.Request(
+            url, data=body, headers=headers, method="POST" if body is not None else "GET"
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read()
 
@@ -236,7 +294,7 @@ class _HTTPExpert:
         status: int | None = None
         server_message: str | None = None
         for attempt in range(self.retries + 1):
-            wait = min(self.backoff_base * 2 ** attempt, self.backoff_cap)
+            wait = min(self.backoff_base * 2**attempt, self.backoff_cap)
             self.n_attempts += 1
             try:
                 raw = self._request(url, body, self.timeout)
@@ -245,11 +303,15 @@ class _HTTPExpert:
                 try:
                     server_message = _server_text(err.read(_MAX_ERROR_BODY))
                 except (OSError, http.client.HTTPException):
-                    server_message = err.reason if isinstance(err.reason, str) else "(unreadable answer)"
+                    server_message = (
+                        err.reason if isinstance(err.reason, str) else "(unreadable answer)"
+                    )
                 if status != 429 and status < 500:  # the caller's fault: retrying will not help
                     raise self._error(
                         f"{self._where()} answered HTTP {status} at {url}: {server_message.rstrip('.')}. {self._advice(status, batch)}",
-                        status, server_message) from None
+                        status,
+                        server_message,
+                    ) from None
                 failure = f"HTTP {status}: {server_message.rstrip('.')}"
                 retry_after = err.headers.get("Retry-After") if err.headers else None
                 if retry_after and retry_after.strip().isdigit():
@@ -258,34 +320,55 @@ class _HTTPExpert:
                 if isinstance(err.reason, ssl.SSLError):  # a certificate problem does not go away
                     raise self._error(
                         f"{self._where()}: TLS failure at {url}: {err.reason}. Check the server's certificate, or the "
-                        "system's trusted CA bundle (SSL_CERT_FILE) for a private CA", None, str(err.reason)) from None
-                status, server_message, failure = None, _describe_failure(err, self.timeout), _describe_failure(err, self.timeout)
+                        "system's trusted CA bundle (SSL_CERT_FILE) for a private CA",
+                        None,
+                        str(err.reason),
+                    ) from None
+                status, server_message, failure = (
+                    None,
+                    _describe_failure(err, self.timeout),
+                    _describe_failure(err, self.timeout),
+                )
             except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as err:
-                status, server_message, failure = None, _describe_failure(err, self.timeout), _describe_failure(err, self.timeout)
+                status, server_message, failure = (
+                    None,
+                    _describe_failure(err, self.timeout),
+                    _describe_failure(err, self.timeout),
+                )
             else:
                 try:
                     return json.loads(raw.decode("utf-8"))
                 except ValueError:
                     snippet = raw[:200].decode("utf-8", errors="replace")
-                    raise self._error(f"{self._where()} answered at {url} with something that is not JSON: {snippet!r}; "
-                                      "check that url points at the model server itself (not a proxy or login page)",
-                                      200, snippet) from None
+                    raise self._error(
+                        f"{self._where()} answered at {url} with something that is not JSON: {snippet!r}; "
+                        "check that url points at the model server itself (not a proxy or login page)",
+                        200,
+                        snippet,
+                    ) from None
             if attempt < self.retries:
                 time.sleep(wait)
         spent = time.monotonic() - began
         tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
         if status is None:
-            hint = (f"Check that the server is running and reachable at {self.url}; for a slow model raise timeout= "
-                    f"(now {self.timeout:g} s) or lower batch_size= (now {self.batch_size})")
+            hint = (
+                f"Check that the server is running and reachable at {self.url}; for a slow model raise timeout= "
+                f"(now {self.timeout:g} s) or lower batch_size= (now {self.batch_size})"
+            )
         elif status == 429:
             hint = "The server is rate-limiting: lower the query rate, or raise retries="
         elif status in (502, 503, 504):
-            hint = (f"The server (or a proxy in front of it) is unavailable or overloaded: check that it is up and the "
-                    f"model loaded, or raise retries= (now {self.retries}) and timeout= (now {self.timeout:g} s)")
+            hint = (
+                f"The server (or a proxy in front of it) is unavailable or overloaded: check that it is up and the "
+                f"model loaded, or raise retries= (now {self.retries}) and timeout= (now {self.timeout:g} s)"
+            )
         else:
             hint = self._advice(status, batch)
-        raise self._error(f"{self._where()} failed at {url} after {tries} in {spent:.1f} s; last: {failure}. {hint}",
-                          status, server_message)
+        raise self._error(
+            f"{self._where()} failed at {url} after {tries} in {spent:.1f} s; last: {failure}. {hint}",
+            status,
+            server_message,
+        )
 
 
 def _float_matrix(values: Any, what: str) -> np.ndarray:
@@ -309,27 +392,61 @@ class OpenInferenceExpert(_HTTPExpert):
 
     protocol = "open-inference"
 
-    def __init__(self, url: str, model: str, labels: Sequence[str], *, version: str | int | None = None,
-                 output: str | None = None, timeout: float = 30.0, retries: int = 3, batch_size: int = 256,
-                 headers: Mapping[str, str] | None = None, input_name: str = "input-0",
-                 datatype: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        labels: Sequence[str],
+        *,
+        version: str | int | None = None,
+        output: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        batch_size: int = 256,
+        headers: Mapping[str, str] | None = None,
+        input_name: str = "input-0",
+        datatype: str | None = None,
+    ) -> None:
         who = "OpenInferenceExpert"
         if not isinstance(model, str) or not model.strip() or "/" in model:
-            raise ValueError(f"{who}: model is {model!r}; give the model's name as the server knows it (e.g. the 'name' in MLServer's model-settings.json or Triton's model folder)")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).strip() or "/" in str(version)):
-            raise ValueError(f"{who}: version is {version!r}; give a version string such as '1' or 'v1', or None for the server's default")
+            raise ValueError(
+                f"{who}: model is {model!r}; give the model's name as the server knows it (e.g. the 'name' in MLServer's model-settings.json or Triton's model folder)"
+            )
+        if version is not None and (
+            isinstance(version, bool)
+            or not isinstance(version, (str, int))
+            or not str(version).strip()
+            or "/" in str(version)
+        ):
+            raise ValueError(
+                f"{who}: version is {version!r}; give a version string such as '1' or 'v1', or None for the server's default"
+            )
         if output is not None and (not isinstance(output, str) or not output.strip()):
-            raise ValueError(f"{who}: output is {output!r}; give the name of the output holding the probabilities (e.g. 'predict_proba' for MLServer's scikit-learn runtime), or None to take the only output")
+            raise ValueError(
+                f"{who}: output is {output!r}; give the name of the output holding the probabilities (e.g. 'predict_proba' for MLServer's scikit-learn runtime), or None to take the only output"
+            )
         if not isinstance(input_name, str) or not input_name.strip():
-            raise ValueError(f"{who}: input_name is {input_name!r}; give the name of the model's input tensor")
+            raise ValueError(
+                f"{who}: input_name is {input_name!r}; give the name of the model's input tensor"
+            )
         if datatype is not None and datatype not in ("FP32", "FP64"):
-            raise ValueError(f"{who}: datatype is {datatype!r}; use 'FP32', 'FP64' or None (FP64 for float64 queries, FP32 otherwise)")
+            raise ValueError(
+                f"{who}: datatype is {datatype!r}; use 'FP32', 'FP64' or None (FP64 for float64 queries, FP32 otherwise)"
+            )
         self.model = model.strip()
         self.version = None if version is None else str(version).strip()
         self.output = None if output is None else output.strip()
         self.input_name = input_name
         self.datatype = datatype
-        super().__init__(url, labels, timeout=timeout, retries=retries, batch_size=batch_size, headers=headers, who=who)
+        super().__init__(
+            url,
+            labels,
+            timeout=timeout,
+            retries=retries,
+            batch_size=batch_size,
+            headers=headers,
+            who=who,
+        )
 
     def _model_path(self) -> str:
         path = "/v2/models/" + urllib.parse.quote(self.model, safe="")
@@ -352,8 +469,16 @@ class OpenInferenceExpert(_HTTPExpert):
     def _payload(self, batch: np.ndarray) -> dict[str, Any]:
         wire = self._wire_type(batch)
         data = batch.astype(np.float64 if wire == "FP64" else np.float32, copy=False)
-        payload: dict[str, Any] = {"inputs": [{"name": self.input_name, "shape": [int(s) for s in data.shape],
-                                               "datatype": wire, "data": data.ravel().tolist()}]}
+        payload: dict[str, Any] = {
+            "inputs": [
+                {
+                    "name": self.input_name,
+                    "shape": [int(s) for s in data.shape],
+                    "datatype": wire,
+                    "data": data.ravel().tolist(),
+                }
+            ]
+        }
         if self.output is not None:
             payload["outputs"] = [{"name": self.output}]
         return payload
@@ -361,57 +486,96 @@ class OpenInferenceExpert(_HTTPExpert):
     def _parse(self, answer: Any, n: int) -> np.ndarray:
         width = len(self.labels)
         outputs = answer.get("outputs") if isinstance(answer, dict) else None
-        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
-            raise self._error(f"{self._where()} answered without an 'outputs' list ({str(answer)[:200]!r}); is this an Open Inference Protocol server?", 200)
+        if (
+            not isinstance(outputs, list)
+            or not outputs
+            or not all(isinstance(o, dict) for o in outputs)
+        ):
+            raise self._error(
+                f"{self._where()} answered without an 'outputs' list ({str(answer)[:200]!r}); is this an Open Inference Protocol server?",
+                200,
+            )
         names = [o.get("name") for o in outputs]
         if self.output is not None:
             chosen = [o for o in outputs if o.get("name") == self.output]
             if not chosen:
-                raise self._error(f"{self._where()} answered with outputs {names}, not the requested {self.output!r}; pass output= one of {names}", 200)
+                raise self._error(
+                    f"{self._where()} answered with outputs {names}, not the requested {self.output!r}; pass output= one of {names}",
+                    200,
+                )
             out = chosen[0]
         elif len(outputs) == 1:
             out = outputs[0]
         else:
-            raise self._error(f"{self._where()} answered with several outputs {names}; pass output= the one holding the probabilities", 200)
+            raise self._error(
+                f"{self._where()} answered with several outputs {names}; pass output= the one holding the probabilities",
+                200,
+            )
         name = out.get("name")
         if out.get("datatype") in ("BYTES", "BOOL"):
-            raise self._error(f"{self._where()}: output {name!r} has datatype {out['datatype']}, not numbers; {self._output_hint()}", 200)
+            raise self._error(
+                f"{self._where()}: output {name!r} has datatype {out['datatype']}, not numbers; {self._output_hint()}",
+                200,
+            )
         shape, data = out.get("shape"), out.get("data")
         if data is None:
-            raise self._error(f"{self._where()}: output {name!r} carries no JSON 'data' (binary tensor data is not supported); ask for JSON outputs", 200)
+            raise self._error(
+                f"{self._where()}: output {name!r} carries no JSON 'data' (binary tensor data is not supported); ask for JSON outputs",
+                200,
+            )
         try:
             values = _float_matrix(data, f"output {name!r}").reshape(-1)
             dims = [int(s) for s in shape]
         except (TypeError, ValueError) as err:
-            raise self._error(f"{self._where()}: output {name!r} cannot be read as numbers of shape {shape!r} ({err})", 200) from None
+            raise self._error(
+                f"{self._where()}: output {name!r} cannot be read as numbers of shape {shape!r} ({err})",
+                200,
+            ) from None
         if math.prod(dims) != values.size:
-            raise self._error(f"{self._where()}: output {name!r} declares shape {dims} but carries {values.size} values", 200)
+            raise self._error(
+                f"{self._where()}: output {name!r} declares shape {dims} but carries {values.size} values",
+                200,
+            )
         if values.size != n * width or not dims or dims[0] != n:
             if dims[:1] == [n] and values.size == n:
-                raise self._error(f"{self._where()}: output {name!r} has shape {dims}, one value per row, not ({n}, {width}) probabilities: "
-                                  f"the server returned class predictions; {self._output_hint()}", 200)
-            raise self._error(f"{self._where()}: output {name!r} has shape {dims}, expected ({n}, {width}): one row per input, one column "
-                              f"per label {list(self.labels)}; check labels= and output=", 200)
+                raise self._error(
+                    f"{self._where()}: output {name!r} has shape {dims}, one value per row, not ({n}, {width}) probabilities: "
+                    f"the server returned class predictions; {self._output_hint()}",
+                    200,
+                )
+            raise self._error(
+                f"{self._where()}: output {name!r} has shape {dims}, expected ({n}, {width}): one row per input, one column "
+                f"per label {list(self.labels)}; check labels= and output=",
+                200,
+            )
         return values.reshape(n, width)
 
     def _output_hint(self) -> str:
-        return ("request the probabilities output: for MLServer's scikit-learn runtime output='predict_proba' "
-                "(or parameters.extra.predict_fn='predict_proba' in its model-settings.json); for other servers the "
-                "output the model config names for probabilities")
+        return (
+            "request the probabilities output: for MLServer's scikit-learn runtime output='predict_proba' "
+            "(or parameters.extra.predict_fn='predict_proba' in its model-settings.json); for other servers the "
+            "output the model config names for probabilities"
+        )
 
     def _served_models(self) -> list[str] | None:
         """Best effort: the model names the server lists (the repository extension), or None."""
         try:
             raw = self._request(self.url + "/v2/repository/index", b"{}", min(self.timeout, 5.0))
             index = json.loads(raw.decode("utf-8"))
-        except (OSError, ValueError, http.client.HTTPException):  # an optional extension: many servers lack it
+        except (
+            OSError,
+            ValueError,
+            http.client.HTTPException,
+        ):  # an optional extension: many servers lack it
             return None
         if not isinstance(index, list):
             return None
         names = []
         for entry in index:
             if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                label = entry["name"] + (f" (version {entry['version']})" if entry.get("version") else "")
+                label = entry["name"] + (
+                    f" (version {entry['version']})" if entry.get("version") else ""
+                )
                 names.append(label)
         return names
 
@@ -420,19 +584,28 @@ class OpenInferenceExpert(_HTTPExpert):
         if status == 404:
             version = f" version {self.version!r}" if self.version is not None else ""
             served = self._served_models()
-            listing = f" The server lists: {served}." if served else (" The server lists no models." if served == [] else "")
-            return (f"No model {self.model!r}{version} is served there. Check: the model name as registered on the server "
-                    "(MLServer: 'name' in model-settings.json; Triton: the model folder / config.pbtxt name; KServe: the "
-                    "InferenceService name), the version (omit version= for the default), that the model loaded (server "
-                    f"logs), and that url is the server root without /v2/...{listing}")
+            listing = (
+                f" The server lists: {served}."
+                if served
+                else (" The server lists no models." if served == [] else "")
+            )
+            return (
+                f"No model {self.model!r}{version} is served there. Check: the model name as registered on the server "
+                "(MLServer: 'name' in model-settings.json; Triton: the model folder / config.pbtxt name; KServe: the "
+                "InferenceService name), the version (omit version= for the default), that the model loaded (server "
+                f"logs), and that url is the server root without /v2/...{listing}"
+            )
         if status in (401, 403):
             return "The server refused access: pass the credentials it needs in headers=, e.g. {'Authorization': 'Bearer <token>'}"
         if status == 413:
             return f"The request is too large for the server: lower batch_size= (now {self.batch_size})"
         if status in (400, 422) or status >= 500:
-            return (f"The model could not take the request ({sent}). Check that the rows have the width the model was "
-                    "trained on, the input name and datatype the model expects (input_name=, datatype=), and that output= "
-                    f"({self.output!r}) is an output the model has" + ("" if status < 500 else "; else see the server's logs"))
+            return (
+                f"The model could not take the request ({sent}). Check that the rows have the width the model was "
+                "trained on, the input name and datatype the model expects (input_name=, datatype=), and that output= "
+                f"({self.output!r}) is an output the model has"
+                + ("" if status < 500 else "; else see the server's logs")
+            )
         return f"Check the request ({sent}) against the server's documentation"
 
 
@@ -448,11 +621,26 @@ class MLflowExpert(_HTTPExpert):
 
     protocol = "mlflow"
 
-    def __init__(self, url: str, labels: Sequence[str], *, timeout: float = 30.0, retries: int = 3,
-                 batch_size: int = 256, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        labels: Sequence[str],
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        batch_size: int = 256,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.model = None
-        super().__init__(url, labels, timeout=timeout, retries=retries, batch_size=batch_size, headers=headers,
-                         who="MLflowExpert")
+        super().__init__(
+            url,
+            labels,
+            timeout=timeout,
+            retries=retries,
+            batch_size=batch_size,
+            headers=headers,
+            who="MLflowExpert",
+        )
 
     def _endpoint(self) -> str:
         return self.url + "/invocations"
@@ -468,24 +656,39 @@ class MLflowExpert(_HTTPExpert):
         preds = answer.get("predictions") if isinstance(answer, dict) else answer
         if not isinstance(preds, list):
             keys = list(answer) if isinstance(answer, dict) else type(answer).__name__
-            raise self._error(f"{self._where()} answered without a 'predictions' list (got {keys}); is this an MLflow scoring server?", 200)
+            raise self._error(
+                f"{self._where()} answered without a 'predictions' list (got {keys}); is this an MLflow scoring server?",
+                200,
+            )
         if preds and all(isinstance(row, dict) for row in preds):
             missing = [label for label in self.labels if label not in preds[0]]
             if missing:
-                raise self._error(f"{self._where()} answered with records whose columns {list(preds[0])} lack the labels {missing}; "
-                                  "give labels= the column names in order", 200)
+                raise self._error(
+                    f"{self._where()} answered with records whose columns {list(preds[0])} lack the labels {missing}; "
+                    "give labels= the column names in order",
+                    200,
+                )
             preds = [[row.get(label) for label in self.labels] for row in preds]
         try:
             arr = _float_matrix(preds, "predictions")
         except ValueError:
-            raise self._error(f"{self._where()} answered predictions that are not numbers ({str(preds)[:120]!r}); "
-                              "log the model with pyfunc_predict_fn='predict_proba' so it returns probabilities", 200) from None
+            raise self._error(
+                f"{self._where()} answered predictions that are not numbers ({str(preds)[:120]!r}); "
+                "log the model with pyfunc_predict_fn='predict_proba' so it returns probabilities",
+                200,
+            ) from None
         if arr.ndim == 1 and len(arr) == n:
-            raise self._error(f"{self._where()} answered one value per row (shape {arr.shape}), not ({n}, {width}) probabilities: the model "
-                              "returns class predictions; log it with mlflow.sklearn.log_model(..., pyfunc_predict_fn='predict_proba')", 200)
+            raise self._error(
+                f"{self._where()} answered one value per row (shape {arr.shape}), not ({n}, {width}) probabilities: the model "
+                "returns class predictions; log it with mlflow.sklearn.log_model(..., pyfunc_predict_fn='predict_proba')",
+                200,
+            )
         if arr.shape != (n, width):
-            raise self._error(f"{self._where()} answered predictions of shape {arr.shape}, expected ({n}, {width}): one row per input, "
-                              f"one column per label {list(self.labels)}; check labels=", 200)
+            raise self._error(
+                f"{self._where()} answered predictions of shape {arr.shape}, expected ({n}, {width}): one row per input, "
+                f"one column per label {list(self.labels)}; check labels=",
+                200,
+            )
         return arr
 
     def _advice(self, status: int, batch: np.ndarray) -> str:
@@ -498,31 +701,74 @@ class MLflowExpert(_HTTPExpert):
             return f"The request is too large for the server: lower batch_size= (now {self.batch_size})"
         if status == 415:
             return "The server does not accept JSON; it must be MLflow's scoring server (content type application/json)"
-        return (f"The model could not take the request ({sent}). Check that the rows have the width the model was trained on "
-                "and that the model's signature accepts a plain 2-D array" + ("" if status < 500 else "; else see the server's logs"))
+        return (
+            f"The model could not take the request ({sent}). Check that the rows have the width the model was trained on "
+            "and that the model's signature accepts a plain 2-D array"
+            + ("" if status < 500 else "; else see the server's logs")
+        )
 
 
-def model_server_expert(protocol: str, url: str, labels: Sequence[str], *, model: str | None = None,
-                        version: str | int | None = None, output: str | None = None, timeout: float = 30.0,
-                        retries: int = 3, batch_size: int = 256, headers: Mapping[str, str] | None = None,
-                        input_name: str | None = None, datatype: str | None = None) -> Expert:
+def model_server_expert(
+    protocol: str,
+    url: str,
+    labels: Sequence[str],
+    *,
+    model: str | None = None,
+    version: str | int | None = None,
+    output: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    batch_size: int = 256,
+    headers: Mapping[str, str] | None = None,
+    input_name: str | None = None,
+    datatype: str | None = None,
+) -> Expert:
     """An expert answered by a model server: protocol 'open-inference' (KServe v2, Triton,
     MLServer; needs ``model``) or 'mlflow' (``mlflow models serve``). See OpenInferenceExpert
     and MLflowExpert for the arguments."""
     if not isinstance(protocol, str) or protocol.strip().lower() not in PROTOCOLS:
-        raise ValueError(f"protocol is {protocol!r}; use 'open-inference' (KServe v2, Triton, MLServer) or 'mlflow' (mlflow models serve)")
+        raise ValueError(
+            f"protocol is {protocol!r}; use 'open-inference' (KServe v2, Triton, MLServer) or 'mlflow' (mlflow models serve)"
+        )
     protocol = protocol.strip().lower()
     if not isinstance(url, str) or not url.strip().lower().startswith(("http://", "https://")):
-        raise ValueError(f"url is {url!r}; it must start with http:// or https://, e.g. 'http://localhost:8080'")
+        raise ValueError(
+            f"url is {url!r}; it must start with http:// or https://, e.g. 'http://localhost:8080'"
+        )
     if protocol == "open-inference":
         if model is None:
-            raise ValueError("protocol 'open-inference' needs model=: the model's name as the server knows it")
-        return OpenInferenceExpert(url, model, labels, version=version, output=output, timeout=timeout, retries=retries,
-                                   batch_size=batch_size, headers=headers, datatype=datatype,
-                                   input_name="input-0" if input_name is None else input_name)
-    given = [name for name, value in (("model", model), ("version", version), ("output", output),
-                                      ("input_name", input_name), ("datatype", datatype)) if value is not None]
+            raise ValueError(
+                "protocol 'open-inference' needs model=: the model's name as the server knows it"
+            )
+        return OpenInferenceExpert(
+            url,
+            model,
+            labels,
+            version=version,
+            output=output,
+            timeout=timeout,
+            retries=retries,
+            batch_size=batch_size,
+            headers=headers,
+            datatype=datatype,
+            input_name="input-0" if input_name is None else input_name,
+        )
+    given = [
+        name
+        for name, value in (
+            ("model", model),
+            ("version", version),
+            ("output", output),
+            ("input_name", input_name),
+            ("datatype", datatype),
+        )
+        if value is not None
+    ]
     if given:
-        raise ValueError(f"protocol 'mlflow' takes no {', '.join(given)}: an MLflow server serves one model at {url.rstrip('/')}/invocations "
-                         "(log it with pyfunc_predict_fn='predict_proba' to get probabilities)")
-    return MLflowExpert(url, labels, timeout=timeout, retries=retries, batch_size=batch_size, headers=headers)
+        raise ValueError(
+            f"protocol 'mlflow' takes no {', '.join(given)}: an MLflow server serves one model at {url.rstrip('/')}/invocations "
+            "(log it with pyfunc_predict_fn='predict_proba' to get probabilities)"
+        )
+    return MLflowExpert(
+        url, labels, timeout=timeout, retries=retries, batch_size=batch_size, headers=headers
+    )

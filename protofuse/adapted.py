@@ -12,7 +12,6 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import artifacts, signing
@@ -23,17 +22,33 @@ KIND = "protofuse-adapted-model"
 BANK_PREFIX = "bank."
 PublicKeyLike = Union[str, os.PathLike, bytes, Ed25519PublicKey]
 
-__all__ = ["KIND", "AdaptedModel", "DiscriminativeTask", "GenerativeTask", "Task", "build_model", "from_files", "load_adapted"]
+__all__ = [
+    "KIND",
+    "AdaptedModel",
+    "DiscriminativeTask",
+    "GenerativeTask",
+    "Task",
+    "build_model",
+    "from_files",
+    "load_adapted",
+]
 
 
-def build_model(family_name: str, config: dict[str, Any], state: dict[str, torch.Tensor] | None = None, source: Any = "bank") -> torch.nn.Module:
+def build_model(
+    family_name: str,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor] | None = None,
+    source: Any = "bank",
+) -> torch.nn.Module:
     """Rebuild a bank's networks from its family's name and JSON config, loading ``state`` if given."""
     try:
         model = family(family_name).build(config)
         if state is not None:
             model.load_state_dict(state)
     except (TypeError, RuntimeError, KeyError, ValueError) as err:
-        raise artifacts.ArtifactError(f"{source}: weights do not match the recorded {family_name} configuration ({str(err).splitlines()[0]})") from None
+        raise artifacts.ArtifactError(
+            f"{source}: weights do not match the recorded {family_name} configuration ({str(err).splitlines()[0]})"
+        ) from None
     return model.eval()
 
 
@@ -45,7 +60,13 @@ def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
 class AdaptedModel:
     """A classifier for a new task, in scikit-learn's conventions."""
 
-    def __init__(self, task: Task, classes: list[str], bank_meta: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        classes: list[str],
+        bank_meta: dict[str, Any],
+        info: dict[str, Any] | None = None,
+    ) -> None:
         self.task = task
         self.classes_ = np.asarray(classes, dtype=str)
         self.bank_meta = bank_meta  # family, config and version of the bank it came from
@@ -79,13 +100,22 @@ class AdaptedModel:
         return {f"task.{k}": v for k, v in self.task.arrays().items()}
 
     def _meta(self) -> dict[str, Any]:
-        return {"classes": self.classes_.tolist(), "bank": self.bank_meta, "task": self.task.meta(), "info": self.info}
+        return {
+            "classes": self.classes_.tolist(),
+            "bank": self.bank_meta,
+            "task": self.task.meta(),
+            "info": self.info,
+        }
 
     def __repr__(self) -> str:
-        return f"AdaptedModel(family={self.bank_meta['family']!r}, classes={self.classes_.tolist()})"
+        return (
+            f"AdaptedModel(family={self.bank_meta['family']!r}, classes={self.classes_.tolist()})"
+        )
 
 
-def load_adapted(path: str | os.PathLike, public_key: PublicKeyLike | None = None, *, unsigned_ok: bool = False) -> AdaptedModel:
+def load_adapted(
+    path: str | os.PathLike, public_key: PublicKeyLike | None = None, *, unsigned_ok: bool = False
+) -> AdaptedModel:
     """Load a model saved by :meth:`AdaptedModel.save` or fetched from the adaptation service.
 
     With ``public_key`` (the server's ``signing.pub``, as a path, PEM bytes or key object) the
@@ -96,26 +126,45 @@ def load_adapted(path: str | os.PathLike, public_key: PublicKeyLike | None = Non
     return from_files(artifacts.read(path, KIND), public_key, unsigned_ok=unsigned_ok, source=path)
 
 
-def from_files(files: dict[str, bytes], public_key: PublicKeyLike | None = None, *, unsigned_ok: bool = False, source: Any = "adapted model") -> AdaptedModel:
+def from_files(
+    files: dict[str, bytes],
+    public_key: PublicKeyLike | None = None,
+    *,
+    unsigned_ok: bool = False,
+    source: Any = "adapted model",
+) -> AdaptedModel:
     """An adapted model from its files' bytes, verified as :func:`load_adapted` says."""
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         warnings.warn(
             f"{source}: loaded without verifying who made it (only its checksum); pass public_key= (the server's signing.pub) "
             "to verify its signature, or unsigned_ok=True for a model you adapted yourself. A future release will refuse to load without one of them.",
-            FutureWarning, stacklevel=3,
+            FutureWarning,
+            stacklevel=3,
         )
     arrays, meta = artifacts.decode(files, KIND, source, key)
     try:
         bank_meta = meta["bank"]
-        state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(BANK_PREFIX)}
+        state = {
+            k[len(BANK_PREFIX) :]: torch.from_numpy(v)
+            for k, v in arrays.items()
+            if k.startswith(BANK_PREFIX)
+        }
         model = build_model(bank_meta["family"], bank_meta["config"], state, source)
-        t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
+        t = {
+            k[len("task.") :]: torch.from_numpy(v)
+            for k, v in arrays.items()
+            if k.startswith("task.")
+        }
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])
         if task.n_classes != len(meta["classes"]):
-            raise artifacts.ArtifactError(f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} classes; re-create it with `protofuse adapt`")
+            raise artifacts.ArtifactError(
+                f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} classes; re-create it with `protofuse adapt`"
+            )
     except (KeyError, TypeError) as err:
-        raise artifacts.ArtifactError(f"{source}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`") from None
+        raise artifacts.ArtifactError(
+            f"{source}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`"
+        ) from None
     except ValueError as err:  # an unknown family name
         raise artifacts.ArtifactError(f"{source}: {err}") from None
     return AdaptedModel(task, meta["classes"], bank_meta, meta.get("info"))
@@ -127,7 +176,9 @@ def _as_inputs(x: np.ndarray, x_dim: int) -> torch.Tensor:
     if arr.ndim == 1 and arr.shape[0] == x_dim:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != x_dim:
-        raise ValueError(f"inputs have shape {arr.shape}, expected (n, {x_dim}): one row of {x_dim} features per example, as in the experts' queries")
+        raise ValueError(
+            f"inputs have shape {arr.shape}, expected (n, {x_dim}): one row of {x_dim} features per example, as in the experts' queries"
+        )
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"inputs have dtype {arr.dtype}, expected real numbers")
     if not np.isfinite(arr).all():

@@ -52,12 +52,19 @@ def npz_arrays(data: bytes, source: Any = "weights.npz") -> dict[str, np.ndarray
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except ValueError as err:  # object arrays need pickle, which is never run on loaded data
-        raise ArtifactError(f"{source}: holds something other than plain arrays ({err}); refused") from None
+        raise ArtifactError(
+            f"{source}: holds something other than plain arrays ({err}); refused"
+        ) from None
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise ArtifactError(f"{source}: not a readable .npz ({err})") from None
 
 
-def encode(kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
+def encode(
+    kind: str,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    signing_key: Ed25519PrivateKey | None = None,
+) -> dict[str, bytes]:
     """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed, ``signature.json``."""
     data = npz_bytes(arrays)
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
@@ -69,7 +76,9 @@ def encode(kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signi
     return files
 
 
-def decode(files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519PublicKey | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def decode(
+    files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519PublicKey | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Verify an artifact's files (kind, version, checksum; the signature when a key is given) and parse them."""
     if META not in files:
         raise ArtifactError(f"{source}: missing {META}; is this a protofuse {kind}?")
@@ -78,20 +87,32 @@ def decode(files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519P
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ArtifactError(f"{source}: {META} is not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:
-        raise ArtifactError(f"{source}: holds a {meta.get('kind') if isinstance(meta, dict) else None!r} artifact, expected a {kind!r}")
+        raise ArtifactError(
+            f"{source}: holds a {meta.get('kind') if isinstance(meta, dict) else None!r} artifact, expected a {kind!r}"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{source}: format version {meta.get('format_version')!r}, this protofuse reads version {FORMAT_VERSION}; re-create it with this version")
+        raise ArtifactError(
+            f"{source}: format version {meta.get('format_version')!r}, this protofuse reads version {FORMAT_VERSION}; re-create it with this version"
+        )
     if WEIGHTS not in files:
         raise ArtifactError(f"{source}: missing {WEIGHTS}")
     data = files[WEIGHTS]
     if checksum(data, meta) != meta.get("sha256"):
-        raise ArtifactError(f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}")
+        raise ArtifactError(
+            f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}"
+        )
     if public_key is not None:
         signing.verify(kind, meta["sha256"], files.get(signing.SIGNATURE), public_key, source)
     return npz_arrays(data, f"{source}: {WEIGHTS}"), meta
 
 
-def save(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], signing_key: Ed25519PrivateKey | None = None) -> str:
+def save(
+    path: str | os.PathLike,
+    kind: str,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    signing_key: Ed25519PrivateKey | None = None,
+) -> str:
     """Write an artifact folder atomically (signed when a key is given); returns its SHA-256."""
     files = encode(kind, arrays, meta, signing_key)
     write(path, files, kind)
@@ -113,10 +134,18 @@ def read(path: str | os.PathLike, kind: str) -> dict[str, bytes]:
     """An artifact folder's files (those present of weights, meta and signature)."""
     folder = Path(path)
     if not folder.is_dir():
-        raise ArtifactError(f"{folder}: no such {kind} folder (expected {META} and {WEIGHTS} inside)")
-    return {name: (folder / name).read_bytes() for name in (WEIGHTS, META, signing.SIGNATURE) if (folder / name).exists()}
+        raise ArtifactError(
+            f"{folder}: no such {kind} folder (expected {META} and {WEIGHTS} inside)"
+        )
+    return {
+        name: (folder / name).read_bytes()
+        for name in (WEIGHTS, META, signing.SIGNATURE)
+        if (folder / name).exists()
+    }
 
 
-def load(path: str | os.PathLike, kind: str, public_key: Ed25519PublicKey | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load(
+    path: str | os.PathLike, kind: str, public_key: Ed25519PublicKey | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read and verify an artifact folder written by :func:`save` for the given kind."""
     return decode(read(path, kind), kind, Path(path), public_key)

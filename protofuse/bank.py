@@ -14,9 +14,9 @@ family the moments of its distribution over ``w`` (prior network and aggregated 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,9 +41,17 @@ RUN_MANIFEST = "manifest.pb"  # ... and the bank manifest (protos/protofuse/v1/b
 class Bank:
     """Shared prototype weights and the experts' records; ``adapt`` builds new-task models."""
 
-    def __init__(self, model: torch.nn.Module, meta: BankMeta, experts: list[ExpertRecord], distributions: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        meta: BankMeta,
+        experts: list[ExpertRecord],
+        distributions: dict[str, np.ndarray] | None = None,
+    ) -> None:
         if not isinstance(meta, BankMeta):  # a dict, as before BankMeta: say how to build one
-            raise TypeError(f"meta must be a BankMeta (protofuse.bank.bank_meta(...) or BankMeta.from_json(...)), got {type(meta).__name__}")
+            raise TypeError(
+                f"meta must be a BankMeta (protofuse.bank.bank_meta(...) or BankMeta.from_json(...)), got {type(meta).__name__}"
+            )
         self.model = model.eval()
         self.meta = meta  # family, config, vocabulary, settings; saving replaces it by a copy with the version
         self.experts = experts
@@ -81,13 +89,23 @@ class Bank:
         """
         settings = self._settings(options)
         xt = _as_inputs(x, self.meta.x_dim)
-        warn_if_out_of_range(xt.numpy(), list(self.meta.input_range) if self.meta.input_range else None, "support inputs")
+        warn_if_out_of_range(
+            xt.numpy(),
+            list(self.meta.input_range) if self.meta.input_range else None,
+            "support inputs",
+        )
         classes, yt = _support_labels(y, len(xt))
         impl = self.family_impl
         task, support_log_proba = impl.adapt_scored(self, xt, yt, classes, settings, seed)
         uncovered = [c for c in classes if c not in self.label_names]
         accuracy = float((support_log_proba.argmax(1) == yt).float().mean())
-        info = {"method": impl.adapt_method(settings), "n_support": int(len(xt)), "support_accuracy": accuracy, "uncovered_labels": uncovered, "options": settings.model_dump()}
+        info = {
+            "method": impl.adapt_method(settings),
+            "n_support": len(xt),
+            "support_accuracy": accuracy,
+            "uncovered_labels": uncovered,
+            "options": settings.model_dump(),
+        }
         return AdaptedModel(task, classes, self.identity(), info)
 
     def zero_shot(self, labels: list[str], **options: Any) -> AdaptedModel:
@@ -100,7 +118,9 @@ class Bank:
     def _settings(self, options: dict[str, Any]) -> AdaptSettings:
         """The bank's adaptation settings with per-call overrides, validated like the spec's."""
         try:
-            return AdaptSettings.model_validate({**self.meta.settings.adapt.model_dump(), **options})
+            return AdaptSettings.model_validate(
+                {**self.meta.settings.adapt.model_dump(), **options}
+            )
         except ValidationError as err:
             from .spec import format_errors
 
@@ -111,8 +131,14 @@ class Bank:
         vocab = {c: i for i, c in enumerate(self.label_names)}
         missing = [c for c in classes if c not in vocab]
         if missing:
-            hint = "give examples with bank.adapt" if self.family_impl.adapts_uncovered_labels else "use the discriminative family, which fits uncovered labels from examples"
-            raise ValueError(f"labels {missing} are covered by no expert in this bank (it knows {list(self.label_names)}); {hint}")
+            hint = (
+                "give examples with bank.adapt"
+                if self.family_impl.adapts_uncovered_labels
+                else "use the discriminative family, which fits uncovered labels from examples"
+            )
+            raise ValueError(
+                f"labels {missing} are covered by no expert in this bank (it knows {list(self.label_names)}); {hint}"
+            )
         return torch.tensor([vocab[c] for c in classes])
 
     # -- persistence ---------------------------------------------------------------------
@@ -123,7 +149,20 @@ class Bank:
     def save(self, path: str | os.PathLike) -> str:
         arrays = {f"model.{k}": v.numpy() for k, v in self.model.state_dict().items()}
         arrays.update({f"dist.{k}": v for k, v in self.distributions.items()})
-        meta = {**self.meta.to_json(), "experts": [{"name": e.name, "labels": list(e.labels), "fidelity": asdict(e.fidelity), "n_queries": e.n_queries, "consensus": e.consensus, "weight": e.weight} for e in self.experts]}
+        meta = {
+            **self.meta.to_json(),
+            "experts": [
+                {
+                    "name": e.name,
+                    "labels": list(e.labels),
+                    "fidelity": asdict(e.fidelity),
+                    "n_queries": e.n_queries,
+                    "consensus": e.consensus,
+                    "weight": e.weight,
+                }
+                for e in self.experts
+            ],
+        }
         sha = artifacts.save(path, KIND, arrays, meta)
         self.meta = self.meta.model_copy(update={"sha256": sha, "version": sha[:16]})
         return self.version
@@ -135,7 +174,10 @@ class Bank:
 def load_bank(path: str | os.PathLike) -> Bank:
     """Load a bank written by ``protofuse fit``, or the run folder of a federation (``simulate``
     or the deployed server), whose bank sits in its ``bank/`` folder (checksum and format verified)."""
-    if not (Path(path) / artifacts.META).exists() and (Path(path) / RUN_BANK / artifacts.META).exists():
+    if (
+        not (Path(path) / artifacts.META).exists()
+        and (Path(path) / RUN_BANK / artifacts.META).exists()
+    ):
         path = Path(path) / RUN_BANK
     arrays, record = artifacts.load(path, KIND)
     fix = "re-create it with `protofuse fit` (or the federation that made it)"
@@ -143,8 +185,14 @@ def load_bank(path: str | os.PathLike) -> Bank:
         meta = BankMeta.from_json(record)
     except BankMetaError as err:  # names every field; no traceback for a damaged file
         raise artifacts.ArtifactError(f"{path}: {err}\n{fix}") from None
-    experts = _expert_records(record.get("experts"), f"{path}: bank metadata is incomplete or malformed in {artifacts.META}", fix)
-    state = {k[len("model.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
+    experts = _expert_records(
+        record.get("experts"),
+        f"{path}: bank metadata is incomplete or malformed in {artifacts.META}",
+        fix,
+    )
+    state = {
+        k[len("model.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")
+    }
     model = build_model(meta.family, meta.config, state, path)
     dists = {k[len("dist.") :]: v for k, v in arrays.items() if k.startswith("dist.")}
     return Bank(model, meta, experts, dists)
@@ -153,19 +201,40 @@ def load_bank(path: str | os.PathLike) -> Bank:
 def _expert_records(entries: Any, where: str, fix: str) -> list[ExpertRecord]:
     """The ``experts`` of a loaded meta.json, each as saved by :meth:`Bank.save`; errors name the entry."""
     if not isinstance(entries, list):
-        raise artifacts.ArtifactError(f"{where}:\n  experts: {'missing' if entries is None else 'not a list'}\n{fix}")
+        raise artifacts.ArtifactError(
+            f"{where}:\n  experts: {'missing' if entries is None else 'not a list'}\n{fix}"
+        )
     records = []
     for i, e in enumerate(entries):
         try:
-            records.append(ExpertRecord(e["name"], tuple(e["labels"]), Fidelity(**e["fidelity"]), e["n_queries"], e["consensus"], e["weight"]))
+            records.append(
+                ExpertRecord(
+                    e["name"],
+                    tuple(e["labels"]),
+                    Fidelity(**e["fidelity"]),
+                    e["n_queries"],
+                    e["consensus"],
+                    e["weight"],
+                )
+            )
         except KeyError as err:
-            raise artifacts.ArtifactError(f"{where}:\n  experts[{i}].{err.args[0]}: missing\n{fix}") from None
+            raise artifacts.ArtifactError(
+                f"{where}:\n  experts[{i}].{err.args[0]}: missing\n{fix}"
+            ) from None
         except (TypeError, ValueError) as err:
             raise artifacts.ArtifactError(f"{where}:\n  experts[{i}]: {err}\n{fix}") from None
     return records
 
 
-def fit_bank(triples: Triples, model_settings: ModelSettings, training: TrainingSettings, adapt: AdaptSettings, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None = None) -> Bank:
+def fit_bank(
+    triples: Triples,
+    model_settings: ModelSettings,
+    training: TrainingSettings,
+    adapt: AdaptSettings,
+    image_shape: tuple[int, int] | None,
+    likelihood: str,
+    progress: Progress | None = None,
+) -> Bank:
     """Train a bank centrally on pooled triples and decompose it into expert records."""
     torch.manual_seed(training.seed)
     train, held = triples.split(training.holdout, training.seed)
@@ -173,27 +242,61 @@ def fit_bank(triples: Triples, model_settings: ModelSettings, training: Training
     epochs = training.resolved_epochs(impl.name, len(train.x))
     fitted = impl.fit(train, model_settings, training, epochs, image_shape, likelihood, progress)
     n_experts = len(triples.expert_names)
-    fid = fidelity(impl.imitate(fitted.model, held), held) if len(held.x) else [Fidelity(float("nan"), float("nan"), 0)] * n_experts
+    fid = (
+        fidelity(impl.imitate(fitted.model, held), held)
+        if len(held.x)
+        else [Fidelity(float("nan"), float("nan"), 0)] * n_experts
+    )
     experts = [
-        ExpertRecord(name, labels, f, int(triples.mask[:, e].sum()), float(fitted.agreement[e]), float(fitted.weights[e]))
+        ExpertRecord(
+            name,
+            labels,
+            f,
+            int(triples.mask[:, e].sum()),
+            float(fitted.agreement[e]),
+            float(fitted.weights[e]),
+        )
         for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))
     ]
-    meta = bank_meta(impl.name, fitted.config, triples.label_names, image_shape, likelihood, model_settings, training, adapt, input_range=input_range(triples.x))
+    meta = bank_meta(
+        impl.name,
+        fitted.config,
+        triples.label_names,
+        image_shape,
+        likelihood,
+        model_settings,
+        training,
+        adapt,
+        input_range=input_range(triples.x),
+    )
     return Bank(fitted.model, meta, experts, fitted.distributions)
 
 
 def bank_meta(
-    family_name: str, config: dict[str, Any], label_names: Sequence[str], image_shape: Sequence[int] | None, likelihood: str,
-    model: ModelSettings, training: TrainingSettings, adapt: AdaptSettings,
-    *, input_range: Sequence[float] | None = None, federation: FederationRecord | None = None,
+    family_name: str,
+    config: dict[str, Any],
+    label_names: Sequence[str],
+    image_shape: Sequence[int] | None,
+    likelihood: str,
+    model: ModelSettings,
+    training: TrainingSettings,
+    adapt: AdaptSettings,
+    *,
+    input_range: Sequence[float] | None = None,
+    federation: FederationRecord | None = None,
 ) -> BankMeta:
     """A new bank's metadata: family, networks' config, vocabulary, the settings used and, for a
     federated bank, how it was federated."""
     return BankMeta(
-        family=family_name, config=config, x_dim=config["x_dim"], label_names=tuple(label_names),
-        image_shape=tuple(image_shape) if image_shape else None, likelihood=likelihood,
+        family=family_name,
+        config=config,
+        x_dim=config["x_dim"],
+        label_names=tuple(label_names),
+        image_shape=tuple(image_shape) if image_shape else None,
+        likelihood=likelihood,
         settings=BankSettings(model=model, training=training, adapt=adapt),
-        input_range=_pair(input_range), federation=federation,
+        input_range=_pair(input_range),
+        federation=federation,
     )
 
 
@@ -208,12 +311,22 @@ def _support_labels(y: np.ndarray, n: int) -> tuple[list[str], torch.Tensor]:
     """Support labels as names -> (sorted class names, indices into them), with clear errors."""
     arr = np.asarray(y)
     if arr.ndim != 1 or len(arr) != n:
-        raise ValueError(f"support labels have shape {arr.shape}, expected ({n},): one label name per support example")
-    if not (np.issubdtype(arr.dtype, np.str_) or np.issubdtype(arr.dtype, np.integer) or (arr.dtype == object and all(isinstance(v, str) for v in arr))):
-        raise ValueError(f"support labels have dtype {arr.dtype}; give label names as strings (floats such as 4.0 would become a new label '4.0')")
+        raise ValueError(
+            f"support labels have shape {arr.shape}, expected ({n},): one label name per support example"
+        )
+    if not (
+        np.issubdtype(arr.dtype, np.str_)
+        or np.issubdtype(arr.dtype, np.integer)
+        or (arr.dtype == object and all(isinstance(v, str) for v in arr))
+    ):
+        raise ValueError(
+            f"support labels have dtype {arr.dtype}; give label names as strings (floats such as 4.0 would become a new label '4.0')"
+        )
     names = arr.astype(str)
     classes = sorted(set(names.tolist()))
     if len(classes) < 2:
-        raise ValueError(f"the support set has {len(classes)} class ({classes}); a task needs at least 2 classes")
+        raise ValueError(
+            f"the support set has {len(classes)} class ({classes}); a task needs at least 2 classes"
+        )
     index = {c: i for i, c in enumerate(classes)}
     return classes, torch.tensor([index[c] for c in names])

@@ -59,14 +59,18 @@ class FederationRecord(_Frozen):
 class BankMeta(_Frozen):
     """Family, networks' configuration, vocabulary and settings of a bank (frozen; copy to change)."""
 
-    family: str = Field(min_length=1)  # a name in protofuse.families.FAMILIES (checked when the networks are built)
+    family: str = Field(
+        min_length=1
+    )  # a name in protofuse.families.FAMILIES (checked when the networks are built)
     config: dict[str, Any]  # JSON: the family rebuilds its networks from it (Family.build)
     x_dim: int = Field(ge=1)  # features per input row
     label_names: tuple[str, ...]  # the vocabulary, in the order of the weights' label rows
     image_shape: tuple[int, ...] | None  # [H, W] or [H, W, C] for flattened images, else None
     likelihood: str  # of inputs given concepts (generative family): "gaussian" or "bernoulli"
     settings: BankSettings
-    input_range: tuple[float, float] | None = None  # [min, max] of the queries; None in banks before input checks
+    input_range: tuple[float, float] | None = (
+        None  # [min, max] of the queries; None in banks before input checks
+    )
     federation: FederationRecord | None = None  # federated banks only
     # Not fields of meta.json's bank metadata: the artifact's checksum, once saved or loaded.
     sha256: str | None = None
@@ -78,7 +82,9 @@ class BankMeta(_Frozen):
     def _x_dim_as_configured(cls, x_dim: int, info: ValidationInfo) -> int:
         config = info.data.get("config") or {}
         if "x_dim" in config and config["x_dim"] != x_dim:
-            raise ValueError(f"{x_dim} differs from config.x_dim {config['x_dim']}; the two must agree")
+            raise ValueError(
+                f"{x_dim} differs from config.x_dim {config['x_dim']}; the two must agree"
+            )
         return x_dim
 
     @field_validator("label_names")
@@ -109,7 +115,9 @@ class BankMeta(_Frozen):
         Raises :class:`BankMetaError` naming every missing or malformed field.
         """
         if not isinstance(record, dict):
-            raise BankMetaError(f"bank metadata is malformed: meta.json holds a {type(record).__name__}, not a JSON object")
+            raise BankMetaError(
+                f"bank metadata is malformed: meta.json holds a {type(record).__name__}, not a JSON object"
+            )
         fields = {k: v for k, v in record.items() if k not in (*ENVELOPE, EXPERTS)}
         sha = record.get("sha256")
         if isinstance(sha, str):
@@ -117,13 +125,18 @@ class BankMeta(_Frozen):
         try:
             return cls.model_validate(fields)
         except ValidationError as err:
-            raise BankMetaError(f"bank metadata is incomplete or malformed in meta.json:\n{describe_errors(err)}") from None
+            raise BankMetaError(
+                f"bank metadata is incomplete or malformed in meta.json:\n{describe_errors(err)}"
+            ) from None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON fields meta.json records for the bank (without the artifact's envelope): the
         shape banks have always had, so that older protofuse versions read newer banks too."""
         out = self.model_dump(mode="json", exclude={"sha256", "version"})
-        for optional in ("input_range", "federation"):  # absent rather than null, as before they existed
+        for optional in (
+            "input_range",
+            "federation",
+        ):  # absent rather than null, as before they existed
             if out[optional] is None:
                 del out[optional]
         return out
@@ -131,8 +144,20 @@ class BankMeta(_Frozen):
     def identity(self) -> dict[str, Any]:
         """What an adapted model keeps of its bank (JSON): enough to rebuild the networks, check
         inputs and trace it to the bank version."""
-        keys = ("family", "config", "x_dim", "label_names", "image_shape", "likelihood", "input_range")
-        out = {k: v for k, v in self.model_dump(mode="json", include=set(keys)).items() if k != "input_range" or v is not None}
+        keys = (
+            "family",
+            "config",
+            "x_dim",
+            "label_names",
+            "image_shape",
+            "likelihood",
+            "input_range",
+        )
+        out = {
+            k: v
+            for k, v in self.model_dump(mode="json", include=set(keys)).items()
+            if k != "input_range" or v is not None
+        }
         return {**out, "version": self.version}
 
     # -- the dict it used to be ------------------------------------------------------------------
@@ -140,7 +165,8 @@ class BankMeta(_Frozen):
         warnings.warn(
             f"bank.meta[{key!r}] is deprecated: bank.meta is a BankMeta now; read bank.meta.{key} "
             "(typed) or bank.meta.to_json() (the JSON)",
-            DeprecationWarning, stacklevel=2,
+            DeprecationWarning,
+            stacklevel=2,
         )
         return self._json_view()[key]
 
@@ -148,7 +174,8 @@ class BankMeta(_Frozen):
         """Deprecated dict access, as ``__getitem__``."""
         warnings.warn(
             f"bank.meta.get({key!r}) is deprecated: bank.meta is a BankMeta now; read bank.meta.{key}",
-            DeprecationWarning, stacklevel=2,
+            DeprecationWarning,
+            stacklevel=2,
         )
         return self._json_view().get(key, default)
 
@@ -164,7 +191,10 @@ def describe_errors(err: ValidationError) -> str:
     """pydantic's errors as '  field.path: message' lines, the path as in meta.json."""
     lines = []
     for e in err.errors():
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "(top level)"
+        loc = (
+            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+            or "(top level)"
+        )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (written by a newer protofuse?)"

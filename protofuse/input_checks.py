@@ -67,12 +67,13 @@ def warn_if_out_of_range(x: np.ndarray, expected: list[float] | None, what: str)
         warnings.warn(
             f"{what} span [{got_lo:.3g}, {got_hi:.3g}] but the bank's queries spanned [{lo:.3g}, {hi:.3g}]: "
             "scale and preprocess them the way the experts' queries were, or predictions will be poor",
-            InputRangeWarning, stacklevel=3,
+            InputRangeWarning,
+            stacklevel=3,
         )
 
 
 def _integral(x: np.ndarray) -> bool:
     if np.issubdtype(x.dtype, np.integer):
         return True
-    sample = x.reshape(-1)[: 100_000]
+    sample = x.reshape(-1)[:100_000]
     return bool(np.all(sample == np.round(sample)))

@@ -65,7 +65,9 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, before_replace: Callable[[], None] | None = None) -> None:
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, *, before_replace: Callable[[], None] | None = None
+) -> None:
     """Write ``data`` to ``path`` so that a crash at any instant leaves the old file or the new one.
 
     A temporary file beside ``path`` is written, flushed and fsynced, renamed over ``path`` with
@@ -110,7 +112,11 @@ def replace_folder(path: str | os.PathLike, files: Mapping[str, bytes]) -> None:
         for name, data in files.items():
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"file name {name!r} is not a plain name inside the folder")
-            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            fd = os.open(
+                staging / name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                0o666,
+            )
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
                 file.flush()
@@ -146,7 +152,13 @@ def _create_temp(target: Path, *, directory: bool = False) -> Path:
             if directory:
                 os.mkdir(candidate, 0o777)
             else:
-                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+                os.close(
+                    os.open(
+                        candidate,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                        0o666,
+                    )
+                )
             return candidate
         except FileExistsError:
             continue

@@ -21,7 +21,9 @@ class Fidelity:
     """How faithfully the bank (or a client's imitator) reproduces one expert on held-out queries,
     restricted to the expert's own labels. NaN agreement and KL with ``n == 0``: nothing held out."""
 
-    agreement: float  # fraction of queries where the imitation's top label is the expert's, in [0, 1]
+    agreement: (
+        float  # fraction of queries where the imitation's top label is the expert's, in [0, 1]
+    )
     kl: float  # mean KL(expert || imitation) in nats, >= 0
     n: int  # held-out queries measured
 
@@ -44,7 +46,9 @@ class ExpertRecord:
     labels: tuple[str, ...]  # the expert's own labels, in its output-column order
     fidelity: Fidelity
     n_queries: int  # black-box queries made to the expert (cumulative)
-    consensus: float = NOT_MEASURED  # agreement with the bank's consensus on its own labels, in [0, 1]
+    consensus: float = (
+        NOT_MEASURED  # agreement with the bank's consensus on its own labels, in [0, 1]
+    )
     weight: float = 1.0  # trust given to its answers when fusing, in [0, 1]
     n_examples: int = 0  # examples its imitator trained on in its last round (federation)
     last_round: int = 0  # last federation round its client reported in (0: not federated)
@@ -53,9 +57,13 @@ class ExpertRecord:
     def __post_init__(self) -> None:
         # A list or a bytearray would compare unequal to what a store or a decoder gives back.
         if isinstance(self.labels, str):
-            raise TypeError(f"labels must be a sequence of label names, got the string {self.labels!r}")
+            raise TypeError(
+                f"labels must be a sequence of label names, got the string {self.labels!r}"
+            )
         object.__setattr__(self, "labels", tuple(self.labels))
-        object.__setattr__(self, "distribution", bytes(memoryview(self.distribution)))  # an int is no message
+        object.__setattr__(
+            self, "distribution", bytes(memoryview(self.distribution))
+        )  # an int is no message
         if self.consensus is None:
             object.__setattr__(self, "consensus", NOT_MEASURED)
 

@@ -22,7 +22,9 @@ class TwoPhases:
     weighted: int  # 0: one phase only (no reweighting, no distillation, or too short to split)
 
     @classmethod
-    def split(cls, total: int, training: TrainingSettings, n_experts: int | None = None) -> TwoPhases:
+    def split(
+        cls, total: int, training: TrainingSettings, n_experts: int | None = None
+    ) -> TwoPhases:
         """Half and half when a second phase has work to do: reweighting (which needs two experts
         or more, when their number is known) or distillation; else everything in one phase."""
         reweight = training.reweight and (n_experts is None or n_experts > 1)

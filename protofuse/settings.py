@@ -18,15 +18,25 @@ class _Strict(BaseModel):
 
 
 class ModelSettings(_Strict):
-    family: Literal["discriminative", "generative"] = Field("discriminative", description="prototype family; discriminative measured stronger")
-    encoder: Literal["auto", "conv", "mlp"] = Field("auto", description="discriminative encoder; auto: conv for images, mlp otherwise")
+    family: Literal["discriminative", "generative"] = Field(
+        "discriminative", description="prototype family; discriminative measured stronger"
+    )
+    encoder: Literal["auto", "conv", "mlp"] = Field(
+        "auto", description="discriminative encoder; auto: conv for images, mlp otherwise"
+    )
     feat_dim: int = Field(64, ge=2, le=4096, description="discriminative feature size |z|")
     z_dim: int = Field(5, ge=1, le=256, description="generative concept size |z| (paper: 5)")
     w_dim: int = Field(2, ge=1, le=64, description="generative task-pattern size |w| (paper: 2)")
-    hidden: int = Field(100, ge=8, le=4096, description="hidden units of the generative MLPs (paper: 100)")
+    hidden: int = Field(
+        100, ge=8, le=4096, description="hidden units of the generative MLPs (paper: 100)"
+    )
     lam: float = Field(1.0, ge=0, description="weight of the regularizer q_psi(eta | w)")
-    hide_eta: float = Field(0.5, ge=0, le=1, description="fraction of triples whose eta is hidden from q(z | x, eta)")
-    conv: bool = Field(False, description="generative: conv encoders and transposed-conv decoder (images only)")
+    hide_eta: float = Field(
+        0.5, ge=0, le=1, description="fraction of triples whose eta is hidden from q(z | x, eta)"
+    )
+    conv: bool = Field(
+        False, description="generative: conv encoders and transposed-conv decoder (images only)"
+    )
 
 
 # Table augmentation by default (README, "Defaults and why"; development seeds 0-2). Wide inputs,
@@ -34,23 +44,61 @@ class ModelSettings(_Strict):
 # features), gained most from a fifth of the features dropped; a real table of 18 features, where
 # one feature may decide the class, lost accuracy at every rate of dropout and noise tried.
 TABLE_DROPOUT = 0.2
-TABLE_WIDE = 64  # fewest features for which the default drops any (narrower tables train on clean inputs)
+TABLE_WIDE = (
+    64  # fewest features for which the default drops any (narrower tables train on clean inputs)
+)
 
 
 class TrainingSettings(_Strict):
-    epochs: int | None = Field(None, ge=1, le=10_000, description="passes over the queries; default: 40 (generative), or for the discriminative family 30 or enough for 600 optimizer steps, whichever is more (small query pools need more passes)")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="passes over the queries; default: 40 (generative), or for the discriminative family 30 or enough for 600 optimizer steps, whichever is more (small query pools need more passes)",
+    )
     lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate")
     batch_size: int = Field(128, ge=2, le=65_536)
-    max_shift: float | None = Field(None, ge=0, le=16, description="images: random shift in pixels; default: about 1/14 of the image side")
-    max_rotation: float | None = Field(None, ge=0, le=90, description="images: random rotation in degrees; default: 12")
-    max_scale: float | None = Field(None, ge=0, lt=1, description="images: random zoom, relative; default: 0.1")
-    feature_dropout: float | None = Field(None, ge=0, lt=1, description="tables (inputs without an image shape), discriminative: probability that each feature of a training input is replaced by its mean over the queries; default: 0.2 with 64 features or more, else 0")
-    feature_noise: float | None = Field(None, ge=0, le=10, description="tables, discriminative: Gaussian noise added to each feature of a training input, in units of its spread over the queries; default: 0")
-    holdout: float = Field(0.1, ge=0, lt=1, description="fraction of queries held out to measure imitation fidelity")
-    reweight: bool = Field(True, description="discriminative: weight experts by agreement with the bank's consensus (robust to poor participants)")
-    distill: float = Field(1.0, ge=0, le=100, description="discriminative: weight of the consensus term in the second half of training (0: off)")
+    max_shift: float | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="images: random shift in pixels; default: about 1/14 of the image side",
+    )
+    max_rotation: float | None = Field(
+        None, ge=0, le=90, description="images: random rotation in degrees; default: 12"
+    )
+    max_scale: float | None = Field(
+        None, ge=0, lt=1, description="images: random zoom, relative; default: 0.1"
+    )
+    feature_dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="tables (inputs without an image shape), discriminative: probability that each feature of a training input is replaced by its mean over the queries; default: 0.2 with 64 features or more, else 0",
+    )
+    feature_noise: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="tables, discriminative: Gaussian noise added to each feature of a training input, in units of its spread over the queries; default: 0",
+    )
+    holdout: float = Field(
+        0.1, ge=0, lt=1, description="fraction of queries held out to measure imitation fidelity"
+    )
+    reweight: bool = Field(
+        True,
+        description="discriminative: weight experts by agreement with the bank's consensus (robust to poor participants)",
+    )
+    distill: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="discriminative: weight of the consensus term in the second half of training (0: off)",
+    )
     seed: int = Field(0, description="seed of every random draw in training")
-    threads: int = Field(1, ge=1, le=256, description="torch threads (one per process is fastest on small machines)")
+    threads: int = Field(
+        1, ge=1, le=256, description="torch threads (one per process is fastest on small machines)"
+    )
 
     def resolved_epochs(self, family: str, n_inputs: int = 0) -> int:
         if self.epochs is not None:
@@ -60,28 +108,50 @@ class TrainingSettings(_Strict):
         batches = max(1, -(-n_inputs // self.batch_size))
         return max(30, -(-600 // batches))
 
-    def resolved_augmentation(self, image_shape: ImageShape | None, n_features: int = 0) -> Augmentation | FeatureAugmentation | None:
+    def resolved_augmentation(
+        self, image_shape: ImageShape | None, n_features: int = 0
+    ) -> Augmentation | FeatureAugmentation | None:
         """The augmentation to train with: image transforms for images, feature dropout and noise
         for tables of ``n_features`` (the other kind's settings are ignored); None when all are 0."""
         if image_shape is None:
             return self.table_augmentation(n_features)
         side = min(image_dims(image_shape)[:2])
         shift = self.max_shift if self.max_shift is not None else max(1, round(side / 14))
-        aug = Augmentation(shift, 12.0 if self.max_rotation is None else self.max_rotation, 0.1 if self.max_scale is None else self.max_scale)
+        aug = Augmentation(
+            shift,
+            12.0 if self.max_rotation is None else self.max_rotation,
+            0.1 if self.max_scale is None else self.max_scale,
+        )
         return aug if aug.active else None
 
     def table_augmentation(self, n_features: int) -> FeatureAugmentation | None:
         """Feature dropout and noise for tabular inputs of ``n_features``; None when both are 0."""
-        dropout = (TABLE_DROPOUT if n_features >= TABLE_WIDE else 0.0) if self.feature_dropout is None else self.feature_dropout
-        aug = FeatureAugmentation(dropout, 0.0 if self.feature_noise is None else self.feature_noise)
+        dropout = (
+            (TABLE_DROPOUT if n_features >= TABLE_WIDE else 0.0)
+            if self.feature_dropout is None
+            else self.feature_dropout
+        )
+        aug = FeatureAugmentation(
+            dropout, 0.0 if self.feature_noise is None else self.feature_noise
+        )
         return aug if aug.active else None
 
 
 class AdaptSettings(_Strict):
-    prior_strength: float = Field(1.0, gt=0, description="discriminative: how strongly the task's prototypes stay near the bank's")
-    recompose: Literal["gaussian", "mixture"] = Field("mixture", description="generative: form of q*(w)")
-    form: Literal["conditional", "joint"] = Field("joint", description="generative: prediction form")
-    n_z: int = Field(32, ge=1, le=4096, description="generative: importance samples of z per prediction")
+    prior_strength: float = Field(
+        1.0,
+        gt=0,
+        description="discriminative: how strongly the task's prototypes stay near the bank's",
+    )
+    recompose: Literal["gaussian", "mixture"] = Field(
+        "mixture", description="generative: form of q*(w)"
+    )
+    form: Literal["conditional", "joint"] = Field(
+        "joint", description="generative: prediction form"
+    )
+    n_z: int = Field(
+        32, ge=1, le=4096, description="generative: importance samples of z per prediction"
+    )
 
 
 class FederationSettings(_Strict):
@@ -92,18 +162,48 @@ class FederationSettings(_Strict):
     trust), then weighted rounds with consensus distillation.
     """
 
-    rounds: int = Field(40, ge=1, le=100_000, description="training rounds, split evenly between the two phases (plus one agreement round between them)")
-    local_epochs: int = Field(1, ge=1, le=1000, description="local passes over a client's queries per round (more drift apart: measured worse)")
-    aggregation: Literal["rowwise", "fedavg"] = Field("rowwise", description="prototype rows averaged over the clients whose expert covers the label (rowwise) or over all clients (fedavg)")
-    batch_size: int | None = Field(None, ge=2, le=65_536, description="client batch size; default: whatever gives each client the optimizer steps central training would take on its queries (at most [training] batch_size)")
-    min_clients: int | None = Field(None, ge=1, le=100_000, description="clients to wait for before the first round; default: every expert of the spec (simulation) or 2")
+    rounds: int = Field(
+        40,
+        ge=1,
+        le=100_000,
+        description="training rounds, split evenly between the two phases (plus one agreement round between them)",
+    )
+    local_epochs: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="local passes over a client's queries per round (more drift apart: measured worse)",
+    )
+    aggregation: Literal["rowwise", "fedavg"] = Field(
+        "rowwise",
+        description="prototype rows averaged over the clients whose expert covers the label (rowwise) or over all clients (fedavg)",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=2,
+        le=65_536,
+        description="client batch size; default: whatever gives each client the optimizer steps central training would take on its queries (at most [training] batch_size)",
+    )
+    min_clients: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="clients to wait for before the first round; default: every expert of the spec (simulation) or 2",
+    )
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
-    keep_checkpoints: int = Field(2, ge=1, le=100_000, description="checkpoints whose weights the store keeps (the history of every round is kept regardless)")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        le=100_000,
+        description="checkpoints whose weights the store keeps (the history of every round is kept regardless)",
+    )
 
-    def client_batch_size(self, n_train: int, training: "TrainingSettings") -> int:
+    def client_batch_size(self, n_train: int, training: TrainingSettings) -> int:
         """Rounds x local epochs x batches per epoch = the steps central training takes on the same queries."""
         if self.batch_size is not None:
             return self.batch_size
-        central_steps = training.resolved_epochs("discriminative", n_train) * -(-n_train // training.batch_size)
+        central_steps = training.resolved_epochs("discriminative", n_train) * -(
+            -n_train // training.batch_size
+        )
         epochs = self.rounds * self.local_epochs
         return int(min(training.batch_size, max(8, -(-n_train * epochs // central_steps))))

@@ -34,7 +34,9 @@ class SignatureError(ValueError):
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     key = _load(path, serialization.load_pem_private_key, password=None)
     if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"{path}: not an Ed25519 private key (use the signing.key made by `protofuse certs init`)")
+        raise SignatureError(
+            f"{path}: not an Ed25519 private key (use the signing.key made by `protofuse certs init`)"
+        )
     return key
 
 
@@ -42,9 +44,15 @@ def load_public_key(key: str | os.PathLike | bytes | Ed25519PublicKey) -> Ed2551
     """A public key object from itself, PEM bytes, or a PEM file path."""
     if isinstance(key, Ed25519PublicKey):
         return key
-    loaded = _load(key, serialization.load_pem_public_key) if not isinstance(key, bytes) else _parse(key, serialization.load_pem_public_key, "public key")
+    loaded = (
+        _load(key, serialization.load_pem_public_key)
+        if not isinstance(key, bytes)
+        else _parse(key, serialization.load_pem_public_key, "public key")
+    )
     if not isinstance(loaded, Ed25519PublicKey):
-        raise SignatureError(f"{key if not isinstance(key, bytes) else 'the public key'}: not an Ed25519 public key (use the signing.pub made by `protofuse certs init`)")
+        raise SignatureError(
+            f"{key if not isinstance(key, bytes) else 'the public key'}: not an Ed25519 public key (use the signing.pub made by `protofuse certs init`)"
+        )
     return loaded
 
 
@@ -55,28 +63,50 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 def sign(kind: str, sha256: str, key: Ed25519PrivateKey) -> bytes:
     """The ``signature.json`` bytes for an artifact of this kind and checksum."""
-    record = {"algorithm": ALGORITHM, "key_id": key_id(key.public_key()), "sha256": sha256, "signature": base64.b64encode(key.sign(_message(kind, sha256))).decode()}
+    record = {
+        "algorithm": ALGORITHM,
+        "key_id": key_id(key.public_key()),
+        "sha256": sha256,
+        "signature": base64.b64encode(key.sign(_message(kind, sha256))).decode(),
+    }
     return json.dumps(record, indent=2, sort_keys=True).encode()
 
 
-def verify(kind: str, sha256: str, signature_json: bytes | None, public_key: Ed25519PublicKey, source: Any) -> dict[str, Any]:
+def verify(
+    kind: str, sha256: str, signature_json: bytes | None, public_key: Ed25519PublicKey, source: Any
+) -> dict[str, Any]:
     """Check ``signature.json`` against the artifact's checksum and the trusted key; returns the record."""
     if signature_json is None:
-        raise SignatureError(f"{source}: unsigned ({SIGNATURE} missing); get the model from the adaptation service, or load it with unsigned_ok=True if you made it yourself")
+        raise SignatureError(
+            f"{source}: unsigned ({SIGNATURE} missing); get the model from the adaptation service, or load it with unsigned_ok=True if you made it yourself"
+        )
     try:
         record = json.loads(signature_json)
         signature = base64.b64decode(record["signature"], validate=True)
         algorithm, signed_sha = record["algorithm"], record["sha256"]
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, binascii.Error) as err:
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+        KeyError,
+        TypeError,
+        binascii.Error,
+    ) as err:
         raise SignatureError(f"{source}: {SIGNATURE} is malformed ({err!r}); refused") from None
     if algorithm != ALGORITHM:
-        raise SignatureError(f"{source}: signed with {algorithm!r}, expected {ALGORITHM!r}; refused")
+        raise SignatureError(
+            f"{source}: signed with {algorithm!r}, expected {ALGORITHM!r}; refused"
+        )
     if signed_sha != sha256:
-        raise SignatureError(f"{source}: the signature is for another artifact (checksum {str(signed_sha)[:16]}..., this one is {sha256[:16]}...); refused")
+        raise SignatureError(
+            f"{source}: the signature is for another artifact (checksum {str(signed_sha)[:16]}..., this one is {sha256[:16]}...); refused"
+        )
     try:
         public_key.verify(signature, _message(kind, sha256))
     except InvalidSignature:
-        raise SignatureError(f"{source}: signature does not verify with key {key_id(public_key)} (signed by key {record.get('key_id')!r}); the artifact was altered or comes from another server: refused") from None
+        raise SignatureError(
+            f"{source}: signature does not verify with key {key_id(public_key)} (signed by key {record.get('key_id')!r}); the artifact was altered or comes from another server: refused"
+        ) from None
     return record
 
 
@@ -84,7 +114,7 @@ def _message(kind: str, sha256: str) -> bytes:
     return _CONTEXT + kind.encode() + b"\n" + sha256.encode()
 
 
-def _load(path: str | os.PathLike, parse, **kwargs: Any):  # noqa: ANN001, ANN202
+def _load(path: str | os.PathLike, parse, **kwargs: Any):
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -92,7 +122,7 @@ def _load(path: str | os.PathLike, parse, **kwargs: Any):  # noqa: ANN001, ANN20
     return _parse(data, parse, str(path), **kwargs)
 
 
-def _parse(data: bytes, parse, source: str, **kwargs: Any):  # noqa: ANN001, ANN202
+def _parse(data: bytes, parse, source: str, **kwargs: Any):
     try:
         return parse(data, **kwargs)
     except (ValueError, TypeError) as err:

@@ -1,15 +1,15 @@
 """The federation spec: one TOML file naming the experts, their labels and query data.
 
-    [data]                       # optional
-    image_shape = [8, 8]         # inputs are flattened images: [H, W] greyscale or [H, W, C] colour (else: tabular)
+[data]                       # optional
+image_shape = [8, 8]         # inputs are flattened images: [H, W] greyscale or [H, W, C] colour (else: tabular)
 
-    [[experts]]
-    name = "logreg_a"
-    predict = "experts:logreg_a" # module:attribute, resolved with the spec's folder on the path
-    labels = ["0", "1", "2", "3"]# in the order of the expert's output columns
-    queries = "queries.npy"      # unlabeled inputs (n, d), relative to the spec
+[[experts]]
+name = "logreg_a"
+predict = "experts:logreg_a" # module:attribute, resolved with the spec's folder on the path
+labels = ["0", "1", "2", "3"]# in the order of the expert's output columns
+queries = "queries.npy"      # unlabeled inputs (n, d), relative to the spec
 
-    [model] / [training] / [adapt] / [federation]   # optional, see protofuse.settings
+[model] / [training] / [adapt] / [federation]   # optional, see protofuse.settings
 """
 
 from __future__ import annotations
@@ -36,35 +36,63 @@ class Endpoint(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    protocol: Literal["open-inference", "mlflow"] = Field(description="open-inference: POST /v2/models/MODEL/infer (KServe, Triton, MLServer); mlflow: POST /invocations")
-    url: str = Field(pattern=r"^https?://", description="base URL of the model server, e.g. http://127.0.0.1:8080")
-    model: str | None = Field(None, min_length=1, description="open-inference: the model's name on the server")
-    version: str | None = Field(None, description="open-inference: the model's version (default: the server's)")
-    output: str | None = Field(None, description="open-inference: name of the output holding probabilities (MLServer's scikit-learn runtime: predict_proba)")
+    protocol: Literal["open-inference", "mlflow"] = Field(
+        description="open-inference: POST /v2/models/MODEL/infer (KServe, Triton, MLServer); mlflow: POST /invocations"
+    )
+    url: str = Field(
+        pattern=r"^https?://",
+        description="base URL of the model server, e.g. http://127.0.0.1:8080",
+    )
+    model: str | None = Field(
+        None, min_length=1, description="open-inference: the model's name on the server"
+    )
+    version: str | None = Field(
+        None, description="open-inference: the model's version (default: the server's)"
+    )
+    output: str | None = Field(
+        None,
+        description="open-inference: name of the output holding probabilities (MLServer's scikit-learn runtime: predict_proba)",
+    )
     timeout: float = Field(30.0, gt=0, le=3600, description="seconds per request")
-    retries: int = Field(3, ge=0, le=20, description="retries on connection errors, timeouts, 429 and 5xx")
+    retries: int = Field(
+        3, ge=0, le=20, description="retries on connection errors, timeouts, 429 and 5xx"
+    )
     batch_size: int = Field(256, ge=1, le=1_000_000, description="rows per request")
 
     @model_validator(mode="after")
-    def _model_named(self) -> "Endpoint":
+    def _model_named(self) -> Endpoint:
         if self.protocol == "open-inference" and not self.model:
-            raise ValueError("protocol 'open-inference' needs model = the model's name on the server")
+            raise ValueError(
+                "protocol 'open-inference' needs model = the model's name on the server"
+            )
         return self
 
 
 class ExpertEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$", description="unique name (letters, digits, _ . -); also the expert's pseudonym in a federation")
-    predict: str | None = Field(None, description="import path module:attribute of a callable, fitted estimator or torch module")
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="unique name (letters, digits, _ . -); also the expert's pseudonym in a federation",
+    )
+    predict: str | None = Field(
+        None,
+        description="import path module:attribute of a callable, fitted estimator or torch module",
+    )
     endpoint: Endpoint | None = Field(None, description="or: a model server over HTTP")
-    labels: list[str] = Field(min_length=1, description="label names, in the order of the expert's output columns")
+    labels: list[str] = Field(
+        min_length=1, description="label names, in the order of the expert's output columns"
+    )
     queries: str = Field(description=".npy file of unlabeled inputs (n, d), relative to the spec")
 
     @model_validator(mode="after")
-    def _one_black_box(self) -> "ExpertEntry":
+    def _one_black_box(self) -> ExpertEntry:
         if (self.predict is None) == (self.endpoint is None):
-            raise ValueError("give exactly one of predict = 'module:attribute' or an [experts.endpoint] table (a model server)")
+            raise ValueError(
+                "give exactly one of predict = 'module:attribute' or an [experts.endpoint] table (a model server)"
+            )
         return self
 
     @field_validator("predict")
@@ -74,7 +102,9 @@ class ExpertEntry(BaseModel):
             return v
         module, sep, attr = v.partition(":")
         if not sep or not module or not attr:
-            raise ValueError(f"{v!r} is not an import path; write it as 'module:attribute', e.g. 'experts:logreg_a'")
+            raise ValueError(
+                f"{v!r} is not an import path; write it as 'module:attribute', e.g. 'experts:logreg_a'"
+            )
         return v
 
     @field_validator("labels", mode="before")
@@ -90,7 +120,9 @@ class ExpertEntry(BaseModel):
     def _unique(cls, v: list[str]) -> list[str]:
         dup = sorted({c for c in v if v.count(c) > 1})
         if dup:
-            raise ValueError(f"labels {dup} appear more than once; list each output column's label once")
+            raise ValueError(
+                f"labels {dup} appear more than once; list each output column's label once"
+            )
         if any(not c for c in v):
             raise ValueError("a label name is empty")
         return v
@@ -99,14 +131,21 @@ class ExpertEntry(BaseModel):
 class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_shape: tuple[int, int] | tuple[int, int, int] | None = Field(None, description="[height, width] (greyscale) or [height, width, channels] when inputs are images, each row flattened channels-last (numpy's images.reshape(n, -1))")
-    likelihood: Literal["auto", "bernoulli", "gaussian"] = Field("auto", description="generative decoder; auto: bernoulli for images in [0,1]")
+    image_shape: tuple[int, int] | tuple[int, int, int] | None = Field(
+        None,
+        description="[height, width] (greyscale) or [height, width, channels] when inputs are images, each row flattened channels-last (numpy's images.reshape(n, -1))",
+    )
+    likelihood: Literal["auto", "bernoulli", "gaussian"] = Field(
+        "auto", description="generative decoder; auto: bernoulli for images in [0,1]"
+    )
 
     @field_validator("image_shape", mode="before")
     @classmethod
     def _two_or_three(cls, v: object) -> object:
         if isinstance(v, (list, tuple)) and len(v) not in (2, 3):
-            raise ValueError(f"image_shape {list(v)} has {len(v)} numbers; write [height, width] for greyscale or [height, width, channels] for colour, e.g. [32, 32, 3]")
+            raise ValueError(
+                f"image_shape {list(v)} has {len(v)} numbers; write [height, width] for greyscale or [height, width, channels] for colour, e.g. [32, 32, 3]"
+            )
         return v
 
     @field_validator("image_shape")
@@ -115,9 +154,13 @@ class DataSettings(BaseModel):
         if v is None:
             return v
         if min(v[:2]) < MIN_IMAGE_SIDE:
-            raise ValueError(f"image_shape {list(v)} is too small; each side must be at least {MIN_IMAGE_SIDE} pixels")
+            raise ValueError(
+                f"image_shape {list(v)} is too small; each side must be at least {MIN_IMAGE_SIDE} pixels"
+            )
         if len(v) == 3 and not 1 <= v[2] <= MAX_CHANNELS:
-            raise ValueError(f"image_shape {list(v)} has {v[2]} channels; use 1 to {MAX_CHANNELS} (3 for RGB), channels last")
+            raise ValueError(
+                f"image_shape {list(v)} has {v[2]} channels; use 1 to {MAX_CHANNELS} (3 for RGB), channels last"
+            )
         return v
 
 
@@ -130,14 +173,18 @@ class Spec(BaseModel):
     training: TrainingSettings = TrainingSettings()
     adapt: AdaptSettings = AdaptSettings()
     federation: FederationSettings = FederationSettings()
-    folder: Path = Field(Path("."), exclude=True, description="the spec's folder; relative paths start here")
+    folder: Path = Field(
+        Path("."), exclude=True, description="the spec's folder; relative paths start here"
+    )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Spec":
+    def _unique_names(self) -> Spec:
         names = [e.name for e in self.experts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"expert names {dup} appear more than once; give each [[experts]] entry a unique name")
+            raise ValueError(
+                f"expert names {dup} appear more than once; give each [[experts]] entry a unique name"
+            )
         return self
 
     def expert(self, name: str) -> ExpertEntry:
@@ -145,7 +192,9 @@ class Spec(BaseModel):
         for entry in self.experts:
             if entry.name == name:
                 return entry
-        raise SpecError(f"no expert named {name!r} in the spec (it lists {[e.name for e in self.experts]})")
+        raise SpecError(
+            f"no expert named {name!r} in the spec (it lists {[e.name for e in self.experts]})"
+        )
 
     def queries_path(self, entry: ExpertEntry) -> Path:
         return (self.folder / entry.queries).resolve()
@@ -165,13 +214,17 @@ def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{file}: not valid TOML ({err})") from None
     if "folder" in raw:
-        raise SpecError(f"{file}: 'folder' is not a spec field; paths are relative to the spec's own folder")
+        raise SpecError(
+            f"{file}: 'folder' is not a spec field; paths are relative to the spec's own folder"
+        )
     try:
         spec = Spec(**raw, folder=file.resolve().parent)
     except ValidationError as err:
         raise SpecError(f"{file}: invalid spec\n{format_errors(err)}") from None
     if experts_required and not spec.experts:
-        raise SpecError(f"{file}: invalid spec\n  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)")
+        raise SpecError(
+            f"{file}: invalid spec\n  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)"
+        )
     return spec
 
 
@@ -179,7 +232,10 @@ def format_errors(err: ValidationError) -> str:
     """pydantic's errors as 'field.path: message' lines, fields written as in the TOML file."""
     lines = []
     for e in err.errors():
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "(top level)"
+        loc = (
+            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+            or "(top level)"
+        )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling against the documented fields"

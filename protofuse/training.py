@@ -7,21 +7,39 @@ runs the same loop on its own triples for a few local epochs.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from .model.discriminative import DiscriminativePrototypes
 from .model.generative import GenerativePrototypes
-from .model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images, feature_statistics
+from .model.networks import (
+    Augmentation,
+    FeatureAugmentation,
+    augment_features,
+    augment_images,
+    feature_statistics,
+)
 from .records import Fidelity  # re-exported: protofuse.training.Fidelity is the one Fidelity
 from .triples import Triples
 
 Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean loss)
 
 
-def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, augmentation: Augmentation | FeatureAugmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0, seed: int = 0, progress: Progress | None = None) -> None:
+def train_discriminative(
+    model: DiscriminativePrototypes,
+    triples: Triples,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    augmentation: Augmentation | FeatureAugmentation | None = None,
+    expert_weight: np.ndarray | None = None,
+    teacher: np.ndarray | None = None,
+    teacher_weight: float = 0.0,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> None:
     """Fit encoder, prototypes and imitation heads by soft cross-entropy against the experts.
 
     ``augmentation`` transforms image batches, or perturbs the features of tabular ones (the
@@ -29,9 +47,13 @@ def train_discriminative(model: DiscriminativePrototypes, triples: Triples, epoc
     term of ``DiscriminativePrototypes.consensus_loss``.
     """
     gen = torch.Generator().manual_seed(seed)
-    trainer = DiscriminativeTrainer(model, lr, total_steps=epochs * n_batches(len(triples.x), batch_size))
+    trainer = DiscriminativeTrainer(
+        model, lr, total_steps=epochs * n_batches(len(triples.x), batch_size)
+    )
     for epoch in range(epochs):
-        loss = trainer.epoch(triples, batch_size, gen, augmentation, expert_weight, teacher, teacher_weight)
+        loss = trainer.epoch(
+            triples, batch_size, gen, augmentation, expert_weight, teacher, teacher_weight
+        )
         if progress:
             progress(epoch + 1, epochs, loss)
     model.eval()
@@ -47,20 +69,39 @@ class DiscriminativeTrainer:
     def __init__(self, model: DiscriminativePrototypes, lr: float, total_steps: int) -> None:
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=max(1, total_steps))
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt, max_lr=lr, total_steps=max(1, total_steps)
+        )
         self.total_steps = max(1, total_steps)
 
     @property
     def steps_done(self) -> int:
         return int(self.sched.last_epoch)
 
-    def epoch(self, triples: Triples, batch_size: int, gen: torch.Generator, augmentation: Augmentation | FeatureAugmentation | None = None, expert_weight: np.ndarray | None = None, teacher: np.ndarray | None = None, teacher_weight: float = 0.0) -> float:
+    def epoch(
+        self,
+        triples: Triples,
+        batch_size: int,
+        gen: torch.Generator,
+        augmentation: Augmentation | FeatureAugmentation | None = None,
+        expert_weight: np.ndarray | None = None,
+        teacher: np.ndarray | None = None,
+        teacher_weight: float = 0.0,
+    ) -> float:
         """One pass over the triples in a random order drawn from ``gen``; returns the mean loss."""
         model = self.model
         x, eta, mask = (torch.from_numpy(a) for a in (triples.x, triples.eta, triples.mask))
         tau = torch.from_numpy(triples.tau)
-        weight = torch.ones(len(triples.expert_names)) if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32)
-        target = None if teacher is None or teacher_weight <= 0 else torch.as_tensor(teacher, dtype=torch.float32)
+        weight = (
+            torch.ones(len(triples.expert_names))
+            if expert_weight is None
+            else torch.as_tensor(expert_weight, dtype=torch.float32)
+        )
+        target = (
+            None
+            if teacher is None or teacher_weight <= 0
+            else torch.as_tensor(teacher, dtype=torch.float32)
+        )
         image_shape = model.cfg.image_shape
         if isinstance(augmentation, FeatureAugmentation):
             # Each feature's mean and spread over these queries (a federated client: its own).
@@ -70,7 +111,9 @@ class DiscriminativeTrainer:
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             if len(idx) < 2:  # batch norm needs two examples
                 continue
-            if self.steps_done >= self.total_steps:  # the schedule is spent (a client may get extra rounds)
+            if (
+                self.steps_done >= self.total_steps
+            ):  # the schedule is spent (a client may get extra rounds)
                 break
             xb = x[idx]
             if isinstance(augmentation, FeatureAugmentation):
@@ -112,7 +155,11 @@ class DiscriminativeTrainer:
             for k, v in s.items():
                 if k == "step" or v.shape == params[i].shape:
                     continue
-                differ = [d for d in range(v.ndim) if v.shape[d] != params[i].shape[d]] if v.ndim == params[i].ndim else []
+                differ = (
+                    [d for d in range(v.ndim) if v.shape[d] != params[i].shape[d]]
+                    if v.ndim == params[i].ndim
+                    else []
+                )
                 if len(differ) != 1 or v.shape[differ[0]] > params[i].shape[differ[0]]:
                     return False
                 # Labels appended to the vocabulary since (rows of prototypes and biases, columns
@@ -126,12 +173,22 @@ class DiscriminativeTrainer:
         self.opt.load_state_dict(full)
         with warnings.catch_warnings():  # stepping the schedule alone is the point here
             warnings.simplefilter("ignore", UserWarning)
-            for _ in range(min(int(np.ravel(arrays["steps_done"])[0]), self.total_steps)):  # replay the schedule to its position
+            for _ in range(
+                min(int(np.ravel(arrays["steps_done"])[0]), self.total_steps)
+            ):  # replay the schedule to its position
                 self.sched.step()
         return True
 
 
-def train_generative(model: GenerativePrototypes, triples: Triples, epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, progress: Progress | None = None) -> None:
+def train_generative(
+    model: GenerativePrototypes,
+    triples: Triples,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> None:
     """Maximize the ELBO plus regularizer over every (input, expert) pair."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the model's own reparameterization draws
@@ -174,7 +231,7 @@ def fidelity(imitated_log_proba: torch.Tensor, triples: Triples) -> list[Fidelit
         cols = tau[e]
         agree = (p[:, cols].argmax(-1) == log_q[:, cols].argmax(-1)).float().mean().item()
         kl = (p * (p.clamp_min(1e-12).log() - log_q)).masked_fill(p == 0, 0.0).sum(-1).mean().item()
-        out.append(Fidelity(agree, kl, int(len(p))))
+        out.append(Fidelity(agree, kl, len(p)))
     return out
 
 
@@ -195,7 +252,11 @@ def consensus_agreement(pooled: np.ndarray, triples: Triples) -> np.ndarray:
     for e in range(len(out)):
         rows = triples.mask[:, e] & (pooled[:, tau[e]].sum(1) > 0.5)
         if rows.any():
-            out[e] = float((pooled[rows][:, tau[e]].argmax(1) == triples.eta[rows, e][:, tau[e]].argmax(1)).mean())
+            out[e] = float(
+                (
+                    pooled[rows][:, tau[e]].argmax(1) == triples.eta[rows, e][:, tau[e]].argmax(1)
+                ).mean()
+            )
     return out
 
 

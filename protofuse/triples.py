@@ -29,7 +29,7 @@ class Triples:
             tau[e, [index[c] for c in labels]] = 1.0
         return tau
 
-    def split(self, holdout: float, seed: int) -> tuple["Triples", "Triples"]:
+    def split(self, holdout: float, seed: int) -> tuple[Triples, Triples]:
         """(train, held-out) by input: held-out inputs measure imitation fidelity."""
         train, held = self.split_indices(holdout, seed)
         return self._take(train), self._take(held)
@@ -40,8 +40,15 @@ class Triples:
         n_hold = int(round(holdout * len(order)))
         return order[n_hold:], order[:n_hold]
 
-    def _take(self, idx: np.ndarray) -> "Triples":
-        return Triples(self.x[idx], self.eta[idx], self.mask[idx], self.label_names, self.expert_names, self.expert_labels)
+    def _take(self, idx: np.ndarray) -> Triples:
+        return Triples(
+            self.x[idx],
+            self.eta[idx],
+            self.mask[idx],
+            self.label_names,
+            self.expert_names,
+            self.expert_labels,
+        )
 
 
 def vocabulary(expert_labels: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -53,7 +60,13 @@ def vocabulary(expert_labels: list[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def assemble(names: list[str], labels: list[tuple[str, ...]], queries: list[np.ndarray], outputs: list[np.ndarray], shared: list[int] | None = None) -> Triples:
+def assemble(
+    names: list[str],
+    labels: list[tuple[str, ...]],
+    queries: list[np.ndarray],
+    outputs: list[np.ndarray],
+    shared: list[int] | None = None,
+) -> Triples:
     """Build triples from each expert's queries (n_e, d) and outputs (n_e, |Y_e|).
 
     ``shared[e]`` names a pool id: experts with the same id queried the same inputs (in the same

@@ -6,4 +6,6 @@ import warnings
 from protofuse.protocol.federation import *  # noqa: F403 - the whole public surface, unchanged
 from protofuse.protocol.federation import FORMAT_VERSION, WireError  # noqa: F401
 
-warnings.warn("protofuse.wire moved to protofuse.protocol.federation", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "protofuse.wire moved to protofuse.protocol.federation", DeprecationWarning, stacklevel=2
+)

@@ -5,4 +5,6 @@ import warnings
 
 from protofuse.protocol.service import *  # noqa: F403 - the whole public surface, unchanged
 
-warnings.warn("protofuse.wire_service moved to protofuse.protocol.service", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "protofuse.wire_service moved to protofuse.protocol.service", DeprecationWarning, stacklevel=2
+)

@@ -15,7 +15,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
         if tier not in TIERS:
-            raise pytest.UsageError(f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/ (the folder is the tier)")
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/ (the folder is the tier)"
+            )
         item.add_marker(getattr(pytest.mark, tier))
 
 
@@ -29,9 +31,11 @@ def _flower_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def folders(tmp_path: Path):  # noqa: ANN201 - (tmp, specs, server spec, splits), see organizations.make_folders
+def folders(tmp_path: Path):
     """Three organizations' spec folders, each with its expert and its own shard of the queries
     (the deployment tests of the integration and deploy tiers)."""
-    from organizations import make_folders  # the benchmark's datasets: only the tests that use it pay
+    from organizations import (
+        make_folders,  # the benchmark's datasets: only the tests that use it pay
+    )
 
     return make_folders(tmp_path)

@@ -20,13 +20,16 @@ RECIPES = (
 )
 TASK = ("1", "5", "8")
 
-EXPERTS = EXPERTS_PY + '''
+EXPERTS = (
+    EXPERTS_PY
+    + """
 from bench.federations import build_expert, ExpertRecipe  # noqa: E402
 from bench.datasets import load_dataset, make_splits  # noqa: E402
 
 _train = make_splits(load_dataset("digits"), 0).expert_train
 {recipes}
-'''
+"""
+)
 
 
 def held_out_task(splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -40,15 +43,21 @@ def held_out_task(splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 def make_folders(tmp_path: Path) -> tuple[Path, list[Path], Path, Splits]:
     """One spec folder per organization: its expert and its own shard of the query pool."""
     splits = make_splits(load_dataset("digits"), 0)
-    shards = np.array_split(np.random.default_rng(0).permutation(len(splits.queries.x)), len(RECIPES))
+    shards = np.array_split(
+        np.random.default_rng(0).permutation(len(splits.queries.x)), len(RECIPES)
+    )
     specs = []
     for recipe, rows in zip(RECIPES, shards):
         org = tmp_path / recipe.name
         org.mkdir()
         np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])
         line = f"{recipe.name} = build_expert(ExpertRecipe({recipe.name!r}, 'logreg', {recipe.classes!r}), _train, 0).expert"
-        (org / "experts.py").write_text(EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line))
-        (org / "spec.toml").write_text(spec_entry(recipe.name, f"experts:{recipe.name}", recipe.classes, "queries.npy"))
+        (org / "experts.py").write_text(
+            EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line)
+        )
+        (org / "spec.toml").write_text(
+            spec_entry(recipe.name, f"experts:{recipe.name}", recipe.classes, "queries.npy")
+        )
         specs.append(org / "spec.toml")
     server = tmp_path / "server.toml"
     server.write_text("[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = 4\nmin_clients = 3\n")

@@ -6,7 +6,12 @@ import time
 from collections.abc import Callable
 
 
-def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2, retry_on: tuple[type[BaseException], ...] = ()) -> bool:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    interval: float = 0.2,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> bool:
     """Call ``check`` every ``interval`` seconds until it returns true (True) or ``timeout``
     seconds pass (False); exceptions of the ``retry_on`` types count as not yet."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,9 @@ import numpy as np
 from protofuse.triples import Triples, assemble
 
 
-def clusters(seed: int = 0, n: int = 400, d: int = 16, noise: float = 0.08, clip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def clusters(
+    seed: int = 0, n: int = 400, d: int = 16, noise: float = 0.08, clip: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x (n, d) float32, y (n,) in 0..3, centres (4, d)): Gaussian clusters around centres in [0, 1]^d."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 4, n)
@@ -24,4 +26,10 @@ def answers(y: np.ndarray, cols: list[int]) -> np.ndarray:
 
 def two_experts(x: np.ndarray, y: np.ndarray) -> Triples:
     """Expert a knows 0/1/2, expert b knows 2/3; both answer on the same inputs. 0 and 3 never meet."""
-    return assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x], [answers(y, [0, 1, 2]), answers(y, [2, 3])], shared=[0, 0])
+    return assemble(
+        ["a", "b"],
+        [("0", "1", "2"), ("2", "3")],
+        [x, x],
+        [answers(y, [0, 1, 2]), answers(y, [2, 3])],
+        shared=[0, 0],
+    )

@@ -41,22 +41,36 @@ from .local_training import LocalExpert, RoundPlan, run_round
 
 app = ClientApp()
 
-_EXPERTS: dict[tuple[str, str, str], LocalExpert] = {}  # one load per process (simulation actors live long)
+_EXPERTS: dict[
+    tuple[str, str, str], LocalExpert
+] = {}  # one load per process (simulation actors live long)
 
 
 # Where the typed messages travel in Flower's records (the names are the protocol's).
-DESCRIBE, NODE_DESCRIPTION, ROUND_PLAN = wire.DESCRIBE, wire.NODE_DESCRIPTION_KEY, wire.ROUND_PLAN_KEY
+DESCRIBE, NODE_DESCRIPTION, ROUND_PLAN = (
+    wire.DESCRIBE,
+    wire.NODE_DESCRIPTION_KEY,
+    wire.ROUND_PLAN_KEY,
+)
 # The keys of the untyped round configuration of protofuse before RoundPlan.
 _LEGACY_PLAN_KEYS = ("round", "phase", "vocabulary", "training")
 
 
 @app.query()
 def describe(message: Message, context: Context) -> Message:
-    check_server_format(message.content[wire.ASK_RECORD] if wire.ASK_RECORD in message.content else None)
+    check_server_format(
+        message.content[wire.ASK_RECORD] if wire.ASK_RECORD in message.content else None
+    )
     expert = local_expert(context)
     # The queries' overall min and max (two numbers) let the bank warn when new inputs are scaled
     # unlike them; nothing else about the queries leaves the client.
-    description = wire.NodeDescription(expert.pseudonym, expert.labels, int(expert.x.shape[1]), int(expert.n_queries), tuple(input_range(expert.x)))
+    description = wire.NodeDescription(
+        expert.pseudonym,
+        expert.labels,
+        int(expert.x.shape[1]),
+        int(expert.n_queries),
+        tuple(input_range(expert.x)),
+    )
     reply = ConfigRecord({NODE_DESCRIPTION: wire.encode_node_description(description)})
     return Message(RecordDict({DESCRIBE: reply}), reply_to=message)
 
@@ -66,9 +80,13 @@ def check_server_format(ask: ConfigRecord | None) -> None:
     query names its format (a server from before the typed messages names none)."""
     version = ask.get(wire.FORMAT_VERSION_KEY) if ask is not None else None
     if version is None:
-        raise wire.WireError(f"describe: the server speaks the untyped federation protocol of protofuse before format 1 (its query names no format), this client format {wire.FORMAT_VERSION}: run matching protofuse versions")
+        raise wire.WireError(
+            f"describe: the server speaks the untyped federation protocol of protofuse before format 1 (its query names no format), this client format {wire.FORMAT_VERSION}: run matching protofuse versions"
+        )
     if version != wire.FORMAT_VERSION:
-        raise wire.WireError(f"describe: the server speaks federation format {version}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions")
+        raise wire.WireError(
+            f"describe: the server speaks federation format {version}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions"
+        )
 
 
 @app.train()
@@ -79,10 +97,24 @@ def train(message: Message, context: Context) -> Message:
     shared = {k: v.numpy() for k, v in message.content["arrays"].items()}
     result = run_round(expert, plan, shared, _kept(context))
     _keep(context, result.state)
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in (result.shared or {}).items()})
-    metrics = MetricRecord({"num-examples": int(result.n_examples), "loss": float(result.loss if result.loss is not None else 0.0)})
-    fusion = ConfigRecord({"distribution": wire.encode_distribution(result.distribution), "stats": wire.encode_stats(result.stats)})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "fusion": fusion}), reply_to=message)
+    arrays = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v)) for k, v in (result.shared or {}).items()}
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": int(result.n_examples),
+            "loss": float(result.loss if result.loss is not None else 0.0),
+        }
+    )
+    fusion = ConfigRecord(
+        {
+            "distribution": wire.encode_distribution(result.distribution),
+            "stats": wire.encode_stats(result.stats),
+        }
+    )
+    return Message(
+        RecordDict({"arrays": arrays, "metrics": metrics, "fusion": fusion}), reply_to=message
+    )
 
 
 def round_plan(config: ConfigRecord) -> RoundPlan:
@@ -90,11 +122,17 @@ def round_plan(config: ConfigRecord) -> RoundPlan:
     tables); a WireError names the field, or says the server speaks another format."""
     if ROUND_PLAN not in config:
         if any(key in config for key in _LEGACY_PLAN_KEYS):
-            raise wire.WireError(f"RoundPlan: the server sent the untyped round configuration of protofuse before format 1 (keys {sorted(config.keys())}), this client speaks federation format {wire.FORMAT_VERSION}: run matching protofuse versions")
-        raise wire.WireError(f"RoundPlan: missing; the server's train message has no {ROUND_PLAN!r} in its config (keys {sorted(config.keys())}); run matching protofuse versions")
+            raise wire.WireError(
+                f"RoundPlan: the server sent the untyped round configuration of protofuse before format 1 (keys {sorted(config.keys())}), this client speaks federation format {wire.FORMAT_VERSION}: run matching protofuse versions"
+            )
+        raise wire.WireError(
+            f"RoundPlan: missing; the server's train message has no {ROUND_PLAN!r} in its config (keys {sorted(config.keys())}); run matching protofuse versions"
+        )
     value = config[ROUND_PLAN]
     if not isinstance(value, bytes):
-        raise wire.WireError(f"RoundPlan: {ROUND_PLAN!r} holds a {type(value).__name__}, not the encoded message; run matching protofuse versions")
+        raise wire.WireError(
+            f"RoundPlan: {ROUND_PLAN!r} holds a {type(value).__name__}, not the encoded message; run matching protofuse versions"
+        )
     return wire.decode_round_plan(value)
 
 
@@ -116,11 +154,17 @@ def _where(context: Context) -> tuple[str, str]:
     # Only a simulation's virtual nodes (which have a partition-id) take their spec from the run
     # config; a deployed node's files are its owner's to name, never the server's.
     simulated = "partition-id" in context.node_config
-    spec = context.node_config.get("spec") or (context.run_config.get("spec") if simulated else None)
+    spec = context.node_config.get("spec") or (
+        context.run_config.get("spec") if simulated else None
+    )
     if not spec:
-        raise SpecError("this node has no spec: start it with --node-config 'spec=\"/abs/path/spec.toml\" expert=\"NAME\"' (or `protofuse client`)")
+        raise SpecError(
+            'this node has no spec: start it with --node-config \'spec="/abs/path/spec.toml" expert="NAME"\' (or `protofuse client`)'
+        )
     if not os.path.isabs(str(spec)):
-        raise SpecError(f"spec {spec!r} is a relative path; a ClientApp runs in another working folder, give an absolute path")
+        raise SpecError(
+            f"spec {spec!r} is a relative path; a ClientApp runs in another working folder, give an absolute path"
+        )
     return str(spec), str(context.node_config.get("expert") or "")
 
 
@@ -128,17 +172,25 @@ def _only_or_partition(spec: Any, context: Context) -> Any:
     if "partition-id" in context.node_config:
         i = int(context.node_config["partition-id"])
         if not 0 <= i < len(spec.experts):
-            raise SpecError(f"virtual node {i} has no expert: the spec lists {len(spec.experts)}; simulate with one node per expert")
+            raise SpecError(
+                f"virtual node {i} has no expert: the spec lists {len(spec.experts)}; simulate with one node per expert"
+            )
         return spec.experts[i]
     if len(spec.experts) != 1:
-        raise SpecError(f"the spec lists {len(spec.experts)} experts; name this node's with --node-config 'expert=\"NAME\"'")
+        raise SpecError(
+            f"the spec lists {len(spec.experts)} experts; name this node's with --node-config 'expert=\"NAME\"'"
+        )
     return spec.experts[0]
 
 
 def _kept(context: Context) -> dict[str, dict[str, np.ndarray]]:
-    return {k: {n: a.numpy() for n, a in rec.items()} for k, rec in context.state.array_records.items()}
+    return {
+        k: {n: a.numpy() for n, a in rec.items()} for k, rec in context.state.array_records.items()
+    }
 
 
 def _keep(context: Context, state: dict[str, dict[str, np.ndarray]]) -> None:
     for key, arrays in state.items():
-        context.state[key] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
+        context.state[key] = ArrayRecord(
+            {n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()}
+        )

@@ -17,12 +17,21 @@ import numpy as np
 import torch
 
 from protofuse.families import family
-from protofuse.protocol import federation as wire
-from protofuse.protocol.federation import PHASES, RoundPlan  # re-exported: what the server asks of a round
 from protofuse.families.discriminative import load_shared, shared_arrays
 from protofuse.model.discriminative import DiscriminativePrototypes
+from protofuse.protocol import federation as wire
+from protofuse.protocol.federation import (  # re-exported: what the server asks of a round
+    PHASES,
+    RoundPlan,
+)
 from protofuse.records import Fidelity
-from protofuse.training import DiscriminativeTrainer, consensus, consensus_agreement, fidelity, n_batches
+from protofuse.training import (
+    DiscriminativeTrainer,
+    consensus,
+    consensus_agreement,
+    fidelity,
+    n_batches,
+)
 from protofuse.triples import Triples
 
 log = logging.getLogger(__name__)
@@ -46,7 +55,9 @@ class RoundResult:
     loss: float | None
     distribution: wire.ExpertDistribution
     stats: wire.ImitatorStats
-    state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # kept on the client for later rounds
+    state: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # kept on the client for later rounds
 
 
 def client_seed(seed: int, pseudonym: str, round: int) -> int:
@@ -60,18 +71,34 @@ def local_triples(expert: LocalExpert, vocabulary: tuple[str, ...]) -> Triples:
     index = {c: i for i, c in enumerate(vocabulary)}
     missing = [c for c in expert.labels if c not in index]
     if missing:
-        raise ValueError(f"the server's vocabulary lacks this expert's labels {missing}; it should have appended them (is the server older than this client?)")
+        raise ValueError(
+            f"the server's vocabulary lacks this expert's labels {missing}; it should have appended them (is the server older than this client?)"
+        )
     eta = np.zeros((len(expert.x), 1, len(vocabulary)), dtype=np.float32)
     eta[:, 0, [index[c] for c in expert.labels]] = expert.answers
-    return Triples(expert.x, eta, np.ones((len(expert.x), 1), dtype=bool), vocabulary, (expert.pseudonym,), (expert.labels,))
+    return Triples(
+        expert.x,
+        eta,
+        np.ones((len(expert.x), 1), dtype=bool),
+        vocabulary,
+        (expert.pseudonym,),
+        (expert.labels,),
+    )
 
 
-def run_round(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndarray], kept: dict[str, dict[str, np.ndarray]]) -> RoundResult:
+def run_round(
+    expert: LocalExpert,
+    plan: RoundPlan,
+    shared: dict[str, np.ndarray],
+    kept: dict[str, dict[str, np.ndarray]],
+) -> RoundResult:
     """Train (or, in the agreement round, score) locally; returns what to send and what to keep."""
     triples = local_triples(expert, plan.vocabulary)
     # The held-out split is fixed per client (not per round): fidelity is always measured on
     # queries the imitation never trained on.
-    train, held = triples.split(plan.training.holdout, client_seed(plan.training.seed, expert.pseudonym, 0))
+    train, held = triples.split(
+        plan.training.holdout, client_seed(plan.training.seed, expert.pseudonym, 0)
+    )
     model = _local_model(expert, plan, shared, kept.get("head"))
     out_state: dict[str, dict[str, np.ndarray]] = {}
     agreement: float | None = None
@@ -89,13 +116,27 @@ def run_round(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndarray
         out_state["teacher"] = kept["teacher"]
     fid = _fidelity(model, held)
     head = out_state["head"]
-    distribution = wire.ExpertDistribution(expert.pseudonym, expert.labels, plan.round, wire.DiscriminativeHead(float(head["log_temp"][0]), tuple(float(b) for b in head["bias"])))
-    stats = wire.ImitatorStats(expert.pseudonym, plan.round, len(train.x), expert.n_queries, fid, agreement, loss)
+    distribution = wire.ExpertDistribution(
+        expert.pseudonym,
+        expert.labels,
+        plan.round,
+        wire.DiscriminativeHead(float(head["log_temp"][0]), tuple(float(b) for b in head["bias"])),
+    )
+    stats = wire.ImitatorStats(
+        expert.pseudonym, plan.round, len(train.x), expert.n_queries, fid, agreement, loss
+    )
     return RoundResult(trained, len(train.x), loss, distribution, stats, out_state)
 
 
-def _local_model(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndarray], head: dict[str, np.ndarray] | None) -> DiscriminativePrototypes:
-    model = family("discriminative").build({**plan.model, "n_labels": len(plan.vocabulary), "n_experts": 1})
+def _local_model(
+    expert: LocalExpert,
+    plan: RoundPlan,
+    shared: dict[str, np.ndarray],
+    head: dict[str, np.ndarray] | None,
+) -> DiscriminativePrototypes:
+    model = family("discriminative").build(
+        {**plan.model, "n_labels": len(plan.vocabulary), "n_experts": 1}
+    )
     load_shared(model, shared)
     if head is not None and len(head["bias"]) == len(expert.labels):
         cols = [plan.vocabulary.index(c) for c in expert.labels]
@@ -105,19 +146,34 @@ def _local_model(expert: LocalExpert, plan: RoundPlan, shared: dict[str, np.ndar
     return model.eval()
 
 
-def _head_arrays(model: DiscriminativePrototypes, expert: LocalExpert, vocabulary: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _head_arrays(
+    model: DiscriminativePrototypes, expert: LocalExpert, vocabulary: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """The private imitation head over the expert's own labels (robust to a growing vocabulary)."""
     cols = [vocabulary.index(c) for c in expert.labels]
-    return {"log_temp": model.expert_log_temp.detach().numpy()[:1].copy(), "bias": model.expert_bias.detach().numpy()[0, cols].copy()}
+    return {
+        "log_temp": model.expert_log_temp.detach().numpy()[:1].copy(),
+        "bias": model.expert_bias.detach().numpy()[0, cols].copy(),
+    }
 
 
-def _teacher(model: DiscriminativePrototypes, train: Triples, plan: RoundPlan, kept: dict[str, dict[str, np.ndarray]], out_state: dict[str, dict[str, np.ndarray]]) -> np.ndarray | None:
+def _teacher(
+    model: DiscriminativePrototypes,
+    train: Triples,
+    plan: RoundPlan,
+    kept: dict[str, dict[str, np.ndarray]],
+    out_state: dict[str, dict[str, np.ndarray]],
+) -> np.ndarray | None:
     """Weighted rounds distil the consensus of the bank as it stood when they began, computed
     on this client's own queries (the teacher never leaves the client)."""
     if plan.phase != "weighted" or plan.training.distill <= 0:
         return None
     old = kept.get("teacher", {}).get("teacher")
-    if plan.phase_round > 0 and old is not None and old.shape == (len(train.x), len(plan.vocabulary)):
+    if (
+        plan.phase_round > 0
+        and old is not None
+        and old.shape == (len(train.x), len(plan.vocabulary))
+    ):
         out_state["teacher"] = kept["teacher"]
         return old
     teacher = consensus(model, train.x).astype(np.float32)
@@ -125,26 +181,55 @@ def _teacher(model: DiscriminativePrototypes, train: Triples, plan: RoundPlan, k
     return teacher
 
 
-def _train(model: DiscriminativePrototypes, train: Triples, plan: RoundPlan, teacher: np.ndarray | None, kept: dict[str, dict[str, np.ndarray]], out_state: dict[str, dict[str, np.ndarray]], pseudonym: str) -> float:
+def _train(
+    model: DiscriminativePrototypes,
+    train: Triples,
+    plan: RoundPlan,
+    teacher: np.ndarray | None,
+    kept: dict[str, dict[str, np.ndarray]],
+    out_state: dict[str, dict[str, np.ndarray]],
+    pseudonym: str,
+) -> float:
     """Local epochs with the optimizer and schedule carried over from this phase's earlier rounds."""
     t, f = plan.training, plan.federation
     batch = f.client_batch_size(len(train.x), t)
-    trainer = DiscriminativeTrainer(model, t.lr, total_steps=plan.phase_rounds * f.local_epochs * n_batches(len(train.x), batch))
+    trainer = DiscriminativeTrainer(
+        model, t.lr, total_steps=plan.phase_rounds * f.local_epochs * n_batches(len(train.x), batch)
+    )
     previous = kept.get("trainer")
-    if previous is not None and plan.phase_round > 0 and int(np.ravel(previous.get("phase", -1))[0]) == PHASES.index(plan.phase):
+    if (
+        previous is not None
+        and plan.phase_round > 0
+        and int(np.ravel(previous.get("phase", -1))[0]) == PHASES.index(plan.phase)
+    ):
         if not trainer.load_state_arrays({k: v for k, v in previous.items() if k != "phase"}):
-            log.warning("%s: the optimizer state kept from the last round does not fit the model; this round starts a fresh one", pseudonym)
+            log.warning(
+                "%s: the optimizer state kept from the last round does not fit the model; this round starts a fresh one",
+                pseudonym,
+            )
     gen = torch.Generator().manual_seed(client_seed(t.seed, pseudonym, plan.round))
-    aug = t.resolved_augmentation(model.cfg.image_shape, model.cfg.x_dim)  # the rule of central training, tables included
+    aug = t.resolved_augmentation(
+        model.cfg.image_shape, model.cfg.x_dim
+    )  # the rule of central training, tables included
     loss = 0.0
     for _ in range(f.local_epochs):
-        loss = trainer.epoch(train, batch, gen, aug, None, teacher, t.distill if teacher is not None else 0.0)
-    out_state["trainer"] = {**trainer.state_arrays(), "phase": np.asarray([PHASES.index(plan.phase)], dtype=np.int64)}
+        loss = trainer.epoch(
+            train, batch, gen, aug, None, teacher, t.distill if teacher is not None else 0.0
+        )
+    out_state["trainer"] = {
+        **trainer.state_arrays(),
+        "phase": np.asarray([PHASES.index(plan.phase)], dtype=np.int64),
+    }
     return loss
 
 
 def _fidelity(model: DiscriminativePrototypes, held: Triples) -> Fidelity:
     if len(held.x) == 0:
         return Fidelity(0.0, 0.0, 0)  # nothing held out: sent as measured on none
-    f = fidelity(model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach(), held)[0]
+    f = fidelity(
+        model.expert_log_proba(
+            model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)
+        ).detach(),
+        held,
+    )[0]
     return Fidelity(f.agreement, max(f.kl, 0.0), f.n)

@@ -14,7 +14,19 @@ def family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise ValueError(f"unknown prototype family {name!r}; known families: {sorted(FAMILIES)}") from None
+        raise ValueError(
+            f"unknown prototype family {name!r}; known families: {sorted(FAMILIES)}"
+        ) from None
 
 
-__all__ = ["FAMILIES", "Discriminative", "DiscriminativeTask", "Family", "Fitted", "Generative", "GenerativeTask", "Task", "family"]
+__all__ = [
+    "FAMILIES",
+    "Discriminative",
+    "DiscriminativeTask",
+    "Family",
+    "Fitted",
+    "Generative",
+    "GenerativeTask",
+    "Task",
+    "family",
+]

@@ -47,7 +47,9 @@ class BankView(Protocol):
     def model(self) -> nn.Module: ...  # the bank's networks (the family's own kind), in eval mode
 
     @property
-    def label_names(self) -> tuple[str, ...]: ...  # the vocabulary, in the order of the weights' label rows
+    def label_names(
+        self,
+    ) -> tuple[str, ...]: ...  # the vocabulary, in the order of the weights' label rows
 
     @property
     def meta(self) -> BankMeta: ...
@@ -56,7 +58,9 @@ class BankView(Protocol):
     def experts(self) -> Sequence[ExpertView]: ...  # in the order of the weights' expert rows
 
     @property
-    def distributions(self) -> Mapping[str, np.ndarray]: ...  # generative: "<expert>.prior.mean" and the like
+    def distributions(
+        self,
+    ) -> Mapping[str, np.ndarray]: ...  # generative: "<expert>.prior.mean" and the like
 
     def covered_indices(self, classes: list[str]) -> torch.Tensor:
         """Vocabulary indices of ``classes``; a ValueError naming any label no expert covers."""
@@ -92,7 +96,9 @@ class Fitted:
     config: dict[str, Any]  # JSON: rebuilds the networks with ``Family.build``
     agreement: np.ndarray  # (E,) agreement with the bank's consensus; NaN where not measured
     weights: np.ndarray  # (E,) trust given to each expert in training
-    distributions: dict[str, np.ndarray] = field(default_factory=dict)  # per-expert arrays kept in the bank
+    distributions: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # per-expert arrays kept in the bank
 
 
 def config_from_json(config: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +121,16 @@ class Family(ABC):
         """The family's networks from their JSON config (untrained)."""
 
     @abstractmethod
-    def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
+    def fit(
+        self,
+        train: Triples,
+        model: ModelSettings,
+        training: TrainingSettings,
+        epochs: int,
+        image_shape: tuple[int, int] | None,
+        likelihood: str,
+        progress: Progress | None,
+    ) -> Fitted:
         """Train on pooled triples."""
 
     @abstractmethod
@@ -123,10 +138,26 @@ class Family(ABC):
         """The bank's imitation of every expert on held-out inputs: (N, E, C) log-probabilities."""
 
     @abstractmethod
-    def adapt(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> Task:
+    def adapt(
+        self,
+        bank: BankView,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[str],
+        settings: AdaptSettings,
+        seed: int,
+    ) -> Task:
         """A new task from support inputs x (n, d) and labels y (n,) indexing ``classes``."""
 
-    def adapt_scored(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[Task, torch.Tensor]:
+    def adapt_scored(
+        self,
+        bank: BankView,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[str],
+        settings: AdaptSettings,
+        seed: int,
+    ) -> tuple[Task, torch.Tensor]:
         """``adapt``, plus the fitted task's (n, K) log-probabilities on its own support set."""
         task = self.adapt(bank, x, y, classes, settings, seed)
         with torch.no_grad():
@@ -137,7 +168,9 @@ class Family(ABC):
         """A new task from its label names alone (every label covered by some expert)."""
 
     @abstractmethod
-    def load_task(self, model: nn.Module, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> Task:
+    def load_task(
+        self, model: nn.Module, arrays: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> Task:
         """Rebuild a task saved with its ``arrays()`` and ``meta()``."""
 
     @abstractmethod

@@ -10,14 +10,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map, imprint
+from ..model.discriminative import (
+    DiscriminativeConfig,
+    DiscriminativePrototypes,
+    TaskHead,
+    adapt_map,
+    imprint,
+)
 from ..protocol import federation as wire
 from ..schedule import TwoPhases
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
-from ..training import Progress, consensus, consensus_agreement, reliability_weights, train_discriminative
+from ..training import (
+    Progress,
+    consensus,
+    consensus_agreement,
+    reliability_weights,
+    train_discriminative,
+)
 from ..triples import Triples
 from .base import BankView, Family, Fitted, config_from_json
-
 
 
 @dataclass(frozen=True)
@@ -35,13 +46,23 @@ class DiscriminativeTask:
         return self.head.log_proba(self.model.embed(x))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"prototypes": self.head.prototypes.numpy(), "bias": self.head.bias.numpy(), "log_temp": self.head.log_temp.numpy()}
+        return {
+            "prototypes": self.head.prototypes.numpy(),
+            "bias": self.head.bias.numpy(),
+            "log_temp": self.head.log_temp.numpy(),
+        }
 
     def meta(self) -> dict[str, Any]:
         return {}
 
 
-def config_for(x_dim: int, n_labels: int, n_experts: int, model: ModelSettings, image_shape: tuple[int, int] | None) -> DiscriminativeConfig:
+def config_for(
+    x_dim: int,
+    n_labels: int,
+    n_experts: int,
+    model: ModelSettings,
+    image_shape: tuple[int, int] | None,
+) -> DiscriminativeConfig:
     """The networks' config from the settings; the encoder is a conv net for images unless set."""
     encoder = model.encoder if model.encoder != "auto" else ("conv" if image_shape else "mlp")
     return DiscriminativeConfig(x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape)
@@ -55,19 +76,48 @@ class Discriminative(Family):
     def build(self, config: dict[str, Any]) -> DiscriminativePrototypes:
         return DiscriminativePrototypes(DiscriminativeConfig(**config_from_json(config)))
 
-    def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
-        config = config_for(train.x.shape[1], len(train.label_names), len(train.expert_names), model, image_shape)
+    def fit(
+        self,
+        train: Triples,
+        model: ModelSettings,
+        training: TrainingSettings,
+        epochs: int,
+        image_shape: tuple[int, int] | None,
+        likelihood: str,
+        progress: Progress | None,
+    ) -> Fitted:
+        config = config_for(
+            train.x.shape[1], len(train.label_names), len(train.expert_names), model, image_shape
+        )
         net = DiscriminativePrototypes(config)
         agreement, weights = _two_phases(net, train, epochs, training, image_shape, progress)
         return Fitted(net, asdict(config), agreement, weights)
 
     def imitate(self, model: DiscriminativePrototypes, held: Triples) -> torch.Tensor:
-        return model.expert_log_proba(model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)).detach()
+        return model.expert_log_proba(
+            model.embed(torch.from_numpy(held.x)), torch.from_numpy(held.tau)
+        ).detach()
 
-    def adapt(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> DiscriminativeTask:
+    def adapt(
+        self,
+        bank: BankView,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[str],
+        settings: AdaptSettings,
+        seed: int,
+    ) -> DiscriminativeTask:
         return self.adapt_scored(bank, x, y, classes, settings, seed)[0]
 
-    def adapt_scored(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> tuple[DiscriminativeTask, torch.Tensor]:
+    def adapt_scored(
+        self,
+        bank: BankView,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[str],
+        settings: AdaptSettings,
+        seed: int,
+    ) -> tuple[DiscriminativeTask, torch.Tensor]:
         # The support set's embeddings are at hand: scoring the fit on it costs one matrix product.
         m = bank.model
         z = m.embed(x)
@@ -88,25 +138,45 @@ class Discriminative(Family):
         with torch.no_grad():
             return DiscriminativeTask(m, head), head.log_proba(z)
 
-    def zero_shot(self, bank: BankView, classes: list[str], settings: AdaptSettings) -> DiscriminativeTask:
+    def zero_shot(
+        self, bank: BankView, classes: list[str], settings: AdaptSettings
+    ) -> DiscriminativeTask:
         m, idx = bank.model, bank.covered_indices(classes)
-        return DiscriminativeTask(m, TaskHead(m.prototypes.detach()[idx].clone(), m.bias.detach()[idx].clone(), torch.zeros(())))
+        return DiscriminativeTask(
+            m,
+            TaskHead(
+                m.prototypes.detach()[idx].clone(), m.bias.detach()[idx].clone(), torch.zeros(())
+            ),
+        )
 
-    def load_task(self, model: DiscriminativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> DiscriminativeTask:
-        return DiscriminativeTask(model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"]))
+    def load_task(
+        self, model: DiscriminativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> DiscriminativeTask:
+        return DiscriminativeTask(
+            model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"])
+        )
 
     def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
         expert = bank.experts[index]
         vocab = {c: i for i, c in enumerate(bank.label_names)}
         bias = bank.model.expert_bias.detach()[index, [vocab[c] for c in expert.labels]]
-        head = wire.DiscriminativeHead(float(bank.model.expert_log_temp.detach()[index]), tuple(float(b) for b in bias))
+        head = wire.DiscriminativeHead(
+            float(bank.model.expert_log_temp.detach()[index]), tuple(float(b) for b in bias)
+        )
         return wire.ExpertDistribution(expert.name, expert.labels, bank.meta.federated_rounds, head)
 
     def adapt_method(self, settings: AdaptSettings) -> str:
         return "map"
 
 
-def _two_phases(model: DiscriminativePrototypes, train: Triples, epochs: int, training: TrainingSettings, image_shape: tuple[int, int] | None, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+def _two_phases(
+    model: DiscriminativePrototypes,
+    train: Triples,
+    epochs: int,
+    training: TrainingSettings,
+    image_shape: tuple[int, int] | None,
+    progress: Progress | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Two phases: learn a consensus from everyone; then weight each expert by how well it agrees
     with that consensus (so a poor participant cannot drag its labels' prototypes) and distil the
     consensus over the whole vocabulary into the bank. Returns (agreement, weights), each (E,)."""
@@ -127,7 +197,17 @@ def _two_phases(model: DiscriminativePrototypes, train: Triples, epochs: int, tr
     weights = reliability_weights(agreement, train.tau.sum(1)) if reweight else np.ones(n_experts)
     teacher = pooled if training.distill > 0 else None
     later = None if progress is None else (lambda e, n, loss: progress(first + e, epochs, loss))
-    train_discriminative(model, train, epochs - first, *args, expert_weight=weights, teacher=teacher, teacher_weight=training.distill, seed=training.seed + 1, progress=later)
+    train_discriminative(
+        model,
+        train,
+        epochs - first,
+        *args,
+        expert_weight=weights,
+        teacher=teacher,
+        teacher_weight=training.distill,
+        seed=training.seed + 1,
+        progress=later,
+    )
     return agreement, weights
 
 
@@ -138,7 +218,11 @@ PRIVATE_PARAMETERS = ("expert_log_temp", "expert_bias")
 
 def shared_arrays(model: DiscriminativePrototypes) -> dict[str, np.ndarray]:
     """The shared part of the model (encoder, prototype rows, biases) as plain arrays."""
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k not in PRIVATE_PARAMETERS}
+    return {
+        k: v.detach().numpy().copy()
+        for k, v in model.state_dict().items()
+        if k not in PRIVATE_PARAMETERS
+    }
 
 
 def load_shared(model: DiscriminativePrototypes, arrays: dict[str, np.ndarray]) -> None:
@@ -147,5 +231,7 @@ def load_shared(model: DiscriminativePrototypes, arrays: dict[str, np.ndarray]) 
     missing = set(shared_arrays(model)) - set(state)
     unknown = set(state) - set(shared_arrays(model))
     if missing or unknown:
-        raise ValueError(f"shared weights do not fit the model: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        raise ValueError(
+            f"shared weights do not fit the model: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
     model.load_state_dict(state, strict=False)

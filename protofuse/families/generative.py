@@ -10,13 +10,20 @@ import numpy as np
 import torch
 
 from ..model.generative import GenerativeConfig, GenerativePrototypes, restricted_log_softmax
-from ..model.recompose import WDistribution, WeightedPrototypes, aggregated_posterior, fit_gaussian, fit_mixture, predict_log_proba, prior_distribution
+from ..model.recompose import (
+    WDistribution,
+    WeightedPrototypes,
+    aggregated_posterior,
+    fit_gaussian,
+    fit_mixture,
+    predict_log_proba,
+    prior_distribution,
+)
 from ..protocol import federation as wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress, train_generative
 from ..triples import Triples
 from .base import BankView, Family, Fitted, config_from_json
-
 
 
 @dataclass(frozen=True)
@@ -37,13 +44,23 @@ class GenerativeTask:
     @torch.no_grad()
     def log_joint(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x, c | w) at q's samples (n, K, M); the same input always gets the same draws."""
-        return self.model.log_joint(x, self.classes, self.q.w, n_z=self.n_z, generator=torch.Generator().manual_seed(self.seed))
+        return self.model.log_joint(
+            x,
+            self.classes,
+            self.q.w,
+            n_z=self.n_z,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def log_proba(self, x: torch.Tensor) -> torch.Tensor:
         return predict_log_proba(self.log_joint(x), self.q, self.form)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"classes": self.classes.numpy(), "w": self.q.w.numpy(), "log_weights": self.q.log_weights.numpy()}
+        return {
+            "classes": self.classes.numpy(),
+            "w": self.q.w.numpy(),
+            "log_weights": self.q.log_weights.numpy(),
+        }
 
     def meta(self) -> dict[str, Any]:
         return {"form": self.form, "n_z": self.n_z, "seed": self.seed}
@@ -59,11 +76,33 @@ class Generative(Family):
     def build(self, config: dict[str, Any]) -> GenerativePrototypes:
         return GenerativePrototypes(GenerativeConfig(**config_from_json(config)))
 
-    def fit(self, train: Triples, model: ModelSettings, training: TrainingSettings, epochs: int, image_shape: tuple[int, int] | None, likelihood: str, progress: Progress | None) -> Fitted:
+    def fit(
+        self,
+        train: Triples,
+        model: ModelSettings,
+        training: TrainingSettings,
+        epochs: int,
+        image_shape: tuple[int, int] | None,
+        likelihood: str,
+        progress: Progress | None,
+    ) -> Fitted:
         s = model
-        config = GenerativeConfig(train.x.shape[1], len(train.label_names), s.z_dim, s.w_dim, s.hidden, likelihood, image_shape, s.conv, s.lam, s.hide_eta)
+        config = GenerativeConfig(
+            train.x.shape[1],
+            len(train.label_names),
+            s.z_dim,
+            s.w_dim,
+            s.hidden,
+            likelihood,
+            image_shape,
+            s.conv,
+            s.lam,
+            s.hide_eta,
+        )
         net = GenerativePrototypes(config)
-        train_generative(net, train, epochs, training.lr, training.batch_size, training.seed, progress)
+        train_generative(
+            net, train, epochs, training.lr, training.batch_size, training.seed, progress
+        )
         n = len(train.expert_names)
         return Fitted(net, asdict(config), np.full(n, np.nan), np.ones(n), decompose(net, train))
 
@@ -76,7 +115,15 @@ class Generative(Family):
         tau = torch.from_numpy(held.tau) > 0  # (E, C)
         return restricted_log_softmax(logits[:, None, :].expand(-1, tau.shape[0], -1), tau[None])
 
-    def adapt(self, bank: BankView, x: torch.Tensor, y: torch.Tensor, classes: list[str], settings: AdaptSettings, seed: int) -> GenerativeTask:
+    def adapt(
+        self,
+        bank: BankView,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[str],
+        settings: AdaptSettings,
+        seed: int,
+    ) -> GenerativeTask:
         idx = bank.covered_indices(classes)
         experts = [expert_distribution(bank, e.name) for e in bank.experts]
         prior = task_prior(bank, idx)
@@ -86,20 +133,41 @@ class Generative(Family):
             _, q = fit_mixture(bank.model, x, y, idx, experts + [prior], seed=seed)
         return GenerativeTask(bank.model, idx, q, settings.form, settings.n_z, seed)
 
-    def zero_shot(self, bank: BankView, classes: list[str], settings: AdaptSettings) -> GenerativeTask:
+    def zero_shot(
+        self, bank: BankView, classes: list[str], settings: AdaptSettings
+    ) -> GenerativeTask:
         idx = bank.covered_indices(classes)
         w = task_prior(bank, idx).sample(32, torch.Generator().manual_seed(0))
-        return GenerativeTask(bank.model, idx, WeightedPrototypes(w, torch.full((32,), -float(np.log(32)))), settings.form, settings.n_z)
+        return GenerativeTask(
+            bank.model,
+            idx,
+            WeightedPrototypes(w, torch.full((32,), -float(np.log(32)))),
+            settings.form,
+            settings.n_z,
+        )
 
-    def load_task(self, model: GenerativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> GenerativeTask:
+    def load_task(
+        self, model: GenerativePrototypes, arrays: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> GenerativeTask:
         q = WeightedPrototypes(arrays["w"], arrays["log_weights"])
         return GenerativeTask(model, arrays["classes"], q, meta["form"], meta["n_z"], meta["seed"])
 
     def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
         expert = bank.experts[index]
-        moments = {source: expert_distribution(bank, expert.name, source) for source in ("prior", "posterior")}
-        gaussians = {k: wire.Gaussian(d.mean.double().numpy(), d.cov.double().numpy()) for k, d in moments.items()}
-        return wire.ExpertDistribution(expert.name, expert.labels, 0, wire.GenerativeMoments(gaussians["prior"], gaussians["posterior"]))
+        moments = {
+            source: expert_distribution(bank, expert.name, source)
+            for source in ("prior", "posterior")
+        }
+        gaussians = {
+            k: wire.Gaussian(d.mean.double().numpy(), d.cov.double().numpy())
+            for k, d in moments.items()
+        }
+        return wire.ExpertDistribution(
+            expert.name,
+            expert.labels,
+            0,
+            wire.GenerativeMoments(gaussians["prior"], gaussians["posterior"]),
+        )
 
     def adapt_method(self, settings: AdaptSettings) -> str:
         return settings.recompose
@@ -108,7 +176,9 @@ class Generative(Family):
 def expert_distribution(bank: BankView, name: str, source: str = "posterior") -> WDistribution:
     """An expert's distribution over prototypes ('prior' network or aggregated 'posterior')."""
     d = bank.distributions
-    return WDistribution(torch.from_numpy(d[f"{name}.{source}.mean"]), torch.from_numpy(d[f"{name}.{source}.cov"]))
+    return WDistribution(
+        torch.from_numpy(d[f"{name}.{source}.mean"]), torch.from_numpy(d[f"{name}.{source}.cov"])
+    )
 
 
 def task_prior(bank: BankView, idx: torch.Tensor) -> WDistribution:
@@ -125,7 +195,9 @@ def decompose(model: GenerativePrototypes, triples: Triples) -> dict[str, np.nda
     for e, name in enumerate(triples.expert_names):
         x = torch.from_numpy(triples.x[triples.mask[:, e]])
         prior = prior_distribution(model, tau[e])
-        posterior = aggregated_posterior(model, x, tau[e]) if len(x) else prior  # no queries left: the prior is all we know
+        posterior = (
+            aggregated_posterior(model, x, tau[e]) if len(x) else prior
+        )  # no queries left: the prior is all we know
         for source, dist in (("prior", prior), ("posterior", posterior)):
             out[f"{name}.{source}.mean"] = dist.mean.numpy()
             out[f"{name}.{source}.cov"] = dist.cov.numpy()

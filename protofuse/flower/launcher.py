@@ -20,7 +20,11 @@ import urllib.request
 from pathlib import Path
 
 # Quiet, offline Flower: no telemetry, no update check, no dependency installation per run.
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
 
 
 class FlowerProcessError(RuntimeError):
@@ -46,21 +50,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, extra: list[str] | None = None, certs: Path | None = None) -> subprocess.Popen:
+def start_superlink(
+    home: Path,
+    port: int,
+    simulation: bool,
+    log_file: Path,
+    extra: list[str] | None = None,
+    certs: Path | None = None,
+) -> subprocess.Popen:
     """A SuperLink on 127.0.0.1:port (its own process group, so it and its children stop together).
 
     With ``certs`` (a ``protofuse certs init`` folder) it serves TLS and authenticates SuperNodes;
     without, it runs insecure (simulation, tests on one host)."""
-    security = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"] if certs else ["--insecure"]
-    cmd = [flower_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else []), *(extra or [])]
+    security = (
+        [
+            "--ssl-ca-certfile",
+            str(certs / "ca.crt"),
+            "--ssl-certfile",
+            str(certs / "server.crt"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+            "--enable-supernode-auth",
+        ]
+        if certs
+        else ["--insecure"]
+    )
+    cmd = [
+        flower_bin("flower-superlink"),
+        *security,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+        *(["--simulation"] if simulation else []),
+        *(extra or []),
+    ]
     with open(log_file, "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     tls = ssl.create_default_context(cafile=str(certs / "ca.crt")) if certs else None
     url = f"{'https' if certs else 'http'}://localhost:{port}/health"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FlowerProcessError(f"flower-superlink exited with status {proc.returncode}; see {log_file}")
+            raise FlowerProcessError(
+                f"flower-superlink exited with status {proc.returncode}; see {log_file}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=1, context=tls) as r:
                 if r.status == 200:
@@ -68,7 +105,9 @@ def start_superlink(home: Path, port: int, simulation: bool, log_file: Path, ext
         except OSError:
             time.sleep(0.3)
     stop(proc)
-    raise FlowerProcessError(f"flower-superlink did not answer on 127.0.0.1:{port} within 60 s; see {log_file}")
+    raise FlowerProcessError(
+        f"flower-superlink did not answer on 127.0.0.1:{port} within 60 s; see {log_file}"
+    )
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -87,8 +126,14 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-def write_connection(home: Path, name: str, port: int, root_certificates: Path | None = None) -> None:
+def write_connection(
+    home: Path, name: str, port: int, root_certificates: Path | None = None
+) -> None:
     """The Flower CLI's connection to a SuperLink on 127.0.0.1 (TLS when given the CA)."""
     home.mkdir(parents=True, exist_ok=True)
-    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n')
+    security = (
+        f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
+    )

@@ -16,7 +16,15 @@ from pathlib import Path
 from protofuse.families import family
 from protofuse.spec import SpecError, load_spec
 
-from .launcher import FlowerProcessError, flower_bin, flower_env, free_port, start_superlink, stop, write_connection
+from .launcher import (
+    FlowerProcessError,
+    flower_bin,
+    flower_env,
+    free_port,
+    start_superlink,
+    stop,
+    write_connection,
+)
 
 
 class SimulationError(FlowerProcessError):
@@ -28,7 +36,13 @@ def app_dir() -> Path:
     return Path(str(resources.files("protofuse.flower") / "app"))
 
 
-def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callable[[str], None] = print, app: Path | None = None) -> Path:
+def simulate(
+    spec_path: Path,
+    out: Path,
+    rounds: int | None = None,
+    echo: Callable[[str], None] = print,
+    app: Path | None = None,
+) -> Path:
     """Run a whole federation of the spec's experts on Flower's simulation engine; returns ``out``.
 
     app: another Flower app folder to run instead of ``app_dir()`` (its pyproject names the
@@ -36,7 +50,9 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
     spec = load_spec(spec_path)
     impl = family(spec.model.family)
     if not impl.federates:
-        raise SpecError(f"model.family = {impl.name!r} cannot be simulated: only the discriminative family federates (its generative counterpart is central only: `protofuse fit`)")
+        raise SpecError(
+            f"model.family = {impl.name!r} cannot be simulated: only the discriminative family federates (its generative counterpart is central only: `protofuse fit`)"
+        )
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     home = out / ".flwr"
@@ -51,11 +67,30 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
         n = len(spec.experts)
         # The answers are cached beside the spec (as a deployed client caches them), not in the
         # run folder: a run folder is shared with whoever adapts from its bank.
-        run_config = f'spec="{spec_path.resolve()}" out="{out}" min-clients={n}' + (f" rounds={rounds}" if rounds else "")
+        run_config = f'spec="{spec_path.resolve()}" out="{out}" min-clients={n}' + (
+            f" rounds={rounds}" if rounds else ""
+        )
         threads = spec.training.threads
-        cmd = [flower_bin("flwr"), "run", str(app or app_dir()), "protofuse-sim", "--stream", "--run-config", run_config,
-               "--federation-config", f"num-supernodes={n} client-resources-num-cpus={threads} client-resources-num-gpus=0.0"]
-        proc = subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, start_new_session=True)
+        cmd = [
+            flower_bin("flwr"),
+            "run",
+            str(app or app_dir()),
+            "protofuse-sim",
+            "--stream",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            f"num-supernodes={n} client-resources-num-cpus={threads} client-resources-num-gpus=0.0",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=flower_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=out,
+            start_new_session=True,
+        )
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -70,7 +105,9 @@ def simulate(spec_path: Path, out: Path, rounds: int | None = None, echo: Callab
     finally:
         stop(link)
     if not finished or not (out / "bank" / "meta.json").exists():
-        raise SimulationError(f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}; run the same command again to resume from the last completed round")
+        raise SimulationError(
+            f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}; run the same command again to resume from the last completed round"
+        )
     return out
 
 

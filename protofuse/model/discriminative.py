@@ -44,7 +44,9 @@ class DiscriminativePrototypes(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = make_encoder(cfg.encoder, cfg.x_dim, cfg.feat_dim, cfg.image_shape)
-        self.prototypes = nn.Parameter(torch.randn(cfg.n_labels, cfg.feat_dim) / cfg.feat_dim**0.5)  # (C, F)
+        self.prototypes = nn.Parameter(
+            torch.randn(cfg.n_labels, cfg.feat_dim) / cfg.feat_dim**0.5
+        )  # (C, F)
         self.bias = nn.Parameter(torch.zeros(cfg.n_labels))  # (C,)
         self.expert_log_temp = nn.Parameter(torch.zeros(cfg.n_experts))  # (E,)
         self.expert_bias = nn.Parameter(torch.zeros(cfg.n_experts, cfg.n_labels))  # (E, C)
@@ -59,7 +61,14 @@ class DiscriminativePrototypes(nn.Module):
         scores = t * self.logits(z)[:, None, :] + self.expert_bias[None]
         return restricted_log_softmax(scores, tau[None] > 0)
 
-    def imitation_loss(self, z: torch.Tensor, eta: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+    def imitation_loss(
+        self,
+        z: torch.Tensor,
+        eta: torch.Tensor,
+        mask: torch.Tensor,
+        tau: torch.Tensor,
+        expert_weight: torch.Tensor,
+    ) -> torch.Tensor:
         """Soft cross-entropy of each expert's imitation, over the triples present.
 
         z (n, F) features; eta (n, E, C) expert outputs embedded in the vocabulary; mask (n, E)
@@ -105,7 +114,14 @@ def imprint(z: torch.Tensor, y: torch.Tensor, k: int, reference: torch.Tensor) -
     return means / means.norm(dim=-1, keepdim=True).clamp_min(1e-8) * reference.norm(dim=-1).mean()
 
 
-def adapt_map(z: torch.Tensor, y: torch.Tensor, prior: TaskHead, prior_scale: torch.Tensor, strength: float = 1.0, max_iter: int = 100) -> TaskHead:
+def adapt_map(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    prior: TaskHead,
+    prior_scale: torch.Tensor,
+    strength: float = 1.0,
+    max_iter: int = 100,
+) -> TaskHead:
     """MAP estimate of a task head from support features z (n, F) and labels y (n,) in 0..K-1.
 
     The prior is a Gaussian centred on ``prior`` (the bank's rows for the task's labels). Its
@@ -117,14 +133,20 @@ def adapt_map(z: torch.Tensor, y: torch.Tensor, prior: TaskHead, prior_scale: to
     bias = prior.bias.clone().requires_grad_(True)
     log_temp = prior.log_temp.clone().requires_grad_(True)
     precision = strength / prior_scale.clamp_min(1e-6) ** 2  # (K,)
-    opt = torch.optim.LBFGS([protos, bias, log_temp], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [protos, bias, log_temp], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         head = TaskHead(protos, bias, log_temp)
         nll = -head.log_proba(z).gather(1, y[:, None]).sum()
         penalty = 0.5 * (precision[:, None] * (protos - prior.prototypes) ** 2).sum()
-        penalty = penalty + 0.5 * (precision * (bias - prior.bias) ** 2).sum() + 0.5 * (log_temp - prior.log_temp) ** 2
+        penalty = (
+            penalty
+            + 0.5 * (precision * (bias - prior.bias) ** 2).sum()
+            + 0.5 * (log_temp - prior.log_temp) ** 2
+        )
         loss = nll + penalty
         loss.backward()
         return loss

@@ -37,9 +37,13 @@ class GenerativeConfig:
     hide_eta: float = 0.5  # fraction of training triples whose eta is hidden from q(z | x, eta)
 
 
-def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) for diagonal Gaussians, summed over the last dim."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
+    return 0.5 * (
+        logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1
+    ).sum(-1)
 
 
 def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -47,13 +51,17 @@ def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 / logvar.exp()).sum(-1)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A differentiable draw from N(mu, e^logvar): mu + e^(logvar / 2) * eps, eps ~ N(0, I)."""
     eps = torch.randn(mu.shape, generator=generator).to(mu.device)
     return mu + (0.5 * logvar).exp() * eps
 
 
-def hide_rows(eta: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def hide_rows(
+    eta: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """eta (B, C) with each row replaced by zeros with probability ``fraction`` (label hidden)."""
     hide = torch.rand(eta.shape[0], 1, generator=generator).to(eta.device) < fraction
     return eta.masked_fill(hide, 0.0)
@@ -77,9 +85,15 @@ class ConvFeatures(nn.Module):
         h, w, c = image_dims(image_shape)
         self.image_shape = tuple(image_shape)
         self.net = nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(),
+            nn.Conv2d(c, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * (h // 4) * (w // 4), 128),
+            nn.ReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +108,16 @@ class ConvDecoder(nn.Module):
         h, w, c = image_dims(image_shape)
         self.h4, self.w4 = h // 4, w // 4
         self.out_shape = (h, w)
-        self.fc = nn.Sequential(nn.Linear(in_dim, 100), nn.BatchNorm1d(100), nn.ReLU(), nn.Linear(100, 32 * self.h4 * self.w4), nn.ReLU())
+        self.fc = nn.Sequential(
+            nn.Linear(in_dim, 100),
+            nn.BatchNorm1d(100),
+            nn.ReLU(),
+            nn.Linear(100, 32 * self.h4 * self.w4),
+            nn.ReLU(),
+        )
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.ConvTranspose2d(16, c, 4, stride=2, padding=1),
         )
 
@@ -128,7 +149,9 @@ class GenerativePrototypes(nn.Module):
         if cfg.likelihood == "gaussian":
             self.x_logvar = nn.Parameter(torch.zeros(d))  # per-feature observation noise
         elif cfg.likelihood != "bernoulli":
-            raise ValueError(f"unknown likelihood {cfg.likelihood!r}: use 'bernoulli' or 'gaussian'")
+            raise ValueError(
+                f"unknown likelihood {cfg.likelihood!r}: use 'bernoulli' or 'gaussian'"
+            )
 
     # -- the generative model ------------------------------------------------------------
     def log_px(self, x: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -139,16 +162,24 @@ class GenerativePrototypes(nn.Module):
         xb = x.expand(*batch, -1)
         if self.cfg.likelihood == "bernoulli":
             return -F.binary_cross_entropy_with_logits(out, xb, reduction="none").sum(-1)
-        return gaussian_log_prob(xb, out, self.x_logvar.clamp(-6.0, 4.0).expand_as(out))  # bounded noise: constant features cannot blow up the likelihood
+        return gaussian_log_prob(
+            xb, out, self.x_logvar.clamp(-6.0, 4.0).expand_as(out)
+        )  # bounded noise: constant features cannot blow up the likelihood
 
-    def encode_z(self, x_feat: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_z(
+        self, x_feat: torch.Tensor, eta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.enc_z(torch.cat([x_feat, eta], dim=-1))
 
-    def encode_w(self, x_feat: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_w(
+        self, x_feat: torch.Tensor, tau: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.enc_w(torch.cat([x_feat, tau], dim=-1))
 
     # -- the training objective ----------------------------------------------------------
-    def loss(self, x: torch.Tensor, eta: torch.Tensor, tau: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, eta: torch.Tensor, tau: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Negative ELBO plus regularizer on a batch of triples (x (B, d), eta (B, C), tau (B, C))."""
         mask = tau > 0
         x_feat = self.features(x)
@@ -168,10 +199,24 @@ class GenerativePrototypes(nn.Module):
 
         elbo = rec + label - kl_z - kl_w
         total = -(elbo + self.cfg.lam * reg).mean()
-        return {"loss": total, "rec": rec.mean(), "label": label.mean(), "kl_z": kl_z.mean(), "kl_w": kl_w.mean(), "reg": reg.mean()}
+        return {
+            "loss": total,
+            "rec": rec.mean(),
+            "label": label.mean(),
+            "kl_z": kl_z.mean(),
+            "kl_w": kl_w.mean(),
+            "reg": reg.mean(),
+        }
 
     # -- prototypes ----------------------------------------------------------------------
-    def log_joint(self, x: torch.Tensor, classes: torch.Tensor, w: torch.Tensor, n_z: int = 16, generator: torch.Generator | None = None) -> torch.Tensor:
+    def log_joint(
+        self,
+        x: torch.Tensor,
+        classes: torch.Tensor,
+        w: torch.Tensor,
+        n_z: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Importance-sampled log p(x, c | w) for every example, task class and prototype.
 
         x (n, d); classes (K,) label indices of the task; w (M, wd)  ->  (n, K, M).
@@ -187,10 +232,14 @@ class GenerativePrototypes(nn.Module):
         # One set of draws for every example, class and chunk: an input's estimate does not
         # depend on which other inputs share its batch.
         eps = torch.randn(1, 1, n_z, self.cfg.z_dim, generator=generator).to(x.device)
-        parts = [self._log_joint(x[i : i + chunk], classes, w, eps) for i in range(0, x.shape[0], chunk)]
+        parts = [
+            self._log_joint(x[i : i + chunk], classes, w, eps) for i in range(0, x.shape[0], chunk)
+        ]
         return torch.cat(parts) if parts else x.new_zeros(0, classes.shape[0], w.shape[0])
 
-    def _log_joint(self, x: torch.Tensor, classes: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def _log_joint(
+        self, x: torch.Tensor, classes: torch.Tensor, w: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
         n, k, m, zd, n_z = x.shape[0], classes.shape[0], w.shape[0], self.cfg.z_dim, eps.shape[2]
         task_mask = torch.zeros(self.cfg.n_labels, dtype=torch.bool, device=x.device)
         task_mask[classes] = True
@@ -202,9 +251,15 @@ class GenerativePrototypes(nn.Module):
         z = mu + (0.5 * lv).exp() * eps  # (n, K, S, zd); the same draws for every class
         log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
         log_qz = gaussian_log_prob(z, mu, lv)
-        log_pc = restricted_log_softmax(self.label_head(z.reshape(-1, zd)), task_mask).view(n, k, n_z, -1)
-        log_pc = log_pc.gather(-1, classes.view(1, k, 1, 1).expand(n, k, n_z, 1)).squeeze(-1)  # (n, K, S)
-        log_px = self.log_px(x.view(n, 1, 1, 1, -1), w.view(1, 1, 1, m, -1), z[:, :, :, None, :])  # (n, K, S, M)
+        log_pc = restricted_log_softmax(self.label_head(z.reshape(-1, zd)), task_mask).view(
+            n, k, n_z, -1
+        )
+        log_pc = log_pc.gather(-1, classes.view(1, k, 1, 1).expand(n, k, n_z, 1)).squeeze(
+            -1
+        )  # (n, K, S)
+        log_px = self.log_px(
+            x.view(n, 1, 1, 1, -1), w.view(1, 1, 1, m, -1), z[:, :, :, None, :]
+        )  # (n, K, S, M)
         log_w = (log_pz + log_pc - log_qz)[..., None] + log_px
         return torch.logsumexp(log_w, dim=2) - math.log(n_z)  # (n, K, M)
 

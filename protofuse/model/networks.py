@@ -48,7 +48,9 @@ class GaussianHead(nn.Module):
         return mu, logvar.clamp(-8.0, 6.0)
 
 
-ImageShape = tuple[int, int] | tuple[int, int, int]  # (height, width) greyscale, or (height, width, channels)
+ImageShape = (
+    tuple[int, int] | tuple[int, int, int]
+)  # (height, width) greyscale, or (height, width, channels)
 
 
 def image_dims(image_shape: ImageShape) -> tuple[int, int, int]:
@@ -101,11 +103,18 @@ class ConvEncoder(nn.Module):
         width_in = c
         for b in range(blocks):
             width_out = channels if b == 0 else 2 * channels
-            layers += [nn.Conv2d(width_in, width_out, 3, padding=1), nn.BatchNorm2d(width_out), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(width_in, width_out, 3, padding=1),
+                nn.BatchNorm2d(width_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             width_in = width_out
         self.conv = nn.Sequential(*layers)
         flat = width_in * (h >> blocks) * (w >> blocks)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, out_dim))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, H*W*C) -> (n, out_dim)
         return self.head(self.conv(as_channels_first(x, self.image_shape)))
@@ -126,7 +135,9 @@ def make_encoder(kind: str, in_dim: int, out_dim: int, image_shape: ImageShape |
     """The encoder named by a config: ``"conv"`` (needs an image shape) or ``"mlp"``."""
     if kind == "conv":
         if image_shape is None:
-            raise ValueError("encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'")
+            raise ValueError(
+                "encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'"
+            )
         return ConvEncoder(image_shape, out_dim)
     if kind == "mlp":
         return MLPEncoder(in_dim, out_dim)
@@ -148,7 +159,12 @@ class Augmentation:
         return self.shift > 0 or self.rotation > 0 or self.scale > 0
 
 
-def augment_images(x: torch.Tensor, image_shape: ImageShape, aug: Augmentation, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_images(
+    x: torch.Tensor,
+    image_shape: ImageShape,
+    aug: Augmentation,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Apply one random affine transform (shift, rotation, zoom) per flattened image, (n, H*W*C).
 
     Every channel of an image moves with the same transform, so colours stay aligned. Pixels
@@ -170,10 +186,14 @@ def augment_images(x: torch.Tensor, image_shape: ImageShape, aug: Augmentation, 
     # and one pixel is 2/side in those units.
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     tx, ty = uniform(aug.shift) * 2 / w, uniform(aug.shift) * 2 / h
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n, 2, 3)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
+    )  # (n, 2, 3)
     grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
     padding = "zeros" if c == 1 else "border"
-    moved = F.grid_sample(as_channels_first(x, image_shape), grid, padding_mode=padding, align_corners=False)  # (n, C, H, W)
+    moved = F.grid_sample(
+        as_channels_first(x, image_shape), grid, padding_mode=padding, align_corners=False
+    )  # (n, C, H, W)
     return as_rows(moved)
 
 
@@ -183,7 +203,9 @@ class FeatureAugmentation:
     expert's answer for the clean input stays the target: the encoder learns answers that do not
     hang on any one feature, and no extra query is spent."""
 
-    dropout: float = 0.0  # probability that a feature is replaced by its centre (the query pool's mean)
+    dropout: float = (
+        0.0  # probability that a feature is replaced by its centre (the query pool's mean)
+    )
     noise: float = 0.0  # Gaussian noise, in units of each feature's spread over the query pool
 
     @property
@@ -197,7 +219,13 @@ def feature_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0, correction=0)
 
 
-def augment_features(x: torch.Tensor, aug: FeatureAugmentation, centre: torch.Tensor, spread: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_features(
+    x: torch.Tensor,
+    aug: FeatureAugmentation,
+    centre: torch.Tensor,
+    spread: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Perturb a batch of feature vectors (n, d); ``centre`` and ``spread`` (d,) are each
     feature's mean and standard deviation over the training queries.
 

@@ -39,12 +39,16 @@ class WeightedPrototypes:
     log_weights: torch.Tensor  # (M,), logsumexp = 0
 
 
-def aggregated_posterior(model: GenerativePrototypes, x: torch.Tensor, tau: torch.Tensor) -> WDistribution:
+def aggregated_posterior(
+    model: GenerativePrototypes, x: torch.Tensor, tau: torch.Tensor
+) -> WDistribution:
     """Moments of mean_x q(w | x, tau): the data-driven estimate of an expert's distribution."""
     mu, logvar = model.posterior_w(x, tau)
     mean = mu.mean(0)
     centred = mu - mean
-    cov = torch.diag(logvar.exp().mean(0)) + centred.T @ centred / mu.shape[0]  # law of total variance
+    cov = (
+        torch.diag(logvar.exp().mean(0)) + centred.T @ centred / mu.shape[0]
+    )  # law of total variance
     return WDistribution(mean, cov)
 
 
@@ -57,7 +61,15 @@ def prior_distribution(model: GenerativePrototypes, tau: torch.Tensor) -> WDistr
 
 def mixture_log_prob(w: torch.Tensor, components: list[WDistribution]) -> torch.Tensor:
     """log of the uniform mixture of Gaussians at w (M, wd) -> (M,)."""
-    logps = torch.stack([torch.distributions.MultivariateNormal(c.mean, c.cov + 1e-6 * torch.eye(c.cov.shape[0])).log_prob(w) for c in components], dim=-1)
+    logps = torch.stack(
+        [
+            torch.distributions.MultivariateNormal(
+                c.mean, c.cov + 1e-6 * torch.eye(c.cov.shape[0])
+            ).log_prob(w)
+            for c in components
+        ],
+        dim=-1,
+    )
     return torch.logsumexp(logps, dim=-1) - math.log(len(components))
 
 
@@ -93,7 +105,20 @@ def support_log_likelihood(log_g: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return (torch.logsumexp(at_label, dim=-1) - math.log(m)).sum()
 
 
-def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, init: WDistribution, bank: list[WDistribution], steps: int = 40, n_w: int = 6, n_z: int = 8, lr: float = 0.08, n_out: int = 32, seed: int = 0) -> tuple[WDistribution, WeightedPrototypes]:
+def fit_gaussian(
+    model: GenerativePrototypes,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: torch.Tensor,
+    init: WDistribution,
+    bank: list[WDistribution],
+    steps: int = 40,
+    n_w: int = 6,
+    n_z: int = 8,
+    lr: float = 0.08,
+    n_out: int = 32,
+    seed: int = 0,
+) -> tuple[WDistribution, WeightedPrototypes]:
     """Fit a diagonal Gaussian q*(w) (mean, log-variance) to the support set (x, y in 0..K-1)."""
     mean = init.mean.clone().requires_grad_(True)
     logvar = torch.diagonal(init.cov).log().clone().requires_grad_(True)
@@ -114,7 +139,18 @@ def fit_gaussian(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, 
     return fitted, WeightedPrototypes(samples, torch.full((n_out,), -math.log(n_out)))
 
 
-def fit_mixture(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, components: list[WDistribution], per_component: int = 8, n_z: int = 16, steps: int = 200, lr: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, WeightedPrototypes]:
+def fit_mixture(
+    model: GenerativePrototypes,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: torch.Tensor,
+    components: list[WDistribution],
+    per_component: int = 8,
+    n_z: int = 16,
+    steps: int = 200,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, WeightedPrototypes]:
     """Fit mixture weights pi over the bank's components; returns (pi, weighted samples)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.cat([c.sample(per_component, gen) for c in components])  # (E*M, wd)
@@ -122,7 +158,9 @@ def fit_mixture(model: GenerativePrototypes, x: torch.Tensor, y: torch.Tensor, c
         log_g = log_conditional(model.log_joint(x, classes, w, n_z=n_z, generator=gen))
     e = len(components)
     log_g_y = log_g.gather(1, y.view(-1, 1, 1).expand(-1, 1, w.shape[0])).squeeze(1)  # (n, E*M)
-    per_comp = torch.logsumexp(log_g_y.view(-1, e, per_component), dim=-1) - math.log(per_component)  # (n, E)
+    per_comp = torch.logsumexp(log_g_y.view(-1, e, per_component), dim=-1) - math.log(
+        per_component
+    )  # (n, E)
     logits = torch.zeros(e, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=lr)
     for _ in range(steps):

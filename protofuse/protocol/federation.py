@@ -204,7 +204,9 @@ class RoundPlan:
     phase_round: int  # 0-based index of this round within its phase
     phase_rounds: int  # rounds in the phase
     vocabulary: tuple[str, ...]  # global, append-only
-    model: dict[str, Any]  # the family's network config (JSON object) without n_labels and n_experts
+    model: dict[
+        str, Any
+    ]  # the family's network config (JSON object) without n_labels and n_experts
     training: TrainingSettings
     federation: FederationSettings
 
@@ -255,7 +257,9 @@ def decode_distribution(data: bytes, *, w_dim: int | None = None) -> ExpertDistr
     w_dim: the bank's prototype dimension; when given, generative moments must be over exactly
     that many dimensions (it does not apply to the discriminative family).
     """
-    if w_dim is not None and (isinstance(w_dim, bool) or not isinstance(w_dim, Integral) or w_dim < 1):
+    if w_dim is not None and (
+        isinstance(w_dim, bool) or not isinstance(w_dim, Integral) or w_dim < 1
+    ):
         raise ValueError(f"w_dim must be a positive integer or None, got {w_dim!r}")
     msg = _parse(federation_pb2.ExpertDistribution, data, "ExpertDistribution")
     d = ExpertDistribution(
@@ -296,7 +300,9 @@ def decode_stats(data: bytes) -> ImitatorStats:
         n_examples=msg.n_examples,
         n_queries=msg.n_queries,
         fidelity=_fidelity_from_proto(msg, "ImitatorStats.fidelity"),
-        consensus_agreement=msg.consensus_agreement if msg.HasField("consensus_agreement") else None,
+        consensus_agreement=msg.consensus_agreement
+        if msg.HasField("consensus_agreement")
+        else None,
         loss=msg.loss if msg.HasField("loss") else None,
     )
     _check_stats(s)
@@ -333,11 +339,16 @@ def decode_manifest(data: bytes, *, families: Collection[str] | None = None) -> 
         vocabulary=tuple(msg.vocabulary),
         weights_digest=msg.weights_digest,
         family=msg.family,
-        experts=tuple(_manifest_expert_from_proto(e, f"BankManifest.experts[{i}]") for i, e in enumerate(msg.experts)),
+        experts=tuple(
+            _manifest_expert_from_proto(e, f"BankManifest.experts[{i}]")
+            for i, e in enumerate(msg.experts)
+        ),
     )
     _check_manifest(m)
     if families is not None and m.family not in families:
-        raise WireError(f"BankManifest.family: {m.family!r} is not a family this reader knows ({', '.join(sorted(families))}); read the bank with the protofuse that wrote it")
+        raise WireError(
+            f"BankManifest.family: {m.family!r} is not a family this reader knows ({', '.join(sorted(families))}); read the bank with the protofuse that wrote it"
+        )
     return m
 
 
@@ -360,7 +371,9 @@ def decode_node_description(data: bytes) -> NodeDescription:
     """Parse and validate a node's description (the server reads it; the sender is a client)."""
     msg = _parse(federation_pb2.NodeDescription, data, "NodeDescription", sender="client")
     if not msg.HasField("x_range"):
-        raise WireError("NodeDescription.x_range: missing; send the queries' overall [min, max] (protofuse.input_checks.input_range)")
+        raise WireError(
+            "NodeDescription.x_range: missing; send the queries' overall [min, max] (protofuse.input_checks.input_range)"
+        )
     d = NodeDescription(
         pseudonym=msg.pseudonym,
         label_names=tuple(msg.label_names),
@@ -397,7 +410,9 @@ def decode_round_plan(data: bytes) -> RoundPlan:
     msg = _parse(federation_pb2.RoundPlan, data, "RoundPlan", sender="server")
     phases = {code: name for name, code in _PHASE_CODES.items()}
     if msg.phase not in phases:
-        raise WireError(f"RoundPlan.phase: {federation_pb2.Phase.Name(msg.phase) if msg.phase in federation_pb2.Phase.values() else msg.phase} is not a kind of round; send one of {', '.join(f'PHASE_{p.upper()}' for p in PHASES)}")
+        raise WireError(
+            f"RoundPlan.phase: {federation_pb2.Phase.Name(msg.phase) if msg.phase in federation_pb2.Phase.values() else msg.phase} is not a kind of round; send one of {', '.join(f'PHASE_{p.upper()}' for p in PHASES)}"
+        )
     p = RoundPlan(
         round=msg.round,
         phase=phases[msg.phase],
@@ -405,8 +420,12 @@ def decode_round_plan(data: bytes) -> RoundPlan:
         phase_rounds=msg.phase_rounds,
         vocabulary=tuple(msg.vocabulary),
         model=_json_object(msg.model_json, "RoundPlan.model_json"),
-        training=_settings_from_json("TrainingSettings", msg.training_json, "RoundPlan.training_json"),
-        federation=_settings_from_json("FederationSettings", msg.federation_json, "RoundPlan.federation_json"),
+        training=_settings_from_json(
+            "TrainingSettings", msg.training_json, "RoundPlan.training_json"
+        ),
+        federation=_settings_from_json(
+            "FederationSettings", msg.federation_json, "RoundPlan.federation_json"
+        ),
     )
     _check_round_plan(p)
     return p
@@ -430,19 +449,27 @@ def _parse(cls: type[_M], data: bytes, name: str, sender: str | None = None) -> 
     try:
         msg.ParseFromString(bytes(data))
     except (DecodeError, ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"{name}: the bytes do not parse as a protofuse.v1.{name} message ({exc}); send the output of the matching encode function") from None
+        raise WireError(
+            f"{name}: the bytes do not parse as a protofuse.v1.{name} message ({exc}); send the output of the matching encode function"
+        ) from None
     _check_format_version(msg.format_version, f"{name}.format_version", sender)  # type: ignore[attr-defined]
     return msg
 
 
 def _check_format_version(version: int, path: str, sender: str | None = None) -> None:
     if version == 0:
-        raise WireError(f"{path}: missing (0); set it to {FORMAT_VERSION}, the format this build reads")
+        raise WireError(
+            f"{path}: missing (0); set it to {FORMAT_VERSION}, the format this build reads"
+        )
     if version != FORMAT_VERSION and sender is not None:
         reader = "server" if sender == "client" else "client"
-        raise WireError(f"{path}: the {sender} speaks federation format {version}, this {reader} format {FORMAT_VERSION}; run matching protofuse versions on both sides")
+        raise WireError(
+            f"{path}: the {sender} speaks federation format {version}, this {reader} format {FORMAT_VERSION}; run matching protofuse versions on both sides"
+        )
     if version != FORMAT_VERSION:
-        raise WireError(f"{path}: format {version} is not supported; this build reads format {FORMAT_VERSION}, so sender and receiver must run matching protofuse versions")
+        raise WireError(
+            f"{path}: format {version} is not supported; this build reads format {FORMAT_VERSION}, so sender and receiver must run matching protofuse versions"
+        )
 
 
 def _serialize(msg: Message) -> bytes:
@@ -450,18 +477,26 @@ def _serialize(msg: Message) -> bytes:
     return msg.SerializeToString(deterministic=True)
 
 
-def _head_from_proto(msg: federation_pb2.ExpertDistribution) -> DiscriminativeHead | GenerativeMoments:
+def _head_from_proto(
+    msg: federation_pb2.ExpertDistribution,
+) -> DiscriminativeHead | GenerativeMoments:
     which = msg.WhichOneof("family")
     if which == "discriminative":
         head = msg.discriminative
-        return DiscriminativeHead(log_temperature=head.log_temperature, label_bias=tuple(head.label_bias))
+        return DiscriminativeHead(
+            log_temperature=head.log_temperature, label_bias=tuple(head.label_bias)
+        )
     if which == "generative":
         moments = msg.generative
         return GenerativeMoments(
             prior=_gaussian_from_proto(moments, "prior", "ExpertDistribution.generative.prior"),
-            posterior=_gaussian_from_proto(moments, "posterior", "ExpertDistribution.generative.posterior"),
+            posterior=_gaussian_from_proto(
+                moments, "posterior", "ExpertDistribution.generative.posterior"
+            ),
         )
-    raise WireError("ExpertDistribution.family: neither discriminative nor generative is set; set exactly one, matching the bank's family")
+    raise WireError(
+        "ExpertDistribution.family: neither discriminative nor generative is set; set exactly one, matching the bank's family"
+    )
 
 
 def _gaussian_from_proto(parent: Message, field: str, path: str) -> Gaussian:
@@ -471,7 +506,9 @@ def _gaussian_from_proto(parent: Message, field: str, path: str) -> Gaussian:
     mean = np.array(g.mean, dtype=np.float64)
     w = mean.size
     if len(g.covariance) != w * w:
-        raise WireError(f"{path}.covariance: {len(g.covariance)} values for a {w}-dimensional mean; send w*w = {w * w} values, row-major")
+        raise WireError(
+            f"{path}.covariance: {len(g.covariance)} values for a {w}-dimensional mean; send w*w = {w * w} values, row-major"
+        )
     return Gaussian(mean=mean, cov=np.array(g.covariance, dtype=np.float64).reshape(w, w))
 
 
@@ -482,7 +519,9 @@ def _gaussian_to_proto(g: Gaussian, out: federation_pb2.Gaussian) -> None:
 
 def _fidelity_from_proto(parent: Message, path: str) -> Fidelity:
     if not parent.HasField("fidelity"):
-        raise WireError(f"{path}: missing; measure the imitator on held-out queries and send the result")
+        raise WireError(
+            f"{path}: missing; measure the imitator on held-out queries and send the result"
+        )
     f = parent.fidelity  # type: ignore[attr-defined]
     return Fidelity(agreement=f.agreement, kl=f.kl, n=f.n)
 
@@ -500,7 +539,9 @@ def _manifest_expert_from_proto(e: bank_pb2.ManifestExpert, path: str) -> Expert
         labels=tuple(e.label_names),
         fidelity=_fidelity_from_proto(e, f"{path}.fidelity"),
         n_queries=e.n_queries,
-        consensus=e.consensus_agreement if e.HasField("consensus_agreement") else None,  # absent: not measured (NaN)
+        consensus=e.consensus_agreement
+        if e.HasField("consensus_agreement")
+        else None,  # absent: not measured (NaN)
         weight=e.trust,
         n_examples=e.n_examples,
         last_round=e.last_round,
@@ -534,16 +575,22 @@ def _check_distribution(d: ExpertDistribution, *, w_dim: int | None) -> None:
     elif isinstance(d.head, GenerativeMoments):
         _check_generative(d.head, w_dim, f"{name}.generative")
     else:
-        raise WireError(f"{name}.family: expected a DiscriminativeHead or GenerativeMoments, got {type(d.head).__name__}; set exactly one family")
+        raise WireError(
+            f"{name}.family: expected a DiscriminativeHead or GenerativeMoments, got {type(d.head).__name__}; set exactly one family"
+        )
 
 
 def _check_discriminative(head: DiscriminativeHead, n_labels: int, path: str) -> None:
     t = _check_finite(head.log_temperature, f"{path}.log_temperature")
     if abs(t) > MAX_ABS_LOG_TEMPERATURE:
-        raise WireError(f"{path}.log_temperature: {t!r} is outside [-{MAX_ABS_LOG_TEMPERATURE:g}, {MAX_ABS_LOG_TEMPERATURE:g}]; clamp the temperature or refit the head")
+        raise WireError(
+            f"{path}.log_temperature: {t!r} is outside [-{MAX_ABS_LOG_TEMPERATURE:g}, {MAX_ABS_LOG_TEMPERATURE:g}]; clamp the temperature or refit the head"
+        )
     biases = _check_tuple(head.label_bias, f"{path}.label_bias")
     if len(biases) != n_labels:
-        raise WireError(f"{path}.label_bias: {len(biases)} values for {n_labels} labels; send one bias per label")
+        raise WireError(
+            f"{path}.label_bias: {len(biases)} values for {n_labels} labels; send one bias per label"
+        )
     for i, b in enumerate(biases):
         _check_finite(b, f"{path}.label_bias[{i}]")
 
@@ -552,7 +599,9 @@ def _check_generative(moments: GenerativeMoments, w_dim: int | None, path: str) 
     for field in ("prior", "posterior"):
         g = getattr(moments, field)
         if not isinstance(g, Gaussian):
-            raise WireError(f"{path}.{field}: expected a Gaussian, got {type(g).__name__}; send both prior and posterior moments")
+            raise WireError(
+                f"{path}.{field}: expected a Gaussian, got {type(g).__name__}; send both prior and posterior moments"
+            )
     w = _check_gaussian(moments.prior, w_dim, f"{path}.prior")
     # The posterior must live in the prior's space, whether or not the caller knows w_dim.
     _check_gaussian(moments.posterior, w, f"{path}.posterior")
@@ -564,19 +613,27 @@ def _check_gaussian(g: Gaussian, w_dim: int | None, path: str) -> int:
         raise WireError(f"{path}.mean: shape {g.mean.shape}; send a non-empty vector of w values")
     w = g.mean.size
     if w_dim is not None and w != w_dim:
-        raise WireError(f"{path}.mean: {w} values but the prototypes' w has {w_dim} dimensions; send moments over the bank's w")
+        raise WireError(
+            f"{path}.mean: {w} values but the prototypes' w has {w_dim} dimensions; send moments over the bank's w"
+        )
     if g.cov.shape != (w, w):
-        raise WireError(f"{path}.covariance: shape {g.cov.shape} for a {w}-dimensional mean; send a {w} x {w} matrix (w*w = {w * w} values, row-major)")
+        raise WireError(
+            f"{path}.covariance: shape {g.cov.shape} for a {w}-dimensional mean; send a {w} x {w} matrix (w*w = {w * w} values, row-major)"
+        )
     _check_all_finite(g.mean, f"{path}.mean")
     _check_all_finite(g.cov, f"{path}.covariance")
     scale = max(1.0, float(np.max(np.abs(g.cov))))
     asymmetry = float(np.max(np.abs(g.cov - g.cov.T)))
     if asymmetry > _SYMMETRY_RTOL * scale:
-        raise WireError(f"{path}.covariance: not symmetric (largest |C - C^T| = {asymmetry:.3g}); send (C + C^T) / 2")
+        raise WireError(
+            f"{path}.covariance: not symmetric (largest |C - C^T| = {asymmetry:.3g}); send (C + C^T) / 2"
+        )
     diagonal = np.diag(g.cov)
     if np.any(diagonal < 0):
         i = int(np.argmin(diagonal))
-        raise WireError(f"{path}.covariance: negative variance {float(diagonal[i])!r} on the diagonal at [{i}, {i}]; a covariance's diagonal must be >= 0")
+        raise WireError(
+            f"{path}.covariance: negative variance {float(diagonal[i])!r} on the diagonal at [{i}, {i}]; a covariance's diagonal must be >= 0"
+        )
     return w
 
 
@@ -603,7 +660,9 @@ def _check_manifest(m: BankManifest) -> None:
     _check_labels(m.vocabulary, f"{name}.vocabulary", what="the global label vocabulary")
     _check_text(m.weights_digest, f"{name}.weights_digest")
     if not _SHA256_HEX.fullmatch(m.weights_digest):
-        raise WireError(f"{name}.weights_digest: {m.weights_digest!r} is not a sha256 digest; send hashlib.sha256(weights).hexdigest() (64 lowercase hex characters)")
+        raise WireError(
+            f"{name}.weights_digest: {m.weights_digest!r} is not a sha256 digest; send hashlib.sha256(weights).hexdigest() (64 lowercase hex characters)"
+        )
     _check_family_name(m.family, f"{name}.family")
     experts = _check_tuple(m.experts, f"{name}.experts")
     vocabulary = set(m.vocabulary)
@@ -612,19 +671,25 @@ def _check_manifest(m: BankManifest) -> None:
         path = f"{name}.experts[{i}]"
         _check_manifest_expert(e, vocabulary, path)
         if e.pseudonym in seen:
-            raise WireError(f"{path}.pseudonym: {e.pseudonym!r} appears twice; list each expert once")
+            raise WireError(
+                f"{path}.pseudonym: {e.pseudonym!r} appears twice; list each expert once"
+            )
         seen.add(e.pseudonym)
 
 
 def _check_manifest_expert(e: Any, vocabulary: set[str], path: str) -> None:
     """An expert record as the manifest carries it; paths are the wire's (ManifestExpert) names."""
     if not isinstance(e, ExpertRecord):
-        raise WireError(f"{path}: expected a protofuse.records.ExpertRecord, got {type(e).__name__}")
+        raise WireError(
+            f"{path}: expected a protofuse.records.ExpertRecord, got {type(e).__name__}"
+        )
     _check_pseudonym(e.name, f"{path}.pseudonym")
     _check_labels(e.labels, f"{path}.label_names", what="the expert's labels")
     unknown = [label for label in e.labels if label not in vocabulary]
     if unknown:
-        raise WireError(f"{path}.label_names: {unknown!r} not in BankManifest.vocabulary; add them to the vocabulary (it is append-only)")
+        raise WireError(
+            f"{path}.label_names: {unknown!r} not in BankManifest.vocabulary; add them to the vocabulary (it is append-only)"
+        )
     _check_unit_interval(e.weight, f"{path}.trust")
     _check_fidelity(e.fidelity, f"{path}.fidelity")
     if e.consensus_measured:
@@ -643,9 +708,14 @@ def _check_node_description(d: NodeDescription) -> None:
     x_range = _check_tuple(d.x_range, f"{name}.x_range")
     if len(x_range) != 2:
         raise WireError(f"{name}.x_range: {len(x_range)} values; send (min, max) of the queries")
-    lo, hi = _check_finite(x_range[0], f"{name}.x_range.lo"), _check_finite(x_range[1], f"{name}.x_range.hi")
+    lo, hi = (
+        _check_finite(x_range[0], f"{name}.x_range.lo"),
+        _check_finite(x_range[1], f"{name}.x_range.hi"),
+    )
     if lo > hi:
-        raise WireError(f"{name}.x_range: lo {lo!r} > hi {hi!r}; send the queries' minimum first, then their maximum")
+        raise WireError(
+            f"{name}.x_range: lo {lo!r} > hi {hi!r}; send the queries' minimum first, then their maximum"
+        )
 
 
 def _check_round_plan(p: RoundPlan) -> None:
@@ -655,21 +725,37 @@ def _check_round_plan(p: RoundPlan) -> None:
     if _check_uint(p.round, f"{name}.round") < 1:
         raise WireError(f"{name}.round: 0; rounds count from 1")
     if p.phase not in PHASES:
-        raise WireError(f"{name}.phase: {p.phase!r} is not a kind of round; send one of {', '.join(PHASES)}")
-    rounds = _check_count(p.phase_rounds, f"{name}.phase_rounds", MAX_PHASE_ROUNDS, what="rounds in a phase")
+        raise WireError(
+            f"{name}.phase: {p.phase!r} is not a kind of round; send one of {', '.join(PHASES)}"
+        )
+    rounds = _check_count(
+        p.phase_rounds, f"{name}.phase_rounds", MAX_PHASE_ROUNDS, what="rounds in a phase"
+    )
     if _check_uint(p.phase_round, f"{name}.phase_round") >= rounds:
-        raise WireError(f"{name}.phase_round: {p.phase_round} is outside 0..{rounds - 1}, the phase's {rounds} rounds; send the round's 0-based index within its phase")
-    _check_labels(p.vocabulary, f"{name}.vocabulary", what="the global label vocabulary", bounded=True)
+        raise WireError(
+            f"{name}.phase_round: {p.phase_round} is outside 0..{rounds - 1}, the phase's {rounds} rounds; send the round's 0-based index within its phase"
+        )
+    _check_labels(
+        p.vocabulary, f"{name}.vocabulary", what="the global label vocabulary", bounded=True
+    )
     if not isinstance(p.model, dict) or not all(isinstance(k, str) for k in p.model):
-        raise WireError(f"{name}.model_json: expected a JSON object (a dict with string keys), got {type(p.model).__name__}; send the family's network config")
+        raise WireError(
+            f"{name}.model_json: expected a JSON object (a dict with string keys), got {type(p.model).__name__}; send the family's network config"
+        )
     try:
         json.dumps(p.model, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise WireError(f"{name}.model_json: not JSON-able ({err}); keep plain numbers, strings, lists and dicts in it") from None
+        raise WireError(
+            f"{name}.model_json: not JSON-able ({err}); keep plain numbers, strings, lists and dicts in it"
+        ) from None
     if not isinstance(p.training, TrainingSettings):
-        raise WireError(f"{name}.training_json: expected a protofuse.settings.TrainingSettings, got {type(p.training).__name__}")
+        raise WireError(
+            f"{name}.training_json: expected a protofuse.settings.TrainingSettings, got {type(p.training).__name__}"
+        )
     if not isinstance(p.federation, FederationSettings):
-        raise WireError(f"{name}.federation_json: expected a protofuse.settings.FederationSettings, got {type(p.federation).__name__}")
+        raise WireError(
+            f"{name}.federation_json: expected a protofuse.settings.FederationSettings, got {type(p.federation).__name__}"
+        )
 
 
 def _json_object(text: str, path: str) -> dict[str, Any]:
@@ -692,8 +778,13 @@ def _settings_from_json(cls_name: str, text: str, path: str) -> Any:
     try:
         return cls.model_validate_json(text)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(whole)'}: {e['msg']}" for e in err.errors()[:5])
-        raise WireError(f"{path}: not valid {cls_name} ({problems}); server and client must run matching protofuse versions") from None
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(whole)'}: {e['msg']}"
+            for e in err.errors()[:5]
+        )
+        raise WireError(
+            f"{path}: not valid {cls_name} ({problems}); server and client must run matching protofuse versions"
+        ) from None
 
 
 def _check_family_name(value: object, path: str) -> None:
@@ -701,16 +792,22 @@ def _check_family_name(value: object, path: str) -> None:
     if not text:
         raise WireError(f"{path}: empty; set the prototype family's name (e.g. 'discriminative')")
     if not _FAMILY_NAME.fullmatch(text):
-        raise WireError(f"{path}: {text!r} is not a family name; use lowercase letters, digits and '_', as protofuse.families names them")
+        raise WireError(
+            f"{path}: {text!r} is not a family name; use lowercase letters, digits and '_', as protofuse.families names them"
+        )
 
 
 def _check_fidelity(f: Any, path: str) -> None:
     if not isinstance(f, Fidelity):
-        raise WireError(f"{path}: expected a Fidelity, got {type(f).__name__}; measure the imitator on held-out queries and send the result")
+        raise WireError(
+            f"{path}: expected a Fidelity, got {type(f).__name__}; measure the imitator on held-out queries and send the result"
+        )
     _check_unit_interval(f.agreement, f"{path}.agreement")
     kl = _check_finite(f.kl, f"{path}.kl")
     if kl < 0:
-        raise WireError(f"{path}.kl: {kl!r} is negative; a KL divergence is >= 0 (check the direction and the normalisation of both distributions)")
+        raise WireError(
+            f"{path}.kl: {kl!r} is negative; a KL divergence is >= 0 (check the direction and the normalisation of both distributions)"
+        )
     _check_uint(f.n, f"{path}.n")
 
 
@@ -721,7 +818,9 @@ def _check_fidelity(f: Any, path: str) -> None:
 
 def _expect_type(value: object, cls: type, name: str) -> None:
     if not isinstance(value, cls):
-        raise WireError(f"{name}: expected a protofuse.protocol.federation.{cls.__name__}, got {type(value).__name__}")
+        raise WireError(
+            f"{name}: expected a protofuse.protocol.federation.{cls.__name__}, got {type(value).__name__}"
+        )
 
 
 def _check_text(value: object, path: str) -> str:
@@ -741,7 +840,9 @@ def _check_pseudonym(value: object, path: str) -> None:
     if len(text) > MAX_PSEUDONYM_LENGTH:
         raise WireError(f"{path}: {len(text)} characters; use at most {MAX_PSEUDONYM_LENGTH}")
     if not _PSEUDONYM.fullmatch(text):
-        raise WireError(f"{path}: {text!r} has characters outside [A-Za-z0-9_.-]; use only letters, digits, '_', '.' and '-'")
+        raise WireError(
+            f"{path}: {text!r} has characters outside [A-Za-z0-9_.-]; use only letters, digits, '_', '.' and '-'"
+        )
 
 
 def _check_labels(names: object, path: str, *, what: str, bounded: bool = False) -> None:
@@ -759,7 +860,9 @@ def _check_labels(names: object, path: str, *, what: str, bounded: bool = False)
         if not label:
             raise WireError(f"{path}[{i}]: empty label name; every label needs a non-empty name")
         if bounded and len(label) > MAX_LABEL_LENGTH:
-            raise WireError(f"{path}[{i}]: {len(label)} characters; use label names of at most {MAX_LABEL_LENGTH}")
+            raise WireError(
+                f"{path}[{i}]: {len(label)} characters; use label names of at most {MAX_LABEL_LENGTH}"
+            )
         if label in seen:
             raise WireError(f"{path}[{i}]: {label!r} appears twice; label names must be unique")
         seen.add(label)
@@ -776,7 +879,9 @@ def _check_uint(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise WireError(f"{path}: expected an integer, got {type(value).__name__}")
     if not 0 <= int(value) <= _UINT64_MAX:
-        raise WireError(f"{path}: {int(value)} is outside [0, 2**64 - 1]; counts and rounds are unsigned 64-bit")
+        raise WireError(
+            f"{path}: {int(value)} is outside [0, 2**64 - 1]; counts and rounds are unsigned 64-bit"
+        )
     return int(value)
 
 
@@ -784,7 +889,9 @@ def _check_count(value: object, path: str, maximum: int, *, what: str) -> int:
     """A positive count of at most ``maximum``."""
     number = _check_uint(value, path)
     if not 1 <= number <= maximum:
-        raise WireError(f"{path}: {number} is outside [1, {maximum}]; send the number of {what} (at least one)")
+        raise WireError(
+            f"{path}: {number} is outside [1, {maximum}]; send the number of {what} (at least one)"
+        )
     return number
 
 
@@ -793,7 +900,9 @@ def _check_finite(value: object, path: str) -> float:
         raise WireError(f"{path}: expected a number, got {type(value).__name__}")
     number = float(value)
     if not math.isfinite(number):
-        raise WireError(f"{path}: {number!r} is not finite; send a finite number (check for a diverged fit)")
+        raise WireError(
+            f"{path}: {number!r} is not finite; send a finite number (check for a diverged fit)"
+        )
     return number
 
 
@@ -809,4 +918,6 @@ def _check_all_finite(array: np.ndarray, path: str) -> None:
     if bad.size:
         index = np.unravel_index(int(bad[0]), array.shape)
         where = ", ".join(str(int(i)) for i in index)
-        raise WireError(f"{path}: {float(array[index])!r} at [{where}] is not finite; send finite moments (check for a diverged fit)")
+        raise WireError(
+            f"{path}: {float(array[index])!r} at [{where}] is not finite; send finite moments (check for a diverged fit)"
+        )

@@ -14,17 +14,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protofuse.protocol import federation as wire
+from protofuse.protocol.federation import FORMAT_VERSION, WireError, _check_text, _parse, _serialize
 from protofuse.records import ExpertRecord
 from protofuse.v1 import fusion_pb2
-from protofuse.protocol.federation import FORMAT_VERSION, WireError, _check_text, _parse, _serialize
 
 SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["Fusion"].full_name  # "protofuse.v1.Fusion"
 METHODS = ("Adapt", "GetBank", "ListExperts")
 
 _DTYPES = {fusion_pb2.Tensor.FLOAT32: np.dtype("<f4"), fusion_pb2.Tensor.FLOAT64: np.dtype("<f8")}
-_DTYPE_CODES = {np.dtype(np.float32): fusion_pb2.Tensor.FLOAT32, np.dtype(np.float64): fusion_pb2.Tensor.FLOAT64}
+_DTYPE_CODES = {
+    np.dtype(np.float32): fusion_pb2.Tensor.FLOAT32,
+    np.dtype(np.float64): fusion_pb2.Tensor.FLOAT64,
+}
 MAX_OPTION_LENGTH = 256
-MAX_WIDTH = wire.MAX_X_DIM  # no bank has wider inputs (a federation admits none); refused before any array is shaped
+MAX_WIDTH = (
+    wire.MAX_X_DIM
+)  # no bank has wider inputs (a federation admits none); refused before any array is shaped
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,83 +83,151 @@ class ExpertList:
 def encode_adapt_request(r: AdaptRequest) -> bytes:
     x = np.asarray(r.x)
     if x.dtype not in _DTYPE_CODES:
-        raise WireError(f"AdaptRequest.x.dtype: {x.dtype} is not sent; convert inputs to float32 or float64")
-    _check_request(x, tuple(r.labels), dict(r.options), max_support=None, input_width=None, option_names=None)
+        raise WireError(
+            f"AdaptRequest.x.dtype: {x.dtype} is not sent; convert inputs to float32 or float64"
+        )
+    _check_request(
+        x, tuple(r.labels), dict(r.options), max_support=None, input_width=None, option_names=None
+    )
     _check_digest(r.known_bank_weights_digest, "AdaptRequest.known_bank_weights_digest")
-    msg = fusion_pb2.AdaptRequest(format_version=FORMAT_VERSION, labels=list(r.labels), options=dict(r.options), known_bank_weights_digest=r.known_bank_weights_digest)
+    msg = fusion_pb2.AdaptRequest(
+        format_version=FORMAT_VERSION,
+        labels=list(r.labels),
+        options=dict(r.options),
+        known_bank_weights_digest=r.known_bank_weights_digest,
+    )
     msg.x.dtype = _DTYPE_CODES[x.dtype]
     msg.x.shape.extend(x.shape)
     msg.x.data = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
     return _serialize(msg)
 
 
-def decode_adapt_request(data: bytes, *, max_support: int | None = None, input_width: int | None = None, option_names: frozenset[str] | None = None) -> AdaptRequest:
+def decode_adapt_request(
+    data: bytes,
+    *,
+    max_support: int | None = None,
+    input_width: int | None = None,
+    option_names: frozenset[str] | None = None,
+) -> AdaptRequest:
     """Parse and check a request against the service's limits and the bank being served."""
     msg = _parse(fusion_pb2.AdaptRequest, data, "AdaptRequest")
     if not msg.HasField("x"):
-        raise WireError("AdaptRequest.x: missing; send the support inputs as a Tensor of shape (n, d)")
+        raise WireError(
+            "AdaptRequest.x: missing; send the support inputs as a Tensor of shape (n, d)"
+        )
     x = _tensor_from_proto(msg.x, "AdaptRequest.x", max_rows=max_support)
     request = AdaptRequest(x, tuple(msg.labels), dict(msg.options), msg.known_bank_weights_digest)
-    _check_request(x, request.labels, request.options, max_support=max_support, input_width=input_width, option_names=option_names)
+    _check_request(
+        x,
+        request.labels,
+        request.options,
+        max_support=max_support,
+        input_width=input_width,
+        option_names=option_names,
+    )
     _check_digest(request.known_bank_weights_digest, "AdaptRequest.known_bank_weights_digest")
     return request
 
 
 def _check_digest(value: str, path: str) -> None:
     if _check_text(value, path) and not wire._SHA256_HEX.fullmatch(value):
-        raise WireError(f"{path}: {value[:80]!r} is not a sha256 digest (64 lowercase hex characters); send one from an earlier reply, or leave it empty")
+        raise WireError(
+            f"{path}: {value[:80]!r} is not a sha256 digest (64 lowercase hex characters); send one from an earlier reply, or leave it empty"
+        )
 
 
 def _tensor_from_proto(t: fusion_pb2.Tensor, path: str, max_rows: int | None) -> np.ndarray:
     if t.dtype not in _DTYPES:
-        raise WireError(f"{path}.dtype: {fusion_pb2.Tensor.DType.Name(t.dtype) if t.dtype in fusion_pb2.Tensor.DType.values() else t.dtype} is not accepted; send FLOAT32 or FLOAT64")
+        raise WireError(
+            f"{path}.dtype: {fusion_pb2.Tensor.DType.Name(t.dtype) if t.dtype in fusion_pb2.Tensor.DType.values() else t.dtype} is not accepted; send FLOAT32 or FLOAT64"
+        )
     shape = tuple(t.shape)
     if len(shape) != 2:
-        raise WireError(f"{path}.shape: {list(shape)} has {len(shape)} dimensions; send (n, d): one row of d features per example")
+        raise WireError(
+            f"{path}.shape: {list(shape)} has {len(shape)} dimensions; send (n, d): one row of d features per example"
+        )
     if max_rows is not None and shape[0] > max_rows:
-        raise WireError(f"{path}.shape: {shape[0]} support examples, more than this service's limit of {max_rows}; send fewer (a few per class is what adaptation needs)")
+        raise WireError(
+            f"{path}.shape: {shape[0]} support examples, more than this service's limit of {max_rows}; send fewer (a few per class is what adaptation needs)"
+        )
     if not 1 <= shape[1] <= MAX_WIDTH:
-        raise WireError(f"{path}.shape: width {shape[1]} is outside [1, {MAX_WIDTH}]; send rows of the bank's input width")
+        raise WireError(
+            f"{path}.shape: width {shape[1]} is outside [1, {MAX_WIDTH}]; send rows of the bank's input width"
+        )
     dtype = _DTYPES[t.dtype]
     expected = shape[0] * shape[1] * dtype.itemsize
     if len(t.data) != expected:
-        raise WireError(f"{path}.data: {len(t.data)} bytes for shape {list(shape)} of {dtype.name}; send exactly {expected} bytes, row-major little-endian")
+        raise WireError(
+            f"{path}.data: {len(t.data)} bytes for shape {list(shape)} of {dtype.name}; send exactly {expected} bytes, row-major little-endian"
+        )
     return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _check_request(x: np.ndarray, labels: tuple[str, ...], options: dict[str, str], *, max_support: int | None, input_width: int | None, option_names: frozenset[str] | None) -> None:
+def _check_request(
+    x: np.ndarray,
+    labels: tuple[str, ...],
+    options: dict[str, str],
+    *,
+    max_support: int | None,
+    input_width: int | None,
+    option_names: frozenset[str] | None,
+) -> None:
     if x.ndim != 2:
-        raise WireError(f"AdaptRequest.x.shape: {list(x.shape)} has {x.ndim} dimensions; send (n, d): one row of d features per example")
+        raise WireError(
+            f"AdaptRequest.x.shape: {list(x.shape)} has {x.ndim} dimensions; send (n, d): one row of d features per example"
+        )
     n, d = x.shape
     if n == 0:
-        raise WireError("AdaptRequest.x.shape: the support set is empty; send at least one example of each of two classes")
+        raise WireError(
+            "AdaptRequest.x.shape: the support set is empty; send at least one example of each of two classes"
+        )
     if max_support is not None and n > max_support:
-        raise WireError(f"AdaptRequest.x.shape: {n} support examples, more than this service's limit of {max_support}; send fewer")
+        raise WireError(
+            f"AdaptRequest.x.shape: {n} support examples, more than this service's limit of {max_support}; send fewer"
+        )
     if input_width is not None and d != input_width:
-        raise WireError(f"AdaptRequest.x.shape: rows of width {d}, but the bank's inputs have width {input_width}; send inputs preprocessed like the experts' queries")
+        raise WireError(
+            f"AdaptRequest.x.shape: rows of width {d}, but the bank's inputs have width {input_width}; send inputs preprocessed like the experts' queries"
+        )
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if bad.size:
-        raise WireError(f"AdaptRequest.x.data: row {int(bad[0])} holds NaN or infinite values; clean or impute the inputs first")
+        raise WireError(
+            f"AdaptRequest.x.data: row {int(bad[0])} holds NaN or infinite values; clean or impute the inputs first"
+        )
     if len(labels) != n:
-        raise WireError(f"AdaptRequest.labels: {len(labels)} labels for {n} rows of x; send one label name per example")
+        raise WireError(
+            f"AdaptRequest.labels: {len(labels)} labels for {n} rows of x; send one label name per example"
+        )
     for i, label in enumerate(labels):
         _check_text(label, f"AdaptRequest.labels[{i}]")
         if not label:
-            raise WireError(f"AdaptRequest.labels[{i}]: empty label name; every example needs a non-empty label")
+            raise WireError(
+                f"AdaptRequest.labels[{i}]: empty label name; every example needs a non-empty label"
+            )
     if len(set(labels)) < 2:
-        raise WireError(f"AdaptRequest.labels: only {sorted(set(labels))} present; a task needs at least two classes")
+        raise WireError(
+            f"AdaptRequest.labels: only {sorted(set(labels))} present; a task needs at least two classes"
+        )
     for key, value in options.items():
         _check_text(key, "AdaptRequest.options")
         if option_names is not None and key not in option_names:
-            raise WireError(f"AdaptRequest.options[{key!r}]: unknown option; known options are {sorted(option_names)}")
+            raise WireError(
+                f"AdaptRequest.options[{key!r}]: unknown option; known options are {sorted(option_names)}"
+            )
         _check_text(value, f"AdaptRequest.options[{key!r}]")
         if len(value) > MAX_OPTION_LENGTH:
-            raise WireError(f"AdaptRequest.options[{key!r}]: {len(value)} characters; at most {MAX_OPTION_LENGTH}")
+            raise WireError(
+                f"AdaptRequest.options[{key!r}]: {len(value)} characters; at most {MAX_OPTION_LENGTH}"
+            )
 
 
 # -- AdaptResponse ------------------------------------------------------------------------------
 
-_FILES = {"weights.npz": "weights_npz", "meta.json": "meta_json", "signature.json": "signature_json"}
+_FILES = {
+    "weights.npz": "weights_npz",
+    "meta.json": "meta_json",
+    "signature.json": "signature_json",
+}
 
 
 def encode_adapt_response(r: AdaptResponse) -> bytes:
@@ -177,24 +250,49 @@ def encode_adapt_response(r: AdaptResponse) -> bytes:
 
 def decode_adapt_response(data: bytes) -> AdaptResponse:
     msg = _parse(fusion_pb2.AdaptResponse, data, "AdaptResponse")
-    files = {name: getattr(msg.artifact, attr) for name, attr in _FILES.items() if getattr(msg.artifact, attr)}
+    files = {
+        name: getattr(msg.artifact, attr)
+        for name, attr in _FILES.items()
+        if getattr(msg.artifact, attr)
+    }
     m = msg.metrics
-    metrics = FitMetrics(tuple(m.classes), m.n_support, m.support_accuracy, m.seconds, m.method, tuple(m.uncovered_labels))
-    r = AdaptResponse(msg.bank_version, files, metrics, msg.artifact.bank_weights_digest, msg.artifact.bank_weights_omitted)
+    metrics = FitMetrics(
+        tuple(m.classes),
+        m.n_support,
+        m.support_accuracy,
+        m.seconds,
+        m.method,
+        tuple(m.uncovered_labels),
+    )
+    r = AdaptResponse(
+        msg.bank_version,
+        files,
+        metrics,
+        msg.artifact.bank_weights_digest,
+        msg.artifact.bank_weights_omitted,
+    )
     _check_adapt_response(r)
     return r
 
 
 def _check_adapt_response(r: AdaptResponse) -> None:
     if not _check_text(r.bank_version, "AdaptResponse.bank_version"):
-        raise WireError("AdaptResponse.bank_version: empty; name the bank version the model came from")
+        raise WireError(
+            "AdaptResponse.bank_version: empty; name the bank version the model came from"
+        )
     for name in ("weights.npz", "meta.json"):
         if not r.files.get(name):
-            raise WireError(f"AdaptResponse.artifact.{_FILES[name]}: missing; send the adapted model's {name}")
+            raise WireError(
+                f"AdaptResponse.artifact.{_FILES[name]}: missing; send the adapted model's {name}"
+            )
     _check_digest(r.bank_weights_digest, "AdaptResponse.artifact.bank_weights_digest")
     if r.bank_weights_omitted and not r.bank_weights_digest:
-        raise WireError("AdaptResponse.artifact.bank_weights_omitted: set without bank_weights_digest; name the weights left out")
-    wire._check_labels(tuple(r.metrics.classes), "AdaptResponse.metrics.classes", what="the model's classes")
+        raise WireError(
+            "AdaptResponse.artifact.bank_weights_omitted: set without bank_weights_digest; name the weights left out"
+        )
+    wire._check_labels(
+        tuple(r.metrics.classes), "AdaptResponse.metrics.classes", what="the model's classes"
+    )
     wire._check_unit_interval(r.metrics.support_accuracy, "AdaptResponse.metrics.support_accuracy")
     wire._check_finite(r.metrics.seconds, "AdaptResponse.metrics.seconds")
     wire._check_uint(r.metrics.n_support, "AdaptResponse.metrics.n_support")
@@ -213,8 +311,14 @@ def decode_empty_request(kind: str, data: bytes) -> None:
 
 def encode_bank_info(b: BankInfo) -> bytes:
     manifest = fusion_pb2.GetBankResponse().manifest
-    manifest.ParseFromString(wire.encode_manifest(b.manifest))  # validated by the manifest's own encoder
-    msg = fusion_pb2.GetBankResponse(format_version=FORMAT_VERSION, manifest=manifest, input_width=wire._check_uint(b.input_width, "GetBankResponse.input_width"))
+    manifest.ParseFromString(
+        wire.encode_manifest(b.manifest)
+    )  # validated by the manifest's own encoder
+    msg = fusion_pb2.GetBankResponse(
+        format_version=FORMAT_VERSION,
+        manifest=manifest,
+        input_width=wire._check_uint(b.input_width, "GetBankResponse.input_width"),
+    )
     return _serialize(msg)
 
 
@@ -223,17 +327,26 @@ def decode_bank_info(data: bytes) -> BankInfo:
     if not msg.HasField("manifest"):
         raise WireError("GetBankResponse.manifest: missing")
     if msg.input_width < 1:
-        raise WireError("GetBankResponse.input_width: missing; the bank's input width is at least 1")
+        raise WireError(
+            "GetBankResponse.input_width: missing; the bank's input width is at least 1"
+        )
     return BankInfo(wire.decode_manifest(_serialize(msg.manifest)), msg.input_width)
 
 
 def encode_expert_list(e: ExpertList) -> bytes:
-    msg = fusion_pb2.ListExpertsResponse(format_version=FORMAT_VERSION, bank_version=_check_text(e.bank_version, "ListExpertsResponse.bank_version"))
+    msg = fusion_pb2.ListExpertsResponse(
+        format_version=FORMAT_VERSION,
+        bank_version=_check_text(e.bank_version, "ListExpertsResponse.bank_version"),
+    )
     for summary in e.experts:
         if summary.expert.pseudonym != summary.distribution.pseudonym:
-            raise WireError(f"ListExpertsResponse.experts: record {summary.expert.pseudonym!r} paired with the distribution of {summary.distribution.pseudonym!r}")
+            raise WireError(
+                f"ListExpertsResponse.experts: record {summary.expert.pseudonym!r} paired with the distribution of {summary.distribution.pseudonym!r}"
+            )
         out = msg.experts.add()
-        wire._check_manifest_expert(summary.expert, set(summary.expert.label_names), "ListExpertsResponse.experts.expert")
+        wire._check_manifest_expert(
+            summary.expert, set(summary.expert.label_names), "ListExpertsResponse.experts.expert"
+        )
         wire._manifest_expert_to_proto(summary.expert, out.expert)
         out.distribution.ParseFromString(wire.encode_distribution(summary.distribution))
     return _serialize(msg)

@@ -17,7 +17,13 @@ from protofuse.protocol import federation as wire
 ROW_KEYS = ("prototypes", "bias")  # arrays with one row per label of the vocabulary
 
 
-def weighted_mean(updates: list[dict[str, np.ndarray]], weights: np.ndarray, covers: np.ndarray, sent: dict[str, np.ndarray], rowwise: bool) -> dict[str, np.ndarray]:
+def weighted_mean(
+    updates: list[dict[str, np.ndarray]],
+    weights: np.ndarray,
+    covers: np.ndarray,
+    sent: dict[str, np.ndarray],
+    rowwise: bool,
+) -> dict[str, np.ndarray]:
     """Weighted means of the clients' arrays, cast back to the dtypes that were sent.
 
     updates: one dict of arrays per client (the names and shapes of ``sent``); weights (K,) with a
@@ -31,11 +37,17 @@ def weighted_mean(updates: list[dict[str, np.ndarray]], weights: np.ndarray, cov
             mean = rowwise_mean(stack, weights, covers, reference)
         else:
             mean = np.tensordot(weights / weights.sum(), stack, axes=1)
-        out[key] = mean.astype(reference.dtype) if np.issubdtype(reference.dtype, np.floating) else np.rint(mean).astype(reference.dtype)
+        out[key] = (
+            mean.astype(reference.dtype)
+            if np.issubdtype(reference.dtype, np.floating)
+            else np.rint(mean).astype(reference.dtype)
+        )
     return out
 
 
-def rowwise_mean(stack: np.ndarray, weights: np.ndarray, covers: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def rowwise_mean(
+    stack: np.ndarray, weights: np.ndarray, covers: np.ndarray, reference: np.ndarray
+) -> np.ndarray:
     """Row c averaged over the clients covering label c; rows nobody covers keep ``reference``.
 
     stack (K, C, ...) the clients' arrays; weights (K,); covers (K, C) 0/1; reference (C, ...).
@@ -43,7 +55,9 @@ def rowwise_mean(stack: np.ndarray, weights: np.ndarray, covers: np.ndarray, ref
     w = weights[:, None] * covers  # (K, C)
     total = w.sum(0)  # (C,)
     extra = (1,) * (stack.ndim - 2)
-    mean = (w.reshape(w.shape + extra) * stack).sum(0) / np.maximum(total, 1e-12).reshape(total.shape + extra)
+    mean = (w.reshape(w.shape + extra) * stack).sum(0) / np.maximum(total, 1e-12).reshape(
+        total.shape + extra
+    )
     return np.where((total > 0).reshape(total.shape + extra), mean, reference.astype(np.float64))
 
 
@@ -52,13 +66,19 @@ def check_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> None:
     finite values; anything else is refused (WireError naming the array) before averaging."""
     names = set(record.keys())
     if names != set(sent):
-        raise wire.WireError(f"arrays: got {sorted(names ^ set(sent))[:5]} that do not match the shared weights sent")
+        raise wire.WireError(
+            f"arrays: got {sorted(names ^ set(sent))[:5]} that do not match the shared weights sent"
+        )
     for key, reference in sent.items():
         value = record[key].numpy()
         if value.shape != reference.shape or value.dtype != reference.dtype:
-            raise wire.WireError(f"arrays.{key}: {value.dtype} {value.shape}, the shared weights are {reference.dtype} {reference.shape}")
+            raise wire.WireError(
+                f"arrays.{key}: {value.dtype} {value.shape}, the shared weights are {reference.dtype} {reference.shape}"
+            )
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise wire.WireError(f"arrays.{key}: holds NaN or infinite values (a diverged local fit)")
+            raise wire.WireError(
+                f"arrays.{key}: holds NaN or infinite values (a diverged local fit)"
+            )
 
 
 def extend_rows(arrays: dict[str, np.ndarray], n_new: int, seed: int) -> dict[str, np.ndarray]:
@@ -66,7 +86,14 @@ def extend_rows(arrays: dict[str, np.ndarray], n_new: int, seed: int) -> dict[st
     out = dict(arrays)
     protos = arrays["prototypes"]
     rng = np.random.default_rng(seed)
-    out["prototypes"] = np.concatenate([protos, (rng.standard_normal((n_new, protos.shape[1])) / np.sqrt(protos.shape[1])).astype(protos.dtype)])
+    out["prototypes"] = np.concatenate(
+        [
+            protos,
+            (rng.standard_normal((n_new, protos.shape[1])) / np.sqrt(protos.shape[1])).astype(
+                protos.dtype
+            ),
+        ]
+    )
     out["bias"] = np.concatenate([arrays["bias"], np.zeros(n_new, dtype=arrays["bias"].dtype)])
     return out
 

@@ -49,7 +49,9 @@ class Federation:
     trust: dict[str, float] = field(default_factory=dict)  # pseudonym -> trust weight
     input_range: list[float] | None = None  # [min, max] over every admitted client's queries
 
-    def admit(self, node_id: int, description: wire.NodeDescription, online: set[int] | None = None) -> list[str]:
+    def admit(
+        self, node_id: int, description: wire.NodeDescription, online: set[int] | None = None
+    ) -> list[str]:
         """Register a described node; returns the labels it adds to the vocabulary.
 
         The description was validated by its codec; what is checked here is what only the run
@@ -58,10 +60,16 @@ class Federation:
         back under a new node id)."""
         pseudonym = description.pseudonym
         if description.x_dim != self.x_dim:
-            raise ValueError(f"node {node_id} ({pseudonym}) has inputs of width {description.x_dim}, the federation's are {self.x_dim}")
-        holders = [nid for nid, c in self.nodes.items() if c.pseudonym == pseudonym and nid != node_id]
+            raise ValueError(
+                f"node {node_id} ({pseudonym}) has inputs of width {description.x_dim}, the federation's are {self.x_dim}"
+            )
+        holders = [
+            nid for nid, c in self.nodes.items() if c.pseudonym == pseudonym and nid != node_id
+        ]
         if any(online is None or nid in online for nid in holders):
-            raise ValueError(f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give each expert a unique name")
+            raise ValueError(
+                f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give each expert a unique name"
+            )
         for nid in holders:  # gone: its expert is back under a new node id
             del self.nodes[nid]
         self.nodes[node_id] = Client(pseudonym, description.label_names, description.n_queries)
@@ -84,11 +92,15 @@ def read_description(content: RecordDict) -> wire.NodeDescription:
     cannot be admitted and the fix (the caller names the node)."""
     record = content[DESCRIBE] if DESCRIBE in content else None
     if record is None:
-        raise ValueError(f"it replied without a description (no {DESCRIBE!r} record); is it a protofuse client?")
+        raise ValueError(
+            f"it replied without a description (no {DESCRIBE!r} record); is it a protofuse client?"
+        )
     if NODE_DESCRIPTION in record:
         payload = record[NODE_DESCRIPTION]
         if not isinstance(payload, bytes):
-            raise ValueError(f"its {NODE_DESCRIPTION!r} holds a {type(payload).__name__}, not an encoded NodeDescription; run matching protofuse versions")
+            raise ValueError(
+                f"its {NODE_DESCRIPTION!r} holds a {type(payload).__name__}, not an encoded NodeDescription; run matching protofuse versions"
+            )
         try:
             return wire.decode_node_description(payload)
         except wire.WireError as err:
@@ -99,17 +111,26 @@ def read_description(content: RecordDict) -> wire.NodeDescription:
             f"it runs a protofuse from before the typed federation protocol (its description{who} has the untyped keys "
             f"{sorted(record.keys())} and no NodeDescription); this server speaks federation format {wire.FORMAT_VERSION}: run matching protofuse versions"
         )
-    raise ValueError(f"its {DESCRIBE!r} record holds no {NODE_DESCRIPTION!r} message (keys {sorted(record.keys())}); run matching protofuse versions")
+    raise ValueError(
+        f"its {DESCRIBE!r} record holds no {NODE_DESCRIPTION!r} message (keys {sorted(record.keys())}); run matching protofuse versions"
+    )
 
 
-def describe_nodes(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, wire.NodeDescription]:
+def describe_nodes(
+    grid: Grid, node_ids: Iterable[int], timeout: float
+) -> dict[int, wire.NodeDescription]:
     """Ask nodes to describe their expert; returns the valid descriptions by node id. Every node
     that does not give one is named in a warning (and left out)."""
     out: dict[int, wire.NodeDescription] = {}
     for reply in grid.send_and_receive([describe_query(n) for n in node_ids], timeout=timeout):
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "refusing node %s: it could not describe its expert: %s", node_id, reply.error.reason)
+            log(
+                WARNING,
+                "refusing node %s: it could not describe its expert: %s",
+                node_id,
+                reply.error.reason,
+            )
             continue
         try:
             out[node_id] = read_description(reply.content)

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, bank_meta
 from protofuse.bank_meta import FederationRecord
 from protofuse.families import Family, family
+
 # Only the discriminative family federates (Family.federates): its split of shared and private
 # weights is what the rounds exchange.
 from protofuse.families.discriminative import config_for, load_shared, shared_arrays
@@ -61,7 +62,9 @@ def main(grid: Grid, context: Context) -> None:
     fuse(grid, spec, out)
 
 
-def fuse(grid: Grid, spec: Spec, out: Path, on_replies: Callable[[int], None] | None = None) -> Bank:
+def fuse(
+    grid: Grid, spec: Spec, out: Path, on_replies: Callable[[int], None] | None = None
+) -> Bank:
     """Run the whole schedule (resuming from the store if it holds a checkpoint); export the bank.
 
     ``on_replies(round)``: called in every round once the replies are in, before anything is
@@ -75,7 +78,9 @@ def fuse(grid: Grid, spec: Spec, out: Path, on_replies: Callable[[int], None] | 
     except StoreError as err:
         if "run key" not in str(err) and "holds run" not in str(err):
             raise
-        raise SpecError(f"{err} (the settings that shape the bank, rounds included, differ from the run stored in {out})") from None
+        raise SpecError(
+            f"{err} (the settings that shape the bank, rounds included, differ from the run stored in {out})"
+        ) from None
     try:
         last = store.latest()
         done = last.round if last else 0
@@ -83,10 +88,34 @@ def fuse(grid: Grid, spec: Spec, out: Path, on_replies: Callable[[int], None] | 
             model_config = last.state["model"]
         else:
             fed, arrays, model_config = _start(grid, spec, last)
-            earlier = list(last.state.get("rounds", [])) if last else []  # metrics of the rounds before a resume
-            strategy = FusionStrategy(fed, schedule, spec.training, spec.federation, model_config, lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier), round_offset=done, on_replies=on_replies)
-            log(INFO, "fusion: rounds %d..%d of %d (%d clients, %d labels)", done + 1, schedule.total, schedule.total, len(fed.nodes), len(fed.vocabulary))
-            strategy.start(grid, to_record(arrays), num_rounds=schedule.total - done, timeout=spec.federation.round_timeout)
+            earlier = (
+                list(last.state.get("rounds", [])) if last else []
+            )  # metrics of the rounds before a resume
+            strategy = FusionStrategy(
+                fed,
+                schedule,
+                spec.training,
+                spec.federation,
+                model_config,
+                lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier),
+                round_offset=done,
+                on_replies=on_replies,
+            )
+            log(
+                INFO,
+                "fusion: rounds %d..%d of %d (%d clients, %d labels)",
+                done + 1,
+                schedule.total,
+                schedule.total,
+                len(fed.nodes),
+                len(fed.vocabulary),
+            )
+            strategy.start(
+                grid,
+                to_record(arrays),
+                num_rounds=schedule.total - done,
+                timeout=spec.federation.round_timeout,
+            )
         final = store.latest()
         history = [asdict(h) for h in store.history()]
     finally:
@@ -101,12 +130,16 @@ def fuse(grid: Grid, spec: Spec, out: Path, on_replies: Callable[[int], None] | 
 
 def _write_rounds(path: Path, history: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> None:
     """Per-round metrics of every round (kept in the checkpoints, so a resume loses none)."""
-    atomic_write_bytes(path, json.dumps({"history": history, "rounds": rounds}, indent=1, default=float).encode())
+    atomic_write_bytes(
+        path, json.dumps({"history": history, "rounds": rounds}, indent=1, default=float).encode()
+    )
 
 
 def run_key(spec: Spec) -> str:
     """What a checkpoint must match to be resumed: every setting that shapes the bank."""
-    settings = {k: getattr(spec, k).model_dump() for k in ("data", "model", "training", "federation")}
+    settings = {
+        k: getattr(spec, k).model_dump() for k in ("data", "model", "training", "federation")
+    }
     settings["federation"].pop("round_timeout")
     settings["federation"].pop("min_clients")
     settings["federation"].pop("keep_checkpoints")
@@ -118,7 +151,9 @@ def federating_family(spec: Spec) -> Family:
     """The spec's family from the registry, refused unless it federates."""
     impl = family(spec.model.family)
     if not impl.federates:
-        raise SpecError(f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)")
+        raise SpecError(
+            f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)"
+        )
     return impl
 
 
@@ -126,7 +161,9 @@ def run_settings(cfg: Any) -> tuple[Spec, Path]:
     """The spec and the run folder that the run config names (see the module's docstring)."""
     for key in ("spec", "out"):
         if not cfg.get(key):
-            raise SpecError(f"run config lacks {key!r}: run with --run-config 'spec=\"/abs/spec.toml\" out=\"/abs/run\"'")
+            raise SpecError(
+                f'run config lacks {key!r}: run with --run-config \'spec="/abs/spec.toml" out="/abs/run"\''
+            )
     spec = load_spec(str(cfg["spec"]), experts_required=False)
     fed = spec.federation.model_dump()
     if cfg.get("rounds"):
@@ -137,17 +174,25 @@ def run_settings(cfg: Any) -> tuple[Spec, Path]:
     return spec, Path(str(cfg["out"]))
 
 
-def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation, dict[str, np.ndarray], dict[str, Any]]:
+def _start(
+    grid: Grid, spec: Spec, last: Checkpoint | None
+) -> tuple[Federation, dict[str, np.ndarray], dict[str, Any]]:
     """Wait for the clients, learn their labels, and build (or restore) the shared weights."""
     nodes = _wait_for_nodes(grid, spec.federation.min_clients or 2, spec.federation.round_timeout)
-    described = describe_nodes(grid, nodes, spec.federation.round_timeout)  # the others are refused there, by name
+    described = describe_nodes(
+        grid, nodes, spec.federation.round_timeout
+    )  # the others are refused there, by name
     if not described:
-        raise RuntimeError("no node described its expert; see the warnings above and the clients' logs (are they the same protofuse version?)")
+        raise RuntimeError(
+            "no node described its expert; see the warnings above and the clients' logs (are they the same protofuse version?)"
+        )
     widths = [d.x_dim for d in described.values()]
     x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
     image_shape = spec.data.image_shape
     if image_shape is not None and image_size(image_shape) != x_dim:
-        raise SpecError(f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features")
+        raise SpecError(
+            f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features"
+        )
     fed = Federation(list(last.vocabulary) if last else [], x_dim)
     if last:
         fed.records = {e.name: e for e in last.experts}
@@ -165,7 +210,11 @@ def _start(grid: Grid, spec: Spec, last: Checkpoint | None) -> tuple[Federation,
     if last:
         arrays = last.arrays
         grown = len(fed.vocabulary) - len(last.vocabulary)
-        arrays = extend_rows(arrays, grown, spec.training.seed + len(fed.vocabulary)) if grown else arrays
+        arrays = (
+            extend_rows(arrays, grown, spec.training.seed + len(fed.vocabulary))
+            if grown
+            else arrays
+        )
     else:
         torch.manual_seed(spec.training.seed)
         arrays = shared_arrays(federating_family(spec).build(asdict(config)))
@@ -179,13 +228,27 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         if len(nodes) >= n:
             return nodes
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of the {n} clients connected within {timeout:.0f}s")
+            raise RuntimeError(
+                f"only {len(nodes)} of the {n} clients connected within {timeout:.0f}s"
+            )
         time.sleep(1.0)
 
 
-def _checkpoint(store: BankStore, round: int, arrays: dict[str, np.ndarray], strategy: FusionStrategy, model_config: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
+def _checkpoint(
+    store: BankStore,
+    round: int,
+    arrays: dict[str, np.ndarray],
+    strategy: FusionStrategy,
+    model_config: dict[str, Any],
+    earlier: list[dict[str, Any]],
+) -> None:
     fed = strategy.federation
-    state = {"trust": fed.trust, "model": model_config, "rounds": earlier + strategy.history, "input_range": fed.input_range}
+    state = {
+        "trust": fed.trust,
+        "model": model_config,
+        "rounds": earlier + strategy.history,
+        "input_range": fed.input_range,
+    }
     store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), state)
 
 
@@ -197,10 +260,16 @@ def manifest_of(ck: Checkpoint, version: str, impl: Family) -> wire.BankManifest
     the checkpoint's expert records, without their distributions (those are in the bank)."""
     experts = tuple(
         # A KL computed in floating point can come out a hair below 0; the manifest wants >= 0.
-        replace(e, fidelity=Fidelity(e.fidelity.agreement, max(e.fidelity.kl, 0.0), e.fidelity.n), distribution=b"")
+        replace(
+            e,
+            fidelity=Fidelity(e.fidelity.agreement, max(e.fidelity.kl, 0.0), e.fidelity.n),
+            distribution=b"",
+        )
         for e in sorted(ck.experts, key=lambda e: e.name)
     )
-    return wire.BankManifest(version, ck.round, ck.vocabulary, ck.weights_digest, impl.name, experts)
+    return wire.BankManifest(
+        version, ck.round, ck.vocabulary, ck.weights_digest, impl.name, experts
+    )
 
 
 def write_manifest(out: Path, manifest: wire.BankManifest) -> None:
@@ -221,12 +290,29 @@ def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Ban
         for e, record in enumerate(experts):
             head = wire.decode_distribution(record.distribution).head
             if not isinstance(head, wire.DiscriminativeHead):
-                raise ValueError(f"expert {record.name!r}: the store holds a {type(head).__name__}, not the imitation head of the {impl.name} family; the store belongs to another run")
+                raise ValueError(
+                    f"expert {record.name!r}: the store holds a {type(head).__name__}, not the imitation head of the {impl.name} family; the store belongs to another run"
+                )
             model.expert_log_temp[e] = head.log_temperature
-            model.expert_bias[e, [vocab[c] for c in record.labels]] = torch.tensor(head.label_bias, dtype=torch.float32)
+            model.expert_bias[e, [vocab[c] for c in record.labels]] = torch.tensor(
+                head.label_bias, dtype=torch.float32
+            )
     # The bank keeps each expert's head in its weights: its records drop the encoded distribution.
     records = [replace(record, distribution=b"") for record in experts]
     image_shape = tuple(spec.data.image_shape) if spec.data.image_shape else None
-    federation = FederationRecord(rounds=ck.round, weights_digest=ck.weights_digest, settings=spec.federation)
-    meta = bank_meta(impl.name, config, ck.vocabulary, image_shape, "gaussian", spec.model, spec.training, spec.adapt, input_range=ck.state.get("input_range") or None, federation=federation)
+    federation = FederationRecord(
+        rounds=ck.round, weights_digest=ck.weights_digest, settings=spec.federation
+    )
+    meta = bank_meta(
+        impl.name,
+        config,
+        ck.vocabulary,
+        image_shape,
+        "gaussian",
+        spec.model,
+        spec.training,
+        spec.adapt,
+        input_range=ck.state.get("input_range") or None,
+        federation=federation,
+    )
     return Bank(model.eval(), meta, records)

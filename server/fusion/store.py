@@ -114,9 +114,7 @@ CREATE TABLE expert_labels (
 );
 """
 
-_EXPERT_COLUMNS = (
-    "pseudonym, distribution, n_examples, n_queries, fidelity_agreement, fidelity_kl, fidelity_n, consensus, trust, last_round"
-)
+_EXPERT_COLUMNS = "pseudonym, distribution, n_examples, n_queries, fidelity_agreement, fidelity_kl, fidelity_n, consensus, trust, last_round"
 
 
 class StoreError(RuntimeError):
@@ -156,7 +154,14 @@ class BankStore:
     process there. It runs inside the checkpoint, under the store's locks; keep it quick.
     """
 
-    def __init__(self, folder: str | os.PathLike, run_key: str, *, keep: int = 2, on_stage: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        run_key: str,
+        *,
+        keep: int = 2,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> None:
         if not isinstance(run_key, str) or not run_key:
             raise StoreError(f"run_key must be a non-empty string, got {run_key!r}")
         if operator.index(keep) < 1:
@@ -206,14 +211,21 @@ class BankStore:
         with self._lock, self._write() as db:
             self._check_against_last(db, round, vocabulary)
             # Durable (fsynced, renamed, folder fsynced) before the transaction that refers to it.
-            atomic_write_bytes(self._weights / f"{digest}.npz", data, before_replace=lambda: self._stage("weights_temp"))
+            atomic_write_bytes(
+                self._weights / f"{digest}.npz",
+                data,
+                before_replace=lambda: self._stage("weights_temp"),
+            )
             self._stage("weights_durable")
             self._record(db, round, digest, vocabulary, experts, rows, state_json)
             self._stage("before_commit")
         self._stage("after_commit")
         try:
             self._collect_garbage()
-        except (StoreError, OSError) as err:  # the checkpoint is committed; stale files wait for the next one
+        except (
+            StoreError,
+            OSError,
+        ) as err:  # the checkpoint is committed; stale files wait for the next one
             _log.warning("%s: weight files not collected this round (%s)", self.path, err)
         return digest
 
@@ -221,13 +233,21 @@ class BankStore:
         if self._on_stage is not None:
             self._on_stage(stage)
 
-    def _check_against_last(self, db: sqlite3.Connection, round: int, vocabulary: tuple[str, ...]) -> None:
+    def _check_against_last(
+        self, db: sqlite3.Connection, round: int, vocabulary: tuple[str, ...]
+    ) -> None:
         last = db.execute("SELECT max(round) FROM history").fetchone()[0]
         if last is not None and round <= last:
-            raise StoreError(f"{self.path}: round {round} is not after the last checkpoint (round {last}); rounds must increase")
+            raise StoreError(
+                f"{self.path}: round {round} is not after the last checkpoint (round {last}); rounds must increase"
+            )
         previous = _vocabulary(db)
         if vocabulary[: len(previous)] != previous:
-            at = next(i for i, name in enumerate(previous) if i >= len(vocabulary) or vocabulary[i] != name)
+            at = next(
+                i
+                for i, name in enumerate(previous)
+                if i >= len(vocabulary) or vocabulary[i] != name
+            )
             found = vocabulary[at] if at < len(vocabulary) else "nothing (removed)"
             raise StoreError(
                 f"{self.path}: the vocabulary is append-only, but position {at} holds {found!r} instead of "
@@ -245,7 +265,10 @@ class BankStore:
         state_json: str,
     ) -> None:
         known = db.execute("SELECT count(*) FROM vocabulary").fetchone()[0]
-        db.executemany("INSERT INTO vocabulary (position, name) VALUES (?, ?)", list(enumerate(vocabulary))[known:])
+        db.executemany(
+            "INSERT INTO vocabulary (position, name) VALUES (?, ?)",
+            list(enumerate(vocabulary))[known:],
+        )
         updates = ", ".join(f"{c} = excluded.{c}" for c in _EXPERT_COLUMNS.split(", ")[1:])
         db.executemany(
             f"INSERT INTO experts ({_EXPERT_COLUMNS}) VALUES ({', '.join('?' * 10)}) "
@@ -276,7 +299,12 @@ class BankStore:
         file another process is about to commit is never mistaken for an orphan.
         """
         with self._lock, self._write() as db:
-            wanted = {f"{d}.npz" for (d,) in db.execute("SELECT weights_digest FROM checkpoints JOIN history USING (round)")}
+            wanted = {
+                f"{d}.npz"
+                for (d,) in db.execute(
+                    "SELECT weights_digest FROM checkpoints JOIN history USING (round)"
+                )
+            }
             removed = False
             for entry in self._weights.iterdir():
                 ours = _WEIGHT_NAME.fullmatch(entry.name) or entry.name.startswith(TEMP_PREFIX)
@@ -318,7 +346,11 @@ class BankStore:
     def rounds(self) -> list[tuple[int, str]]:
         """(round, weights digest) of the kept checkpoints, ascending."""
         with self._lock, self._read() as db:
-            return list(db.execute("SELECT round, weights_digest FROM checkpoints JOIN history USING (round) ORDER BY round"))
+            return list(
+                db.execute(
+                    "SELECT round, weights_digest FROM checkpoints JOIN history USING (round) ORDER BY round"
+                )
+            )
 
     def history(self) -> list[RoundRecord]:
         """Every round ever checkpointed, ascending, including those whose weights were deleted."""
@@ -332,7 +364,9 @@ class BankStore:
         """The shared arrays of a kept checkpoint (verified), e.g. to score the bank round by round."""
         digests = dict(self.rounds())
         if round not in digests:
-            raise StoreError(f"{self._folder}: no kept checkpoint of round {round} (kept: {sorted(digests)}); keep more with [federation] keep_checkpoints")
+            raise StoreError(
+                f"{self._folder}: no kept checkpoint of round {round} (kept: {sorted(digests)}); keep more with [federation] keep_checkpoints"
+            )
         return self._load_weights(digests[round])
 
     def _load_weights(self, digest: str) -> dict[str, np.ndarray]:
@@ -341,9 +375,13 @@ class BankStore:
         try:
             data = file.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"{file}: weight file of the last checkpoint is missing; {fix}") from None
+            raise StoreError(
+                f"{file}: weight file of the last checkpoint is missing; {fix}"
+            ) from None
         if _sha256(data) != digest:
-            raise StoreError(f"{file}: contents do not match the SHA-256 in its name (corrupted or truncated); {fix}")
+            raise StoreError(
+                f"{file}: contents do not match the SHA-256 in its name (corrupted or truncated); {fix}"
+            )
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files}
@@ -381,15 +419,21 @@ class BankStore:
                 )
             stored = db.execute("SELECT run_key FROM run").fetchone()[0]
         if stored != run_key:
-            raise StoreError(f"{self.path} holds run {stored}, not {run_key}; use another --out folder or delete it")
+            raise StoreError(
+                f"{self.path} holds run {stored}, not {run_key}; use another --out folder or delete it"
+            )
 
     def _create_schema(self, db: sqlite3.Connection, run_key: str) -> None:
         if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise StoreError(f"{self.path}: a SQLite database that is not a protofuse bank store; use another --out folder")
+            raise StoreError(
+                f"{self.path}: a SQLite database that is not a protofuse bank store; use another --out folder"
+            )
         # Not executescript: it would COMMIT the open transaction, and the version check with it.
         for statement in _statements(_SCHEMA):
             db.execute(statement)
-        db.execute("INSERT INTO run (id, run_key, created) VALUES (1, ?, ?)", (run_key, time.time()))
+        db.execute(
+            "INSERT INTO run (id, run_key, created) VALUES (1, ?, ?)", (run_key, time.time())
+        )
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -412,13 +456,19 @@ class BankStore:
         try:
             db.execute(begin)
         except sqlite3.OperationalError as err:
-            raise StoreError(f"{self.path}: {err}; is another server writing to this --out folder?") from None
+            raise StoreError(
+                f"{self.path}: {err}; is another server writing to this --out folder?"
+            ) from None
         try:
             yield db
-        except sqlite3.Error as err:  # a constraint the checks above missed: refuse, keep the old state
+        except (
+            sqlite3.Error
+        ) as err:  # a constraint the checks above missed: refuse, keep the old state
             with suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: {err}; nothing was recorded, the previous checkpoint is intact") from None
+            raise StoreError(
+                f"{self.path}: {err}; nothing was recorded, the previous checkpoint is intact"
+            ) from None
         except BaseException:
             with suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
@@ -428,7 +478,9 @@ class BankStore:
         except sqlite3.Error as err:
             with suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: commit failed ({err}); the previous checkpoint is intact") from None
+            raise StoreError(
+                f"{self.path}: commit failed ({err}); the previous checkpoint is intact"
+            ) from None
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -451,7 +503,9 @@ def _check_vocabulary(vocabulary: Sequence[str]) -> tuple[str, ...]:
         raise StoreError(f"vocabulary entries must be non-empty strings, got {bad[:3]!r}")
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise StoreError(f"vocabulary lists {twice[:3]!r} more than once; each label name appears once")
+        raise StoreError(
+            f"vocabulary lists {twice[:3]!r} more than once; each label name appears once"
+        )
     return names
 
 
@@ -459,9 +513,13 @@ def _check_unique(experts: Sequence[ExpertRecord]) -> Sequence[ExpertRecord]:
     seen: set[str] = set()
     for expert in experts:
         if not isinstance(expert, ExpertRecord):
-            raise StoreError(f"experts must be protofuse.records.ExpertRecord records, got {type(expert).__name__}")
+            raise StoreError(
+                f"experts must be protofuse.records.ExpertRecord records, got {type(expert).__name__}"
+            )
         if expert.name in seen:
-            raise StoreError(f"expert {expert.name!r} appears twice in one checkpoint; send one record per expert")
+            raise StoreError(
+                f"expert {expert.name!r} appears twice in one checkpoint; send one record per expert"
+            )
         seen.add(expert.name)
     return experts
 
@@ -471,22 +529,40 @@ def _expert_row(expert: ExpertRecord, vocabulary: set[str], round: int) -> tuple
     record's name is the ``pseudonym`` column, its weight the ``trust`` column)."""
     who = f"expert {expert.name!r}"
     if not isinstance(expert.name, str) or not expert.name:
-        raise StoreError(f"an expert's name (pseudonym) must be a non-empty string, got {expert.name!r}")
+        raise StoreError(
+            f"an expert's name (pseudonym) must be a non-empty string, got {expert.name!r}"
+        )
     missing = [n for n in expert.labels if n not in vocabulary]
     if missing:
-        raise StoreError(f"{who} has labels {missing[:5]!r} outside the vocabulary; add them to the vocabulary first")
+        raise StoreError(
+            f"{who} has labels {missing[:5]!r} outside the vocabulary; add them to the vocabulary first"
+        )
     if len(set(expert.labels)) != len(expert.labels):
         raise StoreError(f"{who} lists a label twice in {expert.labels!r}")
     fidelity = expert.fidelity
     if not isinstance(fidelity, Fidelity):
-        raise StoreError(f"{who}: fidelity must be a protofuse.records.Fidelity, got {type(fidelity).__name__}")
-    counts = {name: _count(who, name, value) for name, value in (("n_examples", expert.n_examples), ("n_queries", expert.n_queries), ("fidelity.n", fidelity.n), ("last_round", expert.last_round))}
+        raise StoreError(
+            f"{who}: fidelity must be a protofuse.records.Fidelity, got {type(fidelity).__name__}"
+        )
+    counts = {
+        name: _count(who, name, value)
+        for name, value in (
+            ("n_examples", expert.n_examples),
+            ("n_queries", expert.n_queries),
+            ("fidelity.n", fidelity.n),
+            ("last_round", expert.last_round),
+        )
+    }
     if counts["last_round"] > round:
-        raise StoreError(f"{who}: last_round {counts['last_round']} is after the checkpoint's round {round}")
+        raise StoreError(
+            f"{who}: last_round {counts['last_round']} is after the checkpoint's round {round}"
+        )
     trust = _real(who, "weight", expert.weight)
     if not 0.0 <= trust <= 1.0:
         raise StoreError(f"{who}: weight (trust) {trust} is outside [0, 1]")
-    consensus = _real(who, "consensus", expert.consensus) if expert.consensus_measured else None  # NaN: not measured, NULL
+    consensus = (
+        _real(who, "consensus", expert.consensus) if expert.consensus_measured else None
+    )  # NaN: not measured, NULL
     return (
         expert.name,
         expert.distribution,
@@ -527,7 +603,9 @@ def _encode_state(state: dict[str, Any]) -> str:
     try:
         return json.dumps(state, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise StoreError(f"state is not JSON-able ({err}); keep plain numbers, strings, lists and dicts in it") from None
+        raise StoreError(
+            f"state is not JSON-able ({err}); keep plain numbers, strings, lists and dicts in it"
+        ) from None
 
 
 # -- weight files ---------------------------------------------------------------------------------
@@ -541,7 +619,9 @@ def _encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
         if not isinstance(name, str) or not name:
             raise StoreError(f"array names must be non-empty strings, got {name!r}")
         if np.asarray(arrays[name]).dtype.hasobject:
-            raise StoreError(f"array {name!r} has dtype {np.asarray(arrays[name]).dtype}; only plain numeric arrays are stored (no pickle)")
+            raise StoreError(
+                f"array {name!r} has dtype {np.asarray(arrays[name]).dtype}; only plain numeric arrays are stored (no pickle)"
+            )
     return npz_bytes({name: arrays[name] for name in sorted(arrays)})
 
 
@@ -564,16 +644,24 @@ def _make_folders(folder: Path, weights: Path) -> None:
 
 def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: transactions are begun and committed explicitly, never implicitly.
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
     try:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
-            raise StoreError(f"{path}: SQLite cannot use a WAL journal here (got {mode!r}); put --out on a local disk")
-        db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit: a commit survives power loss
+            raise StoreError(
+                f"{path}: SQLite cannot use a WAL journal here (got {mode!r}); put --out on a local disk"
+            )
+        db.execute(
+            "PRAGMA synchronous = FULL"
+        )  # fsync the WAL at every commit: a commit survives power loss
         db.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as err:
         db.close()
-        raise StoreError(f"{path}: cannot open as a bank store ({err}); use another --out folder or delete the file") from None
+        raise StoreError(
+            f"{path}: cannot open as a bank store ({err}); use another --out folder or delete the file"
+        ) from None
     except BaseException:
         db.close()
         raise
@@ -581,7 +669,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _statements(script: str) -> list[str]:
-    without_comments = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    without_comments = "\n".join(
+        line for line in script.splitlines() if not line.lstrip().startswith("--")
+    )
     return [s.strip() for s in without_comments.split(";") if s.strip()]
 
 
@@ -591,14 +681,27 @@ def _vocabulary(db: sqlite3.Connection) -> tuple[str, ...]:
 
 def _experts(db: sqlite3.Connection) -> tuple[ExpertRecord, ...]:
     labels: dict[str, list[str]] = {}
-    for pseudonym, label in db.execute("SELECT pseudonym, label FROM expert_labels ORDER BY pseudonym, position"):
+    for pseudonym, label in db.execute(
+        "SELECT pseudonym, label FROM expert_labels ORDER BY pseudonym, position"
+    ):
         labels.setdefault(pseudonym, []).append(label)
     rows = db.execute(f"SELECT {_EXPERT_COLUMNS} FROM experts ORDER BY pseudonym")
     return tuple(_expert(row, tuple(labels.get(row[0], ()))) for row in rows)
 
 
 def _expert(row: tuple[Any, ...], label_names: tuple[str, ...]) -> ExpertRecord:
-    pseudonym, distribution, n_examples, n_queries, agreement, kl, fidelity_n, consensus, trust, last_round = row
+    (
+        pseudonym,
+        distribution,
+        n_examples,
+        n_queries,
+        agreement,
+        kl,
+        fidelity_n,
+        consensus,
+        trust,
+        last_round,
+    ) = row
     return ExpertRecord(
         name=pseudonym,
         labels=label_names,

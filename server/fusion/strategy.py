@@ -32,7 +32,9 @@ from .aggregation import check_update, extend_rows, to_record, weighted_mean
 from .membership import Client, Federation, describe_nodes
 from .schedule import AGREEMENT, Phase, Schedule
 
-ROUND_PLAN = wire.ROUND_PLAN_KEY  # the key of the encoded RoundPlan in the train message's ConfigRecord
+ROUND_PLAN = (
+    wire.ROUND_PLAN_KEY
+)  # the key of the encoded RoundPlan in the train message's ConfigRecord
 
 Checkpointer = Callable[[int, dict[str, np.ndarray], "FusionStrategy"], None]
 
@@ -43,8 +45,24 @@ class FusionStrategy(FedAvg):
     ``on_replies(round)``: called in every round once the replies are in and before anything is
     merged or checkpointed (tests of resumption kill the server there, as a power cut would)."""
 
-    def __init__(self, federation: Federation, schedule: Schedule, training: TrainingSettings, settings: FederationSettings, model_config: dict[str, Any], checkpoint: Checkpointer, round_offset: int = 0, on_replies: Callable[[int], None] | None = None, **fedavg: Any) -> None:
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=settings.min_clients or 2, min_available_nodes=settings.min_clients or 2, **fedavg)
+    def __init__(
+        self,
+        federation: Federation,
+        schedule: Schedule,
+        training: TrainingSettings,
+        settings: FederationSettings,
+        model_config: dict[str, Any],
+        checkpoint: Checkpointer,
+        round_offset: int = 0,
+        on_replies: Callable[[int], None] | None = None,
+        **fedavg: Any,
+    ) -> None:
+        super().__init__(
+            fraction_evaluate=0.0,
+            min_train_nodes=settings.min_clients or 2,
+            min_available_nodes=settings.min_clients or 2,
+            **fedavg,
+        )
         self.federation = federation
         self.schedule = schedule
         self.training = training
@@ -58,7 +76,9 @@ class FusionStrategy(FedAvg):
         self._sent: dict[str, np.ndarray] = {}
 
     # -- sending -------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         r = self.offset + server_round
         phase = self.schedule.at(r)
         if server_round > 1:
@@ -68,7 +88,16 @@ class FusionStrategy(FedAvg):
         current = {k: v.numpy() for k, v in arrays.items()}
         current = self._admit_new_nodes(grid, current)
         self._sent = current
-        plan = wire.RoundPlan(r, phase.name, phase.index, phase.rounds, tuple(self.federation.vocabulary), self.model_config, self.training, self.settings)
+        plan = wire.RoundPlan(
+            r,
+            phase.name,
+            phase.index,
+            phase.rounds,
+            tuple(self.federation.vocabulary),
+            self.model_config,
+            self.training,
+            self.settings,
+        )
         config = ConfigRecord({ROUND_PLAN: wire.encode_round_plan(plan)})
         messages = list(super().configure_train(server_round, to_record(current), config, grid))
         return [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
@@ -77,22 +106,32 @@ class FusionStrategy(FedAvg):
         """Nodes that joined since the last round describe themselves; their new labels are
         appended to the vocabulary, with fresh prototype rows (existing rows keep their index)."""
         online = set(grid.get_node_ids())
-        new_nodes = sorted(n for n in online if n not in self.federation.nodes and n not in self.refused)
+        new_nodes = sorted(
+            n for n in online if n not in self.federation.nodes and n not in self.refused
+        )
         if not new_nodes:
             return current
         added: list[str] = []
         described = describe_nodes(grid, new_nodes, self.settings.round_timeout)
         self.refused |= set(new_nodes) - set(described)  # each named in a warning by describe_nodes
-        for node_id in sorted(described, key=lambda n: described[n].pseudonym):  # the same order every time
+        for node_id in sorted(
+            described, key=lambda n: described[n].pseudonym
+        ):  # the same order every time
             try:
                 added += self.federation.admit(node_id, described[node_id], online)
             except ValueError as err:
                 self.refused.add(node_id)
                 log(WARNING, "refusing node %s: %s", node_id, err)
-        return extend_rows(current, len(added), self.training.seed + len(self.federation.vocabulary)) if added else current
+        return (
+            extend_rows(current, len(added), self.training.seed + len(self.federation.vocabulary))
+            if added
+            else current
+        )
 
     # -- receiving -----------------------------------------------------------------------
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.offset + server_round
         phase = self.schedule.at(r)
         replies = list(replies)
@@ -102,25 +141,56 @@ class FusionStrategy(FedAvg):
         for reply in replies:
             client = self.federation.nodes.get(reply.metadata.src_node_id)
             if reply.has_error() or client is None:
-                log(WARNING, "round %s: no usable reply from node %s (%s)", r, reply.metadata.src_node_id, reply.error.reason if reply.has_error() else "unknown node")
+                log(
+                    WARNING,
+                    "round %s: no usable reply from node %s (%s)",
+                    r,
+                    reply.metadata.src_node_id,
+                    reply.error.reason if reply.has_error() else "unknown node",
+                )
                 continue
             try:
                 if phase.name != AGREEMENT:
                     check_update(reply.content["arrays"], self._sent)
                 stats = self._merge(client, reply, r)
-            except (wire.WireError, KeyError, TypeError, ValueError) as err:  # a malformed reply is dropped, the round goes on
-                log(WARNING, "round %s: node %s (%s) sent an invalid message, ignored: %s", r, reply.metadata.src_node_id, client.pseudonym, err)
+            except (
+                wire.WireError,
+                KeyError,
+                TypeError,
+                ValueError,
+            ) as err:  # a malformed reply is dropped, the round goes on
+                log(
+                    WARNING,
+                    "round %s: node %s (%s) sent an invalid message, ignored: %s",
+                    r,
+                    reply.metadata.src_node_id,
+                    client.pseudonym,
+                    err,
+                )
                 continue
             ok.append((client, reply, stats))
         if not ok:
-            raise RuntimeError(f"round {r}: no client replied with a usable update; see the warnings above (the run resumes from round {r - 1}'s checkpoint when started again)")
-        ok.sort(key=lambda item: item[0].pseudonym)  # replies arrive in any order; sums must not depend on it
+            raise RuntimeError(
+                f"round {r}: no client replied with a usable update; see the warnings above (the run resumes from round {r - 1}'s checkpoint when started again)"
+            )
+        ok.sort(
+            key=lambda item: item[0].pseudonym
+        )  # replies arrive in any order; sums must not depend on it
         if phase.name == AGREEMENT:
             self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
         else:
             # Examples are self-reported: never more than the queries the node declared.
-            arrays = self.aggregate([(c, {k: v.numpy() for k, v in m.content["arrays"].items()}, min(s.n_examples, c.n_queries)) for c, m, s in ok])
+            arrays = self.aggregate(
+                [
+                    (
+                        c,
+                        {k: v.numpy() for k, v in m.content["arrays"].items()},
+                        min(s.n_examples, c.n_queries),
+                    )
+                    for c, m, s in ok
+                ]
+            )
         metrics = self._round_metrics(r, phase, ok, arrays)
         self.checkpoint(r, arrays, self)
         return to_record(arrays), metrics
@@ -131,21 +201,45 @@ class FusionStrategy(FedAvg):
         stats = wire.decode_stats(bytes(fusion["stats"]))
         for who in (dist.pseudonym, stats.pseudonym):
             if who != client.pseudonym:
-                raise wire.WireError(f"ExpertDistribution.pseudonym: {who!r} from the node registered as {client.pseudonym!r}")
+                raise wire.WireError(
+                    f"ExpertDistribution.pseudonym: {who!r} from the node registered as {client.pseudonym!r}"
+                )
         if tuple(dist.label_names) != client.labels:
-            raise wire.WireError(f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels the node declared {list(client.labels)}")
+            raise wire.WireError(
+                f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels the node declared {list(client.labels)}"
+            )
         old = self.federation.records.get(client.pseudonym)
-        consensus = stats.consensus_agreement if stats.consensus_agreement is not None else (old.consensus if old else None)
+        consensus = (
+            stats.consensus_agreement
+            if stats.consensus_agreement is not None
+            else (old.consensus if old else None)
+        )
         self.federation.records[client.pseudonym] = ExpertRecord(
-            client.pseudonym, client.labels, stats.fidelity, stats.n_queries, consensus, self.trust_of(client.pseudonym),
-            n_examples=stats.n_examples, last_round=round, distribution=wire.encode_distribution(dist),
+            client.pseudonym,
+            client.labels,
+            stats.fidelity,
+            stats.n_queries,
+            consensus,
+            self.trust_of(client.pseudonym),
+            n_examples=stats.n_examples,
+            last_round=round,
+            distribution=wire.encode_distribution(dist),
         )
         return stats
 
     def _set_trust(self, scored: list[tuple[Client, wire.ImitatorStats]]) -> None:
-        agreement = np.array([s.consensus_agreement if s.consensus_agreement is not None else np.nan for _, s in scored])
+        agreement = np.array(
+            [
+                s.consensus_agreement if s.consensus_agreement is not None else np.nan
+                for _, s in scored
+            ]
+        )
         n_labels = np.array([len(c.labels) for c, _ in scored])
-        weights = reliability_weights(agreement, n_labels) if self.training.reweight and len(scored) > 1 else np.ones(len(scored))
+        weights = (
+            reliability_weights(agreement, n_labels)
+            if self.training.reweight and len(scored) > 1
+            else np.ones(len(scored))
+        )
         for (client, _), w in zip(scored, weights):
             self.federation.trust[client.pseudonym] = float(w)
             rec = self.federation.records[client.pseudonym]
@@ -157,10 +251,16 @@ class FusionStrategy(FedAvg):
         trust = self.federation.trust
         return trust.get(pseudonym, min(trust.values()) if trust else 1.0)
 
-    def aggregate(self, updates: list[tuple[Client, dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    def aggregate(
+        self, updates: list[tuple[Client, dict[str, np.ndarray], int]]
+    ) -> dict[str, np.ndarray]:
         """Weighted means of the clients' shared arrays (weights: examples x trust)."""
-        weights = np.array([n * self.trust_of(c.pseudonym) for c, _, n in updates], dtype=np.float64)
-        if weights.sum() <= 0:  # everyone distrusted: fall back to examples alone, then to equal weights
+        weights = np.array(
+            [n * self.trust_of(c.pseudonym) for c, _, n in updates], dtype=np.float64
+        )
+        if (
+            weights.sum() <= 0
+        ):  # everyone distrusted: fall back to examples alone, then to equal weights
             weights = np.array([n for _, _, n in updates], dtype=np.float64)
         if weights.sum() <= 0:
             weights = np.ones(len(updates))
@@ -168,19 +268,48 @@ class FusionStrategy(FedAvg):
         covers = np.zeros((len(updates), len(vocab)))
         for i, (client, _, _) in enumerate(updates):
             covers[i, [vocab[c] for c in client.labels]] = 1.0
-        return weighted_mean([u for _, u, _ in updates], weights, covers, self._sent, rowwise=self.settings.aggregation == "rowwise")
+        return weighted_mean(
+            [u for _, u, _ in updates],
+            weights,
+            covers,
+            self._sent,
+            rowwise=self.settings.aggregation == "rowwise",
+        )
 
-    def _round_metrics(self, r: int, phase: Phase, ok: list[tuple[Client, Message, wire.ImitatorStats]], arrays: dict[str, np.ndarray]) -> MetricRecord:
+    def _round_metrics(
+        self,
+        r: int,
+        phase: Phase,
+        ok: list[tuple[Client, Message, wire.ImitatorStats]],
+        arrays: dict[str, np.ndarray],
+    ) -> MetricRecord:
         sent = [recorddict_to_proto(m.content).ByteSize() for _, m, _ in ok]
         shared = sum(a.nbytes for a in arrays.values())
         losses = [s.loss for _, _, s in ok if s.loss is not None]
         row = {
-            "round": r, "phase": phase.name, "clients": len(ok), "loss": float(np.mean(losses)) if losses else None,  # None: nothing trained
-            "bytes_per_client": float(np.mean(sent)), "shared_bytes": shared,
+            "round": r,
+            "phase": phase.name,
+            "clients": len(ok),
+            "loss": float(np.mean(losses)) if losses else None,  # None: nothing trained
+            "bytes_per_client": float(np.mean(sent)),
+            "shared_bytes": shared,
             "fidelity": float(np.mean([s.fidelity.agreement for _, _, s in ok])),
             "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
         }
         self.history.append(row)
         loss = math.nan if row["loss"] is None else row["loss"]
-        log(INFO, "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)", r, self.schedule.total, phase.name, len(ok), loss, row["fidelity"], row["bytes_per_client"] / 1e3, shared / 1e3)
-        return MetricRecord({"loss": loss, "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]})
+        log(
+            INFO,
+            "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)",
+            r,
+            self.schedule.total,
+            phase.name,
+            len(ok),
+            loss,
+            row["fidelity"],
+            row["bytes_per_client"] / 1e3,
+            shared / 1e3,
+        )
+        return MetricRecord(
+            {"loss": loss, "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]}
+        )

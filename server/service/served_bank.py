@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protofuse import artifacts
-from protofuse.protocol import federation as wire
 from protofuse.adapted import bank_arrays
 from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, load_bank
+from protofuse.protocol import federation as wire
 from protofuse.protocol.service import ExpertList, ExpertSummary
-
 
 log = logging.getLogger("protofuse.service")
 
@@ -77,15 +76,31 @@ class ServedBank:
         try:
             bank = load_bank(self.bank_dir)
             manifest = self._manifest(bank)
-            snapshot = Snapshot(bank, manifest, _experts(bank, manifest), artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))))
-        except Exception as err:  # noqa: BLE001 - damaged in any way: keep what we serve
-            log.warning("bank in %s not loaded (%s); still serving %s", self.bank_dir, err, self._snapshot.bank.version if self._snapshot else "nothing")
+            snapshot = Snapshot(
+                bank,
+                manifest,
+                _experts(bank, manifest),
+                artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))),
+            )
+        except Exception as err:
+            log.warning(
+                "bank in %s not loaded (%s); still serving %s",
+                self.bank_dir,
+                err,
+                self._snapshot.bank.version if self._snapshot else "nothing",
+            )
             self._stamp = stamp  # not retried until its files change again
             return
         previous = self._snapshot.bank.version if self._snapshot else None
         self._snapshot, self._stamp = snapshot, stamp
         if previous != bank.version:
-            log.info("serving bank %s (%d labels, %d experts)%s", bank.version, len(bank.label_names), len(bank.experts), f", replacing {previous}" if previous else "")
+            log.info(
+                "serving bank %s (%d labels, %d experts)%s",
+                bank.version,
+                len(bank.label_names),
+                len(bank.experts),
+                f", replacing {previous}" if previous else "",
+            )
 
     def _manifest(self, bank: Bank) -> wire.BankManifest:
         """The federation's published manifest when it describes this version, else one from the bank."""
@@ -102,21 +117,48 @@ class ServedBank:
 def manifest_of_bank(bank: Bank) -> wire.BankManifest:
     """A manifest for a bank without one (``protofuse fit`` output): its records as the server knows them."""
     if bank.meta.sha256 is None:
-        raise ValueError("the bank is unsaved: save it (or load it) before describing it in a manifest")
+        raise ValueError(
+            "the bank is unsaved: save it (or load it) before describing it in a manifest"
+        )
     rounds = bank.meta.federated_rounds
-    return wire.BankManifest(bank.version, rounds, bank.label_names, bank.meta.sha256, bank.family, tuple(_manifest_expert(e, rounds) for e in bank.experts))
+    return wire.BankManifest(
+        bank.version,
+        rounds,
+        bank.label_names,
+        bank.meta.sha256,
+        bank.family,
+        tuple(_manifest_expert(e, rounds) for e in bank.experts),
+    )
 
 
 def _manifest_expert(e: wire.ExpertRecord, rounds: int) -> wire.ExpertRecord:
     f = e.fidelity
     measured = f.n > 0 and math.isfinite(f.agreement) and math.isfinite(f.kl)
-    fidelity = wire.Fidelity(f.agreement, max(f.kl, 0.0), f.n) if measured else wire.Fidelity(0.0, 0.0, 0)
+    fidelity = (
+        wire.Fidelity(f.agreement, max(f.kl, 0.0), f.n) if measured else wire.Fidelity(0.0, 0.0, 0)
+    )
     consensus = e.consensus if math.isfinite(e.consensus) else None
     trust = min(max(e.weight, 0.0), 1.0)
-    return wire.ExpertRecord(e.name, e.labels, fidelity, e.n_queries, consensus, trust, n_examples=e.n_queries, last_round=rounds)
+    return wire.ExpertRecord(
+        e.name,
+        e.labels,
+        fidelity,
+        e.n_queries,
+        consensus,
+        trust,
+        n_examples=e.n_queries,
+        last_round=rounds,
+    )
 
 
 def _experts(bank: Bank, manifest: wire.BankManifest) -> ExpertList:
     index = {e.name: i for i, e in enumerate(bank.experts)}
     impl = bank.family_impl
-    return ExpertList(bank.version, tuple(ExpertSummary(m, impl.describe_expert(bank, index[m.pseudonym])) for m in manifest.experts if m.pseudonym in index))
+    return ExpertList(
+        bank.version,
+        tuple(
+            ExpertSummary(m, impl.describe_expert(bank, index[m.pseudonym]))
+            for m in manifest.experts
+            if m.pseudonym in index
+        ),
+    )

@@ -30,9 +30,20 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict
 
 from protofuse import artifacts, signing
-from protofuse.settings import AdaptSettings
 from protofuse.protocol.federation import WireError
-from protofuse.protocol.service import METHODS, SERVICE, AdaptResponse, BankInfo, FitMetrics, decode_adapt_request, decode_empty_request, encode_adapt_response, encode_bank_info, encode_expert_list
+from protofuse.protocol.service import (
+    METHODS,
+    SERVICE,
+    AdaptResponse,
+    BankInfo,
+    FitMetrics,
+    decode_adapt_request,
+    decode_empty_request,
+    encode_adapt_response,
+    encode_bank_info,
+    encode_expert_list,
+)
+from protofuse.settings import AdaptSettings
 
 from .served_bank import ServedBank
 from .settings import ServiceSettings
@@ -45,7 +56,9 @@ MiB = 1 << 20
 class FusionService:
     """The Fusion methods over a :class:`ServedBank`; each handler takes and returns bytes."""
 
-    def __init__(self, bank: ServedBank, settings: ServiceSettings, signing_key: Any | None) -> None:
+    def __init__(
+        self, bank: ServedBank, settings: ServiceSettings, signing_key: Any | None
+    ) -> None:
         self.bank = bank
         self.settings = settings
         self.signing_key = signing_key
@@ -54,12 +67,21 @@ class FusionService:
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {"Adapt": self.adapt, "GetBank": self.get_bank, "ListExperts": self.list_experts}
         assert set(methods) == set(METHODS)
-        return grpc.method_handlers_generic_handler(SERVICE, {name: grpc.unary_unary_rpc_method_handler(_logged(name, fn)) for name, fn in methods.items()})
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                name: grpc.unary_unary_rpc_method_handler(_logged(name, fn))
+                for name, fn in methods.items()
+            },
+        )
 
-    def _snapshot(self, context: grpc.ServicerContext):  # noqa: ANN202
+    def _snapshot(self, context: grpc.ServicerContext):
         snapshot = self.bank.get()
         if snapshot is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"no bank yet in {self.bank.bank_dir}: the federation has not written one; try again after its first run")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no bank yet in {self.bank.bank_dir}: the federation has not written one; try again after its first run",
+            )
         return snapshot
 
     def get_bank(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -75,7 +97,14 @@ class FusionService:
         started = time.monotonic()
         snapshot = self._snapshot(context)
         bank = snapshot.bank
-        req = _decode(context, decode_adapt_request, request, max_support=self.settings.max_support, input_width=bank.meta.x_dim, option_names=OPTION_NAMES)
+        req = _decode(
+            context,
+            decode_adapt_request,
+            request,
+            max_support=self.settings.max_support,
+            input_width=bank.meta.x_dim,
+            option_names=OPTION_NAMES,
+        )
         options: dict[str, Any] = dict(req.options)
         seed = options.pop("seed", "0")
         try:
@@ -83,18 +112,31 @@ class FusionService:
             if not 0 <= seed < 2**63:
                 raise ValueError
         except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options['seed']: {seed!r} is not an integer in [0, 2**63)")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"AdaptRequest.options['seed']: {seed!r} is not an integer in [0, 2**63)",
+            )
         budget = self._budget(context, started)
         if not self._slots.acquire(timeout=budget):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.settings.max_concurrent} adaptation slots stayed busy for {budget:.0f} s; retry later")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {self.settings.max_concurrent} adaptation slots stayed busy for {budget:.0f} s; retry later",
+            )
         try:
             if not context.is_active():  # the caller gave up while waiting
-                context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled before adaptation started")
+                context.abort(
+                    grpc.StatusCode.CANCELLED, "the caller cancelled before adaptation started"
+                )
             t0 = time.perf_counter()
             try:
                 model = bank.adapt(req.x, np.asarray(req.labels), seed=seed, **options)
             except ValueError as err:  # options the bank refuses, labels its family cannot fit
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AdaptRequest.options: {err}" if "adaptation options" in str(err) else f"AdaptRequest: {err}")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"AdaptRequest.options: {err}"
+                    if "adaptation options" in str(err)
+                    else f"AdaptRequest: {err}",
+                )
             seconds = time.perf_counter() - t0
             files = model.to_files(self.signing_key)
             # The caller already holds this bank version's weights: send the task's arrays alone.
@@ -103,8 +145,17 @@ class FusionService:
                 files[artifacts.WEIGHTS] = artifacts.npz_bytes(model.task_arrays())
         finally:
             self._slots.release()
-        metrics = FitMetrics(tuple(model.classes_.tolist()), len(req.x), model.info["support_accuracy"], seconds, model.info.get("method", ""), tuple(model.info.get("uncovered_labels", ())))
-        return encode_adapt_response(AdaptResponse(bank.version, files, metrics, snapshot.bank_weights_digest, omit))
+        metrics = FitMetrics(
+            tuple(model.classes_.tolist()),
+            len(req.x),
+            model.info["support_accuracy"],
+            seconds,
+            model.info.get("method", ""),
+            tuple(model.info.get("uncovered_labels", ())),
+        )
+        return encode_adapt_response(
+            AdaptResponse(bank.version, files, metrics, snapshot.bank_weights_digest, omit)
+        )
 
     def _budget(self, context: grpc.ServicerContext, started: float) -> float:
         """Seconds this request may still wait: the shorter of its caller's deadline and ours."""
@@ -113,23 +164,38 @@ class FusionService:
         return max(0.0, min(ours, theirs) if theirs is not None else ours)
 
 
-def _decode(context: grpc.ServicerContext, decoder: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _decode(
+    context: grpc.ServicerContext, decoder: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
     try:
         return decoder(*args, **kwargs)
     except WireError as err:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
-def _logged(name: str, fn: Callable[[bytes, grpc.ServicerContext], bytes]) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+def _logged(
+    name: str, fn: Callable[[bytes, grpc.ServicerContext], bytes]
+) -> Callable[[bytes, grpc.ServicerContext], bytes]:
     def run(request: bytes, context: grpc.ServicerContext) -> bytes:
         t0 = time.perf_counter()
         try:
             reply = fn(request, context)
-            log.info("%s from %s: OK in %.0f ms", name, _caller(context), 1000 * (time.perf_counter() - t0))
+            log.info(
+                "%s from %s: OK in %.0f ms",
+                name,
+                _caller(context),
+                1000 * (time.perf_counter() - t0),
+            )
             return reply
         except Exception:
             code = context.code()
-            log.info("%s from %s: %s in %.0f ms", name, _caller(context), getattr(code, "name", "ERROR"), 1000 * (time.perf_counter() - t0))
+            log.info(
+                "%s from %s: %s in %.0f ms",
+                name,
+                _caller(context),
+                getattr(code, "name", "ERROR"),
+                1000 * (time.perf_counter() - t0),
+            )
             raise
 
     return run
@@ -157,36 +223,69 @@ class Credentials(BaseModel):
 
     @classmethod
     def from_folder(cls, folder: Path) -> Credentials:
-        creds = cls(certificate=folder / "server.crt", private_key=folder / "server.key", client_ca=folder / "ca.crt", signing_key=folder / "signing.key")
-        missing = [str(p) for p in (creds.certificate, creds.private_key, creds.client_ca, creds.signing_key) if p is not None and not p.exists()]
+        creds = cls(
+            certificate=folder / "server.crt",
+            private_key=folder / "server.key",
+            client_ca=folder / "ca.crt",
+            signing_key=folder / "signing.key",
+        )
+        missing = [
+            str(p)
+            for p in (creds.certificate, creds.private_key, creds.client_ca, creds.signing_key)
+            if p is not None and not p.exists()
+        ]
         if missing:
-            raise ValueError(f"--certs {folder}: missing {missing}; create the folder with `protofuse certs init --out {folder}`")
+            raise ValueError(
+                f"--certs {folder}: missing {missing}; create the folder with `protofuse certs init --out {folder}`"
+            )
         return creds
 
 
-def build_server(bank_path: Path, address: str, settings: ServiceSettings, credentials: Credentials | None, signing_key_path: Path | None = None) -> tuple[grpc.Server, int, ServedBank]:
+def build_server(
+    bank_path: Path,
+    address: str,
+    settings: ServiceSettings,
+    credentials: Credentials | None,
+    signing_key_path: Path | None = None,
+) -> tuple[grpc.Server, int, ServedBank]:
     """A started gRPC server; returns it, the port it bound and its bank holder."""
     key_path = signing_key_path or (credentials.signing_key if credentials else None)
     signing_key = signing.load_private_key(key_path) if key_path else None
     if signing_key is None:
-        log.warning("no signing key: adapted models are sent unsigned, and SDKs that verify will refuse them")
+        log.warning(
+            "no signing key: adapted models are sent unsigned, and SDKs that verify will refuse them"
+        )
     served = ServedBank(bank_path, settings.reload_interval_s)
     fusion = FusionService(served, settings, signing_key)
     limit = int(settings.max_message_mb * MiB)
     server = grpc.server(
         # A worker per request held: Adapt calls waiting for a slot must not starve health checks
         # and GetBank. One torch thread each (OpenMP's count is per calling thread: set in every worker).
-        futures.ThreadPoolExecutor(max_workers=settings.max_queued + 4, thread_name_prefix="fusion", initializer=torch.set_num_threads, initargs=(1,)),
+        futures.ThreadPoolExecutor(
+            max_workers=settings.max_queued + 4,
+            thread_name_prefix="fusion",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        ),
         handlers=[fusion.handler()],
         maximum_concurrent_rpcs=settings.max_queued,
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 512 * MiB), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", 512 * MiB),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     checker = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     try:
         if credentials is None:
-            log.warning("insecure mode: no TLS and no caller authentication; anyone who reaches %s can adapt models and read the bank's description", address)
+            log.warning(
+                "insecure mode: no TLS and no caller authentication; anyone who reaches %s can adapt models and read the bank's description",
+                address,
+            )
             port = server.add_insecure_port(address)
         else:
             tls = grpc.ssl_server_credentials(
@@ -195,8 +294,12 @@ def build_server(bank_path: Path, address: str, settings: ServiceSettings, crede
                 require_client_auth=True,
             )
             port = server.add_secure_port(address, tls)
-    except RuntimeError as err:  # grpc raises this for a port in use, a bad address, unusable TLS files
-        raise OSError(f"cannot listen on {address}: {err} (is the port in use, the address one of this host's, the certificate and key a pair in PEM?)") from None
+    except (
+        RuntimeError
+    ) as err:  # grpc raises this for a port in use, a bad address, unusable TLS files
+        raise OSError(
+            f"cannot listen on {address}: {err} (is the port in use, the address one of this host's, the certificate and key a pair in PEM?)"
+        ) from None
     server.start()
     _track_health(checker, served, settings.reload_interval_s or 1.0)
     return server, port, served
@@ -209,8 +312,12 @@ def _track_health(checker: health.HealthServicer, served: ServedBank, interval: 
     def watch() -> None:
         while True:
             try:
-                status = health_pb2.HealthCheckResponse.SERVING if served.get() is not None else health_pb2.HealthCheckResponse.NOT_SERVING
-            except Exception:  # noqa: BLE001 - never leave a stale SERVING behind
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if served.get() is not None
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+            except Exception:
                 log.exception("checking the bank failed")
                 status = health_pb2.HealthCheckResponse.NOT_SERVING
             checker.set(SERVICE, status)

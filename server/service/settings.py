@@ -13,9 +13,28 @@ class ServiceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_message_mb: float = Field(16.0, gt=0, le=1024, description="largest request accepted, in MiB (a 1,000 x 784 float64 support set is 6.3 MiB)")
+    max_message_mb: float = Field(
+        16.0,
+        gt=0,
+        le=1024,
+        description="largest request accepted, in MiB (a 1,000 x 784 float64 support set is 6.3 MiB)",
+    )
     max_support: int = Field(2000, ge=2, description="most support examples in one Adapt request")
-    max_concurrent: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, description="adaptations running at once (one torch thread each); more wait in line")
-    deadline_s: float = Field(120.0, gt=0, description="longest a request may take, waiting included, when its caller sets no shorter deadline")
-    max_queued: int = Field(64, ge=1, description="requests held at once (running and waiting); beyond it callers get RESOURCE_EXHAUSTED")
-    reload_interval_s: float = Field(2.0, ge=0, description="how often the bank's files are checked for a new version")
+    max_concurrent: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        description="adaptations running at once (one torch thread each); more wait in line",
+    )
+    deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="longest a request may take, waiting included, when its caller sets no shorter deadline",
+    )
+    max_queued: int = Field(
+        64,
+        ge=1,
+        description="requests held at once (running and waiting); beyond it callers get RESOURCE_EXHAUSTED",
+    )
+    reload_interval_s: float = Field(
+        2.0, ge=0, description="how often the bank's files are checked for a new version"
+    )

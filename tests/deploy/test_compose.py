@@ -13,8 +13,8 @@ skips it; in CI (CI=1) that is a failure.
 
 from __future__ import annotations
 
-import os
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import grpc
-import protofuse
 import pytest
-
-from client_sdk import FusionClient, FusionError, load_adapted
-from protofuse.flower.launcher import flower_bin, flower_env, free_port, stop
 from organizations import TASK, held_out_task
 from polling import wait_until
+
+import protofuse
+from client_sdk import FusionClient, FusionError, load_adapted
+from protofuse.flower.launcher import flower_bin, flower_env, free_port, stop
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = protofuse.__version__  # the images are tagged with the release
@@ -36,10 +36,14 @@ BASE = os.environ.get("BASE_IMAGE", "protofuse-base:bookworm")
 APP = "/opt/protofuse/lib/python3.11/site-packages/protofuse/flower/app"
 
 
-def _sh(cmd: list[str], timeout: float = 900, check: bool = True, **kw) -> subprocess.CompletedProcess:
+def _sh(
+    cmd: list[str], timeout: float = 900, check: bool = True, **kw
+) -> subprocess.CompletedProcess:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and run.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        )
     return run
 
 
@@ -48,9 +52,11 @@ def engine():
     """A running Docker engine with Compose v2 and the local base image, as tests/host/setup.sh
     leaves it (`make test` runs that first). Outside CI a machine without them skips this test;
     in CI that is a failure."""
-    checks = [(["docker", "info", "--format", "{{.ServerVersion}}"], "no Docker daemon answers"),
-              (["docker", "compose", "version"], "no Compose v2 plugin"),
-              (["docker", "image", "inspect", BASE], f"no base image {BASE}")]
+    checks = [
+        (["docker", "info", "--format", "{{.ServerVersion}}"], "no Docker daemon answers"),
+        (["docker", "compose", "version"], "no Compose v2 plugin"),
+        (["docker", "image", "inspect", BASE], f"no base image {BASE}"),
+    ]
     for cmd, what in checks:
         try:
             ok = subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
@@ -65,9 +71,45 @@ def engine():
 def images(engine):
     """The protofuse and proxy images, built offline from the wheelhouse and the local base."""
     t0 = time.monotonic()
-    _sh(["bash", str(REPO / "deploy/build-wheelhouse.sh")], env={**os.environ, "PYTHON": sys.executable}, timeout=1800)
-    _sh(["docker", "build", "-q", "--network", "none", "--build-arg", f"BASE={BASE}", "-f", "deploy/Dockerfile", "-t", f"protofuse:{TAG}", "deploy"], cwd=REPO, timeout=1800)
-    _sh(["docker", "build", "-q", "--network", "host", "--build-arg", f"BASE={BASE}", "-t", f"protofuse-proxy:{TAG}", "deploy/proxy"], cwd=REPO, timeout=900)
+    _sh(
+        ["bash", str(REPO / "deploy/build-wheelhouse.sh")],
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=1800,
+    )
+    _sh(
+        [
+            "docker",
+            "build",
+            "-q",
+            "--network",
+            "none",
+            "--build-arg",
+            f"BASE={BASE}",
+            "-f",
+            "deploy/Dockerfile",
+            "-t",
+            f"protofuse:{TAG}",
+            "deploy",
+        ],
+        cwd=REPO,
+        timeout=1800,
+    )
+    _sh(
+        [
+            "docker",
+            "build",
+            "-q",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE={BASE}",
+            "-t",
+            f"protofuse-proxy:{TAG}",
+            "deploy/proxy",
+        ],
+        cwd=REPO,
+        timeout=900,
+    )
     print(f"images built in {time.monotonic() - t0:.0f} s")
 
 
@@ -75,35 +117,99 @@ class Compose:
     def __init__(self, project: str, env: dict[str, str]) -> None:
         self.project, self.env = project, env
 
-    def __call__(self, *args: str, timeout: float = 600, check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *args: str, timeout: float = 600, check: bool = True, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess:
         cmd = ["docker", "compose", "-p", self.project, *args]
-        run = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=self.env, cwd=REPO)
+        run = subprocess.run(
+            cmd, input=stdin, capture_output=True, timeout=timeout, env=self.env, cwd=REPO
+        )
         if check and run.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout.decode()[-3000:]}\n{run.stderr.decode()[-3000:]}\n{self.logs()}")
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout.decode()[-3000:]}\n{run.stderr.decode()[-3000:]}\n{self.logs()}"
+            )
         return run
 
-    def operator(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        return self("--profile", "operator", "run", "--rm", "--no-deps", "-T", "operator", *args, timeout=timeout, check=check)
+    def operator(
+        self, *args: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        return self(
+            "--profile",
+            "operator",
+            "run",
+            "--rm",
+            "--no-deps",
+            "-T",
+            "operator",
+            *args,
+            timeout=timeout,
+            check=check,
+        )
 
     def up(self) -> None:
-        self("up", "-d", "--wait", "--wait-timeout", "240", "superlink", "proxy", "fusion", "service", timeout=600)
+        self(
+            "up",
+            "-d",
+            "--wait",
+            "--wait-timeout",
+            "240",
+            "superlink",
+            "proxy",
+            "fusion",
+            "service",
+            timeout=600,
+        )
 
     def logs(self) -> str:
-        run = subprocess.run(["docker", "compose", "-p", self.project, "logs", "--no-color", "--tail", "30"], capture_output=True, text=True, env=self.env, cwd=REPO)
+        run = subprocess.run(
+            ["docker", "compose", "-p", self.project, "logs", "--no-color", "--tail", "30"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+        )
         return run.stdout[-6000:]
 
 
 @pytest.fixture
 def deployment(images, tmp_path):
-    env = {**os.environ, "BASE_IMAGE": BASE, "PROTOFUSE_TAG": TAG, "FLEET_PORT": str(free_port()), "SERVICE_PORT": str(free_port()), "SUPERNODES": "4"}
+    env = {
+        **os.environ,
+        "BASE_IMAGE": BASE,
+        "PROTOFUSE_TAG": TAG,
+        "FLEET_PORT": str(free_port()),
+        "SERVICE_PORT": str(free_port()),
+        "SUPERNODES": "4",
+    }
     compose = Compose(f"pf-e2e-{os.getpid()}", env)
     try:
         compose.up()
         yield compose, int(env["FLEET_PORT"]), int(env["SERVICE_PORT"])
     finally:
         compose("--profile", "operator", "down", "-v", "--timeout", "10", timeout=300, check=False)
-        left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={compose.project}"], capture_output=True, text=True).stdout.strip()
-        vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={compose.project}"], capture_output=True, text=True).stdout.strip()
+        left = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "-aq",
+                "--filter",
+                f"label=com.docker.compose.project={compose.project}",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        vols = subprocess.run(
+            [
+                "docker",
+                "volume",
+                "ls",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={compose.project}",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         assert not left and not vols, f"left behind: containers {left!r}, volumes {vols!r}"
 
 
@@ -125,17 +231,28 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     assert compose("port", "proxy", "9443").stdout.decode().strip() == f"127.0.0.1:{fleet_port}"
     assert compose("port", "service", "50051").stdout.decode().strip() == service
     link = compose("ps", "-q", "superlink").stdout.decode().strip()
-    assert subprocess.run(["docker", "port", link], capture_output=True, text=True).stdout.strip() == ""
+    assert (
+        subprocess.run(["docker", "port", link], capture_output=True, text=True).stdout.strip()
+        == ""
+    )
 
     # From outside, the Control API cannot be reached: through the proxy it is 404.
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "outside"\n\n[superlink.outside]\naddress = "127.0.0.1:{fleet_port}"\nroot-certificates = "{pki / "ca.crt"}"\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "outside"\n\n[superlink.outside]\naddress = "127.0.0.1:{fleet_port}"\nroot-certificates = "{pki / "ca.crt"}"\n'
+    )
     env = flower_env(home)
     flwr = flower_bin("flwr")
-    for args in (["supernode", "register", str(pki / "supernodes" / "node-3.pub")], ["ls"], ["run", str(REPO / "server" / "flwr_app")]):
+    for args in (
+        ["supernode", "register", str(pki / "supernodes" / "node-3.pub")],
+        ["ls"],
+        ["run", str(REPO / "server" / "flwr_app")],
+    ):
         refused = _sh([flwr, *args, "outside"], env=env, timeout=120, check=False)
-        assert refused.returncode != 0 and "404 Not Found" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "404 Not Found" in refused.stdout + refused.stderr, (
+            refused.stdout + refused.stderr
+        )
 
     # The operator registers the three organizations' keys, on the compose network.
     for i in range(3):
@@ -146,35 +263,91 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     try:
         for i, spec in enumerate(specs):
             log = open(tmp_path / f"client{i}.log", "wb")
-            procs.append(subprocess.Popen([*cli, str(spec), *secure, "--port", str(free_port()), "--auth-supernode-private-key", str(pki / "supernodes" / f"node-{i}.key")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *cli,
+                        str(spec),
+                        *secure,
+                        "--port",
+                        str(free_port()),
+                        "--auth-supernode-private-key",
+                        str(pki / "supernodes" / f"node-{i}.key"),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         stranger_log = tmp_path / "stranger.log"
         with open(stranger_log, "wb") as log:
-            stranger = subprocess.Popen([*cli, str(specs[0]), *secure, "--port", str(free_port()), "--auth-supernode-private-key", str(pki / "supernodes" / "node-3.key")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stranger = subprocess.Popen(
+                [
+                    *cli,
+                    str(specs[0]),
+                    *secure,
+                    "--port",
+                    str(free_port()),
+                    "--auth-supernode-private-key",
+                    str(pki / "supernodes" / "node-3.key"),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(stranger)
 
-        run = compose.operator("flwr", "run", APP, "--stream", "--run-config", 'spec="/config/server.toml" out="/data/run"', timeout=900)
+        run = compose.operator(
+            "flwr",
+            "run",
+            APP,
+            "--stream",
+            "--run-config",
+            'spec="/config/server.toml" out="/data/run"',
+            timeout=900,
+        )
         assert "round 5/5 weighted" in run.stdout.decode(), run.stdout.decode()[-3000:]
         stranger.wait(timeout=60)
-        assert stranger.returncode != 0 and "Failed to activate SuperNode" in stranger_log.read_text()
+        assert (
+            stranger.returncode != 0 and "Failed to activate SuperNode" in stranger_log.read_text()
+        )
     finally:
         for proc in reversed(procs):
             stop(proc)
 
     # The service was up before the bank existed; it serves the new one without a restart.
     with FusionClient(service, certs=pki) as client:
-        assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 60, interval=1, retry_on=(FusionError,)), compose.logs()
+        assert wait_until(
+            lambda: client.health("protofuse.v1.Fusion") == "SERVING",
+            60,
+            interval=1,
+            retry_on=(FusionError,),
+        ), compose.logs()
         version = client.bank().manifest.version
-        assert sorted(e.expert.pseudonym for e in client.experts().experts) == ["east", "north", "west"]
+        assert sorted(e.expert.pseudonym for e in client.experts().experts) == [
+            "east",
+            "north",
+            "west",
+        ]
         sx, sy, tx, ty = held_out_task(splits)
         model = client.adapt(sx, sy, out=tmp_path / "model")
         accuracy = float((model.predict(tx) == ty).mean())
         assert accuracy > 0.85, accuracy
         assert model.bank_meta["version"] == version
-        assert load_adapted(tmp_path / "model", pki / "signing.pub").classes_.tolist() == sorted(TASK)
+        assert load_adapted(tmp_path / "model", pki / "signing.pub").classes_.tolist() == sorted(
+            TASK
+        )
         with pytest.raises(FusionError) as bad:
             client.adapt(sx[:, :10], sy)
-        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "AdaptRequest.x.shape" in bad.value.details
-    with FusionClient(service, root_certificates=pki / "ca.crt", public_key=pki / "signing.pub", timeout=10) as anonymous:
+        assert (
+            bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            and "AdaptRequest.x.shape" in bad.value.details
+        )
+    with FusionClient(
+        service, root_certificates=pki / "ca.crt", public_key=pki / "signing.pub", timeout=10
+    ) as anonymous:
         with pytest.raises(FusionError) as denied:
             anonymous.bank()
         assert denied.value.code == grpc.StatusCode.UNAVAILABLE
@@ -183,10 +356,20 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     compose("restart", timeout=300)
     compose.up()
     with FusionClient(service, certs=pki) as client:
-        assert wait_until(lambda: client.bank().manifest.version == version, 90, interval=1, retry_on=(FusionError,)), compose.logs()
+        assert wait_until(
+            lambda: client.bank().manifest.version == version,
+            90,
+            interval=1,
+            retry_on=(FusionError,),
+        ), compose.logs()
     compose("down", "--timeout", "10", timeout=300)
     compose.up()
     with FusionClient(service, certs=pki) as client:
-        assert wait_until(lambda: client.bank().manifest.version == version, 90, interval=1, retry_on=(FusionError,)), compose.logs()
+        assert wait_until(
+            lambda: client.bank().manifest.version == version,
+            90,
+            interval=1,
+            retry_on=(FusionError,),
+        ), compose.logs()
         assert client.adapt(sx, sy).bank_meta["version"] == version
         assert client.health() == "SERVING"

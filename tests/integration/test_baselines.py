@@ -9,7 +9,15 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from bench.baselines import Ceiling, ExpertOutput, Imitator, expert_vote, nearest_class_mean, scratch, stacking
+from bench.baselines import (
+    Ceiling,
+    ExpertOutput,
+    Imitator,
+    expert_vote,
+    nearest_class_mean,
+    scratch,
+    stacking,
+)
 from protofuse.model.networks import Augmentation, FeatureAugmentation
 
 torch.set_num_threads(1)
@@ -25,7 +33,9 @@ class Digits:
     def __init__(self) -> None:
         x, y = load_digits(return_X_y=True)
         x = (x / 16.0).astype(np.float32)
-        self.train_x, self.test_x, self.train_y, self.test_y = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+        self.train_x, self.test_x, self.train_y, self.test_y = train_test_split(
+            x, y, test_size=0.3, random_state=0, stratify=y
+        )
         self.experts = [self._expert(classes) for classes in EXPERT_CLASSES]
 
     def _expert(self, classes: tuple[int, ...]) -> tuple[tuple[str, ...], LogisticRegression]:
@@ -36,11 +46,15 @@ class Digits:
     def outputs(self, x: np.ndarray) -> list[ExpertOutput]:
         return [ExpertOutput(labels, clf.predict_proba(x)) for labels, clf in self.experts]
 
-    def task(self, labels: tuple[str, ...], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def task(
+        self, labels: tuple[str, ...], k: int, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """k support examples per class from train, every test example of the task's classes."""
         rng = np.random.default_rng(seed)
         classes = [int(c) for c in labels]
-        idx = np.concatenate([rng.choice(np.flatnonzero(self.train_y == c), k, replace=False) for c in classes])
+        idx = np.concatenate(
+            [rng.choice(np.flatnonzero(self.train_y == c), k, replace=False) for c in classes]
+        )
         test = np.isin(self.test_y, classes)
         to_task = {c: i for i, c in enumerate(classes)}
         support_y = np.array([to_task[c] for c in self.train_y[idx]])
@@ -86,14 +100,19 @@ def test_ncm_temperature_keeps_probabilities_soft(digits: Digits) -> None:
 def test_missing_support_class_gets_zero_probability(digits: Digits) -> None:
     sx, sy, tx, _ = digits.task(NEW_TASK, 5)
     keep = sy != 2
-    for proba in (scratch(sx[keep], sy[keep], tx, n_classes=3), nearest_class_mean(sx[keep], sy[keep], tx, n_classes=3)):
+    for proba in (
+        scratch(sx[keep], sy[keep], tx, n_classes=3),
+        nearest_class_mean(sx[keep], sy[keep], tx, n_classes=3),
+    ):
         _check_proba(proba, len(tx), 3)
         assert np.all(proba[:, 2] == 0)
 
 
 def test_ceiling_learns_every_label_and_restricts_to_the_task(digits: Digits) -> None:
     names = tuple(str(c) for c in range(10))
-    ceiling = Ceiling(names, in_dim=64, image_shape=(8, 8), encoder="mlp", feat_dim=32, epochs=15, seed=0).fit(digits.train_x, digits.train_y)
+    ceiling = Ceiling(
+        names, in_dim=64, image_shape=(8, 8), encoder="mlp", feat_dim=32, epochs=15, seed=0
+    ).fit(digits.train_x, digits.train_y)
     _, _, tx, ty = digits.task(NEW_TASK, 1)
     proba = ceiling.predict_proba(tx, NEW_TASK)
     _check_proba(proba, len(tx), 3)
@@ -152,7 +171,15 @@ def test_stacking(digits: Digits, k: int) -> None:
 @pytest.fixture(scope="module", params=["mlp", "conv"])
 def imitator(request: pytest.FixtureRequest, digits: Digits) -> Imitator:
     pool = digits.train_x[:400]
-    return Imitator(64, (8, 8), encoder=request.param, feat_dim=32, epochs=30, augmentation=Augmentation(shift=1.0), seed=0).fit(pool, digits.outputs(pool))
+    return Imitator(
+        64,
+        (8, 8),
+        encoder=request.param,
+        feat_dim=32,
+        epochs=30,
+        augmentation=Augmentation(shift=1.0),
+        seed=0,
+    ).fit(pool, digits.outputs(pool))
 
 
 def test_imitator_features_and_probe(digits: Digits, imitator: Imitator) -> None:
@@ -165,18 +192,25 @@ def test_imitator_features_and_probe(digits: Digits, imitator: Imitator) -> None
         assert _accuracy(proba, ty) > 0.6
 
 
-def test_probes_use_the_query_pools_statistics_not_the_supports(digits: Digits, imitator: Imitator) -> None:
+def test_probes_use_the_query_pools_statistics_not_the_supports(
+    digits: Digits, imitator: Imitator
+) -> None:
     """At k = 1 a scaler fitted on the three support examples divides by spreads of three points;
     the probe standardises with the query pool's statistics instead (and stays well above chance)."""
     pool = imitator.features(digits.train_x[:400])
     np.testing.assert_allclose(imitator.scaler.mean_, pool.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(imitator.scaler.scale_, pool.std(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(imitator.centre, pool.mean(0), rtol=1e-5, atol=1e-5)
-    accuracy = [_accuracy(imitator.probe(sx, sy, tx), ty) for sx, sy, tx, ty in (digits.task(NEW_TASK, 1, seed) for seed in range(5))]
+    accuracy = [
+        _accuracy(imitator.probe(sx, sy, tx), ty)
+        for sx, sy, tx, ty in (digits.task(NEW_TASK, 1, seed) for seed in range(5))
+    ]
     assert np.mean(accuracy) > 0.65  # three-way chance is 1/3
 
 
-def test_cosine_ncm_compares_directions_around_the_pool_centre(digits: Digits, imitator: Imitator) -> None:
+def test_cosine_ncm_compares_directions_around_the_pool_centre(
+    digits: Digits, imitator: Imitator
+) -> None:
     """Support features centred on the query pool's mean and normalised; the class means of those
     directions, normalised; a softmax of the tempered cosine. Computed here from the features."""
     sx, sy, tx, _ = digits.task(NEW_TASK, 3)
@@ -184,14 +218,24 @@ def test_cosine_ncm_compares_directions_around_the_pool_centre(digits: Digits, i
     def unit(f: np.ndarray) -> np.ndarray:
         return f / np.linalg.norm(f, axis=1, keepdims=True)
 
-    fs, ft = unit(imitator.features(sx) - imitator.centre), unit(imitator.features(tx) - imitator.centre)
+    fs, ft = (
+        unit(imitator.features(sx) - imitator.centre),
+        unit(imitator.features(tx) - imitator.centre),
+    )
     means = unit(np.stack([fs[sy == c].mean(0) for c in range(3)]))
     logits = 10.0 * ft @ means.T
     expected = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose(imitator.cosine_ncm(sx, sy, tx), expected / expected.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        imitator.cosine_ncm(sx, sy, tx),
+        expected / expected.sum(1, keepdims=True),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
-def test_cosine_ncm_gives_a_missing_class_no_probability(digits: Digits, imitator: Imitator) -> None:
+def test_cosine_ncm_gives_a_missing_class_no_probability(
+    digits: Digits, imitator: Imitator
+) -> None:
     sx, sy, tx, _ = digits.task(NEW_TASK, 2)
     keep = sy != 2
     proba = imitator.cosine_ncm(sx[keep], sy[keep], tx, n_classes=3)
@@ -199,9 +243,13 @@ def test_cosine_ncm_gives_a_missing_class_no_probability(digits: Digits, imitato
     assert np.all(proba[:, 2] == 0)
 
 
-def test_imitator_vote_is_the_expert_vote_on_imitated_answers(digits: Digits, imitator: Imitator) -> None:
+def test_imitator_vote_is_the_expert_vote_on_imitated_answers(
+    digits: Digits, imitator: Imitator
+) -> None:
     _, _, tx, ty = digits.task(NEW_TASK, 1)
-    imitated = [ExpertOutput(labels, p) for (labels, _), p in zip(digits.experts, imitator.expert_proba(tx))]
+    imitated = [
+        ExpertOutput(labels, p) for (labels, _), p in zip(digits.experts, imitator.expert_proba(tx))
+    ]
     proba = imitator.vote(tx, NEW_TASK)
     np.testing.assert_allclose(proba, expert_vote(imitated, NEW_TASK))
     assert _accuracy(proba, ty) > 0.6  # no example at all; three-way chance is 1/3
@@ -225,22 +273,42 @@ def test_imitator_is_seeded_and_leaves_global_rng_alone(digits: Digits) -> None:
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
-    a = Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3).fit(pool, outs).features(pool)
+    a = (
+        Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3)
+        .fit(pool, outs)
+        .features(pool)
+    )
     assert torch.rand(1) == expected  # fit must not reseed or consume the caller's generator
-    b = Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3).fit(pool, outs).features(pool)
+    b = (
+        Imitator(64, (8, 8), encoder="mlp", feat_dim=8, epochs=2, seed=3)
+        .fit(pool, outs)
+        .features(pool)
+    )
     np.testing.assert_array_equal(a, b)
 
 
-def test_imitator_trains_on_perturbed_features_when_given_a_table_augmentation(digits: Digits) -> None:
+def test_imitator_trains_on_perturbed_features_when_given_a_table_augmentation(
+    digits: Digits,
+) -> None:
     pool, outs = digits.train_x[:128], digits.outputs(digits.train_x[:128])
 
     def features(augmentation: FeatureAugmentation | None) -> np.ndarray:
-        return Imitator(64, None, encoder="mlp", feat_dim=8, epochs=2, augmentation=augmentation, seed=3).fit(pool, outs).features(pool)
+        return (
+            Imitator(
+                64, None, encoder="mlp", feat_dim=8, epochs=2, augmentation=augmentation, seed=3
+            )
+            .fit(pool, outs)
+            .features(pool)
+        )
 
     perturbed = features(FeatureAugmentation(dropout=0.3, noise=0.1))
-    np.testing.assert_array_equal(perturbed, features(FeatureAugmentation(dropout=0.3, noise=0.1)))  # seeded
+    np.testing.assert_array_equal(
+        perturbed, features(FeatureAugmentation(dropout=0.3, noise=0.1))
+    )  # seeded
     assert not np.allclose(perturbed, features(None))  # the perturbations reached training
-    np.testing.assert_array_equal(features(FeatureAugmentation()), features(None))  # all zero: plain training
+    np.testing.assert_array_equal(
+        features(FeatureAugmentation()), features(None)
+    )  # all zero: plain training
 
 
 def test_imitator_rejects_bad_configs(digits: Digits) -> None:
@@ -251,7 +319,9 @@ def test_imitator_rejects_bad_configs(digits: Digits) -> None:
     with pytest.raises(RuntimeError):
         Imitator(64, None, encoder="mlp").features(digits.test_x[:2])
     with pytest.raises(RuntimeError, match="before fit"):
-        Imitator(64, None, encoder="mlp").probe(digits.test_x[:2], np.array([0, 1]), digits.test_x[:2])
+        Imitator(64, None, encoder="mlp").probe(
+            digits.test_x[:2], np.array([0, 1]), digits.test_x[:2]
+        )
     bad = [ExpertOutput(("0", "1"), np.full((3, 2), 0.5))]
     with pytest.raises(ValueError, match="shape"):
         Imitator(64, None, encoder="mlp").fit(digits.train_x[:4], bad)

@@ -9,10 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from bench.report import paired_gaps, summarize
 from bench.baselines import CEILING
-from bench.run import SHOTS, build_world, draw_episode, episode_tasks, hide_label, run_episode, uncovered_tasks
-from bench.federations import DEFAULT_RECIPES, KINDS, ROBUSTNESS_RECIPES, SEGMENT_RECIPES, recipes_for
+from bench.federations import (
+    DEFAULT_RECIPES,
+    KINDS,
+    ROBUSTNESS_RECIPES,
+    SEGMENT_RECIPES,
+    recipes_for,
+)
+from bench.report import paired_gaps, summarize
+from bench.run import (
+    SHOTS,
+    build_world,
+    draw_episode,
+    episode_tasks,
+    hide_label,
+    run_episode,
+    uncovered_tasks,
+)
 from protofuse.settings import TrainingSettings
 
 torch.set_num_threads(1)
@@ -25,14 +39,18 @@ def test_new_tasks_are_covered_by_no_single_expert(ways):
     assert len(tasks) == 10 and len(set(tasks)) == 10
     for task in tasks:
         assert len(task) == ways and not any(set(task) <= set(r.classes) for r in DEFAULT_RECIPES)
-    with_nine = uncovered_tasks(DEFAULT_RECIPES, labels, 2, 4, np.random.default_rng(0), must_include="9")
+    with_nine = uncovered_tasks(
+        DEFAULT_RECIPES, labels, 2, 4, np.random.default_rng(0), must_include="9"
+    )
     assert all("9" in t for t in with_nine)
 
 
 def test_every_pair_an_expert_covers_is_left_out():
     labels = tuple(str(i) for i in range(10))
     tasks = set(uncovered_tasks(DEFAULT_RECIPES, labels, 2, 1000, np.random.default_rng(0)))
-    covered = {tuple(sorted(p)) for r in DEFAULT_RECIPES for p in itertools.combinations(r.classes, 2)}
+    covered = {
+        tuple(sorted(p)) for r in DEFAULT_RECIPES for p in itertools.combinations(r.classes, 2)
+    }
     assert len(tasks) == 45 - len(covered) and not tasks & covered
 
 
@@ -55,24 +73,47 @@ def test_hide_label_removes_it_from_every_expert():
 def test_the_segment_ring_covers_each_class_thrice_and_leaves_only_the_pairs_three_apart():
     labels = ("brickface", "cement", "foliage", "grass", "path", "sky", "window")
     assert sorted(c for r in SEGMENT_RECIPES for c in r.classes) == sorted(labels * 3)
-    assert len({r.name for r in SEGMENT_RECIPES}) == 7 and {r.kind for r in SEGMENT_RECIPES} == set(KINDS)
+    assert len({r.name for r in SEGMENT_RECIPES}) == 7 and {r.kind for r in SEGMENT_RECIPES} == set(
+        KINDS
+    )
     pairs = uncovered_tasks(SEGMENT_RECIPES, labels, 2, 100, np.random.default_rng(0))
-    assert len(pairs) == 7 and all((labels.index(b) - labels.index(a)) % 7 in (3, 4) for a, b in pairs)
-    assert len(uncovered_tasks(SEGMENT_RECIPES, labels, 5, 100, np.random.default_rng(0))) == 21  # every 5-way task
-    assert recipes_for("segment") == SEGMENT_RECIPES and recipes_for("digits-flat") == DEFAULT_RECIPES == recipes_for("mnist5k")
+    assert len(pairs) == 7 and all(
+        (labels.index(b) - labels.index(a)) % 7 in (3, 4) for a, b in pairs
+    )
+    assert (
+        len(uncovered_tasks(SEGMENT_RECIPES, labels, 5, 100, np.random.default_rng(0))) == 21
+    )  # every 5-way task
+    assert recipes_for("segment") == SEGMENT_RECIPES and recipes_for(
+        "digits-flat"
+    ) == DEFAULT_RECIPES == recipes_for("mnist5k")
 
 
 def test_a_table_world_fits_the_bank_and_the_mlp_imitator_with_and_without_table_augmentation():
     banks = {"protofuse": ({}, {}), "protofuse, mlp encoder": ({"encoder": "mlp"}, {})}
     table = build_world("digits-flat", 0, DEFAULT_RECIPES, banks, 2, ["conv"], ceiling=False)
-    assert set(table.banks) == {"protofuse", "protofuse, no table augmentation"}  # the image-only ablation is the default here
-    assert table.banks["protofuse, no table augmentation"].meta.settings.training.feature_dropout == 0
+    assert set(table.banks) == {
+        "protofuse",
+        "protofuse, no table augmentation",
+    }  # the image-only ablation is the default here
+    assert (
+        table.banks["protofuse, no table augmentation"].meta.settings.training.feature_dropout == 0
+    )
     assert set(table.imitators) == {"mlp", "mlp, no augmentation", "mlp, feature dropout 0.5"}
-    assert table.imitators["mlp"].augmentation == TrainingSettings().resolved_augmentation(None, 64) is not None  # the bank's own rule
+    assert (
+        table.imitators["mlp"].augmentation
+        == TrainingSettings().resolved_augmentation(None, 64)
+        is not None
+    )  # the bank's own rule
     assert table.imitators["mlp, no augmentation"].augmentation is None
     episode = draw_episode(table, ("1", "4"), np.random.default_rng(0), 40)
     acc = run_episode(table, episode, 1, {"all"})
-    assert {"protofuse", "protofuse, no table augmentation", "imitator (mlp) + probe", "imitator (mlp, no augmentation) + probe", "stacking (experts online)"} <= set(acc)
+    assert {
+        "protofuse",
+        "protofuse, no table augmentation",
+        "imitator (mlp) + probe",
+        "imitator (mlp, no augmentation) + probe",
+        "stacking (experts online)",
+    } <= set(acc)
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +142,38 @@ def test_every_method_is_scored_on_the_same_episode(world):
     episode = draw_episode(world, ("1", "4", "9"), np.random.default_rng(0), 60)
     acc = run_episode(world, episode, 2, {"all"})
     expected = {
-        "protofuse", "protofuse zero-shot", "expert vote (experts online)", "stacking (experts online)", "scratch", "nearest class mean",
-        "imitator (mlp) + probe", "imitator (mlp) + cosine NCM", "imitator (mlp) zero-shot vote", CEILING,
+        "protofuse",
+        "protofuse zero-shot",
+        "expert vote (experts online)",
+        "stacking (experts online)",
+        "scratch",
+        "nearest class mean",
+        "imitator (mlp) + probe",
+        "imitator (mlp) + cosine NCM",
+        "imitator (mlp) zero-shot vote",
+        CEILING,
     }
     assert expected <= set(acc)
     assert all(0.0 <= a <= 1.0 for a in acc.values())
     assert acc["expert vote (experts online)"] > 0.6  # three-way chance is 0.33
     assert acc[CEILING] > 0.6
     assert run_episode(world, episode, 2, {"all"}) == acc  # deterministic given the episode
-    variants = run_episode(world, episode, 2, {"protofuse", "protofuse, strong prior"}, adapt_variants={"protofuse, strong prior": {"prior_strength": 1e6}})
-    assert variants["protofuse"] == acc["protofuse"] and variants["protofuse, strong prior"] == acc["protofuse zero-shot"]  # a rigid prior is the zero-shot model
+    variants = run_episode(
+        world,
+        episode,
+        2,
+        {"protofuse", "protofuse, strong prior"},
+        adapt_variants={"protofuse, strong prior": {"prior_strength": 1e6}},
+    )
+    assert (
+        variants["protofuse"] == acc["protofuse"]
+        and variants["protofuse, strong prior"] == acc["protofuse zero-shot"]
+    )  # a rigid prior is the zero-shot model
     one = run_episode(world, episode, 1, {"scratch", "protofuse zero-shot"})
     assert set(one) == {"scratch", "protofuse zero-shot"}
-    assert one["protofuse zero-shot"] == acc["protofuse zero-shot"]  # no examples: the same at every k
+    assert (
+        one["protofuse zero-shot"] == acc["protofuse zero-shot"]
+    )  # no examples: the same at every k
 
 
 def test_recall_of_one_label_is_scored_on_its_own_examples(world):
@@ -130,12 +190,23 @@ def test_recall_of_one_label_is_scored_on_its_own_examples(world):
 
 
 def test_report_pairs_episodes_and_measures_spread():
-    rows = [{"dataset": "d", "seed": s, "ways": 2, "task": t, "k": 1, "method": m, "accuracy": a}
-            for s, t, m, a in [(0, "a", "protofuse", 0.9), (0, "a", "b", 0.8), (1, "a", "protofuse", 0.7), (1, "a", "b", 0.9)]]
+    rows = [
+        {"dataset": "d", "seed": s, "ways": 2, "task": t, "k": 1, "method": m, "accuracy": a}
+        for s, t, m, a in [
+            (0, "a", "protofuse", 0.9),
+            (0, "a", "b", 0.8),
+            (1, "a", "protofuse", 0.7),
+            (1, "a", "b", 0.9),
+        ]
+    ]
     gap = {g["method"]: g for g in paired_gaps(rows)}["b"]
     assert gap["mean_gap"] == pytest.approx(-0.05) and gap["win_or_tie"] == 0.5 and gap["n"] == 2
     cell = {s["method"]: s for s in summarize(rows)}["protofuse"]
-    assert cell["mean"] == pytest.approx(0.8) and cell["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1)) and cell["n"] == 2
+    assert (
+        cell["mean"] == pytest.approx(0.8)
+        and cell["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+        and cell["n"] == 2
+    )
 
 
 def test_the_table_sweep_reads_its_grid_and_refuses_the_reported_seeds(tmp_path, capsys):
@@ -150,7 +221,25 @@ def test_the_table_sweep_reads_its_grid_and_refuses_the_reported_seeds(tmp_path,
 def test_epoch_time_benchmark_writes_a_row_per_shape(tmp_path):
     from bench.epoch_time import main as epoch_time
 
-    assert epoch_time(["--sides", "8", "64", "--channels", "1", "3", "--queries", "40", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        epoch_time(
+            [
+                "--sides",
+                "8",
+                "64",
+                "--channels",
+                "1",
+                "3",
+                "--queries",
+                "40",
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(r["side"], r["channels"]) for r in rows] == [(8, 1), (64, 1), (8, 3), (64, 3)]
     assert all(r["epoch_s"] > 0 for r in rows)
@@ -162,9 +251,22 @@ def test_datasets_are_compared_episode_by_episode():
     from bench.compare import paired_gaps
 
     def row(dataset, seed, k, accuracy):
-        return {"dataset": dataset, "seed": seed, "task": "0 1", "k": k, "method": "protofuse", "accuracy": accuracy}
+        return {
+            "dataset": dataset,
+            "seed": seed,
+            "task": "0 1",
+            "k": k,
+            "method": "protofuse",
+            "accuracy": accuracy,
+        }
 
-    episodes = [row("a", 0, 1, 0.9), row("a", 1, 1, 0.8), row("b", 0, 1, 0.8), row("b", 1, 1, 0.9), row("b", 2, 1, 0.1)]
+    episodes = [
+        row("a", 0, 1, 0.9),
+        row("a", 1, 1, 0.8),
+        row("b", 0, 1, 0.8),
+        row("b", 1, 1, 0.9),
+        row("b", 2, 1, 0.1),
+    ]
     gaps = paired_gaps(episodes, "b", "a", "protofuse")
     assert gaps[1][2] == 2  # seed 2 has no partner and is left out
     assert gaps[1][0] == pytest.approx(0.0) and gaps[1][1] == pytest.approx(10.0)

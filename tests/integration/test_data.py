@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from bench.datasets import Dataset, Splits, load_dataset, load_digits, load_mnist5k, load_mnist_idx, make_splits, sample_support, task_subset
+from bench.datasets import (
+    Dataset,
+    Splits,
+    load_dataset,
+    load_digits,
+    load_mnist5k,
+    load_mnist_idx,
+    make_splits,
+    sample_support,
+    task_subset,
+)
 
 torch.set_num_threads(1)
 
@@ -37,7 +47,7 @@ def test_load_digits_scaled_images():
 def test_load_mnist5k_scaled_images():
     ds = load_mnist5k()
     assert ds.x.shape == (5000, 784) and ds.x.dtype == np.float32
-    assert 0.0 <= ds.x.min() and ds.x.max() == 1.0
+    assert ds.x.min() >= 0.0 and ds.x.max() == 1.0
     assert np.bincount(ds.y).tolist() == [500] * 10
     assert ds.image_shape == (28, 28) and ds.likelihood == "bernoulli"
 
@@ -106,8 +116,12 @@ def test_splits_reject_bad_fractions(fractions):
         make_splits(_indexed(), 0, fractions)
 
 
-def _write_idx(path, arr: np.ndarray, gz: bool = False, magic: bytes | None = None, cut: int = 0) -> None:
-    header = (magic if magic is not None else bytes([0, 0, 0x08, arr.ndim])) + struct.pack(f">{arr.ndim}I", *arr.shape)
+def _write_idx(
+    path, arr: np.ndarray, gz: bool = False, magic: bytes | None = None, cut: int = 0
+) -> None:
+    header = (magic if magic is not None else bytes([0, 0, 0x08, arr.ndim])) + struct.pack(
+        f">{arr.ndim}I", *arr.shape
+    )
     raw = header + arr.astype(np.uint8).tobytes()
     raw = raw[: len(raw) - cut]
     path.write_bytes(gzip.compress(raw) if gz else raw)
@@ -115,7 +129,9 @@ def _write_idx(path, arr: np.ndarray, gz: bool = False, magic: bytes | None = No
 
 def _tiny_mnist(n=6, h=4, w=3):
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, h, w), dtype=np.uint8), np.array([3, 0, 7, 3, 0, 7][:n], dtype=np.uint8)
+    return rng.integers(0, 256, (n, h, w), dtype=np.uint8), np.array(
+        [3, 0, 7, 3, 0, 7][:n], dtype=np.uint8
+    )
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -216,13 +232,22 @@ def test_task_subset_remaps_labels():
 
 
 def test_flat_datasets_are_the_same_pixels_without_an_image_shape():
-    for flat, images in ((load_dataset("digits-flat"), load_digits()), (load_dataset("mnist5k-flat"), load_mnist5k())):
+    for flat, images in (
+        (load_dataset("digits-flat"), load_digits()),
+        (load_dataset("mnist5k-flat"), load_mnist5k()),
+    ):
         assert flat.image_shape is None and images.image_shape is not None
-        assert np.array_equal(flat.x, images.x) and np.array_equal(flat.y, images.y) and flat.label_names == images.label_names
+        assert (
+            np.array_equal(flat.x, images.x)
+            and np.array_equal(flat.y, images.y)
+            and flat.label_names == images.label_names
+        )
 
 
 def test_load_segment_is_a_standardised_seven_class_table():
-    pytest.importorskip("river", reason="the segment table ships in river (the test extra installs it)")
+    pytest.importorskip(
+        "river", reason="the segment table ships in river (the test extra installs it)"
+    )
     ds = load_dataset("segment")
     assert ds.x.shape == (2310, 18) and ds.x.dtype == np.float32
     assert ds.image_shape is None and ds.likelihood == "gaussian"
@@ -230,5 +255,7 @@ def test_load_segment_is_a_standardised_seven_class_table():
     assert np.bincount(ds.y).tolist() == [330] * 7
     np.testing.assert_allclose(ds.x.mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(ds.x.std(0), 1, atol=1e-3)
-    splits = make_splits(ds, 0)  # the benchmark's splits leave at least 10 support examples per class
+    splits = make_splits(
+        ds, 0
+    )  # the benchmark's splits leave at least 10 support examples per class
     assert np.bincount(splits.support.y).min() >= 10

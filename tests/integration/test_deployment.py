@@ -8,19 +8,22 @@ and runtime dependency installation stays disabled.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
-import numpy as np
-import pytest
+from organizations import held_out_task
 
 from protofuse.bank import load_bank
-from organizations import TASK, held_out_task
-
+from protofuse.flower.launcher import (
+    flower_bin,
+    flower_env,
+    free_port,
+    start_superlink,
+    stop,
+    write_connection,
+)
 from protofuse.flower.simulation import app_dir
-from protofuse.flower.launcher import flower_bin, flower_env, free_port, start_superlink, stop, write_connection
+
 
 def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     tmp, specs, server, splits = folders
@@ -33,11 +36,43 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
         procs.append(start_superlink(home, port, simulation=False, log_file=tmp / "superlink.log"))
         for i, spec in enumerate(specs):
             log = open(tmp / f"client{i}.log", "wb")
-            cmd = [sys.executable, "-m", "protofuse_cli.main", "client", str(spec), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure"]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            cmd = [
+                sys.executable,
+                "-m",
+                "protofuse_cli.main",
+                "client",
+                str(spec),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--port",
+                str(free_port()),
+                "--insecure",
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
         run_config = f'spec="{server}" out="{tmp / "run"}"'
-        result = subprocess.run([flower_bin("flwr"), "run", str(app_dir()), "deployment", "--stream", "--run-config", run_config], env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
-        assert (tmp / "run" / "bank" / "meta.json").exists(), result.stdout[-4000:] + result.stderr[-2000:]
+        result = subprocess.run(
+            [
+                flower_bin("flwr"),
+                "run",
+                str(app_dir()),
+                "deployment",
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert (tmp / "run" / "bank" / "meta.json").exists(), (
+            result.stdout[-4000:] + result.stderr[-2000:]
+        )
         assert "round 5/5 weighted" in result.stdout
     finally:
         for proc in reversed(procs):

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from client_sdk.experts import Expert, query_expert
-from bench.federations import DEFAULT_RECIPES, ROBUSTNESS_RECIPES, BuiltExpert, ExpertRecipe, build_expert, build_federation, demo_expert
 from bench.datasets import Dataset, load_digits, make_splits, task_subset
+from bench.federations import (
+    DEFAULT_RECIPES,
+    ROBUSTNESS_RECIPES,
+    BuiltExpert,
+    ExpertRecipe,
+    build_expert,
+    build_federation,
+    demo_expert,
+)
+from client_sdk.experts import Expert, query_expert
 
 torch.set_num_threads(1)
 
@@ -101,7 +109,10 @@ def test_build_expert_deterministic_given_seed(splits, kind):
 def test_label_noise_depends_on_seed(splits):
     recipe = ExpertRecipe("noisy", "logreg", ("1", "7"), label_noise=0.3)
     x = splits.test.x[:40]
-    a, b = (query_expert(build_expert(recipe, splits.expert_train, seed=s).expert, x, "noisy") for s in (0, 1))
+    a, b = (
+        query_expert(build_expert(recipe, splits.expert_train, seed=s).expert, x, "noisy")
+        for s in (0, 1)
+    )
     assert not np.array_equal(a, b)
 
 

@@ -86,7 +86,9 @@ def _free_port() -> int:
 
 
 def _server_env(bin_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "MLFLOW_", "PYTHON"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "MLFLOW_", "PYTHON"))
+    }
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # mlflow execs uvicorn from PATH
     env["VIRTUAL_ENV"] = str(bin_dir.parent)
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -108,15 +110,32 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _start(cmd: list[str], cwd: Path, env: dict[str, str], ready_url: str, log: Path, request, limit: float = 90.0) -> None:
+def _start(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    ready_url: str,
+    log: Path,
+    request,
+    limit: float = 90.0,
+) -> None:
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     request.addfinalizer(lambda: _stop(proc))
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"{cmd[0]} exited with {proc.returncode} before it was ready:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"{cmd[0]} exited with {proc.returncode} before it was ready:\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(ready_url, timeout=1) as resp:
                 if resp.status == 200:
@@ -125,18 +144,29 @@ def _start(cmd: list[str], cwd: Path, env: dict[str, str], ready_url: str, log: 
             pass
         time.sleep(0.2)
     _stop(proc)
-    pytest.fail(f"{cmd[0]} was not ready at {ready_url} within {limit:.0f} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(
+        f"{cmd[0]} was not ready at {ready_url} within {limit:.0f} s:\n{log.read_text()[-3000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     server = _server_bin()
     if not server.exists():
-        pytest.skip(f"no MLServer at {server}: run `bash {SETUP}` (or set PROTOFUSE_MLSERVER to an mlserver binary)")
+        pytest.skip(
+            f"no MLServer at {server}: run `bash {SETUP}` (or set PROTOFUSE_MLSERVER to an mlserver binary)"
+        )
     out = tmp_path_factory.mktemp("model-servers")
     python = server.parent / "python"
-    done = subprocess.run([str(python), "-c", FIT_SCRIPT, str(out)], capture_output=True, text=True, timeout=300,
-                          check=False, env=_server_env(server.parent), cwd=out)
+    done = subprocess.run(
+        [str(python), "-c", FIT_SCRIPT, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=_server_env(server.parent),
+        cwd=out,
+    )
     assert done.returncode == 0, f"fitting with {python} failed:\n{done.stdout}\n{done.stderr}"
     return out
 
@@ -151,13 +181,26 @@ def mlserver_url(artifacts, request):
     server = _server_bin()
     http_port, grpc_port = _free_port(), _free_port()
     repo = artifacts / "repo"
-    (repo / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port,
-        "metrics_endpoint": None, "parallel_workers": 0,
-    }))
+    (repo / "settings.json").write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "metrics_endpoint": None,
+                "parallel_workers": 0,
+            }
+        )
+    )
     url = f"http://127.0.0.1:{http_port}"
-    _start([str(server), "start", str(repo)], repo, _server_env(server.parent), url + "/v2/health/ready",
-           artifacts / "mlserver.log", request)
+    _start(
+        [str(server), "start", str(repo)],
+        repo,
+        _server_env(server.parent),
+        url + "/v2/health/ready",
+        artifacts / "mlserver.log",
+        request,
+    )
     return url
 
 
@@ -166,12 +209,31 @@ def mlflow_url(artifacts, request):
     server = _server_bin()
     mlflow = Path(os.environ.get("PROTOFUSE_MLFLOW", server.parent / "mlflow"))
     if not mlflow.exists() or not (artifacts / "mlflow-model").exists():
-        pytest.skip(f"no MLflow next to {server}: run `bash {SETUP}` (it installs mlflow-skinny) or set PROTOFUSE_MLFLOW")
+        pytest.skip(
+            f"no MLflow next to {server}: run `bash {SETUP}` (it installs mlflow-skinny) or set PROTOFUSE_MLFLOW"
+        )
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    _start([str(mlflow), "models", "serve", "-m", str(artifacts / "mlflow-model"), "--env-manager", "local",
-            "-h", "127.0.0.1", "-p", str(port)], artifacts, _server_env(server.parent), url + "/ping",
-           artifacts / "mlflow.log", request)
+    _start(
+        [
+            str(mlflow),
+            "models",
+            "serve",
+            "-m",
+            str(artifacts / "mlflow-model"),
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        artifacts,
+        _server_env(server.parent),
+        url + "/ping",
+        artifacts / "mlflow.log",
+        request,
+    )
     return url
 
 
@@ -182,9 +244,12 @@ def _oip(url: str, **kw) -> OpenInferenceExpert:
 
 # ---- MLServer: Open Inference Protocol --------------------------------------------------------
 
+
 def test_open_inference_probabilities_equal_the_estimators(mlserver_url, expected):
     x, want = expected
-    expert = model_server_expert("open-inference", mlserver_url, LABELS, model=MODEL, output="predict_proba")
+    expert = model_server_expert(
+        "open-inference", mlserver_url, LABELS, model=MODEL, output="predict_proba"
+    )
     got = expert.predict_proba(x)
     assert got.dtype == np.float64 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
@@ -281,6 +346,7 @@ def test_wrong_label_count_is_caught(mlserver_url, expected):
 
 # ---- MLflow: mlflow models serve ---------------------------------------------------------------
 
+
 def test_mlflow_probabilities_equal_the_estimators(mlflow_url, expected):
     x, want = expected
     expert = model_server_expert("mlflow", mlflow_url, LABELS, batch_size=10)
@@ -309,9 +375,12 @@ def test_mlflow_wrong_path_names_the_endpoint(mlflow_url, expected):
 
 # ---- timeouts and retries against standard-library servers -------------------------------------
 
+
 class _Recorder:
     def __init__(self, behave):
-        self.behave = behave  # (attempt number from 0, parsed request body) -> (status, headers, body, delay)
+        self.behave = (
+            behave  # (attempt number from 0, parsed request body) -> (status, headers, body, delay)
+        )
         self.bodies: list = []
         self.lock = threading.Lock()
 
@@ -329,7 +398,9 @@ def _local_server(behave):
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             with rec.lock:
                 attempt = len(rec.bodies)
-                rec.bodies.append((self.path, self.headers.get("Content-Type"), json.loads(raw or b"null")))
+                rec.bodies.append(
+                    (self.path, self.headers.get("Content-Type"), json.loads(raw or b"null"))
+                )
             status, headers, body, delay = rec.behave(attempt, rec.bodies[-1][2])
             time.sleep(delay)
             try:
@@ -348,7 +419,9 @@ def _local_server(behave):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", rec
@@ -360,7 +433,10 @@ def _local_server(behave):
 def _oip_answer(body, output="predict_proba"):
     n = body["inputs"][0]["shape"][0]
     row = [0.2, 0.3, 0.5]
-    return {"model_name": MODEL, "outputs": [{"name": output, "shape": [n, 3], "datatype": "FP64", "data": row * n}]}
+    return {
+        "model_name": MODEL,
+        "outputs": [{"name": output, "shape": [n, 3], "datatype": "FP64", "data": row * n}],
+    }
 
 
 def _mlflow_answer(body):
@@ -383,7 +459,12 @@ def test_slow_server_times_out_after_retries_plus_one_attempts():
         assert rec.count == 3 and expert.n_attempts == 3 and expert.n_requests == 0
     assert spent < 2.5
     err = info.value
-    assert err.status is None and "3 attempts" in str(err) and "timeout=0.25" in str(err) and url in str(err)
+    assert (
+        err.status is None
+        and "3 attempts" in str(err)
+        and "timeout=0.25" in str(err)
+        and url in str(err)
+    )
 
 
 @pytest.mark.parametrize("protocol", ["open-inference", "mlflow"])
@@ -393,7 +474,12 @@ def test_transient_failures_are_retried_until_success(protocol, failures):
 
     def behave(i, body):
         if i < len(failures):
-            return failures[i], {"Retry-After": "0"} if failures[i] == 429 else {}, {"error": "busy"}, 0
+            return (
+                failures[i],
+                {"Retry-After": "0"} if failures[i] == 429 else {},
+                {"error": "busy"},
+                0,
+            )
         return 200, {}, answer(body), 0
 
     with _local_server(behave) as (url, rec):
@@ -416,51 +502,87 @@ def test_transient_failures_are_retried_until_success(protocol, failures):
 def test_persistent_server_errors_give_up_with_the_last_answer():
     with _local_server(lambda i, body: (503, {}, {"error": "model is loading"}, 0)) as (url, rec):
         expert = _fast(_oip(url, retries=1))
-        with pytest.raises(ModelServerError, match=r"(?s)2 attempts.*HTTP 503: model is loading.*[Uu]navailable") as info:
+        with pytest.raises(
+            ModelServerError, match=r"(?s)2 attempts.*HTTP 503: model is loading.*[Uu]navailable"
+        ) as info:
             expert.predict_proba(np.zeros((1, 4)))
-    assert rec.count == 2 and info.value.status == 503 and info.value.server_message == "model is loading"
+    assert (
+        rec.count == 2
+        and info.value.status == 503
+        and info.value.server_message == "model is loading"
+    )
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
 def test_client_errors_are_not_retried(status):
-    with _local_server(lambda i, body: (status, {}, {"error": f"bad thing {status}"}, 0)) as (url, rec):
+    with _local_server(lambda i, body: (status, {}, {"error": f"bad thing {status}"}, 0)) as (
+        url,
+        rec,
+    ):
         expert = _fast(_oip(url, retries=5))
         with pytest.raises(ModelServerError) as info:
             expert.predict_proba(np.zeros((1, 4)))
     infer = [path for path, _, _ in rec.bodies if path.endswith("/infer")]
     assert len(infer) == 1 and expert.n_attempts == 1  # (a 404 also asks /v2/repository/index once)
-    assert info.value.status == status and f"HTTP {status}" in str(info.value) and f"bad thing {status}" in str(info.value)
+    assert (
+        info.value.status == status
+        and f"HTTP {status}" in str(info.value)
+        and f"bad thing {status}" in str(info.value)
+    )
     assert isinstance(info.value, ExpertOutputError) and isinstance(info.value, ValueError)
 
 
 def test_nothing_listening_is_a_connection_error_after_retries():
     port = _free_port()
     expert = _fast(_oip(f"http://127.0.0.1:{port}", retries=2))
-    with pytest.raises(ModelServerError, match=r"3 attempts.*connection refused.*Check that the server is running"):
+    with pytest.raises(
+        ModelServerError, match=r"3 attempts.*connection refused.*Check that the server is running"
+    ):
         expert.predict_proba(np.zeros((1, 4)))
     assert expert.n_attempts == 3
 
 
 def test_non_json_answer_is_reported():
-    with (_local_server(lambda i, body: (200, {}, b"<html>login</html>", 0)) as (url, _),
-          pytest.raises(ModelServerError, match="not JSON")):
+    with (
+        _local_server(lambda i, body: (200, {}, b"<html>login</html>", 0)) as (url, _),
+        pytest.raises(ModelServerError, match="not JSON"),
+    ):
         _oip(url).predict_proba(np.zeros((1, 4)))
 
 
 def test_mlflow_accepts_a_bare_list_and_records_ordered_by_label():
-    with _local_server(lambda i, body: (200, {}, [[0.1, 0.2, 0.7]] * len(body["inputs"]), 0)) as (url, _):
-        np.testing.assert_allclose(MLflowExpert(url, LABELS).predict_proba(np.zeros((2, 3))), [[0.1, 0.2, 0.7]] * 2)
+    with _local_server(lambda i, body: (200, {}, [[0.1, 0.2, 0.7]] * len(body["inputs"]), 0)) as (
+        url,
+        _,
+    ):
+        np.testing.assert_allclose(
+            MLflowExpert(url, LABELS).predict_proba(np.zeros((2, 3))), [[0.1, 0.2, 0.7]] * 2
+        )
     records = [{"2": 0.7, "0": 0.1, "1": 0.2}]
-    with _local_server(lambda i, body: (200, {}, {"predictions": records * len(body["inputs"])}, 0)) as (url, _):
-        np.testing.assert_allclose(MLflowExpert(url, LABELS).predict_proba(np.zeros((2, 3))), [[0.1, 0.2, 0.7]] * 2)
-    with (_local_server(lambda i, body: (200, {}, {"predictions": [1] * len(body["inputs"])}, 0)) as (url, _),
-          pytest.raises(ModelServerError, match="pyfunc_predict_fn='predict_proba'")):
+    with _local_server(
+        lambda i, body: (200, {}, {"predictions": records * len(body["inputs"])}, 0)
+    ) as (url, _):
+        np.testing.assert_allclose(
+            MLflowExpert(url, LABELS).predict_proba(np.zeros((2, 3))), [[0.1, 0.2, 0.7]] * 2
+        )
+    with (
+        _local_server(lambda i, body: (200, {}, {"predictions": [1] * len(body["inputs"])}, 0)) as (
+            url,
+            _,
+        ),
+        pytest.raises(ModelServerError, match="pyfunc_predict_fn='predict_proba'"),
+    ):
         MLflowExpert(url, LABELS).predict_proba(np.zeros((2, 3)))
 
 
 def test_open_inference_picks_the_only_output_and_names_several():
-    with _local_server(lambda i, body: (200, {}, _oip_answer(body, "probabilities"), 0)) as (url, _):
-        got = OpenInferenceExpert(url, MODEL, LABELS).predict_proba(np.zeros((3, 2), dtype=np.float32))
+    with _local_server(lambda i, body: (200, {}, _oip_answer(body, "probabilities"), 0)) as (
+        url,
+        _,
+    ):
+        got = OpenInferenceExpert(url, MODEL, LABELS).predict_proba(
+            np.zeros((3, 2), dtype=np.float32)
+        )
     np.testing.assert_allclose(got, [[0.2, 0.3, 0.5]] * 3)
 
     def two(i, body):
@@ -468,15 +590,22 @@ def test_open_inference_picks_the_only_output_and_names_several():
         answer["outputs"].append(dict(answer["outputs"][0], name="other"))
         return 200, {}, answer, 0
 
-    with (_local_server(two) as (url, rec),
-          pytest.raises(ModelServerError, match=r"several outputs \['predict_proba', 'other'\]")):
+    with (
+        _local_server(two) as (url, rec),
+        pytest.raises(ModelServerError, match=r"several outputs \['predict_proba', 'other'\]"),
+    ):
         OpenInferenceExpert(url, MODEL, LABELS).predict_proba(np.zeros((1, 2), dtype=np.float32))
     assert rec.bodies[0][2]["inputs"][0]["datatype"] == "FP32" and "outputs" not in rec.bodies[0][2]
 
 
 def test_query_expert_wraps_server_errors():
-    with (_local_server(lambda i, body: (400, {}, {"error": "nope"}, 0)) as (url, _),
-          pytest.raises(ExpertOutputError, match=r"expert 'remote' failed.*HTTP 400 at .*/v2/models/digits/infer: nope")):
+    with (
+        _local_server(lambda i, body: (400, {}, {"error": "nope"}, 0)) as (url, _),
+        pytest.raises(
+            ExpertOutputError,
+            match=r"expert 'remote' failed.*HTTP 400 at .*/v2/models/digits/infer: nope",
+        ),
+    ):
         query_expert(_oip(url), np.zeros((2, 4)), "remote")
 
 
@@ -497,10 +626,14 @@ def test_headers_are_sent():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Probe)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        MLflowExpert(url, LABELS, headers={"Authorization": "Bearer t0ken"}).predict_proba(np.zeros((1, 2)))
+        MLflowExpert(url, LABELS, headers={"Authorization": "Bearer t0ken"}).predict_proba(
+            np.zeros((1, 2))
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -509,23 +642,50 @@ def test_headers_are_sent():
 
 # ---- argument validation (no server) ----------------------------------------------------------
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda: model_server_expert("grpc", "http://h:1", LABELS, model="m"), "open-inference"),
-    (lambda: model_server_expert("open-inference", "http://h:1", LABELS), "needs model="),
-    (lambda: model_server_expert("open-inference", "h:8080", LABELS, model="m"), "http:// or https://"),
-    (lambda: model_server_expert("mlflow", "ftp://h", LABELS), "http:// or https://"),
-    (lambda: model_server_expert("mlflow", "http://h:1", LABELS, model="m"), "takes no model"),
-    (lambda: model_server_expert("mlflow", "http://h:1/invocations", LABELS), "server root"),
-    (lambda: model_server_expert("open-inference", "http://h:1/v2/models/m", LABELS, model="m"), "server root"),
-    (lambda: model_server_expert("open-inference", "http://h:1", LABELS, model="a/b"), "model"),
-    (lambda: model_server_expert("open-inference", "http://h:1", LABELS, model="m", batch_size=0), "batch_size"),
-    (lambda: model_server_expert("open-inference", "http://h:1", LABELS, model="m", retries=-1), "retries"),
-    (lambda: model_server_expert("open-inference", "http://h:1", LABELS, model="m", timeout=0), "timeout"),
-    (lambda: model_server_expert("mlflow", "http://h:1", []), "labels is empty"),
-    (lambda: model_server_expert("mlflow", "http://h:1", ["a", "a"]), "more than once"),
-    (lambda: model_server_expert("mlflow", "http://user:pw@h:1", LABELS), "credentials"),
-    (lambda: OpenInferenceExpert("http://h:1", "m", LABELS, datatype="INT8"), "FP32"),
-])
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: model_server_expert("grpc", "http://h:1", LABELS, model="m"), "open-inference"),
+        (lambda: model_server_expert("open-inference", "http://h:1", LABELS), "needs model="),
+        (
+            lambda: model_server_expert("open-inference", "h:8080", LABELS, model="m"),
+            "http:// or https://",
+        ),
+        (lambda: model_server_expert("mlflow", "ftp://h", LABELS), "http:// or https://"),
+        (lambda: model_server_expert("mlflow", "http://h:1", LABELS, model="m"), "takes no model"),
+        (lambda: model_server_expert("mlflow", "http://h:1/invocations", LABELS), "server root"),
+        (
+            lambda: model_server_expert(
+                "open-inference", "http://h:1/v2/models/m", LABELS, model="m"
+            ),
+            "server root",
+        ),
+        (lambda: model_server_expert("open-inference", "http://h:1", LABELS, model="a/b"), "model"),
+        (
+            lambda: model_server_expert(
+                "open-inference", "http://h:1", LABELS, model="m", batch_size=0
+            ),
+            "batch_size",
+        ),
+        (
+            lambda: model_server_expert(
+                "open-inference", "http://h:1", LABELS, model="m", retries=-1
+            ),
+            "retries",
+        ),
+        (
+            lambda: model_server_expert(
+                "open-inference", "http://h:1", LABELS, model="m", timeout=0
+            ),
+            "timeout",
+        ),
+        (lambda: model_server_expert("mlflow", "http://h:1", []), "labels is empty"),
+        (lambda: model_server_expert("mlflow", "http://h:1", ["a", "a"]), "more than once"),
+        (lambda: model_server_expert("mlflow", "http://user:pw@h:1", LABELS), "credentials"),
+        (lambda: OpenInferenceExpert("http://h:1", "m", LABELS, datatype="INT8"), "FP32"),
+    ],
+)
 def test_invalid_arguments_are_explained(call, message):
     with pytest.raises(ValueError, match=message):
         call()

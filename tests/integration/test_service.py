@@ -13,7 +13,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from polling import wait_until
+from toys import clusters, two_experts
 
 from client_sdk import FusionClient, FusionError, SignatureError, load_adapted
 from protofuse.bank import fit_bank, load_bank
@@ -22,20 +26,25 @@ from protofuse.v1 import fusion_pb2
 from protofuse_server.certs import init
 from protofuse_server.service.server import Credentials, build_server
 from protofuse_server.service.settings import ServiceSettings
-from polling import wait_until
-from toys import clusters, two_experts
 
 torch.set_num_threads(1)
 X, Y, _ = clusters(0)
 
 
 def _bank(family: str, seed: int = 0):
-    return fit_bank(two_experts(X, Y), ModelSettings(family=family, feat_dim=8, hidden=32), TrainingSettings(epochs=12 if family == "discriminative" else 30, lr=5e-3, seed=seed), AdaptSettings(n_z=8), None, "bernoulli")
+    return fit_bank(
+        two_experts(X, Y),
+        ModelSettings(family=family, feat_dim=8, hidden=32),
+        TrainingSettings(epochs=12 if family == "discriminative" else 30, lr=5e-3, seed=seed),
+        AdaptSettings(n_z=8),
+        None,
+        "bernoulli",
+    )
 
 
 def _support(classes=(0, 2, 3), k=3, seed=0):
     rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(Y == c), k, replace=False) for c in classes])
+    idx = np.concatenate([rng.choice(np.flatnonzero(c == Y), k, replace=False) for c in classes])
     return X[idx], Y[idx].astype(str)
 
 
@@ -51,8 +60,12 @@ def served(certs, tmp_path_factory):
     """A TLS service over a discriminative bank, small limits so the tests can reach them."""
     folder = tmp_path_factory.mktemp("bank")
     _bank("discriminative").save(folder)
-    settings = ServiceSettings(max_support=40, max_message_mb=1.0, max_concurrent=1, reload_interval_s=0.2)
-    server, port, holder = build_server(folder, "127.0.0.1:0", settings, Credentials.from_folder(certs))
+    settings = ServiceSettings(
+        max_support=40, max_message_mb=1.0, max_concurrent=1, reload_interval_s=0.2
+    )
+    server, port, holder = build_server(
+        folder, "127.0.0.1:0", settings, Credentials.from_folder(certs)
+    )
     yield f"127.0.0.1:{port}", folder, holder
     server.stop(grace=None)
 
@@ -72,29 +85,45 @@ def test_adapt_returns_a_signed_model_that_names_its_bank_and_predicts(served, c
     # What was written is exactly what the server signed, and it matches local adaptation.
     again = load_adapted(tmp_path / "model", certs / "signing.pub")
     local = load_bank(folder).adapt(x, y, seed=3)
-    np.testing.assert_allclose(again.predict_proba(X), local.predict_proba(X), atol=1e-4)  # L-BFGS in another thread
+    np.testing.assert_allclose(
+        again.predict_proba(X), local.predict_proba(X), atol=1e-4
+    )  # L-BFGS in another thread
 
 
-def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_signed_model(served, certs, tmp_path):
+def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_signed_model(
+    served, certs, tmp_path
+):
     address, _, _ = served
     x, y = _support()
     with FusionClient(address, certs=certs) as fresh:
         full = fresh.adapt_response(x, y, seed=1)
     with FusionClient(address, certs=certs) as client:
-        client.adapt(x, y, seed=2)  # the first reply carries everything; the client keeps the bank's part
-        assert client._bank_weights is not None and client._bank_weights[0] == full.bank_weights_digest
+        client.adapt(
+            x, y, seed=2
+        )  # the first reply carries everything; the client keeps the bank's part
+        assert (
+            client._bank_weights is not None and client._bank_weights[0] == full.bank_weights_digest
+        )
         partial = client.adapt_response(x, y, seed=1)
         assert partial.bank_weights_omitted and not full.bank_weights_omitted
         assert len(partial.files["weights.npz"]) < len(full.files["weights.npz"]) / 10
-        assert client._full_files(partial, client._bank_weights)["weights.npz"] == full.files["weights.npz"]  # byte for byte
+        assert (
+            client._full_files(partial, client._bank_weights)["weights.npz"]
+            == full.files["weights.npz"]
+        )  # byte for byte
         model = client.adapt(x, y, seed=1, out=tmp_path / "model")
-        assert load_adapted(tmp_path / "model", certs / "signing.pub").classes_.tolist() == model.classes_.tolist()
+        assert (
+            load_adapted(tmp_path / "model", certs / "signing.pub").classes_.tolist()
+            == model.classes_.tolist()
+        )
         # A damaged copy of the bank's weights cannot pass for the signed model.
         name = next(iter(client._bank_weights[1]))
         client._bank_weights[1][name] += 1.0
         with pytest.raises(Exception, match="checksum mismatch"):
             client.adapt(x, y, seed=1)
-        assert client.adapt(x, y, seed=1).classes_.tolist() == model.classes_.tolist()  # the copy was dropped
+        assert (
+            client.adapt(x, y, seed=1).classes_.tolist() == model.classes_.tolist()
+        )  # the copy was dropped
 
 
 def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served, certs):
@@ -114,11 +143,16 @@ def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served,
 
 def test_a_generative_bank_lists_its_experts_moments(certs, tmp_path):
     _bank("generative").save(tmp_path / "bank")
-    server, port, _ = build_server(tmp_path / "bank", "127.0.0.1:0", ServiceSettings(), Credentials.from_folder(certs))
+    server, port, _ = build_server(
+        tmp_path / "bank", "127.0.0.1:0", ServiceSettings(), Credentials.from_folder(certs)
+    )
     try:
         with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
             experts = client.experts().experts
-        assert experts[0].distribution.head.posterior.cov.shape[0] == experts[0].distribution.head.posterior.mean.shape[0]
+        assert (
+            experts[0].distribution.head.posterior.cov.shape[0]
+            == experts[0].distribution.head.posterior.mean.shape[0]
+        )
     finally:
         server.stop(grace=None)
 
@@ -137,14 +171,23 @@ def test_callers_without_a_certificate_of_the_deployment_are_refused(served, cer
     address, _, _ = served
     x, y = _support()
     # TLS but no client certificate: the handshake fails before any method runs.
-    with FusionClient(address, root_certificates=certs / "ca.crt", public_key=certs / "signing.pub", timeout=5) as client:
+    with FusionClient(
+        address, root_certificates=certs / "ca.crt", public_key=certs / "signing.pub", timeout=5
+    ) as client:
         with pytest.raises(FusionError) as err:
             client.adapt(x, y)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     # A certificate from another CA.
     init(tmp_path / "other", supernodes=0)
     other = tmp_path / "other"
-    with FusionClient(address, root_certificates=certs / "ca.crt", certificate=other / "client.crt", private_key=other / "client.key", public_key=certs / "signing.pub", timeout=5) as client:
+    with FusionClient(
+        address,
+        root_certificates=certs / "ca.crt",
+        certificate=other / "client.crt",
+        private_key=other / "client.key",
+        public_key=certs / "signing.pub",
+        timeout=5,
+    ) as client:
         with pytest.raises(FusionError) as err:
             client.bank()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
@@ -158,27 +201,48 @@ def test_a_model_signed_by_another_key_is_refused_by_the_sdk(served, certs, tmp_
     address, _, _ = served
     init(tmp_path / "other", supernodes=0)
     x, y = _support()
-    with FusionClient(address, certs=certs, public_key=tmp_path / "other" / "signing.pub") as client:
+    with FusionClient(
+        address, certs=certs, public_key=tmp_path / "other" / "signing.pub"
+    ) as client:
         with pytest.raises(SignatureError, match="does not verify"):
             client.adapt(x, y, out=tmp_path / "model")
     assert not (tmp_path / "model").exists()  # nothing unverified is written
 
 
 def _raw(address: str, certs, method: str, payload: bytes) -> grpc.RpcError:
-    creds = grpc.ssl_channel_credentials((certs / "ca.crt").read_bytes(), (certs / "client.key").read_bytes(), (certs / "client.crt").read_bytes())
-    with grpc.secure_channel(address, creds) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            channel.unary_unary(f"/protofuse.v1.Fusion/{method}")(payload, timeout=30)
+    creds = grpc.ssl_channel_credentials(
+        (certs / "ca.crt").read_bytes(),
+        (certs / "client.key").read_bytes(),
+        (certs / "client.crt").read_bytes(),
+    )
+    with grpc.secure_channel(address, creds) as channel, pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary(f"/protofuse.v1.Fusion/{method}")(payload, timeout=30)
     return err.value
 
 
-def _request(x=None, labels=None, options=None, dtype=fusion_pb2.Tensor.FLOAT32, shape=None, data=None, version=1) -> bytes:
+def _request(
+    x=None,
+    labels=None,
+    options=None,
+    dtype=fusion_pb2.Tensor.FLOAT32,
+    shape=None,
+    data=None,
+    version=1,
+) -> bytes:
     sx, sy = _support()
     x = sx if x is None else x
-    msg = fusion_pb2.AdaptRequest(format_version=version, labels=list(sy if labels is None else labels), options=options or {})
+    msg = fusion_pb2.AdaptRequest(
+        format_version=version, labels=list(sy if labels is None else labels), options=options or {}
+    )
     msg.x.dtype = dtype
     msg.x.shape.extend(x.shape if shape is None else shape)
-    msg.x.data = np.ascontiguousarray(x, dtype="<f4" if dtype != fusion_pb2.Tensor.FLOAT64 else "<f8").tobytes() if data is None else data
+    msg.x.data = (
+        np.ascontiguousarray(
+            x, dtype="<f4" if dtype != fusion_pb2.Tensor.FLOAT64 else "<f8"
+        ).tobytes()
+        if data is None
+        else data
+    )
     return msg.SerializeToString()
 
 
@@ -194,24 +258,50 @@ BAD_REQUESTS = [
     ("unset dtype", _request(dtype=fusion_pb2.Tensor.DTYPE_UNSPECIFIED), "AdaptRequest.x.dtype"),
     ("three dimensions", _request(shape=(9, 4, 4)), "AdaptRequest.x.shape"),
     ("bytes for another shape", _request(data=b"\x00" * 12), "AdaptRequest.x.data"),
-    ("wrong width", _request(x=np.zeros((9, 5), np.float32)), "AdaptRequest.x.shape: rows of width 5, but the bank's inputs have width 16"),
+    (
+        "wrong width",
+        _request(x=np.zeros((9, 5), np.float32)),
+        "AdaptRequest.x.shape: rows of width 5, but the bank's inputs have width 16",
+    ),
     ("empty support", _request(x=np.zeros((0, 16), np.float32), labels=[]), "support set is empty"),
-    ("over the support limit", _request(x=np.zeros((41, 16), np.float32), labels=["0", "1"] * 20 + ["0"]), "limit of 40"),
+    (
+        "over the support limit",
+        _request(x=np.zeros((41, 16), np.float32), labels=["0", "1"] * 20 + ["0"]),
+        "limit of 40",
+    ),
     ("not finite", _request(x=_bad(_support()[0])), "AdaptRequest.x.data: row 4"),
-    ("labels of another length", _request(labels=["0", "2"]), "AdaptRequest.labels: 2 labels for 9 rows"),
+    (
+        "labels of another length",
+        _request(labels=["0", "2"]),
+        "AdaptRequest.labels: 2 labels for 9 rows",
+    ),
     ("one class", _request(labels=["0"] * 9), "at least two classes"),
     ("empty label", _request(labels=[""] + ["2"] * 8), "AdaptRequest.labels[0]"),
-    ("unknown option", _request(options={"learning_rate": "3"}), "AdaptRequest.options['learning_rate']: unknown option"),
+    (
+        "unknown option",
+        _request(options={"learning_rate": "3"}),
+        "AdaptRequest.options['learning_rate']: unknown option",
+    ),
     ("bad option value", _request(options={"prior_strength": "strong"}), "prior_strength"),
     ("bad seed", _request(options={"seed": "x"}), "AdaptRequest.options['seed']"),
     ("seed out of range", _request(options={"seed": str(2**64)}), "AdaptRequest.options['seed']"),
-    ("absurd width", _request(x=np.zeros((0, 16), np.float32), labels=[], shape=(0, 2**40), data=b""), "AdaptRequest.x.shape: width"),
-    ("a digest that is not one", _request() + fusion_pb2.AdaptRequest(known_bank_weights_digest="abc").SerializeToString(), "AdaptRequest.known_bank_weights_digest"),
+    (
+        "absurd width",
+        _request(x=np.zeros((0, 16), np.float32), labels=[], shape=(0, 2**40), data=b""),
+        "AdaptRequest.x.shape: width",
+    ),
+    (
+        "a digest that is not one",
+        _request() + fusion_pb2.AdaptRequest(known_bank_weights_digest="abc").SerializeToString(),
+        "AdaptRequest.known_bank_weights_digest",
+    ),
 ]
 
 
 @pytest.mark.parametrize("payload,message", [pytest.param(p, m, id=i) for i, p, m in BAD_REQUESTS])
-def test_malformed_adapt_requests_get_invalid_argument_naming_the_field(served, certs, payload, message):
+def test_malformed_adapt_requests_get_invalid_argument_naming_the_field(
+    served, certs, payload, message
+):
     err = _raw(served[0], certs, "Adapt", payload)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert message in err.details()
@@ -237,7 +327,7 @@ def test_callers_beyond_the_concurrency_limit_wait_their_turn(served, certs):
                 reply = client.adapt_response(*_support(seed=seed), seed=seed)
                 results.append(list(reply.metrics.classes))
                 fits.append(reply.metrics.seconds)
-            except Exception as err:  # noqa: BLE001 - collected and asserted below
+            except Exception as err:
                 results.append(err)
 
     threads = [threading.Thread(target=call, args=(s,)) for s in range(6)]
@@ -254,25 +344,37 @@ def test_callers_beyond_the_concurrency_limit_wait_their_turn(served, certs):
 
 def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
     run = tmp_path / "run"  # a run folder the federation has not written yet
-    server, port, _ = build_server(run, "127.0.0.1:0", ServiceSettings(reload_interval_s=0.1), Credentials.from_folder(certs))
+    server, port, _ = build_server(
+        run, "127.0.0.1:0", ServiceSettings(reload_interval_s=0.1), Credentials.from_folder(certs)
+    )
     x, y = _support()
     try:
         with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
             with pytest.raises(FusionError) as err:
                 client.adapt(x, y)
-            assert err.value.code == grpc.StatusCode.UNAVAILABLE and "no bank yet" in err.value.details
-            assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", 10, interval=0.1)
+            assert (
+                err.value.code == grpc.StatusCode.UNAVAILABLE and "no bank yet" in err.value.details
+            )
+            assert wait_until(
+                lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", 10, interval=0.1
+            )
             assert client.health() == "SERVING"
             first = _bank("discriminative", seed=0)
             first.save(run / "bank")
-            assert wait_until(lambda: client.health("protofuse.v1.Fusion") == "SERVING", 10, interval=0.1)
+            assert wait_until(
+                lambda: client.health("protofuse.v1.Fusion") == "SERVING", 10, interval=0.1
+            )
             assert client.adapt(x, y).bank_meta["version"] == first.version
             second = _bank("discriminative", seed=1)
             second.save(run / "bank")  # swapped in atomically, as the federation's export does
             assert second.version != first.version
-            assert wait_until(lambda: client.bank().manifest.version == second.version, 10, interval=0.1)
+            assert wait_until(
+                lambda: client.bank().manifest.version == second.version, 10, interval=0.1
+            )
             assert client.adapt(x, y).bank_meta["version"] == second.version
-            assert client._bank_weights is not None  # the new version's weights came in full and were kept
+            assert (
+                client._bank_weights is not None
+            )  # the new version's weights came in full and were kept
             kept = client._bank_weights[0]
             # A damaged bank swapped in (new files) and a vanished one: the last good version stays.
             third = tmp_path / "third"
@@ -284,8 +386,14 @@ def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
             assert client.bank().manifest.version == second.version
             third.rename(run / "bank")
             time.sleep(0.5)
-            assert client.bank().manifest.version == second.version and client.health("protofuse.v1.Fusion") == "SERVING"
-            assert client.adapt(x, y).bank_meta["version"] == second.version and client._bank_weights[0] == kept
+            assert (
+                client.bank().manifest.version == second.version
+                and client.health("protofuse.v1.Fusion") == "SERVING"
+            )
+            assert (
+                client.adapt(x, y).bank_meta["version"] == second.version
+                and client._bank_weights[0] == kept
+            )
     finally:
         server.stop(grace=None)
 
@@ -300,26 +408,105 @@ def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, cert
     np.savez(tmp_path / "support.npz", x=x, y=y)
     np.save(tmp_path / "x.npy", X)
     cli = [sys.executable, "-m", "protofuse_cli.main"]
-    proc = subprocess.Popen([*cli, "serve", str(folder), "--address", f"127.0.0.1:{port}", "--certs", str(certs), "--max-concurrent", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *cli,
+            "serve",
+            str(folder),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--certs",
+            str(certs),
+            "--max-concurrent",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        assert wait_until(lambda: subprocess.run([*cli, "health", f"127.0.0.1:{port}", "--certs", str(certs)], capture_output=True).returncode == 0, 60, interval=0.1)
-        run = subprocess.run([*cli, "adapt", "--server", f"127.0.0.1:{port}", "--certs", str(certs), "--support", str(tmp_path / "support.npz"), "--out", str(tmp_path / "model")], capture_output=True, text=True)
+        assert wait_until(
+            lambda: (
+                subprocess.run(
+                    [*cli, "health", f"127.0.0.1:{port}", "--certs", str(certs)],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            60,
+            interval=0.1,
+        )
+        run = subprocess.run(
+            [
+                *cli,
+                "adapt",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--certs",
+                str(certs),
+                "--support",
+                str(tmp_path / "support.npz"),
+                "--out",
+                str(tmp_path / "model"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stderr
         assert "signature verified" in run.stderr
-        pred = subprocess.run([*cli, "predict", str(tmp_path / "model"), "--inputs", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npz"), "--public-key", str(certs / "signing.pub")], capture_output=True, text=True)
+        pred = subprocess.run(
+            [
+                *cli,
+                "predict",
+                str(tmp_path / "model"),
+                "--inputs",
+                str(tmp_path / "x.npy"),
+                "--out",
+                str(tmp_path / "p.npz"),
+                "--public-key",
+                str(certs / "signing.pub"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert pred.returncode == 0, pred.stderr
-        refused = subprocess.run([*cli, "adapt", "--server", f"127.0.0.1:{port}", "--insecure", "--unsigned-ok", "--support", str(tmp_path / "support.npz"), "--out", str(tmp_path / "m2")], capture_output=True, text=True)
+        refused = subprocess.run(
+            [
+                *cli,
+                "adapt",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--insecure",
+                "--unsigned-ok",
+                "--support",
+                str(tmp_path / "support.npz"),
+                "--out",
+                str(tmp_path / "m2"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert refused.returncode == 2 and "UNAVAILABLE" in refused.stderr
         no_mode = subprocess.run([*cli, "serve", str(folder)], capture_output=True, text=True)
         assert no_mode.returncode == 2 and "--insecure" in no_mode.stderr
-        taken = subprocess.run([*cli, "serve", str(folder), "--address", f"127.0.0.1:{port}", "--certs", str(certs)], capture_output=True, text=True, timeout=120)
+        taken = subprocess.run(
+            [*cli, "serve", str(folder), "--address", f"127.0.0.1:{port}", "--certs", str(certs)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert taken.returncode == 2 and "cannot listen on" in taken.stderr, taken.stderr
         # A health check needs no signing key: the folder a prober holds may lack signing.pub.
         prober = tmp_path / "prober"
         prober.mkdir()
         for name in ("ca.crt", "client.crt", "client.key"):
             shutil.copy(certs / name, prober / name)
-        assert subprocess.run([*cli, "health", f"127.0.0.1:{port}", "--certs", str(prober)], capture_output=True).returncode == 0
+        assert (
+            subprocess.run(
+                [*cli, "health", f"127.0.0.1:{port}", "--certs", str(prober)], capture_output=True
+            ).returncode
+            == 0
+        )
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)

@@ -34,13 +34,19 @@ def crashing_app(folder: Path) -> Path:
     app = folder / "crashing-app"
     app.mkdir()
     pyproject = (app_dir() / "pyproject.toml").read_text()
-    assert SERVERAPP in pyproject, "protofuse's Flower app names another ServerApp: update this test"
-    (app / "pyproject.toml").write_text(pyproject.replace(SERVERAPP, 'serverapp = "crashing_server_app:app"'))
+    assert SERVERAPP in pyproject, (
+        "protofuse's Flower app names another ServerApp: update this test"
+    )
+    (app / "pyproject.toml").write_text(
+        pyproject.replace(SERVERAPP, 'serverapp = "crashing_server_app:app"')
+    )
     shutil.copy(Path(__file__).with_name("crashing_server_app.py"), app)
     return app
 
 
-def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federation, tmp_path, capsys):
+def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
+    federation, tmp_path, capsys
+):
     run = tmp_path / "run"
     # Killed in round 3 (the agreement round: replies in, nothing merged), as a power cut would.
     with pytest.raises(SimulationError, match="run the same command again to resume"):
@@ -54,25 +60,69 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federatio
     assert "fusion: rounds 3..5 of 5" in err  # resumed after the last checkpoint, not from scratch
     assert "round 3/5 agreement" in err and "round 5/5 weighted" in err
     with sqlite3.connect(run / "store" / "bank.sqlite") as db:
-        assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [1, 2, 3, 4, 5]
+        assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [
+            1,
+            2,
+            3,
+            4,
+            5,
+        ]
 
     bank = load_bank(run)  # the run folder, as adapt, predict and info take it
     assert bank.meta.federation.rounds == 5
     assert sorted(e.name for e in bank.experts) == ["forest", "knn", "logreg", "mlp", "svm"]
-    assert all(e.n_queries > 0 and 0 < e.weight <= 1 and 0.5 < e.fidelity.agreement <= 1 for e in bank.experts)
+    assert all(
+        e.n_queries > 0 and 0 < e.weight <= 1 and 0.5 < e.fidelity.agreement <= 1
+        for e in bank.experts
+    )
     assert max(e.weight for e in bank.experts) == 1.0
-    queries = np.load(federation.parent / "queries.npy")  # each client sent its queries' min and max
+    queries = np.load(
+        federation.parent / "queries.npy"
+    )  # each client sent its queries' min and max
     assert bank.meta.input_range == (float(queries.min()), float(queries.max()))
-    manifest = wire.decode_manifest((run / "manifest.pb").read_bytes(), families=FAMILIES)  # what the server publishes
-    assert (manifest.round, manifest.version, manifest.vocabulary, manifest.family) == (5, bank.version, bank.label_names, "discriminative")
+    manifest = wire.decode_manifest(
+        (run / "manifest.pb").read_bytes(), families=FAMILIES
+    )  # what the server publishes
+    assert (manifest.round, manifest.version, manifest.vocabulary, manifest.family) == (
+        5,
+        bank.version,
+        bank.label_names,
+        "discriminative",
+    )
     # One record type on both sides: the manifest's experts are the bank's, with the federation's counts.
-    assert {e.name: (e.labels, e.weight, e.n_queries) for e in manifest.experts} == {e.name: (e.labels, e.weight, e.n_queries) for e in bank.experts}
+    assert {e.name: (e.labels, e.weight, e.n_queries) for e in manifest.experts} == {
+        e.name: (e.labels, e.weight, e.n_queries) for e in bank.experts
+    }
     assert all(e.last_round == 5 and e.n_examples > 0 for e in manifest.experts)
 
     folder = federation.parent
     support = np.load(folder / "support.npz")
-    assert main(["adapt", str(run), "--support", str(folder / "support.npz"), "--out", str(tmp_path / "model")]) == 0
-    assert main(["predict", str(tmp_path / "model"), "--inputs", str(folder / "test_x.npy"), "--out", str(tmp_path / "pred.npz")]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                str(run),
+                "--support",
+                str(folder / "support.npz"),
+                "--out",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "model"),
+                "--inputs",
+                str(folder / "test_x.npy"),
+                "--out",
+                str(tmp_path / "pred.npz"),
+            ]
+        )
+        == 0
+    )
     pred = np.load(tmp_path / "pred.npz")
     truth = np.load(folder / "test_y.npy")
     accuracy = float((pred["classes"][pred["proba"].argmax(1)] == truth).mean())
@@ -81,12 +131,22 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(federatio
     assert main(["info", str(run)]) == 0
     assert "federated: 5 rounds, rowwise aggregation" in capsys.readouterr().out
     # rounds.json keeps the metrics of the rounds before the resume.
-    assert [r["round"] for r in json.loads((run / "rounds.json").read_text())["rounds"]] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in json.loads((run / "rounds.json").read_text())["rounds"]] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
 
 
 def test_the_generative_family_is_refused_with_the_reason(federation, tmp_path, capsys):
     spec = tmp_path / "spec.toml"
-    spec.write_text(federation.read_text().replace("[[experts]]", "[model]\nfamily = \"generative\"\n\n[[experts]]", 1))
+    spec.write_text(
+        federation.read_text().replace(
+            "[[experts]]", '[model]\nfamily = "generative"\n\n[[experts]]', 1
+        )
+    )
     (tmp_path / "experts.py").write_text((federation.parent / "experts.py").read_text())
     (tmp_path / "queries.npy").write_bytes((federation.parent / "queries.npy").read_bytes())
     assert main(["simulate", str(spec), "--out", str(tmp_path / "run")]) == 2

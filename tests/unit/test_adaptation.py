@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toys import clusters, two_experts
 
 from protofuse.bank import Bank, fit_bank
 from protofuse.model.discriminative import TaskHead, adapt_map, imprint
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
-from toys import clusters, two_experts
 
 torch.set_num_threads(1)
 
@@ -24,7 +24,14 @@ def _clusters(seed: int, n: int = 800):
 
 def _bank(seed: int) -> tuple[Bank, np.ndarray, np.ndarray]:
     triples, x, y = _clusters(seed)
-    bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3, seed=seed), AdaptSettings(), None, "bernoulli")
+    bank = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=12, lr=5e-3, seed=seed),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     return bank, x, y
 
 
@@ -55,7 +62,9 @@ def test_the_examples_matter_when_the_banks_prior_is_wrong(seeded_bank):
         acc = {}
         for k in (1, 5, 10):
             draws = [_support(y, [0, 3], k, seed=100 * r + k) for r in range(6)]
-            acc[k] = np.mean([(bank.adapt(x[s], y[s].astype(str)).predict(tx) == ty).mean() for s in draws])
+            acc[k] = np.mean(
+                [(bank.adapt(x[s], y[s].astype(str)).predict(tx) == ty).mean() for s in draws]
+            )
     finally:
         with torch.no_grad():  # the fixture's bank is shared: put its rows back
             model.prototypes[[i0, i3]] = model.prototypes[[i3, i0]].clone()
@@ -124,7 +133,9 @@ def test_a_label_no_expert_covers_is_imprinted_from_its_examples(seed):
     row = head.prototypes[1]  # classes are sorted: ["0", "new"]
     torch.testing.assert_close(row, z_new / z_new.norm() * mean_norm, atol=0.05, rtol=0.01)
     torch.testing.assert_close(head.bias[1], m.bias.detach().mean(), atol=0.02, rtol=0)
-    torch.testing.assert_close(head.prototypes[0], m.prototypes.detach()[bank.label_names.index("0")], atol=0.02, rtol=0)  # a covered row keeps the bank's
+    torch.testing.assert_close(
+        head.prototypes[0], m.prototypes.detach()[bank.label_names.index("0")], atol=0.02, rtol=0
+    )  # a covered row keeps the bank's
     keep = np.isin(y, [0, 3])
     truth = np.where(y[keep] == 3, "new", y[keep].astype(str))
     model = bank.adapt(x[s], names)

@@ -18,17 +18,24 @@ def test_checksum_is_the_sha256_of_the_weights_and_the_canonical_meta():
     followed by the meta fields (all but sha256) as compact JSON with sorted keys."""
     weights = b"\x00\x01weights"
     meta = {"kind": "k", "b": [1, 2], "a": {"y": 1, "x": "é"}, "sha256": "ignored"}
-    canonical = '{"a":{"x":"\\u00e9","y":1},"b":[1,2],"kind":"k"}'.encode()
+    canonical = b'{"a":{"x":"\\u00e9","y":1},"b":[1,2],"kind":"k"}'
     assert artifacts.checksum(weights, meta) == hashlib.sha256(weights + canonical).hexdigest()
     reordered = {"sha256": "other", "a": {"x": "é", "y": 1}, "kind": "k", "b": [1, 2]}
     assert artifacts.checksum(weights, reordered) == artifacts.checksum(weights, meta)
 
 
 def test_save_and_load_round_trip_into_a_new_nested_folder(tmp_path):
-    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], dtype=np.int64)}
+    arrays = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array([1, 2], dtype=np.int64),
+    }
     digest = artifacts.save(tmp_path / "a" / "b" / "thing", "kind-x", arrays, {"note": (1, 2)})
     loaded, meta = artifacts.load(tmp_path / "a" / "b" / "thing", "kind-x")
-    assert meta["sha256"] == digest and meta["note"] == [1, 2] and meta["format_version"] == artifacts.FORMAT_VERSION
+    assert (
+        meta["sha256"] == digest
+        and meta["note"] == [1, 2]
+        and meta["format_version"] == artifacts.FORMAT_VERSION
+    )
     for k, v in arrays.items():
         np.testing.assert_array_equal(loaded[k], v)
         assert loaded[k].dtype == v.dtype

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from toys import clusters, two_experts
 
 from protofuse import artifacts
 from protofuse.adapted import load_adapted
@@ -17,7 +18,6 @@ from protofuse.bank_meta import BankMeta, FederationRecord
 from protofuse.families.generative import expert_distribution
 from protofuse.settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
 from protofuse.triples import assemble
-from toys import clusters, two_experts
 
 torch.set_num_threads(1)
 
@@ -32,7 +32,14 @@ def _toy_triples(seed: int = 0):
 def bank(request):
     triples, _, _ = _toy_triples()
     epochs = 12 if request.param == "discriminative" else 30
-    return fit_bank(triples, ModelSettings(family=request.param, feat_dim=8, hidden=32), TrainingSettings(epochs=epochs, lr=5e-3), AdaptSettings(n_z=8), None, "bernoulli")
+    return fit_bank(
+        triples,
+        ModelSettings(family=request.param, feat_dim=8, hidden=32),
+        TrainingSettings(epochs=epochs, lr=5e-3),
+        AdaptSettings(n_z=8),
+        None,
+        "bernoulli",
+    )
 
 
 def _support(x, y, classes, k, seed=0):
@@ -65,9 +72,13 @@ def test_bank_and_adapted_model_round_trip_exactly(bank, tmp_path):
     loaded = load_bank(tmp_path / "bank")
     assert loaded.version == version == bank.version
     assert [e.name for e in loaded.experts] == ["a", "b"]
-    for (k1, v1), (k2, v2) in zip(bank.model.state_dict().items(), loaded.model.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        bank.model.state_dict().items(), loaded.model.state_dict().items()
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
-    np.testing.assert_array_equal(loaded.adapt(sx, sy).predict_proba(x[:50]), model.predict_proba(x[:50]))
+    np.testing.assert_array_equal(
+        loaded.adapt(sx, sy).predict_proba(x[:50]), model.predict_proba(x[:50])
+    )
     model.save(tmp_path / "model")
     again = load_adapted(tmp_path / "model", unsigned_ok=True)
     assert again.classes_.tolist() == model.classes_.tolist()
@@ -83,7 +94,10 @@ def test_tampered_or_mismatched_artifacts_are_refused(bank, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="checksum"):
         load_bank(tmp_path / "bank")
-    with pytest.raises(ArtifactError, match="holds a 'protofuse-bank' artifact, expected a 'protofuse-adapted-model'"):
+    with pytest.raises(
+        ArtifactError,
+        match="holds a 'protofuse-bank' artifact, expected a 'protofuse-adapted-model'",
+    ):
         bank.save(tmp_path / "bank2")
         load_adapted(tmp_path / "bank2", unsigned_ok=True)
     meta_path = tmp_path / "bank2" / "meta.json"
@@ -146,12 +160,26 @@ def test_a_poor_expert_gets_less_weight_than_its_peers():
     outs = [triples.eta[:, 0][:, :3], triples.eta[:, 1][:, [2, 3]], lies]
     names, labels = ["a", "b", "liar"], [("0", "1", "2"), ("2", "3"), ("0", "1", "2")]
     fed = assemble(names, labels, [x, x, x], outs, shared=[0, 0, 0])
-    bank = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3), AdaptSettings(), None, "bernoulli")
+    bank = fit_bank(
+        fed,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=12, lr=5e-3),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     weight = {e.name: e.weight for e in bank.experts}
     consensus = {e.name: e.consensus for e in bank.experts}
     assert consensus["liar"] < consensus["a"] - 0.2
     assert weight["liar"] < 0.6 < weight["a"]
-    off = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3, reweight=False), AdaptSettings(), None, "bernoulli")
+    off = fit_bank(
+        fed,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=12, lr=5e-3, reweight=False),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     assert {e.weight for e in off.experts} == {1.0}
 
 
@@ -196,8 +224,13 @@ def test_adaptation_options_are_validated(bank):
 def test_labels_no_expert_compares_are_ranked_with_or_without_distillation(tmp_path):
     triples, x, y = _toy_triples()
     keep = np.isin(y, [0, 3])  # 0 and 3 never share an expert: only the bank relates them
-    for train in (TrainingSettings(epochs=12, lr=5e-3), TrainingSettings(epochs=12, lr=5e-3, distill=0.0, reweight=False)):
-        bank = fit_bank(triples, ModelSettings(feat_dim=8), train, AdaptSettings(), None, "bernoulli")
+    for train in (
+        TrainingSettings(epochs=12, lr=5e-3),
+        TrainingSettings(epochs=12, lr=5e-3, distill=0.0, reweight=False),
+    ):
+        bank = fit_bank(
+            triples, ModelSettings(feat_dim=8), train, AdaptSettings(), None, "bernoulli"
+        )
         assert (bank.zero_shot(["0", "3"]).predict(x[keep]) == y[keep].astype(str)).mean() > 0.95
     bank.save(tmp_path / "bank")
     assert load_bank(tmp_path / "bank").meta.settings.training.distill == 0.0
@@ -205,7 +238,14 @@ def test_labels_no_expert_compares_are_ranked_with_or_without_distillation(tmp_p
 
 def test_one_epoch_of_training_works_with_reweighting():
     triples, _, _ = _toy_triples()
-    bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    bank = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     assert [e.weight for e in bank.experts] == [1.0, 1.0]
 
 
@@ -214,11 +254,17 @@ def test_adapted_models_say_how_they_were_fitted_and_keep_it_on_disk(bank, tmp_p
     sx, sy = _support(x, y, [1, 3], 2)
     model = bank.adapt(sx, sy)
     expected_method = "map" if bank.family == "discriminative" else "mixture"
-    assert model.info["method"] == expected_method and model.info["n_support"] == 4 and model.info["uncovered_labels"] == []
+    assert (
+        model.info["method"] == expected_method
+        and model.info["n_support"] == 4
+        and model.info["uncovered_labels"] == []
+    )
     assert model.info["options"] == bank.adapt_settings.model_dump()
     assert bank.zero_shot(["1", "3"]).info == {"method": "zero-shot", "n_support": 0}
     model.save(tmp_path / "model")
-    assert load_adapted(tmp_path / "model", unsigned_ok=True).info == json.loads(json.dumps(model.info))
+    assert load_adapted(tmp_path / "model", unsigned_ok=True).info == json.loads(
+        json.dumps(model.info)
+    )
     assert model.classes_.dtype.kind == "U" and model.predict(x[:3]).dtype.kind == "U"
 
 
@@ -227,13 +273,30 @@ def test_expert_records_survive_a_round_trip(bank, tmp_path):
     loaded = load_bank(tmp_path / "bank")
     assert len(loaded.experts) == len(bank.experts)
     for a, b in zip(loaded.experts, bank.experts):
-        assert (a.name, a.labels, a.n_queries, a.weight, a.fidelity.n) == (b.name, b.labels, b.n_queries, b.weight, b.fidelity.n)
-        np.testing.assert_allclose([a.fidelity.agreement, a.fidelity.kl, a.consensus], [b.fidelity.agreement, b.fidelity.kl, b.consensus], equal_nan=True)
-    assert [e.n_queries for e in loaded.experts] == [400, 400] and loaded.experts[0].labels == ("0", "1", "2")
+        assert (a.name, a.labels, a.n_queries, a.weight, a.fidelity.n) == (
+            b.name,
+            b.labels,
+            b.n_queries,
+            b.weight,
+            b.fidelity.n,
+        )
+        np.testing.assert_allclose(
+            [a.fidelity.agreement, a.fidelity.kl, a.consensus],
+            [b.fidelity.agreement, b.fidelity.kl, b.consensus],
+            equal_nan=True,
+        )
+    assert [e.n_queries for e in loaded.experts] == [400, 400] and loaded.experts[0].labels == (
+        "0",
+        "1",
+        "2",
+    )
     if bank.family == "generative":
         for e in bank.experts:
             for source in ("prior", "posterior"):
-                d, again = expert_distribution(bank, e.name, source), expert_distribution(loaded, e.name, source)
+                d, again = (
+                    expert_distribution(bank, e.name, source),
+                    expert_distribution(loaded, e.name, source),
+                )
                 assert d.mean.shape == (2,) and d.cov.shape == (2, 2)
                 torch.testing.assert_close(again.mean, d.mean)
 
@@ -243,38 +306,77 @@ def test_square_inputs_are_rows_not_one_flattened_example(bank):
     model = bank.adapt(*_support(x, y, [1, 3], 2))
     square = x[:16]  # as many rows as features: still 16 examples
     assert model.predict_proba(square).shape == (16, 2)
-    np.testing.assert_allclose(model.predict_proba(x[0]), model.predict_proba(x[:1]), atol=1e-6)  # one 1-D row is one example
+    np.testing.assert_allclose(
+        model.predict_proba(x[0]), model.predict_proba(x[:1]), atol=1e-6
+    )  # one 1-D row is one example
 
 
 def test_generative_recomposition_follows_the_requested_form():
     triples, x, y = _toy_triples()
-    bank = fit_bank(triples, ModelSettings(family="generative", hidden=16), TrainingSettings(epochs=3), AdaptSettings(n_z=4), None, "bernoulli")
+    bank = fit_bank(
+        triples,
+        ModelSettings(family="generative", hidden=16),
+        TrainingSettings(epochs=3),
+        AdaptSettings(n_z=4),
+        None,
+        "bernoulli",
+    )
     sx, sy = _support(x, y, [1, 3], 2)
     gaussian = bank.adapt(sx, sy, recompose="gaussian", seed=1).task.q
     mixture = bank.adapt(sx, sy, recompose="mixture", seed=1).task.q
-    assert gaussian.w.shape == (32, 2) and torch.allclose(gaussian.log_weights, torch.full((32,), -math.log(32)))
-    assert mixture.w.shape == (8 * (len(bank.experts) + 1), 2)  # the bank's experts and the task prior
+    assert gaussian.w.shape == (32, 2) and torch.allclose(
+        gaussian.log_weights, torch.full((32,), -math.log(32))
+    )
+    assert mixture.w.shape == (
+        8 * (len(bank.experts) + 1),
+        2,
+    )  # the bank's experts and the task prior
     for q in (gaussian, mixture, bank.zero_shot(["1", "3"]).task.q):
         assert torch.logsumexp(q.log_weights, 0).item() == pytest.approx(0.0, abs=1e-5)
-    torch.testing.assert_close(bank.adapt(sx, sy, recompose="gaussian", seed=1).task.q.w, gaussian.w)
+    torch.testing.assert_close(
+        bank.adapt(sx, sy, recompose="gaussian", seed=1).task.q.w, gaussian.w
+    )
     assert not torch.equal(bank.adapt(sx, sy, recompose="gaussian", seed=2).task.q.w, gaussian.w)
-    torch.testing.assert_close(bank.zero_shot(["1", "3"]).task.q.w, bank.zero_shot(["1", "3"]).task.q.w)
+    torch.testing.assert_close(
+        bank.zero_shot(["1", "3"]).task.q.w, bank.zero_shot(["1", "3"]).task.q.w
+    )
     # The zero-shot prototypes come from the task's own prior p(w | tau*), not another task's.
-    assert not torch.allclose(bank.zero_shot(["1", "3"]).task.q.w, bank.zero_shot(["0", "2"]).task.q.w)
+    assert not torch.allclose(
+        bank.zero_shot(["1", "3"]).task.q.w, bank.zero_shot(["0", "2"]).task.q.w
+    )
 
 
 def test_weights_that_do_not_match_their_configuration_name_the_folder(tmp_path):
     triples, _, _ = _toy_triples()
-    bank = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    bank = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     bank.save(tmp_path / "bank")
     arrays, meta = artifacts.load(tmp_path / "bank", "protofuse-bank")
     meta["config"]["feat_dim"] = 16  # a well-formed, checksummed artifact whose weights are 8-wide
     meta.pop("sha256")
-    artifacts.save(tmp_path / "odd", "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version")})
-    with pytest.raises(ArtifactError, match=r"odd: weights do not match the recorded discriminative configuration"):
+    artifacts.save(
+        tmp_path / "odd",
+        "protofuse-bank",
+        arrays,
+        {k: v for k, v in meta.items() if k not in ("kind", "format_version")},
+    )
+    with pytest.raises(
+        ArtifactError, match=r"odd: weights do not match the recorded discriminative configuration"
+    ):
         load_bank(tmp_path / "odd")
     meta.pop("experts")
-    artifacts.save(tmp_path / "partial", "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version")})
+    artifacts.save(
+        tmp_path / "partial",
+        "protofuse-bank",
+        arrays,
+        {k: v for k, v in meta.items() if k not in ("kind", "format_version")},
+    )
     with pytest.raises(ArtifactError, match=r"partial: bank metadata is incomplete or malformed"):
         load_bank(tmp_path / "partial")
 
@@ -283,23 +385,61 @@ def _resaved(src, dst, edit):
     """The bank at ``src`` re-saved at ``dst`` with its meta.json edited and a valid checksum."""
     arrays, meta = artifacts.load(src, "protofuse-bank")
     edit(meta)
-    artifacts.save(dst, "protofuse-bank", arrays, {k: v for k, v in meta.items() if k not in ("kind", "format_version", "sha256")})
+    artifacts.save(
+        dst,
+        "protofuse-bank",
+        arrays,
+        {k: v for k, v in meta.items() if k not in ("kind", "format_version", "sha256")},
+    )
     return dst
 
 
-def test_bank_meta_round_trips_through_save_and_load_typed_and_in_the_json_shape_of_before(bank, tmp_path):
+def test_bank_meta_round_trips_through_save_and_load_typed_and_in_the_json_shape_of_before(
+    bank, tmp_path
+):
     version = bank.save(tmp_path / "bank")
     loaded = load_bank(tmp_path / "bank")
-    assert loaded.meta == bank.meta and loaded.meta.version == version and loaded.meta.sha256.startswith(version)
+    assert (
+        loaded.meta == bank.meta
+        and loaded.meta.version == version
+        and loaded.meta.sha256.startswith(version)
+    )
     meta = loaded.meta
-    assert isinstance(meta, BankMeta) and isinstance(meta.settings.training, TrainingSettings) and isinstance(meta.settings.adapt, AdaptSettings)
-    assert meta.label_names == ("0", "1", "2", "3") and meta.x_dim == meta.config["x_dim"] and meta.federation is None and meta.federated_rounds == 0
+    assert (
+        isinstance(meta, BankMeta)
+        and isinstance(meta.settings.training, TrainingSettings)
+        and isinstance(meta.settings.adapt, AdaptSettings)
+    )
+    assert (
+        meta.label_names == ("0", "1", "2", "3")
+        and meta.x_dim == meta.config["x_dim"]
+        and meta.federation is None
+        and meta.federated_rounds == 0
+    )
     assert meta.input_range is not None and meta.input_range[0] < meta.input_range[1]
     on_disk = json.loads((tmp_path / "bank" / "meta.json").read_text())
-    assert set(on_disk) == {"kind", "format_version", "sha256", "experts", "family", "config", "x_dim", "label_names", "image_shape", "likelihood", "settings", "input_range"}
-    assert set(on_disk["settings"]) == {"model", "training", "adapt"} and on_disk["image_shape"] is None
+    assert set(on_disk) == {
+        "kind",
+        "format_version",
+        "sha256",
+        "experts",
+        "family",
+        "config",
+        "x_dim",
+        "label_names",
+        "image_shape",
+        "likelihood",
+        "settings",
+        "input_range",
+    }
+    assert (
+        set(on_disk["settings"]) == {"model", "training", "adapt"}
+        and on_disk["image_shape"] is None
+    )
     assert {k: on_disk[k] for k in meta.to_json()} == meta.to_json()
-    with pytest.warns(DeprecationWarning, match=r"bank.meta.x_dim"):  # the dict it was, still readable
+    with pytest.warns(
+        DeprecationWarning, match=r"bank.meta.x_dim"
+    ):  # the dict it was, still readable
         assert loaded.meta["x_dim"] == meta.x_dim
     with pytest.warns(DeprecationWarning):
         assert loaded.meta.get("federation") is None and loaded.meta.get("sha256") == meta.sha256
@@ -307,15 +447,43 @@ def test_bank_meta_round_trips_through_save_and_load_typed_and_in_the_json_shape
 
 def test_a_federated_banks_meta_round_trips_and_a_bank_before_input_checks_still_loads(tmp_path):
     triples, _, _ = _toy_triples()
-    fitted = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
-    federation = FederationRecord(rounds=3, weights_digest="ab" * 32, settings=FederationSettings(rounds=3))
-    meta = bank_meta("discriminative", fitted.meta.config, fitted.label_names, [2, 2], "gaussian", ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), federation=federation)
+    fitted = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
+    federation = FederationRecord(
+        rounds=3, weights_digest="ab" * 32, settings=FederationSettings(rounds=3)
+    )
+    meta = bank_meta(
+        "discriminative",
+        fitted.meta.config,
+        fitted.label_names,
+        [2, 2],
+        "gaussian",
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        federation=federation,
+    )
     Bank(fitted.model, meta, fitted.experts).save(tmp_path / "fed")
     loaded = load_bank(tmp_path / "fed")
-    assert loaded.meta.federation == federation and loaded.meta.federated_rounds == 3 and loaded.meta.image_shape == (2, 2)
+    assert (
+        loaded.meta.federation == federation
+        and loaded.meta.federated_rounds == 3
+        and loaded.meta.image_shape == (2, 2)
+    )
     assert loaded.meta.input_range is None
-    assert "input_range" not in json.loads((tmp_path / "fed" / "meta.json").read_text())  # absent, as before it existed
-    assert json.loads((tmp_path / "fed" / "meta.json").read_text())["federation"]["settings"]["rounds"] == 3
+    assert "input_range" not in json.loads(
+        (tmp_path / "fed" / "meta.json").read_text()
+    )  # absent, as before it existed
+    assert (
+        json.loads((tmp_path / "fed" / "meta.json").read_text())["federation"]["settings"]["rounds"]
+        == 3
+    )
     with pytest.raises(TypeError, match="meta must be a BankMeta"):
         Bank(fitted.model, meta.to_json(), fitted.experts)
 
@@ -329,19 +497,36 @@ def test_a_federated_banks_meta_round_trips_and_a_bank_before_input_checks_still
         (lambda m: m["settings"]["adapt"].update(colour="red"), "settings.adapt.colour"),
         (lambda m: m.update(input_range=[0.0]), r"input_range\[1\]"),
         (lambda m: m.update(label_names=["0", "0", "1", "2"]), "label_names"),
-        (lambda m: m.update(federation={"rounds": -1, "weights_digest": "ab" * 32, "settings": {}}), "federation.rounds"),
+        (
+            lambda m: m.update(
+                federation={"rounds": -1, "weights_digest": "ab" * 32, "settings": {}}
+            ),
+            "federation.rounds",
+        ),
         (lambda m: m.update(x_dim=m["x_dim"] + 1), "x_dim"),
         (lambda m: m["experts"][1].pop("fidelity"), r"experts\[1\].fidelity"),
     ],
 )
 def test_a_malformed_meta_field_is_refused_by_name(tmp_path, edit, field):
     triples, _, _ = _toy_triples()
-    fitted = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    fitted = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     fitted.save(tmp_path / "bank")
-    with pytest.raises(ArtifactError, match=rf"odd: bank metadata is incomplete or malformed in meta.json:\n  {field}: ") as error:
+    with pytest.raises(
+        ArtifactError,
+        match=rf"odd: bank metadata is incomplete or malformed in meta.json:\n  {field}: ",
+    ) as error:
         load_bank(_resaved(tmp_path / "bank", tmp_path / "odd", edit))
     assert "re-create it with `protofuse fit`" in str(error.value)
-    assert error.value.__cause__ is None and error.value.__suppress_context__  # a message, not a pydantic traceback
+    assert (
+        error.value.__cause__ is None and error.value.__suppress_context__
+    )  # a message, not a pydantic traceback
 
 
 def test_families_see_the_bank_through_bank_view_only(bank):
@@ -356,14 +541,22 @@ def test_families_see_the_bank_through_bank_view_only(bank):
     for file in Path(protofuse.families.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.ImportFrom):
-                assert node.module not in ("bank", "adapted", "protofuse.bank", "protofuse.adapted"), f"{file.name} imports {node.module}"
+                assert node.module not in (
+                    "bank",
+                    "adapted",
+                    "protofuse.bank",
+                    "protofuse.adapted",
+                ), f"{file.name} imports {node.module}"
     members = ("model", "label_names", "meta", "experts", "distributions", "covered_indices")
     view = SimpleNamespace(**{m: getattr(bank, m) for m in members})
     impl = bank.family_impl
     _, x, _ = _toy_triples()
     task = impl.zero_shot(view, ["0", "3"], bank.adapt_settings)
     with torch.no_grad():
-        torch.testing.assert_close(task.log_proba(torch.from_numpy(x[:5])), bank.zero_shot(["0", "3"]).task.log_proba(torch.from_numpy(x[:5])))
+        torch.testing.assert_close(
+            task.log_proba(torch.from_numpy(x[:5])),
+            bank.zero_shot(["0", "3"]).task.log_proba(torch.from_numpy(x[:5])),
+        )
     assert impl.describe_expert(view, 1) == impl.describe_expert(bank, 1)
 
 
@@ -377,14 +570,34 @@ def test_reweighting_lets_the_honest_expert_win_where_a_liar_disagrees(seed):
     swap = rng.random(len(y)) < 0.6
     lies[swap] = lies[swap][:, [1, 0, 2]]
     lies /= lies.sum(1, keepdims=True)
-    fed = assemble(["a", "b", "liar"], [("0", "1", "2"), ("2", "3"), ("0", "1", "2")], [x, x, x], [triples.eta[:, 0][:, :3], triples.eta[:, 1][:, [2, 3]], lies], shared=[0, 0, 0])
+    fed = assemble(
+        ["a", "b", "liar"],
+        [("0", "1", "2"), ("2", "3"), ("0", "1", "2")],
+        [x, x, x],
+        [triples.eta[:, 0][:, :3], triples.eta[:, 1][:, [2, 3]], lies],
+        shared=[0, 0, 0],
+    )
     keep = np.isin(y, [0, 1])
     sign = torch.from_numpy(np.where(y[keep] == 0, 1.0, -1.0)).float()
 
     def margin(reweight: bool) -> float:
-        bank = fit_bank(fed, ModelSettings(feat_dim=8), TrainingSettings(epochs=12, lr=5e-3, reweight=reweight, seed=seed), AdaptSettings(), None, "bernoulli")
+        bank = fit_bank(
+            fed,
+            ModelSettings(feat_dim=8),
+            TrainingSettings(epochs=12, lr=5e-3, reweight=reweight, seed=seed),
+            AdaptSettings(),
+            None,
+            "bernoulli",
+        )
         logits = bank.model.logits(bank.model.embed(torch.from_numpy(x[keep])))
-        return ((logits[:, bank.label_names.index("0")] - logits[:, bank.label_names.index("1")]) * sign).mean().item()
+        return (
+            (
+                (logits[:, bank.label_names.index("0")] - logits[:, bank.label_names.index("1")])
+                * sign
+            )
+            .mean()
+            .item()
+        )
 
     assert margin(True) > 1.2 * margin(False) > 0
 
@@ -394,28 +607,56 @@ def test_integer_support_labels_name_their_classes(bank):
     sx, sy = _support(x, y, [1, 3], 3)
     model = bank.adapt(sx, sy.astype(np.int64))
     assert model.classes_.tolist() == ["1", "3"]
-    np.testing.assert_allclose(model.predict_proba(x[:5]), bank.adapt(sx, sy).predict_proba(x[:5]), atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict_proba(x[:5]), bank.adapt(sx, sy).predict_proba(x[:5]), atol=1e-6
+    )
 
 
 def test_labels_no_expert_covers_get_the_fix_for_the_family(bank):
-    fix = "give examples with bank.adapt" if bank.family == "discriminative" else "use the discriminative family"
-    with pytest.raises(ValueError, match=rf"labels \['new'\] are covered by no expert in this bank .*; {fix}"):
+    fix = (
+        "give examples with bank.adapt"
+        if bank.family == "discriminative"
+        else "use the discriminative family"
+    )
+    with pytest.raises(
+        ValueError, match=rf"labels \['new'\] are covered by no expert in this bank .*; {fix}"
+    ):
         bank.zero_shot(["0", "new"])
 
 
 def test_an_unsaved_bank_says_so_and_describes_itself(bank):
     triples, _, _ = _toy_triples()
-    fresh = fit_bank(triples, ModelSettings(feat_dim=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    fresh = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     assert fresh.version == "unsaved"
-    assert repr(fresh) == "Bank(family='discriminative', labels=['0', '1', '2', '3'], experts=['a', 'b'], version='unsaved')"
-    assert repr(fresh.zero_shot(["0", "3"])) == "AdaptedModel(family='discriminative', classes=['0', '3'])"
+    assert (
+        repr(fresh)
+        == "Bank(family='discriminative', labels=['0', '1', '2', '3'], experts=['a', 'b'], version='unsaved')"
+    )
+    assert (
+        repr(fresh.zero_shot(["0", "3"]))
+        == "AdaptedModel(family='discriminative', classes=['0', '3'])"
+    )
 
 
 def test_generative_banks_store_each_experts_two_distributions(tmp_path):
     """Built here, not from the shared fixture, so that the bank's construction is part of this
     test (mutation testing maps code to the tests that call it)."""
     triples, _, _ = _toy_triples()
-    bank = fit_bank(triples, ModelSettings(family="generative", hidden=8), TrainingSettings(epochs=1), AdaptSettings(), None, "bernoulli")
+    bank = fit_bank(
+        triples,
+        ModelSettings(family="generative", hidden=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
     bank.save(tmp_path / "bank")
     loaded = load_bank(tmp_path / "bank")
     for e in bank.experts:
@@ -423,7 +664,10 @@ def test_generative_banks_store_each_experts_two_distributions(tmp_path):
             d = expert_distribution(bank, e.name, source)
             assert d.mean.shape == (2,) and d.cov.shape == (2, 2) and torch.isfinite(d.cov).all()
             torch.testing.assert_close(expert_distribution(loaded, e.name, source).cov, d.cov)
-    assert not torch.allclose(expert_distribution(bank, "a", "prior").mean, expert_distribution(bank, "a", "posterior").mean)
+    assert not torch.allclose(
+        expert_distribution(bank, "a", "prior").mean,
+        expert_distribution(bank, "a", "posterior").mean,
+    )
 
 
 def test_an_expert_whose_queries_are_all_held_out_keeps_its_prior():
@@ -431,10 +675,23 @@ def test_an_expert_whose_queries_are_all_held_out_keeps_its_prior():
     its data-driven distribution falls back to the prior network's (not a NaN from no data)."""
     triples, x, y = _toy_triples()
     one = np.eye(2, dtype=np.float32)[[0]] * 0.98 + 0.01
-    fed = assemble(["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:1]], [triples.eta[:, 0, :3], one])
-    seed = next(s for s in range(100) if 400 in fed.split_indices(0.1, s)[1])  # b's only row is row 400
-    bank = fit_bank(fed, ModelSettings(family="generative", hidden=8), TrainingSettings(epochs=1, seed=seed), AdaptSettings(), None, "bernoulli")
-    prior, posterior = expert_distribution(bank, "b", "prior"), expert_distribution(bank, "b", "posterior")
+    fed = assemble(
+        ["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:1]], [triples.eta[:, 0, :3], one]
+    )
+    seed = next(
+        s for s in range(100) if 400 in fed.split_indices(0.1, s)[1]
+    )  # b's only row is row 400
+    bank = fit_bank(
+        fed,
+        ModelSettings(family="generative", hidden=8),
+        TrainingSettings(epochs=1, seed=seed),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
+    prior, posterior = (
+        expert_distribution(bank, "b", "prior"),
+        expert_distribution(bank, "b", "posterior"),
+    )
     torch.testing.assert_close(posterior.mean, prior.mean)
     torch.testing.assert_close(posterior.cov, prior.cov)
-

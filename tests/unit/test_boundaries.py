@@ -59,8 +59,34 @@ def _matches(module: str, prefixes: tuple[str, ...]) -> bool:
 SIDES = ("client_sdk", "protofuse_server", "protofuse_cli", "bench")
 RULES = [
     # (folder, forbidden module prefixes, allowed exceptions within the folder's files)
-    ("protofuse/model", ("flwr", "grpc", "google.protobuf", "protofuse.v1", "pydantic", "protofuse.protocol", "protofuse.bank", *SIDES)),
-    ("protofuse", (*SIDES, "flwr", "grpc", "grpc_health", "grpc_reflection", "rich", "sklearn", "mlxtend", "matplotlib", "ray")),
+    (
+        "protofuse/model",
+        (
+            "flwr",
+            "grpc",
+            "google.protobuf",
+            "protofuse.v1",
+            "pydantic",
+            "protofuse.protocol",
+            "protofuse.bank",
+            *SIDES,
+        ),
+    ),
+    (
+        "protofuse",
+        (
+            *SIDES,
+            "flwr",
+            "grpc",
+            "grpc_health",
+            "grpc_reflection",
+            "rich",
+            "sklearn",
+            "mlxtend",
+            "matplotlib",
+            "ray",
+        ),
+    ),
     ("client_sdk", ("protofuse_server", "protofuse_cli", "bench")),
     ("server", ("client_sdk", "protofuse_cli", "bench")),
     ("server/service", ("flwr",)),
@@ -70,18 +96,32 @@ RULES = [
 
 @pytest.mark.parametrize(("folder", "forbidden"), RULES, ids=[r[0] for r in RULES])
 def test_no_module_imports_across_the_layout(folder, forbidden):
-    wrong = {f: sorted(m for m in mods if _matches(m, forbidden)) for f, mods in imported_modules(ROOT / folder).items()}
+    wrong = {
+        f: sorted(m for m in mods if _matches(m, forbidden))
+        for f, mods in imported_modules(ROOT / folder).items()
+    }
     wrong = {f: m for f, m in wrong.items() if m}
     assert not wrong, f"imports across the layout: {wrong}"
 
 
 def test_only_the_codecs_touch_generated_protobuf_classes():
-    touching = {f for folder in ("protofuse", "client_sdk", "server", "cli") for f, mods in imported_modules(ROOT / folder).items() if any(_matches(m, ("protofuse.v1",)) for m in mods)}
-    assert touching <= {"protofuse/protocol/federation.py", "protofuse/protocol/service.py"}, touching
+    touching = {
+        f
+        for folder in ("protofuse", "client_sdk", "server", "cli")
+        for f, mods in imported_modules(ROOT / folder).items()
+        if any(_matches(m, ("protofuse.v1",)) for m in mods)
+    }
+    assert touching <= {"protofuse/protocol/federation.py", "protofuse/protocol/service.py"}, (
+        touching
+    )
 
 
 def test_the_sdk_needs_flower_only_in_its_client_app():
-    wrong = {f: m for f, mods in imported_modules(ROOT / "client_sdk").items() if "clientapp" not in f and (m := sorted(x for x in mods if _matches(x, ("flwr",))))}
+    wrong = {
+        f: m
+        for f, mods in imported_modules(ROOT / "client_sdk").items()
+        if "clientapp" not in f and (m := sorted(x for x in mods if _matches(x, ("flwr",))))
+    }
     assert not wrong, wrong
 
 
@@ -89,9 +129,17 @@ def test_relative_imports_are_resolved_to_their_package(tmp_path, monkeypatch):
     """The checker itself: relative imports count as the absolute modules they name."""
     pkg = tmp_path / "protofuse" / "families"
     pkg.mkdir(parents=True)
-    (pkg / "x.py").write_text("from ..protocol import federation\nfrom . import base\nfrom .. import bank\n")
+    (pkg / "x.py").write_text(
+        "from ..protocol import federation\nfrom . import base\nfrom .. import bank\n"
+    )
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "y.py").write_text("from .fusion import strategy\n")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
-    assert imported_modules(tmp_path / "protofuse")["protofuse/families/x.py"] >= {"protofuse.protocol.federation", "protofuse.families.base", "protofuse.bank"}
-    assert imported_modules(tmp_path / "server")["server/y.py"] >= {"protofuse_server.fusion.strategy"}
+    assert imported_modules(tmp_path / "protofuse")["protofuse/families/x.py"] >= {
+        "protofuse.protocol.federation",
+        "protofuse.families.base",
+        "protofuse.bank",
+    }
+    assert imported_modules(tmp_path / "server")["server/y.py"] >= {
+        "protofuse_server.fusion.strategy"
+    }

@@ -4,23 +4,22 @@ of the black box. The privacy test inspects the exact bytes of a reply."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
+from toys import clusters
 
 from client_sdk.clientapp import app as client_app
 from client_sdk.clientapp.local_training import client_seed
-from protofuse.protocol import federation as wire
 from protofuse.families.discriminative import PRIVATE_PARAMETERS, shared_arrays
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+from protofuse.protocol import federation as wire
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse_server.fusion.aggregation import to_record
-from toys import clusters
 
-EXPERTS = '''
+EXPERTS = """
 from pathlib import Path
 import numpy as np
 
@@ -36,7 +35,7 @@ def _answer(x, cols):
 
 def a(x):
     return _answer(x, [0, 1, 2])
-'''
+"""
 
 
 @pytest.fixture
@@ -46,9 +45,17 @@ def node(tmp_path):
     np.save(tmp_path / "queries.npy", x)
     np.save(tmp_path / "centres.npy", centres)
     (tmp_path / "experts.py").write_text(EXPERTS)
-    (tmp_path / "spec.toml").write_text('[[experts]]\nname = "a"\npredict = "experts:a"\nlabels = ["0", "1", "2"]\nqueries = "queries.npy"\n')
+    (tmp_path / "spec.toml").write_text(
+        '[[experts]]\nname = "a"\npredict = "experts:a"\nlabels = ["0", "1", "2"]\nqueries = "queries.npy"\n'
+    )
     client_app._EXPERTS.clear()  # a fresh process
-    context = Context(run_id=1, node_id=7, node_config={"spec": str(tmp_path / "spec.toml"), "cache-dir": str(tmp_path / "cache")}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"spec": str(tmp_path / "spec.toml"), "cache-dir": str(tmp_path / "cache")},
+        state=RecordDict(),
+        run_config={},
+    )
     return tmp_path, x, context
 
 
@@ -68,30 +75,69 @@ VOCAB = ["0", "1", "2", "3"]
 
 def _plan(round: int, phase: str, phase_round: int, phase_rounds: int) -> wire.RoundPlan:
     model = {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}
-    return wire.RoundPlan(round, phase, phase_round, phase_rounds, tuple(VOCAB), model, TrainingSettings(seed=0, holdout=0.25), FederationSettings(rounds=4, local_epochs=1))
+    return wire.RoundPlan(
+        round,
+        phase,
+        phase_round,
+        phase_rounds,
+        tuple(VOCAB),
+        model,
+        TrainingSettings(seed=0, holdout=0.25),
+        FederationSettings(rounds=4, local_epochs=1),
+    )
 
 
-def _instruction(round: int, phase: str, phase_round: int, phase_rounds: int, arrays: dict[str, np.ndarray], config: ConfigRecord | None = None) -> Message:
+def _instruction(
+    round: int,
+    phase: str,
+    phase_round: int,
+    phase_rounds: int,
+    arrays: dict[str, np.ndarray],
+    config: ConfigRecord | None = None,
+) -> Message:
     """The server's train message: the shared weights and the encoded RoundPlan (as FedAvg adds it, beside its server-round)."""
-    config = config if config is not None else ConfigRecord({"round-plan": wire.encode_round_plan(_plan(round, phase, phase_round, phase_rounds)), "server-round": round})
-    return Message(RecordDict({"arrays": to_record(arrays), "config": config}), dst_node_id=7, message_type="train")
+    config = (
+        config
+        if config is not None
+        else ConfigRecord(
+            {
+                "round-plan": wire.encode_round_plan(
+                    _plan(round, phase, phase_round, phase_rounds)
+                ),
+                "server-round": round,
+            }
+        )
+    )
+    return Message(
+        RecordDict({"arrays": to_record(arrays), "config": config}),
+        dst_node_id=7,
+        message_type="train",
+    )
 
 
 def _ask(**ask: object) -> Message:
-    return Message(RecordDict({"ask": ConfigRecord({"what": "describe", **ask})}), dst_node_id=7, message_type="query")
+    return Message(
+        RecordDict({"ask": ConfigRecord({"what": "describe", **ask})}),
+        dst_node_id=7,
+        message_type="query",
+    )
 
 
 def _initial() -> dict[str, np.ndarray]:
     import torch
 
     torch.manual_seed(0)
-    return shared_arrays(DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None)))
+    return shared_arrays(
+        DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None))
+    )
 
 
 def test_describe_names_the_expert_and_asks_the_black_box_once(node):
     folder, x, context = node
     reply = client_app.app(_ask(**{"format-version": wire.FORMAT_VERSION}), context)
-    assert list(reply.content["describe"].keys()) == ["node-description"]  # one typed message, nothing else
+    assert list(reply.content["describe"].keys()) == [
+        "node-description"
+    ]  # one typed message, nothing else
     d = wire.decode_node_description(reply.content["describe"]["node-description"])
     assert (d.pseudonym, d.label_names, d.x_dim, d.n_queries) == ("a", ("0", "1", "2"), 16, len(x))
     assert d.x_range == (float(x.min()), float(x.max()))
@@ -107,23 +153,34 @@ def test_a_reply_holds_the_shared_weights_and_two_messages_and_nothing_private(n
     reply = client_app.app(_instruction(1, "consensus", 0, 2, start), context)
     assert set(reply.content.keys()) == {"arrays", "metrics", "fusion"}
     arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-    assert set(arrays) == set(start) and not set(arrays) & set(PRIVATE_PARAMETERS)  # the imitation head stays
+    assert set(arrays) == set(start) and not set(arrays) & set(
+        PRIVATE_PARAMETERS
+    )  # the imitation head stays
     assert not np.allclose(arrays["prototypes"], start["prototypes"])  # it trained
     dist = wire.decode_distribution(bytes(reply.content["fusion"]["distribution"]))
     stats = wire.decode_stats(bytes(reply.content["fusion"]["stats"]))
-    assert dist.label_names == ("0", "1", "2") and len(dist.head.label_bias) == 3 and stats.n_examples == 180 and stats.n_queries == len(x)
+    assert (
+        dist.label_names == ("0", "1", "2")
+        and len(dist.head.label_bias) == 3
+        and stats.n_examples == 180
+        and stats.n_queries == len(x)
+    )
     assert 0.8 < stats.fidelity.agreement <= 1.0 and stats.fidelity.n == 60
 
     # The bytes that leave the client: no query input, no answer of the expert, in any encoding.
     sent = recorddict_to_proto(reply.content).SerializeToString()
-    expert = __import__("importlib").util.spec_from_file_location("experts_probe", folder / "experts.py")
+    expert = __import__("importlib").util.spec_from_file_location(
+        "experts_probe", folder / "experts.py"
+    )
     module = __import__("importlib").util.module_from_spec(expert)
     expert.loader.exec_module(module)
     answers = module.a(x)
     for i in range(len(x)):
         for row in (x[i], answers[i]):
             for dtype in (np.float32, np.float64):
-                assert np.asarray(row, dtype=dtype).tobytes()[:16] not in sent, f"row {i} of the private data appears in the reply"
+                assert np.asarray(row, dtype=dtype).tobytes()[:16] not in sent, (
+                    f"row {i} of the private data appears in the reply"
+                )
     shared = sum(a.nbytes for a in start.values())
     assert len(sent) <= 1.05 * shared + 2048  # the weights, two small messages and framing
 
@@ -136,7 +193,12 @@ def test_the_optimizer_and_schedule_carry_over_rounds_and_reset_with_the_phase(n
     reply = client_app.app(_instruction(2, "consensus", 1, 3, arrays), context)
     assert int(np.ravel(context.state["trainer"]["steps_done"].numpy())[0]) == 2 * first > 0
     # The agreement round trains nothing and measures the expert against the bank's consensus.
-    agreed = client_app.app(_instruction(3, "agreement", 0, 1, {k: v.numpy() for k, v in reply.content["arrays"].items()}), context)
+    agreed = client_app.app(
+        _instruction(
+            3, "agreement", 0, 1, {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        ),
+        context,
+    )
     assert len(agreed.content["arrays"]) == 0
     stats = wire.decode_stats(bytes(agreed.content["fusion"]["stats"]))
     assert stats.consensus_agreement is not None and 0.0 <= stats.consensus_agreement <= 1.0
@@ -145,8 +207,12 @@ def test_the_optimizer_and_schedule_carry_over_rounds_and_reset_with_the_phase(n
     assert int(np.ravel(context.state["trainer"]["steps_done"].numpy())[0]) == first
     teacher = context.state["teacher"]["teacher"].numpy()
     assert teacher.shape == (180, len(VOCAB)) and np.allclose(teacher.sum(1), 1, atol=1e-5)
-    client_app.app(_instruction(5, "weighted", 1, 2, {k: v * 0 for k, v in arrays.items()}), context)
-    np.testing.assert_array_equal(context.state["teacher"]["teacher"].numpy(), teacher)  # not recomputed
+    client_app.app(
+        _instruction(5, "weighted", 1, 2, {k: v * 0 for k, v in arrays.items()}), context
+    )
+    np.testing.assert_array_equal(
+        context.state["teacher"]["teacher"].numpy(), teacher
+    )  # not recomputed
 
 
 def test_seeds_differ_per_client_and_per_round():
@@ -159,31 +225,57 @@ def test_a_node_without_a_spec_is_told_how_to_start(node):
     bare = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="this node has no spec"):
         client_app.local_expert(bare)
-    relative = Context(run_id=1, node_id=7, node_config={"spec": "spec.toml"}, state=RecordDict(), run_config={})
+    relative = Context(
+        run_id=1, node_id=7, node_config={"spec": "spec.toml"}, state=RecordDict(), run_config={}
+    )
     with pytest.raises(Exception, match="relative path"):
         client_app.local_expert(relative)
 
 
 def test_a_server_of_another_federation_format_is_refused_at_describe_with_both_formats(node):
     _, _, context = node
-    with pytest.raises(wire.WireError, match=f"the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions"):
+    with pytest.raises(
+        wire.WireError,
+        match=f"the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions",
+    ):
         client_app.describe(_ask(**{"format-version": wire.FORMAT_VERSION + 1}), context)
     # A server from before the typed messages asks {"what": "describe"} and names no format.
-    with pytest.raises(wire.WireError, match="the server speaks the untyped federation protocol .* run matching protofuse versions"):
+    with pytest.raises(
+        wire.WireError,
+        match="the server speaks the untyped federation protocol .* run matching protofuse versions",
+    ):
         client_app.describe(_ask(), context)
 
 
 def test_an_untyped_round_configuration_from_an_old_server_is_refused_clearly(node):
     _, _, context = node
-    legacy = ConfigRecord({
-        "round": 1, "phase": "consensus", "phase-round": 0, "phase-rounds": 2, "vocabulary": VOCAB,
-        "model": json.dumps({"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}),
-        "training": TrainingSettings().model_dump_json(), "federation": FederationSettings().model_dump_json(), "server-round": 1,
-    })
-    with pytest.raises(wire.WireError, match="^RoundPlan: the server sent the untyped round configuration .* this client speaks federation format 1: run matching protofuse versions"):
+    legacy = ConfigRecord(
+        {
+            "round": 1,
+            "phase": "consensus",
+            "phase-round": 0,
+            "phase-rounds": 2,
+            "vocabulary": VOCAB,
+            "model": json.dumps(
+                {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}
+            ),
+            "training": TrainingSettings().model_dump_json(),
+            "federation": FederationSettings().model_dump_json(),
+            "server-round": 1,
+        }
+    )
+    with pytest.raises(
+        wire.WireError,
+        match="^RoundPlan: the server sent the untyped round configuration .* this client speaks federation format 1: run matching protofuse versions",
+    ):
         client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=legacy), context)
     with pytest.raises(wire.WireError, match="^RoundPlan: missing"):
-        client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=ConfigRecord({"server-round": 1})), context)
+        client_app.train(
+            _instruction(
+                1, "consensus", 0, 2, _initial(), config=ConfigRecord({"server-round": 1})
+            ),
+            context,
+        )
 
 
 def test_a_round_plan_of_another_format_is_refused_naming_both_formats(node):
@@ -194,5 +286,8 @@ def test_a_round_plan_of_another_format_is_refused_naming_both_formats(node):
     msg.ParseFromString(wire.encode_round_plan(_plan(1, "consensus", 0, 2)))
     msg.format_version = wire.FORMAT_VERSION + 1
     config = ConfigRecord({"round-plan": msg.SerializeToString(), "server-round": 1})
-    with pytest.raises(wire.WireError, match=f"^RoundPlan.format_version: the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}"):
+    with pytest.raises(
+        wire.WireError,
+        match=f"^RoundPlan.format_version: the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}",
+    ):
         client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=config), context)

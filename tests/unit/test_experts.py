@@ -5,7 +5,15 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from client_sdk.experts import CallableExpert, Expert, ExpertOutputError, SklearnExpert, TorchExpert, as_expert, query_expert
+from client_sdk.experts import (
+    CallableExpert,
+    Expert,
+    ExpertOutputError,
+    SklearnExpert,
+    TorchExpert,
+    as_expert,
+    query_expert,
+)
 
 torch.set_num_threads(1)
 
@@ -125,7 +133,9 @@ def test_query_expert_batches_give_same_answer():
 
 
 def test_query_expert_wrong_shape_names_expert():
-    with pytest.raises(ExpertOutputError, match=r"expert 'svm_a' returned shape \(23, 4\), expected \(23, 3\)"):
+    with pytest.raises(
+        ExpertOutputError, match=r"expert 'svm_a' returned shape \(23, 4\), expected \(23, 3\)"
+    ):
         query_expert(_Fixed(np.full((23, 4), 0.25)), X, "svm_a")
 
 

@@ -11,14 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from protofuse.flower.launcher import FLOWER_ENV, flower_bin, flower_env, free_port, stop, write_connection
+from protofuse.flower.launcher import (
+    FLOWER_ENV,
+    flower_bin,
+    flower_env,
+    free_port,
+    stop,
+    write_connection,
+)
 from protofuse.flower.simulation import app_dir, simulate
 from protofuse.spec import SpecError
 
 
 def test_flower_executables_come_from_this_install():
     assert flower_bin("flower-superlink") == str(Path(sys.executable).parent / "flower-superlink")
-    assert flower_bin("no-such-executable-here") == "no-such-executable-here"  # left to PATH, which fails clearly
+    assert (
+        flower_bin("no-such-executable-here") == "no-such-executable-here"
+    )  # left to PATH, which fails clearly
 
 
 def test_flower_runs_quiet_offline_and_from_this_install(tmp_path):
@@ -41,7 +50,10 @@ def test_the_connection_file_is_flower_cli_toml(tmp_path, ca):
     assert config["superlink"]["default"] == "sim"
     conn = config["superlink"]["sim"]
     assert conn["address"] == "127.0.0.1:9093"
-    assert conn == {"address": "127.0.0.1:9093", **({"root-certificates": str(ca)} if ca else {"insecure": True})}
+    assert conn == {
+        "address": "127.0.0.1:9093",
+        **({"root-certificates": str(ca)} if ca else {"insecure": True}),
+    }
 
 
 def test_stop_ends_the_whole_process_group():
@@ -61,7 +73,9 @@ def test_the_flower_app_names_both_sides_components():
 
 
 def test_simulate_refuses_a_family_that_does_not_federate_before_starting_anything(tmp_path):
-    (tmp_path / "spec.toml").write_text('[model]\nfamily = "generative"\n\n[[experts]]\nname = "a"\npredict = "m:f"\nlabels = ["0", "1"]\nqueries = "q.npy"\n')
+    (tmp_path / "spec.toml").write_text(
+        '[model]\nfamily = "generative"\n\n[[experts]]\nname = "a"\npredict = "m:f"\nlabels = ["0", "1"]\nqueries = "q.npy"\n'
+    )
     with pytest.raises(SpecError, match="protofuse fit"):
         simulate(tmp_path / "spec.toml", tmp_path / "run")
     assert not (tmp_path / "run").exists()

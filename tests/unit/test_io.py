@@ -34,7 +34,9 @@ def test_atomic_write_creates_then_replaces_and_leaves_no_temporary_file(tmp_pat
 
 
 @pytest.mark.parametrize("where", ["before_replace", "fsync"])
-def test_a_write_that_fails_midway_leaves_the_old_content_and_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+def test_a_write_that_fails_midway_leaves_the_old_content_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     target = tmp_path / "manifest.pb"
     atomic_write_bytes(target, b"old content")
 
@@ -52,7 +54,9 @@ def test_a_write_that_fails_midway_leaves_the_old_content_and_no_temporary_file(
     assert os.listdir(tmp_path) == ["manifest.pb"]
 
 
-def test_a_reader_racing_the_writer_sees_the_old_or_the_new_content_never_a_mix(tmp_path: Path) -> None:
+def test_a_reader_racing_the_writer_sees_the_old_or_the_new_content_never_a_mix(
+    tmp_path: Path,
+) -> None:
     target = tmp_path / "weights.npz"
     contents = (b"a" * 1_000_000, b"b" * 1_500_000)  # sizes differ: a torn read shows in either
     atomic_write_bytes(target, contents[0])
@@ -76,10 +80,18 @@ def test_a_reader_racing_the_writer_sees_the_old_or_the_new_content_never_a_mix(
     assert [p.name for p in tmp_path.iterdir()] == ["weights.npz"]
 
 
-def test_the_before_replace_seam_runs_with_the_data_durable_under_a_temporary_name(tmp_path: Path) -> None:
+def test_the_before_replace_seam_runs_with_the_data_durable_under_a_temporary_name(
+    tmp_path: Path,
+) -> None:
     target = tmp_path / "x.bin"
     temps: list[bytes] = []
-    atomic_write_bytes(target, b"data", before_replace=lambda: temps.extend(p.read_bytes() for p in tmp_path.glob(f"{TEMP_PREFIX}x.bin-*")))
+    atomic_write_bytes(
+        target,
+        b"data",
+        before_replace=lambda: temps.extend(
+            p.read_bytes() for p in tmp_path.glob(f"{TEMP_PREFIX}x.bin-*")
+        ),
+    )
     assert temps == [b"data"] and target.read_bytes() == b"data"
 
 
@@ -95,12 +107,17 @@ def test_replace_folder_swaps_the_whole_folder(tmp_path: Path) -> None:
     folder = tmp_path / "deep" / "bank"
     replace_folder(folder, {"weights.npz": b"w1", "signature.json": b"s1"})
     replace_folder(folder, {"weights.npz": b"w2", "meta.json": b"m2"})
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"weights.npz": b"w2", "meta.json": b"m2"}  # the old signature is gone
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
+        "weights.npz": b"w2",
+        "meta.json": b"m2",
+    }  # the old signature is gone
     assert os.listdir(folder.parent) == ["bank"]  # no staging or old folder left
     assert folder.stat().st_mode & 0o777 == 0o777 & ~_umask()
 
 
-def test_replace_folder_that_fails_at_the_swap_keeps_the_old_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_folder_that_fails_at_the_swap_keeps_the_old_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "bank"
     replace_folder(folder, {"meta.json": b"old"})
     real_replace = os.replace
@@ -108,7 +125,9 @@ def test_replace_folder_that_fails_at_the_swap_keeps_the_old_folder(tmp_path: Pa
 
     def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         calls.append(dst)
-        if len(calls) == 2:  # the first moves the old folder aside, the second would put the new one in
+        if (
+            len(calls) == 2
+        ):  # the first moves the old folder aside, the second would put the new one in
             raise OSError("interrupted")
         real_replace(src, dst)
 
@@ -124,28 +143,42 @@ def test_replace_folder_refuses_a_name_that_is_not_a_plain_file_name(tmp_path: P
     replace_folder(tmp_path / "a", {"meta.json": b"old"})
     with pytest.raises(ValueError, match="not a plain name"):
         replace_folder(tmp_path / "a", {"../escape": b"x"})
-    assert (tmp_path / "a" / "meta.json").read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a"]
+    assert (tmp_path / "a" / "meta.json").read_bytes() == b"old" and sorted(
+        os.listdir(tmp_path)
+    ) == ["a"]
 
 
 # -- npz_bytes ------------------------------------------------------------------------------------
 
 
 def test_npz_bytes_are_identical_twice_and_load_back_in_order() -> None:
-    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "scale": np.float32(2).reshape(()), "names": np.array(["a", "bc"])}
+    arrays = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "scale": np.float32(2).reshape(()),
+        "names": np.array(["a", "bc"]),
+    }
     first, second = npz_bytes(arrays), npz_bytes({k: v.copy() for k, v in arrays.items()})
     assert first == second
     with np.load(io.BytesIO(first), allow_pickle=False) as npz:
         assert npz.files == ["w", "scale", "names"]
         for name, array in arrays.items():
-            assert npz[name].dtype == array.dtype and npz[name].shape == array.shape  # a 0-d array stays 0-d
+            assert (
+                npz[name].dtype == array.dtype and npz[name].shape == array.shape
+            )  # a 0-d array stays 0-d
             np.testing.assert_array_equal(npz[name], array)
     with zipfile.ZipFile(io.BytesIO(first)) as zf:
-        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}  # no clock in the bytes
+        assert {info.date_time for info in zf.infolist()} == {
+            (1980, 1, 1, 0, 0, 0)
+        }  # no clock in the bytes
 
 
 def test_npz_bytes_depend_on_the_numbers_not_their_memory_layout() -> None:
     w = np.arange(12, dtype=np.float64).reshape(3, 4)
-    assert npz_bytes({"w": np.asfortranarray(w)}) == npz_bytes({"w": w}) == npz_bytes({"w": w.T.copy().T})
+    assert (
+        npz_bytes({"w": np.asfortranarray(w)})
+        == npz_bytes({"w": w})
+        == npz_bytes({"w": w.T.copy().T})
+    )
     assert npz_bytes({"w": w}) != npz_bytes({"w": w + 1})
 
 

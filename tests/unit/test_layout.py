@@ -22,11 +22,19 @@ from protofuse.model.generative import GenerativeConfig, GenerativePrototypes
 RECORD = Path(__file__).parent / "data" / "layouts.json"
 
 CONFIGS = {
-    "discriminative conv 12x12": lambda: DiscriminativePrototypes(DiscriminativeConfig(144, 5, 3, feat_dim=8, encoder="conv", image_shape=(12, 12))),
-    "discriminative mlp": lambda: DiscriminativePrototypes(DiscriminativeConfig(10, 5, 3, feat_dim=8, encoder="mlp")),
+    "discriminative conv 12x12": lambda: DiscriminativePrototypes(
+        DiscriminativeConfig(144, 5, 3, feat_dim=8, encoder="conv", image_shape=(12, 12))
+    ),
+    "discriminative mlp": lambda: DiscriminativePrototypes(
+        DiscriminativeConfig(10, 5, 3, feat_dim=8, encoder="mlp")
+    ),
     "generative mlp bernoulli": lambda: GenerativePrototypes(GenerativeConfig(10, 5, hidden=16)),
-    "generative mlp gaussian": lambda: GenerativePrototypes(GenerativeConfig(10, 5, hidden=16, likelihood="gaussian")),
-    "generative conv 12x12": lambda: GenerativePrototypes(GenerativeConfig(144, 5, hidden=16, image_shape=(12, 12), conv=True)),
+    "generative mlp gaussian": lambda: GenerativePrototypes(
+        GenerativeConfig(10, 5, hidden=16, likelihood="gaussian")
+    ),
+    "generative conv 12x12": lambda: GenerativePrototypes(
+        GenerativeConfig(144, 5, hidden=16, image_shape=(12, 12), conv=True)
+    ),
 }
 
 
@@ -41,10 +49,21 @@ def layout(model: nn.Module) -> dict:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_network_layout_matches_the_recorded_format(name):
     recorded = json.loads(RECORD.read_text())
-    assert recorded["format_version"] == FORMAT_VERSION, "the layouts were recorded for another artifact format version"
+    assert recorded["format_version"] == FORMAT_VERSION, (
+        "the layouts were recorded for another artifact format version"
+    )
     assert layout(CONFIGS[name]()) == recorded["layouts"][name]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
-    RECORD.write_text(json.dumps({"format_version": FORMAT_VERSION, "layouts": {n: layout(make()) for n, make in sorted(CONFIGS.items())}}, indent=1) + "\n")
+    RECORD.write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "layouts": {n: layout(make()) for n, make in sorted(CONFIGS.items())},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {RECORD}")

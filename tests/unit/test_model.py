@@ -8,10 +8,36 @@ import numpy as np
 import pytest
 import torch
 
-from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes, TaskHead, adapt_map
-from protofuse.model.generative import GenerativeConfig, GenerativePrototypes, gaussian_kl, gaussian_log_prob, hide_rows, reparameterize, restricted_log_softmax
-from protofuse.model.networks import Augmentation, FeatureAugmentation, augment_features, augment_images
-from protofuse.model.recompose import WDistribution, WeightedPrototypes, fit_gaussian, fit_mixture, log_conditional, mixture_log_prob, predict_log_proba
+from protofuse.model.discriminative import (
+    DiscriminativeConfig,
+    DiscriminativePrototypes,
+    TaskHead,
+    adapt_map,
+)
+from protofuse.model.generative import (
+    GenerativeConfig,
+    GenerativePrototypes,
+    gaussian_kl,
+    gaussian_log_prob,
+    hide_rows,
+    reparameterize,
+    restricted_log_softmax,
+)
+from protofuse.model.networks import (
+    Augmentation,
+    FeatureAugmentation,
+    augment_features,
+    augment_images,
+)
+from protofuse.model.recompose import (
+    WDistribution,
+    WeightedPrototypes,
+    fit_gaussian,
+    fit_mixture,
+    log_conditional,
+    mixture_log_prob,
+    predict_log_proba,
+)
 from protofuse.training import train_generative
 from protofuse.triples import assemble
 
@@ -80,7 +106,14 @@ def test_importance_sampling_estimate_stabilizes_as_samples_grow(toy_generative)
     spreads = []
     for n_z in (2, 64):
         with torch.no_grad():
-            estimates = torch.stack([model.log_joint(x[:10], classes, w, n_z=n_z, generator=torch.Generator().manual_seed(s)) for s in range(12)])
+            estimates = torch.stack(
+                [
+                    model.log_joint(
+                        x[:10], classes, w, n_z=n_z, generator=torch.Generator().manual_seed(s)
+                    )
+                    for s in range(12)
+                ]
+            )
         spreads.append(estimates.std(0).mean().item())
     assert spreads[1] < 0.5 * spreads[0]
 
@@ -91,7 +124,14 @@ def test_shared_draws_make_class_comparisons_stable(toy_generative):
     model, x, _ = toy_generative
     classes, w = torch.tensor([0, 1, 2]), torch.zeros(1, 2)
     with torch.no_grad():
-        est = torch.stack([model.log_joint(x[:10], classes, w, n_z=4, generator=torch.Generator().manual_seed(s)) for s in range(12)])
+        est = torch.stack(
+            [
+                model.log_joint(
+                    x[:10], classes, w, n_z=4, generator=torch.Generator().manual_seed(s)
+                )
+                for s in range(12)
+            ]
+        )
     diffs = est[:, :, 0] - est[:, :, 1]
     assert diffs.std(0).mean() < est[:, :, 0].std(0).mean()
 
@@ -107,17 +147,26 @@ def test_recomposition_raises_the_support_log_likelihood(toy_generative):
     keep = y != 2  # a task over classes 0 and 1
     xs, ys = x[keep][:20], y[keep][:20]
     classes = torch.tensor([0, 1])
-    start = WDistribution(torch.tensor([3.0, -3.0]), 0.05 * torch.eye(2))  # a deliberately poor start
+    start = WDistribution(
+        torch.tensor([3.0, -3.0]), 0.05 * torch.eye(2)
+    )  # a deliberately poor start
     bank = [WDistribution(torch.zeros(2), torch.eye(2))]
     from protofuse.model.recompose import WeightedPrototypes
 
-    before = WeightedPrototypes(start.sample(32, torch.Generator().manual_seed(1)), torch.full((32,), -math.log(32)))
+    before = WeightedPrototypes(
+        start.sample(32, torch.Generator().manual_seed(1)), torch.full((32,), -math.log(32))
+    )
     _, after = fit_gaussian(model, xs, ys, classes, start, bank, steps=40, seed=0)
-    assert _support_loglik(model, xs, ys, classes, after) > _support_loglik(model, xs, ys, classes, before)
+    assert _support_loglik(model, xs, ys, classes, after) > _support_loglik(
+        model, xs, ys, classes, before
+    )
     comps = [start, WDistribution(torch.zeros(2), torch.eye(2))]
     pi, mix = fit_mixture(model, xs, ys, classes, comps, per_component=8, steps=100)
     uniform = type(mix)(mix.w, torch.full_like(mix.log_weights, -math.log(len(mix.w))))
-    assert _support_loglik(model, xs, ys, classes, mix) >= _support_loglik(model, xs, ys, classes, uniform) - 1e-4
+    assert (
+        _support_loglik(model, xs, ys, classes, mix)
+        >= _support_loglik(model, xs, ys, classes, uniform) - 1e-4
+    )
 
 
 def test_map_adaptation_fits_support_and_respects_the_prior():
@@ -130,11 +179,15 @@ def test_map_adaptation_fits_support_and_respects_the_prior():
     tight = adapt_map(z, y, prior, torch.ones(3) * 0.01)
     acc = (loose.log_proba(z).argmax(1) == y).float().mean()
     assert acc > 0.9
-    assert (tight.prototypes - prior.prototypes).norm() < 0.1 * (loose.prototypes - prior.prototypes).norm()
+    assert (tight.prototypes - prior.prototypes).norm() < 0.1 * (
+        loose.prototypes - prior.prototypes
+    ).norm()
 
 
 def test_discriminative_expert_heads_only_cover_their_labels():
-    model = DiscriminativePrototypes(DiscriminativeConfig(x_dim=16, n_labels=5, n_experts=2, feat_dim=8, encoder="mlp"))
+    model = DiscriminativePrototypes(
+        DiscriminativeConfig(x_dim=16, n_labels=5, n_experts=2, feat_dim=8, encoder="mlp")
+    )
     tau = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.float32)
     model.eval()
     p = model.expert_log_proba(model.encoder(torch.rand(4, 16)), tau).exp()
@@ -145,7 +198,9 @@ def test_discriminative_expert_heads_only_cover_their_labels():
 
 def test_consensus_term_teaches_the_whole_vocabulary():
     torch.manual_seed(0)
-    model = DiscriminativePrototypes(DiscriminativeConfig(x_dim=16, n_labels=4, n_experts=1, feat_dim=8, encoder="mlp"))
+    model = DiscriminativePrototypes(
+        DiscriminativeConfig(x_dim=16, n_labels=4, n_experts=1, feat_dim=8, encoder="mlp")
+    )
     x, teacher = torch.rand(64, 16), torch.softmax(3 * torch.randn(64, 4), dim=-1)
 
     def kl() -> float:
@@ -179,21 +234,35 @@ def test_rotation_and_zoom_are_a_similarity_a_disc_stays_round():
     become an ellipse (a wrong sign or factor in the affine matrix would shear it)."""
     yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
     disc = (((yy - 11.5) ** 2 + (xx - 11.5) ** 2) < 25).float().reshape(1, 576)
-    out = augment_images(disc.repeat(50, 1), (24, 24), Augmentation(rotation=60.0, scale=0.5), torch.Generator().manual_seed(0)).view(50, 24, 24)
+    out = augment_images(
+        disc.repeat(50, 1),
+        (24, 24),
+        Augmentation(rotation=60.0, scale=0.5),
+        torch.Generator().manual_seed(0),
+    ).view(50, 24, 24)
     mass = out.sum((1, 2))
     var_y = (out.sum(2) * (torch.arange(24.0) - 11.5) ** 2).sum(1) / mass
     var_x = (out.sum(1) * (torch.arange(24.0) - 11.5) ** 2).sum(1) / mass
     cov = (out * (yy - 11.5) * (xx - 11.5)).sum((1, 2)) / mass
-    assert ((var_y - var_x).abs() / (var_y + var_x) < 0.05).all() and (cov.abs() / (var_y + var_x) < 0.05).all()
+    assert ((var_y - var_x).abs() / (var_y + var_x) < 0.05).all() and (
+        cov.abs() / (var_y + var_x) < 0.05
+    ).all()
     assert mass.max() / mass.min() > 1.5  # the zoom did act
 
 
 def test_rotation_and_zoom_keep_a_centred_disc_in_place():
     yy, xx = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
     disc = (((yy - 5.5) ** 2 + (xx - 5.5) ** 2) < 9).float().reshape(1, 144)
-    out = augment_images(disc.repeat(20, 1), (12, 12), Augmentation(rotation=30.0, scale=0.2), torch.Generator().manual_seed(0))
+    out = augment_images(
+        disc.repeat(20, 1),
+        (12, 12),
+        Augmentation(rotation=30.0, scale=0.2),
+        torch.Generator().manual_seed(0),
+    )
     centre_y = (out.view(20, 12, 12).sum(2) * torch.arange(12.0)).sum(1) / out.sum(1)
-    assert torch.allclose(centre_y, torch.full((20,), 5.5), atol=0.05)  # no shift asked for, none made
+    assert torch.allclose(
+        centre_y, torch.full((20,), 5.5), atol=0.05
+    )  # no shift asked for, none made
     mass = out.sum(1) / disc.sum()
     assert (mass > 0.6).all() and (mass < 1.5).all() and mass.std() > 0.01  # zoom changes size
 
@@ -210,8 +279,12 @@ def test_feature_dropout_replaces_about_the_asked_share_of_each_feature_by_its_c
     out = augment_features(x, FeatureAugmentation(dropout=0.3), centre, spread, gen)
     assert out.shape == x.shape
     dropped = out != x
-    assert ((dropped.float().mean(0) - 0.3).abs() < 0.03).all()  # about the set share, in every column
-    assert torch.equal(out[dropped], centre.expand_as(x)[dropped])  # a dropped feature takes its centre, not 0
+    assert (
+        (dropped.float().mean(0) - 0.3).abs() < 0.03
+    ).all()  # about the set share, in every column
+    assert torch.equal(
+        out[dropped], centre.expand_as(x)[dropped]
+    )  # a dropped feature takes its centre, not 0
     assert dropped.sum(1).float().var() > 0  # drawn per feature, not whole rows
 
 
@@ -237,15 +310,27 @@ def test_conv_variant_of_the_generative_family_trains_and_scores_images():
     y = rng.integers(0, 2, 64)
     outs = [np.eye(2, dtype=np.float32)[y] * 0.98 + 0.01]
     triples = assemble(["a"], [("0", "1")], [x], outs)
-    model = GenerativePrototypes(GenerativeConfig(100, 2, image_shape=(10, 10), conv=True, hidden=32))
-    before = model.loss(torch.from_numpy(x), torch.from_numpy(triples.eta[:, 0]), torch.from_numpy(triples.tau).expand(64, -1))["loss"].item()
+    model = GenerativePrototypes(
+        GenerativeConfig(100, 2, image_shape=(10, 10), conv=True, hidden=32)
+    )
+    before = model.loss(
+        torch.from_numpy(x),
+        torch.from_numpy(triples.eta[:, 0]),
+        torch.from_numpy(triples.tau).expand(64, -1),
+    )["loss"].item()
     train_generative(model, triples, epochs=5, lr=3e-3)
     model.train()
-    after = model.loss(torch.from_numpy(x), torch.from_numpy(triples.eta[:, 0]), torch.from_numpy(triples.tau).expand(64, -1))["loss"].item()
+    after = model.loss(
+        torch.from_numpy(x),
+        torch.from_numpy(triples.eta[:, 0]),
+        torch.from_numpy(triples.tau).expand(64, -1),
+    )["loss"].item()
     model.eval()
     assert after < before
     with torch.no_grad():
-        lj = model.log_joint(torch.from_numpy(x[:4]), torch.tensor([0, 1]), torch.zeros(3, 2), n_z=4)
+        lj = model.log_joint(
+            torch.from_numpy(x[:4]), torch.tensor([0, 1]), torch.zeros(3, 2), n_z=4
+        )
     assert lj.shape == (4, 2, 3) and torch.isfinite(lj).all()
 
 
@@ -254,15 +339,28 @@ def test_conv_variant_of_the_generative_family_trains_and_scores_images():
 
 def test_gaussian_log_prob_is_the_diagonal_normal_density():
     g = torch.Generator().manual_seed(0)
-    x, mu, logvar = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    x, mu, logvar = (
+        torch.randn(5, 3, generator=g),
+        torch.randn(5, 3, generator=g),
+        torch.randn(5, 3, generator=g),
+    )
     expected = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(x).sum(-1)
     torch.testing.assert_close(gaussian_log_prob(x, mu, logvar), expected)
 
 
 def test_mixture_log_prob_is_the_uniform_mixture_density():
-    components = [WDistribution(torch.tensor([0.0, 1.0]), torch.tensor([[1.0, 0.3], [0.3, 0.5]])), WDistribution(torch.tensor([-2.0, 0.5]), torch.eye(2) * 0.2)]
+    components = [
+        WDistribution(torch.tensor([0.0, 1.0]), torch.tensor([[1.0, 0.3], [0.3, 0.5]])),
+        WDistribution(torch.tensor([-2.0, 0.5]), torch.eye(2) * 0.2),
+    ]
     w = torch.tensor([[0.0, 0.0], [1.0, -1.0], [-2.0, 0.4]])
-    dens = sum(torch.distributions.MultivariateNormal(c.mean, c.cov).log_prob(w).exp() for c in components) / 2
+    dens = (
+        sum(
+            torch.distributions.MultivariateNormal(c.mean, c.cov).log_prob(w).exp()
+            for c in components
+        )
+        / 2
+    )
     torch.testing.assert_close(mixture_log_prob(w, components), dens.log(), atol=1e-4, rtol=1e-4)
 
 
@@ -281,18 +379,31 @@ def test_prediction_forms_weigh_prototypes_by_their_weights():
 
 
 def test_task_head_is_a_tempered_softmax_over_its_rows():
-    head = TaskHead(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0.5, -0.5]), torch.tensor(math.log(2.0)))
+    head = TaskHead(
+        torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+        torch.tensor([0.5, -0.5]),
+        torch.tensor(math.log(2.0)),
+    )
     z = torch.tensor([[1.0, 1.0]])
     logits = 2.0 * torch.tensor([1.0 + 0.5, 2.0 - 0.5])
     torch.testing.assert_close(head.log_proba(z), torch.log_softmax(logits, -1)[None])
 
 
-def _documented_map_objective(head_params, z, y, prior: TaskHead, scale: torch.Tensor, strength: float) -> torch.Tensor:
+def _documented_map_objective(
+    head_params, z, y, prior: TaskHead, scale: torch.Tensor, strength: float
+) -> torch.Tensor:
     """docs/method.md: the negative log posterior that adaptation minimises, written out anew."""
     protos, bias, log_temp = head_params
-    nll = -torch.log_softmax(log_temp.exp() * (z @ protos.T + bias), -1)[torch.arange(len(y)), y].sum()
+    nll = -torch.log_softmax(log_temp.exp() * (z @ protos.T + bias), -1)[
+        torch.arange(len(y)), y
+    ].sum()
     lam = strength / scale**2
-    return nll + 0.5 * (lam * ((protos - prior.prototypes) ** 2).sum(-1)).sum() + 0.5 * (lam * (bias - prior.bias) ** 2).sum() + 0.5 * (log_temp - prior.log_temp) ** 2
+    return (
+        nll
+        + 0.5 * (lam * ((protos - prior.prototypes) ** 2).sum(-1)).sum()
+        + 0.5 * (lam * (bias - prior.bias) ** 2).sum()
+        + 0.5 * (log_temp - prior.log_temp) ** 2
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -300,10 +411,16 @@ def test_map_adaptation_finds_the_minimum_of_the_documented_objective(seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(12, 4, generator=g)
     y = torch.arange(12) % 3
-    prior = TaskHead(torch.randn(3, 4, generator=g), 0.5 * torch.randn(3, generator=g), torch.tensor(0.2))
+    prior = TaskHead(
+        torch.randn(3, 4, generator=g), 0.5 * torch.randn(3, generator=g), torch.tensor(0.2)
+    )
     scale = torch.tensor([0.5, 1.0, 2.0])
     head = adapt_map(z, y, prior, scale, strength=1.5)
-    params = [head.prototypes.clone().requires_grad_(True), head.bias.clone().requires_grad_(True), head.log_temp.clone().requires_grad_(True)]
+    params = [
+        head.prototypes.clone().requires_grad_(True),
+        head.bias.clone().requires_grad_(True),
+        head.log_temp.clone().requires_grad_(True),
+    ]
     grads = torch.autograd.grad(_documented_map_objective(params, z, y, prior, scale, 1.5), params)
     assert max(gr.abs().max().item() for gr in grads) < 1e-2  # L-BFGS stops at float32 tolerance
 
@@ -314,8 +431,17 @@ def test_importance_sampling_estimate_does_not_drift_with_the_sample_count(toy_g
     model, x, _ = toy_generative
     classes, w = torch.tensor([0, 1, 2]), torch.zeros(1, 2)
     with torch.no_grad():
-        few = torch.stack([model.log_joint(x[:10], classes, w, n_z=4, generator=torch.Generator().manual_seed(s)) for s in range(8)]).mean()
-        many = model.log_joint(x[:10], classes, w, n_z=256, generator=torch.Generator().manual_seed(99)).mean()
+        few = torch.stack(
+            [
+                model.log_joint(
+                    x[:10], classes, w, n_z=4, generator=torch.Generator().manual_seed(s)
+                )
+                for s in range(8)
+            ]
+        ).mean()
+        many = model.log_joint(
+            x[:10], classes, w, n_z=256, generator=torch.Generator().manual_seed(99)
+        ).mean()
     assert abs((few - many).item()) < 1.0 < math.log(256 / 4)
 
 
@@ -353,12 +479,19 @@ def test_mixture_recomposition_prefers_the_component_that_explains_the_support(t
 
 
 def test_reparameterized_draws_have_the_asked_mean_and_spread():
-    mu, logvar = torch.tensor([1.0, -2.0]).expand(20000, 2), torch.tensor([math.log(4.0), math.log(0.25)]).expand(20000, 2)
+    mu, logvar = (
+        torch.tensor([1.0, -2.0]).expand(20000, 2),
+        torch.tensor([math.log(4.0), math.log(0.25)]).expand(20000, 2),
+    )
     draws = reparameterize(mu, logvar, torch.Generator().manual_seed(0))
     torch.testing.assert_close(draws.mean(0), torch.tensor([1.0, -2.0]), atol=0.05, rtol=0)
     torch.testing.assert_close(draws.std(0), torch.tensor([2.0, 0.5]), atol=0.03, rtol=0)
-    assert abs(((draws[:, 0] - 1.0) / 2.0).pow(4).mean().item() - 3.0) < 0.2  # Gaussian tails (kurtosis 3)
-    torch.testing.assert_close(reparameterize(mu, logvar, torch.Generator().manual_seed(0)), draws)  # the generator decides
+    assert (
+        abs(((draws[:, 0] - 1.0) / 2.0).pow(4).mean().item() - 3.0) < 0.2
+    )  # Gaussian tails (kurtosis 3)
+    torch.testing.assert_close(
+        reparameterize(mu, logvar, torch.Generator().manual_seed(0)), draws
+    )  # the generator decides
 
 
 def test_hiding_rows_zeroes_whole_rows_at_the_asked_rate():
@@ -368,7 +501,9 @@ def test_hiding_rows_zeroes_whole_rows_at_the_asked_rate():
     hidden = (half == 0).all(1)
     assert abs(hidden.float().mean().item() - 0.5) < 0.03
     assert torch.equal(half[~hidden], eta[~hidden])  # the others pass unchanged
-    assert torch.equal(hide_rows(eta, 0.5, torch.Generator().manual_seed(1)), half)  # the generator decides
+    assert torch.equal(
+        hide_rows(eta, 0.5, torch.Generator().manual_seed(1)), half
+    )  # the generator decides
 
 
 def test_label_terms_of_the_elbo_are_restricted_to_the_experts_labels():
@@ -385,7 +520,9 @@ def test_label_terms_of_the_elbo_are_restricted_to_the_experts_labels():
     tau = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(5, 4)
     eta = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(5, 4)
     out = model.loss(torch.rand(5, 6), eta, tau)
-    assert out["label"].item() == pytest.approx(-math.log(2)) and out["reg"].item() == pytest.approx(-math.log(2))
+    assert out["label"].item() == pytest.approx(-math.log(2)) and out[
+        "reg"
+    ].item() == pytest.approx(-math.log(2))
 
 
 def test_gaussian_heads_bound_their_log_variance():
@@ -393,7 +530,9 @@ def test_gaussian_heads_bound_their_log_variance():
 
     head = GaussianHead(3, 2, hidden=8).eval()
     _, logvar = head(torch.randn(50, 3))
-    assert (logvar > -8).all() and (logvar < 6).all() and logvar.std() > 0  # ordinary inputs: untouched
+    assert (
+        (logvar > -8).all() and (logvar < 6).all() and logvar.std() > 0
+    )  # ordinary inputs: untouched
     with torch.no_grad():
         head.mlp.net[-1].bias[2:] = torch.tensor([100.0, -100.0])
     _, logvar = head(torch.randn(50, 3))
@@ -404,11 +543,15 @@ def test_gaussian_decoder_scores_inputs_with_its_learned_noise():
     torch.manual_seed(0)
     model = GenerativePrototypes(GenerativeConfig(5, 3, likelihood="gaussian", hidden=8)).eval()
     with torch.no_grad():
-        model.x_logvar.copy_(torch.tensor([0.0, 1.0, -1.0, 9.0, -9.0]))  # the last two beyond the bounds
+        model.x_logvar.copy_(
+            torch.tensor([0.0, 1.0, -1.0, 9.0, -9.0])
+        )  # the last two beyond the bounds
     x, w, z = torch.randn(4, 5), torch.randn(4, 2), torch.randn(4, 5)
     mean = model.decoder(torch.cat([w, z], -1))
     std = (0.5 * torch.tensor([0.0, 1.0, -1.0, 4.0, -6.0])).exp()
-    torch.testing.assert_close(model.log_px(x, w, z), torch.distributions.Normal(mean, std).log_prob(x).sum(-1))
+    torch.testing.assert_close(
+        model.log_px(x, w, z), torch.distributions.Normal(mean, std).log_prob(x).sum(-1)
+    )
     bernoulli = GenerativePrototypes(GenerativeConfig(5, 3, likelihood="bernoulli", hidden=8))
     assert not hasattr(bernoulli, "x_logvar")
     with pytest.raises(ValueError, match="unknown likelihood"):
@@ -431,9 +574,13 @@ def test_conv_networks_of_the_generative_family_keep_image_geometry(side):
     out = decoder(wz).view(3, side, side)
     torch.testing.assert_close(out[:, : inner.shape[2], : inner.shape[3]], inner[:, 0])
     assert (out[:, inner.shape[2] :, :] == 0).all() and (out[:, :, inner.shape[3] :] == 0).all()
-    model = GenerativePrototypes(GenerativeConfig(side * side, 3, image_shape=(side, side), conv=True, hidden=8))
+    model = GenerativePrototypes(
+        GenerativeConfig(side * side, 3, image_shape=(side, side), conv=True, hidden=8)
+    )
     assert isinstance(model.decoder, ConvDecoder) and isinstance(model.features, ConvFeatures)
-    with pytest.raises(ValueError, match=r"^the conv variant needs image inputs \(an image shape\)$"):
+    with pytest.raises(
+        ValueError, match=r"^the conv variant needs image inputs \(an image shape\)$"
+    ):
         GenerativePrototypes(GenerativeConfig(side * side, 3, conv=True))
 
 
@@ -450,8 +597,13 @@ def test_support_log_likelihood_averages_over_prototypes_then_sums_over_examples
 def test_encoders_are_named_and_misnamed_ones_refused():
     from protofuse.model.networks import ConvEncoder, MLPEncoder, make_encoder
 
-    assert isinstance(make_encoder("conv", 64, 8, (8, 8)), ConvEncoder) and isinstance(make_encoder("mlp", 64, 8, None), MLPEncoder)
-    with pytest.raises(ValueError, match=r"^encoder 'conv' needs image inputs \(an image shape\); use encoder = 'mlp'$"):
+    assert isinstance(make_encoder("conv", 64, 8, (8, 8)), ConvEncoder) and isinstance(
+        make_encoder("mlp", 64, 8, None), MLPEncoder
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^encoder 'conv' needs image inputs \(an image shape\); use encoder = 'mlp'$",
+    ):
         make_encoder("conv", 64, 8, None)
     with pytest.raises(ValueError, match=r"^unknown encoder 'resnet': use 'conv' or 'mlp'$"):
         make_encoder("resnet", 64, 8, None)

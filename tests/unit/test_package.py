@@ -21,6 +21,8 @@ def test_the_command_prints_the_version(capsys):
     assert capsys.readouterr().out.strip() == f"protofuse {protofuse.__version__}"
 
 
-@pytest.mark.parametrize("package", ["protofuse", "client_sdk", "protofuse_server", "protofuse_cli"])
+@pytest.mark.parametrize(
+    "package", ["protofuse", "client_sdk", "protofuse_server", "protofuse_cli"]
+)
 def test_every_package_declares_its_type_hints(package):
     assert resources.files(package).joinpath("py.typed").is_file()

@@ -22,23 +22,42 @@ def test_there_is_one_fidelity_and_one_expert_record():
 
 
 def test_the_names_users_read_and_the_wire_names_are_the_same_fields():
-    e = ExpertRecord("org-a", ["0", "1"], Fidelity(0.9, 0.1, 40), 500, 0.8, 0.7, n_examples=400, last_round=3)
-    assert (e.name, e.labels, e.fidelity.agreement, e.fidelity.kl, e.n_queries, e.consensus, e.weight) == ("org-a", ("0", "1"), 0.9, 0.1, 500, 0.8, 0.7)
+    e = ExpertRecord(
+        "org-a", ["0", "1"], Fidelity(0.9, 0.1, 40), 500, 0.8, 0.7, n_examples=400, last_round=3
+    )
+    assert (
+        e.name,
+        e.labels,
+        e.fidelity.agreement,
+        e.fidelity.kl,
+        e.n_queries,
+        e.consensus,
+        e.weight,
+    ) == ("org-a", ("0", "1"), 0.9, 0.1, 500, 0.8, 0.7)
     assert (e.pseudonym, e.label_names, e.trust) == (e.name, e.labels, e.weight)
     assert e.distribution == b"" and e.consensus_measured
 
 
 def test_an_unmeasured_consensus_is_nan_and_records_still_compare_equal():
     a = ExpertRecord("a", ("0",), Fidelity(0.5, 0.2, 3), 10, None)
-    b = ExpertRecord("a", ("0",), Fidelity(0.5, 0.2, 3), 10, float("nan"))  # as SQLite's NULL or a saved bank's NaN come back
+    b = ExpertRecord(
+        "a", ("0",), Fidelity(0.5, 0.2, 3), 10, float("nan")
+    )  # as SQLite's NULL or a saved bank's NaN come back
     assert math.isnan(a.consensus) and not a.consensus_measured
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
     assert a != replace(a, consensus=0.5) and a != replace(a, last_round=1)
-    unmeasured = replace(a, fidelity=Fidelity(float("nan"), float("nan"), 0))  # a bank fitted without held-out queries
+    unmeasured = replace(
+        a, fidelity=Fidelity(float("nan"), float("nan"), 0)
+    )  # a bank fitted without held-out queries
     assert unmeasured == replace(a, fidelity=Fidelity(float("nan"), float("nan"), 0))
 
 
 def test_a_record_refuses_a_string_for_its_labels_and_copies_bytes():
     with pytest.raises(TypeError, match="labels"):
         ExpertRecord("a", "01", Fidelity(1.0, 0.0, 1), 1)
-    assert ExpertRecord("a", ("0",), Fidelity(1.0, 0.0, 1), 1, distribution=bytearray(b"\x01")).distribution == b"\x01"
+    assert (
+        ExpertRecord(
+            "a", ("0",), Fidelity(1.0, 0.0, 1), 1, distribution=bytearray(b"\x01")
+        ).distribution
+        == b"\x01"
+    )

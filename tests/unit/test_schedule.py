@@ -25,7 +25,9 @@ def test_a_second_phase_with_work_gets_half_the_steps(total, which):
 
 @given(total=st.integers(0, 1000))
 def test_without_reweighting_or_distillation_there_is_one_phase(total):
-    assert TwoPhases.split(total, TrainingSettings(reweight=False, distill=0.0)) == TwoPhases(total, 0)
+    assert TwoPhases.split(total, TrainingSettings(reweight=False, distill=0.0)) == TwoPhases(
+        total, 0
+    )
 
 
 def test_reweighting_one_expert_is_no_second_phase_unless_it_distils():

@@ -26,46 +26,80 @@ def _errors(tmp_path, text: str) -> str:
 def test_a_good_spec_resolves_paths_beside_itself(tmp_path):
     (tmp_path / "spec.toml").write_text(GOOD)
     spec = load_spec(tmp_path / "spec.toml")
-    assert spec.folder == tmp_path.resolve() and spec.queries_path(spec.experts[0]) == (tmp_path / "q.npy").resolve()
+    assert (
+        spec.folder == tmp_path.resolve()
+        and spec.queries_path(spec.experts[0]) == (tmp_path / "q.npy").resolve()
+    )
 
 
 def test_errors_are_one_line_per_field_written_as_in_the_file(tmp_path):
-    text = GOOD + '\n[[experts]]\nname = "b"\npredict = "nocolon"\nlabels = ["x", "x"]\nqueries = "q.npy"\n\n[training]\nlr = -1\n'
+    text = (
+        GOOD
+        + '\n[[experts]]\nname = "b"\npredict = "nocolon"\nlabels = ["x", "x"]\nqueries = "q.npy"\n\n[training]\nlr = -1\n'
+    )
     message = _errors(tmp_path, text)
     lines = message.splitlines()
     assert lines[0].endswith("spec.toml: invalid spec")
     fields = sorted(line.split(":")[0].strip() for line in lines[1:])
     assert fields == ["experts[1].labels", "experts[1].predict", "training.lr"]
     # pydantic's "Value error, " prefix is dropped: the message starts with what is wrong.
-    assert any(line.startswith("  experts[1].predict: 'nocolon' is not an import path") for line in lines)
-    assert "  experts[1].labels: labels ['x'] appear more than once; list each output column's label once" in lines
+    assert any(
+        line.startswith("  experts[1].predict: 'nocolon' is not an import path") for line in lines
+    )
+    assert (
+        "  experts[1].labels: labels ['x'] appear more than once; list each output column's label once"
+        in lines
+    )
     assert "  training.lr: Input should be greater than 0" in lines
 
 
 def test_unknown_fields_and_reserved_names_are_refused_with_the_fix(tmp_path):
-    assert "  training.learning_rate: unknown field; check its spelling against the documented fields" in _errors(tmp_path, GOOD + "\n[training]\nlearning_rate = 0.1\n").splitlines()
-    assert "'folder' is not a spec field; paths are relative to the spec's own folder" in _errors(tmp_path, 'folder = "/x"\n' + GOOD)
-    assert "  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)" in _errors(tmp_path, "").splitlines()
+    assert (
+        "  training.learning_rate: unknown field; check its spelling against the documented fields"
+        in _errors(tmp_path, GOOD + "\n[training]\nlearning_rate = 0.1\n").splitlines()
+    )
+    assert "'folder' is not a spec field; paths are relative to the spec's own folder" in _errors(
+        tmp_path, 'folder = "/x"\n' + GOOD
+    )
+    assert (
+        "  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)"
+        in _errors(tmp_path, "").splitlines()
+    )
     duplicate = _errors(tmp_path, GOOD + GOOD).splitlines()  # a whole-spec rule has no single field
-    assert duplicate[1] == "  (top level): expert names ['a'] appear more than once; give each [[experts]] entry a unique name"
+    assert (
+        duplicate[1]
+        == "  (top level): expert names ['a'] appear more than once; give each [[experts]] entry a unique name"
+    )
 
 
 def test_an_expert_is_an_import_path_or_a_model_server_never_both(tmp_path):
     served = '[[experts]]\nname = "org"\nlabels = ["0", "1"]\nqueries = "q.npy"\n[experts.endpoint]\nprotocol = "open-inference"\nurl = "http://127.0.0.1:8080"\nmodel = "digits"\n'
     (tmp_path / "spec.toml").write_text(served)
     entry = load_spec(tmp_path / "spec.toml").experts[0]
-    assert entry.predict is None and entry.endpoint.model == "digits" and entry.endpoint.retries == 3
+    assert (
+        entry.predict is None and entry.endpoint.model == "digits" and entry.endpoint.retries == 3
+    )
     both = served.replace('queries = "q.npy"', 'queries = "q.npy"\npredict = "m:f"')
     assert "give exactly one of predict" in _errors(tmp_path, both)
-    assert "give exactly one of predict" in _errors(tmp_path, '[[experts]]\nname = "a"\nlabels = ["0"]\nqueries = "q.npy"\n')
-    assert "experts[0].endpoint: protocol 'open-inference' needs model" in _errors(tmp_path, served.replace('model = "digits"\n', ""))
+    assert "give exactly one of predict" in _errors(
+        tmp_path, '[[experts]]\nname = "a"\nlabels = ["0"]\nqueries = "q.npy"\n'
+    )
+    assert "experts[0].endpoint: protocol 'open-inference' needs model" in _errors(
+        tmp_path, served.replace('model = "digits"\n', "")
+    )
     assert "experts[0].endpoint.url" in _errors(tmp_path, served.replace("http://", "ftp://"))
 
 
 def test_the_server_reads_the_same_file_without_experts(tmp_path):
-    (tmp_path / "server.toml").write_text("[federation]\nrounds = 6\naggregation = 'fedavg'\n[data]\nimage_shape = [8, 8]\n")
+    (tmp_path / "server.toml").write_text(
+        "[federation]\nrounds = 6\naggregation = 'fedavg'\n[data]\nimage_shape = [8, 8]\n"
+    )
     spec = load_spec(tmp_path / "server.toml", experts_required=False)
-    assert spec.experts == [] and spec.federation.rounds == 6 and spec.federation.aggregation == "fedavg"
+    assert (
+        spec.experts == []
+        and spec.federation.rounds == 6
+        and spec.federation.aggregation == "fedavg"
+    )
     with pytest.raises(SpecError, match="no \\[\\[experts\\]\\] table"):
         load_spec(tmp_path / "server.toml")
 
@@ -78,4 +112,7 @@ def test_table_augmentation_is_set_in_the_training_table(tmp_path):
     path.write_text(GOOD + "\n[training]\nfeature_dropout = 0.1\nfeature_noise = 0.2\n")
     training = load_spec(path).training
     assert (training.feature_dropout, training.feature_noise) == (0.1, 0.2)
-    assert "  training.feature_dropout: Input should be less than 1" in _errors(tmp_path, GOOD + "\n[training]\nfeature_dropout = 1.0\n").splitlines()
+    assert (
+        "  training.feature_dropout: Input should be less than 1"
+        in _errors(tmp_path, GOOD + "\n[training]\nfeature_dropout = 1.0\n").splitlines()
+    )

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from protofuse_server.fusion import store
+
 from protofuse.records import ExpertRecord, Fidelity
+from protofuse_server.fusion import store
 from protofuse_server.fusion.store import BankStore, Checkpoint, StoreError
 
 RUN = "run-digits-seed0"
@@ -46,7 +47,9 @@ def round_inputs(round: int) -> Inputs:
     """Deterministic inputs of a round, the same in the test and in its child process."""
     rng = np.random.default_rng(round)
     arrays = {
-        "prototypes": rng.standard_normal((512, 1024)).astype(np.float32),  # 2 MB, like the real bank
+        "prototypes": rng.standard_normal((512, 1024)).astype(
+            np.float32
+        ),  # 2 MB, like the real bank
         "label_index": np.arange(3 + round, dtype=np.int64),
         "scale": np.float32(round).reshape(()),
     }
@@ -58,7 +61,11 @@ def round_inputs(round: int) -> Inputs:
             expert("bob", ("two", "three"), round, consensus=0.75, weight=0.9),
             expert("carol", ("zero",), round, weight=1.0),
         ]
-    state = {"round": round, "schedule": {"position": round, "phases": ["fuse", "probe"]}, "trust": {"bob": 0.5}}
+    state = {
+        "round": round,
+        "schedule": {"position": round, "phases": ["fuse", "probe"]},
+        "trust": {"bob": 0.5},
+    }
     return arrays, vocabulary, experts, state
 
 
@@ -107,7 +114,9 @@ def test_checkpoint_then_reopen_returns_identical_bank(tmp_path: Path) -> None:
         assert checkpoint.weights_digest == digest
         assert reopened.rounds() == [(1, digest)]
     stored = (tmp_path / "weights" / f"{digest}.npz").read_bytes()
-    assert hashlib.sha256(stored).hexdigest() == digest  # content-addressed: the name is the file's hash
+    assert (
+        hashlib.sha256(stored).hexdigest() == digest
+    )  # content-addressed: the name is the file's hash
 
 
 def test_the_file_is_a_wal_sqlite_database_with_a_schema_version(tmp_path: Path) -> None:
@@ -141,10 +150,18 @@ def test_upsert_keeps_absent_experts_and_updates_present_ones(tmp_path: Path) ->
     with BankStore(tmp_path, RUN) as bank:
         alice, bob, carol = bank.experts()
         assert alice == round_inputs(1)[2][0]  # absent from round 2: untouched
-        assert (bob.last_round, bob.labels, bob.weight, bob.consensus) == (2, ("two", "three"), 0.9, 0.75)
+        assert (bob.last_round, bob.labels, bob.weight, bob.consensus) == (
+            2,
+            ("two", "three"),
+            0.9,
+            0.75,
+        )
         assert carol.last_round == 2
         assert bank.latest().experts == (alice, bob, carol)
-        assert [(h.round, h.n_experts, h.n_known, h.vocabulary_size) for h in bank.history()] == [(1, 2, 2, 3), (2, 2, 3, 4)]
+        assert [(h.round, h.n_experts, h.n_known, h.vocabulary_size) for h in bank.history()] == [
+            (1, 2, 2, 3),
+            (2, 2, 3, 4),
+        ]
 
 
 @pytest.mark.parametrize(
@@ -157,11 +174,15 @@ def test_upsert_keeps_absent_experts_and_updates_present_ones(tmp_path: Path) ->
         ({"last_round": 5}, "after the checkpoint"),
     ],
 )
-def test_invalid_expert_is_refused_and_nothing_recorded(tmp_path: Path, change: dict[str, Any], words: str) -> None:
+def test_invalid_expert_is_refused_and_nothing_recorded(
+    tmp_path: Path, change: dict[str, Any], words: str
+) -> None:
     arrays, vocabulary, experts, state = round_inputs(1)
     with BankStore(tmp_path, RUN) as bank:
         with pytest.raises(StoreError, match="alice") as error:
-            bank.checkpoint(1, arrays, vocabulary, [replace(expert("alice", ("zero",), 1), **change)], state)
+            bank.checkpoint(
+                1, arrays, vocabulary, [replace(expert("alice", ("zero",), 1), **change)], state
+            )
         assert words in str(error.value)
         assert bank.latest() is None and bank.experts() == () and bank.history() == []
         bank.checkpoint(1, arrays, vocabulary, experts, state)  # the refusal left the store usable
@@ -192,7 +213,9 @@ def test_vocabulary_is_append_only(tmp_path: Path, vocabulary: list[str]) -> Non
         with pytest.raises(StoreError, match="append-only"):
             bank.checkpoint(2, arrays, vocabulary, [], state)
         assert bank.latest().vocabulary == ("zero", "one", "two")
-        bank.checkpoint(2, arrays, ["zero", "one", "two", "three", "four"], [], state)  # extending works
+        bank.checkpoint(
+            2, arrays, ["zero", "one", "two", "three", "four"], [], state
+        )  # extending works
         assert bank.latest().vocabulary == ("zero", "one", "two", "three", "four")
 
 
@@ -214,7 +237,9 @@ def test_round_must_increase(tmp_path: Path, round: int) -> None:
 
 def test_another_run_key_is_refused(tmp_path: Path) -> None:
     BankStore(tmp_path, RUN).close()
-    with pytest.raises(StoreError, match=f"holds run {RUN}, not run-other; use another --out folder"):
+    with pytest.raises(
+        StoreError, match=f"holds run {RUN}, not run-other; use another --out folder"
+    ):
         BankStore(tmp_path, "run-other")
 
 
@@ -250,7 +275,10 @@ def test_a_corrupted_weight_file_is_detected(tmp_path: Path) -> None:
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit inside the prototypes: still a valid zip, wrong numbers
     file.write_bytes(bytes(data))
-    with BankStore(tmp_path, RUN) as bank, pytest.raises(StoreError, match=f"{digest}.npz.*do not match"):
+    with (
+        BankStore(tmp_path, RUN) as bank,
+        pytest.raises(StoreError, match=f"{digest}.npz.*do not match"),
+    ):
         bank.latest()
 
 
@@ -284,7 +312,9 @@ def test_old_weight_files_are_collected(tmp_path: Path) -> None:
         digests.append(bank.checkpoint(4, arrays, round_inputs(1)[1], [], state))
         assert weight_files(folder) == {f"{d}.npz" for d in digests[2:]} | {"notes.txt"}
         assert bank.rounds() == [(3, digests[2]), (4, digests[3])]
-        assert [(h.round, h.weights_digest) for h in bank.history()] == list(zip([1, 2, 3, 4], digests))
+        assert [(h.round, h.weights_digest) for h in bank.history()] == list(
+            zip([1, 2, 3, 4], digests)
+        )
         assert bank.latest().round == 4
         for key, value in round_inputs(3)[0].items():
             np.testing.assert_array_equal(bank.weights(3)[key], value)
@@ -298,12 +328,16 @@ def test_old_weight_files_are_collected(tmp_path: Path) -> None:
 def test_on_stage_sees_every_stage_of_a_checkpoint_in_order(tmp_path: Path) -> None:
     """The seam the crash tests kill at: the weight file is durable before the commit begins."""
     seen: list[tuple[str, set[str]]] = []
-    with BankStore(tmp_path, RUN, on_stage=lambda at: seen.append((at, weight_files(tmp_path)))) as bank:
+    with BankStore(
+        tmp_path, RUN, on_stage=lambda at: seen.append((at, weight_files(tmp_path)))
+    ) as bank:
         digest = bank.checkpoint(1, *round_inputs(1))
     stages = [at for at, _ in seen]
     assert stages == ["weights_temp", "weights_durable", "before_commit", "after_commit"]
     files = dict(seen)
-    assert f"{digest}.npz" not in files["weights_temp"] and any(n.startswith(".tmp-") for n in files["weights_temp"])
+    assert f"{digest}.npz" not in files["weights_temp"] and any(
+        n.startswith(".tmp-") for n in files["weights_temp"]
+    )
     assert files["weights_durable"] == {f"{digest}.npz"}
 
 
@@ -320,7 +354,9 @@ def run_child_until_killed(folder: Path, stage: str, tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while not ready.exists():
             if child.poll() is not None:
-                pytest.fail(f"child exited with {child.returncode} before {stage}: {child.stderr.read().decode()}")
+                pytest.fail(
+                    f"child exited with {child.returncode} before {stage}: {child.stderr.read().decode()}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"child never reached {stage}")
             time.sleep(0.01)
@@ -344,7 +380,9 @@ def child_main(folder: str, stage: str, ready: str) -> None:
 
     with BankStore(folder, RUN) as bank:
         bank.checkpoint(1, *round_inputs(1))
-    bank = BankStore(folder, RUN, on_stage=hook)  # reopened, as a restarted server would: the seam for round 2 only
+    bank = BankStore(
+        folder, RUN, on_stage=hook
+    )  # reopened, as a restarted server would: the seam for round 2 only
     bank.checkpoint(2, *round_inputs(2))
     sys.exit(f"stage {stage} never reached")
 
@@ -354,7 +392,9 @@ needs_sigkill = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs
 
 @needs_sigkill
 @pytest.mark.parametrize("stage", ["weights_temp", "weights_durable", "before_commit"])
-def test_killed_before_commit_resumes_from_the_previous_checkpoint(tmp_path: Path, stage: str) -> None:
+def test_killed_before_commit_resumes_from_the_previous_checkpoint(
+    tmp_path: Path, stage: str
+) -> None:
     folder = tmp_path / "out"
     run_child_until_killed(folder, stage, tmp_path)
     new_digest = hashlib.sha256(store._encode_arrays(round_inputs(2)[0])).hexdigest()

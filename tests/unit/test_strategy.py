@@ -20,14 +20,30 @@ from protofuse_server.fusion.strategy import ROUND_PLAN, FusionStrategy
 def test_schedule_has_the_two_phases_of_central_training_with_an_agreement_round_between():
     s = Schedule.from_settings(FederationSettings(rounds=5), TrainingSettings())
     assert (s.consensus, s.weighted, s.total) == (2, 3, 6)
-    assert [s.at(r).name for r in range(1, 7)] == ["consensus", "consensus", "agreement", "weighted", "weighted", "weighted"]
-    assert [(s.at(r).index, s.at(r).rounds) for r in (1, 2, 4, 6)] == [(0, 2), (1, 2), (0, 3), (2, 3)]
+    assert [s.at(r).name for r in range(1, 7)] == [
+        "consensus",
+        "consensus",
+        "agreement",
+        "weighted",
+        "weighted",
+        "weighted",
+    ]
+    assert [(s.at(r).index, s.at(r).rounds) for r in (1, 2, 4, 6)] == [
+        (0, 2),
+        (1, 2),
+        (0, 3),
+        (2, 3),
+    ]
     with pytest.raises(ValueError, match="outside"):
         s.at(7)
     # Without reweighting or distillation there is nothing to agree on: one phase.
-    single = Schedule.from_settings(FederationSettings(rounds=5), TrainingSettings(reweight=False, distill=0.0))
+    single = Schedule.from_settings(
+        FederationSettings(rounds=5), TrainingSettings(reweight=False, distill=0.0)
+    )
     assert (single.total, {single.at(r).name for r in range(1, 6)}) == (5, {"consensus"})
-    assert {s.at(r).name for r in range(1, 7)} == set(wire.PHASES)  # the names the round plan carries
+    assert {s.at(r).name for r in range(1, 7)} == set(
+        wire.PHASES
+    )  # the names the round plan carries
 
 
 def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
@@ -45,7 +61,9 @@ def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
     np.testing.assert_allclose(bias, out[:, 0])
 
 
-def _describe(pseudonym: str, labels: list[str], x_dim: int = 8, x_range: tuple[float, float] = (0.0, 1.0)) -> wire.NodeDescription:
+def _describe(
+    pseudonym: str, labels: list[str], x_dim: int = 8, x_range: tuple[float, float] = (0.0, 1.0)
+) -> wire.NodeDescription:
     return wire.NodeDescription(pseudonym, tuple(labels), x_dim, 10, x_range)
 
 
@@ -60,7 +78,11 @@ def test_the_vocabulary_is_only_ever_appended_to_and_new_rows_leave_old_ones_in_
         fed.admit(4, _describe("c", ["0"], x_dim=5))
     with pytest.raises(ValueError, match="already taken"):
         fed.admit(5, _describe("a", ["0"]))
-    arrays = {"prototypes": np.ones((4, 3), np.float32), "bias": np.arange(4, dtype=np.float32), "encoder.w": np.zeros(2, np.float32)}
+    arrays = {
+        "prototypes": np.ones((4, 3), np.float32),
+        "bias": np.arange(4, dtype=np.float32),
+        "encoder.w": np.zeros(2, np.float32),
+    }
     grown = extend_rows(arrays, 1, seed=0)
     assert grown["prototypes"].shape == (5, 3) and grown["bias"].shape == (5,)
     np.testing.assert_array_equal(grown["prototypes"][:4], arrays["prototypes"])
@@ -75,13 +97,24 @@ def test_the_input_range_spans_every_admitted_client():
     fed.admit(3, _describe("b", ["1"], x_range=(-0.5, 0.6)))
     assert fed.input_range == [-0.5, 0.8]
     with pytest.raises(ValueError, match="width"):
-        fed.admit(4, _describe("c", ["1"], x_dim=9, x_range=(-9.0, 9.0)))  # refused: its range does not count
+        fed.admit(
+            4, _describe("c", ["1"], x_dim=9, x_range=(-9.0, 9.0))
+        )  # refused: its range does not count
     assert fed.input_range == [-0.5, 0.8]
 
 
-def _strategy(fed: Federation, aggregation: str = "rowwise", rounds: int = 2) -> tuple[FusionStrategy, list]:
+def _strategy(
+    fed: Federation, aggregation: str = "rowwise", rounds: int = 2
+) -> tuple[FusionStrategy, list]:
     saved: list = []
-    s = FusionStrategy(fed, Schedule.from_settings(FederationSettings(rounds=rounds), TrainingSettings()), TrainingSettings(), FederationSettings(rounds=rounds, aggregation=aggregation), {}, lambda r, a, st: saved.append((r, a)))
+    s = FusionStrategy(
+        fed,
+        Schedule.from_settings(FederationSettings(rounds=rounds), TrainingSettings()),
+        TrainingSettings(),
+        FederationSettings(rounds=rounds, aggregation=aggregation),
+        {},
+        lambda r, a, st: saved.append((r, a)),
+    )
     return s, saved
 
 
@@ -91,12 +124,33 @@ def test_aggregation_weighs_by_examples_times_trust_and_casts_back():
     fed.trust = {"a": 1.0, "b": 0.5}
     for aggregation in ("rowwise", "fedavg"):
         strategy, _ = _strategy(fed, aggregation)
-        strategy._sent = {"encoder.w": np.zeros(2, np.float32), "encoder.n": np.zeros((), np.int64), "prototypes": np.full((3, 2), 9.0, np.float32), "bias": np.zeros(3, np.float32)}
-        a = {"encoder.w": np.array([1.0, 1.0], np.float32), "encoder.n": np.array(4), "prototypes": np.full((3, 2), 1.0, np.float32), "bias": np.ones(3, np.float32)}
-        b = {"encoder.w": np.array([4.0, 4.0], np.float32), "encoder.n": np.array(7), "prototypes": np.full((3, 2), 4.0, np.float32), "bias": np.full(3, 4.0, np.float32)}
-        out = strategy.aggregate([(fed.nodes[1], a, 30), (fed.nodes[2], b, 20)])  # weights 30 and 20 * 0.5
+        strategy._sent = {
+            "encoder.w": np.zeros(2, np.float32),
+            "encoder.n": np.zeros((), np.int64),
+            "prototypes": np.full((3, 2), 9.0, np.float32),
+            "bias": np.zeros(3, np.float32),
+        }
+        a = {
+            "encoder.w": np.array([1.0, 1.0], np.float32),
+            "encoder.n": np.array(4),
+            "prototypes": np.full((3, 2), 1.0, np.float32),
+            "bias": np.ones(3, np.float32),
+        }
+        b = {
+            "encoder.w": np.array([4.0, 4.0], np.float32),
+            "encoder.n": np.array(7),
+            "prototypes": np.full((3, 2), 4.0, np.float32),
+            "bias": np.full(3, 4.0, np.float32),
+        }
+        out = strategy.aggregate(
+            [(fed.nodes[1], a, 30), (fed.nodes[2], b, 20)]
+        )  # weights 30 and 20 * 0.5
         np.testing.assert_allclose(out["encoder.w"], [(30 * 1 + 10 * 4) / 40] * 2)
-        assert out["encoder.w"].dtype == np.float32 and out["encoder.n"].dtype == np.int64 and out["encoder.n"] == round((30 * 4 + 10 * 7) / 40)
+        assert (
+            out["encoder.w"].dtype == np.float32
+            and out["encoder.n"].dtype == np.int64
+            and out["encoder.n"] == round((30 * 4 + 10 * 7) / 40)
+        )
         if aggregation == "rowwise":  # label 0 only a's, label 2 only b's, label 1 both
             np.testing.assert_allclose(out["prototypes"][:, 0], [1.0, 1.75, 4.0])
         else:
@@ -114,10 +168,30 @@ def in_a_run():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 
 
-def _reply(node: int, pseudonym: str, labels: tuple[str, ...], round: int, agreement: float | None, distribution_name: str | None = None) -> Message:
-    dist = wire.ExpertDistribution(distribution_name or pseudonym, labels, round, wire.DiscriminativeHead(0.1, tuple(0.0 for _ in labels)))
+def _reply(
+    node: int,
+    pseudonym: str,
+    labels: tuple[str, ...],
+    round: int,
+    agreement: float | None,
+    distribution_name: str | None = None,
+) -> Message:
+    dist = wire.ExpertDistribution(
+        distribution_name or pseudonym,
+        labels,
+        round,
+        wire.DiscriminativeHead(0.1, tuple(0.0 for _ in labels)),
+    )
     stats = wire.ImitatorStats(pseudonym, round, 20, 30, Fidelity(0.9, 0.1, 5), agreement, 0.5)
-    content = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 20}), "fusion": ConfigRecord({"distribution": wire.encode_distribution(dist), "stats": wire.encode_stats(stats)})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(),
+            "metrics": MetricRecord({"num-examples": 20}),
+            "fusion": ConfigRecord(
+                {"distribution": wire.encode_distribution(dist), "stats": wire.encode_stats(stats)}
+            ),
+        }
+    )
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.node_id = node  # the sender: Flower stamps it as the message's source
@@ -128,17 +202,33 @@ def _reply(node: int, pseudonym: str, labels: tuple[str, ...], round: int, agree
 
 def test_the_agreement_round_sets_trust_and_records_every_expert_checkpointed(in_a_run):
     fed = Federation(["0", "1", "2", "3"], 8)
-    fed.nodes = {1: Client("good", ("0", "1"), 30), 2: Client("fair", ("1", "2"), 30), 3: Client("poor", ("2", "3"), 30)}
+    fed.nodes = {
+        1: Client("good", ("0", "1"), 30),
+        2: Client("fair", ("1", "2"), 30),
+        3: Client("poor", ("2", "3"), 30),
+    }
     strategy, saved = _strategy(fed, rounds=2)  # rounds: consensus, agreement, weighted
     strategy._sent = {"prototypes": np.zeros((4, 2), np.float32), "bias": np.zeros(4, np.float32)}
-    replies = [_reply(1, "good", ("0", "1"), 2, 0.98), _reply(2, "fair", ("1", "2"), 2, 0.9), _reply(3, "poor", ("2", "3"), 2, 0.6)]
+    replies = [
+        _reply(1, "good", ("0", "1"), 2, 0.98),
+        _reply(2, "fair", ("1", "2"), 2, 0.9),
+        _reply(3, "poor", ("2", "3"), 2, 0.6),
+    ]
     arrays, _ = strategy.aggregate_train(2, replies)
     assert {k for k in arrays.keys()} == {"prototypes", "bias"}  # nothing trained: the weights stay
     assert fed.trust["good"] == 1.0 and fed.trust["poor"] < 0.3 < fed.trust["fair"] < 1.0
     assert {r.name: r.weight for r in fed.records.values()} == fed.trust
-    assert all(r.last_round == 2 for r in fed.records.values()) and fed.records["poor"].consensus == 0.6
+    assert (
+        all(r.last_round == 2 for r in fed.records.values())
+        and fed.records["poor"].consensus == 0.6
+    )
     good = fed.records["good"]  # the one record type, as the store keeps it and the bank exports it
-    assert (good.labels, good.fidelity, good.n_queries, good.n_examples) == (("0", "1"), Fidelity(0.9, 0.1, 5), 30, 20)
+    assert (good.labels, good.fidelity, good.n_queries, good.n_examples) == (
+        ("0", "1"),
+        Fidelity(0.9, 0.1, 5),
+        30,
+        20,
+    )
     assert wire.decode_distribution(good.distribution).pseudonym == "good"
     assert saved and saved[-1][0] == 2
 
@@ -172,7 +262,10 @@ def test_an_update_that_does_not_fit_the_shared_weights_is_refused_by_name():
         ({"prototypes": sent["prototypes"]}, "do not match"),
         ({**sent, "bias": np.zeros(4, np.float32)}, "arrays.bias"),
         ({**sent, "bias": np.zeros(3, np.float64)}, "arrays.bias"),
-        ({**sent, "prototypes": np.full((3, 2), np.nan, np.float32)}, "arrays.prototypes: holds NaN"),
+        (
+            {**sent, "prototypes": np.full((3, 2), np.nan, np.float32)},
+            "arrays.prototypes: holds NaN",
+        ),
     ]
     for arrays, message in bad:
         with pytest.raises(wire.WireError, match=message):
@@ -212,15 +305,22 @@ class DescribingGrid:
     def get_node_ids(self) -> list[int]:
         return sorted(self.answers)
 
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001 - Grid's signature
+    def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
         for m in messages:
-            assert m.content["ask"]["what"] == "describe" and m.content["ask"]["format-version"] == wire.FORMAT_VERSION
+            assert (
+                m.content["ask"]["what"] == "describe"
+                and m.content["ask"]["format-version"] == wire.FORMAT_VERSION
+            )
         self.asked += [m.metadata.dst_node_id for m in messages]
-        return [_from(m.metadata.dst_node_id, self.answers[m.metadata.dst_node_id]) for m in messages]
+        return [
+            _from(m.metadata.dst_node_id, self.answers[m.metadata.dst_node_id]) for m in messages
+        ]
 
 
-def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_others_join(in_a_run, caplog):
+def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_others_join(
+    in_a_run, caplog
+):
     from protofuse.v1 import federation_pb2
 
     no_range = federation_pb2.NodeDescription()
@@ -232,7 +332,19 @@ def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_othe
         3: _description_reply(b"\x00 not a message"),
         4: _description_reply(_skewed(_describe("future", ["9"]), wire.FORMAT_VERSION + 1)),
         # a client of protofuse before NodeDescription: the untyped keys, no version
-        5: RecordDict({"describe": ConfigRecord({"pseudonym": "old", "labels": ["7"], "x-dim": 8, "n-queries": 10, "x-range": [0.0, 1.0]})}),
+        5: RecordDict(
+            {
+                "describe": ConfigRecord(
+                    {
+                        "pseudonym": "old",
+                        "labels": ["7"],
+                        "x-dim": 8,
+                        "n-queries": 10,
+                        "x-range": [0.0, 1.0],
+                    }
+                )
+            }
+        ),
         6: _description_reply(no_range.SerializeToString()),
         7: _description_reply(wire.encode_node_description(_describe("wide", ["8"], x_dim=9))),
         8: RecordDict({"metrics": ConfigRecord({"x": 1})}),
@@ -244,16 +356,35 @@ def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_othe
         grown = strategy._admit_new_nodes(DescribingGrid(answers), current)
     assert set(fed.nodes) == {1, 2} and fed.vocabulary == ["0", "1", "2"]  # the valid ones proceed
     assert grown["prototypes"].shape == (3, 2) and strategy.refused == {3, 4, 5, 6, 7, 8}
-    log = {n: [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"refusing node {n}")] for n in range(3, 9)}
+    log = {
+        n: [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith(f"refusing node {n}")
+        ]
+        for n in range(3, 9)
+    }
     assert all(len(lines) == 1 for lines in log.values()), log  # each refused node named once
     assert "invalid description: NodeDescription: the bytes do not parse" in log[3][0]
-    assert f"the client speaks federation format {wire.FORMAT_VERSION + 1}, this server format {wire.FORMAT_VERSION}" in log[4][0]
-    assert "expert 'old'" in log[5][0] and "before the typed federation protocol" in log[5][0] and "run matching protofuse versions" in log[5][0]
+    assert (
+        f"the client speaks federation format {wire.FORMAT_VERSION + 1}, this server format {wire.FORMAT_VERSION}"
+        in log[4][0]
+    )
+    assert (
+        "expert 'old'" in log[5][0]
+        and "before the typed federation protocol" in log[5][0]
+        and "run matching protofuse versions" in log[5][0]
+    )
     assert "NodeDescription.x_range: missing" in log[6][0]
     assert "width 9" in log[7][0]
     assert "without a description" in log[8][0]
     # Refused nodes are never asked again; a node that joins later is.
-    grid = DescribingGrid({**answers, 9: _description_reply(wire.encode_node_description(_describe("late", ["2", "3"])))})
+    grid = DescribingGrid(
+        {
+            **answers,
+            9: _description_reply(wire.encode_node_description(_describe("late", ["2", "3"]))),
+        }
+    )
     strategy._admit_new_nodes(grid, grown)
     assert grid.asked == [9] and fed.vocabulary == ["0", "1", "2", "3"]
 
@@ -262,13 +393,27 @@ def test_every_train_message_carries_the_typed_round_plan(in_a_run):
     fed = Federation([], 8)
     strategy, _ = _strategy(fed, rounds=2)
     strategy.model_config = {"x_dim": 8, "feat_dim": 4, "encoder": "mlp", "image_shape": None}
-    grid = DescribingGrid({n: _description_reply(wire.encode_node_description(_describe(p, labels))) for n, p, labels in ((1, "a", ["0", "1"]), (2, "b", ["1", "2"]))})
-    arrays = to_record({"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)})
-    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))  # round 2 of consensus, agreement, weighted
+    grid = DescribingGrid(
+        {
+            n: _description_reply(wire.encode_node_description(_describe(p, labels)))
+            for n, p, labels in ((1, "a", ["0", "1"]), (2, "b", ["1", "2"]))
+        }
+    )
+    arrays = to_record(
+        {"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)}
+    )
+    messages = list(
+        strategy.configure_train(2, arrays, ConfigRecord(), grid)
+    )  # round 2 of consensus, agreement, weighted
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
     for m in messages:
         plan = wire.decode_round_plan(m.content["config"][ROUND_PLAN])
-        assert (plan.round, plan.phase, plan.phase_round, plan.phase_rounds) == (2, "agreement", 0, 1)
+        assert (plan.round, plan.phase, plan.phase_round, plan.phase_rounds) == (
+            2,
+            "agreement",
+            0,
+            1,
+        )
         assert plan.vocabulary == ("0", "1", "2") and plan.model == strategy.model_config
         assert plan.training == strategy.training and plan.federation == strategy.settings
         assert m.content["arrays"]["prototypes"].numpy().shape == (3, 2)  # rows for the new labels
@@ -287,8 +432,19 @@ def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):
         raise PowerCut
 
     saved: list = []
-    strategy = FusionStrategy(fed, Schedule.from_settings(FederationSettings(rounds=2), TrainingSettings()), TrainingSettings(), FederationSettings(rounds=2), {}, lambda r, a, st: saved.append(r), round_offset=1, on_replies=cut)
+    strategy = FusionStrategy(
+        fed,
+        Schedule.from_settings(FederationSettings(rounds=2), TrainingSettings()),
+        TrainingSettings(),
+        FederationSettings(rounds=2),
+        {},
+        lambda r, a, st: saved.append(r),
+        round_offset=1,
+        on_replies=cut,
+    )
     strategy._sent = {"prototypes": np.zeros((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
     with pytest.raises(PowerCut):
         strategy.aggregate_train(1, [_reply(1, "a", ("0", "1"), 2, 0.9)])
-    assert seen == [2] and fed.records == {} and fed.trust == {} and saved == []  # round 2 = offset 1 + 1
+    assert (
+        seen == [2] and fed.records == {} and fed.trust == {} and saved == []
+    )  # round 2 = offset 1 + 1

@@ -15,7 +15,13 @@ def _answers(n: int, k: int, seed: int) -> np.ndarray:
 
 
 def test_vocabulary_is_the_union_in_order_of_first_appearance():
-    assert vocabulary([("7", "2", "9"), ("2", "cat"), ("9", "7", "0")]) == ("7", "2", "9", "cat", "0")
+    assert vocabulary([("7", "2", "9"), ("2", "cat"), ("9", "7", "0")]) == (
+        "7",
+        "2",
+        "9",
+        "cat",
+        "0",
+    )
     assert vocabulary([("b", "a")]) == ("b", "a")  # declared order, not sorted
 
 
@@ -27,7 +33,9 @@ def test_outputs_land_on_their_declared_labels_with_unsorted_overlapping_label_s
     assert triples.label_names == ("3", "1", "0", "5", "9")
     for e, lab in enumerate(labels):
         for j, name in enumerate(lab):
-            np.testing.assert_array_equal(triples.eta[:, e, triples.label_names.index(name)], outs[e][:, j])
+            np.testing.assert_array_equal(
+                triples.eta[:, e, triples.label_names.index(name)], outs[e][:, j]
+            )
         others = [i for i, name in enumerate(triples.label_names) if name not in lab]
         assert (triples.eta[:, e, others] == 0).all()
     tau = triples.tau
@@ -54,7 +62,9 @@ def test_experts_sharing_a_pool_share_its_rows():
     x = np.arange(8, dtype=np.float32).reshape(4, 2)
     other = np.full((2, 2), -1.0, dtype=np.float32)
     outs = [_answers(4, 2, 0), _answers(2, 2, 1), _answers(4, 2, 2)]
-    triples = assemble(["a", "b", "c"], [("0", "1"), ("1", "2"), ("2", "0")], [x, other, x], outs, shared=[7, 3, 7])
+    triples = assemble(
+        ["a", "b", "c"], [("0", "1"), ("1", "2"), ("2", "0")], [x, other, x], outs, shared=[7, 3, 7]
+    )
     assert len(triples.x) == 6
     np.testing.assert_array_equal(triples.x[:4], x)
     np.testing.assert_array_equal(triples.mask[:, 0], triples.mask[:, 2])
