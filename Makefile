@@ -99,10 +99,10 @@ images: $(STAMP)  ## the deployment's images, offline from deploy/wheels (BASE_I
 	bash deploy/build-wheelhouse.sh
 	docker compose build
 
-# Not part of `make test` or CI: about 20 minutes on 2 cores. Every third mutant (by a hash of its
+# Not part of `make test` or CI: about 40 minutes on 2 cores. Every third mutant (by a hash of its
 # name), each run against only the tests that reach the mutated function; bench/mutation.py says how.
 # mutmut is pinned exactly: bench/mutation.py draws its sample with mutmut's own generation functions.
-mutation: $(STAMP)  ## mutation score of the method's modules; report in bench-results/mutation
+mutation: $(STAMP)  ## mutation score of the method, the codecs and the fusion server; report in bench-results/mutation
 	.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt mutmut==3.8.1
 	$(PY) -m bench.mutation --sample 3 --out bench-results/mutation
 

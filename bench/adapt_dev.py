@@ -1,9 +1,9 @@
 """Adaptation variants of the discriminative bank, on the development seeds only (paired episodes).
 
-    python -m bench.adapt_dev --banks /tmp/banks                      # MNIST-5k 5-way, seeds 0 1 2
-    python -m bench.adapt_dev --banks /tmp/banks --ways 2             # 2-way tasks
+    python -m bench.adapt_dev --banks /tmp/banks              # MNIST-5k 5-way, seeds 0 1 2
+    python -m bench.adapt_dev --banks /tmp/banks --ways 2     # 2-way tasks
     python -m bench.adapt_dev --banks /tmp/banks --dataset digits --seeds 0 1 --ways 2 5
-    python -m bench.adapt_dev --banks /tmp/banks --pool               # the frozen features' data limit
+    python -m bench.adapt_dev --banks /tmp/banks --pool       # the frozen features' data limit
 
 The question (issue: "the examples matter more"): can the k = 10 adaptation remove at least half of
 the bank's zero-shot errors on MNIST-5k 5-way without losing accuracy at k = 1? Each seed's bank is
@@ -52,7 +52,8 @@ from protofuse.model.networks import Augmentation, augment_images
 
 
 def cached_bank(dataset: str, seed: int, cache: Path) -> Bank:
-    """The default bank of ``bench.run`` for (dataset, seed), fitted once and kept under ``cache``."""
+    """The default bank of ``bench.run`` for (dataset, seed), fitted once and kept under
+    ``cache``."""
     path = cache / f"{dataset}-{seed}"
     if not (path / "meta.json").exists():
         world = build_world(
@@ -63,7 +64,8 @@ def cached_bank(dataset: str, seed: int, cache: Path) -> Bank:
 
 
 def task_prior(bank: Bank, classes: list[str]) -> tuple[TaskHead, torch.Tensor]:
-    """The prior of ``Discriminative.adapt_scored`` for covered labels: bank rows, biases, scales."""
+    """The prior of ``Discriminative.adapt_scored`` for covered labels: bank rows, biases,
+    scales."""
     idx = bank.covered_indices(classes)
     protos, bias = (
         bank.model.prototypes.detach()[idx].clone(),
@@ -247,7 +249,7 @@ def v_finetune(rho: float = 0.3, steps: int = 30, lr: float = 1e-3) -> Variant:
             t.clone().requires_grad_(True) for t in (start.prototypes, start.bias, start.log_temp)
         )
         precision = 1.0 / ep.scale.clamp_min(1e-6) ** 2
-        opt = torch.optim.Adam(params + [protos, bias, log_temp], lr=lr)
+        opt = torch.optim.Adam([*params, protos, bias, log_temp], lr=lr)
         gen = torch.Generator().manual_seed(0)
         for _ in range(steps):
             xb = augment_images(ep.x, enc.image_shape, ep.aug, gen)
@@ -258,7 +260,8 @@ def v_finetune(rho: float = 0.3, steps: int = 30, lr: float = 1e-3) -> Variant:
                 + 0.5 * log_temp**2
             )
             penalty = penalty + sum(
-                0.5 * ((p - r) ** 2).sum() / s**2 for p, r, s in zip(params, ref, sigma)
+                0.5 * ((p - r) ** 2).sum() / s**2
+                for p, r, s in zip(params, ref, sigma, strict=True)
             )
             opt.zero_grad()
             (nll + penalty).backward()
@@ -388,12 +391,14 @@ def pool_limit(dataset: str, seeds: list[int], n_tasks: int, cache: Path) -> Non
             )
         zs, s1, s001 = np.mean(acc, 0)
         print(
-            f"{dataset} seed {seed}: zero-shot {100 * zs:.2f}, pooled support (~{len(y) // 5}/class) MAP {100 * s1:.2f}, with prior strength 0.01 {100 * s001:.2f}"
+            f"{dataset} seed {seed}: zero-shot {100 * zs:.2f}, pooled support "
+            f"(~{len(y) // 5}/class) MAP {100 * s1:.2f}, with prior strength 0.01 {100 * s001:.2f}"
         )
 
 
 def summarize(rows: list[dict], names: list[str]) -> None:
-    """Mean accuracy, share of zero-shot errors removed, and paired gaps to ``map`` (± s.e. over episodes)."""
+    """Mean accuracy, share of zero-shot errors removed, and paired gaps to ``map`` (± s.e. over
+    episodes)."""
     for ways in sorted({r["ways"] for r in rows}):
         part = [r for r in rows if r["ways"] == ways]
         print(f"\n{ways}-way, {len(part) // len(SHOTS)} episodes")
@@ -410,7 +415,8 @@ def summarize(rows: list[dict], names: list[str]) -> None:
                 a, zs, base = (np.array([r[n] for r in at]) for n in (name, "zero-shot", "map"))
                 gap = a - base
                 cells.append(
-                    f"{100 * a.mean():.2f}, {100 * (1 - (1 - a.mean()) / (1 - zs.mean())):.0f}%, {100 * gap.mean():+.2f} ± {100 * gap.std(ddof=1) / np.sqrt(len(gap)):.2f}"
+                    f"{100 * a.mean():.2f}, {100 * (1 - (1 - a.mean()) / (1 - zs.mean())):.0f}%, "
+                    f"{100 * gap.mean():+.2f} ± {100 * gap.std(ddof=1) / np.sqrt(len(gap)):.2f}"
                 )
             ms = (
                 np.mean([r[f"seconds {name}"] for r in part if r["k"] == 5]) * 1000

@@ -105,7 +105,8 @@ def scratch(
 def _class_means(
     x: np.ndarray, y: np.ndarray, n_classes: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class mean rows (K, d), zeros for a class with no example, and which classes have one (K,)."""
+    """Per-class mean rows (K, d), zeros for a class with no example, and which classes have one
+    (K,)."""
     y = np.asarray(y, dtype=int)
     k = _n_classes(y, n_classes)
     present = np.array([np.any(y == c) for c in range(k)])
@@ -250,7 +251,7 @@ class Imitator:
         """Train encoder and heads by soft cross-entropy against each expert on the query pool."""
         x = torch.as_tensor(np.asarray(query_x, dtype=np.float32))
         targets = [torch.as_tensor(np.asarray(o.proba, dtype=np.float32)) for o in outputs]
-        for o, t in zip(outputs, targets):
+        for o, t in zip(outputs, targets, strict=True):
             if t.shape != (len(x), len(o.labels)):
                 raise ValueError(
                     f"expert output shape {tuple(t.shape)} != ({len(x)}, {len(o.labels)})"
@@ -292,7 +293,7 @@ class Imitator:
                     xb = augment_images(xb, self.image_shape, self.augmentation, gen)
                 log_q = self.net(xb)
                 loss = torch.stack(
-                    [-(t[idx] * lq).sum(-1).mean() for t, lq in zip(targets, log_q)]
+                    [-(t[idx] * lq).sum(-1).mean() for t, lq in zip(targets, log_q, strict=True)]
                 ).mean()
                 opt.zero_grad()
                 loss.backward()
@@ -331,7 +332,8 @@ class Imitator:
         seed: int = 0,
         n_classes: int | None = None,
     ) -> np.ndarray:
-        """Linear probe: logistic regression on features standardised with the query pool's statistics."""
+        """Linear probe: logistic regression on features standardised with the query pool's
+        statistics."""
         if self.scaler is None:
             raise RuntimeError("Imitator.probe called before fit")
         fs, ft = (self.scaler.transform(self.features(a)) for a in (support_x, test_x))
@@ -365,7 +367,8 @@ class Imitator:
         """Zero-shot from the imitator alone: the expert vote over its heads' imitated answers
         (no expert online, no example)."""
         imitated = [
-            ExpertOutput(labels, p) for labels, p in zip(self.labels, self.expert_proba(test_x))
+            ExpertOutput(labels, p)
+            for labels, p in zip(self.labels, self.expert_proba(test_x), strict=True)
         ]
         return expert_vote(imitated, task_labels)
 

@@ -1,6 +1,7 @@
 """Paired gaps between two versions of one dataset scored on the same episodes.
 
-    python -m bench.compare bench-results/images digits-colour:digits mnist5k-colour:mnist5k mnist5k-64:mnist5k
+    python -m bench.compare bench-results/images digits-colour:digits mnist5k-colour:mnist5k
+    mnist5k-64:mnist5k
 
 The colour and resized sets keep every row of the set they come from, in order, so a seed
 draws the same splits, tasks, supports and test rows from both: the gap between them on each
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     lines = [
         "",
-        "### Each variant minus the set it was built from, paired over the same episodes (points; ± standard error)",
+        "### Each variant minus the set it was built from, paired over the same episodes (points; "
+        "± standard error)",
         "",
     ]
     ks = sorted({e["k"] for e in episodes})

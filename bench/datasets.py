@@ -33,15 +33,18 @@ class Dataset:
             )
         if self.y.shape != (self.x.shape[0],):
             raise ValueError(
-                f"Dataset.y has shape {self.y.shape}, expected ({self.x.shape[0]},): one label per row of x"
+                f"Dataset.y has shape {self.y.shape}, expected ({self.x.shape[0]},): one label per "
+                "row of x"
             )
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.label_names)):
             raise ValueError(
-                f"Dataset.y holds values in [{self.y.min()}, {self.y.max()}] but there are {len(self.label_names)} label_names; y must index label_names"
+                f"Dataset.y holds values in [{self.y.min()}, {self.y.max()}] but there are "
+                f"{len(self.label_names)} label_names; y must index label_names"
             )
         if self.image_shape is not None and image_size(self.image_shape) != self.x.shape[1]:
             raise ValueError(
-                f"Dataset.image_shape {self.image_shape} has {image_size(self.image_shape)} values per image but x has {self.x.shape[1]} features"
+                f"Dataset.image_shape {self.image_shape} has {image_size(self.image_shape)} values "
+                f"per image but x has {self.x.shape[1]} features"
             )
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"Dataset.likelihood is {self.likelihood!r}; use one of {LIKELIHOODS}")
@@ -88,7 +91,8 @@ def _read_idx(path: Path, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{what} file {path} not found; pass the path of an MNIST IDX file such as train-images-idx3-ubyte(.gz)"
+            f"{what} file {path} not found; pass the path of an MNIST IDX file such as "
+            "train-images-idx3-ubyte(.gz)"
         )
     raw = path.read_bytes()
     # Detect gzip by its own magic bytes, not by the file name: users rename files.
@@ -101,28 +105,33 @@ def _read_idx(path: Path, what: str) -> np.ndarray:
             ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(
-            f"{what} file {path} has bad magic number {raw[:4].hex() or '(empty)'}; an IDX file starts with bytes 00 00 <dtype> <ndim>: is this an MNIST IDX file?"
+            f"{what} file {path} has bad magic number {raw[:4].hex() or '(empty)'}; an IDX file "
+            "starts with bytes 00 00 <dtype> <ndim>: is this an MNIST IDX file?"
         )
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != _IDX_UBYTE:
         raise ValueError(
-            f"{what} file {path} has IDX dtype code 0x{dtype_code:02x}; only 0x08 (unsigned byte, as in MNIST) is supported"
+            f"{what} file {path} has IDX dtype code 0x{dtype_code:02x}; only 0x08 (unsigned byte, "
+            "as in MNIST) is supported"
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(
-            f"{what} file {path} is truncated: its header declares {ndim} dimensions but the file has only {len(raw)} bytes"
+            f"{what} file {path} is truncated: its header declares {ndim} dimensions but the file "
+            f"has only {len(raw)} bytes"
         )
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims, dtype=np.int64))
     have = len(raw) - header
     if have < expected:
         raise ValueError(
-            f"{what} file {path} is truncated: dimensions {dims} need {expected} data bytes, the file has {have}; download it again"
+            f"{what} file {path} is truncated: dimensions {dims} need {expected} data bytes, the "
+            f"file has {have}; download it again"
         )
     if have > expected:
         raise ValueError(
-            f"{what} file {path} has {have - expected} bytes beyond its declared dimensions {dims}; is it the right file?"
+            f"{what} file {path} has {have - expected} bytes beyond its declared dimensions "
+            f"{dims}; is it the right file?"
         )
     return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header).reshape(dims)
 
@@ -133,15 +142,18 @@ def load_mnist_idx(images_path: str | Path, labels_path: str | Path) -> Dataset:
     labels = _read_idx(Path(labels_path), "labels")
     if images.ndim != 3:
         raise ValueError(
-            f"images file {images_path} has {images.ndim} dimensions {images.shape}, expected 3 (count, rows, cols)"
+            f"images file {images_path} has {images.ndim} dimensions {images.shape}, expected 3 "
+            "(count, rows, cols)"
         )
     if labels.ndim != 1:
         raise ValueError(
-            f"labels file {labels_path} has {labels.ndim} dimensions {labels.shape}, expected 1 (count)"
+            f"labels file {labels_path} has {labels.ndim} dimensions {labels.shape}, expected 1 "
+            "(count)"
         )
     if len(images) != len(labels):
         raise ValueError(
-            f"images file {images_path} holds {len(images)} images but labels file {labels_path} holds {len(labels)} labels; pass matching files (both train or both t10k)"
+            f"images file {images_path} holds {len(images)} images but labels file {labels_path} "
+            f"holds {len(labels)} labels; pass matching files (both train or both t10k)"
         )
     # Names come from the labels present, so a file lacking a digit does not invent one.
     present = np.unique(labels)
@@ -173,7 +185,8 @@ def colourize(ds: Dataset, seed: int = 0) -> Dataset:
 
 
 def resize(ds: Dataset, side: int) -> Dataset:
-    """Images resampled to side x side (bilinear), channels kept: larger inputs from the same data."""
+    """Images resampled to side x side (bilinear), channels kept: larger inputs from the same
+    data."""
     if ds.image_shape is None:
         raise ValueError("resize needs images; this dataset has no image_shape")
     _, _, c = image_dims(ds.image_shape)
@@ -254,7 +267,8 @@ def make_splits(
         )
     if (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(
-            f"fractions {tuple(fractions)} must be non-negative and sum to 1 (they sum to {fr.sum():.6g})"
+            f"fractions {tuple(fractions)} must be non-negative and sum to 1 (they sum to "
+            f"{fr.sum():.6g})"
         )
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[] for _ in range(4)]
@@ -284,7 +298,8 @@ def _check_classes(pool: Dataset, classes: Sequence[int]) -> list[int]:
     bad = [c for c in cls if not 0 <= c < len(pool.label_names)]
     if bad:
         raise ValueError(
-            f"classes {bad} are out of range: the dataset has {len(pool.label_names)} labels {pool.label_names}, indexed 0..{len(pool.label_names) - 1}"
+            f"classes {bad} are out of range: the dataset has {len(pool.label_names)} labels "
+            f"{pool.label_names}, indexed 0..{len(pool.label_names) - 1}"
         )
     return cls
 
@@ -301,7 +316,8 @@ def sample_support(
         idx = np.flatnonzero(pool.y == c)
         if len(idx) < k:
             raise ValueError(
-                f"class {c} ({pool.label_names[c]!r}) has {len(idx)} examples in the pool, fewer than k = {k}; lower k or use a larger support split"
+                f"class {c} ({pool.label_names[c]!r}) has {len(idx)} examples in the pool, fewer "
+                f"than k = {k}; lower k or use a larger support split"
             )
         pick = rng.choice(idx, size=k, replace=False)
         xs.append(pool.x[pick])

@@ -22,7 +22,8 @@ from bench.federations import DEFAULT_RECIPES
 REPO = Path(__file__).resolve().parent.parent  # the checkout holding bench/
 DEMO_TASK = ("1", "4", "5", "8", "9")  # no single expert covers these five classes
 
-EXPERTS_PY = '''"""The demo's black-box experts, trained deterministically on the {dataset} expert split.
+EXPERTS_PY = '''\
+"""The demo's black-box experts, trained deterministically on the {dataset} expert split.
 
 They come from the benchmark package of the protofuse checkout that wrote this folder (it is
 not part of the installed SDK), so that checkout goes on the import path first."""
@@ -38,7 +39,10 @@ from bench.federations import demo_expert  # noqa: E402
 def spec_entry(name: str, predict: str, labels: tuple[str, ...] | list[str], queries: str) -> str:
     """One ``[[experts]]`` table of a spec."""
     quoted = ", ".join(f'"{c}"' for c in labels)
-    return f'[[experts]]\nname = "{name}"\npredict = "{predict}"\nlabels = [{quoted}]\nqueries = "{queries}"\n'
+    return (
+        f'[[experts]]\nname = "{name}"\npredict = "{predict}"\nlabels = [{quoted}]\nqueries = '
+        f'"{queries}"\n'
+    )
 
 
 def write_federation(
@@ -65,7 +69,8 @@ def write_federation(
     )
     shape = list(ds.image_shape) if ds.image_shape else None
     header = (
-        f"# Demo federation on {dataset}: {len(DEFAULT_RECIPES)} experts over overlapping class subsets.\n\n[data]\nimage_shape = {shape}\n\n"
+        f"# Demo federation on {dataset}: {len(DEFAULT_RECIPES)} experts over overlapping class "
+        f"subsets.\n\n[data]\nimage_shape = {shape}\n\n"
         if shape
         else ""
     )

@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         "--queries",
         type=int,
         default=500,
-        help="query pool size (time per epoch is linear in it: MNIST-5k's pool of 2,000 takes four times as long)",
+        help=(
+            "query pool size (time per epoch is linear in it: MNIST-5k's pool of 2,000 takes "
+            "four times as long)"
+        ),
     )
     p.add_argument(
         "--repeats", type=int, default=3, help="timed epochs per shape (the median is reported)"
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(time_epoch(shape, args.queries, args.repeats))
             r = rows[-1]
             print(
-                f"{side}x{side}x{c}: {r['epoch_s']:.2f} s per epoch ({r['blocks']} conv blocks, {r['parameters']:,} parameters)",
+                f"{side}x{side}x{c}: {r['epoch_s']:.2f} s per epoch ({r['blocks']} conv blocks, "
+                f"{r['parameters']:,} parameters)",
                 flush=True,
             )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
     )
     lines = [
-        f"### One training epoch against image size ({args.queries} queries, 5 experts, batch {TrainingSettings().batch_size}, default augmentation, 1 torch thread; median of {args.repeats})",
+        f"### One training epoch against image size ({args.queries} queries, 5 experts, batch "
+        f"{TrainingSettings().batch_size}, default augmentation, 1 torch thread; median of "
+        f"{args.repeats})",
         "",
         "| image | conv blocks | parameters | s per epoch | ms per query |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['side']} x {r['side']} x {r['channels']} | {r['blocks']} | {r['parameters']:,} | {r['epoch_s']:.2f} | {r['ms_per_query']:.2f} |"
+        f"| {r['side']} x {r['side']} x {r['channels']} | {r['blocks']} | {r['parameters']:,} | "
+        f"{r['epoch_s']:.2f} | {r['ms_per_query']:.2f} |"
         for r in rows
     ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

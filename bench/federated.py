@@ -62,7 +62,9 @@ def write_spec(
         np.save(folder / "queries.npy", qx)
         files = {r.name: "queries.npy" for r in recipes}
     else:
-        for i, (r, rows) in enumerate(zip(recipes, shard_rows(len(qx), len(recipes), seed))):
+        for i, (r, rows) in enumerate(
+            zip(recipes, shard_rows(len(qx), len(recipes), seed), strict=True)
+        ):
             np.save(folder / f"shard{i}.npy", qx[rows])
             files[r.name] = f"shard{i}.npy"
     lines = "\n".join(
@@ -73,9 +75,9 @@ def write_spec(
         EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO))
     )
     shape = world.dataset.image_shape
-    text = (
-        (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "")
-        + f'[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "{aggregation}"\nkeep_checkpoints = {keep}\n\n'
+    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + (
+        f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "
+        f'"{aggregation}"\nkeep_checkpoints = {keep}\n\n'
     )
     text += "\n".join(
         spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes
@@ -95,7 +97,9 @@ def central_bank(world, recipes, mode: str, seed: int) -> Bank:
 
     qx = world.splits.queries.x
     shards = [qx[rows] for rows in shard_rows(len(qx), len(recipes), seed)]
-    outputs = [query_expert(e.expert, s, e.name) for e, s in zip(world.experts, shards)]
+    outputs = [
+        query_expert(e.expert, s, e.name) for e, s in zip(world.experts, shards, strict=True)
+    ]
     triples = assemble(
         [e.name for e in world.experts], [e.labels for e in world.experts], shards, outputs
     )
@@ -131,7 +135,8 @@ def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> lis
 
 
 def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: int) -> list[dict]:
-    """The bank's accuracy at k = 5 and zero-shot every 5 rounds (the first seed's run keeps every checkpoint)."""
+    """The bank's accuracy at k = 5 and zero-shot every 5 rounds (the first seed's run keeps every
+    checkpoint)."""
     import copy
 
     from protofuse.families.discriminative import load_shared
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             log(
                 f"seed {seed} {mode}: "
                 + "  ".join(
-                    f"k={k} fed {v['federated']:.1f} central {v['central']:.1f} gap {v['gap']:+.2f}±{v['gap_se']:.2f}"
+                    f"k={k} fed {v['federated']:.1f} central {v['central']:.1f} gap "
+                    f"{v['gap']:+.2f}±{v['gap_se']:.2f}"
                     for k, v in s.items()
                 )
                 + f"  ({t_fed:.0f}s federated, {t_central:.0f}s central)"
@@ -350,35 +356,43 @@ def report(results: dict) -> str:
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {k} | {v['federated']:.1f} | {v['central']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |"
+            f"| {k} | {v['federated']:.1f} | {v['central']:.1f} | {v['gap']:+.2f} ± "
+            f"{v['gap_se']:.2f} |"
             for k, v in s.items()
         ]
         lines += [
-            f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | {z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |",
+            f"| zero-shot | {z[1]['federated zero-shot']:.1f} | {z[1]['central zero-shot']:.1f} | "
+            f"{z[1]['gap']:+.2f} ± {z[1]['gap_se']:.2f} |",
             "",
         ]
         if "federated honest" in rows[0]:
             h = summarize(rows, "federated", "federated honest")
             lines += [
-                "With the bad participants against the same federation without them (both federated, same tasks):",
+                "With the bad participants against the same federation without them (both "
+                "federated, same tasks):",
                 "",
                 "| k | with them | without | paired gap (± s.e.) |",
                 "|---|---|---|---|",
             ]
             lines += [
-                f"| {k} | {v['federated']:.1f} | {v['federated honest']:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |"
+                f"| {k} | {v['federated']:.1f} | {v['federated honest']:.1f} | {v['gap']:+.2f} ± "
+                f"{v['gap_se']:.2f} |"
                 for k, v in h.items()
             ]
             lines.append("")
         lines += [
-            f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared weights per client and round. "
-            f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, {np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per process, 2 cores).",
+            f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared "
+            "weights per client and round. "
+            f"Time: {np.mean([r['seconds']['federated'] for r in runs]):.0f} s federated, "
+            f"{np.mean([r['seconds']['central'] for r in runs]):.0f} s central (1 torch thread per "
+            "process, 2 cores).",
             "",
         ]
         for r in runs:
             if r.get("curve"):
                 lines += [
-                    f"Accuracy against rounds (seed {r['seed']}, {len(r['curve'])} checkpoints, k = 5 / zero-shot): "
+                    f"Accuracy against rounds (seed {r['seed']}, {len(r['curve'])} checkpoints, k "
+                    "= 5 / zero-shot): "
                     + ", ".join(
                         f"{c['round']}: {c['k5']:.1f} / {c['zero_shot']:.1f}" for c in r["curve"]
                     ),

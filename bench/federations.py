@@ -44,7 +44,8 @@ class ExpertRecipe:
             )
         if self.sharpen <= 0:
             raise ValueError(
-                f"recipe {self.name!r}: sharpen is {self.sharpen}; use a positive factor (1 leaves outputs unchanged)"
+                f"recipe {self.name!r}: sharpen is {self.sharpen}; use a positive factor (1 leaves "
+                "outputs unchanged)"
             )
 
 
@@ -128,7 +129,7 @@ def _corrupt_labels(
     y = y.copy()
     if recipe.confuse > 0:
         first = np.flatnonzero(y == 0)
-        y[rng.choice(first, int(round(recipe.confuse * len(first))), replace=False)] = 1
+        y[rng.choice(first, round(recipe.confuse * len(first)), replace=False)] = 1
     if recipe.label_noise > 0:
         flip = rng.random(len(y)) < recipe.label_noise
         # Shift by 1..k-1 so a flipped label is always a different class.
@@ -179,7 +180,8 @@ def _fit_sklearn(kind: str, x: np.ndarray, y: np.ndarray, seed: int):
     if kind == "logreg":
         est = LogisticRegression(max_iter=1000, random_state=seed)
     elif kind == "svm":
-        # Platt scaling fitted by cross-validation; SVC(probability=True) is deprecated in sklearn 1.9.
+        # Platt scaling fitted by cross-validation; SVC(probability=True) is deprecated in
+        # sklearn 1.9.
         est = CalibratedClassifierCV(SVC(random_state=seed), method="sigmoid", ensemble=False)
     elif kind == "forest":
         est = RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1)
@@ -203,7 +205,8 @@ def build_expert(recipe: ExpertRecipe, train: Dataset, seed: int) -> BuiltExpert
     missing = [c for c in recipe.classes if c not in train.label_names]
     if missing:
         raise ValueError(
-            f"recipe {recipe.name!r}: classes {missing} are not labels of the dataset {train.label_names}"
+            f"recipe {recipe.name!r}: classes {missing} are not labels of the dataset "
+            f"{train.label_names}"
         )
     class_idx = [train.label_names.index(c) for c in recipe.classes]
     x, y = task_subset(train, class_idx)
@@ -211,7 +214,8 @@ def build_expert(recipe: ExpertRecipe, train: Dataset, seed: int) -> BuiltExpert
     if (counts < 2).any():
         few = [recipe.classes[j] for j in np.flatnonzero(counts < 2)]
         raise ValueError(
-            f"recipe {recipe.name!r}: classes {few} have fewer than 2 training examples; use a larger expert_train split"
+            f"recipe {recipe.name!r}: classes {few} have fewer than 2 training examples; use a "
+            "larger expert_train split"
         )
     s = _expert_seed(seed, recipe.name)
     k = len(class_idx)

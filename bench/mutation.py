@@ -1,6 +1,6 @@
 """Mutation testing of the method's modules with mutmut 3: a measurement of the tests, never run in CI.
 
-    python -m bench.mutation --sample 3 --out bench-results/mutation    # a fixed third: ~20 min on 2 cores
+    python -m bench.mutation --sample 3 --out bench-results/mutation    # a fixed third: ~40 min on 2 cores
     python -m bench.mutation --sample 1                                  # every mutant (hours on 2 cores)
     python -m bench.mutation --sample 3 --list                          # generate and count, run nothing
     python -m bench.mutation --report-only --out bench-results/mutation # re-report the last run (new equivalences)
@@ -10,9 +10,19 @@ is set in ``[tool.mutmut]`` of pyproject.toml; mutmut reads it from the working 
 mutmut call here runs in the repository root. mutmut must already be installed (``mutmut==3.8.1``):
 this script installs nothing.
 
-Test selection is mutmut's own: a stats pass runs the whole suite once with every mutated function
-recording the tests that reach it (directly or through other functions), and each mutant then runs
-only those tests, with ``-x``, in a child forked from a process that already imported torch.
+Packages installed under another name than their folder (``[tool.setuptools.package-dir]``:
+``protofuse_server`` is ``server/``) are mutated under the installed name. mutmut names a mutant's
+module after its path, and its trampoline switches a mutant on only in the module whose ``__name__``
+is that name; mutants/ comes first on ``sys.path``, so the tests import the mutated copy only if it
+sits in mutants/ under the name they import. So for the whole run a link ``protofuse_server ->
+server`` stands in the repository root (a source path of ``[tool.mutmut]``, removed at the end),
+and every other renamed package that travels by ``also_copy`` (``cli/``) gets the same link inside
+mutants/, so that the tests import the copy and not the editable install's checkout.
+
+Test selection is mutmut's own: a stats pass runs the selected tests (``pytest_add_cli_args_test_selection``:
+the unit tier; the integration tier starts real servers, minutes per mutant) once with every mutated
+function recording the tests that reach it (directly or through other functions), and each mutant
+then runs only those tests, with ``-x``, in a child forked from a process that already imported torch.
 
 The sample keeps a mutant when ``crc32(name) % N == 0``. Names are ``module.function__mutmut_K``,
 fixed by the source, so the same sample is drawn on every run until the mutated code changes: the
@@ -38,7 +48,9 @@ import time
 import tomllib
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -87,6 +99,49 @@ def mutmut_config() -> dict:
     return config
 
 
+def package_dirs() -> dict[str, str]:
+    """Installed name -> folder, for the packages whose folder has another name (protofuse_server -> server)."""
+    setuptools = (
+        tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {})
+    )
+    return {
+        name: folder
+        for name, folder in setuptools.get("package-dir", {}).items()
+        if name and name != folder
+    }
+
+
+@contextmanager
+def installed_names(config: dict) -> Iterator[None]:
+    """For the run: each source path that is an installed name links to its folder (protofuse_server -> server)."""
+    made = []
+    try:
+        for name in config.get("source_paths", []):
+            folder = package_dirs().get(name)
+            if folder is None:
+                continue
+            link = ROOT / name
+            if link.is_symlink() and os.readlink(link) == folder:
+                continue  # left by an interrupted run
+            if link.exists() or link.is_symlink():
+                raise SystemExit(f"{link} exists and is not a link to {folder}/; move it away")
+            link.symlink_to(folder, target_is_directory=True)
+            made.append(link)
+        yield
+    finally:
+        for link in made:
+            link.unlink()
+
+
+def link_copied_packages(config: dict) -> None:
+    """mutants/protofuse_cli -> cli: a renamed package that travels by also_copy is imported from the copy."""
+    sources = set(config.get("source_paths", []))
+    for name, folder in package_dirs().items():
+        link, target = ROOT / "mutants" / name, ROOT / "mutants" / folder
+        if name not in sources and target.is_dir() and not (link.exists() or link.is_symlink()):
+            link.symlink_to(folder, target_is_directory=True)
+
+
 def mutmut(*args: str, log: Path | None = None) -> str:
     """Run the mutmut CLI in the repository root; raise with its output when it fails."""
     env = os.environ | THREAD_ENV
@@ -111,7 +166,7 @@ def mutmut(*args: str, log: Path | None = None) -> str:
     return ""
 
 
-def generate(max_children: int) -> None:
+def generate(config: dict, max_children: int) -> None:
     """Rebuild mutants/ from scratch: stale stats would map mutants to yesterday's tests."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     subprocess.run(
@@ -121,6 +176,7 @@ def generate(max_children: int) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
+    link_copied_packages(config)
 
 
 def statuses() -> dict[str, str]:
@@ -165,9 +221,13 @@ def unmutated_functions(config: dict, names: set[str]) -> list[tuple[str, str, s
     from fnmatch import fnmatch
 
     mangled = {n.partition("__mutmut_")[0] for n in names}
+    folders = package_dirs()
+    files = {}  # the path mutmut sees (protofuse_server/...) -> the file (server/...)
+    for source in config.get("source_paths", []):
+        folder = ROOT / folders.get(source, source)
+        files |= {f"{source}/{p.relative_to(folder).as_posix()}": p for p in folder.glob("**/*.py")}
     out = []
-    for path in sorted(ROOT.glob("protofuse/**/*.py")):
-        rel = path.relative_to(ROOT).as_posix()
+    for rel, path in sorted(files.items()):
         if not any(fnmatch(rel, p) for p in config["only_mutate"]):
             continue
         module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
@@ -377,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{MUTMUT} not found: pip install mutmut==3.8.1")
     config = mutmut_config()
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    with installed_names(config):
+        return run(args, config, out)
+
+
+def run(args: argparse.Namespace, config: dict, out: Path) -> int:
+    """The run itself (or the report alone), while the installed names stand."""
     if args.report_only:
         # The run's own facts (commit, start, wall time) come from its JSON, not from now.
         previous = json.loads((out / "mutation.json").read_text())
@@ -395,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample": args.sample,
     }
     t0 = time.perf_counter()
-    generate(args.max_children)
+    generate(config, args.max_children)
     generated = sorted(statuses())
     sample = [n for n in generated if in_sample(n, args.sample)]
     per_module = Counter(split_name(n)[0] for n in generated)

@@ -14,16 +14,18 @@ import numpy as np
 
 
 def paired(a: dict, b: dict, mode: str, k: int | str, column: str = "federated") -> np.ndarray:
-    """Per-episode differences a - b (points) of the federated bank, k-shot or zero-shot ("zero-shot")."""
+    """Per-episode differences a - b (points) of the federated bank, k-shot or zero-shot
+    ("zero-shot")."""
     out = []
     runs_a = [r for r in a["runs"] if r["mode"] == mode]
     runs_b = [r for r in b["runs"] if r["mode"] == mode]
-    for ra, rb in zip(runs_a, runs_b):
+    for ra, rb in zip(runs_a, runs_b, strict=True):
         if ra["seed"] != rb["seed"]:
             raise ValueError(
-                f"runs differ in seeds ({ra['seed']} against {rb['seed']}); compare runs of the same seeds"
+                f"runs differ in seeds ({ra['seed']} against {rb['seed']}); compare runs of the "
+                "same seeds"
             )
-        for xa, xb in zip(ra["rows"], rb["rows"]):
+        for xa, xb in zip(ra["rows"], rb["rows"], strict=True):
             if xa["task"] != xb["task"] or xa["k"] != xb["k"]:
                 raise ValueError("runs differ in tasks; compare runs of the same seeds and --tasks")
             if k == "zero-shot" and xa["k"] == 5:
@@ -35,7 +37,8 @@ def paired(a: dict, b: dict, mode: str, k: int | str, column: str = "federated")
 
 def table(a: dict, b: dict, names: tuple[str, str]) -> str:
     lines = [
-        f"| queries | k | {names[0]} - {names[1]} (points ± s.e.) | episodes won or tied by {names[0]} |",
+        f"| queries | k | {names[0]} - {names[1]} (points ± s.e.) | episodes won or tied by "
+        f"{names[0]} |",
         "|---|---|---|---|",
     ]
     for mode in ("shards", "shared"):
@@ -43,7 +46,8 @@ def table(a: dict, b: dict, names: tuple[str, str]) -> str:
             d = paired(a, b, mode, k)
             if len(d):
                 lines.append(
-                    f"| {mode} | {k} | {d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {np.mean(d >= 0):.0%} of {len(d)} |"
+                    f"| {mode} | {k} | {d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} | "
+                    f"{np.mean(d >= 0):.0%} of {len(d)} |"
                 )
     return "\n".join(lines)
 

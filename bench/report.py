@@ -44,7 +44,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def paired_gaps(rows: list[dict], ours: str = "protofuse") -> list[dict]:
-    """Paired over identical episodes: mean of (ours - method) and the fraction of episodes ours wins or ties."""
+    """Paired over identical episodes: mean of (ours - method) and the fraction of episodes ours
+    wins or ties."""
     by_ep: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
         by_ep[(r["dataset"], r["seed"], r["ways"], r["task"], r["k"])][r["method"]] = r["accuracy"]
@@ -87,7 +88,8 @@ def markdown(summary: list[dict], what: str = "accuracy") -> str:
         )
         n = max(s["n"] for s in cell.values())
         lines += [
-            f"### {dataset}, {ways}-way ({what} %, mean ± std over episodes; seed-mean std in brackets)",
+            f"### {dataset}, {ways}-way ({what} %, mean ± std over episodes; seed-mean std in "
+            "brackets)",
             "",
             "| method | " + " | ".join(f"k = {k}" for k in ks) + " |",
             "|---|" + "---|" * len(ks),
@@ -97,7 +99,8 @@ def markdown(summary: list[dict], what: str = "accuracy") -> str:
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         lines += [
             "",
-            f"{n} episodes per cell unless marked (n = ...): those methods ran on a subset of the same episodes.",
+            f"{n} episodes per cell unless marked (n = ...): those methods ran on a subset of the "
+            "same episodes.",
             "",
         ]
     return "\n".join(lines)
@@ -109,9 +112,11 @@ def _cell(s: dict, n: int) -> str:
 
 
 def gaps_markdown(gaps: list[dict], against: list[str]) -> str:
-    """protofuse minus each method, paired over identical episodes: mean ± standard error, win-or-tie rate."""
+    """protofuse minus each method, paired over identical episodes: mean ± standard error,
+    win-or-tie rate."""
     lines = [
-        "### protofuse minus each method, paired over the same episodes (points; ± standard error; share of episodes won or tied)",
+        "### protofuse minus each method, paired over the same episodes (points; ± standard error; "
+        "share of episodes won or tied)",
         "",
         "| dataset | ways | k | " + " | ".join(against) + " |",
         "|---|---|---|" + "---|" * len(against),
@@ -119,7 +124,9 @@ def gaps_markdown(gaps: list[dict], against: list[str]) -> str:
     cell = {(g["dataset"], g["ways"], g["k"], g["method"]): g for g in gaps}
     for d, w, k in sorted({(g["dataset"], g["ways"], g["k"]) for g in gaps}):
         vals = [
-            f"{100 * cell[(d, w, k, m)]['mean_gap']:+.1f} ± {100 * cell[(d, w, k, m)]['stderr']:.1f} ({100 * cell[(d, w, k, m)]['win_or_tie']:.0f}%)"
+            f"{100 * cell[(d, w, k, m)]['mean_gap']:+.1f} ± "
+            f"{100 * cell[(d, w, k, m)]['stderr']:.1f} "
+            f"({100 * cell[(d, w, k, m)]['win_or_tie']:.0f}%)"
             if (d, w, k, m) in cell
             else ""
             for m in against
@@ -138,11 +145,11 @@ def plot(summary: list[dict], path: Path) -> None:
     methods = sorted({s["method"] for s in summary})
     colour = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)} | {"protofuse": "black"}
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.5), squeeze=False)
-    for ax, (dataset, ways) in zip(axes[0], groups):
+    for ax, (dataset, ways) in zip(axes[0], groups, strict=True):
         cells = [s for s in summary if s["dataset"] == dataset and s["ways"] == ways]
         for method in sorted({s["method"] for s in cells}):
             pts = sorted((s["k"], s["mean"], s["std"]) for s in cells if s["method"] == method)
-            ks, means, stds = (np.array(v) for v in zip(*pts))
+            ks, means, stds = (np.array(v) for v in zip(*pts, strict=True))
             style = "-o" if method.startswith("protofuse") else "--." if len(ks) > 1 else "x"
             ax.errorbar(
                 ks,
@@ -199,7 +206,8 @@ def write_report(
         )
     )
     fid_lines = [
-        "### Imitation fidelity on held-out queries, consensus agreement and training weight (mean over seeds)",
+        "### Imitation fidelity on held-out queries, consensus agreement and training weight (mean "
+        "over seeds)",
         "",
         "| dataset | bank | expert | labels | agreement | KL (nats) | consensus | weight |",
         "|---|---|---|---|---|---|---|---|",
@@ -212,7 +220,8 @@ def write_report(
             key: np.mean([f[key] for f in fs]) for key in ("agreement", "kl", "consensus", "weight")
         }
         fid_lines.append(
-            f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | {mean['consensus']:.3f} | {mean['weight']:.2f} |"
+            f"| {d} | {bank} | {e} | {labels} | {mean['agreement']:.3f} | {mean['kl']:.3f} | "
+            f"{mean['consensus']:.3f} | {mean['weight']:.2f} |"
         )
     against = [
         m

@@ -1,9 +1,11 @@
-"""The benchmark: expert federations on real data, held-out new tasks, every method on the same episodes.
+r"""The benchmark: expert federations on real data, held-out new tasks, every method on the same
+episodes.
 
-    python -m bench.run --out bench-results            # both datasets, the reported seeds
-    python -m bench.run --dev --ablations              # development seeds: where defaults are chosen
+    python -m bench.run --out bench-results        # both datasets, the reported seeds
+    python -m bench.run --dev --ablations          # development seeds: where defaults are chosen
     python -m bench.run --datasets digits --seeds 100 --tasks 2 --quick
-    python -m bench.run --dev --datasets digits-flat mnist5k-flat segment --no-generative --no-ceiling   # tables
+    python -m bench.run --dev --datasets digits-flat mnist5k-flat segment \
+        --no-generative --no-ceiling               # tables
 
 For each (dataset, seed): splits, a federation of heterogeneous experts trained on overlapping
 class subsets, one bank per family fitted on the experts' answers to the query pool, and the
@@ -104,7 +106,8 @@ class Federation:
 
 @dataclass(frozen=True)
 class Episode:
-    """One task's test rows and nested support: ``max(SHOTS)`` examples per class, in class blocks."""
+    """One task's test rows and nested support: ``max(SHOTS)`` examples per class, in class
+    blocks."""
 
     task: tuple[str, ...]
     support_x: np.ndarray  # (K * k_max, d)
@@ -209,7 +212,7 @@ def build_world(
     ).items():
         t0 = time.perf_counter()
         imitators[imitator] = baselines.Imitator(**args).fit(
-            qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs)]
+            qx, [baselines.ExpertOutput(e.labels, o) for e, o in zip(experts, outputs, strict=True)]
         )
         timings[f"fit imitator {imitator}"] = time.perf_counter() - t0
     top = None
@@ -271,7 +274,8 @@ def _imitators(
 def draw_episode(
     world: Federation, task: tuple[str, ...], rng: np.random.Generator, max_test: int
 ) -> Episode:
-    """The task's test rows (at most ``max_test``) and its nested support, drawn once for every k."""
+    """The task's test rows (at most ``max_test``) and its nested support, drawn once for every
+    k."""
     ds, sp = world.dataset, world.splits
     classes = [ds.label_names.index(c) for c in task]
     tx, ty = task_subset(sp.test, classes)
@@ -310,8 +314,9 @@ def run_episode(
 
     ``generative_forms`` scores every (recomposition, prediction form) of the generative family,
     not only its default; ``adapt_variants`` (name -> adaptation options) adapts the default
-    bank ("protofuse") with other settings too. With ``recall_of`` (a label of the task) and a ``recalls`` dict, also
-    fills ``recalls`` with each method's recall on that label's test examples alone.
+    bank ("protofuse") with other settings too. With ``recall_of`` (a label of the task) and a
+    ``recalls`` dict, also fills ``recalls`` with each method's recall on that label's test examples
+    alone.
     """
     task, tx, ty = episode.task, episode.test_x, episode.test_y
     sx, sy = episode.support(k)
@@ -358,8 +363,8 @@ def run_episode(
                     for form in ("conditional", "joint"):
                         score(
                             f"{bank_name} {recompose}/{form}",
-                            lambda f=form, m=model: (
-                                predict_log_proba(log_joint, m.task.q, f).exp().numpy()[:, cols]
+                            lambda f=form, m=model, lj=log_joint, c=cols: (
+                                predict_log_proba(lj, m.task.q, f).exp().numpy()[:, c]
                             ),
                         )
         if covered:
@@ -404,7 +409,8 @@ def episode_tasks(
     seed: int,
     must_include: str | None = None,
 ) -> list[tuple[str, ...]]:
-    """The new tasks of one (dataset, seed): for each size, n combinations no expert of ``recipes`` covers."""
+    """The new tasks of one (dataset, seed): for each size, n combinations no expert of ``recipes``
+    covers."""
     rng = np.random.default_rng(1000 + seed)
     return [t for w in ways for t in uncovered_tasks(recipes, labels, w, n, rng, must_include)]
 
@@ -421,19 +427,28 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["digits", "mnist5k"],
         choices=DATASETS,
-        help="digits, mnist5k: greyscale images; -colour: the same in random colours; mnist5k-64: at 64 x 64; -flat: the same pixels as feature vectors; segment: a real table (river's image-segmentation data, 7 classes)",
+        help=(
+            "digits, mnist5k: greyscale images; -colour: the same in random colours; "
+            "mnist5k-64: at 64 x 64; -flat: the same pixels as feature vectors; segment: a "
+            "real table (river's image-segmentation data, 7 classes)"
+        ),
     )
     p.add_argument(
         "--seeds",
         type=int,
         nargs="+",
         default=list(REPORT_SEEDS),
-        help=f"bank seeds (split, experts, training); default: the reported seeds {list(REPORT_SEEDS)}",
+        help=(
+            "bank seeds (split, experts, training); default: the reported seeds "
+            f"{list(REPORT_SEEDS)}"
+        ),
     )
     p.add_argument(
         "--dev",
         action="store_true",
-        help=f"use the development seeds {list(DEV_SEEDS)}, where defaults and ablations are chosen",
+        help=(
+            f"use the development seeds {list(DEV_SEEDS)}, where defaults and ablations are chosen"
+        ),
     )
     p.add_argument("--tasks", type=int, default=10, help="new tasks per (ways, seed)")
     p.add_argument("--ways", type=int, nargs="+", default=[2, 5])
@@ -445,12 +460,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--generative-forms",
         action="store_true",
-        help="score every recomposition and prediction form of the generative family, not only its default",
+        help=(
+            "score every recomposition and prediction form of the generative family, not only "
+            "its default"
+        ),
     )
     p.add_argument(
         "--ablations",
         action="store_true",
-        help="also fit the ablation banks (mlp encoder, shifts only, no consensus distillation, no reweighting) and an mlp imitator",
+        help=(
+            "also fit the ablation banks (mlp encoder, shifts only, no consensus distillation, "
+            "no reweighting) and an mlp imitator"
+        ),
     )
     p.add_argument(
         "--adapt-variants",
@@ -470,7 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--bank-cache",
         type=Path,
-        help="keep fitted banks here and reuse them (keyed by dataset, seed, federation and settings): re-scores adaptation without refitting; empty it after changing how banks are trained",
+        help=(
+            "keep fitted banks here and reuse them (keyed by dataset, seed, federation and "
+            "settings): re-scores adaptation without refitting; empty it after changing how "
+            "banks are trained"
+        ),
     )
     p.add_argument(
         "--hide-label",
@@ -485,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--robustness",
         action="store_true",
-        help="add a poor and an overconfident expert to the federation, and a bank without reweighting",
+        help=(
+            "add a poor and an overconfident expert to the federation, and a bank without "
+            "reweighting"
+        ),
     )
     p.add_argument(
         "--quick", action="store_true", help="few epochs: a smoke run, not a measurement"
@@ -496,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if (args.robustness or args.hide_label) and "segment" in args.datasets:
         p.error(
-            "--robustness and --hide-label are defined for the digit datasets (their experts and labels); drop segment"
+            "--robustness and --hide-label are defined for the digit datasets (their experts and "
+            "labels); drop segment"
         )
     banks = {
         k: v

@@ -73,7 +73,8 @@ def start_service(
         str(certs),
         *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:  # the child keeps its own copy
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     with FusionClient(f"127.0.0.1:{port}", certs=certs, timeout=5) as client:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -237,17 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     a, b = lat["in_process_ms"], lat["service_ms"]
     table = [
-        f"# Adaptation service: {args.ways}-way, k = {args.k}, {args.dataset} (bank {result['version']})",
+        f"# Adaptation service: {args.ways}-way, k = {args.k}, {args.dataset} (bank "
+        f"{result['version']})",
         "",
         "| | p50 (ms) | p99 (ms) | mean (ms) | calls |",
         "|---|---|---|---|---|",
-        f"| in-process `bank.adapt` | {a['p50']:.0f} | {a['p99']:.0f} | {a['mean']:.0f} | {a['n']} |",
-        f"| through the service (`FusionClient.adapt`, mTLS, signed and verified) | {b['p50']:.0f} | {b['p99']:.0f} | {b['mean']:.0f} | {b['n']} |",
+        f"| in-process `bank.adapt` | {a['p50']:.0f} | {a['p99']:.0f} | {a['mean']:.0f} | {a['n']} "
+        "|",
+        f"| through the service (`FusionClient.adapt`, mTLS, signed and verified) | {b['p50']:.0f} "
+        f"| {b['p99']:.0f} | {b['mean']:.0f} | {b['n']} |",
         f"| ratio | {lat['ratio_p50']:.2f} | {lat['ratio_p99']:.2f} | | |",
         "",
-        f"Throughput: {thr['callers']} concurrent callers for {thr['seconds']:.0f} s: {thr['requests']} requests, {thr['requests_per_s']:.2f} per second, {thr['errors']} errors; "
-        f"latency under load p50 {thr['latency_ms']['p50']:.0f} ms, p99 {thr['latency_ms']['p99']:.0f} ms; service peak memory {thr['service_peak_rss_mib']:.0f} MiB "
-        f"(latency run: {lat['service_peak_rss_mib']:.0f} MiB). One torch thread per process and per service worker; callers and service share the machine's cores.",
+        f"Throughput: {thr['callers']} concurrent callers for {thr['seconds']:.0f} s: "
+        f"{thr['requests']} requests, {thr['requests_per_s']:.2f} per second, {thr['errors']} "
+        "errors; "
+        f"latency under load p50 {thr['latency_ms']['p50']:.0f} ms, p99 "
+        f"{thr['latency_ms']['p99']:.0f} ms; service peak memory {thr['service_peak_rss_mib']:.0f} "
+        "MiB "
+        f"(latency run: {lat['service_peak_rss_mib']:.0f} MiB). One torch thread per process and "
+        "per service worker; callers and service share the machine's cores.",
     ]
     (args.out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

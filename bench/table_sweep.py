@@ -3,7 +3,8 @@ fitted with each (feature dropout, feature noise) of a grid on the tabular datas
 scored on the same episodes as ``bench.run`` (same tasks, test rows and nested supports).
 
     python -m bench.table_sweep --out bench-results/table-sweep
-    python -m bench.table_sweep --datasets segment --bank 0:0 0.1:0 0:0.5 --imitator 0:0 --out /tmp/s
+    python -m bench.table_sweep --datasets segment --bank 0:0 0.1:0 0:0.5 --imitator 0:0 --out
+    /tmp/s
 
 A grid point ``D:N`` is ``feature_dropout = D, feature_noise = N``. Only development seeds (< 100).
 """
@@ -70,7 +71,8 @@ def sweep_world(
     ds = world.dataset
     if ds.image_shape is not None:
         raise SystemExit(
-            f"{name} is an image dataset; the table augmentation applies to feature vectors (use digits-flat, mnist5k-flat, segment)"
+            f"{name} is an image dataset; the table augmentation applies to feature vectors (use "
+            "digits-flat, mnist5k-flat, segment)"
         )
     for point in bank_grid:
         t0 = time.perf_counter()
@@ -117,7 +119,8 @@ def table(rows: list[dict], reference: str) -> str:
         gaps = {(g["method"], g["k"]): g for g in paired_gaps(sub, ours=reference)}
         n = len({(r["seed"], r["task"]) for r in sub})
         lines += [
-            f"### {dataset} ({n} tasks, 2- and 5-way pooled): accuracy %, and in brackets the method minus `{reference}`, paired (points ± s.e.)",
+            f"### {dataset} ({n} tasks, 2- and 5-way pooled): accuracy %, and in brackets the "
+            f"method minus `{reference}`, paired (points ± s.e.)",
             "",
             "| method | " + " | ".join(f"k = {k}" for k in SHOTS) + " |",
             "|---|" + "---|" * len(SHOTS),
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if any(s >= min(REPORT_SEEDS) for s in args.seeds):
         p.error(
-            f"rates are chosen on development seeds only; seeds from {min(REPORT_SEEDS)} on are the reported ones"
+            f"rates are chosen on development seeds only; seeds from {min(REPORT_SEEDS)} on are "
+            "the reported ones"
         )
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -64,20 +64,29 @@ def _require_extra(args: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="protofuse",
-        description="Fuse black-box experts into a bank of task-agnostic prototypes, and build models for new tasks from a few labeled examples.",
+        description=(
+            "Fuse black-box experts into a bank of task-agnostic prototypes, and build models "
+            "for new tasks from a few labeled examples."
+        ),
     )
     p.add_argument("--version", action="version", version=f"protofuse {__version__}")
     p.add_argument(
         "--threads",
         type=int,
-        help="torch threads (default: the spec's [training] threads for fit, else 1: fastest on small shared machines)",
+        help=(
+            "torch threads (default: the spec's [training] threads for fit, else 1: fastest on "
+            "small shared machines)"
+        ),
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fit = sub.add_parser(
         "fit",
         help="train a bank centrally on the experts listed in a spec",
-        description="Query every expert of SPEC on its queries, train the shared prototypes on the pooled triples, and write the bank to RUN_DIR.",
+        description=(
+            "Query every expert of SPEC on its queries, train the shared prototypes on the "
+            "pooled triples, and write the bank to RUN_DIR."
+        ),
     )
     fit.add_argument(
         "spec",
@@ -90,13 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     adapt = sub.add_parser(
         "adapt",
         help="fit a model for a new task from a support set",
-        description="Fit a new task's distribution over the bank's prototypes from a few labeled examples: locally from a bank folder, or through an adaptation service with --server (the model comes back signed and is verified).",
+        description=(
+            "Fit a new task's distribution over the bank's prototypes from a few labeled "
+            "examples: locally from a bank folder, or through an adaptation service with "
+            "--server (the model comes back signed and is verified)."
+        ),
     )
     adapt.add_argument(
         "bank",
         type=Path,
         nargs="?",
-        help="bank folder written by `protofuse fit`, or a federation's run folder (omit with --server)",
+        help=(
+            "bank folder written by `protofuse fit`, or a federation's run folder (omit with "
+            "--server)"
+        ),
     )
     adapt.add_argument(
         "--server",
@@ -106,7 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     adapt.add_argument(
         "--certs",
         type=Path,
-        help="with --server: folder with ca.crt, client.crt, client.key and signing.pub (as `protofuse certs init` writes)",
+        help=(
+            "with --server: folder with ca.crt, client.crt, client.key and signing.pub (as "
+            "`protofuse certs init` writes)"
+        ),
     )
     adapt.add_argument(
         "--insecure",
@@ -116,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     adapt.add_argument(
         "--unsigned-ok",
         action="store_true",
-        help="with --server: accept a model that is not signed by the server's key (not recommended)",
+        help=(
+            "with --server: accept a model that is not signed by the server's key (not recommended)"
+        ),
     )
     adapt.add_argument(
         "--signing-key",
@@ -165,24 +186,38 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--public-key",
         type=Path,
-        help="verify the model's signature with this key (the server's signing.pub); unsigned or altered models are refused",
+        help=(
+            "verify the model's signature with this key (the server's signing.pub); unsigned "
+            "or altered models are refused"
+        ),
     )
     predict.add_argument(
         "--unsigned-ok",
         action="store_true",
-        help="load without a signature check (a model you adapted yourself); the checksum is still verified",
+        help=(
+            "load without a signature check (a model you adapted yourself); the checksum is "
+            "still verified"
+        ),
     )
     predict.set_defaults(run=_predict)
 
     sim = sub.add_parser(
         "simulate",
         help="run the federation of a spec on Flower's simulation engine",
-        description="Run the spec's federation on Flower's simulation engine: the same ServerApp and ClientApp as a deployment, one virtual client per expert. Writes the run folder (bank/, store/, rounds.json), which adapt, predict and info accept like fit's output. Only the discriminative family federates.",
+        description=(
+            "Run the spec's federation on Flower's simulation engine: the same ServerApp and "
+            "ClientApp as a deployment, one virtual client per expert. Writes the run folder "
+            "(bank/, store/, rounds.json), which adapt, predict and info accept like fit's "
+            "output. Only the discriminative family federates."
+        ),
     )
     sim.add_argument(
         "spec",
         type=Path,
-        help="federation spec (TOML), the same format as fit's; [federation] sets rounds, local epochs, aggregation",
+        help=(
+            "federation spec (TOML), the same format as fit's; [federation] sets rounds, local "
+            "epochs, aggregation"
+        ),
     )
     sim.add_argument(
         "--out",
@@ -201,7 +236,11 @@ def _parser() -> argparse.ArgumentParser:
     client = sub.add_parser(
         "client",
         help="run a client (Flower SuperNode) for one expert of a spec",
-        description="Start a Flower SuperNode whose ClientApp serves one expert of SPEC: the expert answers its queries once (cached), then each round the node trains the shared model locally and sends only the shared weights and its expert's two messages.",
+        description=(
+            "Start a Flower SuperNode whose ClientApp serves one expert of SPEC: the expert "
+            "answers its queries once (cached), then each round the node trains the shared "
+            "model locally and sends only the shared weights and its expert's two messages."
+        ),
     )
     client.add_argument(
         "spec",
@@ -243,7 +282,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the adaptation service (gRPC) beside a bank",
-        description="Serve protofuse.v1.Fusion (Adapt, GetBank, ListExperts), the gRPC health service and reflection. A new bank version written to the folder is served without a restart; every adapted model is signed. Callers authenticate with mutual TLS.",
+        description=(
+            "Serve protofuse.v1.Fusion (Adapt, GetBank, ListExperts), the gRPC health service "
+            "and reflection. A new bank version written to the folder is served without a "
+            "restart; every adapted model is signed. Callers authenticate with mutual TLS."
+        ),
     )
     serve.add_argument(
         "bank",
@@ -258,7 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--certs",
         type=Path,
-        help="folder from `protofuse certs init`: server.crt/.key (TLS), ca.crt (callers' CA), signing.key",
+        help=(
+            "folder from `protofuse certs init`: server.crt/.key (TLS), ca.crt (callers' CA), "
+            "signing.key"
+        ),
     )
     serve.add_argument(
         "--insecure",
@@ -274,9 +320,12 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, fld in ServiceSettings.model_fields.items():
         default = fld.default if fld.default_factory is None else "number of CPUs"
+        parse = fld.annotation  # int or float: the type parses the flag's text
+        if not isinstance(parse, type):
+            raise TypeError(f"ServiceSettings.{name}: no type to parse its flag with")
         serve.add_argument(
             f"--{name.replace('_', '-')}",
-            type=fld.annotation,
+            type=parse,
             help=f"{fld.description} (default {default})",
         )
     serve.set_defaults(run=_serve)
@@ -305,14 +354,21 @@ def _parser() -> argparse.ArgumentParser:
     init = certs_sub.add_parser(
         "init",
         help="create a CA, server and client certificates, SuperNode keys and the signing key",
-        description="Create ca.crt/.key, server.crt/.key, client.crt/.key, supernodes/node-<i>.key/.pub (EC P-384, OpenSSH) and signing.key/.pub (Ed25519) in OUT. Refuses a folder that already has a CA.",
+        description=(
+            "Create ca.crt/.key, server.crt/.key, client.crt/.key, "
+            "supernodes/node-<i>.key/.pub (EC P-384, OpenSSH) and signing.key/.pub (Ed25519) "
+            "in OUT. Refuses a folder that already has a CA."
+        ),
     )
     init.add_argument("--out", type=Path, required=True, help="folder to create them in")
     init.add_argument(
         "--names",
         nargs="*",
         default=[],
-        help="extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1, superlink, proxy and service are always in)",
+        help=(
+            "extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1, "
+            "superlink, proxy and service are always in)"
+        ),
     )
     init.add_argument(
         "--supernodes",
@@ -324,7 +380,10 @@ def _parser() -> argparse.ArgumentParser:
     node = certs_sub.add_parser(
         "node",
         help="create one more SuperNode key pair",
-        description="Create NAME.key and NAME.pub in OUT/supernodes; register NAME.pub with `flwr supernode register`.",
+        description=(
+            "Create NAME.key and NAME.pub in OUT/supernodes; register NAME.pub with `flwr "
+            "supernode register`."
+        ),
     )
     node.add_argument("--out", type=Path, required=True, help="the certificates folder")
     node.add_argument("--name", required=True, help="the key's file name, e.g. org-7")
@@ -354,7 +413,8 @@ def _fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     triples = collect_triples(spec)
     print(
-        f"queried {len(spec.experts)} experts on {len(triples.x)} inputs ({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s",
+        f"queried {len(spec.experts)} experts on {len(triples.x)} inputs "
+        f"({int(triples.mask.sum())} answers) in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
     _hint_image_shape(spec, triples.x)
@@ -404,7 +464,8 @@ def _adapt(args: argparse.Namespace) -> int:
     if args.server:
         if args.signing_key:
             raise ValueError(
-                "--signing-key signs models adapted here; the service signs its own (verify them with the certs folder's signing.pub)"
+                "--signing-key signs models adapted here; the service signs its own (verify them "
+                "with the certs folder's signing.pub)"
             )
         return _adapt_remote(args, x, y, options)
     bank = load_bank(args.bank)
@@ -419,12 +480,14 @@ def _adapt(args: argparse.Namespace) -> int:
     model.save(args.out, signing_key=key)
     acc = model.info["support_accuracy"]
     print(
-        f"adapted {bank.family} bank {bank.version} to classes {model.classes_.tolist()} from {len(x)} examples in {elapsed:.2f}s (support accuracy {acc:.3f}); written to {args.out}",
+        f"adapted {bank.family} bank {bank.version} to classes {model.classes_.tolist()} from "
+        f"{len(x)} examples in {elapsed:.2f}s (support accuracy {acc:.3f}); written to {args.out}",
         file=sys.stderr,
     )
     if model.info.get("uncovered_labels"):
         print(
-            f"labels covered by no expert, prototypes fitted from their examples alone: {model.info['uncovered_labels']}",
+            "labels covered by no expert, prototypes fitted from their examples alone: "
+            f"{model.info['uncovered_labels']}",
             file=sys.stderr,
         )
     return 0
@@ -442,7 +505,10 @@ def _adapt_remote(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, option
     except FusionError as err:
         raise ValueError(f"{args.server}: {err}") from None
     print(
-        f"adapted bank {model.bank_meta['version']} on {args.server} to classes {model.classes_.tolist()} from {len(x)} examples in {time.perf_counter() - t0:.2f}s ({'signature verified' if not args.unsigned_ok else 'signature NOT verified'}); written to {args.out}",
+        f"adapted bank {model.bank_meta['version']} on {args.server} to classes "
+        f"{model.classes_.tolist()} from {len(x)} examples in {time.perf_counter() - t0:.2f}s "
+        f"({'signature verified' if not args.unsigned_ok else 'signature NOT verified'}); written "
+        f"to {args.out}",
         file=sys.stderr,
     )
     return 0
@@ -496,7 +562,8 @@ def _simulate(args: argparse.Namespace) -> int:
         return 1
     bank = load_bank(out)
     print(
-        f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, {bank.meta.federated_rounds} rounds)",
+        f"federated bank {bank.version} in {out} ({time.perf_counter() - t0:.0f}s, "
+        f"{bank.meta.federated_rounds} rounds)",
         file=sys.stderr,
     )
     _print_experts(bank)
@@ -530,7 +597,8 @@ def _client(args: argparse.Namespace) -> int:
     x = load_array(spec.queries_path(entry), f"expert {entry.name!r}: queries", mmap=True)
     answers = cached_answers(spec, entry, x, cache)
     print(
-        f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in {cache}",
+        f"expert {entry.name!r}: {len(x)} queries answered ({answers.shape[1]} labels), cached in "
+        f"{cache}",
         file=sys.stderr,
     )
     node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'
@@ -571,7 +639,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.insecure == (args.certs is not None):
         raise ValueError(
-            "give --certs DIR (TLS with client certificates), or --insecure for a test on a trusted host"
+            "give --certs DIR (TLS with client certificates), or --insecure for a test on a "
+            "trusted host"
         )
     settings = ServiceSettings(
         **{
@@ -592,7 +661,9 @@ def _serve(args: argparse.Namespace) -> int:
     snapshot = served.get()
     host = args.address.rsplit(":", 1)[0]
     print(
-        f"serving protofuse.v1.Fusion on {host}:{port} ({'TLS, client certificates required' if credentials else 'INSECURE'}); bank: {snapshot.bank.version if snapshot else 'none yet, waiting for ' + str(served.bank_dir)}",
+        f"serving protofuse.v1.Fusion on {host}:{port} "
+        f"({'TLS, client certificates required' if credentials else 'INSECURE'}); bank: "
+        f"{snapshot.bank.version if snapshot else 'none yet, waiting for ' + str(served.bank_dir)}",
         file=sys.stderr,
         flush=True,
     )
@@ -624,7 +695,9 @@ def _certs_init(args: argparse.Namespace) -> int:
 
     written = init(args.out, args.names, args.supernodes)
     print(
-        f"wrote {len(written)} files to {args.out}: give organizations ca.crt and their supernodes/node-<i>.key; give adaptation callers ca.crt, client.crt, client.key and signing.pub; keep ca.key, server.key and signing.key on the server",
+        f"wrote {len(written)} files to {args.out}: give organizations ca.crt and their "
+        "supernodes/node-<i>.key; give adaptation callers ca.crt, client.crt, client.key and "
+        "signing.pub; keep ca.key, server.key and signing.key on the server",
         file=sys.stderr,
     )
     return 0
@@ -635,7 +708,8 @@ def _certs_node(args: argparse.Namespace) -> int:
 
     key, pub = supernode_key(args.out / "supernodes", args.name)
     print(
-        f"wrote {key} (give it to the organization) and {pub} (register it: flwr supernode register {pub} <connection>)",
+        f"wrote {key} (give it to the organization) and {pub} (register it: flwr supernode "
+        f"register {pub} <connection>)",
         file=sys.stderr,
     )
     return 0
@@ -646,12 +720,14 @@ def _info(args: argparse.Namespace) -> int:
 
     bank = load_bank(args.bank)
     print(
-        f"{bank.family} bank {bank.version}: {len(bank.label_names)} labels {list(bank.label_names)}"
+        f"{bank.family} bank {bank.version}: {len(bank.label_names)} labels "
+        f"{list(bank.label_names)}"
     )
     fed = bank.meta.federation
     if fed is not None:
         print(
-            f"federated: {fed.rounds} rounds, {fed.settings.aggregation} aggregation, {fed.settings.local_epochs} local epoch(s) per round"
+            f"federated: {fed.rounds} rounds, {fed.settings.aggregation} aggregation, "
+            f"{fed.settings.local_epochs} local epoch(s) per round"
         )
     _print_experts(bank)
     return 0
@@ -699,7 +775,8 @@ def _load_support(path: Path) -> tuple[np.ndarray, np.ndarray]:
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
                 raise ValueError(
-                    f"{path}: missing array(s) {missing}; save with numpy.savez(path, x=inputs, y=label_names)"
+                    f"{path}: missing array(s) {missing}; save with numpy.savez(path, x=inputs, "
+                    "y=label_names)"
                 )
             x, y = npz["x"], npz["y"]
     except FileNotFoundError:
@@ -707,7 +784,8 @@ def _load_support(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except ValueError as err:
         if "pickle" in str(err):
             raise ValueError(
-                f"{path}: y is stored as Python objects; save label names as a string array, e.g. y=np.asarray(labels, dtype=str)"
+                f"{path}: y is stored as Python objects; save label names as a string array, e.g. "
+                "y=np.asarray(labels, dtype=str)"
             ) from None
         raise
     except Exception as err:  # zip/npz corruption surfaces as several exception types

@@ -72,7 +72,8 @@ def __getattr__(name: str) -> Any:
         if (err.name or "").split(".")[0] not in ("grpc", "grpc_health"):
             raise
         raise ImportError(
-            f"client_sdk.{name} needs gRPC ({err.name} is not installed): pip install 'protofuse[client]'",
+            f"client_sdk.{name} needs gRPC ({err.name} is not installed): pip install "
+            "'protofuse[client]'",
             name=err.name,
         ) from err
     value = getattr(fusion_client, name)

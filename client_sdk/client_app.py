@@ -6,7 +6,8 @@ import warnings
 from client_sdk.clientapp.app import app
 
 warnings.warn(
-    "client_sdk.client_app moved to client_sdk.clientapp.app (ClientApp 'client_sdk.clientapp.app:app')",
+    "client_sdk.client_app moved to client_sdk.clientapp.app (ClientApp "
+    "'client_sdk.clientapp.app:app')",
     DeprecationWarning,
     stacklevel=2,
 )

@@ -45,6 +45,11 @@ def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
             )
         except (TypeError, ValueError) as err:
             raise SpecError(f"expert {entry.name!r}: endpoint: {err}") from None
+    if entry.predict is None:  # the spec's validator requires one of the two
+        raise SpecError(
+            f"expert {entry.name!r}: give exactly one of predict = 'module:attribute' or an "
+            "[experts.endpoint] table (a model server)"
+        )
     module_name, _, attr = entry.predict.partition(":")
     folder = str(spec.folder)
     added = folder not in sys.path
@@ -54,7 +59,8 @@ def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
         module = _import_beside(spec.folder, module_name)
     except Exception as err:  # the user's module may fail in any way while importing
         raise SpecError(
-            f"expert {entry.name!r}: cannot import module {module_name!r} from predict = {entry.predict!r} ({err}); put {module_name}.py beside the spec or install it"
+            f"expert {entry.name!r}: cannot import module {module_name!r} from predict = "
+            f"{entry.predict!r} ({err}); put {module_name}.py beside the spec or install it"
         ) from None
     finally:
         if added:
@@ -63,7 +69,8 @@ def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise SpecError(
-                f"expert {entry.name!r}: module {module_name!r} has no attribute {attr!r} (predict = {entry.predict!r})"
+                f"expert {entry.name!r}: module {module_name!r} has no attribute {attr!r} (predict "
+                f"= {entry.predict!r})"
             )
         obj = getattr(obj, part)
     try:
@@ -72,7 +79,8 @@ def resolve_expert(spec: Spec, entry: ExpertEntry) -> Expert:
         raise SpecError(f"expert {entry.name!r}: {err}") from None
     if list(expert.labels) != list(entry.labels):
         raise SpecError(
-            f"expert {entry.name!r}: the spec lists labels {entry.labels} but the estimator's classes are {list(expert.labels)}; list them in the order of its output columns"
+            f"expert {entry.name!r}: the spec lists labels {entry.labels} but the estimator's "
+            f"classes are {list(expert.labels)}; list them in the order of its output columns"
         )
     return expert
 
@@ -87,6 +95,8 @@ def _import_beside(folder: Path, module_name: str) -> Any:
     if unique in sys.modules:
         return sys.modules[unique]
     loader_spec = importlib.util.spec_from_file_location(unique, local)
+    if loader_spec is None or loader_spec.loader is None:  # not for a .py file, but typed so
+        raise ImportError(f"{local} cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[unique] = module
     try:
@@ -112,7 +122,8 @@ def load_array(path: Path, what: str, mmap: bool = False) -> np.ndarray:
         ) from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[0] == 0:
         raise SpecError(
-            f"{what}: {path} holds shape {getattr(arr, 'shape', None)}, expected (n, d) with n >= 1: one flattened input per row"
+            f"{what}: {path} holds shape {getattr(arr, 'shape', None)}, expected (n, d) with n >= "
+            "1: one flattened input per row"
         )
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
         raise SpecError(f"{what}: {path} must hold finite real numbers")
@@ -129,13 +140,15 @@ def collect_triples(spec: Spec) -> Triples:
     widths = {x.shape[1] for x in arrays.values()}
     if len(widths) > 1:
         raise SpecError(
-            f"experts' queries have different widths {sorted(widths)}; every input must have the same number of features"
+            f"experts' queries have different widths {sorted(widths)}; every input must have the "
+            "same number of features"
         )
     if spec.data.image_shape is not None:
         size = image_size(spec.data.image_shape)
         if size not in widths:
             raise SpecError(
-                f"data.image_shape {list(spec.data.image_shape)} has {size} values per image but the queries have {widths.pop()} features; fix image_shape or the queries"
+                f"data.image_shape {list(spec.data.image_shape)} has {size} values per image but "
+                f"the queries have {widths.pop()} features; fix image_shape or the queries"
             )
     pool_ids = {path: i for i, path in enumerate(arrays)}
     names, labels, queries, outputs, pools = [], [], [], [], []
@@ -154,7 +167,8 @@ def likelihood_for(spec: Spec, triples: Triples) -> str:
     in_unit = bool(triples.x.min() >= 0 and triples.x.max() <= 1)
     if spec.data.likelihood == "bernoulli" and not in_unit:
         raise SpecError(
-            "data.likelihood = 'bernoulli' needs inputs in [0, 1]; scale the queries or use 'gaussian'"
+            "data.likelihood = 'bernoulli' needs inputs in [0, 1]; scale the queries or use "
+            "'gaussian'"
         )
     if spec.data.likelihood != "auto":
         return spec.data.likelihood

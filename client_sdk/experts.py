@@ -15,7 +15,10 @@ ROW_SUM_TOLERANCE = 1e-3
 class Expert(Protocol):
     """A black box mapping inputs (n, d) to probabilities over its own labels (n, len(labels))."""
 
-    labels: Sequence[str]  # label names, in the order of the output columns
+    # Read-only here, so that an expert may keep its labels in any sequence (the adapters keep a
+    # tuple); a plain attribute satisfies it.
+    @property
+    def labels(self) -> Sequence[str]: ...  # label names, in the order of the output columns
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -55,11 +58,13 @@ class SklearnExpert:
     def __init__(self, estimator: Any, labels: Sequence[str] | None = None) -> None:
         if not hasattr(estimator, "predict_proba"):
             raise TypeError(
-                f"{type(estimator).__name__} has no predict_proba; use a probabilistic classifier (e.g. SVC(probability=True)) or wrap it in CalibratedClassifierCV"
+                f"{type(estimator).__name__} has no predict_proba; use a probabilistic classifier "
+                "(e.g. SVC(probability=True)) or wrap it in CalibratedClassifierCV"
             )
         if not hasattr(estimator, "classes_"):
             raise TypeError(
-                f"{type(estimator).__name__} has no classes_: fit it before wrapping it as an expert"
+                f"{type(estimator).__name__} has no classes_: fit it before wrapping it as an "
+                "expert"
             )
         classes = list(estimator.classes_)
         if labels is None:
@@ -68,14 +73,18 @@ class SklearnExpert:
             self.labels = _label_tuple(labels, "SklearnExpert")
             if len(self.labels) != len(classes):
                 raise ValueError(
-                    f"labels {list(self.labels)} has {len(self.labels)} names but the estimator has {len(classes)} classes {classes}; give one name per class, in the order of classes_"
+                    f"labels {list(self.labels)} has {len(self.labels)} names but the estimator "
+                    f"has {len(classes)} classes {classes}; give one name per class, in the order "
+                    "of classes_"
                 )
             own = tuple(str(c) for c in classes)
             # Renaming classes is allowed (e.g. 0/1 -> "cat"/"dog"); reordering or mixing names
             # the estimator already uses would silently mislabel its output columns.
             if self.labels != own and set(self.labels) & set(own):
                 raise ValueError(
-                    f"labels {list(self.labels)} do not match the estimator's classes_ {list(own)}; list them in the order of classes_ (or give entirely new names to rename them)"
+                    f"labels {list(self.labels)} do not match the estimator's classes_ "
+                    f"{list(own)}; list them in the order of classes_ (or give entirely new names "
+                    "to rename them)"
                 )
         self.estimator = estimator
 
@@ -93,7 +102,8 @@ class TorchExpert:
             raise TypeError(f"TorchExpert needs a torch.nn.Module, got {type(module).__name__}")
         if outputs not in ("logits", "probs"):
             raise ValueError(
-                f"outputs is {outputs!r}; use 'logits' (softmax applied here) or 'probs' (module already returns probabilities)"
+                f"outputs is {outputs!r}; use 'logits' (softmax applied here) or 'probs' (module "
+                "already returns probabilities)"
             )
         self.module = module
         self.labels = _label_tuple(labels, "TorchExpert")
@@ -127,7 +137,8 @@ def as_expert(obj: Any, labels: Sequence[str] | None = None) -> Expert:
             str(label) for label in obj.labels
         ):
             raise ValueError(
-                f"the expert's own labels {list(obj.labels)} differ from the labels given {list(labels)}; list them in the order of its output columns"
+                f"the expert's own labels {list(obj.labels)} differ from the labels given "
+                f"{list(labels)}; list them in the order of its output columns"
             )
         return obj
     if hasattr(obj, "predict_proba") and hasattr(obj, "classes_"):
@@ -148,8 +159,10 @@ def as_expert(obj: Any, labels: Sequence[str] | None = None) -> Expert:
             obj, _label_tuple(labels, f"callable {getattr(obj, '__name__', type(obj).__name__)}")
         )
     raise TypeError(
-        f"cannot use {type(obj).__name__} as an expert; accepted: an object with .labels and .predict_proba, "
-        "a fitted scikit-learn classifier (predict_proba and classes_), a torch.nn.Module (with labels), "
+        f"cannot use {type(obj).__name__} as an expert; accepted: an object with .labels and "
+        ".predict_proba, "
+        "a fitted scikit-learn classifier (predict_proba and classes_), a torch.nn.Module (with "
+        "labels), "
         "or a function x -> probabilities (with labels)"
     )
 
@@ -167,7 +180,8 @@ def _check_labels(labels: Sequence[str], name: str) -> int:
         seen.add(label)
     if dup:
         raise ExpertOutputError(
-            f"expert {name!r} lists labels {sorted(set(map(str, dup)))} more than once in {labels}; each output column needs its own label name"
+            f"expert {name!r} lists labels {sorted(set(map(str, dup)))} more than once in "
+            f"{labels}; each output column needs its own label name"
         )
     return len(labels)
 
@@ -178,33 +192,39 @@ def _validate(out: Any, n: int, width: int, name: str, start: int) -> np.ndarray
         arr = np.asarray(out, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise ExpertOutputError(
-            f"expert {name!r} returned {type(out).__name__} that is not a numeric array ({err}); predict_proba must return an (n, {width}) array of probabilities"
+            f"expert {name!r} returned {type(out).__name__} that is not a numeric array ({err}); "
+            f"predict_proba must return an (n, {width}) array of probabilities"
         ) from None
     if arr.ndim != 2:
         raise ExpertOutputError(
-            f"expert {name!r} returned a {arr.ndim}-D array of shape {arr.shape}, expected 2-D ({n}, {width}); return one row of probabilities per input, not class indices"
+            f"expert {name!r} returned a {arr.ndim}-D array of shape {arr.shape}, expected 2-D "
+            f"({n}, {width}); return one row of probabilities per input, not class indices"
         )
     if arr.shape != (n, width):
         raise ExpertOutputError(
-            f"expert {name!r} returned shape {arr.shape}, expected ({n}, {width}): one row per input, one column per label; check the labels listed for it"
+            f"expert {name!r} returned shape {arr.shape}, expected ({n}, {width}): one row per "
+            "input, one column per label; check the labels listed for it"
         )
     finite = np.isfinite(arr)
     if not finite.all():
         row = start + int(np.argwhere(~finite)[0, 0])
         raise ExpertOutputError(
-            f"expert {name!r} returned NaN or infinity (first in row {row}); return finite probabilities, e.g. guard divisions and softmax with max subtraction"
+            f"expert {name!r} returned NaN or infinity (first in row {row}); return finite "
+            "probabilities, e.g. guard divisions and softmax with max subtraction"
         )
     if (arr < NEGATIVE_TOLERANCE).any():
         row = start + int(np.argwhere(arr < NEGATIVE_TOLERANCE)[0, 0])
         raise ExpertOutputError(
-            f"expert {name!r} returned negative values (min {arr.min():.3g}, first in row {row}); return probabilities, not logits or scores (apply a softmax)"
+            f"expert {name!r} returned negative values (min {arr.min():.3g}, first in row {row}); "
+            "return probabilities, not logits or scores (apply a softmax)"
         )
     sums = arr.sum(axis=1)
     off = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
     if off.any():
         row = int(np.argmax(off))
         raise ExpertOutputError(
-            f"expert {name!r} returned rows that do not sum to 1 (row {start + row} sums to {sums[row]:.4g}); return normalized probabilities over its {width} labels"
+            f"expert {name!r} returned rows that do not sum to 1 (row {start + row} sums to "
+            f"{sums[row]:.4g}); return normalized probabilities over its {width} labels"
         )
     # Within tolerance: make rows exact so later logs and divisions see true distributions.
     arr = np.clip(arr, 0.0, None)
@@ -217,7 +237,8 @@ def query_expert(expert: Expert, x: np.ndarray, name: str, batch_size: int = 409
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(
-            f"queries for expert {name!r} have shape {x.shape}, expected (n, d): one flattened input per row"
+            f"queries for expert {name!r} have shape {x.shape}, expected (n, d): one flattened "
+            "input per row"
         )
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; use a positive number of rows per call")
@@ -229,7 +250,8 @@ def query_expert(expert: Expert, x: np.ndarray, name: str, batch_size: int = 409
             out = expert.predict_proba(batch)
         except Exception as err:  # a black box may fail in any way; name it and its input
             raise ExpertOutputError(
-                f"expert {name!r} failed on queries of shape {batch.shape} ({type(err).__name__}: {err}); check that its queries have the width it was trained on"
+                f"expert {name!r} failed on queries of shape {batch.shape} ({type(err).__name__}: "
+                f"{err}); check that its queries have the width it was trained on"
             ) from err
         result[start : start + len(batch)] = _validate(out, len(batch), width, name, start)
     return result

@@ -69,9 +69,13 @@ class FusionClient:
         timeout: float = 120.0,
     ) -> None:
         folder = Path(certs) if certs is not None else None
-        pick = lambda given, name: (
-            Path(given) if given is not None else (folder / name if folder is not None else None)
-        )  # noqa: E731
+
+        def pick(given: str | os.PathLike | None, name: str) -> Path | None:
+            """The path given, else the file ``name`` in the certs folder (None without either)."""
+            if given is not None:
+                return Path(given)
+            return folder / name if folder is not None else None
+
         self.root_certificates = pick(root_certificates, "ca.crt")
         self.certificate = pick(certificate, "client.crt")
         self.private_key = pick(private_key, "client.key")
@@ -84,7 +88,8 @@ class FusionClient:
         self.public_key = load_public_key(key) if key is not None else None
         if self.public_key is None and not unsigned_ok:
             raise ValueError(
-                "give the server's signing key (public_key= or certs= with signing.pub) so models can be verified, or unsigned_ok=True to accept unverified models"
+                "give the server's signing key (public_key= or certs= with signing.pub) so models "
+                "can be verified, or unsigned_ok=True to accept unverified models"
             )
         self.unsigned_ok = unsigned_ok
         self.timeout = timeout
@@ -98,7 +103,8 @@ class FusionClient:
         else:
             if self.root_certificates is None:
                 raise ValueError(
-                    "give the deployment's CA certificate (root_certificates= or certs=), or insecure=True for a service on a trusted host"
+                    "give the deployment's CA certificate (root_certificates= or certs=), or "
+                    "insecure=True for a service on a trusted host"
                 )
             chain = (
                 [
@@ -196,7 +202,8 @@ class FusionClient:
             np.issubdtype(labels.dtype, np.str_) or np.issubdtype(labels.dtype, np.integer)
         ):
             raise ValueError(
-                f"y has shape {labels.shape} and dtype {labels.dtype}; give one label name (string) per example"
+                f"y has shape {labels.shape} and dtype {labels.dtype}; give one label name "
+                "(string) per example"
             )
         opts = {k: str(v) for k, v in options.items()}
         if seed is not None:
@@ -211,7 +218,8 @@ class FusionClient:
         return decode_adapt_response(self._call("Adapt", request))
 
     def health(self, service: str = "") -> str:
-        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...) of the whole server or one service."""
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...) of the whole server or
+        one service."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         try:
@@ -233,7 +241,8 @@ class FusionClient:
             raise FusionError(
                 "Adapt",
                 grpc.StatusCode.DATA_LOSS,
-                f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that this client does not hold",
+                f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that "
+                "this client does not hold",
             )
         task = artifacts.npz_arrays(
             response.files["weights.npz"], f"model from {self.address}: task weights"
@@ -258,7 +267,9 @@ class FusionClient:
             raise FusionError(method, err.code(), err.details() or "") from None
 
     @staticmethod
-    def _read(path: Path, what: str) -> bytes:
+    def _read(path: Path | None, what: str) -> bytes:
+        if path is None:
+            raise ValueError(f"{what}: not given; pass {what}= (or certs=, the folder holding it)")
         try:
             return path.read_bytes()
         except OSError as err:

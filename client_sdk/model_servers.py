@@ -72,7 +72,8 @@ def _check_labels(labels: Sequence[Any] | None, who: str) -> tuple[str, ...]:
     dup = sorted({label for label in out if out.count(label) > 1})
     if dup:
         raise ValueError(
-            f"{who}: labels {dup} appear more than once in {list(out)}; each output column needs its own label name"
+            f"{who}: labels {dup} appear more than once in {list(out)}; each output column needs "
+            "its own label name"
         )
     return out
 
@@ -92,7 +93,8 @@ def _check_url(url: Any, who: str, protocol: str) -> str:
         raise ValueError(f"{who}: url {url!r} has no host; give e.g. 'http://localhost:8080'")
     if parts.username or parts.password:
         raise ValueError(
-            f"{who}: url {_redact(url)} carries credentials; pass them as headers instead, e.g. headers={{'Authorization': 'Bearer ...'}}"
+            f"{who}: url {_redact(url)} carries credentials; pass them as headers instead, e.g. "
+            "headers={'Authorization': 'Bearer ...'}"
         )
     if parts.query or parts.fragment:
         raise ValueError(
@@ -105,11 +107,13 @@ def _check_url(url: Any, who: str, protocol: str) -> str:
     path = parts.path.lower()
     if protocol == "open-inference" and (path.endswith("/v2") or "/v2/models" in path):
         raise ValueError(
-            f"{who}: url {url!r} already contains the /v2 path; give the server root (e.g. 'http://host:8080'): the adapter adds /v2/models/<model>/infer"
+            f"{who}: url {url!r} already contains the /v2 path; give the server root (e.g. "
+            "'http://host:8080'): the adapter adds /v2/models/<model>/infer"
         )
     if protocol == "mlflow" and path.endswith("/invocations"):
         raise ValueError(
-            f"{who}: url {url!r} already ends with /invocations; give the server root (e.g. 'http://host:5000'): the adapter adds /invocations"
+            f"{who}: url {url!r} already ends with /invocations; give the server root (e.g. "
+            "'http://host:5000'): the adapter adds /invocations"
         )
     return url
 
@@ -146,7 +150,8 @@ def _check_headers(headers: Mapping[str, str] | None, who: str) -> dict[str, str
         return {}
     if not isinstance(headers, Mapping):
         raise TypeError(
-            f"{who}: headers must be a mapping of header names to values, e.g. {{'Authorization': 'Bearer ...'}}"
+            f"{who}: headers must be a mapping of header names to values, e.g. {{'Authorization': "
+            "'Bearer ...'}"
         )
     out = {}
     for key, value in headers.items():
@@ -243,14 +248,16 @@ class _HTTPExpert:
         x = np.asarray(x)
         if x.ndim != 2:
             raise ValueError(
-                f"{self._where()}: queries have shape {x.shape}, expected (n, d): one flattened input per row"
+                f"{self._where()}: queries have shape {x.shape}, expected (n, d): one flattened "
+                "input per row"
             )
         if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
             raise ValueError(f"{self._where()}: queries have dtype {x.dtype}; send real numbers")
         if not np.isfinite(x).all():
             row = int(np.argwhere(~np.isfinite(x))[0, 0])
             raise ValueError(
-                f"{self._where()}: queries contain NaN or infinity (first in row {row}); JSON cannot carry them: clean or impute the inputs first"
+                f"{self._where()}: queries contain NaN or infinity (first in row {row}); JSON "
+                "cannot carry them: clean or impute the inputs first"
             )
         out = np.empty((len(x), len(self.labels)), dtype=np.float64)
         for start in range(0, len(x), self.batch_size):
@@ -308,7 +315,8 @@ class _HTTPExpert:
                     )
                 if status != 429 and status < 500:  # the caller's fault: retrying will not help
                     raise self._error(
-                        f"{self._where()} answered HTTP {status} at {url}: {server_message.rstrip('.')}. {self._advice(status, batch)}",
+                        f"{self._where()} answered HTTP {status} at {url}: "
+                        f"{server_message.rstrip('.')}. {self._advice(status, batch)}",
                         status,
                         server_message,
                     ) from None
@@ -319,7 +327,8 @@ class _HTTPExpert:
             except urllib.error.URLError as err:
                 if isinstance(err.reason, ssl.SSLError):  # a certificate problem does not go away
                     raise self._error(
-                        f"{self._where()}: TLS failure at {url}: {err.reason}. Check the server's certificate, or the "
+                        f"{self._where()}: TLS failure at {url}: {err.reason}. Check the server's "
+                        "certificate, or the "
                         "system's trusted CA bundle (SSL_CERT_FILE) for a private CA",
                         None,
                         str(err.reason),
@@ -341,8 +350,10 @@ class _HTTPExpert:
                 except ValueError:
                     snippet = raw[:200].decode("utf-8", errors="replace")
                     raise self._error(
-                        f"{self._where()} answered at {url} with something that is not JSON: {snippet!r}; "
-                        "check that url points at the model server itself (not a proxy or login page)",
+                        f"{self._where()} answered at {url} with something that is not JSON: "
+                        f"{snippet!r}; "
+                        "check that url points at the model server itself (not a proxy or login "
+                        "page)",
                         200,
                         snippet,
                     ) from None
@@ -352,20 +363,24 @@ class _HTTPExpert:
         tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
         if status is None:
             hint = (
-                f"Check that the server is running and reachable at {self.url}; for a slow model raise timeout= "
+                f"Check that the server is running and reachable at {self.url}; for a slow model "
+                "raise timeout= "
                 f"(now {self.timeout:g} s) or lower batch_size= (now {self.batch_size})"
             )
         elif status == 429:
             hint = "The server is rate-limiting: lower the query rate, or raise retries="
         elif status in (502, 503, 504):
             hint = (
-                f"The server (or a proxy in front of it) is unavailable or overloaded: check that it is up and the "
-                f"model loaded, or raise retries= (now {self.retries}) and timeout= (now {self.timeout:g} s)"
+                "The server (or a proxy in front of it) is unavailable or overloaded: check that "
+                "it is up and the "
+                f"model loaded, or raise retries= (now {self.retries}) and timeout= (now "
+                f"{self.timeout:g} s)"
             )
         else:
             hint = self._advice(status, batch)
         raise self._error(
-            f"{self._where()} failed at {url} after {tries} in {spent:.1f} s; last: {failure}. {hint}",
+            f"{self._where()} failed at {url} after {tries} in {spent:.1f} s; last: {failure}. "
+            f"{hint}",
             status,
             server_message,
         )
@@ -410,7 +425,8 @@ class OpenInferenceExpert(_HTTPExpert):
         who = "OpenInferenceExpert"
         if not isinstance(model, str) or not model.strip() or "/" in model:
             raise ValueError(
-                f"{who}: model is {model!r}; give the model's name as the server knows it (e.g. the 'name' in MLServer's model-settings.json or Triton's model folder)"
+                f"{who}: model is {model!r}; give the model's name as the server knows it (e.g. "
+                "the 'name' in MLServer's model-settings.json or Triton's model folder)"
             )
         if version is not None and (
             isinstance(version, bool)
@@ -419,11 +435,14 @@ class OpenInferenceExpert(_HTTPExpert):
             or "/" in str(version)
         ):
             raise ValueError(
-                f"{who}: version is {version!r}; give a version string such as '1' or 'v1', or None for the server's default"
+                f"{who}: version is {version!r}; give a version string such as '1' or 'v1', or "
+                "None for the server's default"
             )
         if output is not None and (not isinstance(output, str) or not output.strip()):
             raise ValueError(
-                f"{who}: output is {output!r}; give the name of the output holding the probabilities (e.g. 'predict_proba' for MLServer's scikit-learn runtime), or None to take the only output"
+                f"{who}: output is {output!r}; give the name of the output holding the "
+                "probabilities (e.g. 'predict_proba' for MLServer's scikit-learn runtime), or "
+                "None to take the only output"
             )
         if not isinstance(input_name, str) or not input_name.strip():
             raise ValueError(
@@ -431,7 +450,8 @@ class OpenInferenceExpert(_HTTPExpert):
             )
         if datatype is not None and datatype not in ("FP32", "FP64"):
             raise ValueError(
-                f"{who}: datatype is {datatype!r}; use 'FP32', 'FP64' or None (FP64 for float64 queries, FP32 otherwise)"
+                f"{who}: datatype is {datatype!r}; use 'FP32', 'FP64' or None (FP64 for float64 "
+                "queries, FP32 otherwise)"
             )
         self.model = model.strip()
         self.version = None if version is None else str(version).strip()
@@ -492,7 +512,8 @@ class OpenInferenceExpert(_HTTPExpert):
             or not all(isinstance(o, dict) for o in outputs)
         ):
             raise self._error(
-                f"{self._where()} answered without an 'outputs' list ({str(answer)[:200]!r}); is this an Open Inference Protocol server?",
+                f"{self._where()} answered without an 'outputs' list ({str(answer)[:200]!r}); is "
+                "this an Open Inference Protocol server?",
                 200,
             )
         names = [o.get("name") for o in outputs]
@@ -500,7 +521,8 @@ class OpenInferenceExpert(_HTTPExpert):
             chosen = [o for o in outputs if o.get("name") == self.output]
             if not chosen:
                 raise self._error(
-                    f"{self._where()} answered with outputs {names}, not the requested {self.output!r}; pass output= one of {names}",
+                    f"{self._where()} answered with outputs {names}, not the requested "
+                    f"{self.output!r}; pass output= one of {names}",
                     200,
                 )
             out = chosen[0]
@@ -508,19 +530,22 @@ class OpenInferenceExpert(_HTTPExpert):
             out = outputs[0]
         else:
             raise self._error(
-                f"{self._where()} answered with several outputs {names}; pass output= the one holding the probabilities",
+                f"{self._where()} answered with several outputs {names}; pass output= the one "
+                "holding the probabilities",
                 200,
             )
         name = out.get("name")
         if out.get("datatype") in ("BYTES", "BOOL"):
             raise self._error(
-                f"{self._where()}: output {name!r} has datatype {out['datatype']}, not numbers; {self._output_hint()}",
+                f"{self._where()}: output {name!r} has datatype {out['datatype']}, not numbers; "
+                f"{self._output_hint()}",
                 200,
             )
         shape, data = out.get("shape"), out.get("data")
         if data is None:
             raise self._error(
-                f"{self._where()}: output {name!r} carries no JSON 'data' (binary tensor data is not supported); ask for JSON outputs",
+                f"{self._where()}: output {name!r} carries no JSON 'data' (binary tensor data is "
+                "not supported); ask for JSON outputs",
                 200,
             )
         try:
@@ -528,23 +553,27 @@ class OpenInferenceExpert(_HTTPExpert):
             dims = [int(s) for s in shape]
         except (TypeError, ValueError) as err:
             raise self._error(
-                f"{self._where()}: output {name!r} cannot be read as numbers of shape {shape!r} ({err})",
+                f"{self._where()}: output {name!r} cannot be read as numbers of shape {shape!r} "
+                f"({err})",
                 200,
             ) from None
         if math.prod(dims) != values.size:
             raise self._error(
-                f"{self._where()}: output {name!r} declares shape {dims} but carries {values.size} values",
+                f"{self._where()}: output {name!r} declares shape {dims} but carries {values.size} "
+                "values",
                 200,
             )
         if values.size != n * width or not dims or dims[0] != n:
             if dims[:1] == [n] and values.size == n:
                 raise self._error(
-                    f"{self._where()}: output {name!r} has shape {dims}, one value per row, not ({n}, {width}) probabilities: "
+                    f"{self._where()}: output {name!r} has shape {dims}, one value per row, not "
+                    f"({n}, {width}) probabilities: "
                     f"the server returned class predictions; {self._output_hint()}",
                     200,
                 )
             raise self._error(
-                f"{self._where()}: output {name!r} has shape {dims}, expected ({n}, {width}): one row per input, one column "
+                f"{self._where()}: output {name!r} has shape {dims}, expected ({n}, {width}): one "
+                "row per input, one column "
                 f"per label {list(self.labels)}; check labels= and output=",
                 200,
             )
@@ -552,8 +581,10 @@ class OpenInferenceExpert(_HTTPExpert):
 
     def _output_hint(self) -> str:
         return (
-            "request the probabilities output: for MLServer's scikit-learn runtime output='predict_proba' "
-            "(or parameters.extra.predict_fn='predict_proba' in its model-settings.json); for other servers the "
+            "request the probabilities output: for MLServer's scikit-learn runtime "
+            "output='predict_proba' "
+            "(or parameters.extra.predict_fn='predict_proba' in its model-settings.json); for "
+            "other servers the "
             "output the model config names for probabilities"
         )
 
@@ -580,7 +611,10 @@ class OpenInferenceExpert(_HTTPExpert):
         return names
 
     def _advice(self, status: int, batch: np.ndarray) -> str:
-        sent = f"sent {batch.shape[0]} rows x {batch.shape[1]} columns as {self._wire_type(batch)} in input {self.input_name!r}"
+        sent = (
+            f"sent {batch.shape[0]} rows x {batch.shape[1]} columns as "
+            f"{self._wire_type(batch)} in input {self.input_name!r}"
+        )
         if status == 404:
             version = f" version {self.version!r}" if self.version is not None else ""
             served = self._served_models()
@@ -590,19 +624,30 @@ class OpenInferenceExpert(_HTTPExpert):
                 else (" The server lists no models." if served == [] else "")
             )
             return (
-                f"No model {self.model!r}{version} is served there. Check: the model name as registered on the server "
-                "(MLServer: 'name' in model-settings.json; Triton: the model folder / config.pbtxt name; KServe: the "
-                "InferenceService name), the version (omit version= for the default), that the model loaded (server "
+                f"No model {self.model!r}{version} is served there. Check: the model name as "
+                "registered on the server "
+                "(MLServer: 'name' in model-settings.json; Triton: the model folder / config.pbtxt "
+                "name; KServe: the "
+                "InferenceService name), the version (omit version= for the default), that the "
+                "model loaded (server "
                 f"logs), and that url is the server root without /v2/...{listing}"
             )
         if status in (401, 403):
-            return "The server refused access: pass the credentials it needs in headers=, e.g. {'Authorization': 'Bearer <token>'}"
+            return (
+                "The server refused access: pass the credentials it needs in headers=, e.g. "
+                "{'Authorization': 'Bearer <token>'}"
+            )
         if status == 413:
-            return f"The request is too large for the server: lower batch_size= (now {self.batch_size})"
+            return (
+                "The request is too large for the server: lower batch_size= (now "
+                f"{self.batch_size})"
+            )
         if status in (400, 422) or status >= 500:
             return (
-                f"The model could not take the request ({sent}). Check that the rows have the width the model was "
-                "trained on, the input name and datatype the model expects (input_name=, datatype=), and that output= "
+                f"The model could not take the request ({sent}). Check that the rows have the "
+                "width the model was "
+                "trained on, the input name and datatype the model expects (input_name=, "
+                "datatype=), and that output= "
                 f"({self.output!r}) is an output the model has"
                 + ("" if status < 500 else "; else see the server's logs")
             )
@@ -657,14 +702,16 @@ class MLflowExpert(_HTTPExpert):
         if not isinstance(preds, list):
             keys = list(answer) if isinstance(answer, dict) else type(answer).__name__
             raise self._error(
-                f"{self._where()} answered without a 'predictions' list (got {keys}); is this an MLflow scoring server?",
+                f"{self._where()} answered without a 'predictions' list (got {keys}); is this an "
+                "MLflow scoring server?",
                 200,
             )
         if preds and all(isinstance(row, dict) for row in preds):
             missing = [label for label in self.labels if label not in preds[0]]
             if missing:
                 raise self._error(
-                    f"{self._where()} answered with records whose columns {list(preds[0])} lack the labels {missing}; "
+                    f"{self._where()} answered with records whose columns {list(preds[0])} lack "
+                    f"the labels {missing}; "
                     "give labels= the column names in order",
                     200,
                 )
@@ -673,19 +720,23 @@ class MLflowExpert(_HTTPExpert):
             arr = _float_matrix(preds, "predictions")
         except ValueError:
             raise self._error(
-                f"{self._where()} answered predictions that are not numbers ({str(preds)[:120]!r}); "
+                f"{self._where()} answered predictions that are not numbers "
+                f"({str(preds)[:120]!r}); "
                 "log the model with pyfunc_predict_fn='predict_proba' so it returns probabilities",
                 200,
             ) from None
         if arr.ndim == 1 and len(arr) == n:
             raise self._error(
-                f"{self._where()} answered one value per row (shape {arr.shape}), not ({n}, {width}) probabilities: the model "
-                "returns class predictions; log it with mlflow.sklearn.log_model(..., pyfunc_predict_fn='predict_proba')",
+                f"{self._where()} answered one value per row (shape {arr.shape}), not ({n}, "
+                f"{width}) probabilities: the model "
+                "returns class predictions; log it with mlflow.sklearn.log_model(..., "
+                "pyfunc_predict_fn='predict_proba')",
                 200,
             )
         if arr.shape != (n, width):
             raise self._error(
-                f"{self._where()} answered predictions of shape {arr.shape}, expected ({n}, {width}): one row per input, "
+                f"{self._where()} answered predictions of shape {arr.shape}, expected ({n}, "
+                f"{width}): one row per input, "
                 f"one column per label {list(self.labels)}; check labels=",
                 200,
             )
@@ -694,15 +745,28 @@ class MLflowExpert(_HTTPExpert):
     def _advice(self, status: int, batch: np.ndarray) -> str:
         sent = f"sent {batch.shape[0]} rows x {batch.shape[1]} columns as 'inputs'"
         if status in (404, 405):
-            return f"No MLflow scoring endpoint at {self._endpoint()}: url must be the root of `mlflow models serve` (e.g. http://host:5000)"
+            return (
+                f"No MLflow scoring endpoint at {self._endpoint()}: url must be the root of "
+                "`mlflow models serve` (e.g. http://host:5000)"
+            )
         if status in (401, 403):
-            return "The server refused access: pass the credentials it needs in headers=, e.g. {'Authorization': 'Bearer <token>'}"
+            return (
+                "The server refused access: pass the credentials it needs in headers=, e.g. "
+                "{'Authorization': 'Bearer <token>'}"
+            )
         if status == 413:
-            return f"The request is too large for the server: lower batch_size= (now {self.batch_size})"
+            return (
+                "The request is too large for the server: lower batch_size= (now "
+                f"{self.batch_size})"
+            )
         if status == 415:
-            return "The server does not accept JSON; it must be MLflow's scoring server (content type application/json)"
+            return (
+                "The server does not accept JSON; it must be MLflow's scoring server (content "
+                "type application/json)"
+            )
         return (
-            f"The model could not take the request ({sent}). Check that the rows have the width the model was trained on "
+            f"The model could not take the request ({sent}). Check that the rows have the width "
+            "the model was trained on "
             "and that the model's signature accepts a plain 2-D array"
             + ("" if status < 500 else "; else see the server's logs")
         )
@@ -728,7 +792,8 @@ def model_server_expert(
     and MLflowExpert for the arguments."""
     if not isinstance(protocol, str) or protocol.strip().lower() not in PROTOCOLS:
         raise ValueError(
-            f"protocol is {protocol!r}; use 'open-inference' (KServe v2, Triton, MLServer) or 'mlflow' (mlflow models serve)"
+            f"protocol is {protocol!r}; use 'open-inference' (KServe v2, Triton, MLServer) or "
+            "'mlflow' (mlflow models serve)"
         )
     protocol = protocol.strip().lower()
     if not isinstance(url, str) or not url.strip().lower().startswith(("http://", "https://")):
@@ -766,7 +831,8 @@ def model_server_expert(
     ]
     if given:
         raise ValueError(
-            f"protocol 'mlflow' takes no {', '.join(given)}: an MLflow server serves one model at {url.rstrip('/')}/invocations "
+            f"protocol 'mlflow' takes no {', '.join(given)}: an MLflow server serves one model at "
+            f"{url.rstrip('/')}/invocations "
             "(log it with pyfunc_predict_fn='predict_proba' to get probabilities)"
         )
     return MLflowExpert(

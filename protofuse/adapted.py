@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from .input_checks import warn_if_out_of_range
 
 KIND = "protofuse-adapted-model"
 BANK_PREFIX = "bank."
-PublicKeyLike = Union[str, os.PathLike, bytes, Ed25519PublicKey]
+PublicKeyLike = str | os.PathLike | bytes | Ed25519PublicKey
 
 __all__ = [
     "KIND",
@@ -40,14 +40,16 @@ def build_model(
     state: dict[str, torch.Tensor] | None = None,
     source: Any = "bank",
 ) -> torch.nn.Module:
-    """Rebuild a bank's networks from its family's name and JSON config, loading ``state`` if given."""
+    """Rebuild a bank's networks from its family's name and JSON config, loading ``state`` if
+    given."""
     try:
         model = family(family_name).build(config)
         if state is not None:
             model.load_state_dict(state)
     except (TypeError, RuntimeError, KeyError, ValueError) as err:
         raise artifacts.ArtifactError(
-            f"{source}: weights do not match the recorded {family_name} configuration ({str(err).splitlines()[0]})"
+            f"{source}: weights do not match the recorded {family_name} configuration "
+            f"({str(err).splitlines()[0]})"
         ) from None
     return model.eval()
 
@@ -73,7 +75,8 @@ class AdaptedModel:
         self.info = info or {}  # how it was fitted (method, shots, fitted parameters)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """(n, d) inputs -> (n, len(classes_)) probabilities, columns in the order of ``classes_``."""
+        """(n, d) inputs -> (n, len(classes_)) probabilities, columns in the order of
+        ``classes_``."""
         xt = _as_inputs(x, self.bank_meta["x_dim"])
         warn_if_out_of_range(xt.numpy(), self.bank_meta.get("input_range"), "inputs")
         with torch.no_grad():
@@ -137,8 +140,10 @@ def from_files(
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         warnings.warn(
-            f"{source}: loaded without verifying who made it (only its checksum); pass public_key= (the server's signing.pub) "
-            "to verify its signature, or unsigned_ok=True for a model you adapted yourself. A future release will refuse to load without one of them.",
+            f"{source}: loaded without verifying who made it (only its checksum); pass public_key= "
+            "(the server's signing.pub) "
+            "to verify its signature, or unsigned_ok=True for a model you adapted yourself. A "
+            "future release will refuse to load without one of them.",
             FutureWarning,
             stacklevel=3,
         )
@@ -159,7 +164,8 @@ def from_files(
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])
         if task.n_classes != len(meta["classes"]):
             raise artifacts.ArtifactError(
-                f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} classes; re-create it with `protofuse adapt`"
+                f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} "
+                "classes; re-create it with `protofuse adapt`"
             )
     except (KeyError, TypeError) as err:
         raise artifacts.ArtifactError(
@@ -177,7 +183,8 @@ def _as_inputs(x: np.ndarray, x_dim: int) -> torch.Tensor:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != x_dim:
         raise ValueError(
-            f"inputs have shape {arr.shape}, expected (n, {x_dim}): one row of {x_dim} features per example, as in the experts' queries"
+            f"inputs have shape {arr.shape}, expected (n, {x_dim}): one row of {x_dim} features "
+            "per example, as in the experts' queries"
         )
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"inputs have dtype {arr.dtype}, expected real numbers")

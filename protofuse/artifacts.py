@@ -65,7 +65,8 @@ def encode(
     meta: dict[str, Any],
     signing_key: Ed25519PrivateKey | None = None,
 ) -> dict[str, bytes]:
-    """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed, ``signature.json``."""
+    """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed,
+    ``signature.json``."""
     data = npz_bytes(arrays)
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
@@ -79,7 +80,8 @@ def encode(
 def decode(
     files: dict[str, bytes], kind: str, source: Any, public_key: Ed25519PublicKey | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Verify an artifact's files (kind, version, checksum; the signature when a key is given) and parse them."""
+    """Verify an artifact's files (kind, version, checksum; the signature when a key is given) and
+    parse them."""
     if META not in files:
         raise ArtifactError(f"{source}: missing {META}; is this a protofuse {kind}?")
     try:
@@ -88,18 +90,21 @@ def decode(
         raise ArtifactError(f"{source}: {META} is not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         raise ArtifactError(
-            f"{source}: holds a {meta.get('kind') if isinstance(meta, dict) else None!r} artifact, expected a {kind!r}"
+            f"{source}: holds a {meta.get('kind') if isinstance(meta, dict) else None!r} artifact, "
+            f"expected a {kind!r}"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{source}: format version {meta.get('format_version')!r}, this protofuse reads version {FORMAT_VERSION}; re-create it with this version"
+            f"{source}: format version {meta.get('format_version')!r}, this protofuse reads "
+            f"version {FORMAT_VERSION}; re-create it with this version"
         )
     if WEIGHTS not in files:
         raise ArtifactError(f"{source}: missing {WEIGHTS}")
     data = files[WEIGHTS]
     if checksum(data, meta) != meta.get("sha256"):
         raise ArtifactError(
-            f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or truncated, re-create the {kind}"
+            f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or "
+            f"truncated, re-create the {kind}"
         )
     if public_key is not None:
         signing.verify(kind, meta["sha256"], files.get(signing.SIGNATURE), public_key, source)
@@ -120,7 +125,8 @@ def save(
 
 
 def write(path: str | os.PathLike, files: dict[str, bytes], kind: str = "artifact") -> None:
-    """Write an artifact's files as one folder, atomically: a crash leaves the old folder or the new."""
+    """Write an artifact's files as one folder, atomically: a crash leaves the old folder or the
+    new."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"{folder} is a file; give a folder path for the {kind}")

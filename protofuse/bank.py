@@ -28,6 +28,7 @@ from .adapted import AdaptedModel, _as_inputs, build_model
 from .bank_meta import BankMeta, BankMetaError, BankSettings, FederationRecord
 from .families import Family, family
 from .input_checks import input_range, warn_if_out_of_range
+from .model.networks import ImageShape
 from .records import ExpertRecord  # the one expert record (bank, fusion server, manifest)
 from .settings import AdaptSettings, ModelSettings, TrainingSettings
 from .training import Fidelity, Progress, fidelity
@@ -50,10 +51,12 @@ class Bank:
     ) -> None:
         if not isinstance(meta, BankMeta):  # a dict, as before BankMeta: say how to build one
             raise TypeError(
-                f"meta must be a BankMeta (protofuse.bank.bank_meta(...) or BankMeta.from_json(...)), got {type(meta).__name__}"
+                "meta must be a BankMeta (protofuse.bank.bank_meta(...) or "
+                f"BankMeta.from_json(...)), got {type(meta).__name__}"
             )
         self.model = model.eval()
-        self.meta = meta  # family, config, vocabulary, settings; saving replaces it by a copy with the version
+        # family, config, vocabulary, settings; saving replaces it by a copy with the version
+        self.meta = meta
         self.experts = experts
         # generative only: per expert "prior.mean", "prior.cov", "posterior.mean", "posterior.cov"
         self.distributions = distributions or {}
@@ -68,7 +71,7 @@ class Bank:
         return self.meta.family
 
     @property
-    def family_impl(self) -> Family:
+    def family_impl(self) -> Family[Any]:
         return family(self.family)
 
     @property
@@ -109,7 +112,8 @@ class Bank:
         return AdaptedModel(task, classes, self.identity(), info)
 
     def zero_shot(self, labels: list[str], **options: Any) -> AdaptedModel:
-        """A model for a task from its label names alone (no examples): the bank's own prediction."""
+        """A model for a task from its label names alone (no examples): the bank's own
+        prediction."""
         settings = self._settings(options)
         classes = sorted(set(map(str, labels)))
         task = self.family_impl.zero_shot(self, classes, settings)
@@ -137,7 +141,8 @@ class Bank:
                 else "use the discriminative family, which fits uncovered labels from examples"
             )
             raise ValueError(
-                f"labels {missing} are covered by no expert in this bank (it knows {list(self.label_names)}); {hint}"
+                f"labels {missing} are covered by no expert in this bank (it knows "
+                f"{list(self.label_names)}); {hint}"
             )
         return torch.tensor([vocab[c] for c in classes])
 
@@ -168,12 +173,16 @@ class Bank:
         return self.version
 
     def __repr__(self) -> str:
-        return f"Bank(family={self.family!r}, labels={list(self.label_names)}, experts={[e.name for e in self.experts]}, version={self.version!r})"
+        return (
+            f"Bank(family={self.family!r}, labels={list(self.label_names)}, "
+            f"experts={[e.name for e in self.experts]}, version={self.version!r})"
+        )
 
 
 def load_bank(path: str | os.PathLike) -> Bank:
     """Load a bank written by ``protofuse fit``, or the run folder of a federation (``simulate``
-    or the deployed server), whose bank sits in its ``bank/`` folder (checksum and format verified)."""
+    or the deployed server), whose bank sits in its ``bank/`` folder (checksum and format
+    verified)."""
     if (
         not (Path(path) / artifacts.META).exists()
         and (Path(path) / RUN_BANK / artifacts.META).exists()
@@ -199,7 +208,8 @@ def load_bank(path: str | os.PathLike) -> Bank:
 
 
 def _expert_records(entries: Any, where: str, fix: str) -> list[ExpertRecord]:
-    """The ``experts`` of a loaded meta.json, each as saved by :meth:`Bank.save`; errors name the entry."""
+    """The ``experts`` of a loaded meta.json, each as saved by :meth:`Bank.save`; errors name the
+    entry."""
     if not isinstance(entries, list):
         raise artifacts.ArtifactError(
             f"{where}:\n  experts: {'missing' if entries is None else 'not a list'}\n{fix}"
@@ -231,7 +241,7 @@ def fit_bank(
     model_settings: ModelSettings,
     training: TrainingSettings,
     adapt: AdaptSettings,
-    image_shape: tuple[int, int] | None,
+    image_shape: ImageShape | None,
     likelihood: str,
     progress: Progress | None = None,
 ) -> Bank:
@@ -256,7 +266,9 @@ def fit_bank(
             float(fitted.agreement[e]),
             float(fitted.weights[e]),
         )
-        for e, (name, labels, f) in enumerate(zip(triples.expert_names, triples.expert_labels, fid))
+        for e, (name, labels, f) in enumerate(
+            zip(triples.expert_names, triples.expert_labels, fid, strict=True)
+        )
     ]
     meta = bank_meta(
         impl.name,
@@ -312,7 +324,8 @@ def _support_labels(y: np.ndarray, n: int) -> tuple[list[str], torch.Tensor]:
     arr = np.asarray(y)
     if arr.ndim != 1 or len(arr) != n:
         raise ValueError(
-            f"support labels have shape {arr.shape}, expected ({n},): one label name per support example"
+            f"support labels have shape {arr.shape}, expected ({n},): one label name per support "
+            "example"
         )
     if not (
         np.issubdtype(arr.dtype, np.str_)
@@ -320,7 +333,8 @@ def _support_labels(y: np.ndarray, n: int) -> tuple[list[str], torch.Tensor]:
         or (arr.dtype == object and all(isinstance(v, str) for v in arr))
     ):
         raise ValueError(
-            f"support labels have dtype {arr.dtype}; give label names as strings (floats such as 4.0 would become a new label '4.0')"
+            f"support labels have dtype {arr.dtype}; give label names as strings (floats such as "
+            "4.0 would become a new label '4.0')"
         )
     names = arr.astype(str)
     classes = sorted(set(names.tolist()))

@@ -2,8 +2,9 @@
 
 ``BankMeta`` is read back from (and written as) the same JSON every bank has always carried::
 
-    {"family": ..., "config": {...}, "x_dim": ..., "label_names": [...], "image_shape": [H, W] | null,
-     "likelihood": ..., "settings": {"model": {...}, "training": {...}, "adapt": {...}},
+    {"family": ..., "config": {...}, "x_dim": ..., "label_names": [...],
+     "image_shape": [H, W] | null, "likelihood": ...,
+     "settings": {"model": {...}, "training": {...}, "adapt": {...}},
      "input_range": [min, max],                                  # banks since input checks
      "federation": {"rounds": ..., "weights_digest": ..., "settings": {...}}}   # federated banks
 
@@ -49,7 +50,8 @@ class BankSettings(_Frozen):
 
 
 class FederationRecord(_Frozen):
-    """How a federated bank was made: rounds run, the store's weight file, the ``[federation]`` table."""
+    """How a federated bank was made: rounds run, the store's weight file, the ``[federation]``
+    table."""
 
     rounds: int = Field(ge=0)
     weights_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -57,7 +59,8 @@ class FederationRecord(_Frozen):
 
 
 class BankMeta(_Frozen):
-    """Family, networks' configuration, vocabulary and settings of a bank (frozen; copy to change)."""
+    """Family, networks' configuration, vocabulary and settings of a bank (frozen; copy to
+    change)."""
 
     family: str = Field(
         min_length=1
@@ -116,7 +119,8 @@ class BankMeta(_Frozen):
         """
         if not isinstance(record, dict):
             raise BankMetaError(
-                f"bank metadata is malformed: meta.json holds a {type(record).__name__}, not a JSON object"
+                f"bank metadata is malformed: meta.json holds a {type(record).__name__}, not a "
+                "JSON object"
             )
         fields = {k: v for k, v in record.items() if k not in (*ENVELOPE, EXPERTS)}
         sha = record.get("sha256")
@@ -173,7 +177,8 @@ class BankMeta(_Frozen):
     def get(self, key: str, default: Any = None) -> Any:
         """Deprecated dict access, as ``__getitem__``."""
         warnings.warn(
-            f"bank.meta.get({key!r}) is deprecated: bank.meta is a BankMeta now; read bank.meta.{key}",
+            f"bank.meta.get({key!r}) is deprecated: bank.meta is a BankMeta now; read "
+            f"bank.meta.{key}",
             DeprecationWarning,
             stacklevel=2,
         )

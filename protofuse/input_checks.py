@@ -41,8 +41,10 @@ def image_hint(x: np.ndarray) -> str | None:
     product = " x ".join(str(v) for v in shape)
     kind = "images" if len(shape) == 2 else "RGB images (channels last)"
     return (
-        f"the inputs have {x.shape[1]} = {product} features with values in {scale}: if they are flattened {kind}, "
-        f"set `[data] image_shape = [{', '.join(str(v) for v in shape)}]` in the spec (a convolutional encoder and image augmentation; "
+        f"the inputs have {x.shape[1]} = {product} features with values in {scale}: if they are "
+        f"flattened {kind}, "
+        f"set `[data] image_shape = [{', '.join(str(v) for v in shape)}]` in the spec (a "
+        "convolutional encoder and image augmentation; "
         "on MNIST about 8 points better than the flat path); if they are not, ignore this"
     )
 
@@ -65,8 +67,10 @@ def warn_if_out_of_range(x: np.ndarray, expected: list[float] | None, what: str)
     got_lo, got_hi = input_range(x)
     if got_lo < lo - RANGE_SLACK * span or got_hi > hi + RANGE_SLACK * span:
         warnings.warn(
-            f"{what} span [{got_lo:.3g}, {got_hi:.3g}] but the bank's queries spanned [{lo:.3g}, {hi:.3g}]: "
-            "scale and preprocess them the way the experts' queries were, or predictions will be poor",
+            f"{what} span [{got_lo:.3g}, {got_hi:.3g}] but the bank's queries spanned [{lo:.3g}, "
+            f"{hi:.3g}]: "
+            "scale and preprocess them the way the experts' queries were, or predictions will be "
+            "poor",
             InputRangeWarning,
             stacklevel=3,
         )

@@ -19,7 +19,8 @@ NOT_MEASURED = float("nan")
 @dataclass(frozen=True)
 class Fidelity:
     """How faithfully the bank (or a client's imitator) reproduces one expert on held-out queries,
-    restricted to the expert's own labels. NaN agreement and KL with ``n == 0``: nothing held out."""
+    restricted to the expert's own labels. NaN agreement and KL with ``n == 0``: nothing held
+    out."""
 
     agreement: (
         float  # fraction of queries where the imitation's top label is the expert's, in [0, 1]

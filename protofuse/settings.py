@@ -54,7 +54,11 @@ class TrainingSettings(_Strict):
         None,
         ge=1,
         le=10_000,
-        description="passes over the queries; default: 40 (generative), or for the discriminative family 30 or enough for 600 optimizer steps, whichever is more (small query pools need more passes)",
+        description=(
+            "passes over the queries; default: 40 (generative), or for the discriminative "
+            "family 30 or enough for 600 optimizer steps, whichever is more (small query pools "
+            "need more passes)"
+        ),
     )
     lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate")
     batch_size: int = Field(128, ge=2, le=65_536)
@@ -74,26 +78,38 @@ class TrainingSettings(_Strict):
         None,
         ge=0,
         lt=1,
-        description="tables (inputs without an image shape), discriminative: probability that each feature of a training input is replaced by its mean over the queries; default: 0.2 with 64 features or more, else 0",
+        description=(
+            "tables (inputs without an image shape), discriminative: probability that each "
+            "feature of a training input is replaced by its mean over the queries; default: "
+            "0.2 with 64 features or more, else 0"
+        ),
     )
     feature_noise: float | None = Field(
         None,
         ge=0,
         le=10,
-        description="tables, discriminative: Gaussian noise added to each feature of a training input, in units of its spread over the queries; default: 0",
+        description=(
+            "tables, discriminative: Gaussian noise added to each feature of a training input, "
+            "in units of its spread over the queries; default: 0"
+        ),
     )
     holdout: float = Field(
         0.1, ge=0, lt=1, description="fraction of queries held out to measure imitation fidelity"
     )
     reweight: bool = Field(
         True,
-        description="discriminative: weight experts by agreement with the bank's consensus (robust to poor participants)",
+        description=(
+            "discriminative: weight experts by agreement with the bank's consensus (robust to "
+            "poor participants)"
+        ),
     )
     distill: float = Field(
         1.0,
         ge=0,
         le=100,
-        description="discriminative: weight of the consensus term in the second half of training (0: off)",
+        description=(
+            "discriminative: weight of the consensus term in the second half of training (0: off)"
+        ),
     )
     seed: int = Field(0, description="seed of every random draw in training")
     threads: int = Field(
@@ -112,7 +128,8 @@ class TrainingSettings(_Strict):
         self, image_shape: ImageShape | None, n_features: int = 0
     ) -> Augmentation | FeatureAugmentation | None:
         """The augmentation to train with: image transforms for images, feature dropout and noise
-        for tables of ``n_features`` (the other kind's settings are ignored); None when all are 0."""
+        for tables of ``n_features`` (the other kind's settings are ignored); None when all are
+        0."""
         if image_shape is None:
             return self.table_augmentation(n_features)
         side = min(image_dims(image_shape)[:2])
@@ -166,40 +183,58 @@ class FederationSettings(_Strict):
         40,
         ge=1,
         le=100_000,
-        description="training rounds, split evenly between the two phases (plus one agreement round between them)",
+        description=(
+            "training rounds, split evenly between the two phases (plus one agreement round "
+            "between them)"
+        ),
     )
     local_epochs: int = Field(
         1,
         ge=1,
         le=1000,
-        description="local passes over a client's queries per round (more drift apart: measured worse)",
+        description=(
+            "local passes over a client's queries per round (more drift apart: measured worse)"
+        ),
     )
     aggregation: Literal["rowwise", "fedavg"] = Field(
         "rowwise",
-        description="prototype rows averaged over the clients whose expert covers the label (rowwise) or over all clients (fedavg)",
+        description=(
+            "prototype rows averaged over the clients whose expert covers the label (rowwise) "
+            "or over all clients (fedavg)"
+        ),
     )
     batch_size: int | None = Field(
         None,
         ge=2,
         le=65_536,
-        description="client batch size; default: whatever gives each client the optimizer steps central training would take on its queries (at most [training] batch_size)",
+        description=(
+            "client batch size; default: whatever gives each client the optimizer steps "
+            "central training would take on its queries (at most [training] batch_size)"
+        ),
     )
     min_clients: int | None = Field(
         None,
         ge=1,
         le=100_000,
-        description="clients to wait for before the first round; default: every expert of the spec (simulation) or 2",
+        description=(
+            "clients to wait for before the first round; default: every expert of the spec "
+            "(simulation) or 2"
+        ),
     )
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
     keep_checkpoints: int = Field(
         2,
         ge=1,
         le=100_000,
-        description="checkpoints whose weights the store keeps (the history of every round is kept regardless)",
+        description=(
+            "checkpoints whose weights the store keeps (the history of every round is kept "
+            "regardless)"
+        ),
     )
 
     def client_batch_size(self, n_train: int, training: TrainingSettings) -> int:
-        """Rounds x local epochs x batches per epoch = the steps central training takes on the same queries."""
+        """Rounds x local epochs x batches per epoch = the steps central training takes on the same
+        queries."""
         if self.batch_size is not None:
             return self.batch_size
         central_steps = training.resolved_epochs("discriminative", n_train) * -(

@@ -35,7 +35,8 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     key = _load(path, serialization.load_pem_private_key, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(
-            f"{path}: not an Ed25519 private key (use the signing.key made by `protofuse certs init`)"
+            f"{path}: not an Ed25519 private key (use the signing.key made by `protofuse certs "
+            "init`)"
         )
     return key
 
@@ -51,7 +52,8 @@ def load_public_key(key: str | os.PathLike | bytes | Ed25519PublicKey) -> Ed2551
     )
     if not isinstance(loaded, Ed25519PublicKey):
         raise SignatureError(
-            f"{key if not isinstance(key, bytes) else 'the public key'}: not an Ed25519 public key (use the signing.pub made by `protofuse certs init`)"
+            f"{key if not isinstance(key, bytes) else 'the public key'}: not an Ed25519 public key "
+            "(use the signing.pub made by `protofuse certs init`)"
         )
     return loaded
 
@@ -75,10 +77,12 @@ def sign(kind: str, sha256: str, key: Ed25519PrivateKey) -> bytes:
 def verify(
     kind: str, sha256: str, signature_json: bytes | None, public_key: Ed25519PublicKey, source: Any
 ) -> dict[str, Any]:
-    """Check ``signature.json`` against the artifact's checksum and the trusted key; returns the record."""
+    """Check ``signature.json`` against the artifact's checksum and the trusted key; returns the
+    record."""
     if signature_json is None:
         raise SignatureError(
-            f"{source}: unsigned ({SIGNATURE} missing); get the model from the adaptation service, or load it with unsigned_ok=True if you made it yourself"
+            f"{source}: unsigned ({SIGNATURE} missing); get the model from the adaptation service, "
+            "or load it with unsigned_ok=True if you made it yourself"
         )
     try:
         record = json.loads(signature_json)
@@ -99,13 +103,16 @@ def verify(
         )
     if signed_sha != sha256:
         raise SignatureError(
-            f"{source}: the signature is for another artifact (checksum {str(signed_sha)[:16]}..., this one is {sha256[:16]}...); refused"
+            f"{source}: the signature is for another artifact (checksum {str(signed_sha)[:16]}..., "
+            f"this one is {sha256[:16]}...); refused"
         )
     try:
         public_key.verify(signature, _message(kind, sha256))
     except InvalidSignature:
         raise SignatureError(
-            f"{source}: signature does not verify with key {key_id(public_key)} (signed by key {record.get('key_id')!r}); the artifact was altered or comes from another server: refused"
+            f"{source}: signature does not verify with key {key_id(public_key)} (signed by key "
+            f"{record.get('key_id')!r}); the artifact was altered or comes from another server: "
+            "refused"
         ) from None
     return record
 

@@ -1,7 +1,8 @@
 """The federation spec: one TOML file naming the experts, their labels and query data.
 
 [data]                       # optional
-image_shape = [8, 8]         # inputs are flattened images: [H, W] greyscale or [H, W, C] colour (else: tabular)
+image_shape = [8, 8]         # inputs are flattened images: [H, W] greyscale or [H, W, C] colour
+                             # (else: tabular)
 
 [[experts]]
 name = "logreg_a"
@@ -22,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .input_checks import MIN_IMAGE_SIDE
+from .model.networks import ImageShape
 from .settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
 
 MAX_CHANNELS = 64  # RGB(A) and multispectral stacks; more is more likely a mistaken shape
@@ -37,7 +39,10 @@ class Endpoint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     protocol: Literal["open-inference", "mlflow"] = Field(
-        description="open-inference: POST /v2/models/MODEL/infer (KServe, Triton, MLServer); mlflow: POST /invocations"
+        description=(
+            "open-inference: POST /v2/models/MODEL/infer (KServe, Triton, MLServer); mlflow: "
+            "POST /invocations"
+        )
     )
     url: str = Field(
         pattern=r"^https?://",
@@ -51,7 +56,10 @@ class Endpoint(BaseModel):
     )
     output: str | None = Field(
         None,
-        description="open-inference: name of the output holding probabilities (MLServer's scikit-learn runtime: predict_proba)",
+        description=(
+            "open-inference: name of the output holding probabilities (MLServer's scikit-learn "
+            "runtime: predict_proba)"
+        ),
     )
     timeout: float = Field(30.0, gt=0, le=3600, description="seconds per request")
     retries: int = Field(
@@ -75,7 +83,9 @@ class ExpertEntry(BaseModel):
         min_length=1,
         max_length=128,
         pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="unique name (letters, digits, _ . -); also the expert's pseudonym in a federation",
+        description=(
+            "unique name (letters, digits, _ . -); also the expert's pseudonym in a federation"
+        ),
     )
     predict: str | None = Field(
         None,
@@ -91,7 +101,8 @@ class ExpertEntry(BaseModel):
     def _one_black_box(self) -> ExpertEntry:
         if (self.predict is None) == (self.endpoint is None):
             raise ValueError(
-                "give exactly one of predict = 'module:attribute' or an [experts.endpoint] table (a model server)"
+                "give exactly one of predict = 'module:attribute' or an [experts.endpoint] table "
+                "(a model server)"
             )
         return self
 
@@ -103,7 +114,8 @@ class ExpertEntry(BaseModel):
         module, sep, attr = v.partition(":")
         if not sep or not module or not attr:
             raise ValueError(
-                f"{v!r} is not an import path; write it as 'module:attribute', e.g. 'experts:logreg_a'"
+                f"{v!r} is not an import path; write it as 'module:attribute', e.g. "
+                "'experts:logreg_a'"
             )
         return v
 
@@ -131,9 +143,12 @@ class ExpertEntry(BaseModel):
 class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_shape: tuple[int, int] | tuple[int, int, int] | None = Field(
+    image_shape: ImageShape | None = Field(
         None,
-        description="[height, width] (greyscale) or [height, width, channels] when inputs are images, each row flattened channels-last (numpy's images.reshape(n, -1))",
+        description=(
+            "[height, width] (greyscale) or [height, width, channels] when inputs are images, "
+            "each row flattened channels-last (numpy's images.reshape(n, -1))"
+        ),
     )
     likelihood: Literal["auto", "bernoulli", "gaussian"] = Field(
         "auto", description="generative decoder; auto: bernoulli for images in [0,1]"
@@ -144,7 +159,8 @@ class DataSettings(BaseModel):
     def _two_or_three(cls, v: object) -> object:
         if isinstance(v, (list, tuple)) and len(v) not in (2, 3):
             raise ValueError(
-                f"image_shape {list(v)} has {len(v)} numbers; write [height, width] for greyscale or [height, width, channels] for colour, e.g. [32, 32, 3]"
+                f"image_shape {list(v)} has {len(v)} numbers; write [height, width] for greyscale "
+                "or [height, width, channels] for colour, e.g. [32, 32, 3]"
             )
         return v
 
@@ -155,11 +171,13 @@ class DataSettings(BaseModel):
             return v
         if min(v[:2]) < MIN_IMAGE_SIDE:
             raise ValueError(
-                f"image_shape {list(v)} is too small; each side must be at least {MIN_IMAGE_SIDE} pixels"
+                f"image_shape {list(v)} is too small; each side must be at least {MIN_IMAGE_SIDE} "
+                "pixels"
             )
         if len(v) == 3 and not 1 <= v[2] <= MAX_CHANNELS:
             raise ValueError(
-                f"image_shape {list(v)} has {v[2]} channels; use 1 to {MAX_CHANNELS} (3 for RGB), channels last"
+                f"image_shape {list(v)} has {v[2]} channels; use 1 to {MAX_CHANNELS} (3 for RGB), "
+                "channels last"
             )
         return v
 
@@ -183,7 +201,8 @@ class Spec(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(
-                f"expert names {dup} appear more than once; give each [[experts]] entry a unique name"
+                f"expert names {dup} appear more than once; give each [[experts]] entry a unique "
+                "name"
             )
         return self
 
@@ -201,7 +220,8 @@ class Spec(BaseModel):
 
 
 def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec:
-    """Read and validate a spec; every problem is reported with its field, e.g. ``experts[1].labels``.
+    """Read and validate a spec; every problem is reported with its field, e.g.
+    ``experts[1].labels``.
 
     The fusion server reads the same file for its settings (``[data]``, ``[model]``,
     ``[training]``, ``[adapt]``, ``[federation]``): there the experts are the clients' business
@@ -223,7 +243,8 @@ def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec
         raise SpecError(f"{file}: invalid spec\n{format_errors(err)}") from None
     if experts_required and not spec.experts:
         raise SpecError(
-            f"{file}: invalid spec\n  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)"
+            f"{file}: invalid spec\n  experts: no [[experts]] table; describe at least one expert "
+            "(name, predict or endpoint, labels, queries)"
         )
     return spec
 

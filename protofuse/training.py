@@ -43,8 +43,8 @@ def train_discriminative(
     """Fit encoder, prototypes and imitation heads by soft cross-entropy against the experts.
 
     ``augmentation`` transforms image batches, or perturbs the features of tabular ones (the
-    targets stay the experts' answers for the original inputs); ``teacher`` (N, C), if given, adds ``teacher_weight`` times the consensus
-    term of ``DiscriminativePrototypes.consensus_loss``.
+    targets stay the experts' answers for the original inputs); ``teacher`` (N, C), if given, adds
+    ``teacher_weight`` times the consensus term of ``DiscriminativePrototypes.consensus_loss``.
     """
     gen = torch.Generator().manual_seed(seed)
     trainer = DiscriminativeTrainer(
@@ -147,8 +147,8 @@ class DiscriminativeTrainer:
         for key, value in arrays.items():
             if key == "steps_done":
                 continue
-            i, _, name = key.partition(".")
-            state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(value))
+            index, _, name = key.partition(".")
+            state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value))
         if "steps_done" not in arrays or not all(0 <= i < len(params) for i in state):
             return False
         for i, s in state.items():
@@ -244,8 +244,9 @@ def consensus(model: DiscriminativePrototypes, x: np.ndarray) -> np.ndarray:
 def consensus_agreement(pooled: np.ndarray, triples: Triples) -> np.ndarray:
     """Label-free reliability of each expert: how often its top class matches the bank's consensus.
 
-    ``pooled`` (N, C) is the consensus on ``triples.x`` (``consensus``). Only inputs that the consensus places inside the expert's label set count (elsewhere an
-    expert's answer is arbitrary by construction). Returns (E,) agreement rates in [0, 1].
+    ``pooled`` (N, C) is the consensus on ``triples.x`` (``consensus``). Only inputs that the
+    consensus places inside the expert's label set count (elsewhere an expert's answer is arbitrary
+    by construction). Returns (E,) agreement rates in [0, 1].
     """
     tau = triples.tau > 0
     out = np.full(len(triples.expert_names), np.nan)

@@ -35,9 +35,10 @@ class Triples:
         return self._take(train), self._take(held)
 
     def split_indices(self, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The row indices ``split`` puts in (train, held-out): a seeded permutation of the inputs."""
+        """The row indices ``split`` puts in (train, held-out): a seeded permutation of the
+        inputs."""
         order = np.random.default_rng(seed).permutation(self.x.shape[0])
-        n_hold = int(round(holdout * len(order)))
+        n_hold = round(holdout * len(order))
         return order[n_hold:], order[:n_hold]
 
     def _take(self, idx: np.ndarray) -> Triples:
@@ -90,4 +91,4 @@ def assemble(
         rows = slice(offsets[pool], offsets[pool] + len(queries[e]))
         eta[rows, e][:, [index[c] for c in labels[e]]] = outputs[e]
         mask[rows, e] = True
-    return Triples(x, eta, mask, vocab, tuple(names), tuple(tuple(l) for l in labels))
+    return Triples(x, eta, mask, vocab, tuple(names), tuple(tuple(own) for own in labels))

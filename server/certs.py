@@ -1,13 +1,14 @@
-"""``protofuse certs init``: every key and certificate a deployment needs, made with ``cryptography``.
+"""``protofuse certs init``: every key and certificate a deployment needs, made with
+``cryptography``.
 
 One folder holds them all (the operator copies the public parts to organizations):
 
-    ca.crt  ca.key              the deployment's own certificate authority (ECDSA P-384)
-    server.crt  server.key      the SuperLink's, the proxy's and the adaptation service's TLS identity
-    client.crt  client.key      a caller of the adaptation service (mutual TLS)
-    supernodes/node-<i>.key     SuperNode authentication keys (EC P-384, OpenSSH, as Flower wants)
+    ca.crt  ca.key            the deployment's own certificate authority (ECDSA P-384)
+    server.crt  server.key    the SuperLink's, the proxy's and the adaptation service's TLS identity
+    client.crt  client.key    a caller of the adaptation service (mutual TLS)
+    supernodes/node-<i>.key   SuperNode authentication keys (EC P-384, OpenSSH, as Flower wants)
     supernodes/node-<i>.pub
-    signing.key  signing.pub    Ed25519: the service signs every adapted model with it
+    signing.key  signing.pub  Ed25519: the service signs every adapted model with it
 
 Private keys are written with mode 0600 and never overwritten: ``init`` refuses a folder that
 already has a CA, so re-running it cannot silently invalidate every issued certificate.
@@ -38,7 +39,8 @@ class CertsError(ValueError):
 def init(
     out: Path, names: Iterable[str] = (), supernodes: int = 3, days: int = VALID_DAYS
 ) -> list[Path]:
-    """Create the CA, server and client certificates, SuperNode keys and the signing key in ``out``."""
+    """Create the CA, server and client certificates, SuperNode keys and the signing key in
+    ``out``."""
     out = Path(out)
     if (out / "ca.crt").exists():
         raise CertsError(

@@ -16,7 +16,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
         if tier not in TIERS:
             raise pytest.UsageError(
-                f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/ (the folder is the tier)"
+                f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/ (the folder is "
+                "the tier)"
             )
         item.add_marker(getattr(pytest.mark, tier))
 

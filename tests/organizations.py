@@ -47,11 +47,14 @@ def make_folders(tmp_path: Path) -> tuple[Path, list[Path], Path, Splits]:
         np.random.default_rng(0).permutation(len(splits.queries.x)), len(RECIPES)
     )
     specs = []
-    for recipe, rows in zip(RECIPES, shards):
+    for recipe, rows in zip(RECIPES, shards, strict=True):
         org = tmp_path / recipe.name
         org.mkdir()
         np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])
-        line = f"{recipe.name} = build_expert(ExpertRecipe({recipe.name!r}, 'logreg', {recipe.classes!r}), _train, 0).expert"
+        line = (
+            f"{recipe.name} = build_expert(ExpertRecipe({recipe.name!r}, 'logreg', "
+            f"{recipe.classes!r}), _train, 0).expert"
+        )
         (org / "experts.py").write_text(
             EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line)
         )

@@ -1,4 +1,5 @@
-"""Toy federations shared by the tests: four clusters of inputs and experts that answer for some of them."""
+"""Toy federations shared by the tests: four clusters of inputs and experts that answer for some of
+them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from protofuse.triples import Triples, assemble
 def clusters(
     seed: int = 0, n: int = 400, d: int = 16, noise: float = 0.08, clip: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x (n, d) float32, y (n,) in 0..3, centres (4, d)): Gaussian clusters around centres in [0, 1]^d."""
+    """(x (n, d) float32, y (n,) in 0..3, centres (4, d)): Gaussian clusters around centres in [0,
+    1]^d."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 4, n)
     centres = rng.random((4, d))
@@ -19,13 +21,15 @@ def clusters(
 
 
 def answers(y: np.ndarray, cols: list[int]) -> np.ndarray:
-    """A near-certain expert over the labels ``cols``: its one-hot truth, smoothed, rows summing to 1."""
+    """A near-certain expert over the labels ``cols``: its one-hot truth, smoothed, rows summing to
+    1."""
     p = np.eye(4, dtype=np.float32)[y][:, cols] + 0.01
     return p / p.sum(1, keepdims=True)
 
 
 def two_experts(x: np.ndarray, y: np.ndarray) -> Triples:
-    """Expert a knows 0/1/2, expert b knows 2/3; both answer on the same inputs. 0 and 3 never meet."""
+    """Expert a knows 0/1/2, expert b knows 2/3; both answer on the same inputs. 0 and 3 never
+    meet."""
     return assemble(
         ["a", "b"],
         [("0", "1", "2"), ("2", "3")],

@@ -58,18 +58,17 @@ _LEGACY_PLAN_KEYS = ("round", "phase", "vocabulary", "training")
 
 @app.query()
 def describe(message: Message, context: Context) -> Message:
-    check_server_format(
-        message.content[wire.ASK_RECORD] if wire.ASK_RECORD in message.content else None
-    )
+    check_server_format(message.content.config_records.get(wire.ASK_RECORD))
     expert = local_expert(context)
     # The queries' overall min and max (two numbers) let the bank warn when new inputs are scaled
     # unlike them; nothing else about the queries leaves the client.
+    lo, hi = input_range(expert.x)
     description = wire.NodeDescription(
         expert.pseudonym,
         expert.labels,
         int(expert.x.shape[1]),
         int(expert.n_queries),
-        tuple(input_range(expert.x)),
+        (lo, hi),
     )
     reply = ConfigRecord({NODE_DESCRIPTION: wire.encode_node_description(description)})
     return Message(RecordDict({DESCRIBE: reply}), reply_to=message)
@@ -81,20 +80,24 @@ def check_server_format(ask: ConfigRecord | None) -> None:
     version = ask.get(wire.FORMAT_VERSION_KEY) if ask is not None else None
     if version is None:
         raise wire.WireError(
-            f"describe: the server speaks the untyped federation protocol of protofuse before format 1 (its query names no format), this client format {wire.FORMAT_VERSION}: run matching protofuse versions"
+            "describe: the server speaks the untyped federation protocol of protofuse before "
+            f"format 1 (its query names no format), this client format {wire.FORMAT_VERSION}: run "
+            "matching protofuse versions"
         )
     if version != wire.FORMAT_VERSION:
+        # ``!s``: the value as the server sent it, whatever its type (bytes shown as b'...').
         raise wire.WireError(
-            f"describe: the server speaks federation format {version}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions"
+            f"describe: the server speaks federation format {version!s}, this client format "
+            f"{wire.FORMAT_VERSION}: run matching protofuse versions"
         )
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    plan = round_plan(message.content["config"])
+    plan = round_plan(message.content.config_records["config"])
     torch.set_num_threads(plan.training.threads)
     expert = local_expert(context)
-    shared = {k: v.numpy() for k, v in message.content["arrays"].items()}
+    shared = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
     result = run_round(expert, plan, shared, _kept(context))
     _keep(context, result.state)
     arrays = ArrayRecord(
@@ -123,15 +126,19 @@ def round_plan(config: ConfigRecord) -> RoundPlan:
     if ROUND_PLAN not in config:
         if any(key in config for key in _LEGACY_PLAN_KEYS):
             raise wire.WireError(
-                f"RoundPlan: the server sent the untyped round configuration of protofuse before format 1 (keys {sorted(config.keys())}), this client speaks federation format {wire.FORMAT_VERSION}: run matching protofuse versions"
+                "RoundPlan: the server sent the untyped round configuration of protofuse before "
+                f"format 1 (keys {sorted(config.keys())}), this client speaks federation format "
+                f"{wire.FORMAT_VERSION}: run matching protofuse versions"
             )
         raise wire.WireError(
-            f"RoundPlan: missing; the server's train message has no {ROUND_PLAN!r} in its config (keys {sorted(config.keys())}); run matching protofuse versions"
+            f"RoundPlan: missing; the server's train message has no {ROUND_PLAN!r} in its config "
+            f"(keys {sorted(config.keys())}); run matching protofuse versions"
         )
     value = config[ROUND_PLAN]
     if not isinstance(value, bytes):
         raise wire.WireError(
-            f"RoundPlan: {ROUND_PLAN!r} holds a {type(value).__name__}, not the encoded message; run matching protofuse versions"
+            f"RoundPlan: {ROUND_PLAN!r} holds a {type(value).__name__}, not the encoded message; "
+            "run matching protofuse versions"
         )
     return wire.decode_round_plan(value)
 
@@ -159,11 +166,13 @@ def _where(context: Context) -> tuple[str, str]:
     )
     if not spec:
         raise SpecError(
-            'this node has no spec: start it with --node-config \'spec="/abs/path/spec.toml" expert="NAME"\' (or `protofuse client`)'
+            'this node has no spec: start it with --node-config \'spec="/abs/path/spec.toml" '
+            'expert="NAME"\' (or `protofuse client`)'
         )
     if not os.path.isabs(str(spec)):
         raise SpecError(
-            f"spec {spec!r} is a relative path; a ClientApp runs in another working folder, give an absolute path"
+            f"spec {spec!r} is a relative path; a ClientApp runs in another working folder, give "
+            "an absolute path"
         )
     return str(spec), str(context.node_config.get("expert") or "")
 
@@ -173,12 +182,14 @@ def _only_or_partition(spec: Any, context: Context) -> Any:
         i = int(context.node_config["partition-id"])
         if not 0 <= i < len(spec.experts):
             raise SpecError(
-                f"virtual node {i} has no expert: the spec lists {len(spec.experts)}; simulate with one node per expert"
+                f"virtual node {i} has no expert: the spec lists {len(spec.experts)}; simulate "
+                "with one node per expert"
             )
         return spec.experts[i]
     if len(spec.experts) != 1:
         raise SpecError(
-            f"the spec lists {len(spec.experts)} experts; name this node's with --node-config 'expert=\"NAME\"'"
+            f"the spec lists {len(spec.experts)} experts; name this node's with --node-config "
+            "'expert=\"NAME\"'"
         )
     return spec.experts[0]
 

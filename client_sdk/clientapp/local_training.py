@@ -72,7 +72,8 @@ def local_triples(expert: LocalExpert, vocabulary: tuple[str, ...]) -> Triples:
     missing = [c for c in expert.labels if c not in index]
     if missing:
         raise ValueError(
-            f"the server's vocabulary lacks this expert's labels {missing}; it should have appended them (is the server older than this client?)"
+            f"the server's vocabulary lacks this expert's labels {missing}; it should have "
+            "appended them (is the server older than this client?)"
         )
     eta = np.zeros((len(expert.x), 1, len(vocabulary)), dtype=np.float32)
     eta[:, 0, [index[c] for c in expert.labels]] = expert.answers
@@ -190,7 +191,8 @@ def _train(
     out_state: dict[str, dict[str, np.ndarray]],
     pseudonym: str,
 ) -> float:
-    """Local epochs with the optimizer and schedule carried over from this phase's earlier rounds."""
+    """Local epochs with the optimizer and schedule carried over from this phase's earlier
+    rounds."""
     t, f = plan.training, plan.federation
     batch = f.client_batch_size(len(train.x), t)
     trainer = DiscriminativeTrainer(
@@ -201,12 +203,14 @@ def _train(
         previous is not None
         and plan.phase_round > 0
         and int(np.ravel(previous.get("phase", -1))[0]) == PHASES.index(plan.phase)
+        # restores the optimizer state kept from the last round, unless it does not fit
+        and not trainer.load_state_arrays({k: v for k, v in previous.items() if k != "phase"})
     ):
-        if not trainer.load_state_arrays({k: v for k, v in previous.items() if k != "phase"}):
-            log.warning(
-                "%s: the optimizer state kept from the last round does not fit the model; this round starts a fresh one",
-                pseudonym,
-            )
+        log.warning(
+            "%s: the optimizer state kept from the last round does not fit the model; this round "
+            "starts a fresh one",
+            pseudonym,
+        )
     gen = torch.Generator().manual_seed(client_seed(t.seed, pseudonym, plan.round))
     aug = t.resolved_augmentation(
         model.cfg.image_shape, model.cfg.x_dim

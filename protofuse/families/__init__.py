@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Family, Fitted, Task
 from .discriminative import Discriminative, DiscriminativeTask
 from .generative import Generative, GenerativeTask
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Discriminative(), Generative())}
+# Each family reads its own kind of networks; the registry holds every kind (``Family[Any]``).
+FAMILIES: dict[str, Family[Any]] = {f.name: f for f in (Discriminative(), Generative())}
 
 
-def family(name: str) -> Family:
+def family(name: str) -> Family[Any]:
     """The family called ``name``, or a ValueError listing the known ones."""
     try:
         return FAMILIES[name]

@@ -12,17 +12,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..bank_meta import BankMeta
+from ..model.networks import ImageShape
 from ..protocol import federation as wire
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
 from ..training import Progress
 from ..triples import Triples
+
+# A family's own networks (e.g. ``DiscriminativePrototypes``): ``Family[M]`` builds and reads them.
+M = TypeVar("M", bound=nn.Module)
+M_co = TypeVar("M_co", bound=nn.Module, covariant=True)
 
 
 class ExpertView(Protocol):
@@ -35,16 +40,16 @@ class ExpertView(Protocol):
     def labels(self) -> tuple[str, ...]: ...
 
 
-class BankView(Protocol):
+class BankView(Protocol[M_co]):
     """What a family reads of the bank it adapts or describes: ``protofuse.bank.Bank`` satisfies it.
 
     The bank calls its family; the family only reads this much of the bank, so families depend on
-    neither ``protofuse.bank`` nor ``protofuse.adapted`` (no import cycle, even for the type checker),
-    and a test can hand a family a stand-in.
+    neither ``protofuse.bank`` nor ``protofuse.adapted`` (no import cycle, even for the type
+    checker), and a test can hand a family a stand-in.
     """
 
     @property
-    def model(self) -> nn.Module: ...  # the bank's networks (the family's own kind), in eval mode
+    def model(self) -> M_co: ...  # the bank's networks (the family's own kind), in eval mode
 
     @property
     def label_names(
@@ -70,7 +75,8 @@ class BankView(Protocol):
 class Task(Protocol):
     """A new task fitted over the bank's prototypes: what an adapted model runs."""
 
-    model: nn.Module
+    @property
+    def model(self) -> nn.Module: ...  # the bank's networks the task runs on
 
     @property
     def n_classes(self) -> int: ...
@@ -109,15 +115,16 @@ def config_from_json(config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-class Family(ABC):
-    """One prototype family. Instances are stateless; ``FAMILIES`` holds one of each."""
+class Family(ABC, Generic[M]):
+    """One prototype family, over its networks ``M``. Instances are stateless; ``FAMILIES`` holds
+    one of each."""
 
     name: str
     adapts_uncovered_labels: bool  # can a new task include labels no expert covers?
     federates: bool  # does the Flower strategy train this family?
 
     @abstractmethod
-    def build(self, config: dict[str, Any]) -> nn.Module:
+    def build(self, config: dict[str, Any]) -> M:
         """The family's networks from their JSON config (untrained)."""
 
     @abstractmethod
@@ -127,20 +134,20 @@ class Family(ABC):
         model: ModelSettings,
         training: TrainingSettings,
         epochs: int,
-        image_shape: tuple[int, int] | None,
+        image_shape: ImageShape | None,
         likelihood: str,
         progress: Progress | None,
     ) -> Fitted:
         """Train on pooled triples."""
 
     @abstractmethod
-    def imitate(self, model: nn.Module, held: Triples) -> torch.Tensor:
+    def imitate(self, model: M, held: Triples) -> torch.Tensor:
         """The bank's imitation of every expert on held-out inputs: (N, E, C) log-probabilities."""
 
     @abstractmethod
     def adapt(
         self,
-        bank: BankView,
+        bank: BankView[M],
         x: torch.Tensor,
         y: torch.Tensor,
         classes: list[str],
@@ -151,7 +158,7 @@ class Family(ABC):
 
     def adapt_scored(
         self,
-        bank: BankView,
+        bank: BankView[M],
         x: torch.Tensor,
         y: torch.Tensor,
         classes: list[str],
@@ -164,17 +171,15 @@ class Family(ABC):
             return task, task.log_proba(x)
 
     @abstractmethod
-    def zero_shot(self, bank: BankView, classes: list[str], settings: AdaptSettings) -> Task:
+    def zero_shot(self, bank: BankView[M], classes: list[str], settings: AdaptSettings) -> Task:
         """A new task from its label names alone (every label covered by some expert)."""
 
     @abstractmethod
-    def load_task(
-        self, model: nn.Module, arrays: dict[str, torch.Tensor], meta: dict[str, Any]
-    ) -> Task:
+    def load_task(self, model: M, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> Task:
         """Rebuild a task saved with its ``arrays()`` and ``meta()``."""
 
     @abstractmethod
-    def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
+    def describe_expert(self, bank: BankView[M], index: int) -> wire.ExpertDistribution:
         """Expert ``index``'s distribution over the bank's prototypes, as the wire carries it."""
 
     def adapt_method(self, settings: AdaptSettings) -> str:

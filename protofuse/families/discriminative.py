@@ -17,6 +17,7 @@ from ..model.discriminative import (
     adapt_map,
     imprint,
 )
+from ..model.networks import ImageShape
 from ..protocol import federation as wire
 from ..schedule import TwoPhases
 from ..settings import AdaptSettings, ModelSettings, TrainingSettings
@@ -61,14 +62,14 @@ def config_for(
     n_labels: int,
     n_experts: int,
     model: ModelSettings,
-    image_shape: tuple[int, int] | None,
+    image_shape: ImageShape | None,
 ) -> DiscriminativeConfig:
     """The networks' config from the settings; the encoder is a conv net for images unless set."""
     encoder = model.encoder if model.encoder != "auto" else ("conv" if image_shape else "mlp")
     return DiscriminativeConfig(x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape)
 
 
-class Discriminative(Family):
+class Discriminative(Family[DiscriminativePrototypes]):
     name = "discriminative"
     adapts_uncovered_labels = True
     federates = True
@@ -82,7 +83,7 @@ class Discriminative(Family):
         model: ModelSettings,
         training: TrainingSettings,
         epochs: int,
-        image_shape: tuple[int, int] | None,
+        image_shape: ImageShape | None,
         likelihood: str,
         progress: Progress | None,
     ) -> Fitted:
@@ -100,7 +101,7 @@ class Discriminative(Family):
 
     def adapt(
         self,
-        bank: BankView,
+        bank: BankView[DiscriminativePrototypes],
         x: torch.Tensor,
         y: torch.Tensor,
         classes: list[str],
@@ -111,7 +112,7 @@ class Discriminative(Family):
 
     def adapt_scored(
         self,
-        bank: BankView,
+        bank: BankView[DiscriminativePrototypes],
         x: torch.Tensor,
         y: torch.Tensor,
         classes: list[str],
@@ -139,7 +140,7 @@ class Discriminative(Family):
             return DiscriminativeTask(m, head), head.log_proba(z)
 
     def zero_shot(
-        self, bank: BankView, classes: list[str], settings: AdaptSettings
+        self, bank: BankView[DiscriminativePrototypes], classes: list[str], settings: AdaptSettings
     ) -> DiscriminativeTask:
         m, idx = bank.model, bank.covered_indices(classes)
         return DiscriminativeTask(
@@ -156,7 +157,9 @@ class Discriminative(Family):
             model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"])
         )
 
-    def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
+    def describe_expert(
+        self, bank: BankView[DiscriminativePrototypes], index: int
+    ) -> wire.ExpertDistribution:
         expert = bank.experts[index]
         vocab = {c: i for i, c in enumerate(bank.label_names)}
         bias = bank.model.expert_bias.detach()[index, [vocab[c] for c in expert.labels]]
@@ -174,7 +177,7 @@ def _two_phases(
     train: Triples,
     epochs: int,
     training: TrainingSettings,
-    image_shape: tuple[int, int] | None,
+    image_shape: ImageShape | None,
     progress: Progress | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two phases: learn a consensus from everyone; then weight each expert by how well it agrees
@@ -232,6 +235,7 @@ def load_shared(model: DiscriminativePrototypes, arrays: dict[str, np.ndarray]) 
     unknown = set(state) - set(shared_arrays(model))
     if missing or unknown:
         raise ValueError(
-            f"shared weights do not fit the model: missing {sorted(missing)}, unknown {sorted(unknown)}"
+            f"shared weights do not fit the model: missing {sorted(missing)}, unknown "
+            f"{sorted(unknown)}"
         )
     model.load_state_dict(state, strict=False)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..model.generative import GenerativeConfig, GenerativePrototypes, restricted_log_softmax
+from ..model.networks import ImageShape
 from ..model.recompose import (
     WDistribution,
     WeightedPrototypes,
@@ -66,7 +67,7 @@ class GenerativeTask:
         return {"form": self.form, "n_z": self.n_z, "seed": self.seed}
 
 
-class Generative(Family):
+class Generative(Family[GenerativePrototypes]):
     name = "generative"
     adapts_uncovered_labels = False
     # Its decomposition already runs per expert, but the decoder models the inputs themselves
@@ -82,7 +83,7 @@ class Generative(Family):
         model: ModelSettings,
         training: TrainingSettings,
         epochs: int,
-        image_shape: tuple[int, int] | None,
+        image_shape: ImageShape | None,
         likelihood: str,
         progress: Progress | None,
     ) -> Fitted:
@@ -117,7 +118,7 @@ class Generative(Family):
 
     def adapt(
         self,
-        bank: BankView,
+        bank: BankView[GenerativePrototypes],
         x: torch.Tensor,
         y: torch.Tensor,
         classes: list[str],
@@ -130,11 +131,11 @@ class Generative(Family):
         if settings.recompose == "gaussian":
             _, q = fit_gaussian(bank.model, x, y, idx, prior, experts, seed=seed)
         else:
-            _, q = fit_mixture(bank.model, x, y, idx, experts + [prior], seed=seed)
+            _, q = fit_mixture(bank.model, x, y, idx, [*experts, prior], seed=seed)
         return GenerativeTask(bank.model, idx, q, settings.form, settings.n_z, seed)
 
     def zero_shot(
-        self, bank: BankView, classes: list[str], settings: AdaptSettings
+        self, bank: BankView[GenerativePrototypes], classes: list[str], settings: AdaptSettings
     ) -> GenerativeTask:
         idx = bank.covered_indices(classes)
         w = task_prior(bank, idx).sample(32, torch.Generator().manual_seed(0))
@@ -152,7 +153,9 @@ class Generative(Family):
         q = WeightedPrototypes(arrays["w"], arrays["log_weights"])
         return GenerativeTask(model, arrays["classes"], q, meta["form"], meta["n_z"], meta["seed"])
 
-    def describe_expert(self, bank: BankView, index: int) -> wire.ExpertDistribution:
+    def describe_expert(
+        self, bank: BankView[GenerativePrototypes], index: int
+    ) -> wire.ExpertDistribution:
         expert = bank.experts[index]
         moments = {
             source: expert_distribution(bank, expert.name, source)
@@ -173,7 +176,9 @@ class Generative(Family):
         return settings.recompose
 
 
-def expert_distribution(bank: BankView, name: str, source: str = "posterior") -> WDistribution:
+def expert_distribution(
+    bank: BankView[GenerativePrototypes], name: str, source: str = "posterior"
+) -> WDistribution:
     """An expert's distribution over prototypes ('prior' network or aggregated 'posterior')."""
     d = bank.distributions
     return WDistribution(
@@ -181,7 +186,7 @@ def expert_distribution(bank: BankView, name: str, source: str = "posterior") ->
     )
 
 
-def task_prior(bank: BankView, idx: torch.Tensor) -> WDistribution:
+def task_prior(bank: BankView[GenerativePrototypes], idx: torch.Tensor) -> WDistribution:
     """p_gamma(w | tau*) for the task whose labels are ``idx``."""
     tau = torch.zeros(len(bank.label_names))
     tau[idx] = 1.0

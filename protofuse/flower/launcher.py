@@ -135,5 +135,6 @@ def write_connection(
         f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     )
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = '
+        f'"127.0.0.1:{port}"\n{security}\n'
     )

@@ -51,7 +51,8 @@ def simulate(
     impl = family(spec.model.family)
     if not impl.federates:
         raise SpecError(
-            f"model.family = {impl.name!r} cannot be simulated: only the discriminative family federates (its generative counterpart is central only: `protofuse fit`)"
+            f"model.family = {impl.name!r} cannot be simulated: only the discriminative family "
+            "federates (its generative counterpart is central only: `protofuse fit`)"
         )
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,8 @@ def simulate(
         stop(link)
     if not finished or not (out / "bank" / "meta.json").exists():
         raise SimulationError(
-            f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}; run the same command again to resume from the last completed round"
+            f"the simulation ended without a bank; see the log above and {out / 'superlink.log'}; "
+            "run the same command again to resume from the last completed round"
         )
     return out
 

@@ -10,7 +10,8 @@ Trained with soft cross-entropy against the expert's outputs; overlapping label 
 labels into one consistent labeller. In the second half of training a consensus term distils that
 labeller into itself over the whole vocabulary (``consensus_loss``):
 
-    loss = sum_i w_i CE(eta_i, q_i(. | aug(x))) + beta * CE(consensus(x), softmax_C(P f(aug(x)) + b))
+    loss = sum_i w_i CE(eta_i, q_i(. | aug(x)))
+           + beta * CE(consensus(x), softmax_C(P f(aug(x)) + b))
 
 A new task is a new distribution over the same prototypes: the MAP estimate of its labels' rows,
 biases and a temperature under a Gaussian prior centred on the bank (``adapt_map``).

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .networks import MLP, GaussianHead, ImageShape, as_channels_first, as_rows, image_dims
+from .networks import (
+    MLP,
+    GaussianHead,
+    ImageShape,
+    as_channels_first,
+    as_image_shape,
+    as_rows,
+    image_dims,
+)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -40,7 +48,8 @@ class GenerativeConfig:
 def gaussian_kl(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
 ) -> torch.Tensor:
-    """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) for diagonal Gaussians, summed over the last dim."""
+    """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) for diagonal Gaussians, summed over the last
+    dim."""
     return 0.5 * (
         logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1
     ).sum(-1)
@@ -83,7 +92,7 @@ class ConvFeatures(nn.Module):
     def __init__(self, image_shape: ImageShape) -> None:
         super().__init__()
         h, w, c = image_dims(image_shape)
-        self.image_shape = tuple(image_shape)
+        self.image_shape = as_image_shape(image_shape)
         self.net = nn.Sequential(
             nn.Conv2d(c, 16, 3, padding=1),
             nn.ReLU(),
@@ -101,7 +110,8 @@ class ConvFeatures(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """(w, z) -> image logits (n, H*W*C), flattened like the inputs, through two transposed convolutions."""
+    """(w, z) -> image logits (n, H*W*C), flattened like the inputs, through two transposed
+    convolutions."""
 
     def __init__(self, in_dim: int, image_shape: ImageShape) -> None:
         super().__init__()
@@ -134,18 +144,21 @@ class GenerativePrototypes(nn.Module):
 
     def __init__(self, cfg: GenerativeConfig) -> None:
         super().__init__()
-        if cfg.conv and cfg.image_shape is None:
+        conv_shape = cfg.image_shape if cfg.conv else None  # set exactly for the conv variant
+        if cfg.conv and conv_shape is None:
             raise ValueError("the conv variant needs image inputs (an image shape)")
         self.cfg = cfg
         d, c, zd, wd, hdim = cfg.x_dim, cfg.n_labels, cfg.z_dim, cfg.w_dim, cfg.hidden
-        self.features = ConvFeatures(cfg.image_shape) if cfg.conv else nn.Identity()
+        self.features = ConvFeatures(conv_shape) if conv_shape is not None else nn.Identity()
         fdim = 128 if cfg.conv else d
         self.enc_z = GaussianHead(fdim + c, zd, hdim)  # q_phi(z | x, eta)
         self.enc_w = GaussianHead(fdim + c, wd, hdim)  # q_phi(w | x, tau)
         self.prior_w = GaussianHead(c, wd, hdim)  # p_gamma(w | tau)
         self.label_head = MLP(zd, c, hdim)  # p_alpha(eta | z)
         self.regularizer = MLP(wd, c, hdim)  # q_psi(eta | w)
-        self.decoder = ConvDecoder(wd + zd, cfg.image_shape) if cfg.conv else MLP(wd + zd, d, hdim)
+        self.decoder = (
+            ConvDecoder(wd + zd, conv_shape) if conv_shape is not None else MLP(wd + zd, d, hdim)
+        )
         if cfg.likelihood == "gaussian":
             self.x_logvar = nn.Parameter(torch.zeros(d))  # per-feature observation noise
         elif cfg.likelihood != "bernoulli":
@@ -155,7 +168,8 @@ class GenerativePrototypes(nn.Module):
 
     # -- the generative model ------------------------------------------------------------
     def log_px(self, x: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p_theta(x | w, z); x (..., d), w (..., wd), z (..., zd) broadcast together -> (...)."""
+        """log p_theta(x | w, z); x (..., d), w (..., wd), z (..., zd) broadcast together ->
+        (...)."""
         batch = torch.broadcast_shapes(x.shape[:-1], w.shape[:-1], z.shape[:-1])
         wz = torch.cat([w.expand(*batch, -1), z.expand(*batch, -1)], dim=-1)
         out = self.decoder(wz.reshape(-1, wz.shape[-1])).view(*batch, -1)
@@ -180,7 +194,8 @@ class GenerativePrototypes(nn.Module):
     def loss(
         self, x: torch.Tensor, eta: torch.Tensor, tau: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Negative ELBO plus regularizer on a batch of triples (x (B, d), eta (B, C), tau (B, C))."""
+        """Negative ELBO plus regularizer on a batch of triples (x (B, d), eta (B, C), tau (B,
+        C))."""
         mask = tau > 0
         x_feat = self.features(x)
         # Hide eta from q(z | x, eta) for part of the batch: otherwise the encoder copies the

@@ -1,4 +1,5 @@
-"""Building blocks shared by both prototype families: MLPs, conv encoders, image and table augmentation.
+"""Building blocks shared by both prototype families: MLPs, conv encoders, image and table
+augmentation.
 
 Sizes follow the paper's MNIST defaults (two hidden layers of 100 ReLU units, batch norm after
 the first); the conv encoder is the small net the discriminative family uses on images.
@@ -10,6 +11,7 @@ exactly as numpy flattens an (n, H, W, C) array with ``images.reshape(n, -1)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +56,23 @@ ImageShape = (
 
 
 def image_dims(image_shape: ImageShape) -> tuple[int, int, int]:
-    """(height, width, channels) of an image shape given as ``[H, W]`` (greyscale) or ``[H, W, C]``."""
+    """(height, width, channels) of an image shape given as ``[H, W]`` (greyscale) or ``[H, W,
+    C]``."""
     if len(image_shape) == 2:
         h, w = image_shape
         return int(h), int(w), 1
     h, w, c = image_shape
     return int(h), int(w), int(c)
+
+
+def as_image_shape(image_shape: Sequence[int]) -> ImageShape:
+    """``image_shape`` as a tuple (a JSON list becomes one): ``(H, W)`` or ``(H, W, C)``."""
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 3:
+        return shape[0], shape[1], shape[2]
+    raise ValueError(f"an image shape is [H, W] or [H, W, C], got {list(shape)}")
 
 
 def image_size(image_shape: ImageShape) -> int:
@@ -76,7 +89,8 @@ def as_channels_first(x: torch.Tensor, image_shape: ImageShape) -> torch.Tensor:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """(n, C, H, W) -> (n, H*W*C) rows flattened channels-last: the inverse of ``as_channels_first``."""
+    """(n, C, H, W) -> (n, H*W*C) rows flattened channels-last: the inverse of
+    ``as_channels_first``."""
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
 
@@ -96,8 +110,8 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, image_shape: ImageShape, out_dim: int, channels: int = 32) -> None:
         super().__init__()
-        self.image_shape = tuple(image_shape)
         h, w, c = image_dims(image_shape)
+        self.image_shape = as_image_shape(image_shape)
         blocks = conv_blocks(image_shape)
         layers: list[nn.Module] = []
         width_in = c

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from protofuse.records import ExpertRecord, Fidelity
+from protofuse.records import NOT_MEASURED, ExpertRecord, Fidelity
 from protofuse.v1 import bank_pb2, federation_pb2
 
 if TYPE_CHECKING:  # imported where used: the settings import torch, the codecs need not
@@ -347,7 +347,8 @@ def decode_manifest(data: bytes, *, families: Collection[str] | None = None) -> 
     _check_manifest(m)
     if families is not None and m.family not in families:
         raise WireError(
-            f"BankManifest.family: {m.family!r} is not a family this reader knows ({', '.join(sorted(families))}); read the bank with the protofuse that wrote it"
+            f"BankManifest.family: {m.family!r} is not a family this reader knows "
+            f"({', '.join(sorted(families))}); read the bank with the protofuse that wrote it"
         )
     return m
 
@@ -372,7 +373,8 @@ def decode_node_description(data: bytes) -> NodeDescription:
     msg = _parse(federation_pb2.NodeDescription, data, "NodeDescription", sender="client")
     if not msg.HasField("x_range"):
         raise WireError(
-            "NodeDescription.x_range: missing; send the queries' overall [min, max] (protofuse.input_checks.input_range)"
+            "NodeDescription.x_range: missing; send the queries' overall [min, max] "
+            "(protofuse.input_checks.input_range)"
         )
     d = NodeDescription(
         pseudonym=msg.pseudonym,
@@ -410,8 +412,14 @@ def decode_round_plan(data: bytes) -> RoundPlan:
     msg = _parse(federation_pb2.RoundPlan, data, "RoundPlan", sender="server")
     phases = {code: name for name, code in _PHASE_CODES.items()}
     if msg.phase not in phases:
+        shown = (
+            federation_pb2.Phase.Name(msg.phase)
+            if msg.phase in federation_pb2.Phase.values()
+            else msg.phase
+        )
         raise WireError(
-            f"RoundPlan.phase: {federation_pb2.Phase.Name(msg.phase) if msg.phase in federation_pb2.Phase.values() else msg.phase} is not a kind of round; send one of {', '.join(f'PHASE_{p.upper()}' for p in PHASES)}"
+            f"RoundPlan.phase: {shown} is not a kind of round; send one of "
+            f"{', '.join(f'PHASE_{p.upper()}' for p in PHASES)}"
         )
     p = RoundPlan(
         round=msg.round,
@@ -450,9 +458,10 @@ def _parse(cls: type[_M], data: bytes, name: str, sender: str | None = None) -> 
         msg.ParseFromString(bytes(data))
     except (DecodeError, ValueError, UnicodeDecodeError) as exc:
         raise WireError(
-            f"{name}: the bytes do not parse as a protofuse.v1.{name} message ({exc}); send the output of the matching encode function"
+            f"{name}: the bytes do not parse as a protofuse.v1.{name} message ({exc}); send the "
+            "output of the matching encode function"
         ) from None
-    _check_format_version(msg.format_version, f"{name}.format_version", sender)  # type: ignore[attr-defined]
+    _check_format_version(msg.format_version, f"{name}.format_version", sender)
     return msg
 
 
@@ -464,11 +473,13 @@ def _check_format_version(version: int, path: str, sender: str | None = None) ->
     if version != FORMAT_VERSION and sender is not None:
         reader = "server" if sender == "client" else "client"
         raise WireError(
-            f"{path}: the {sender} speaks federation format {version}, this {reader} format {FORMAT_VERSION}; run matching protofuse versions on both sides"
+            f"{path}: the {sender} speaks federation format {version}, this {reader} format "
+            f"{FORMAT_VERSION}; run matching protofuse versions on both sides"
         )
     if version != FORMAT_VERSION:
         raise WireError(
-            f"{path}: format {version} is not supported; this build reads format {FORMAT_VERSION}, so sender and receiver must run matching protofuse versions"
+            f"{path}: format {version} is not supported; this build reads format {FORMAT_VERSION}, "
+            "so sender and receiver must run matching protofuse versions"
         )
 
 
@@ -495,7 +506,8 @@ def _head_from_proto(
             ),
         )
     raise WireError(
-        "ExpertDistribution.family: neither discriminative nor generative is set; set exactly one, matching the bank's family"
+        "ExpertDistribution.family: neither discriminative nor generative is set; set exactly one, "
+        "matching the bank's family"
     )
 
 
@@ -507,7 +519,8 @@ def _gaussian_from_proto(parent: Message, field: str, path: str) -> Gaussian:
     w = mean.size
     if len(g.covariance) != w * w:
         raise WireError(
-            f"{path}.covariance: {len(g.covariance)} values for a {w}-dimensional mean; send w*w = {w * w} values, row-major"
+            f"{path}.covariance: {len(g.covariance)} values for a {w}-dimensional mean; send w*w = "
+            f"{w * w} values, row-major"
         )
     return Gaussian(mean=mean, cov=np.array(g.covariance, dtype=np.float64).reshape(w, w))
 
@@ -522,7 +535,7 @@ def _fidelity_from_proto(parent: Message, path: str) -> Fidelity:
         raise WireError(
             f"{path}: missing; measure the imitator on held-out queries and send the result"
         )
-    f = parent.fidelity  # type: ignore[attr-defined]
+    f = parent.fidelity
     return Fidelity(agreement=f.agreement, kl=f.kl, n=f.n)
 
 
@@ -541,7 +554,7 @@ def _manifest_expert_from_proto(e: bank_pb2.ManifestExpert, path: str) -> Expert
         n_queries=e.n_queries,
         consensus=e.consensus_agreement
         if e.HasField("consensus_agreement")
-        else None,  # absent: not measured (NaN)
+        else NOT_MEASURED,  # absent: not measured (NaN)
         weight=e.trust,
         n_examples=e.n_examples,
         last_round=e.last_round,
@@ -576,7 +589,8 @@ def _check_distribution(d: ExpertDistribution, *, w_dim: int | None) -> None:
         _check_generative(d.head, w_dim, f"{name}.generative")
     else:
         raise WireError(
-            f"{name}.family: expected a DiscriminativeHead or GenerativeMoments, got {type(d.head).__name__}; set exactly one family"
+            f"{name}.family: expected a DiscriminativeHead or GenerativeMoments, got "
+            f"{type(d.head).__name__}; set exactly one family"
         )
 
 
@@ -584,12 +598,14 @@ def _check_discriminative(head: DiscriminativeHead, n_labels: int, path: str) ->
     t = _check_finite(head.log_temperature, f"{path}.log_temperature")
     if abs(t) > MAX_ABS_LOG_TEMPERATURE:
         raise WireError(
-            f"{path}.log_temperature: {t!r} is outside [-{MAX_ABS_LOG_TEMPERATURE:g}, {MAX_ABS_LOG_TEMPERATURE:g}]; clamp the temperature or refit the head"
+            f"{path}.log_temperature: {t!r} is outside [-{MAX_ABS_LOG_TEMPERATURE:g}, "
+            f"{MAX_ABS_LOG_TEMPERATURE:g}]; clamp the temperature or refit the head"
         )
     biases = _check_tuple(head.label_bias, f"{path}.label_bias")
     if len(biases) != n_labels:
         raise WireError(
-            f"{path}.label_bias: {len(biases)} values for {n_labels} labels; send one bias per label"
+            f"{path}.label_bias: {len(biases)} values for {n_labels} labels; send one bias per "
+            "label"
         )
     for i, b in enumerate(biases):
         _check_finite(b, f"{path}.label_bias[{i}]")
@@ -600,7 +616,8 @@ def _check_generative(moments: GenerativeMoments, w_dim: int | None, path: str) 
         g = getattr(moments, field)
         if not isinstance(g, Gaussian):
             raise WireError(
-                f"{path}.{field}: expected a Gaussian, got {type(g).__name__}; send both prior and posterior moments"
+                f"{path}.{field}: expected a Gaussian, got {type(g).__name__}; send both prior and "
+                "posterior moments"
             )
     w = _check_gaussian(moments.prior, w_dim, f"{path}.prior")
     # The posterior must live in the prior's space, whether or not the caller knows w_dim.
@@ -614,11 +631,13 @@ def _check_gaussian(g: Gaussian, w_dim: int | None, path: str) -> int:
     w = g.mean.size
     if w_dim is not None and w != w_dim:
         raise WireError(
-            f"{path}.mean: {w} values but the prototypes' w has {w_dim} dimensions; send moments over the bank's w"
+            f"{path}.mean: {w} values but the prototypes' w has {w_dim} dimensions; send moments "
+            "over the bank's w"
         )
     if g.cov.shape != (w, w):
         raise WireError(
-            f"{path}.covariance: shape {g.cov.shape} for a {w}-dimensional mean; send a {w} x {w} matrix (w*w = {w * w} values, row-major)"
+            f"{path}.covariance: shape {g.cov.shape} for a {w}-dimensional mean; send a {w} x {w} "
+            f"matrix (w*w = {w * w} values, row-major)"
         )
     _check_all_finite(g.mean, f"{path}.mean")
     _check_all_finite(g.cov, f"{path}.covariance")
@@ -626,13 +645,15 @@ def _check_gaussian(g: Gaussian, w_dim: int | None, path: str) -> int:
     asymmetry = float(np.max(np.abs(g.cov - g.cov.T)))
     if asymmetry > _SYMMETRY_RTOL * scale:
         raise WireError(
-            f"{path}.covariance: not symmetric (largest |C - C^T| = {asymmetry:.3g}); send (C + C^T) / 2"
+            f"{path}.covariance: not symmetric (largest |C - C^T| = {asymmetry:.3g}); send (C + "
+            "C^T) / 2"
         )
     diagonal = np.diag(g.cov)
     if np.any(diagonal < 0):
         i = int(np.argmin(diagonal))
         raise WireError(
-            f"{path}.covariance: negative variance {float(diagonal[i])!r} on the diagonal at [{i}, {i}]; a covariance's diagonal must be >= 0"
+            f"{path}.covariance: negative variance {float(diagonal[i])!r} on the diagonal at [{i}, "
+            f"{i}]; a covariance's diagonal must be >= 0"
         )
     return w
 
@@ -661,7 +682,8 @@ def _check_manifest(m: BankManifest) -> None:
     _check_text(m.weights_digest, f"{name}.weights_digest")
     if not _SHA256_HEX.fullmatch(m.weights_digest):
         raise WireError(
-            f"{name}.weights_digest: {m.weights_digest!r} is not a sha256 digest; send hashlib.sha256(weights).hexdigest() (64 lowercase hex characters)"
+            f"{name}.weights_digest: {m.weights_digest!r} is not a sha256 digest; send "
+            "hashlib.sha256(weights).hexdigest() (64 lowercase hex characters)"
         )
     _check_family_name(m.family, f"{name}.family")
     experts = _check_tuple(m.experts, f"{name}.experts")
@@ -688,7 +710,8 @@ def _check_manifest_expert(e: Any, vocabulary: set[str], path: str) -> None:
     unknown = [label for label in e.labels if label not in vocabulary]
     if unknown:
         raise WireError(
-            f"{path}.label_names: {unknown!r} not in BankManifest.vocabulary; add them to the vocabulary (it is append-only)"
+            f"{path}.label_names: {unknown!r} not in BankManifest.vocabulary; add them to the "
+            "vocabulary (it is append-only)"
         )
     _check_unit_interval(e.weight, f"{path}.trust")
     _check_fidelity(e.fidelity, f"{path}.fidelity")
@@ -714,7 +737,8 @@ def _check_node_description(d: NodeDescription) -> None:
     )
     if lo > hi:
         raise WireError(
-            f"{name}.x_range: lo {lo!r} > hi {hi!r}; send the queries' minimum first, then their maximum"
+            f"{name}.x_range: lo {lo!r} > hi {hi!r}; send the queries' minimum first, then their "
+            "maximum"
         )
 
 
@@ -733,28 +757,33 @@ def _check_round_plan(p: RoundPlan) -> None:
     )
     if _check_uint(p.phase_round, f"{name}.phase_round") >= rounds:
         raise WireError(
-            f"{name}.phase_round: {p.phase_round} is outside 0..{rounds - 1}, the phase's {rounds} rounds; send the round's 0-based index within its phase"
+            f"{name}.phase_round: {p.phase_round} is outside 0..{rounds - 1}, the phase's {rounds} "
+            "rounds; send the round's 0-based index within its phase"
         )
     _check_labels(
         p.vocabulary, f"{name}.vocabulary", what="the global label vocabulary", bounded=True
     )
     if not isinstance(p.model, dict) or not all(isinstance(k, str) for k in p.model):
         raise WireError(
-            f"{name}.model_json: expected a JSON object (a dict with string keys), got {type(p.model).__name__}; send the family's network config"
+            f"{name}.model_json: expected a JSON object (a dict with string keys), got "
+            f"{type(p.model).__name__}; send the family's network config"
         )
     try:
         json.dumps(p.model, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise WireError(
-            f"{name}.model_json: not JSON-able ({err}); keep plain numbers, strings, lists and dicts in it"
+            f"{name}.model_json: not JSON-able ({err}); keep plain numbers, strings, lists and "
+            "dicts in it"
         ) from None
     if not isinstance(p.training, TrainingSettings):
         raise WireError(
-            f"{name}.training_json: expected a protofuse.settings.TrainingSettings, got {type(p.training).__name__}"
+            f"{name}.training_json: expected a protofuse.settings.TrainingSettings, got "
+            f"{type(p.training).__name__}"
         )
     if not isinstance(p.federation, FederationSettings):
         raise WireError(
-            f"{name}.federation_json: expected a protofuse.settings.FederationSettings, got {type(p.federation).__name__}"
+            f"{name}.federation_json: expected a protofuse.settings.FederationSettings, got "
+            f"{type(p.federation).__name__}"
         )
 
 
@@ -783,7 +812,8 @@ def _settings_from_json(cls_name: str, text: str, path: str) -> Any:
             for e in err.errors()[:5]
         )
         raise WireError(
-            f"{path}: not valid {cls_name} ({problems}); server and client must run matching protofuse versions"
+            f"{path}: not valid {cls_name} ({problems}); server and client must run matching "
+            "protofuse versions"
         ) from None
 
 
@@ -793,20 +823,23 @@ def _check_family_name(value: object, path: str) -> None:
         raise WireError(f"{path}: empty; set the prototype family's name (e.g. 'discriminative')")
     if not _FAMILY_NAME.fullmatch(text):
         raise WireError(
-            f"{path}: {text!r} is not a family name; use lowercase letters, digits and '_', as protofuse.families names them"
+            f"{path}: {text!r} is not a family name; use lowercase letters, digits and '_', as "
+            "protofuse.families names them"
         )
 
 
 def _check_fidelity(f: Any, path: str) -> None:
     if not isinstance(f, Fidelity):
         raise WireError(
-            f"{path}: expected a Fidelity, got {type(f).__name__}; measure the imitator on held-out queries and send the result"
+            f"{path}: expected a Fidelity, got {type(f).__name__}; measure the imitator on "
+            "held-out queries and send the result"
         )
     _check_unit_interval(f.agreement, f"{path}.agreement")
     kl = _check_finite(f.kl, f"{path}.kl")
     if kl < 0:
         raise WireError(
-            f"{path}.kl: {kl!r} is negative; a KL divergence is >= 0 (check the direction and the normalisation of both distributions)"
+            f"{path}.kl: {kl!r} is negative; a KL divergence is >= 0 (check the direction and the "
+            "normalisation of both distributions)"
         )
     _check_uint(f.n, f"{path}.n")
 
@@ -819,7 +852,8 @@ def _check_fidelity(f: Any, path: str) -> None:
 def _expect_type(value: object, cls: type, name: str) -> None:
     if not isinstance(value, cls):
         raise WireError(
-            f"{name}: expected a protofuse.protocol.federation.{cls.__name__}, got {type(value).__name__}"
+            f"{name}: expected a protofuse.protocol.federation.{cls.__name__}, got "
+            f"{type(value).__name__}"
         )
 
 
@@ -841,7 +875,8 @@ def _check_pseudonym(value: object, path: str) -> None:
         raise WireError(f"{path}: {len(text)} characters; use at most {MAX_PSEUDONYM_LENGTH}")
     if not _PSEUDONYM.fullmatch(text):
         raise WireError(
-            f"{path}: {text!r} has characters outside [A-Za-z0-9_.-]; use only letters, digits, '_', '.' and '-'"
+            f"{path}: {text!r} has characters outside [A-Za-z0-9_.-]; use only letters, digits, "
+            "'_', '.' and '-'"
         )
 
 
@@ -861,7 +896,8 @@ def _check_labels(names: object, path: str, *, what: str, bounded: bool = False)
             raise WireError(f"{path}[{i}]: empty label name; every label needs a non-empty name")
         if bounded and len(label) > MAX_LABEL_LENGTH:
             raise WireError(
-                f"{path}[{i}]: {len(label)} characters; use label names of at most {MAX_LABEL_LENGTH}"
+                f"{path}[{i}]: {len(label)} characters; use label names of at most "
+                f"{MAX_LABEL_LENGTH}"
             )
         if label in seen:
             raise WireError(f"{path}[{i}]: {label!r} appears twice; label names must be unique")
@@ -919,5 +955,6 @@ def _check_all_finite(array: np.ndarray, path: str) -> None:
         index = np.unravel_index(int(bad[0]), array.shape)
         where = ", ".join(str(int(i)) for i in index)
         raise WireError(
-            f"{path}: {float(array[index])!r} at [{where}] is not finite; send finite moments (check for a diverged fit)"
+            f"{path}: {float(array[index])!r} at [{where}] is not finite; send finite moments "
+            "(check for a diverged fit)"
         )

@@ -1,7 +1,8 @@
 """The adaptation service's messages (protos/protofuse/v1/fusion.proto): dataclasses and codecs.
 
-The companion of :mod:`protofuse.protocol.federation` (federation and bank messages), with the same rules: the
-only other module that touches generated classes; every decoder checks every field and raises
+The companion of :mod:`protofuse.protocol.federation` (federation and bank messages), with the same
+rules: the only other module that touches generated classes; every decoder checks every field and
+raises
 WireError naming it by its wire path (``AdaptRequest.x.shape``); every encoder runs the same
 checks first. Checks that need the bank being served (input width, option names) take it as
 arguments, so a request is refused before any work starts.
@@ -10,6 +11,7 @@ arguments, so a request is refused before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +23,10 @@ from protofuse.v1 import fusion_pb2
 SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["Fusion"].full_name  # "protofuse.v1.Fusion"
 METHODS = ("Adapt", "GetBank", "ListExperts")
 
-_DTYPES = {fusion_pb2.Tensor.FLOAT32: np.dtype("<f4"), fusion_pb2.Tensor.FLOAT64: np.dtype("<f8")}
+_DTYPES: dict[int, np.dtype[Any]] = {
+    fusion_pb2.Tensor.FLOAT32: np.dtype("<f4"),
+    fusion_pb2.Tensor.FLOAT64: np.dtype("<f8"),
+}
 _DTYPE_CODES = {
     np.dtype(np.float32): fusion_pb2.Tensor.FLOAT32,
     np.dtype(np.float64): fusion_pb2.Tensor.FLOAT64,
@@ -132,33 +137,41 @@ def decode_adapt_request(
 def _check_digest(value: str, path: str) -> None:
     if _check_text(value, path) and not wire._SHA256_HEX.fullmatch(value):
         raise WireError(
-            f"{path}: {value[:80]!r} is not a sha256 digest (64 lowercase hex characters); send one from an earlier reply, or leave it empty"
+            f"{path}: {value[:80]!r} is not a sha256 digest (64 lowercase hex characters); send "
+            "one from an earlier reply, or leave it empty"
         )
 
 
 def _tensor_from_proto(t: fusion_pb2.Tensor, path: str, max_rows: int | None) -> np.ndarray:
     if t.dtype not in _DTYPES:
-        raise WireError(
-            f"{path}.dtype: {fusion_pb2.Tensor.DType.Name(t.dtype) if t.dtype in fusion_pb2.Tensor.DType.values() else t.dtype} is not accepted; send FLOAT32 or FLOAT64"
+        shown = (
+            fusion_pb2.Tensor.DType.Name(t.dtype)
+            if t.dtype in fusion_pb2.Tensor.DType.values()
+            else t.dtype
         )
+        raise WireError(f"{path}.dtype: {shown} is not accepted; send FLOAT32 or FLOAT64")
     shape = tuple(t.shape)
     if len(shape) != 2:
         raise WireError(
-            f"{path}.shape: {list(shape)} has {len(shape)} dimensions; send (n, d): one row of d features per example"
+            f"{path}.shape: {list(shape)} has {len(shape)} dimensions; send (n, d): one row of d "
+            "features per example"
         )
     if max_rows is not None and shape[0] > max_rows:
         raise WireError(
-            f"{path}.shape: {shape[0]} support examples, more than this service's limit of {max_rows}; send fewer (a few per class is what adaptation needs)"
+            f"{path}.shape: {shape[0]} support examples, more than this service's limit of "
+            f"{max_rows}; send fewer (a few per class is what adaptation needs)"
         )
     if not 1 <= shape[1] <= MAX_WIDTH:
         raise WireError(
-            f"{path}.shape: width {shape[1]} is outside [1, {MAX_WIDTH}]; send rows of the bank's input width"
+            f"{path}.shape: width {shape[1]} is outside [1, {MAX_WIDTH}]; send rows of the bank's "
+            "input width"
         )
     dtype = _DTYPES[t.dtype]
     expected = shape[0] * shape[1] * dtype.itemsize
     if len(t.data) != expected:
         raise WireError(
-            f"{path}.data: {len(t.data)} bytes for shape {list(shape)} of {dtype.name}; send exactly {expected} bytes, row-major little-endian"
+            f"{path}.data: {len(t.data)} bytes for shape {list(shape)} of {dtype.name}; send "
+            f"exactly {expected} bytes, row-major little-endian"
         )
     return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -174,29 +187,35 @@ def _check_request(
 ) -> None:
     if x.ndim != 2:
         raise WireError(
-            f"AdaptRequest.x.shape: {list(x.shape)} has {x.ndim} dimensions; send (n, d): one row of d features per example"
+            f"AdaptRequest.x.shape: {list(x.shape)} has {x.ndim} dimensions; send (n, d): one row "
+            "of d features per example"
         )
     n, d = x.shape
     if n == 0:
         raise WireError(
-            "AdaptRequest.x.shape: the support set is empty; send at least one example of each of two classes"
+            "AdaptRequest.x.shape: the support set is empty; send at least one example of each of "
+            "two classes"
         )
     if max_support is not None and n > max_support:
         raise WireError(
-            f"AdaptRequest.x.shape: {n} support examples, more than this service's limit of {max_support}; send fewer"
+            f"AdaptRequest.x.shape: {n} support examples, more than this service's limit of "
+            f"{max_support}; send fewer"
         )
     if input_width is not None and d != input_width:
         raise WireError(
-            f"AdaptRequest.x.shape: rows of width {d}, but the bank's inputs have width {input_width}; send inputs preprocessed like the experts' queries"
+            f"AdaptRequest.x.shape: rows of width {d}, but the bank's inputs have width "
+            f"{input_width}; send inputs preprocessed like the experts' queries"
         )
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if bad.size:
         raise WireError(
-            f"AdaptRequest.x.data: row {int(bad[0])} holds NaN or infinite values; clean or impute the inputs first"
+            f"AdaptRequest.x.data: row {int(bad[0])} holds NaN or infinite values; clean or impute "
+            "the inputs first"
         )
     if len(labels) != n:
         raise WireError(
-            f"AdaptRequest.labels: {len(labels)} labels for {n} rows of x; send one label name per example"
+            f"AdaptRequest.labels: {len(labels)} labels for {n} rows of x; send one label name per "
+            "example"
         )
     for i, label in enumerate(labels):
         _check_text(label, f"AdaptRequest.labels[{i}]")
@@ -206,18 +225,21 @@ def _check_request(
             )
     if len(set(labels)) < 2:
         raise WireError(
-            f"AdaptRequest.labels: only {sorted(set(labels))} present; a task needs at least two classes"
+            f"AdaptRequest.labels: only {sorted(set(labels))} present; a task needs at least two "
+            "classes"
         )
     for key, value in options.items():
         _check_text(key, "AdaptRequest.options")
         if option_names is not None and key not in option_names:
             raise WireError(
-                f"AdaptRequest.options[{key!r}]: unknown option; known options are {sorted(option_names)}"
+                f"AdaptRequest.options[{key!r}]: unknown option; known options are "
+                f"{sorted(option_names)}"
             )
         _check_text(value, f"AdaptRequest.options[{key!r}]")
         if len(value) > MAX_OPTION_LENGTH:
             raise WireError(
-                f"AdaptRequest.options[{key!r}]: {len(value)} characters; at most {MAX_OPTION_LENGTH}"
+                f"AdaptRequest.options[{key!r}]: {len(value)} characters; at most "
+                f"{MAX_OPTION_LENGTH}"
             )
 
 
@@ -288,7 +310,8 @@ def _check_adapt_response(r: AdaptResponse) -> None:
     _check_digest(r.bank_weights_digest, "AdaptResponse.artifact.bank_weights_digest")
     if r.bank_weights_omitted and not r.bank_weights_digest:
         raise WireError(
-            "AdaptResponse.artifact.bank_weights_omitted: set without bank_weights_digest; name the weights left out"
+            "AdaptResponse.artifact.bank_weights_omitted: set without bank_weights_digest; name "
+            "the weights left out"
         )
     wire._check_labels(
         tuple(r.metrics.classes), "AdaptResponse.metrics.classes", what="the model's classes"
@@ -341,7 +364,8 @@ def encode_expert_list(e: ExpertList) -> bytes:
     for summary in e.experts:
         if summary.expert.pseudonym != summary.distribution.pseudonym:
             raise WireError(
-                f"ListExpertsResponse.experts: record {summary.expert.pseudonym!r} paired with the distribution of {summary.distribution.pseudonym!r}"
+                f"ListExpertsResponse.experts: record {summary.expert.pseudonym!r} paired with the "
+                f"distribution of {summary.distribution.pseudonym!r}"
             )
         out = msg.experts.add()
         wire._check_manifest_expert(

@@ -73,7 +73,8 @@ def check_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> None:
         value = record[key].numpy()
         if value.shape != reference.shape or value.dtype != reference.dtype:
             raise wire.WireError(
-                f"arrays.{key}: {value.dtype} {value.shape}, the shared weights are {reference.dtype} {reference.shape}"
+                f"arrays.{key}: {value.dtype} {value.shape}, the shared weights are "
+                f"{reference.dtype} {reference.shape}"
             )
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise wire.WireError(

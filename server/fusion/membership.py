@@ -61,14 +61,16 @@ class Federation:
         pseudonym = description.pseudonym
         if description.x_dim != self.x_dim:
             raise ValueError(
-                f"node {node_id} ({pseudonym}) has inputs of width {description.x_dim}, the federation's are {self.x_dim}"
+                f"node {node_id} ({pseudonym}) has inputs of width {description.x_dim}, the "
+                f"federation's are {self.x_dim}"
             )
         holders = [
             nid for nid, c in self.nodes.items() if c.pseudonym == pseudonym and nid != node_id
         ]
         if any(online is None or nid in online for nid in holders):
             raise ValueError(
-                f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give each expert a unique name"
+                f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give "
+                "each expert a unique name"
             )
         for nid in holders:  # gone: its expert is back under a new node id
             del self.nodes[nid]
@@ -90,7 +92,7 @@ def describe_query(node_id: int) -> Message:
 def read_description(content: RecordDict) -> wire.NodeDescription:
     """A node's description from its reply to the describe query, or a ValueError saying why it
     cannot be admitted and the fix (the caller names the node)."""
-    record = content[DESCRIBE] if DESCRIBE in content else None
+    record = content.get(DESCRIBE)
     if record is None:
         raise ValueError(
             f"it replied without a description (no {DESCRIBE!r} record); is it a protofuse client?"
@@ -99,7 +101,8 @@ def read_description(content: RecordDict) -> wire.NodeDescription:
         payload = record[NODE_DESCRIPTION]
         if not isinstance(payload, bytes):
             raise ValueError(
-                f"its {NODE_DESCRIPTION!r} holds a {type(payload).__name__}, not an encoded NodeDescription; run matching protofuse versions"
+                f"its {NODE_DESCRIPTION!r} holds a {type(payload).__name__}, not an encoded "
+                "NodeDescription; run matching protofuse versions"
             )
         try:
             return wire.decode_node_description(payload)
@@ -108,11 +111,14 @@ def read_description(content: RecordDict) -> wire.NodeDescription:
     if any(key in record for key in _LEGACY_KEYS):
         who = f" of expert {str(record['pseudonym'])!r}" if "pseudonym" in record else ""
         raise ValueError(
-            f"it runs a protofuse from before the typed federation protocol (its description{who} has the untyped keys "
-            f"{sorted(record.keys())} and no NodeDescription); this server speaks federation format {wire.FORMAT_VERSION}: run matching protofuse versions"
+            f"it runs a protofuse from before the typed federation protocol (its description{who} "
+            "has the untyped keys "
+            f"{sorted(record.keys())} and no NodeDescription); this server speaks federation "
+            f"format {wire.FORMAT_VERSION}: run matching protofuse versions"
         )
     raise ValueError(
-        f"its {DESCRIBE!r} record holds no {NODE_DESCRIPTION!r} message (keys {sorted(record.keys())}); run matching protofuse versions"
+        f"its {DESCRIBE!r} record holds no {NODE_DESCRIPTION!r} message (keys "
+        f"{sorted(record.keys())}); run matching protofuse versions"
     )
 
 

@@ -40,6 +40,7 @@ from protofuse.families import Family, family
 # weights is what the rounds exchange.
 from protofuse.families.discriminative import config_for, load_shared, shared_arrays
 from protofuse.io import atomic_write_bytes
+from protofuse.model.discriminative import DiscriminativePrototypes
 from protofuse.model.networks import image_size
 from protofuse.protocol import federation as wire
 from protofuse.records import Fidelity
@@ -79,7 +80,8 @@ def fuse(
         if "run key" not in str(err) and "holds run" not in str(err):
             raise
         raise SpecError(
-            f"{err} (the settings that shape the bank, rounds included, differ from the run stored in {out})"
+            f"{err} (the settings that shape the bank, rounds included, differ from the run stored "
+            f"in {out})"
         ) from None
     try:
         last = store.latest()
@@ -117,6 +119,8 @@ def fuse(
                 timeout=spec.federation.round_timeout,
             )
         final = store.latest()
+        if final is None:  # every round checkpoints: none means not one round completed
+            raise RuntimeError(f"the federation ended with no checkpoint in {out / STORE}")
         history = [asdict(h) for h in store.history()]
     finally:
         store.close()
@@ -147,12 +151,14 @@ def run_key(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def federating_family(spec: Spec) -> Family:
-    """The spec's family from the registry, refused unless it federates."""
+def federating_family(spec: Spec) -> Family[DiscriminativePrototypes]:
+    """The spec's family from the registry, refused unless it federates (only the discriminative
+    family does)."""
     impl = family(spec.model.family)
     if not impl.federates:
         raise SpecError(
-            f"model.family = {impl.name!r} is not federated; use the discriminative family (or `protofuse fit` for a central {impl.name} bank)"
+            f"model.family = {impl.name!r} is not federated; use the discriminative family (or "
+            f"`protofuse fit` for a central {impl.name} bank)"
         )
     return impl
 
@@ -162,7 +168,8 @@ def run_settings(cfg: Any) -> tuple[Spec, Path]:
     for key in ("spec", "out"):
         if not cfg.get(key):
             raise SpecError(
-                f'run config lacks {key!r}: run with --run-config \'spec="/abs/spec.toml" out="/abs/run"\''
+                f'run config lacks {key!r}: run with --run-config \'spec="/abs/spec.toml" '
+                'out="/abs/run"\''
             )
     spec = load_spec(str(cfg["spec"]), experts_required=False)
     fed = spec.federation.model_dump()
@@ -184,14 +191,16 @@ def _start(
     )  # the others are refused there, by name
     if not described:
         raise RuntimeError(
-            "no node described its expert; see the warnings above and the clients' logs (are they the same protofuse version?)"
+            "no node described its expert; see the warnings above and the clients' logs (are they "
+            "the same protofuse version?)"
         )
     widths = [d.x_dim for d in described.values()]
     x_dim = max(set(widths), key=widths.count)  # nodes of another width are refused below, by name
     image_shape = spec.data.image_shape
     if image_shape is not None and image_size(image_shape) != x_dim:
         raise SpecError(
-            f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image but the clients' inputs have {x_dim} features"
+            f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image "
+            f"but the clients' inputs have {x_dim} features"
         )
     fed = Federation(list(last.vocabulary) if last else [], x_dim)
     if last:
@@ -291,7 +300,8 @@ def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Ban
             head = wire.decode_distribution(record.distribution).head
             if not isinstance(head, wire.DiscriminativeHead):
                 raise ValueError(
-                    f"expert {record.name!r}: the store holds a {type(head).__name__}, not the imitation head of the {impl.name} family; the store belongs to another run"
+                    f"expert {record.name!r}: the store holds a {type(head).__name__}, not the "
+                    f"imitation head of the {impl.name} family; the store belongs to another run"
                 )
             model.expert_log_temp[e] = head.log_temperature
             model.expert_bias[e, [vocab[c] for c in record.labels]] = torch.tensor(

@@ -114,7 +114,10 @@ CREATE TABLE expert_labels (
 );
 """
 
-_EXPERT_COLUMNS = "pseudonym, distribution, n_examples, n_queries, fidelity_agreement, fidelity_kl, fidelity_n, consensus, trust, last_round"
+_EXPERT_COLUMNS = (
+    "pseudonym, distribution, n_examples, n_queries, fidelity_agreement, fidelity_kl, "
+    "fidelity_n, consensus, trust, last_round"
+)
 
 
 class StoreError(RuntimeError):
@@ -239,7 +242,8 @@ class BankStore:
         last = db.execute("SELECT max(round) FROM history").fetchone()[0]
         if last is not None and round <= last:
             raise StoreError(
-                f"{self.path}: round {round} is not after the last checkpoint (round {last}); rounds must increase"
+                f"{self.path}: round {round} is not after the last checkpoint (round {last}); "
+                "rounds must increase"
             )
         previous = _vocabulary(db)
         if vocabulary[: len(previous)] != previous:
@@ -250,7 +254,8 @@ class BankStore:
             )
             found = vocabulary[at] if at < len(vocabulary) else "nothing (removed)"
             raise StoreError(
-                f"{self.path}: the vocabulary is append-only, but position {at} holds {found!r} instead of "
+                f"{self.path}: the vocabulary is append-only, but position {at} holds {found!r} "
+                "instead of "
                 f"{previous[at]!r}; keep the old labels in order and only append new ones"
             )
 
@@ -283,12 +288,14 @@ class BankStore:
             )
         n_known = db.execute("SELECT count(*) FROM experts").fetchone()[0]
         db.execute(
-            "INSERT INTO history (round, weights_digest, created, vocabulary_size, n_experts, n_known) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO history (round, weights_digest, created, vocabulary_size, n_experts, "
+            "n_known) VALUES (?, ?, ?, ?, ?, ?)",
             (round, digest, time.time(), len(vocabulary), len(experts), n_known),
         )
         db.execute("INSERT INTO checkpoints (round, state) VALUES (?, ?)", (round, state_json))
         db.execute(
-            "DELETE FROM checkpoints WHERE round NOT IN (SELECT round FROM checkpoints ORDER BY round DESC LIMIT ?)",
+            "DELETE FROM checkpoints WHERE round NOT IN (SELECT round FROM checkpoints ORDER BY "
+            "round DESC LIMIT ?)",
             (self._keep,),
         )
 
@@ -321,7 +328,8 @@ class BankStore:
         """The last complete checkpoint, its weight file verified; None for a new store."""
         with self._lock, self._read() as db:
             row = db.execute(
-                "SELECT round, weights_digest, vocabulary_size, state FROM checkpoints JOIN history USING (round) "
+                "SELECT round, weights_digest, vocabulary_size, state FROM checkpoints JOIN "
+                "history USING (round) "
                 "ORDER BY round DESC LIMIT 1"
             ).fetchone()
             if row is None:
@@ -348,7 +356,8 @@ class BankStore:
         with self._lock, self._read() as db:
             return list(
                 db.execute(
-                    "SELECT round, weights_digest FROM checkpoints JOIN history USING (round) ORDER BY round"
+                    "SELECT round, weights_digest FROM checkpoints JOIN history USING (round) "
+                    "ORDER BY round"
                 )
             )
 
@@ -356,22 +365,28 @@ class BankStore:
         """Every round ever checkpointed, ascending, including those whose weights were deleted."""
         with self._lock, self._read() as db:
             rows = db.execute(
-                "SELECT round, weights_digest, created, vocabulary_size, n_experts, n_known FROM history ORDER BY round"
+                "SELECT round, weights_digest, created, vocabulary_size, n_experts, n_known FROM "
+                "history ORDER BY round"
             )
             return [RoundRecord(*row) for row in rows]
 
     def weights(self, round: int) -> dict[str, np.ndarray]:
-        """The shared arrays of a kept checkpoint (verified), e.g. to score the bank round by round."""
+        """The shared arrays of a kept checkpoint (verified), e.g. to score the bank round by
+        round."""
         digests = dict(self.rounds())
         if round not in digests:
             raise StoreError(
-                f"{self._folder}: no kept checkpoint of round {round} (kept: {sorted(digests)}); keep more with [federation] keep_checkpoints"
+                f"{self._folder}: no kept checkpoint of round {round} (kept: {sorted(digests)}); "
+                "keep more with [federation] keep_checkpoints"
             )
         return self._load_weights(digests[round])
 
     def _load_weights(self, digest: str) -> dict[str, np.ndarray]:
         file = self._weights / f"{digest}.npz"
-        fix = f"restore {self._weights} from a backup, or delete {self._folder} to start the run again"
+        fix = (
+            f"restore {self._weights} from a backup, or delete {self._folder} to start the run "
+            "again"
+        )
         try:
             data = file.read_bytes()
         except FileNotFoundError:
@@ -380,7 +395,8 @@ class BankStore:
             ) from None
         if _sha256(data) != digest:
             raise StoreError(
-                f"{file}: contents do not match the SHA-256 in its name (corrupted or truncated); {fix}"
+                f"{file}: contents do not match the SHA-256 in its name (corrupted or truncated); "
+                f"{fix}"
             )
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
@@ -414,19 +430,22 @@ class BankStore:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version != SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path}: schema version {version}, this protofuse reads version {SCHEMA_VERSION}; "
+                    f"{self.path}: schema version {version}, this protofuse reads version "
+                    f"{SCHEMA_VERSION}; "
                     "open it with the protofuse that wrote it, or use another --out folder"
                 )
             stored = db.execute("SELECT run_key FROM run").fetchone()[0]
         if stored != run_key:
             raise StoreError(
-                f"{self.path} holds run {stored}, not {run_key}; use another --out folder or delete it"
+                f"{self.path} holds run {stored}, not {run_key}; use another --out folder or "
+                "delete it"
             )
 
     def _create_schema(self, db: sqlite3.Connection, run_key: str) -> None:
         if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise StoreError(
-                f"{self.path}: a SQLite database that is not a protofuse bank store; use another --out folder"
+                f"{self.path}: a SQLite database that is not a protofuse bank store; use another "
+                "--out folder"
             )
         # Not executescript: it would COMMIT the open transaction, and the version check with it.
         for statement in _statements(_SCHEMA):
@@ -514,11 +533,13 @@ def _check_unique(experts: Sequence[ExpertRecord]) -> Sequence[ExpertRecord]:
     for expert in experts:
         if not isinstance(expert, ExpertRecord):
             raise StoreError(
-                f"experts must be protofuse.records.ExpertRecord records, got {type(expert).__name__}"
+                "experts must be protofuse.records.ExpertRecord records, got "
+                f"{type(expert).__name__}"
             )
         if expert.name in seen:
             raise StoreError(
-                f"expert {expert.name!r} appears twice in one checkpoint; send one record per expert"
+                f"expert {expert.name!r} appears twice in one checkpoint; send one record per "
+                "expert"
             )
         seen.add(expert.name)
     return experts
@@ -535,7 +556,8 @@ def _expert_row(expert: ExpertRecord, vocabulary: set[str], round: int) -> tuple
     missing = [n for n in expert.labels if n not in vocabulary]
     if missing:
         raise StoreError(
-            f"{who} has labels {missing[:5]!r} outside the vocabulary; add them to the vocabulary first"
+            f"{who} has labels {missing[:5]!r} outside the vocabulary; add them to the vocabulary "
+            "first"
         )
     if len(set(expert.labels)) != len(expert.labels):
         raise StoreError(f"{who} lists a label twice in {expert.labels!r}")
@@ -612,7 +634,8 @@ def _encode_state(state: dict[str, Any]) -> str:
 
 
 def _encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    """An ``.npz`` whose bytes depend only on the arrays (sorted names, fixed timestamps, no pickle)."""
+    """An ``.npz`` whose bytes depend only on the arrays (sorted names, fixed timestamps, no
+    pickle)."""
     if not arrays:
         raise StoreError("arrays is empty; a checkpoint needs the bank's weights")
     for name in arrays:
@@ -620,7 +643,8 @@ def _encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
             raise StoreError(f"array names must be non-empty strings, got {name!r}")
         if np.asarray(arrays[name]).dtype.hasobject:
             raise StoreError(
-                f"array {name!r} has dtype {np.asarray(arrays[name]).dtype}; only plain numeric arrays are stored (no pickle)"
+                f"array {name!r} has dtype {np.asarray(arrays[name]).dtype}; only plain numeric "
+                "arrays are stored (no pickle)"
             )
     return npz_bytes({name: arrays[name] for name in sorted(arrays)})
 
@@ -651,7 +675,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(
-                f"{path}: SQLite cannot use a WAL journal here (got {mode!r}); put --out on a local disk"
+                f"{path}: SQLite cannot use a WAL journal here (got {mode!r}); put --out on a "
+                "local disk"
             )
         db.execute(
             "PRAGMA synchronous = FULL"
@@ -660,7 +685,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as err:
         db.close()
         raise StoreError(
-            f"{path}: cannot open as a bank store ({err}); use another --out folder or delete the file"
+            f"{path}: cannot open as a bank store ({err}); use another --out folder or delete the "
+            "file"
         ) from None
     except BaseException:
         db.close()

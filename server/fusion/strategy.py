@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from protofuse.protocol import federation as wire
-from protofuse.records import ExpertRecord
+from protofuse.records import NOT_MEASURED, ExpertRecord
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.training import reliability_weights
 
@@ -151,7 +151,7 @@ class FusionStrategy(FedAvg):
                 continue
             try:
                 if phase.name != AGREEMENT:
-                    check_update(reply.content["arrays"], self._sent)
+                    check_update(reply.content.array_records["arrays"], self._sent)
                 stats = self._merge(client, reply, r)
             except (
                 wire.WireError,
@@ -171,7 +171,8 @@ class FusionStrategy(FedAvg):
             ok.append((client, reply, stats))
         if not ok:
             raise RuntimeError(
-                f"round {r}: no client replied with a usable update; see the warnings above (the run resumes from round {r - 1}'s checkpoint when started again)"
+                f"round {r}: no client replied with a usable update; see the warnings above (the "
+                f"run resumes from round {r - 1}'s checkpoint when started again)"
             )
         ok.sort(
             key=lambda item: item[0].pseudonym
@@ -185,7 +186,7 @@ class FusionStrategy(FedAvg):
                 [
                     (
                         c,
-                        {k: v.numpy() for k, v in m.content["arrays"].items()},
+                        {k: v.numpy() for k, v in m.content.array_records["arrays"].items()},
                         min(s.n_examples, c.n_queries),
                     )
                     for c, m, s in ok
@@ -196,23 +197,25 @@ class FusionStrategy(FedAvg):
         return to_record(arrays), metrics
 
     def _merge(self, client: Client, reply: Message, round: int) -> wire.ImitatorStats:
-        fusion = reply.content["fusion"]
-        dist = wire.decode_distribution(bytes(fusion["distribution"]))
-        stats = wire.decode_stats(bytes(fusion["stats"]))
+        fusion = reply.content.config_records["fusion"]
+        dist = wire.decode_distribution(_encoded(fusion, "distribution"))
+        stats = wire.decode_stats(_encoded(fusion, "stats"))
         for who in (dist.pseudonym, stats.pseudonym):
             if who != client.pseudonym:
                 raise wire.WireError(
-                    f"ExpertDistribution.pseudonym: {who!r} from the node registered as {client.pseudonym!r}"
+                    f"ExpertDistribution.pseudonym: {who!r} from the node registered as "
+                    f"{client.pseudonym!r}"
                 )
         if tuple(dist.label_names) != client.labels:
             raise wire.WireError(
-                f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels the node declared {list(client.labels)}"
+                f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels "
+                f"the node declared {list(client.labels)}"
             )
         old = self.federation.records.get(client.pseudonym)
         consensus = (
             stats.consensus_agreement
             if stats.consensus_agreement is not None
-            else (old.consensus if old else None)
+            else (old.consensus if old else NOT_MEASURED)
         )
         self.federation.records[client.pseudonym] = ExpertRecord(
             client.pseudonym,
@@ -240,7 +243,7 @@ class FusionStrategy(FedAvg):
             if self.training.reweight and len(scored) > 1
             else np.ones(len(scored))
         )
-        for (client, _), w in zip(scored, weights):
+        for (client, _), w in zip(scored, weights, strict=True):
             self.federation.trust[client.pseudonym] = float(w)
             rec = self.federation.records[client.pseudonym]
             self.federation.records[client.pseudonym] = replace(rec, weight=float(w))
@@ -286,30 +289,44 @@ class FusionStrategy(FedAvg):
         sent = [recorddict_to_proto(m.content).ByteSize() for _, m, _ in ok]
         shared = sum(a.nbytes for a in arrays.values())
         losses = [s.loss for _, _, s in ok if s.loss is not None]
+        mean_loss = float(np.mean(losses)) if losses else None  # None: nothing trained
+        bytes_per_client = float(np.mean(sent))
+        fidelity = float(np.mean([s.fidelity.agreement for _, _, s in ok]))
         row = {
             "round": r,
             "phase": phase.name,
             "clients": len(ok),
-            "loss": float(np.mean(losses)) if losses else None,  # None: nothing trained
-            "bytes_per_client": float(np.mean(sent)),
+            "loss": mean_loss,
+            "bytes_per_client": bytes_per_client,
             "shared_bytes": shared,
-            "fidelity": float(np.mean([s.fidelity.agreement for _, _, s in ok])),
+            "fidelity": fidelity,
             "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
         }
         self.history.append(row)
-        loss = math.nan if row["loss"] is None else row["loss"]
+        loss = math.nan if mean_loss is None else mean_loss
         log(
             INFO,
-            "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared weights %.0f kB)",
+            "round %d/%d %-9s clients %d  loss %.4f  fidelity %.3f  sent %.0f kB/client (shared "
+            "weights %.0f kB)",
             r,
             self.schedule.total,
             phase.name,
             len(ok),
             loss,
-            row["fidelity"],
-            row["bytes_per_client"] / 1e3,
+            fidelity,
+            bytes_per_client / 1e3,
             shared / 1e3,
         )
         return MetricRecord(
-            {"loss": loss, "fidelity": row["fidelity"], "bytes-per-client": row["bytes_per_client"]}
+            {"loss": loss, "fidelity": fidelity, "bytes-per-client": bytes_per_client}
         )
+
+
+def _encoded(fusion: ConfigRecord, key: str) -> bytes:
+    """The encoded message a client's reply carries under ``fusion[key]``."""
+    value = fusion[key]
+    if not isinstance(value, bytes):
+        raise wire.WireError(
+            f"fusion[{key!r}]: holds a {type(value).__name__}, not the encoded message"
+        )
+    return value

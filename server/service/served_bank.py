@@ -22,6 +22,7 @@ from protofuse.adapted import bank_arrays
 from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, load_bank
 from protofuse.protocol import federation as wire
 from protofuse.protocol.service import ExpertList, ExpertSummary
+from protofuse.records import NOT_MEASURED
 
 log = logging.getLogger("protofuse.service")
 
@@ -103,7 +104,8 @@ class ServedBank:
             )
 
     def _manifest(self, bank: Bank) -> wire.BankManifest:
-        """The federation's published manifest when it describes this version, else one from the bank."""
+        """The federation's published manifest when it describes this version, else one from the
+        bank."""
         if self.run_dir is not None and (self.run_dir / RUN_MANIFEST).exists():
             try:
                 manifest = wire.decode_manifest((self.run_dir / RUN_MANIFEST).read_bytes())
@@ -115,7 +117,8 @@ class ServedBank:
 
 
 def manifest_of_bank(bank: Bank) -> wire.BankManifest:
-    """A manifest for a bank without one (``protofuse fit`` output): its records as the server knows them."""
+    """A manifest for a bank without one (``protofuse fit`` output): its records as the server knows
+    them."""
     if bank.meta.sha256 is None:
         raise ValueError(
             "the bank is unsaved: save it (or load it) before describing it in a manifest"
@@ -137,7 +140,7 @@ def _manifest_expert(e: wire.ExpertRecord, rounds: int) -> wire.ExpertRecord:
     fidelity = (
         wire.Fidelity(f.agreement, max(f.kl, 0.0), f.n) if measured else wire.Fidelity(0.0, 0.0, 0)
     )
-    consensus = e.consensus if math.isfinite(e.consensus) else None
+    consensus = e.consensus if math.isfinite(e.consensus) else NOT_MEASURED
     trust = min(max(e.weight, 0.0), 1.0)
     return wire.ExpertRecord(
         e.name,

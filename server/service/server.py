@@ -8,8 +8,8 @@ with mutual TLS (a client certificate issued by the deployment's CA); insecure m
 tests on a trusted host and says so in the log. The standard gRPC health service and server
 reflection run beside Fusion.
 
-Handlers take and return bytes: the codecs of :mod:`protofuse.protocol.service` do all conversion and
-validation, so no generated stub is needed and the checks are the same on both sides.
+Handlers take and return bytes: the codecs of :mod:`protofuse.protocol.service` do all conversion
+and validation, so no generated stub is needed and the checks are the same on both sides.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class FusionService:
         if snapshot is None:
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"no bank yet in {self.bank.bank_dir}: the federation has not written one; try again after its first run",
+                f"no bank yet in {self.bank.bank_dir}: the federation has not written one; try "
+                "again after its first run",
             )
         return snapshot
 
@@ -120,7 +121,8 @@ class FusionService:
         if not self._slots.acquire(timeout=budget):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"all {self.settings.max_concurrent} adaptation slots stayed busy for {budget:.0f} s; retry later",
+                f"all {self.settings.max_concurrent} adaptation slots stayed busy for {budget:.0f} "
+                "s; retry later",
             )
         try:
             if not context.is_active():  # the caller gave up while waiting
@@ -236,7 +238,8 @@ class Credentials(BaseModel):
         ]
         if missing:
             raise ValueError(
-                f"--certs {folder}: missing {missing}; create the folder with `protofuse certs init --out {folder}`"
+                f"--certs {folder}: missing {missing}; create the folder with `protofuse certs "
+                f"init --out {folder}`"
             )
         return creds
 
@@ -253,14 +256,16 @@ def build_server(
     signing_key = signing.load_private_key(key_path) if key_path else None
     if signing_key is None:
         log.warning(
-            "no signing key: adapted models are sent unsigned, and SDKs that verify will refuse them"
+            "no signing key: adapted models are sent unsigned, and SDKs that verify will refuse "
+            "them"
         )
     served = ServedBank(bank_path, settings.reload_interval_s)
     fusion = FusionService(served, settings, signing_key)
     limit = int(settings.max_message_mb * MiB)
     server = grpc.server(
         # A worker per request held: Adapt calls waiting for a slot must not starve health checks
-        # and GetBank. One torch thread each (OpenMP's count is per calling thread: set in every worker).
+        # and GetBank. One torch thread each (OpenMP's count is per calling thread: set in every
+        # worker).
         futures.ThreadPoolExecutor(
             max_workers=settings.max_queued + 4,
             thread_name_prefix="fusion",
@@ -283,7 +288,8 @@ def build_server(
     try:
         if credentials is None:
             log.warning(
-                "insecure mode: no TLS and no caller authentication; anyone who reaches %s can adapt models and read the bank's description",
+                "insecure mode: no TLS and no caller authentication; anyone who reaches %s can "
+                "adapt models and read the bank's description",
                 address,
             )
             port = server.add_insecure_port(address)
@@ -298,7 +304,8 @@ def build_server(
         RuntimeError
     ) as err:  # grpc raises this for a port in use, a bad address, unusable TLS files
         raise OSError(
-            f"cannot listen on {address}: {err} (is the port in use, the address one of this host's, the certificate and key a pair in PEM?)"
+            f"cannot listen on {address}: {err} (is the port in use, the address one of this "
+            "host's, the certificate and key a pair in PEM?)"
         ) from None
     server.start()
     _track_health(checker, served, settings.reload_interval_s or 1.0)

@@ -17,7 +17,9 @@ class ServiceSettings(BaseModel):
         16.0,
         gt=0,
         le=1024,
-        description="largest request accepted, in MiB (a 1,000 x 784 float64 support set is 6.3 MiB)",
+        description=(
+            "largest request accepted, in MiB (a 1,000 x 784 float64 support set is 6.3 MiB)"
+        ),
     )
     max_support: int = Field(2000, ge=2, description="most support examples in one Adapt request")
     max_concurrent: int = Field(
@@ -28,12 +30,16 @@ class ServiceSettings(BaseModel):
     deadline_s: float = Field(
         120.0,
         gt=0,
-        description="longest a request may take, waiting included, when its caller sets no shorter deadline",
+        description=(
+            "longest a request may take, waiting included, when its caller sets no shorter deadline"
+        ),
     )
     max_queued: int = Field(
         64,
         ge=1,
-        description="requests held at once (running and waiting); beyond it callers get RESOURCE_EXHAUSTED",
+        description=(
+            "requests held at once (running and waiting); beyond it callers get RESOURCE_EXHAUSTED"
+        ),
     )
     reload_interval_s: float = Field(
         2.0, ge=0, description="how often the bank's files are checked for a new version"

@@ -6,8 +6,9 @@ verified. Also: an unregistered SuperNode refused; a caller without credentials 
 malformed request answered INVALID_ARGUMENT; the Control API unreachable from outside; the bank
 surviving `docker compose restart` and a `down`/`up` that keeps the volumes.
 
-It needs the Docker engine that tests/host/setup.sh sets up (`make test` runs it first); it removes the containers, networks and volumes of its own compose project
-(the images stay, as a build cache). Outside CI, a machine where the engine cannot be set up
+It needs the Docker engine that tests/host/setup.sh sets up (`make test` runs it first); it removes
+the containers, networks and volumes of its own compose project (the images stay, as a build cache).
+Outside CI, a machine where the engine cannot be set up
 skips it; in CI (CI=1) that is a failure.
 """
 
@@ -29,6 +30,7 @@ from polling import wait_until
 import protofuse
 from client_sdk import FusionClient, FusionError, load_adapted
 from protofuse.flower.launcher import flower_bin, flower_env, free_port, stop
+from protofuse.flower.simulation import app_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = protofuse.__version__  # the images are tagged with the release
@@ -126,7 +128,9 @@ class Compose:
         )
         if check and run.returncode != 0:
             raise AssertionError(
-                f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout.decode()[-3000:]}\n{run.stderr.decode()[-3000:]}\n{self.logs()}"
+                f"{' '.join(cmd)} exited "
+                f"{run.returncode}:\n{run.stdout.decode()[-3000:]}\n"
+                f"{run.stderr.decode()[-3000:]}\n{self.logs()}"
             )
         return run
 
@@ -214,7 +218,8 @@ def deployment(images, tmp_path):
 
 
 def _pki(compose: Compose, into: Path) -> Path:
-    """The deployment's certificates and keys, copied out of its pki volume as the operator would."""
+    """The deployment's certificates and keys, copied out of its pki volume as the operator
+    would."""
     tar = compose.operator("tar", "-C", "/pki", "-c", ".").stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(into, filter="data")
@@ -223,7 +228,7 @@ def _pki(compose: Compose, into: Path) -> Path:
 
 def test_the_compose_deployment_federates_and_serves_signed_models(deployment, folders, tmp_path):
     compose, fleet_port, service_port = deployment
-    tmp, specs, _, splits = folders
+    _, specs, _, splits = folders
     pki = _pki(compose, tmp_path / "pki")
     service = f"127.0.0.1:{service_port}"
 
@@ -240,14 +245,15 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "outside"\n\n[superlink.outside]\naddress = "127.0.0.1:{fleet_port}"\nroot-certificates = "{pki / "ca.crt"}"\n'
+        '[superlink]\ndefault = "outside"\n\n[superlink.outside]\naddress = '
+        f'"127.0.0.1:{fleet_port}"\nroot-certificates = "{pki / "ca.crt"}"\n'
     )
     env = flower_env(home)
     flwr = flower_bin("flwr")
     for args in (
         ["supernode", "register", str(pki / "supernodes" / "node-3.pub")],
         ["ls"],
-        ["run", str(REPO / "server" / "flwr_app")],
+        ["run", str(app_dir())],
     ):
         refused = _sh([flwr, *args, "outside"], env=env, timeout=120, check=False)
         assert refused.returncode != 0 and "404 Not Found" in refused.stdout + refused.stderr, (
@@ -262,24 +268,24 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
     cli = [sys.executable, "-m", "protofuse_cli.main", "client"]
     try:
         for i, spec in enumerate(specs):
-            log = open(tmp_path / f"client{i}.log", "wb")
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *cli,
-                        str(spec),
-                        *secure,
-                        "--port",
-                        str(free_port()),
-                        "--auth-supernode-private-key",
-                        str(pki / "supernodes" / f"node-{i}.key"),
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+            with open(tmp_path / f"client{i}.log", "wb") as log:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *cli,
+                            str(spec),
+                            *secure,
+                            "--port",
+                            str(free_port()),
+                            "--auth-supernode-private-key",
+                            str(pki / "supernodes" / f"node-{i}.key"),
+                        ],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
         stranger_log = tmp_path / "stranger.log"
         with open(stranger_log, "wb") as log:
             stranger = subprocess.Popen(

@@ -1,5 +1,6 @@
-"""The secured deployment as local processes on 127.0.0.1 (the fast variant of tests/deploy/test_compose.py):
-a SuperLink with TLS and SuperNode authentication, the Fleet-only nginx proxy rendered from
+"""The secured deployment as local processes on 127.0.0.1 (the fast variant of
+tests/deploy/test_compose.py): a SuperLink with TLS and SuperNode authentication, the Fleet-only
+nginx proxy rendered from
 deploy/proxy/fleet.conf.template, three SuperNodes that reach the SuperLink only through the proxy,
 the federation submitted on the internal Control API, then the adaptation service over the run
 folder with mutual TLS: a held-out task adapted through FusionClient, its signature verified.
@@ -79,15 +80,15 @@ def start_proxy(tmp: Path, certs: Path, listen: int, superlink: int) -> subproce
         text=True,
     )
     assert check.returncode == 0, check.stderr
-    log = open(tmp / "proxy.log", "wb")
     # Run as root, nginx's workers would become `nobody`, who cannot enter pytest's private tmp.
     directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
-    proc = subprocess.Popen(
-        [NGINX, "-c", str(conf), "-p", str(run), "-e", "stderr", "-g", directives],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(tmp / "proxy.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [NGINX, "-c", str(conf), "-p", str(run), "-e", "stderr", "-g", directives],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     assert wait_until(
         lambda: _status(f"https://localhost:{listen}/health", certs) == 200, 30, interval=0.3
     ), (tmp / "proxy.log").read_text()
@@ -119,7 +120,8 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
     # A second connection that goes through the proxy, as an outsider holding the CA would try.
     with open(home / "config.toml", "a") as f:
         f.write(
-            f'\n[superlink.outside]\naddress = "127.0.0.1:{proxy_port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+            f'\n[superlink.outside]\naddress = "127.0.0.1:{proxy_port}"\nroot-certificates = '
+            f'"{certs / "ca.crt"}"\n'
         )
     env = flower_env(home)
     flwr = flower_bin("flwr")
@@ -211,7 +213,6 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
             str(certs / "ca.crt"),
         ]
         for i, spec in enumerate(specs):
-            log = open(tmp / f"client{i}.log", "wb")
             cmd = [
                 *cli,
                 str(spec),
@@ -221,11 +222,12 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
                 "--auth-supernode-private-key",
                 str(certs / "supernodes" / f"node-{i}.key"),
             ]
-            procs.append(
-                subprocess.Popen(
-                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            with open(tmp / f"client{i}.log", "wb") as log:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 )
-            )
         # A SuperNode whose key nobody registered is refused and stops.
         stranger_log = tmp / "stranger.log"
         with open(stranger_log, "wb") as log:
@@ -270,7 +272,8 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
             stranger.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail(
-                f"the SuperNode with an unregistered key kept running:\n{stranger_log.read_text()[-3000:]}"
+                "the SuperNode with an unregistered key kept "
+                f"running:\n{stranger_log.read_text()[-3000:]}"
             )
         assert stranger.returncode != 0
         assert "Failed to activate SuperNode" in stranger_log.read_text(), stranger_log.read_text()[
@@ -281,25 +284,25 @@ def test_secured_federation_through_the_fleet_proxy_then_a_signed_model_from_the
         )  # unknown key: 412 from the SuperLink
 
         # The adaptation service over the run folder, with mutual TLS.
-        log = open(tmp / "service.log", "wb")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "protofuse_cli.main",
-                    "serve",
-                    str(tmp / "run"),
-                    "--address",
-                    f"127.0.0.1:{service_port}",
-                    "--certs",
-                    str(certs),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        with open(tmp / "service.log", "wb") as log:  # the child keeps its own copy
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "protofuse_cli.main",
+                        "serve",
+                        str(tmp / "run"),
+                        "--address",
+                        f"127.0.0.1:{service_port}",
+                        "--certs",
+                        str(certs),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
-        )
         address = f"127.0.0.1:{service_port}"
         with FusionClient(address, certs=certs) as client:
             assert wait_until(lambda: _healthy(client), 60, interval=0.3), (

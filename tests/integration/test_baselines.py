@@ -196,7 +196,8 @@ def test_probes_use_the_query_pools_statistics_not_the_supports(
     digits: Digits, imitator: Imitator
 ) -> None:
     """At k = 1 a scaler fitted on the three support examples divides by spreads of three points;
-    the probe standardises with the query pool's statistics instead (and stays well above chance)."""
+    the probe standardises with the query pool's statistics instead (and stays well above
+    chance)."""
     pool = imitator.features(digits.train_x[:400])
     np.testing.assert_allclose(imitator.scaler.mean_, pool.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(imitator.scaler.scale_, pool.std(0), rtol=1e-4, atol=1e-5)
@@ -248,7 +249,8 @@ def test_imitator_vote_is_the_expert_vote_on_imitated_answers(
 ) -> None:
     _, _, tx, ty = digits.task(NEW_TASK, 1)
     imitated = [
-        ExpertOutput(labels, p) for (labels, _), p in zip(digits.experts, imitator.expert_proba(tx))
+        ExpertOutput(labels, p)
+        for (labels, _), p in zip(digits.experts, imitator.expert_proba(tx), strict=True)
     ]
     proba = imitator.vote(tx, NEW_TASK)
     np.testing.assert_allclose(proba, expert_vote(imitated, NEW_TASK))
@@ -261,7 +263,7 @@ def test_imitator_heads_agree_with_experts(digits: Digits, imitator: Imitator) -
     # match its expert's (untrained heads: ~1/3). Off-domain answers are near arbitrary.
     outputs = digits.outputs(digits.test_x)
     imitated = imitator.expert_proba(digits.test_x)
-    for classes, out, q in zip(EXPERT_CLASSES, outputs, imitated):
+    for classes, out, q in zip(EXPERT_CLASSES, outputs, imitated, strict=True):
         assert q.shape == out.proba.shape
         np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)
         own = np.isin(digits.test_y, classes)

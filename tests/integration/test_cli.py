@@ -91,10 +91,15 @@ def test_malformed_specs_name_the_problem(federation, tmp_path, capsys):
         "experts[0].labels: Field required": f"[[experts]]\n{first}",
         "experts[0].labels: List should have at least 1 item": f"[[experts]]\n{first}labels = []\n",
         "appear more than once": f'[[experts]]\n{first}labels = ["0", "0"]\n',
-        "experts[0].predict": '[[experts]]\nname = "a"\npredict = "no_colon"\nlabels = ["0"]\nqueries = "queries.npy"\n',
+        "experts[0].predict": (
+            '[[experts]]\nname = "a"\npredict = "no_colon"\nlabels = ["0"]\nqueries = '
+            '"queries.npy"\n'
+        ),
         "experts[0].colour: unknown field": f'[[experts]]\n{first}labels = ["0"]\ncolour = 1\n',
         "training.epochs": f'[[experts]]\n{first}labels = ["0"]\n[training]\nepochs = -3\n',
-        "training.max_rotation": f'[[experts]]\n{first}labels = ["0"]\n[training]\nmax_rotation = 120\n',
+        "training.max_rotation": (
+            f'[[experts]]\n{first}labels = ["0"]\n[training]\nmax_rotation = 120\n'
+        ),
         "not valid TOML": "[[experts]\n",
     }
     for needle, body in cases.items():
@@ -108,7 +113,8 @@ def test_malformed_specs_name_the_problem(federation, tmp_path, capsys):
             str(
                 _spec(
                     tmp_path,
-                    f'[[experts]]\n{first.replace("queries.npy", "nope.npy")}labels = ["0","1","2","3"]\n',
+                    f"[[experts]]\n{first.replace('queries.npy', 'nope.npy')}labels = "
+                    '["0","1","2","3"]\n',
                 )
             ),
             "--out",
@@ -123,7 +129,8 @@ def test_malformed_specs_name_the_problem(federation, tmp_path, capsys):
             str(
                 _spec(
                     tmp_path,
-                    f'[[experts]]\n{first.replace("experts:logreg", "experts:missing")}labels = ["0"]\n',
+                    f"[[experts]]\n{first.replace('experts:logreg', 'experts:missing')}labels = "
+                    '["0"]\n',
                 )
             ),
             "--out",
@@ -142,7 +149,8 @@ def test_an_expert_with_bad_outputs_is_named(tmp_path, capsys):
     )
     spec = _spec(
         tmp_path,
-        '[[experts]]\nname = "broken"\npredict = "bad:predict"\nlabels = ["a", "b", "c"]\nqueries = "q.npy"\n',
+        '[[experts]]\nname = "broken"\npredict = "bad:predict"\nlabels = ["a", "b", "c"]\nqueries '
+        '= "q.npy"\n',
     )
     err = _run_error(["fit", str(spec), "--out", str(tmp_path / "out")], capsys)
     assert "broken" in err and "sum" in err

@@ -57,7 +57,7 @@ def test_load_dataset_by_name():
 
 
 def test_load_dataset_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="digits.*mnist5k"):
+    with pytest.raises(ValueError, match=r"digits.*mnist5k"):
         load_dataset("cifar")
 
 
@@ -91,7 +91,7 @@ def test_splits_disjoint_covering_and_stratified():
     for p in parts:
         assert np.array_equal(p.y, ds.y[_ids(p)])  # labels travel with their inputs
     for c, n_c in enumerate(np.bincount(ds.y)):
-        for p, f in zip(parts, fractions):
+        for p, f in zip(parts, fractions, strict=True):
             assert abs(int((p.y == c).sum()) - f * n_c) <= 1, (c, f)
 
 

@@ -35,7 +35,6 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     try:
         procs.append(start_superlink(home, port, simulation=False, log_file=tmp / "superlink.log"))
         for i, spec in enumerate(specs):
-            log = open(tmp / f"client{i}.log", "wb")
             cmd = [
                 sys.executable,
                 "-m",
@@ -48,11 +47,12 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
                 str(free_port()),
                 "--insecure",
             ]
-            procs.append(
-                subprocess.Popen(
-                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            with open(tmp / f"client{i}.log", "wb") as log:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 )
-            )
         run_config = f'spec="{server}" out="{tmp / "run"}"'
         result = subprocess.run(
             [

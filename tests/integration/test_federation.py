@@ -52,7 +52,7 @@ def test_default_recipes_cover_every_digit_with_overlaps():
 
 def test_federation_outputs_follow_labels(federation, splits):
     assert [b.name for b in federation] == [r.name for r in DEFAULT_RECIPES + ROBUSTNESS_RECIPES]
-    for built, recipe in zip(federation, DEFAULT_RECIPES + ROBUSTNESS_RECIPES):
+    for built, recipe in zip(federation, DEFAULT_RECIPES + ROBUSTNESS_RECIPES, strict=True):
         assert isinstance(built.expert, Expert)
         assert built.labels == recipe.classes == tuple(built.expert.labels)
         p = query_expert(built.expert, splits.test.x[:17], built.name)
@@ -125,11 +125,11 @@ def test_mlp_training_leaves_global_torch_rng_alone(splits):
 
 
 def test_recipe_validation():
-    with pytest.raises(ValueError, match="'x'.*kind.*logreg"):
+    with pytest.raises(ValueError, match=r"'x'.*kind.*logreg"):
         ExpertRecipe("x", "xgboost", ("0", "1"))
-    with pytest.raises(ValueError, match="'x'.*classes"):
+    with pytest.raises(ValueError, match=r"'x'.*classes"):
         ExpertRecipe("x", "knn", ("0", "0"))
-    with pytest.raises(ValueError, match="'x'.*confuse"):
+    with pytest.raises(ValueError, match=r"'x'.*confuse"):
         ExpertRecipe("x", "knn", ("0", "1"), confuse=1.0)
 
 

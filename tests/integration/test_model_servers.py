@@ -134,7 +134,8 @@ def _start(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(
-                f"{cmd[0]} exited with {proc.returncode} before it was ready:\n{log.read_text()[-3000:]}"
+                f"{cmd[0]} exited with {proc.returncode} before it was "
+                f"ready:\n{log.read_text()[-3000:]}"
             )
         try:
             with urllib.request.urlopen(ready_url, timeout=1) as resp:
@@ -154,7 +155,8 @@ def artifacts(tmp_path_factory):
     server = _server_bin()
     if not server.exists():
         pytest.skip(
-            f"no MLServer at {server}: run `bash {SETUP}` (or set PROTOFUSE_MLSERVER to an mlserver binary)"
+            f"no MLServer at {server}: run `bash {SETUP}` (or set PROTOFUSE_MLSERVER to an "
+            "mlserver binary)"
         )
     out = tmp_path_factory.mktemp("model-servers")
     python = server.parent / "python"
@@ -210,7 +212,8 @@ def mlflow_url(artifacts, request):
     mlflow = Path(os.environ.get("PROTOFUSE_MLFLOW", server.parent / "mlflow"))
     if not mlflow.exists() or not (artifacts / "mlflow-model").exists():
         pytest.skip(
-            f"no MLflow next to {server}: run `bash {SETUP}` (it installs mlflow-skinny) or set PROTOFUSE_MLFLOW"
+            f"no MLflow next to {server}: run `bash {SETUP}` (it installs mlflow-skinny) or set "
+            "PROTOFUSE_MLFLOW"
         )
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

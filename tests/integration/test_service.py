@@ -171,41 +171,47 @@ def test_callers_without_a_certificate_of_the_deployment_are_refused(served, cer
     address, _, _ = served
     x, y = _support()
     # TLS but no client certificate: the handshake fails before any method runs.
-    with FusionClient(
-        address, root_certificates=certs / "ca.crt", public_key=certs / "signing.pub", timeout=5
-    ) as client:
-        with pytest.raises(FusionError) as err:
-            client.adapt(x, y)
+    with (
+        FusionClient(
+            address, root_certificates=certs / "ca.crt", public_key=certs / "signing.pub", timeout=5
+        ) as client,
+        pytest.raises(FusionError) as err,
+    ):
+        client.adapt(x, y)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     # A certificate from another CA.
     init(tmp_path / "other", supernodes=0)
     other = tmp_path / "other"
-    with FusionClient(
-        address,
-        root_certificates=certs / "ca.crt",
-        certificate=other / "client.crt",
-        private_key=other / "client.key",
-        public_key=certs / "signing.pub",
-        timeout=5,
-    ) as client:
-        with pytest.raises(FusionError) as err:
-            client.bank()
+    with (
+        FusionClient(
+            address,
+            root_certificates=certs / "ca.crt",
+            certificate=other / "client.crt",
+            private_key=other / "client.key",
+            public_key=certs / "signing.pub",
+            timeout=5,
+        ) as client,
+        pytest.raises(FusionError) as err,
+    ):
+        client.bank()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     # Plain text to a TLS port.
-    with FusionClient(address, insecure=True, unsigned_ok=True, timeout=5) as client:
-        with pytest.raises(FusionError):
-            client.bank()
+    with (
+        FusionClient(address, insecure=True, unsigned_ok=True, timeout=5) as client,
+        pytest.raises(FusionError),
+    ):
+        client.bank()
 
 
 def test_a_model_signed_by_another_key_is_refused_by_the_sdk(served, certs, tmp_path):
     address, _, _ = served
     init(tmp_path / "other", supernodes=0)
     x, y = _support()
-    with FusionClient(
-        address, certs=certs, public_key=tmp_path / "other" / "signing.pub"
-    ) as client:
-        with pytest.raises(SignatureError, match="does not verify"):
-            client.adapt(x, y, out=tmp_path / "model")
+    with (
+        FusionClient(address, certs=certs, public_key=tmp_path / "other" / "signing.pub") as client,
+        pytest.raises(SignatureError, match="does not verify"),
+    ):
+        client.adapt(x, y, out=tmp_path / "model")
     assert not (tmp_path / "model").exists()  # nothing unverified is written
 
 

@@ -1,7 +1,8 @@
 """protofuse simulate on Flower's simulation engine, end to end: a SuperLink in simulation mode,
 one virtual client per expert, the real ServerApp and ClientApp. The run is killed in the middle
 of a round (SIGKILL of the server, by the ServerApp of crashing_server_app.py, run from a copy of
-protofuse's Flower app), then resumed by the real one; the bank it exports serves adapt and predict."""
+protofuse's Flower app), then resumed by the real one; the bank it exports serves adapt and
+predict."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
         bank.label_names,
         "discriminative",
     )
-    # One record type on both sides: the manifest's experts are the bank's, with the federation's counts.
+    # One record type on both sides: the manifest's experts are the bank's, with the federation's
+    # counts.
     assert {e.name: (e.labels, e.weight, e.n_queries) for e in manifest.experts} == {
         e.name: (e.labels, e.weight, e.n_queries) for e in bank.experts
     }

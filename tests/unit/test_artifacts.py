@@ -69,11 +69,11 @@ def test_missing_or_garbled_parts_are_named(tmp_path):
     folder = tmp_path / "art"
     artifacts.save(folder, "kind-x", {"w": np.zeros(2)}, {})
     (folder / artifacts.WEIGHTS).unlink()
-    with pytest.raises(ArtifactError, match="missing weights.npz"):
+    with pytest.raises(ArtifactError, match=r"missing weights\.npz"):
         artifacts.load(folder, "kind-x")
     (folder / artifacts.META).write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         artifacts.load(folder, "kind-x")
     (folder / artifacts.META).unlink()
-    with pytest.raises(ArtifactError, match="missing meta.json"):
+    with pytest.raises(ArtifactError, match=r"missing meta\.json"):
         artifacts.load(folder, "kind-x")

@@ -11,11 +11,12 @@ import torch
 from toys import clusters, two_experts
 
 from protofuse import artifacts
-from protofuse.adapted import load_adapted
+from protofuse.adapted import from_files, load_adapted
 from protofuse.artifacts import ArtifactError
 from protofuse.bank import Bank, bank_meta, fit_bank, load_bank
-from protofuse.bank_meta import BankMeta, FederationRecord
+from protofuse.bank_meta import BankMeta, BankMetaError, FederationRecord
 from protofuse.families.generative import expert_distribution
+from protofuse.protocol.federation import decode_distribution, encode_distribution
 from protofuse.settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
 from protofuse.triples import assemble
 
@@ -73,7 +74,7 @@ def test_bank_and_adapted_model_round_trip_exactly(bank, tmp_path):
     assert loaded.version == version == bank.version
     assert [e.name for e in loaded.experts] == ["a", "b"]
     for (k1, v1), (k2, v2) in zip(
-        bank.model.state_dict().items(), loaded.model.state_dict().items()
+        bank.model.state_dict().items(), loaded.model.state_dict().items(), strict=True
     ):
         assert k1 == k2 and torch.equal(v1, v2)
     np.testing.assert_array_equal(
@@ -84,6 +85,13 @@ def test_bank_and_adapted_model_round_trip_exactly(bank, tmp_path):
     assert again.classes_.tolist() == model.classes_.tolist()
     assert again.bank_meta["version"] == version
     np.testing.assert_array_equal(again.predict_proba(x[:50]), model.predict_proba(x[:50]))
+    # the same folder as bytes, as the adaptation service sends it
+    files = model.to_files()
+    assert files == {f: (tmp_path / "model" / f).read_bytes() for f in ("weights.npz", "meta.json")}
+    sent = from_files(files, unsigned_ok=True)
+    with pytest.warns(FutureWarning, match="loaded without verifying who made it"):
+        from_files(files)  # neither a key nor unsigned_ok: loaded, with a warning for now
+    np.testing.assert_array_equal(sent.predict_proba(x[:50]), model.predict_proba(x[:50]))
 
 
 def test_tampered_or_mismatched_artifacts_are_refused(bank, tmp_path):
@@ -111,7 +119,7 @@ def test_tampered_or_mismatched_artifacts_are_refused(bank, tmp_path):
 
 
 def test_bad_support_sets_and_inputs_get_clear_errors(bank):
-    _, x, y = _toy_triples()
+    _, x, _ = _toy_triples()
     with pytest.raises(ValueError, match="at least 2 classes"):
         bank.adapt(x[:5], np.array(["1"] * 5))
     with pytest.raises(ValueError, match=r"expected \(n, 16\)"):
@@ -122,6 +130,21 @@ def test_bad_support_sets_and_inputs_get_clear_errors(bank):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         bank.adapt(bad, np.array(["0", "1", "0", "1"]))
+
+
+def test_a_familys_adapt_is_its_scored_adaptation_without_the_scores(bank):
+    # Bank.adapt goes through adapt_scored; adapt is the interface every family implements too
+    _, x, y = _toy_triples()
+    xs = torch.as_tensor(x[:16], dtype=torch.float32)
+    classes = sorted({str(v) for v in y[:16]})
+    ys = torch.tensor([classes.index(str(v)) for v in y[:16]])
+    settings = bank.meta.settings.adapt
+    task = bank.family_impl.adapt(bank, xs, ys, classes, settings, 3)
+    scored, support = bank.family_impl.adapt_scored(bank, xs, ys, classes, settings, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(task.log_proba(xs), support)
+        torch.testing.assert_close(scored.log_proba(xs), support)
+    assert task.n_classes == len(classes)
 
 
 def test_uncovered_labels(bank):
@@ -272,7 +295,7 @@ def test_expert_records_survive_a_round_trip(bank, tmp_path):
     bank.save(tmp_path / "bank")
     loaded = load_bank(tmp_path / "bank")
     assert len(loaded.experts) == len(bank.experts)
-    for a, b in zip(loaded.experts, bank.experts):
+    for a, b in zip(loaded.experts, bank.experts, strict=True):
         assert (a.name, a.labels, a.n_queries, a.weight, a.fidelity.n) == (
             b.name,
             b.labels,
@@ -445,6 +468,21 @@ def test_bank_meta_round_trips_through_save_and_load_typed_and_in_the_json_shape
         assert loaded.meta.get("federation") is None and loaded.meta.get("sha256") == meta.sha256
 
 
+def test_metadata_errors_read_as_plain_sentences_and_old_dict_access_warns(bank):
+    record = {**bank.meta.to_json(), "label_names": ["0", "0", "1", "2"], "colour": "red"}
+    with pytest.raises(BankMetaError) as error:
+        BankMeta.from_json(record)
+    lines = str(error.value).splitlines()[1:]
+    assert sorted(lines) == [
+        "  colour: unknown field (written by a newer protofuse?)",
+        "  label_names: lists ['0'] more than once; each label appears once",
+    ]
+    with pytest.warns(DeprecationWarning) as caught:
+        assert bank.meta["version"] == bank.meta.version
+        assert bank.meta.get("colour", "none") == "none"
+    assert all("is deprecated: bank.meta is a BankMeta now" in str(w.message) for w in caught)
+
+
 def test_a_federated_banks_meta_round_trips_and_a_bank_before_input_checks_still_loads(tmp_path):
     triples, _, _ = _toy_triples()
     fitted = fit_bank(
@@ -558,6 +596,9 @@ def test_families_see_the_bank_through_bank_view_only(bank):
             bank.zero_shot(["0", "3"]).task.log_proba(torch.from_numpy(x[:5])),
         )
     assert impl.describe_expert(view, 1) == impl.describe_expert(bank, 1)
+    described = impl.describe_expert(bank, 1)  # what ListExperts sends: a valid wire message
+    assert (described.pseudonym, described.label_names) == ("b", ("2", "3"))
+    assert decode_distribution(encode_distribution(described)) == described
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -635,9 +676,9 @@ def test_an_unsaved_bank_says_so_and_describes_itself(bank):
         "bernoulli",
     )
     assert fresh.version == "unsaved"
-    assert (
-        repr(fresh)
-        == "Bank(family='discriminative', labels=['0', '1', '2', '3'], experts=['a', 'b'], version='unsaved')"
+    assert repr(fresh) == (
+        "Bank(family='discriminative', labels=['0', '1', '2', '3'], experts=['a', 'b'], "
+        "version='unsaved')"
     )
     assert (
         repr(fresh.zero_shot(["0", "3"]))
@@ -673,7 +714,7 @@ def test_generative_banks_store_each_experts_two_distributions(tmp_path):
 def test_an_expert_whose_queries_are_all_held_out_keeps_its_prior():
     """Expert b answered one query; when the held-out split takes it, b has no training input and
     its data-driven distribution falls back to the prior network's (not a NaN from no data)."""
-    triples, x, y = _toy_triples()
+    triples, x, _ = _toy_triples()
     one = np.eye(2, dtype=np.float32)[[0]] * 0.98 + 0.01
     fed = assemble(
         ["a", "b"], [("0", "1", "2"), ("2", "3")], [x, x[:1]], [triples.eta[:, 0, :3], one]

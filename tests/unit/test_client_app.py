@@ -46,7 +46,8 @@ def node(tmp_path):
     np.save(tmp_path / "centres.npy", centres)
     (tmp_path / "experts.py").write_text(EXPERTS)
     (tmp_path / "spec.toml").write_text(
-        '[[experts]]\nname = "a"\npredict = "experts:a"\nlabels = ["0", "1", "2"]\nqueries = "queries.npy"\n'
+        '[[experts]]\nname = "a"\npredict = "experts:a"\nlabels = ["0", "1", "2"]\nqueries = '
+        '"queries.npy"\n'
     )
     client_app._EXPERTS.clear()  # a fresh process
     context = Context(
@@ -95,7 +96,8 @@ def _instruction(
     arrays: dict[str, np.ndarray],
     config: ConfigRecord | None = None,
 ) -> Message:
-    """The server's train message: the shared weights and the encoded RoundPlan (as FedAvg adds it, beside its server-round)."""
+    """The server's train message: the shared weights and the encoded RoundPlan (as FedAvg adds it,
+    beside its server-round)."""
     config = (
         config
         if config is not None
@@ -221,7 +223,6 @@ def test_seeds_differ_per_client_and_per_round():
 
 
 def test_a_node_without_a_spec_is_told_how_to_start(node):
-    _, _, context = node
     bare = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="this node has no spec"):
         client_app.local_expert(bare)
@@ -236,13 +237,19 @@ def test_a_server_of_another_federation_format_is_refused_at_describe_with_both_
     _, _, context = node
     with pytest.raises(
         wire.WireError,
-        match=f"the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}: run matching protofuse versions",
+        match=(
+            f"the server speaks federation format {wire.FORMAT_VERSION + 1}, this client "
+            f"format {wire.FORMAT_VERSION}: run matching protofuse versions"
+        ),
     ):
         client_app.describe(_ask(**{"format-version": wire.FORMAT_VERSION + 1}), context)
     # A server from before the typed messages asks {"what": "describe"} and names no format.
     with pytest.raises(
         wire.WireError,
-        match="the server speaks the untyped federation protocol .* run matching protofuse versions",
+        match=(
+            r"the server speaks the untyped federation protocol .* run matching protofuse "
+            r"versions"
+        ),
     ):
         client_app.describe(_ask(), context)
 
@@ -266,10 +273,13 @@ def test_an_untyped_round_configuration_from_an_old_server_is_refused_clearly(no
     )
     with pytest.raises(
         wire.WireError,
-        match="^RoundPlan: the server sent the untyped round configuration .* this client speaks federation format 1: run matching protofuse versions",
+        match=(
+            r"^RoundPlan: the server sent the untyped round configuration .* this client "
+            r"speaks federation format 1: run matching protofuse versions"
+        ),
     ):
         client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=legacy), context)
-    with pytest.raises(wire.WireError, match="^RoundPlan: missing"):
+    with pytest.raises(wire.WireError, match=r"^RoundPlan: missing"):
         client_app.train(
             _instruction(
                 1, "consensus", 0, 2, _initial(), config=ConfigRecord({"server-round": 1})
@@ -288,6 +298,9 @@ def test_a_round_plan_of_another_format_is_refused_naming_both_formats(node):
     config = ConfigRecord({"round-plan": msg.SerializeToString(), "server-round": 1})
     with pytest.raises(
         wire.WireError,
-        match=f"^RoundPlan.format_version: the server speaks federation format {wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}",
+        match=(
+            "^RoundPlan.format_version: the server speaks federation format "
+            f"{wire.FORMAT_VERSION + 1}, this client format {wire.FORMAT_VERSION}"
+        ),
     ):
         client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=config), context)

@@ -169,7 +169,8 @@ def test_every_import_is_known():
     }
     unknown = {f: m for f, m in unknown.items() if m}
     assert not unknown, (
-        f"imports with no distribution in DISTRIBUTION (add them, then declare them for their role): {unknown}"
+        "imports with no distribution in DISTRIBUTION (add them, then declare them for their "
+        f"role): {unknown}"
     )
 
 
@@ -262,7 +263,10 @@ CORE_ONLY = textwrap.dedent(
     """
     import contextlib, io, json, sys, tempfile, warnings
     from pathlib import Path
-    for name in ("flwr", "ray", "grpc", "grpc_health", "grpc_reflection", "sklearn", "mlxtend", "matplotlib", "river"):
+    for name in (
+        "flwr", "ray", "grpc", "grpc_health", "grpc_reflection", "sklearn", "mlxtend",
+        "matplotlib", "river",
+    ):
         sys.modules[name] = None
     sys.path.insert(0, sys.argv[1])
     import numpy as np
@@ -274,12 +278,22 @@ CORE_ONLY = textwrap.dedent(
 
     out = {}
     x, y, _ = clusters(n=120, d=8)
-    bank = fit_bank(two_experts(x, y), ModelSettings(feat_dim=4, hidden=8), TrainingSettings(epochs=1), AdaptSettings(n_z=4), None, "bernoulli")
+    bank = fit_bank(
+        two_experts(x, y),
+        ModelSettings(feat_dim=4, hidden=8),
+        TrainingSettings(epochs=1),
+        AdaptSettings(n_z=4),
+        None,
+        "bernoulli",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         bank.save(Path(tmp) / "bank")
-        model = client_sdk.load_bank(Path(tmp) / "bank").adapt(x[:20], np.array([f"c{v}" for v in y[:20]]))
+        model = client_sdk.load_bank(Path(tmp) / "bank").adapt(
+            x[:20], np.array([f"c{v}" for v in y[:20]])
+        )
         model.save(Path(tmp) / "model")
-        out["proba"] = client_sdk.load_adapted(Path(tmp) / "model", unsigned_ok=True).predict_proba(x[:3]).shape
+        adapted = client_sdk.load_adapted(Path(tmp) / "model", unsigned_ok=True)
+        out["proba"] = adapted.predict_proba(x[:3]).shape
         try:
             client_sdk.FusionClient
         except ImportError as err:
@@ -289,14 +303,20 @@ CORE_ONLY = textwrap.dedent(
             "client": ["client", "spec.toml", "--superlink", "127.0.0.1:1", "--insecure"],
             "serve": ["serve", tmp, "--insecure"],
             "health": ["health", "127.0.0.1:1", "--insecure"],
-            "adapt": ["adapt", "--server", "127.0.0.1:1", "--support", "s.npz", "--out", tmp + "/m"],
+            "adapt": [
+                "adapt", "--server", "127.0.0.1:1", "--support", "s.npz", "--out", tmp + "/m"
+            ],
         }
         for name, argv in commands.items():
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 code = main(argv)
             out[name] = [code, err.getvalue()]
-    out["imported"] = sorted(m for m in ("flwr", "ray", "grpc", "sklearn", "matplotlib", "mlxtend") if sys.modules.get(m) is not None)
+    out["imported"] = sorted(
+        m
+        for m in ("flwr", "ray", "grpc", "sklearn", "matplotlib", "mlxtend")
+        if sys.modules.get(m) is not None
+    )
     print(json.dumps(out))
     """
 )

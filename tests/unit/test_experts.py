@@ -113,7 +113,7 @@ def test_as_expert_rejects_mismatched_labels_of_an_expert():
 
 
 def test_as_expert_rejects_other_objects():
-    with pytest.raises(TypeError, match="accepted.*scikit-learn.*torch"):
+    with pytest.raises(TypeError, match=r"accepted.*scikit-learn.*torch"):
         as_expert(42)
 
 
@@ -208,5 +208,5 @@ def test_an_expert_that_raises_is_named():
     import torch
 
     expert = TorchExpert(torch.nn.Linear(5, 2), ["a", "b"])
-    with pytest.raises(ExpertOutputError, match="'lin'.*shape \\(3, 4\\)"):
+    with pytest.raises(ExpertOutputError, match=r"'lin'.*shape \(3, 4\)"):
         query_expert(expert, np.zeros((3, 4), dtype=np.float32), "lin")

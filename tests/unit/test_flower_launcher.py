@@ -74,7 +74,8 @@ def test_the_flower_app_names_both_sides_components():
 
 def test_simulate_refuses_a_family_that_does_not_federate_before_starting_anything(tmp_path):
     (tmp_path / "spec.toml").write_text(
-        '[model]\nfamily = "generative"\n\n[[experts]]\nname = "a"\npredict = "m:f"\nlabels = ["0", "1"]\nqueries = "q.npy"\n'
+        '[model]\nfamily = "generative"\n\n[[experts]]\nname = "a"\npredict = "m:f"\nlabels = '
+        '["0", "1"]\nqueries = "q.npy"\n'
     )
     with pytest.raises(SpecError, match="protofuse fit"):
         simulate(tmp_path / "spec.toml", tmp_path / "run")

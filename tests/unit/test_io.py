@@ -1,4 +1,5 @@
-"""protofuse.io: durable writes leave the old content or the new, never a mix; npz bytes are stable."""
+"""protofuse.io: durable writes leave the old content or the new, never a mix; npz bytes are
+stable."""
 
 from __future__ import annotations
 

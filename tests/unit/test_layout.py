@@ -39,7 +39,8 @@ CONFIGS = {
 
 
 def layout(model: nn.Module) -> dict:
-    """Every stored array's name and shape, and the kinds of layer in order (activations included)."""
+    """Every stored array's name and shape, and the kinds of layer in order (activations
+    included)."""
     return {
         "arrays": {k: list(v.shape) for k, v in model.state_dict().items()},
         "layers": [type(m).__name__ for m in model.modules()],

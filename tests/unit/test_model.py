@@ -28,6 +28,7 @@ from protofuse.model.networks import (
     FeatureAugmentation,
     augment_features,
     augment_images,
+    conv_blocks,
 )
 from protofuse.model.recompose import (
     WDistribution,
@@ -161,7 +162,7 @@ def test_recomposition_raises_the_support_log_likelihood(toy_generative):
         model, xs, ys, classes, before
     )
     comps = [start, WDistribution(torch.zeros(2), torch.eye(2))]
-    pi, mix = fit_mixture(model, xs, ys, classes, comps, per_component=8, steps=100)
+    _, mix = fit_mixture(model, xs, ys, classes, comps, per_component=8, steps=100)
     uniform = type(mix)(mix.w, torch.full_like(mix.log_weights, -math.log(len(mix.w))))
     assert (
         _support_loglik(model, xs, ys, classes, mix)
@@ -267,9 +268,36 @@ def test_rotation_and_zoom_keep_a_centred_disc_in_place():
     assert (mass > 0.6).all() and (mass < 1.5).all() and mass.std() > 0.01  # zoom changes size
 
 
+def test_pixels_from_outside_are_black_in_greyscale_and_repeat_the_border_in_colour():
+    aug = Augmentation(rotation=45.0, scale=0.3, shift=2.0)
+    gen = torch.Generator().manual_seed(0)
+    grey = augment_images(torch.full((20, 64), 0.5), (8, 8), aug, gen)
+    assert grey.min() >= 0 and (grey < 0.25).any()  # the background comes in black
+    colour = augment_images(torch.full((20, 8 * 8 * 3), 0.5), (8, 8, 3), aug, gen)
+    torch.testing.assert_close(colour, torch.full_like(colour, 0.5))  # a flat image stays flat
+
+
+def test_conv_blocks_keep_the_side_after_them_at_most_8_pixels_from_two_blocks_up():
+    sides = (8, 28, 32, 36, 64, 72, 256)
+    assert [conv_blocks((s, s)) for s in sides] == [2, 2, 2, 3, 3, 4, 5]
+    assert conv_blocks((256, 36, 3)) == conv_blocks((36, 36)) == 3  # the shorter side decides
+
+
 def test_no_augmentation_is_the_identity():
     x = torch.rand(5, 64)
     assert augment_images(x, (8, 8), Augmentation(), None) is x
+
+
+def test_feature_augmentation_draws_only_from_the_generator_it_is_given():
+    x = torch.randn(50, 6)
+    centre, spread = x.mean(0), x.std(0)
+    aug = FeatureAugmentation(dropout=0.3, noise=0.5)
+
+    def draw() -> torch.Tensor:
+        torch.manual_seed(torch.seed())  # the global generator moves on between the two draws
+        return augment_features(x, aug, centre, spread, torch.Generator().manual_seed(7))
+
+    torch.testing.assert_close(draw(), draw())  # a seeded training run repeats exactly
 
 
 def test_feature_dropout_replaces_about_the_asked_share_of_each_feature_by_its_centre():
@@ -610,7 +638,8 @@ def test_encoders_are_named_and_misnamed_ones_refused():
 
 
 def test_the_training_loss_is_the_negative_elbo_plus_the_weighted_regulariser():
-    """loss = -(E[log p(x|w,z)] + E[sum_c eta_c log p(c|z)] - KL_z - KL_w + lambda * E[sum_c eta_c log q(c|w)]),
+    """loss = -(E[log p(x|w,z)] + E[sum_c eta_c log p(c|z)] - KL_z - KL_w
+                + lambda * E[sum_c eta_c log q(c|w)]),
     each term averaged over the batch (docs/method.md)."""
     torch.manual_seed(0)
     model = GenerativePrototypes(GenerativeConfig(6, 3, hidden=8, lam=0.7)).eval()

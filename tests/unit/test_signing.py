@@ -1,4 +1,5 @@
-"""Keys, certificates and signed artifacts: ``protofuse certs init`` and Ed25519 on adapted models."""
+"""Keys, certificates and signed artifacts: ``protofuse certs init`` and Ed25519 on adapted
+models."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def test_altered_resigned_unsigned_or_foreign_models_are_refused(certs, model, t
 
 
 def test_opting_out_is_explicit_and_loading_without_either_warns(model, tmp_path):
-    adapted, x = model
+    adapted, _ = model
     adapted.save(tmp_path / "m")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -33,9 +33,9 @@ def test_a_good_spec_resolves_paths_beside_itself(tmp_path):
 
 
 def test_errors_are_one_line_per_field_written_as_in_the_file(tmp_path):
-    text = (
-        GOOD
-        + '\n[[experts]]\nname = "b"\npredict = "nocolon"\nlabels = ["x", "x"]\nqueries = "q.npy"\n\n[training]\nlr = -1\n'
+    text = GOOD + (
+        '\n[[experts]]\nname = "b"\npredict = "nocolon"\nlabels = ["x", "x"]\nqueries = '
+        '"q.npy"\n\n[training]\nlr = -1\n'
     )
     message = _errors(tmp_path, text)
     lines = message.splitlines()
@@ -47,8 +47,8 @@ def test_errors_are_one_line_per_field_written_as_in_the_file(tmp_path):
         line.startswith("  experts[1].predict: 'nocolon' is not an import path") for line in lines
     )
     assert (
-        "  experts[1].labels: labels ['x'] appear more than once; list each output column's label once"
-        in lines
+        "  experts[1].labels: labels ['x'] appear more than once; list each output column's label "
+        "once" in lines
     )
     assert "  training.lr: Input should be greater than 0" in lines
 
@@ -62,18 +62,22 @@ def test_unknown_fields_and_reserved_names_are_refused_with_the_fix(tmp_path):
         tmp_path, 'folder = "/x"\n' + GOOD
     )
     assert (
-        "  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, labels, queries)"
-        in _errors(tmp_path, "").splitlines()
+        "  experts: no [[experts]] table; describe at least one expert (name, predict or endpoint, "
+        "labels, queries)" in _errors(tmp_path, "").splitlines()
     )
     duplicate = _errors(tmp_path, GOOD + GOOD).splitlines()  # a whole-spec rule has no single field
-    assert (
-        duplicate[1]
-        == "  (top level): expert names ['a'] appear more than once; give each [[experts]] entry a unique name"
+    assert duplicate[1] == (
+        "  (top level): expert names ['a'] appear more than once; give each [[experts]] "
+        "entry a unique name"
     )
 
 
 def test_an_expert_is_an_import_path_or_a_model_server_never_both(tmp_path):
-    served = '[[experts]]\nname = "org"\nlabels = ["0", "1"]\nqueries = "q.npy"\n[experts.endpoint]\nprotocol = "open-inference"\nurl = "http://127.0.0.1:8080"\nmodel = "digits"\n'
+    served = (
+        '[[experts]]\nname = "org"\nlabels = ["0", "1"]\nqueries = '
+        '"q.npy"\n[experts.endpoint]\nprotocol = "open-inference"\nurl = '
+        '"http://127.0.0.1:8080"\nmodel = "digits"\n'
+    )
     (tmp_path / "spec.toml").write_text(served)
     entry = load_spec(tmp_path / "spec.toml").experts[0]
     assert (

@@ -1,7 +1,7 @@
 """The server's bank store: real SQLite files, real weight files, real SIGKILLs of a child process.
 
-Run as a script (``python tests/unit/test_store.py FOLDER STAGE READY``) this file is the child of the
-crash tests: it checkpoints round 1, then dies by SIGKILL at STAGE of checkpointing round 2.
+Run as a script (``python tests/unit/test_store.py FOLDER STAGE READY``) this file is the child of
+the crash tests: it checkpoints round 1, then dies by SIGKILL at STAGE of checkpointing round 2.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def test_another_run_key_is_refused(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_a_bank_store_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bank.sqlite").write_bytes(b"not a database, just bytes" * 100)
-    with pytest.raises(StoreError, match="bank.sqlite"):
+    with pytest.raises(StoreError, match=r"bank\.sqlite"):
         BankStore(tmp_path, RUN)
 
 
@@ -313,7 +313,7 @@ def test_old_weight_files_are_collected(tmp_path: Path) -> None:
         assert weight_files(folder) == {f"{d}.npz" for d in digests[2:]} | {"notes.txt"}
         assert bank.rounds() == [(3, digests[2]), (4, digests[3])]
         assert [(h.round, h.weights_digest) for h in bank.history()] == list(
-            zip([1, 2, 3, 4], digests)
+            zip([1, 2, 3, 4], digests, strict=True)
         )
         assert bank.latest().round == 4
         for key, value in round_inputs(3)[0].items():
@@ -355,7 +355,8 @@ def run_child_until_killed(folder: Path, stage: str, tmp_path: Path) -> None:
         while not ready.exists():
             if child.poll() is not None:
                 pytest.fail(
-                    f"child exited with {child.returncode} before {stage}: {child.stderr.read().decode()}"
+                    f"child exited with {child.returncode} before {stage}: "
+                    f"{child.stderr.read().decode()}"
                 )
             if time.monotonic() > deadline:
                 pytest.fail(f"child never reached {stage}")

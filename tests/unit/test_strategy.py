@@ -4,9 +4,11 @@ aggregation, the round plan sent and the merge of the clients' messages (strateg
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from protofuse.protocol import federation as wire
 from protofuse.records import Fidelity
@@ -59,6 +61,8 @@ def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
     np.testing.assert_allclose(out[3], reference[3])  # nobody covers label 3: the row stays
     bias = rowwise_mean(stack[:, :, 0], weights, covers, reference[:, 0])  # 1-D rows too
     np.testing.assert_allclose(bias, out[:, 0])
+    # weights are examples x trust: fractions of an example weigh the same way
+    np.testing.assert_allclose(rowwise_mean(stack, weights / 20, covers, reference), out)
 
 
 def _describe(
@@ -70,6 +74,9 @@ def _describe(
 def test_the_vocabulary_is_only_ever_appended_to_and_new_rows_leave_old_ones_in_place():
     fed = Federation([], 8)
     assert fed.admit(1, _describe("a", ["0", "1", "2"])) == ["0", "1", "2"]
+    assert fed.nodes[1] == Client(
+        "a", ("0", "1", "2"), 10
+    )  # 10 queries declared: caps its examples
     assert fed.admit(2, _describe("b", ["2", "3"])) == ["3"]
     assert fed.vocabulary == ["0", "1", "2", "3"]
     assert fed.admit(3, _describe("late", ["7", "1"])) == ["7"]  # a later client extends it
@@ -104,15 +111,19 @@ def test_the_input_range_spans_every_admitted_client():
 
 
 def _strategy(
-    fed: Federation, aggregation: str = "rowwise", rounds: int = 2
+    fed: Federation,
+    aggregation: str = "rowwise",
+    rounds: int = 2,
+    model_config: dict | None = None,
+    min_clients: int | None = None,
 ) -> tuple[FusionStrategy, list]:
     saved: list = []
     s = FusionStrategy(
         fed,
         Schedule.from_settings(FederationSettings(rounds=rounds), TrainingSettings()),
         TrainingSettings(),
-        FederationSettings(rounds=rounds, aggregation=aggregation),
-        {},
+        FederationSettings(rounds=rounds, aggregation=aggregation, min_clients=min_clients),
+        model_config or {},
         lambda r, a, st: saved.append((r, a)),
     )
     return s, saved
@@ -155,6 +166,15 @@ def test_aggregation_weighs_by_examples_times_trust_and_casts_back():
             np.testing.assert_allclose(out["prototypes"][:, 0], [1.0, 1.75, 4.0])
         else:
             np.testing.assert_allclose(out["prototypes"][:, 0], [1.75] * 3)
+    # Everyone distrusted: examples alone weigh; no examples either: equal weights.
+    fed.trust = {"a": 0.0, "b": 0.0}
+    strategy, _ = _strategy(fed, "fedavg")
+    strategy._sent = {"w": np.zeros(2, np.float32)}
+    a, b = {"w": np.array([1.0, 1.0], np.float32)}, {"w": np.array([4.0, 4.0], np.float32)}
+    out = strategy.aggregate([(fed.nodes[1], a, 30), (fed.nodes[2], b, 20)])
+    np.testing.assert_allclose(out["w"], [(30 * 1 + 20 * 4) / 50] * 2)
+    out = strategy.aggregate([(fed.nodes[1], a, 0), (fed.nodes[2], b, 0)])
+    np.testing.assert_allclose(out["w"], [2.5, 2.5])
 
 
 @pytest.fixture
@@ -215,7 +235,7 @@ def test_the_agreement_round_sets_trust_and_records_every_expert_checkpointed(in
         _reply(3, "poor", ("2", "3"), 2, 0.6),
     ]
     arrays, _ = strategy.aggregate_train(2, replies)
-    assert {k for k in arrays.keys()} == {"prototypes", "bias"}  # nothing trained: the weights stay
+    assert set(arrays) == {"prototypes", "bias"}  # nothing trained: the weights stay
     assert fed.trust["good"] == 1.0 and fed.trust["poor"] < 0.3 < fed.trust["fair"] < 1.0
     assert {r.name: r.weight for r in fed.records.values()} == fed.trust
     assert (
@@ -247,6 +267,63 @@ def test_an_invalid_or_impersonating_message_is_dropped_and_the_round_goes_on(in
         strategy.aggregate_train(2, [garbage])
 
 
+def _trained_reply(node: int, pseudonym: str, labels: tuple[str, ...], value: float, loss: float):
+    """A training round's reply: every shared array filled with ``value``, 20 examples."""
+    message = _reply(node, pseudonym, labels, 1, None)
+    stats = wire.ImitatorStats(pseudonym, 1, 20, 30, Fidelity(0.9, 0.1, 5), None, loss)
+    message.content["fusion"]["stats"] = wire.encode_stats(stats)
+    message.content["arrays"] = to_record(
+        {"prototypes": np.full((3, 2), value, np.float32), "bias": np.full(3, value, np.float32)}
+    )
+    return message
+
+
+def test_a_training_round_averages_the_updates_and_reports_its_loss_and_traffic(in_a_run):
+    fed = Federation(["0", "1", "2"], 8)
+    # b declared 10 queries: its 20 self-reported examples count as 10
+    fed.nodes = {1: Client("a", ("0", "1"), 30), 2: Client("b", ("1", "2"), 10)}
+    strategy, saved = _strategy(fed, aggregation="fedavg")  # round 1: consensus, trained
+    assert strategy.trust_of("a") == 1.0  # nobody scored yet: full trust
+    fed.trust = {"a": 1.0, "b": 0.5}
+    assert strategy.trust_of("late") == 0.5  # never scored: the lowest trust given so far
+    strategy._sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    stranger = _trained_reply(9, "a", ("0", "1"), 100.0, 0.0)  # node 9 was never admitted
+    misfit = _trained_reply(2, "b", ("1", "2"), 100.0, 0.0)
+    misfit.content["arrays"] = to_record({"prototypes": np.zeros((4, 2), np.float32)})
+    replies = [
+        _trained_reply(2, "b", ("1", "2"), 4.0, 0.75),
+        stranger,
+        _trained_reply(1, "a", ("0", "1"), 1.0, 0.25),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    out = {k: v.numpy() for k, v in arrays.items()}
+    # weights: a 20 examples x trust 1, b min(20, 10) x trust 0.5
+    np.testing.assert_allclose(out["prototypes"], np.full((3, 2), (20 * 1.0 + 5 * 4.0) / 25))
+    assert out["prototypes"].dtype == np.float32
+    assert dict(metrics) == {
+        "loss": 0.5,
+        "fidelity": pytest.approx(0.9),
+        "bytes-per-client": pytest.approx(strategy.history[-1]["bytes_per_client"]),
+    }
+    row = strategy.history[-1]
+    assert (row["round"], row["phase"], row["clients"], row["shared_bytes"]) == (
+        1,
+        "consensus",
+        2,
+        (6 + 3) * 4,
+    )
+    assert row["bytes_per_client"] > row["shared_bytes"] and row["trust"] == fed.trust
+    assert {n: (r.weight, r.last_round) for n, r in fed.records.items()} == {
+        "a": (1.0, 1),
+        "b": (0.5, 1),
+    }
+    assert math.isnan(fed.records["a"].consensus)  # not measured yet
+    assert saved[-1][0] == 1
+    np.testing.assert_allclose(saved[-1][1]["bias"], out["bias"])
+    with pytest.raises(RuntimeError, match="no client replied"):  # refused: shapes not sent
+        strategy.aggregate_train(1, [misfit])
+
+
 def test_to_record_round_trips_arrays():
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([3], np.int64)}
     back = {k: v.numpy() for k, v in to_record(arrays).items()}
@@ -270,6 +347,9 @@ def test_an_update_that_does_not_fit_the_shared_weights_is_refused_by_name():
     for arrays, message in bad:
         with pytest.raises(wire.WireError, match=message):
             check_update(to_record(arrays), sent)
+    with pytest.raises(wire.WireError) as err:  # names what differs, not what matches
+        check_update(to_record({**sent, "extra": np.zeros(1, np.float32)}), sent)
+    assert "['extra']" in str(err.value)
 
 
 # -- admission: typed node descriptions, refusals by name ------------------------------------------
@@ -313,9 +393,13 @@ class DescribingGrid:
                 and m.content["ask"]["format-version"] == wire.FORMAT_VERSION
             )
         self.asked += [m.metadata.dst_node_id for m in messages]
-        return [
-            _from(m.metadata.dst_node_id, self.answers[m.metadata.dst_node_id]) for m in messages
-        ]
+        return [self._answer(m) for m in messages]
+
+    def _answer(self, query: Message) -> Message:
+        answer = self.answers[query.metadata.dst_node_id]
+        if isinstance(answer, Error):  # what Flower returns for a node that failed or timed out
+            return Message(answer, reply_to=query)
+        return _from(query.metadata.dst_node_id, answer)
 
 
 def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_others_join(
@@ -367,8 +451,8 @@ def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_othe
     assert all(len(lines) == 1 for lines in log.values()), log  # each refused node named once
     assert "invalid description: NodeDescription: the bytes do not parse" in log[3][0]
     assert (
-        f"the client speaks federation format {wire.FORMAT_VERSION + 1}, this server format {wire.FORMAT_VERSION}"
-        in log[4][0]
+        f"the client speaks federation format {wire.FORMAT_VERSION + 1}, this server format "
+        f"{wire.FORMAT_VERSION}" in log[4][0]
     )
     assert (
         "expert 'old'" in log[5][0]
@@ -387,12 +471,47 @@ def test_a_node_whose_description_is_malformed_is_refused_by_name_while_the_othe
     )
     strategy._admit_new_nodes(grid, grown)
     assert grid.asked == [9] and fed.vocabulary == ["0", "1", "2", "3"]
+    strategy._admit_new_nodes(grid, grown)
+    assert grid.asked == [9]  # the refusals outlast the round that admitted node 9
+
+
+def test_nodes_joining_together_extend_the_vocabulary_in_the_order_of_their_pseudonyms(
+    in_a_run,
+):
+    # node ids change from run to run; pseudonyms do not, so neither does the label order
+    answers = {
+        n: _description_reply(wire.encode_node_description(_describe(p, labels)))
+        for n, p, labels in ((1, "zed", ["z"]), (2, "amy", ["a"]), (3, "kim", ["k"]))
+    }
+    fed = Federation([], 8)
+    strategy, _ = _strategy(fed)
+    current = {"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)}
+    strategy._admit_new_nodes(DescribingGrid(answers), current)
+    assert fed.vocabulary == ["a", "k", "z"]
+
+
+def test_a_node_that_fails_to_describe_itself_is_refused_and_the_others_still_join(
+    in_a_run, caplog
+):
+    answers = {
+        1: Error(0, "the expert's process died"),
+        2: _description_reply(wire.encode_node_description(_describe("a", ["0", "1"]))),
+    }
+    fed = Federation([], 8)
+    strategy, _ = _strategy(fed)
+    current = {"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)}
+    with caplog.at_level("WARNING"):
+        strategy._admit_new_nodes(DescribingGrid(answers), current)
+    assert set(fed.nodes) == {2} and strategy.refused == {1}
+    assert [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()] == [
+        "refusing node 1: it could not describe its expert: the expert's process died"
+    ]
 
 
 def test_every_train_message_carries_the_typed_round_plan(in_a_run):
     fed = Federation([], 8)
-    strategy, _ = _strategy(fed, rounds=2)
-    strategy.model_config = {"x_dim": 8, "feat_dim": 4, "encoder": "mlp", "image_shape": None}
+    config = {"x_dim": 8, "feat_dim": 4, "encoder": "mlp", "image_shape": None}
+    strategy, _ = _strategy(fed, rounds=2, model_config=config)
     grid = DescribingGrid(
         {
             n: _description_reply(wire.encode_node_description(_describe(p, labels)))
@@ -414,9 +533,33 @@ def test_every_train_message_carries_the_typed_round_plan(in_a_run):
             0,
             1,
         )
-        assert plan.vocabulary == ("0", "1", "2") and plan.model == strategy.model_config
+        assert plan.vocabulary == ("0", "1", "2") and plan.model == config
         assert plan.training == strategy.training and plan.federation == strategy.settings
         assert m.content["arrays"]["prototypes"].numpy().shape == (3, 2)  # rows for the new labels
+
+
+@pytest.mark.parametrize("min_clients,waits_for", [(None, 2), (3, 3)])
+def test_min_clients_holds_the_first_round_only_and_nobody_is_asked_to_evaluate(
+    in_a_run, min_clients, waits_for
+):
+    fed = Federation([], 8)
+    strategy, _ = _strategy(fed, rounds=2, min_clients=min_clients)
+    grid = DescribingGrid(
+        {
+            n: _description_reply(wire.encode_node_description(_describe(p, ["0"])))
+            for n, p in ((1, "a"), (2, "b"), (3, "c"))
+        }
+    )
+    arrays = to_record(
+        {"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)}
+    )
+    # Flower waits for min_available_nodes before sampling min_train_nodes of them
+    assert (strategy.min_available_nodes, strategy.min_train_nodes) == (waits_for, waits_for)
+    strategy.configure_train(1, arrays, ConfigRecord(), grid)
+    assert (strategy.min_available_nodes, strategy.min_train_nodes) == (waits_for, waits_for)
+    strategy.configure_train(2, arrays, ConfigRecord(), grid)  # later: a node going offline
+    assert (strategy.min_available_nodes, strategy.min_train_nodes) == (1, 1)  # does not stall
+    assert list(strategy.configure_evaluate(2, arrays, ConfigRecord(), grid)) == []
 
 
 def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):

@@ -28,8 +28,8 @@ def test_fidelity_on_a_case_with_a_knownanswers():
     eta_a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
     eta_b = np.array([[1.0, 0.0], [0.3, 0.7], [0.3, 0.7], [0.7, 0.3]], dtype=np.float32)
     triples = _two_experts(eta_a, eta_b)
-    # The imitation (n, E, C) over the vocabulary (0, 1, 2): a agrees on rows 0, 1, 3, b on rows 1, 2.
-    # Off-label columns carry large mass to prove they are ignored: fidelity is over the
+    # The imitation (n, E, C) over the vocabulary (0, 1, 2): a agrees on rows 0, 1, 3, b on rows
+    # 1, 2. Off-label columns carry large mass to prove they are ignored: fidelity is over the
     # expert's own labels only.
     q_a = np.array([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8], [0.5, 0.5]])
     q_b = np.array([[0.4, 0.6], [0.1, 0.9], [0.2, 0.8], [0.4, 0.6]])
@@ -82,7 +82,8 @@ def test_consensus_agreement_and_reliability_weights_on_a_known_case():
     triples = _two_experts(eta_a, eta_b)
     pooled = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.2, 0.7], [0.05, 0.05, 0.9]])
     agreement = consensus_agreement(pooled, triples)
-    # a: only row 0 has consensus mass > 0.5 on {0, 1}; it agrees there. b: rows 1-3, agrees on 1 and 2.
+    # a: only row 0 has consensus mass > 0.5 on {0, 1}; it agrees there. b: rows 1-3, agrees on 1
+    # and 2.
     np.testing.assert_allclose(agreement, [1.0, 2 / 3])
     weights = reliability_weights(np.array([1.0, 0.75, 0.5, np.nan]), np.array([2, 4, 2, 3]))
     # kappa = (agreement - chance) / (1 - chance): 1, 2/3, 0, and 1 for an expert never judged.
@@ -361,7 +362,7 @@ def test_default_epochs_follow_the_family():
             AdaptSettings(),
             None,
             "bernoulli",
-            progress=lambda e, n, loss: seen.append(n),
+            progress=lambda e, n, loss, seen=seen: seen.append(n),
         )
         assert set(seen) == {expected}
 
@@ -458,6 +459,17 @@ def test_a_trainer_resumes_its_moments_and_schedule_even_after_the_vocabulary_gr
         total_steps=100,
     )
     assert not narrower.load_state_arrays(saved) and narrower.steps_done == 0
+    # a state from another model (more parameters), or without its schedule, is not taken either
+    n = len(list(same.model.parameters()))
+    foreign = {**saved, f"{n}.exp_avg": np.zeros(1, np.float32)}
+    unscheduled = {k: v for k, v in saved.items() if k != "steps_done"}
+    for state in (foreign, unscheduled):
+        fresh = DiscriminativeTrainer(
+            DiscriminativePrototypes(DiscriminativeConfig(16, 3, 1, 8, "mlp", None)),
+            1e-3,
+            total_steps=100,
+        )
+        assert not fresh.load_state_arrays(state) and fresh.steps_done == 0
 
 
 def test_table_augmentation_is_a_setting_of_tabular_inputs_only():

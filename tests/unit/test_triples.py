@@ -1,4 +1,5 @@
-"""Training triples: which output column lands on which label, the vocabulary, the held-out split."""
+"""Training triples: which output column lands on which label, the vocabulary, the held-out
+split."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The wire format (protofuse/protocol/federation.py, protos/): round trips (examples and hypothesis),
-validation of every field on both sides, version skew, garbage bytes, determinism, and that the
+"""The wire format (protofuse/protocol/federation.py, protos/): round trips (examples and
+hypothesis), validation of every field on both sides, version skew, garbage bytes, determinism, and
+that the
 committed generated code matches the schemas."""
 
 from __future__ import annotations
@@ -220,6 +221,14 @@ def test_encoding_is_deterministic(value, encode, decode):
     first = encode(value)
     assert encode(value) == first
     assert encode(decode(first)) == first
+
+
+def test_gaussians_are_equal_only_when_both_moments_are():
+    # the round-trip tests compare distributions with ==: it must see every moment
+    g = Gaussian(mean=np.zeros(2), cov=np.eye(2))
+    assert g == Gaussian(mean=np.zeros(2), cov=np.eye(2))
+    assert g != Gaussian(mean=np.zeros(2), cov=2 * np.eye(2))
+    assert g != Gaussian(mean=np.ones(2), cov=np.eye(2))
 
 
 def test_lists_are_stored_as_tuples_and_arrays_are_frozen_copies():
@@ -678,9 +687,9 @@ def test_bias_count_error_says_what_to_send():
     )
     with pytest.raises(WireError) as err:
         decode_distribution(data)
-    assert (
-        str(err.value)
-        == "ExpertDistribution.discriminative.label_bias: 3 values for 4 labels; send one bias per label"
+    assert str(err.value) == (
+        "ExpertDistribution.discriminative.label_bias: 3 values for 4 labels; send one "
+        "bias per label"
     )
 
 
@@ -691,8 +700,9 @@ def test_w_dim_is_enforced_for_generative_moments_only():
         decode_distribution(data, w_dim=4)
     _assert_names(err, "ExpertDistribution.generative.prior.mean")
     assert decode_distribution(encode_distribution(DISCRIMINATIVE), w_dim=4) == DISCRIMINATIVE
-    with pytest.raises(ValueError, match="w_dim"):
-        decode_distribution(data, w_dim=0)
+    for bad in (0, True, 2.5):  # a positive integer, and a bool is not one
+        with pytest.raises(ValueError, match="w_dim"):
+            decode_distribution(data, w_dim=bad)
 
 
 def test_limits_themselves_are_accepted():
@@ -898,7 +908,7 @@ def test_encode_refuses(value, path):
 
 
 def test_encode_refuses_the_wrong_dataclass():
-    with pytest.raises(WireError, match="^ExpertDistribution"):
+    with pytest.raises(WireError, match=r"^ExpertDistribution"):
         encode_distribution(STATS)
 
 
@@ -1073,18 +1083,18 @@ def test_version_skew_names_both_sides_formats():
     )
     with pytest.raises(WireError) as err:
         decode_node_description(node)  # the server reads a newer client's description
-    assert (
-        str(err.value)
-        == "NodeDescription.format_version: the client speaks federation format 2, this server format 1; run matching protofuse versions on both sides"
+    assert str(err.value) == (
+        "NodeDescription.format_version: the client speaks federation format 2, this "
+        "server format 1; run matching protofuse versions on both sides"
     )
     plan = _reencode(
         federation_pb2.RoundPlan, encode_round_plan(PLAN), lambda m: setattr(m, "format_version", 2)
     )
     with pytest.raises(WireError) as err:
         decode_round_plan(plan)  # a client reads a newer server's plan
-    assert (
-        str(err.value)
-        == "RoundPlan.format_version: the server speaks federation format 2, this client format 1; run matching protofuse versions on both sides"
+    assert str(err.value) == (
+        "RoundPlan.format_version: the server speaks federation format 2, this client "
+        "format 1; run matching protofuse versions on both sides"
     )
 
 
@@ -1340,7 +1350,8 @@ def test_every_proto_has_generated_modules():
     assert {"protofuse/v1/federation.proto", "protofuse/v1/bank.proto"} <= set(protos)
     missing = [name for p in protos for name in _generated_names(p) if not (REPO / name).is_file()]
     assert not missing, (
-        f"no generated code for {missing}; regenerate from the repository root with:\n  {_regenerate_command()}"
+        f"no generated code for {missing}; regenerate from the repository root with:\n  "
+        f"{_regenerate_command()}"
     )
     expected = {name for p in protos for name in _generated_names(p)}
     committed = {p.relative_to(REPO).as_posix() for p in (REPO / "protofuse").rglob("*_pb2.py*")}
@@ -1369,7 +1380,8 @@ def test_generated_code_is_not_stale(tmp_path):
         check=False,  # the assertion below reports protoc's stderr
     )
     assert run.returncode == 0, (
-        f"protoc failed (is grpcio-tools installed? pip install -c constraints.txt -e '.[test]'):\n{run.stderr}"
+        "protoc failed (is grpcio-tools installed? pip install -c constraints.txt -e "
+        f"'.[test]'):\n{run.stderr}"
     )
     stale = [
         name
@@ -1379,14 +1391,16 @@ def test_generated_code_is_not_stale(tmp_path):
         or (tmp_path / name).read_bytes() != (REPO / name).read_bytes()
     ]
     assert not stale, (
-        f"generated code is stale or was made by another grpcio-tools than constraints.txt pins: {stale}\n"
+        "generated code is stale or was made by another grpcio-tools than constraints.txt pins: "
+        f"{stale}\n"
         f"regenerate from the repository root with:\n  {_regenerate_command()}"
     )
 
 
 def test_only_the_wire_modules_touch_generated_classes():
     # Everything else works with the wire modules' dataclasses, so a schema change stays in two
-    # files (protofuse.protocol.federation: federation and bank; protofuse.protocol.service: the adaptation service).
+    # files (protofuse.protocol.federation: federation and bank; protofuse.protocol.service: the
+    # adaptation service).
     generated = {Path(name).stem for p in _proto_files() for name in _generated_names(p)}
     pattern = re.compile(
         r"(from|import)\s+protofuse[./]v1\b|\b(" + "|".join(map(re.escape, generated)) + r")\b"
@@ -1403,5 +1417,6 @@ def test_only_the_wire_modules_touch_generated_classes():
             if pattern.search(path.read_text(encoding="utf-8")):
                 offenders.append(rel)
     assert not offenders, (
-        f"{offenders} use the generated protobuf classes; go through protofuse.protocol.federation instead"
+        f"{offenders} use the generated protobuf classes; go through protofuse.protocol.federation "
+        "instead"
     )
