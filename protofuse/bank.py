@@ -126,7 +126,7 @@ class Bank:
                 {**self.meta.settings.adapt.model_dump(), **options}
             )
         except ValidationError as err:
-            from .spec import format_errors
+            from .settings import format_errors
 
             raise ValueError(f"invalid adaptation options\n{format_errors(err)}") from None
 

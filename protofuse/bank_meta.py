@@ -24,7 +24,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
+from .settings import (
+    AdaptSettings,
+    FederationSettings,
+    ModelSettings,
+    TrainingSettings,
+    format_errors,
+)
 
 # The fields an artifact's meta.json holds that are not the bank's metadata: the artifact's
 # envelope (protofuse.artifacts) and the expert records (protofuse.bank).
@@ -129,8 +135,9 @@ class BankMeta(_Frozen):
         try:
             return cls.model_validate(fields)
         except ValidationError as err:
+            errors = format_errors(err, unknown="unknown field (written by a newer protofuse?)")
             raise BankMetaError(
-                f"bank metadata is incomplete or malformed in meta.json:\n{describe_errors(err)}"
+                f"bank metadata is incomplete or malformed in meta.json:\n{errors}"
             ) from None
 
     def to_json(self) -> dict[str, Any]:
@@ -190,18 +197,3 @@ class BankMeta(_Frozen):
         if self.sha256 is not None:
             view["sha256"] = self.sha256
         return view
-
-
-def describe_errors(err: ValidationError) -> str:
-    """pydantic's errors as '  field.path: message' lines, the path as in meta.json."""
-    lines = []
-    for e in err.errors():
-        loc = (
-            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
-            or "(top level)"
-        )
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (written by a newer protofuse?)"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)

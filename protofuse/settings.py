@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .model.networks import Augmentation, FeatureAugmentation, ImageShape, image_dims
 
@@ -242,3 +242,22 @@ class FederationSettings(_Strict):
         )
         epochs = self.rounds * self.local_epochs
         return int(min(training.batch_size, max(8, -(-n_train * epochs // central_steps))))
+
+
+def format_errors(
+    err: ValidationError,
+    unknown: str = "unknown field; check its spelling against the documented fields",
+) -> str:
+    """pydantic's errors as '  field.path: message' lines, each path written as in the file read
+    (a spec's TOML, a bank's meta.json); ``unknown`` replaces pydantic's text for an extra field."""
+    lines = []
+    for e in err.errors():
+        loc = (
+            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+            or "(top level)"
+        )
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = unknown
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

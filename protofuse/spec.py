@@ -24,7 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .input_checks import MIN_IMAGE_SIDE
 from .model.networks import ImageShape
-from .settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
+from .settings import (
+    AdaptSettings,
+    FederationSettings,
+    ModelSettings,
+    TrainingSettings,
+    format_errors,
+)
 
 MAX_CHANNELS = 64  # RGB(A) and multispectral stacks; more is more likely a mistaken shape
 
@@ -247,18 +253,3 @@ def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec
             "(name, predict or endpoint, labels, queries)"
         )
     return spec
-
-
-def format_errors(err: ValidationError) -> str:
-    """pydantic's errors as 'field.path: message' lines, fields written as in the TOML file."""
-    lines = []
-    for e in err.errors():
-        loc = (
-            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
-            or "(top level)"
-        )
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against the documented fields"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)

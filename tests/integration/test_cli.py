@@ -272,3 +272,11 @@ def test_an_existing_file_as_output_is_refused_before_training(federation, tmp_p
         ["fit", str(federation / "spec.toml"), "--out", str(tmp_path / "taken")], capsys
     )
     assert "existing file" in err
+
+
+def test_fit_names_image_shape_when_digits_come_as_flat_vectors(tmp_path, capsys):
+    spec = write_federation(tmp_path, "digits", k=5, seed=0)
+    text = spec.read_text().replace("image_shape = [8, 8]", "")
+    spec.write_text(text + "\n[training]\nepochs = 1\n")
+    assert main(["fit", str(spec), "--out", str(tmp_path / "bank")]) == 0
+    assert "set `[data] image_shape = [8, 8]`" in capsys.readouterr().err

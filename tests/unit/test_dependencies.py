@@ -20,11 +20,8 @@ loads and adapts banks, and what needs an extra says which one.
 from __future__ import annotations
 
 import ast
-import json
 import re
-import subprocess
 import sys
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -255,108 +252,3 @@ def test_constraints_pin_the_linters_and_keep_packaging_for_flower():
     assert not any("==" in r for r in PYPROJECT["project"]["dependencies"]), (
         "exact pins belong in constraints.txt"
     )
-
-
-# A core-only install, imitated: the extras' modules cannot be imported (sys.modules[name] = None
-# makes both `import` and importlib.util.find_spec say they are absent).
-CORE_ONLY = textwrap.dedent(
-    """
-    import contextlib, io, json, sys, tempfile, warnings
-    from pathlib import Path
-    for name in (
-        "flwr", "ray", "grpc", "grpc_health", "grpc_reflection", "sklearn", "mlxtend",
-        "matplotlib", "river",
-    ):
-        sys.modules[name] = None
-    sys.path.insert(0, sys.argv[1])
-    import numpy as np
-    import client_sdk
-    from protofuse.bank import fit_bank
-    from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
-    from protofuse_cli.main import main
-    from toys import clusters, two_experts
-
-    out = {}
-    x, y, _ = clusters(n=120, d=8)
-    bank = fit_bank(
-        two_experts(x, y),
-        ModelSettings(feat_dim=4, hidden=8),
-        TrainingSettings(epochs=1),
-        AdaptSettings(n_z=4),
-        None,
-        "bernoulli",
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        bank.save(Path(tmp) / "bank")
-        model = client_sdk.load_bank(Path(tmp) / "bank").adapt(
-            x[:20], np.array([f"c{v}" for v in y[:20]])
-        )
-        model.save(Path(tmp) / "model")
-        adapted = client_sdk.load_adapted(Path(tmp) / "model", unsigned_ok=True)
-        out["proba"] = adapted.predict_proba(x[:3]).shape
-        try:
-            client_sdk.FusionClient
-        except ImportError as err:
-            out["fusion_client"] = str(err)
-        commands = {
-            "simulate": ["simulate", "spec.toml", "--out", tmp],
-            "client": ["client", "spec.toml", "--superlink", "127.0.0.1:1", "--insecure"],
-            "serve": ["serve", tmp, "--insecure"],
-            "health": ["health", "127.0.0.1:1", "--insecure"],
-            "adapt": [
-                "adapt", "--server", "127.0.0.1:1", "--support", "s.npz", "--out", tmp + "/m"
-            ],
-        }
-        for name, argv in commands.items():
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                code = main(argv)
-            out[name] = [code, err.getvalue()]
-    out["imported"] = sorted(
-        m
-        for m in ("flwr", "ray", "grpc", "sklearn", "matplotlib", "mlxtend")
-        if sys.modules.get(m) is not None
-    )
-    print(json.dumps(out))
-    """
-)
-
-
-@pytest.fixture(scope="module")
-def core_only() -> dict:
-    run = subprocess.run(
-        [sys.executable, "-c", CORE_ONLY, str(ROOT / "tests")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def test_the_sdk_loads_and_adapts_banks_on_a_core_install(core_only):
-    assert core_only["proba"] == [3, 4]
-    assert core_only["imported"] == []
-
-
-def test_the_service_client_names_the_client_extra_on_a_core_install(core_only):
-    assert "pip install 'protofuse[client]'" in core_only["fusion_client"]
-
-
-@pytest.mark.parametrize(
-    ("command", "extra"),
-    [
-        ("simulate", "simulation"),
-        ("client", "client"),
-        ("serve", "server"),
-        ("health", "client"),
-        ("adapt", "client"),
-    ],
-)
-def test_a_command_whose_side_is_not_installed_names_its_extra(core_only, command, extra):
-    code, stderr = core_only[command]
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"protofuse {command}: error: "), stderr
-    assert f"pip install 'protofuse[{extra}]'" in lines[0]

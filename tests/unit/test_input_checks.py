@@ -14,7 +14,6 @@ from protofuse.adapted import load_adapted
 from protofuse.bank import fit_bank, load_bank
 from protofuse.input_checks import InputRangeWarning, image_hint
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
-from protofuse_cli.main import main
 
 torch.set_num_threads(1)
 
@@ -65,13 +64,3 @@ def test_inputs_scaled_unlike_the_queries_get_a_warning_naming_both_ranges(bank,
     again = load_adapted(tmp_path / "model", unsigned_ok=True)  # the range travels with the model
     with pytest.warns(InputRangeWarning, match="inputs span"):
         again.predict(x * 255)
-
-
-def test_fit_names_image_shape_when_digits_come_as_flat_vectors(tmp_path, capsys):
-    from bench.demo import write_federation
-
-    spec = write_federation(tmp_path, "digits", k=5, seed=0)
-    text = spec.read_text().replace("image_shape = [8, 8]", "")
-    spec.write_text(text + "\n[training]\nepochs = 1\n")
-    assert main(["fit", str(spec), "--out", str(tmp_path / "bank")]) == 0
-    assert "set `[data] image_shape = [8, 8]`" in capsys.readouterr().err

@@ -186,3 +186,17 @@ def test_npz_bytes_depend_on_the_numbers_not_their_memory_layout() -> None:
 def test_npz_bytes_never_pickle() -> None:
     with pytest.raises(ValueError):
         npz_bytes({"bad": np.array([{"a": 1}], dtype=object)})
+
+
+def test_a_temporary_name_already_taken_is_never_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another writer's temporary file holds the first name drawn: it must be left alone and a
+    # fresh name drawn, not opened and overwritten.
+    taken = tmp_path / f"{TEMP_PREFIX}f-aaaa"
+    taken.write_bytes(b"someone else's")
+    names = iter(["aaaa", "bbbb"])
+    monkeypatch.setattr(durable.secrets, "token_hex", lambda _n: next(names))
+    atomic_write_bytes(tmp_path / "f", b"new")
+    assert (tmp_path / "f").read_bytes() == b"new"
+    assert taken.read_bytes() == b"someone else's"

@@ -268,3 +268,7 @@ def test_an_expert_paired_with_another_experts_distribution_is_refused():
         "ListExpertsResponse.experts",
     )
     assert "'expert-2'" in text and "'expert-1'" in text
+
+
+def test_a_bank_of_width_one_is_accepted():
+    assert decode_bank_info(encode_bank_info(BankInfo(MANIFEST, 1))).input_width == 1

@@ -427,3 +427,18 @@ def test_killed_after_commit_keeps_the_new_checkpoint(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     child_main(*sys.argv[1:])
+
+
+@pytest.mark.parametrize("bad", ["", 3])
+def test_vocabulary_with_an_empty_or_non_string_name_is_refused(
+    tmp_path: Path, bad: object
+) -> None:
+    arrays, _, _, state = round_inputs(1)
+    with BankStore(tmp_path, RUN) as bank, pytest.raises(StoreError, match="non-empty strings"):
+        bank.checkpoint(1, arrays, ["zero", bad, "two"], [], state)
+
+
+def test_a_state_holding_nan_is_refused_not_written_as_non_standard_json(tmp_path: Path) -> None:
+    arrays, vocabulary, experts, _ = round_inputs(1)
+    with BankStore(tmp_path, RUN) as bank, pytest.raises(StoreError, match="not JSON-able"):
+        bank.checkpoint(1, arrays, vocabulary, experts, {"loss": float("nan")})

@@ -599,3 +599,9 @@ def test_a_federated_client_trains_on_the_same_table_augmentation_with_its_own_s
     assert torch.allclose(
         seen[0][1], torch.from_numpy(train.x).mean(0)
     )  # the centre of the client's own training queries
+
+
+def test_n_batches_rounds_up_and_is_at_least_one():
+    from protofuse.training import n_batches
+
+    assert [n_batches(n, 64) for n in (0, 1, 63, 64, 65, 128, 129)] == [1, 1, 1, 1, 2, 2, 3]
