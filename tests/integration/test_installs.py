@@ -136,7 +136,6 @@ CORE_ONLY = textwrap.dedent(
         "matplotlib", "river",
     ):
         sys.modules[name] = None
-    sys.path.insert(0, sys.argv[1])
     import numpy as np
     import client_sdk
     from protofuse.bank import fit_bank
@@ -193,7 +192,9 @@ CORE_ONLY = textwrap.dedent(
 @pytest.fixture(scope="module")
 def core_only() -> dict:
     run = subprocess.run(
-        [sys.executable, "-c", CORE_ONLY, str(ROOT / "tests")],
+        [sys.executable, "-c", CORE_ONLY],
+        # the child imports the shared toy federations (tests/toys.py) as pytest's pythonpath does
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
         capture_output=True,
         text=True,
         timeout=300,
