@@ -168,7 +168,7 @@ class Generative(Family[GenerativePrototypes]):
         return wire.ExpertDistribution(
             expert.name,
             expert.labels,
-            0,
+            bank.meta.federated_rounds,
             wire.GenerativeMoments(gaussians["prior"], gaussians["posterior"]),
         )
 

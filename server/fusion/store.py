@@ -616,6 +616,8 @@ def _real(who: str, name: str, value: Any) -> float:
         raise StoreError(f"{who}: {name} must be a number, got {value!r}") from None
     if math.isnan(number):  # SQLite would store NaN as NULL and lose it
         raise StoreError(f"{who}: {name} is NaN; store a measured value")
+    if math.isinf(number):  # nothing non-finite is written: a bank built on it cannot be served
+        raise StoreError(f"{who}: {name} is not finite ({number!r}); store a measured value")
     return number
 
 

@@ -77,3 +77,59 @@ def test_missing_or_garbled_parts_are_named(tmp_path):
     (folder / artifacts.META).unlink()
     with pytest.raises(ArtifactError, match=r"missing meta\.json"):
         artifacts.load(folder, "kind-x")
+
+
+def _rewrite(folder, *, weights: bytes | None = None, edit=None) -> None:
+    """Rewrite an artifact's files in place, keeping its checksum valid."""
+    meta = json.loads((folder / artifacts.META).read_text())
+    data = weights if weights is not None else (folder / artifacts.WEIGHTS).read_bytes()
+    if edit is not None:
+        edit(meta)
+    meta["sha256"] = artifacts.checksum(data, meta)
+    (folder / artifacts.WEIGHTS).write_bytes(data)
+    (folder / artifacts.META).write_text(json.dumps(meta))
+
+
+def _object_npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, w=np.array([{"payload": 1}], dtype=object))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "corrupt, says",
+    [
+        (lambda f: (f / artifacts.META).write_text("[1, 2]"), "holds a None artifact"),
+        (lambda f: _rewrite(f, edit=lambda m: m.update(kind="other")), "holds a 'other' artifact"),
+        (lambda f: (f / artifacts.WEIGHTS).write_bytes(b"PK\x03\x04junk"), "checksum mismatch"),
+        (lambda f: _rewrite(f, weights=_object_npz()), "weights.npz: holds something other"),
+        (lambda f: _rewrite(f, weights=b"PK\x03\x04junk"), "weights.npz: not a readable .npz"),
+    ],
+)
+def test_every_refusal_names_the_folder_it_read(tmp_path, corrupt, says):
+    """The user must learn which of their folders is damaged, whatever the damage."""
+    folder = tmp_path / "named-folder"
+    artifacts.save(folder, "kind-x", {"w": np.zeros(2)}, {})
+    corrupt(folder)
+    with pytest.raises(ArtifactError) as err:
+        artifacts.load(folder, "kind-x")
+    assert str(err.value).startswith(f"{folder}: ") and says in str(err.value), str(err.value)
+
+
+def test_a_bad_signature_names_the_folder(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protofuse import signing
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    folder = tmp_path / "signed"
+    artifacts.save(folder, "kind-x", {"w": np.zeros(2)}, {}, signing_key=key)
+    with pytest.raises(signing.SignatureError) as err:
+        artifacts.load(folder, "kind-x", other.public_key())
+    assert str(err.value).startswith(f"{folder}: ")
+
+
+def test_unexpected_files_are_named_when_writing(tmp_path):
+    with pytest.raises(ArtifactError, match=r"unexpected artifact files \['evil\.sh', 'x'\]"):
+        artifacts.write(tmp_path / "a", {artifacts.META: b"{}", "x": b"", "evil.sh": b""})
+    assert not (tmp_path / "a").exists()

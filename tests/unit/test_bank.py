@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,10 @@ from protofuse.settings import AdaptSettings, FederationSettings, ModelSettings,
 from protofuse.triples import assemble
 
 torch.set_num_threads(1)
+
+
+# What an adapted model keeps of its bank (BankMeta.identity): enough to rebuild and trace it.
+IDENTITY = set("family config x_dim label_names image_shape likelihood input_range version".split())
 
 
 def _toy_triples(seed: int = 0):
@@ -441,20 +446,8 @@ def test_bank_meta_round_trips_through_save_and_load_typed_and_in_the_json_shape
     )
     assert meta.input_range is not None and meta.input_range[0] < meta.input_range[1]
     on_disk = json.loads((tmp_path / "bank" / "meta.json").read_text())
-    assert set(on_disk) == {
-        "kind",
-        "format_version",
-        "sha256",
-        "experts",
-        "family",
-        "config",
-        "x_dim",
-        "label_names",
-        "image_shape",
-        "likelihood",
-        "settings",
-        "input_range",
-    }
+    envelope = {"kind", "format_version", "sha256", "experts", "settings"}
+    assert set(on_disk) == envelope | IDENTITY - {"version"}
     assert (
         set(on_disk["settings"]) == {"model", "training", "adapt"}
         and on_disk["image_shape"] is None
@@ -599,6 +592,12 @@ def test_families_see_the_bank_through_bank_view_only(bank):
     described = impl.describe_expert(bank, 1)  # what ListExperts sends: a valid wire message
     assert (described.pseudonym, described.label_names) == ("b", ("2", "3"))
     assert decode_distribution(encode_distribution(described)) == described
+    assert described.round == 0  # fitted centrally: no federation round made it
+    if bank.family == "generative":  # both of the expert's distributions, each its own
+        assert described.head.prior != described.head.posterior
+    record = FederationRecord(rounds=7, weights_digest="ab" * 32, settings=FederationSettings())
+    view.meta = bank.meta.model_copy(update={"federation": record})
+    assert impl.describe_expert(view, 1).round == 7  # every family: the rounds that made it
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -736,3 +735,132 @@ def test_an_expert_whose_queries_are_all_held_out_keeps_its_prior():
     )
     torch.testing.assert_close(posterior.mean, prior.mean)
     torch.testing.assert_close(posterior.cov, prior.cov)
+
+
+def test_support_accuracy_is_the_adapted_models_own_accuracy_on_its_examples(bank):
+    _, x, y = _toy_triples()
+    sx, sy = _support(x, y, [0, 1, 3], 4)
+    model = bank.adapt(sx, sy)
+    assert model.info["support_accuracy"] == pytest.approx(float(np.mean(model.predict(sx) == sy)))
+
+
+def test_a_run_folder_loads_the_bank_it_holds(bank, tmp_path):
+    """`protofuse adapt RUN` works on a federation's run folder, whose bank is in bank/."""
+    version = bank.save(tmp_path / "run" / "bank")
+    assert load_bank(tmp_path / "run").version == version
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda m: m.update(sha256="0" * 64), "checksum mismatch"),
+        (lambda m: m["bank"].update(config={**m["bank"]["config"], "feat_dim": 3}), "weights do"),
+        (lambda m: m.pop("task"), "adapted model lacks or garbles 'task'"),
+    ],
+)
+def test_an_adapted_model_from_bytes_names_its_source(bank, edit, says):
+    _, x, y = _toy_triples()
+    files = bank.adapt(*_support(x, y, [0, 3], 2)).to_files()
+    meta = json.loads(files["meta.json"])
+    edit(meta)
+    if meta.get("sha256") != "0" * 64:
+        meta["sha256"] = artifacts.checksum(files["weights.npz"], meta)
+    files = {**files, "meta.json": json.dumps(meta).encode()}
+    with pytest.raises(ArtifactError) as err:
+        from_files(files, unsigned_ok=True, source="reply of service:50051")
+    assert str(err.value).startswith("reply of service:50051: ") and says in str(err.value)
+
+
+def test_what_an_adapted_model_keeps_of_its_bank_is_plain_json_with_exactly_its_identity(bank):
+    identity = bank.meta.identity()
+    assert set(identity) == IDENTITY
+    assert identity["image_shape"] is None and identity["version"] == bank.version
+    assert json.loads(json.dumps(identity)) == identity  # lists, not tuples: as loaded from disk
+    assert identity["label_names"] == list(bank.label_names)
+    no_range = bank.meta.model_copy(update={"input_range": None})
+    assert "input_range" not in no_range.identity() and "image_shape" in no_range.identity()
+
+
+def test_the_banks_json_metadata_leaves_the_envelope_to_the_artifact(bank):
+    meta = bank.meta.model_copy(update={"sha256": "ab" * 32})
+    assert "sha256" not in meta.to_json() and "version" not in meta.to_json()
+
+
+def test_expert_trust_survives_a_round_trip(bank, tmp_path):
+    experts = [replace(e, weight=w) for e, w in zip(bank.experts, (0.25, 0.75), strict=True)]
+    Bank(bank.model, bank.meta, experts, bank.distributions).save(tmp_path / "bank")
+    assert [e.weight for e in load_bank(tmp_path / "bank").experts] == [0.25, 0.75]
+
+
+def test_a_bank_trains_for_as_many_epochs_as_its_data_calls_for():
+    """With no epochs set, the count follows the number of training inputs (not its fallback)."""
+    triples, _, _ = _toy_triples()
+    training = TrainingSettings(lr=5e-3)
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def first_epoch(epoch: int, epochs: int, loss: float) -> None:
+        seen.append(epochs)
+        raise Stop
+
+    with pytest.raises(Stop):
+        fit_bank(
+            triples,
+            ModelSettings(feat_dim=8),
+            training,
+            AdaptSettings(),
+            None,
+            "bernoulli",
+            first_epoch,
+        )
+    n_train = len(triples.split(training.holdout, training.seed)[0].x)
+    assert seen == [training.resolved_epochs("discriminative", n_train)]
+    assert seen[0] != training.resolved_epochs("discriminative")
+
+
+def test_without_held_out_queries_fidelity_is_unmeasured():
+    triples, _, _ = _toy_triples()
+    bank = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=1, holdout=0.0),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
+    assert [e.fidelity.n for e in bank.experts] == [0, 0]
+    assert all(math.isnan(e.fidelity.agreement) for e in bank.experts)
+
+
+def test_a_generative_bank_records_the_settings_and_image_shape_it_was_fitted_with():
+    triples, _, _ = _toy_triples()  # 16 features: a 4 x 4 image
+    bank = fit_bank(
+        triples,
+        ModelSettings(family="generative", feat_dim=8, hidden=32, hide_eta=0.25, lam=0.5),
+        TrainingSettings(epochs=1),
+        AdaptSettings(n_z=4),
+        (4, 4),
+        "bernoulli",
+    )
+    config = bank.meta.config
+    assert (config["hide_eta"], config["lam"], tuple(config["image_shape"])) == (0.25, 0.5, (4, 4))
+    assert bank.model.cfg.hide_eta == 0.25
+
+
+def test_a_generative_model_keeps_its_sampling_seed_on_disk(bank, tmp_path):
+    if bank.family != "generative":
+        pytest.skip("the discriminative family samples nothing at prediction")
+    _, x, y = _toy_triples()
+    model = bank.adapt(*_support(x, y, [0, 3], 3), seed=5)
+    model.save(tmp_path / "model")
+    again = load_adapted(tmp_path / "model", unsigned_ok=True)
+    np.testing.assert_array_equal(again.predict_proba(x[:20]), model.predict_proba(x[:20]))
+
+
+def test_zero_shot_samples_as_many_latents_as_the_settings_say(bank):
+    if bank.family != "generative":
+        pytest.skip("the discriminative family samples nothing at prediction")
+    assert bank.zero_shot(["0", "3"], n_z=4).task.n_z == 4
+    assert bank.zero_shot(["0", "3"]).task.n_z == bank.adapt_settings.n_z == 8

@@ -140,10 +140,13 @@ def test_replace_folder_that_fails_at_the_swap_keeps_the_old_folder(
     assert os.listdir(tmp_path) == ["bank"]
 
 
-def test_replace_folder_refuses_a_name_that_is_not_a_plain_file_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["../escape", "", ".", "..", "sub/file"])
+def test_replace_folder_refuses_a_name_that_is_not_a_plain_file_name(
+    tmp_path: Path, name: str
+) -> None:
     replace_folder(tmp_path / "a", {"meta.json": b"old"})
     with pytest.raises(ValueError, match="not a plain name"):
-        replace_folder(tmp_path / "a", {"../escape": b"x"})
+        replace_folder(tmp_path / "a", {"weights.npz": b"new", name: b"x"})
     assert (tmp_path / "a" / "meta.json").read_bytes() == b"old" and sorted(
         os.listdir(tmp_path)
     ) == ["a"]
@@ -200,3 +203,11 @@ def test_a_temporary_name_already_taken_is_never_reused(
     atomic_write_bytes(tmp_path / "f", b"new")
     assert (tmp_path / "f").read_bytes() == b"new"
     assert taken.read_bytes() == b"someone else's"
+
+
+def test_replace_folder_writes_files_with_the_ordinary_mode_never_executable(
+    tmp_path: Path,
+) -> None:
+    replace_folder(tmp_path / "a", {"meta.json": b"{}"})
+    mode = (tmp_path / "a" / "meta.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()

@@ -648,3 +648,20 @@ def test_the_training_loss_is_the_negative_elbo_plus_the_weighted_regulariser():
     expected = -(out["rec"] + out["label"] - out["kl_z"] - out["kl_w"] + 0.7 * out["reg"])
     torch.testing.assert_close(out["loss"], expected)
     assert out["kl_z"] > 0 and out["kl_w"] > 0 and out["rec"] < 0
+
+
+def test_an_images_flat_size_is_height_times_width_times_channels():
+    from protofuse.model.networks import image_size
+
+    assert image_size((8, 8)) == 64 and image_size((4, 6, 3)) == 72
+
+
+def test_a_config_read_back_from_json_has_its_image_shape_as_a_tuple_again():
+    import json
+
+    from protofuse.families.base import config_from_json
+
+    config = {"x_dim": 192, "image_shape": (8, 8, 3), "feat_dim": 16}
+    back = config_from_json(json.loads(json.dumps(config)))
+    assert back == config and isinstance(back["image_shape"], tuple)
+    assert config_from_json({"x_dim": 4, "image_shape": None}) == {"x_dim": 4, "image_shape": None}

@@ -61,3 +61,11 @@ def test_a_record_refuses_a_string_for_its_labels_and_copies_bytes():
         ).distribution
         == b"\x01"
     )
+
+
+def test_a_records_distribution_is_its_own_immutable_copy():
+    source = bytearray(b"\x01\x02")
+    record = ExpertRecord("a", ("0",), Fidelity(1.0, 0.0, 1), 1, distribution=source)
+    source[0] = 0xFF  # the caller's buffer changes; the record does not
+    assert type(record.distribution) is bytes and record.distribution == b"\x01\x02"
+    hash(record.distribution)

@@ -272,3 +272,27 @@ def test_an_expert_paired_with_another_experts_distribution_is_refused():
 
 def test_a_bank_of_width_one_is_accepted():
     assert decode_bank_info(encode_bank_info(BankInfo(MANIFEST, 1))).input_width == 1
+
+
+def test_an_expert_list_names_the_field_it_refuses():
+    _refused(
+        lambda: encode_expert_list(ExpertList(3, ())),  # type: ignore[arg-type]
+        "ListExpertsResponse.bank_version",
+    )
+    bad = ExpertRecord("expert-1", ("cat", "dog"), Fidelity(0.9, 0.1, 40), 500, 0.75, 1.5)
+    _refused(
+        lambda: encode_expert_list(ExpertList("bank-3", (ExpertSummary(bad, DISTRIBUTION),))),
+        "ListExpertsResponse.experts.expert.trust",
+    )
+
+
+def test_garbage_for_a_response_names_the_message():
+    _refused(lambda: decode_adapt_response(b"\xff\xff\xff"), "AdaptResponse")
+
+
+def test_too_many_rows_are_refused_before_the_bytes_are_looked_at():
+    """The row limit comes first: a request declaring 10**9 rows is refused on its shape, not
+    after its data is sized, copied and reshaped."""
+    data = _raw_request(shape=(10**9, 4), data=b"")
+    text = _refused(lambda: decode_adapt_request(data, max_support=10), "AdaptRequest.x.shape")
+    assert "more than this service's limit of 10" in text

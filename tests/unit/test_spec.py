@@ -120,3 +120,8 @@ def test_table_augmentation_is_set_in_the_training_table(tmp_path):
         "  training.feature_dropout: Input should be less than 1"
         in _errors(tmp_path, GOOD + "\n[training]\nfeature_dropout = 1.0\n").splitlines()
     )
+
+
+def test_a_missing_spec_file_is_named(tmp_path):
+    with pytest.raises(SpecError, match=r"nowhere\.toml: no such spec file"):
+        load_spec(tmp_path / "nowhere.toml")

@@ -169,7 +169,10 @@ def test_upsert_keeps_absent_experts_and_updates_present_ones(tmp_path: Path) ->
     [
         ({"labels": ("zero", "nine")}, "outside the vocabulary"),
         ({"weight": 1.5}, "outside [0, 1]"),
-        ({"fidelity": Fidelity(0.875, float("nan"), 64)}, "NaN"),
+        ({"fidelity": Fidelity(0.875, float("nan"), 64)}, "fidelity.kl is NaN"),
+        ({"fidelity": Fidelity(float("nan"), 0.1, 64)}, "fidelity.agreement is NaN"),
+        ({"consensus": float("inf")}, "consensus is not finite"),
+        ({"weight": float("-inf")}, "weight is not finite"),
         ({"n_queries": -1}, "non-negative"),
         ({"last_round": 5}, "after the checkpoint"),
     ],
@@ -442,3 +445,21 @@ def test_a_state_holding_nan_is_refused_not_written_as_non_standard_json(tmp_pat
     arrays, vocabulary, experts, _ = round_inputs(1)
     with BankStore(tmp_path, RUN) as bank, pytest.raises(StoreError, match="not JSON-able"):
         bank.checkpoint(1, arrays, vocabulary, experts, {"loss": float("nan")})
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda a, v, e, s: (a, v, [*e, "carol"], s), "ExpertRecord records, got str"),
+        (lambda a, v, e, s: ({}, v, e, s), "arrays is empty"),
+        (lambda a, v, e, s: (a, v, e, [("round", 1)]), "state must be a dict, got list"),
+    ],
+)
+def test_inputs_of_the_wrong_shape_are_refused_by_name(
+    tmp_path: Path, call: Any, words: str
+) -> None:
+    with BankStore(tmp_path, RUN) as bank:
+        with pytest.raises(StoreError) as error:
+            bank.checkpoint(1, *call(*round_inputs(1)))
+        assert words in str(error.value)
+        assert bank.latest() is None

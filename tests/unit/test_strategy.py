@@ -116,12 +116,14 @@ def _strategy(
     rounds: int = 2,
     model_config: dict | None = None,
     min_clients: int | None = None,
+    training: TrainingSettings | None = None,
 ) -> tuple[FusionStrategy, list]:
     saved: list = []
+    training = training or TrainingSettings()
     s = FusionStrategy(
         fed,
-        Schedule.from_settings(FederationSettings(rounds=rounds), TrainingSettings()),
-        TrainingSettings(),
+        Schedule.from_settings(FederationSettings(rounds=rounds), training),
+        training,
         FederationSettings(rounds=rounds, aggregation=aggregation, min_clients=min_clients),
         model_config or {},
         lambda r, a, st: saved.append((r, a)),
@@ -195,6 +197,7 @@ def _reply(
     round: int,
     agreement: float | None,
     distribution_name: str | None = None,
+    loss: float | None = 0.5,
 ) -> Message:
     dist = wire.ExpertDistribution(
         distribution_name or pseudonym,
@@ -202,7 +205,7 @@ def _reply(
         round,
         wire.DiscriminativeHead(0.1, tuple(0.0 for _ in labels)),
     )
-    stats = wire.ImitatorStats(pseudonym, round, 20, 30, Fidelity(0.9, 0.1, 5), agreement, 0.5)
+    stats = wire.ImitatorStats(pseudonym, round, 20, 30, Fidelity(0.9, 0.1, 5), agreement, loss)
     content = RecordDict(
         {
             "arrays": ArrayRecord(),
@@ -251,6 +254,20 @@ def test_the_agreement_round_sets_trust_and_records_every_expert_checkpointed(in
     )
     assert wire.decode_distribution(good.distribution).pseudonym == "good"
     assert saved and saved[-1][0] == 2
+
+
+def test_without_reweighting_the_agreement_round_gives_everyone_full_trust(in_a_run):
+    fed = Federation(["0", "1", "2", "3"], 8)
+    fed.nodes = {1: Client("good", ("0", "1"), 30), 3: Client("poor", ("2", "3"), 30)}
+    strategy, _ = _strategy(fed, rounds=2, training=TrainingSettings(reweight=False))
+    strategy._sent = {"prototypes": np.zeros((4, 2), np.float32), "bias": np.zeros(4, np.float32)}
+    replies = [
+        _reply(1, "good", ("0", "1"), 2, 0.98, loss=None),  # nothing trained: no loss to report
+        _reply(3, "poor", ("2", "3"), 2, 0.6, loss=None),
+    ]
+    _, metrics = strategy.aggregate_train(2, replies)
+    assert fed.trust == {"good": 1.0, "poor": 1.0}
+    assert math.isnan(metrics["loss"]) and metrics["fidelity"] == pytest.approx(0.9)
 
 
 def test_an_invalid_or_impersonating_message_is_dropped_and_the_round_goes_on(in_a_run):

@@ -888,6 +888,24 @@ ENCODE_CASES = [
         "BankManifest.experts[0].last_round",
     ),
     ("manifest expert type", _replace(MANIFEST, experts=("expert-1",)), "BankManifest.experts[0]"),
+    (
+        "manifest expert examples",
+        _replace(MANIFEST, experts=(_replace(_expert, n_examples=-1),)),
+        "BankManifest.experts[0].n_examples",
+    ),
+    (
+        "manifest expert queries",
+        _replace(MANIFEST, experts=(_replace(_expert, n_queries=-1),)),
+        "BankManifest.experts[0].n_queries",
+    ),
+    ("manifest experts not a list", _replace(MANIFEST, experts=7), "BankManifest.experts"),
+    ("manifest family not text", _replace(MANIFEST, family=3), "BankManifest.family"),
+    (
+        "bias not a list",
+        _replace(DISCRIMINATIVE, head=DiscriminativeHead(0.0, 2.0)),
+        "ExpertDistribution.discriminative.label_bias",
+    ),
+    ("labels a string", _replace(NODE, label_names="cat"), "NodeDescription.label_names"),
 ]
 
 
@@ -1420,3 +1438,18 @@ def test_only_the_wire_modules_touch_generated_classes():
         f"{offenders} use the generated protobuf classes; go through protofuse.protocol.federation "
         "instead"
     )
+
+
+def test_numpy_arrays_given_for_tuple_fields_become_tuples_of_python_numbers():
+    head = DiscriminativeHead(-0.25, np.array([0.5, -1.0, 2.0]))
+    assert head.label_bias == (0.5, -1.0, 2.0)
+    assert all(type(b) is float for b in head.label_bias)
+    assert decode_distribution(encode_distribution(_replace(DISCRIMINATIVE, head=head))) == (
+        DISCRIMINATIVE
+    )
+
+
+def test_gaussian_moments_are_stored_as_float64_whatever_they_were_given_as():
+    g = Gaussian(mean=np.array([1, 2, 3]), cov=np.eye(3, dtype=np.float32))
+    assert g.mean.dtype == np.float64 and g.cov.dtype == np.float64
+    assert not g.mean.flags.writeable
