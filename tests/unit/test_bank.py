@@ -25,7 +25,8 @@ torch.set_num_threads(1)
 
 
 # What an adapted model keeps of its bank (BankMeta.identity): enough to rebuild and trace it.
-IDENTITY = set("family config x_dim label_names image_shape likelihood input_range version".split())
+IDENTITY = {"family", "config", "x_dim", "label_names", "image_shape", "likelihood"}
+IDENTITY |= {"input_range", "version"}
 
 
 def _toy_triples(seed: int = 0):
