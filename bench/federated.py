@@ -53,8 +53,10 @@ def write_spec(
     rounds: int,
     aggregation: str = "rowwise",
     keep: int = 2,
+    federation: dict[str, object] | None = None,
 ) -> Path:
-    """A spec folder for the world's experts: shared pool or one disjoint shard per expert."""
+    """A spec folder for the world's experts: shared pool or one disjoint shard per expert;
+    ``federation``: more ``[federation]`` settings (TOML values as Python values)."""
     folder.mkdir(parents=True, exist_ok=True)
     qx = world.splits.queries.x
     files = {}
@@ -77,7 +79,9 @@ def write_spec(
     shape = world.dataset.image_shape
     text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + (
         f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "
-        f'"{aggregation}"\nkeep_checkpoints = {keep}\n\n'
+        f'"{aggregation}"\nkeep_checkpoints = {keep}\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (federation or {}).items())
+        + "\n"
     )
     text += "\n".join(
         spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes
@@ -113,7 +117,11 @@ def central_bank(world, recipes, mode: str, seed: int) -> Bank:
     )
 
 
-def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> list[dict]:
+def score(
+    banks: dict[str, Bank], world, tasks, seed: int, max_test: int, zero_shot: bool = True
+) -> list[dict]:
+    """Every bank on the same episodes (same tasks, supports and test sets), adapted from k
+    examples and, with ``zero_shot``, from the task's label names alone."""
     rng = np.random.default_rng(seed + 7)
     rows = []
     for task in tasks:
@@ -126,10 +134,11 @@ def score(banks: dict[str, Bank], world, tasks, seed: int, max_test: int) -> lis
                 row[name] = accuracy(
                     in_task_order(bank.adapt(sx, names), task).predict_proba(ep.test_x), ep.test_y
                 )
-                row[f"{name} zero-shot"] = accuracy(
-                    in_task_order(bank.zero_shot(list(task)), task).predict_proba(ep.test_x),
-                    ep.test_y,
-                )
+                if zero_shot:
+                    row[f"{name} zero-shot"] = accuracy(
+                        in_task_order(bank.zero_shot(list(task)), task).predict_proba(ep.test_x),
+                        ep.test_y,
+                    )
             rows.append(row)
     return rows
 

@@ -231,6 +231,69 @@ class FederationSettings(_Strict):
             "regardless)"
         ),
     )
+    # -- what one client can do to a round (server/fusion/defences.py) ------------------------
+    combine: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean",
+        description=(
+            "how the clients' updates are combined (row-wise as [federation] aggregation says): "
+            "the weighted mean (FedAvg), or the coordinate-wise median (FedMedian) or trimmed "
+            "mean (FedTrimmedAvg), which resist a minority of hostile updates at some cost"
+        ),
+    )
+    trim: float = Field(
+        0.2, ge=0.0, lt=0.5, description="trimmed_mean: the fraction cut at each end"
+    )
+    clip_factor: float | None = Field(
+        2.0,
+        gt=0,
+        le=1e6,
+        allow_inf_nan=False,
+        description=(
+            "each client's update is cut to at most this times the round's median update norm "
+            "(none: no clipping)"
+        ),
+    )
+    max_weight_ratio: float | None = Field(
+        2.0,
+        ge=1.0,
+        le=1e6,
+        allow_inf_nan=False,
+        description=(
+            "no client weighs more than this times the median client's reported examples "
+            "(none: no cap; counts are always capped by the queries a client declared)"
+        ),
+    )
+    evidence: bool = Field(
+        True,
+        description=(
+            "trust also from evidence: how well each client's updates point where the others' "
+            "point (a client's own report of its agreement can then only lower its trust)"
+        ),
+    )
+    max_strikes: int = Field(
+        3,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "invalid replies (malformed, impersonating, non-finite) after which a client is "
+            "expelled from the run; an expelled expert is not re-admitted, also after a resume"
+        ),
+    )
+    max_labels_per_client: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="labels one client may bring; a node declaring more is refused",
+    )
+    max_vocabulary: int = Field(
+        10_000,
+        ge=1,
+        le=100_000,
+        description=(
+            "labels in the whole federation (each is a prototype row sent to every client each "
+            "round); a node that would grow it beyond is refused"
+        ),
+    )
 
     def client_batch_size(self, n_train: int, training: TrainingSettings) -> int:
         """Rounds x local epochs x batches per epoch = the steps central training takes on the same

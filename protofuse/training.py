@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -261,12 +262,24 @@ def consensus_agreement(pooled: np.ndarray, triples: Triples) -> np.ndarray:
     return out
 
 
-def reliability_weights(agreement: np.ndarray, n_labels: np.ndarray) -> np.ndarray:
-    """Training weights from consensus agreement: chance-corrected, relative to the best expert,
-    squared so that a clearly worse expert counts for much less than its peers."""
-    chance = 1.0 / n_labels
-    kappa = np.clip((np.nan_to_num(agreement, nan=1.0) - chance) / (1 - chance), 0.0, 1.0)
-    return (kappa / max(kappa.max(), 1e-8)) ** 2
+def reliability_weights(
+    agreement: np.ndarray, n_labels: np.ndarray, relative_to: Literal["best", "median"] = "best"
+) -> np.ndarray:
+    """Training weights from consensus agreement: chance-corrected, relative to the best expert
+    (or, where agreement is reported by the experts themselves, to the median one, so that one
+    overstated score cannot lower everyone else's), at most 1, squared so that a clearly worse
+    expert counts for much less than its peers.
+
+    An expert with one label agrees with any consensus by construction (chance is 1): like an
+    unmeasured one (NaN) it gets the weight of a perfect score rather than 0 / 0."""
+    n = np.asarray(n_labels, dtype=np.float64)
+    measured = np.isfinite(agreement) & (n > 1)
+    chance = 1.0 / np.maximum(n, 1.0)
+    score = np.where(measured, agreement, 1.0)
+    kappa = np.clip((score - chance) / np.where(measured, 1.0 - chance, 1.0), 0.0, 1.0)
+    kappa = np.where(measured, kappa, 1.0)
+    reference = float(kappa.max() if relative_to == "best" else np.median(kappa))
+    return np.minimum(kappa / max(reference, 1e-8), 1.0) ** 2
 
 
 def n_batches(n: int, batch_size: int) -> int:

@@ -1,10 +1,10 @@
-"""How the clients' shared weights are combined: pure numpy on plain arrays, plus the conversion
-to and from Flower's ArrayRecord.
+"""The shared weights as the server handles them: each update checked against the arrays that
+were sent before anything is combined (``defences`` combines them), rows appended for new labels
+(old rows never move), and the conversion to Flower's ArrayRecord.
 
-Encoder weights are a weighted mean over all clients. A prototype row and its bias (the arrays of
-``ROW_KEYS``, one row per label of the vocabulary) are averaged over the clients whose expert
-covers that label (``rowwise``), or over all clients (``fedavg``). An update is checked against
-the arrays that were sent before it is averaged; new labels get new rows, old rows never move.
+A prototype row and its bias (the arrays of ``ROW_KEYS``, one row per label of the vocabulary)
+are combined over the clients whose expert covers that label (``rowwise``), or over all clients
+(``fedavg``); every other array over all clients.
 """
 
 from __future__ import annotations
@@ -14,51 +14,9 @@ from flwr.app import Array, ArrayRecord
 
 from protofuse.protocol import federation as wire
 
-ROW_KEYS = ("prototypes", "bias")  # arrays with one row per label of the vocabulary
+from .defences import ROW_KEYS
 
-
-def weighted_mean(
-    updates: list[dict[str, np.ndarray]],
-    weights: np.ndarray,
-    covers: np.ndarray,
-    sent: dict[str, np.ndarray],
-    rowwise: bool,
-) -> dict[str, np.ndarray]:
-    """Weighted means of the clients' arrays, cast back to the dtypes that were sent.
-
-    updates: one dict of arrays per client (the names and shapes of ``sent``); weights (K,) with a
-    positive sum; covers (K, C) 0/1, client k's expert covers label c; rowwise: ``ROW_KEYS``
-    averaged over the covering clients only (rows nobody covers keep what was sent). Integer
-    arrays (batch-norm counters) are rounded."""
-    out: dict[str, np.ndarray] = {}
-    for key, reference in sent.items():
-        stack = np.stack([u[key] for u in updates]).astype(np.float64)
-        if key in ROW_KEYS and rowwise:
-            mean = rowwise_mean(stack, weights, covers, reference)
-        else:
-            mean = np.tensordot(weights / weights.sum(), stack, axes=1)
-        out[key] = (
-            mean.astype(reference.dtype)
-            if np.issubdtype(reference.dtype, np.floating)
-            else np.rint(mean).astype(reference.dtype)
-        )
-    return out
-
-
-def rowwise_mean(
-    stack: np.ndarray, weights: np.ndarray, covers: np.ndarray, reference: np.ndarray
-) -> np.ndarray:
-    """Row c averaged over the clients covering label c; rows nobody covers keep ``reference``.
-
-    stack (K, C, ...) the clients' arrays; weights (K,); covers (K, C) 0/1; reference (C, ...).
-    """
-    w = weights[:, None] * covers  # (K, C)
-    total = w.sum(0)  # (C,)
-    extra = (1,) * (stack.ndim - 2)
-    mean = (w.reshape(w.shape + extra) * stack).sum(0) / np.maximum(total, 1e-12).reshape(
-        total.shape + extra
-    )
-    return np.where((total > 0).reshape(total.shape + extra), mean, reference.astype(np.float64))
+__all__ = ["ROW_KEYS", "check_update", "extend_rows", "to_record"]
 
 
 def check_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> None:

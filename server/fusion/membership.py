@@ -48,6 +48,13 @@ class Federation:
     records: dict[str, ExpertRecord] = field(default_factory=dict)  # pseudonym -> latest record
     trust: dict[str, float] = field(default_factory=dict)  # pseudonym -> trust weight
     input_range: list[float] | None = None  # [min, max] over every admitted client's queries
+    # What the server measured of each client's updates (defences.evidence, averaged over rounds),
+    # the invalid replies each has sent, and the experts expelled for them (never re-admitted).
+    evidence: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+    expelled: set[str] = field(default_factory=set)
+    max_labels: int = 1000  # per client ([federation] max_labels_per_client)
+    max_vocabulary: int = 10_000
 
     def admit(
         self, node_id: int, description: wire.NodeDescription, online: set[int] | None = None
@@ -59,6 +66,23 @@ class Federation:
         pseudonym held by a node that is gone passes to the new node (a restarted SuperNode comes
         back under a new node id)."""
         pseudonym = description.pseudonym
+        if pseudonym in self.expelled:
+            raise ValueError(
+                f"node {node_id} ({pseudonym}): this expert was expelled from the run for invalid "
+                "replies; it is not re-admitted (start a new run to admit it again)"
+            )
+        if len(description.label_names) > self.max_labels:
+            raise ValueError(
+                f"node {node_id} ({pseudonym}) declares {len(description.label_names)} labels, "
+                f"more than the {self.max_labels} a client may bring ([federation] "
+                "max_labels_per_client)"
+            )
+        grown = len(set(self.vocabulary) | set(description.label_names))
+        if grown > self.max_vocabulary:
+            raise ValueError(
+                f"node {node_id} ({pseudonym}) would grow the vocabulary to {grown} labels, more "
+                f"than the federation's {self.max_vocabulary} ([federation] max_vocabulary)"
+            )
         if description.x_dim != self.x_dim:
             raise ValueError(
                 f"node {node_id} ({pseudonym}) has inputs of width {description.x_dim}, the "

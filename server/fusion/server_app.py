@@ -202,11 +202,19 @@ def _start(
             f"data.image_shape {list(image_shape)} has {image_size(image_shape)} values per image "
             f"but the clients' inputs have {x_dim} features"
         )
-    fed = Federation(list(last.vocabulary) if last else [], x_dim)
+    fed = Federation(
+        list(last.vocabulary) if last else [],
+        x_dim,
+        max_labels=spec.federation.max_labels_per_client,
+        max_vocabulary=spec.federation.max_vocabulary,
+    )
     if last:
         fed.records = {e.name: e for e in last.experts}
         fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
         fed.input_range = last.state.get("input_range")
+        fed.evidence = {k: float(v) for k, v in last.state.get("evidence", {}).items()}
+        fed.strikes = {k: int(v) for k, v in last.state.get("strikes", {}).items()}
+        fed.expelled = set(last.state.get("expelled", []))  # not re-admitted on resume
     for node_id in sorted(described, key=lambda n: described[n].pseudonym):
         try:
             fed.admit(node_id, described[node_id], set(nodes))
@@ -257,6 +265,9 @@ def _checkpoint(
         "model": model_config,
         "rounds": earlier + strategy.history,
         "input_range": fed.input_range,
+        "evidence": fed.evidence,
+        "strikes": fed.strikes,
+        "expelled": sorted(fed.expelled),
     }
     store.checkpoint(round, arrays, fed.vocabulary, list(fed.records.values()), state)
 

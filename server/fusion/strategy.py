@@ -28,7 +28,8 @@ from protofuse.records import NOT_MEASURED, ExpertRecord
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.training import reliability_weights
 
-from .aggregation import check_update, extend_rows, to_record, weighted_mean
+from . import defences
+from .aggregation import check_update, extend_rows, to_record
 from .membership import Client, Federation, describe_nodes
 from .schedule import AGREEMENT, Phase, Schedule
 
@@ -167,6 +168,7 @@ class FusionStrategy(FedAvg):
                     client.pseudonym,
                     err,
                 )
+                self._strike(reply.metadata.src_node_id, client)
                 continue
             ok.append((client, reply, stats))
         if not ok:
@@ -181,13 +183,13 @@ class FusionStrategy(FedAvg):
             self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
         else:
-            # Examples are self-reported: never more than the queries the node declared.
+            # Examples are self-reported: aggregate bounds them (defences.example_weights).
             arrays = self.aggregate(
                 [
                     (
                         c,
                         {k: v.numpy() for k, v in m.content.array_records["arrays"].items()},
-                        min(s.n_examples, c.n_queries),
+                        s.n_examples,
                     )
                     for c, m, s in ok
                 ]
@@ -217,20 +219,26 @@ class FusionStrategy(FedAvg):
             if stats.consensus_agreement is not None
             else (old.consensus if old else NOT_MEASURED)
         )
+        # Counts are self-reported: never above the queries the node declared (<= MAX_QUERIES),
+        # so no value valid on the wire (up to 2**64 - 1) can overflow the store's integers.
+        fidelity = replace(stats.fidelity, n=min(stats.fidelity.n, client.n_queries))
         self.federation.records[client.pseudonym] = ExpertRecord(
             client.pseudonym,
             client.labels,
-            stats.fidelity,
-            stats.n_queries,
+            fidelity,
+            min(stats.n_queries, client.n_queries),  # self-reported: never above what it declared
             consensus,
             self.trust_of(client.pseudonym),
-            n_examples=stats.n_examples,
+            n_examples=min(stats.n_examples, client.n_queries),
             last_round=round,
             distribution=wire.encode_distribution(dist),
         )
         return stats
 
     def _set_trust(self, scored: list[tuple[Client, wire.ImitatorStats]]) -> None:
+        """The agreement round: each client's reported agreement with the consensus, relative to
+        the median client (an overstated score raises only its sender, and only up to the
+        evidence its updates give: see ``trust_of``)."""
         agreement = np.array(
             [
                 s.consensus_agreement if s.consensus_agreement is not None else np.nan
@@ -239,45 +247,92 @@ class FusionStrategy(FedAvg):
         )
         n_labels = np.array([len(c.labels) for c, _ in scored])
         weights = (
-            reliability_weights(agreement, n_labels)
+            reliability_weights(agreement, n_labels, relative_to="median")
             if self.training.reweight and len(scored) > 1
             else np.ones(len(scored))
         )
         for (client, _), w in zip(scored, weights, strict=True):
             self.federation.trust[client.pseudonym] = float(w)
-            rec = self.federation.records[client.pseudonym]
-            self.federation.records[client.pseudonym] = replace(rec, weight=float(w))
+        self._refresh_records()
 
     def trust_of(self, pseudonym: str) -> float:
-        """A client's trust; one never scored (it missed the agreement round or joined after it)
-        gets the lowest trust given so far, not full trust."""
+        """A client's trust: the lower of what its reported agreement earns (one never scored, it
+        missed the agreement round or joined after it, gets the lowest given so far, not full
+        trust) and what the evidence of its updates earns (``defences.evidence_trust``)."""
         trust = self.federation.trust
-        return trust.get(pseudonym, min(trust.values()) if trust else 1.0)
+        reported = trust.get(pseudonym, min(trust.values()) if trust else 1.0)
+        return min(reported, self._evidence_trust.get(pseudonym, 1.0))
+
+    @property
+    def _evidence_trust(self) -> dict[str, float]:
+        if not self.settings.evidence:
+            return {}
+        return defences.evidence_trust(self.federation.evidence)
+
+    def _refresh_records(self) -> None:
+        """Every expert's record carries its current trust."""
+        for name, rec in self.federation.records.items():
+            self.federation.records[name] = replace(rec, weight=self.trust_of(name))
+
+    def _strike(self, node_id: int, client: Client) -> None:
+        """One more invalid reply from ``client``; at ``max_strikes`` it is expelled: asked no
+        more, its expert refused if it comes back (also after a resume). Its record stays."""
+        fed = self.federation
+        fed.strikes[client.pseudonym] = fed.strikes.get(client.pseudonym, 0) + 1
+        if fed.strikes[client.pseudonym] >= self.settings.max_strikes:
+            fed.expelled.add(client.pseudonym)
+            fed.nodes.pop(node_id, None)
+            self.refused.add(node_id)
+            log(
+                WARNING,
+                "expelling node %s (%s): %d invalid replies ([federation] max_strikes)",
+                node_id,
+                client.pseudonym,
+                fed.strikes[client.pseudonym],
+            )
 
     def aggregate(
         self, updates: list[tuple[Client, dict[str, np.ndarray], int]]
     ) -> dict[str, np.ndarray]:
-        """Weighted means of the clients' shared arrays (weights: examples x trust)."""
-        weights = np.array(
-            [n * self.trust_of(c.pseudonym) for c, _, n in updates], dtype=np.float64
+        """The clients' shared arrays combined, each client bounded (``defences``): weights from
+        capped example counts times trust, updates clipped to the round's median norm, the
+        evidence of each update recorded before its weight is taken; integer arrays keep what was
+        sent."""
+        s = self.settings
+        bounds = defences.Bounds(s.clip_factor, s.max_weight_ratio, s.combine, s.trim)
+        rowwise = s.aggregation == "rowwise"
+        counts = defences.example_weights(
+            np.array([n for _, _, n in updates], dtype=np.float64),
+            np.array([c.n_queries for c, _, _ in updates], dtype=np.float64),
+            s.max_weight_ratio,
         )
-        if (
-            weights.sum() <= 0
-        ):  # everyone distrusted: fall back to examples alone, then to equal weights
-            weights = np.array([n for _, _, n in updates], dtype=np.float64)
-        if weights.sum() <= 0:
-            weights = np.ones(len(updates))
         vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
         covers = np.zeros((len(updates), len(vocab)))
         for i, (client, _, _) in enumerate(updates):
             covers[i, [vocab[c] for c in client.labels]] = 1.0
-        return weighted_mean(
-            [u for _, u, _ in updates],
-            weights,
-            covers,
-            self._sent,
-            rowwise=self.settings.aggregation == "rowwise",
+        deltas = defences.deltas_of([u for _, u, _ in updates], self._sent)
+        deltas, _ = defences.clip_to_median_norm(deltas, s.clip_factor)
+        self._record_evidence(
+            [c.pseudonym for c, _, _ in updates], defences.evidence(deltas, covers, rowwise)
         )
+        weights = counts * np.array([self.trust_of(c.pseudonym) for c, _, _ in updates])
+        if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
+            weights = counts
+        step = defences.combine(deltas, weights, covers, bounds, rowwise)
+        return {
+            k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v
+            for k, v in self._sent.items()
+        }
+
+    def _record_evidence(self, pseudonyms: list[str], scores: np.ndarray) -> None:
+        """Each client's evidence, averaged over the rounds it took part in (half the weight on
+        this round): one good round does not wash out a hostile history."""
+        evidence = self.federation.evidence
+        for name, score in zip(pseudonyms, scores, strict=True):
+            if np.isfinite(score):
+                old = evidence.get(name)
+                evidence[name] = float(score) if old is None else 0.5 * old + 0.5 * float(score)
+        self._refresh_records()
 
     def _round_metrics(
         self,

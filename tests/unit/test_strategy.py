@@ -13,9 +13,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from protofuse.protocol import federation as wire
 from protofuse.records import Fidelity
 from protofuse.settings import FederationSettings, TrainingSettings
-from protofuse_server.fusion.aggregation import check_update, extend_rows, rowwise_mean, to_record
+from protofuse_server.fusion import defences
+from protofuse_server.fusion.aggregation import check_update, extend_rows, to_record
 from protofuse_server.fusion.membership import Client, Federation
 from protofuse_server.fusion.schedule import Schedule
+from protofuse_server.fusion.store import BankStore
 from protofuse_server.fusion.strategy import ROUND_PLAN, FusionStrategy
 
 
@@ -50,19 +52,24 @@ def test_schedule_has_the_two_phases_of_central_training_with_an_agreement_round
 
 def test_a_row_is_averaged_over_the_clients_covering_its_label_only():
     rng = np.random.default_rng(0)
-    stack = rng.standard_normal((3, 4, 2))  # 3 clients, 4 labels, 2 features
+    stack = rng.standard_normal((3, 4, 2))  # 3 clients' deltas, 4 labels, 2 features
     weights = np.array([1.0, 2.0, 3.0])
     covers = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0]], dtype=float)
-    reference = rng.standard_normal((4, 2))
-    out = rowwise_mean(stack, weights, covers, reference)
+    deltas = [{"prototypes": stack[k], "bias": stack[k, :, 0]} for k in range(3)]
+    mean = defences.Bounds(combine="mean")
+    out = defences.combine(deltas, weights, covers, mean, rowwise=True)["prototypes"]
     np.testing.assert_allclose(out[0], (1 * stack[0, 0] + 3 * stack[2, 0]) / 4)
     np.testing.assert_allclose(out[1], (1 * stack[0, 1] + 2 * stack[1, 1]) / 3)
     np.testing.assert_allclose(out[2], (2 * stack[1, 2] + 3 * stack[2, 2]) / 5)
-    np.testing.assert_allclose(out[3], reference[3])  # nobody covers label 3: the row stays
-    bias = rowwise_mean(stack[:, :, 0], weights, covers, reference[:, 0])  # 1-D rows too
+    np.testing.assert_allclose(out[3], 0.0)  # nobody covers label 3: the row does not move
+    bias = defences.combine(deltas, weights, covers, mean, rowwise=True)["bias"]  # 1-D rows too
     np.testing.assert_allclose(bias, out[:, 0])
     # weights are examples x trust: fractions of an example weigh the same way
-    np.testing.assert_allclose(rowwise_mean(stack, weights / 20, covers, reference), out)
+    scaled = defences.combine(deltas, weights / 20, covers, mean, rowwise=True)["prototypes"]
+    np.testing.assert_allclose(scaled, out)
+    # not row-wise: every row over every client
+    everyone = defences.combine(deltas, weights, covers, mean, rowwise=False)["prototypes"]
+    np.testing.assert_allclose(everyone, np.tensordot(weights / 6, stack, axes=1))
 
 
 def _describe(
@@ -133,7 +140,7 @@ def _strategy(
 
 def test_aggregation_weighs_by_examples_times_trust_and_casts_back():
     fed = Federation(["0", "1", "2"], 8)
-    fed.nodes = {1: Client("a", ("0", "1"), 5), 2: Client("b", ("1", "2"), 5)}
+    fed.nodes = {1: Client("a", ("0", "1"), 50), 2: Client("b", ("1", "2"), 50)}
     fed.trust = {"a": 1.0, "b": 0.5}
     for aggregation in ("rowwise", "fedavg"):
         strategy, _ = _strategy(fed, aggregation)
@@ -159,11 +166,8 @@ def test_aggregation_weighs_by_examples_times_trust_and_casts_back():
             [(fed.nodes[1], a, 30), (fed.nodes[2], b, 20)]
         )  # weights 30 and 20 * 0.5
         np.testing.assert_allclose(out["encoder.w"], [(30 * 1 + 10 * 4) / 40] * 2)
-        assert (
-            out["encoder.w"].dtype == np.float32
-            and out["encoder.n"].dtype == np.int64
-            and out["encoder.n"] == round((30 * 4 + 10 * 7) / 40)
-        )
+        assert out["encoder.w"].dtype == np.float32 and out["encoder.n"].dtype == np.int64
+        assert out["encoder.n"] == 0  # an integer buffer (a batch-norm counter) is not averaged
         if aggregation == "rowwise":  # label 0 only a's, label 2 only b's, label 1 both
             np.testing.assert_allclose(out["prototypes"][:, 0], [1.0, 1.75, 4.0])
         else:
@@ -239,7 +243,8 @@ def test_the_agreement_round_sets_trust_and_records_every_expert_checkpointed(in
     ]
     arrays, _ = strategy.aggregate_train(2, replies)
     assert set(arrays) == {"prototypes", "bias"}  # nothing trained: the weights stay
-    assert fed.trust["good"] == 1.0 and fed.trust["poor"] < 0.3 < fed.trust["fair"] < 1.0
+    # relative to the median client: the better half full, a clearly worse one far below
+    assert fed.trust["good"] == fed.trust["fair"] == 1.0 and fed.trust["poor"] < 0.1
     assert {r.name: r.weight for r in fed.records.values()} == fed.trust
     assert (
         all(r.last_round == 2 for r in fed.records.values())
@@ -284,10 +289,17 @@ def test_an_invalid_or_impersonating_message_is_dropped_and_the_round_goes_on(in
         strategy.aggregate_train(2, [garbage])
 
 
-def _trained_reply(node: int, pseudonym: str, labels: tuple[str, ...], value: float, loss: float):
-    """A training round's reply: every shared array filled with ``value``, 20 examples."""
+def _trained_reply(
+    node: int,
+    pseudonym: str,
+    labels: tuple[str, ...],
+    value: float,
+    loss: float,
+    n_examples: int = 20,
+):
+    """A training round's reply: every shared array filled with ``value``."""
     message = _reply(node, pseudonym, labels, 1, None)
-    stats = wire.ImitatorStats(pseudonym, 1, 20, 30, Fidelity(0.9, 0.1, 5), None, loss)
+    stats = wire.ImitatorStats(pseudonym, 1, n_examples, 30, Fidelity(0.9, 0.1, 5), None, loss)
     message.content["fusion"]["stats"] = wire.encode_stats(stats)
     message.content["arrays"] = to_record(
         {"prototypes": np.full((3, 2), value, np.float32), "bias": np.full(3, value, np.float32)}
@@ -608,3 +620,56 @@ def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):
     assert (
         seen == [2] and fed.records == {} and fed.trust == {} and saved == []
     )  # round 2 = offset 1 + 1
+
+
+@pytest.mark.parametrize("combine", ["mean", "median", "trimmed_mean"])
+def test_one_hostile_client_cannot_take_a_round_over(in_a_run, combine, tmp_path):
+    """Five honest clients move every weight up by about 1; mallory sends -1e30 (a scaled,
+    sign-flipped update) and claims 2**64 - 1 examples. The round's result stays with the honest
+    clients, mallory's trust drops to 0 and its record counts what it declared, not what it
+    claimed."""
+    labels = ("0", "1", "2")
+    fed = Federation(list(labels), 8)
+    names = ["a", "b", "c", "d", "e", "mallory"]
+    fed.nodes = {i + 1: Client(n, labels, 30) for i, n in enumerate(names)}
+    strategy, _ = _strategy(fed, aggregation="rowwise")
+    strategy.settings = strategy.settings.model_copy(update={"combine": combine})
+    strategy._sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    honest = [_trained_reply(i + 1, n, labels, 1.0 + 0.1 * i, 0.5) for i, n in enumerate(names[:5])]
+    hostile = _trained_reply(6, "mallory", labels, -1e30, 0.5)
+    most = 2**64 - 1  # valid on the wire (uint64), beyond SQLite's integers
+    hostile.content["fusion"]["stats"] = wire.encode_stats(
+        wire.ImitatorStats("mallory", 1, most, most, Fidelity(0.9, 0.1, most), None, 0.5)
+    )
+    arrays, _ = strategy.aggregate_train(1, [*honest, hostile])
+    out = arrays["prototypes"].numpy()
+    assert np.all(out >= 1.0) and np.all(out <= 1.4)
+    assert strategy.trust_of("mallory") == 0.0 and all(strategy.trust_of(n) == 1 for n in names[:5])
+    record = fed.records["mallory"]
+    assert (record.n_examples, record.n_queries, record.fidelity.n, record.weight) == (
+        30,
+        30,
+        30,
+        0,
+    )
+    with BankStore(tmp_path, "run") as store:  # the round's checkpoint takes every record
+        store.checkpoint(
+            1, {k: v.numpy() for k, v in arrays.items()}, labels, [*fed.records.values()], {}
+        )
+
+
+def test_a_client_sending_invalid_replies_is_expelled_and_not_readmitted(in_a_run):
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {1: Client("a", ("0",), 30), 2: Client("b", ("1",), 30)}
+    strategy, _ = _strategy(fed, rounds=4)  # consensus 1-2, agreement 3, weighted 4-5
+    strategy._sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    for round in (1, 2, 4):  # training rounds: the arrays are checked
+        bad = _trained_reply(2, "b", ("1",), 1.0, 0.5)
+        bad.content["arrays"] = to_record(
+            {"prototypes": np.full((3, 2), np.nan, np.float32), "bias": np.zeros(3, np.float32)}
+        )
+        strategy.aggregate_train(round, [_trained_reply(1, "a", ("0",), 1.0, 0.5), bad])
+    assert fed.strikes == {"b": 3} and fed.expelled == {"b"} and set(fed.nodes) == {1}
+    assert 2 in strategy.refused  # not asked again
+    with pytest.raises(ValueError, match="expelled"):  # nor admitted under a new node id
+        fed.admit(5, wire.NodeDescription("b", ("1",), 8, 30, (0.0, 1.0)))

@@ -1,0 +1,156 @@
+"""What one client can do to a round (server/fusion/defences.py and its use by the strategy):
+counts capped, updates clipped, robust combinations, evidence a client cannot raise alone, one-label
+experts, expulsion. Generated inputs (hypothesis) besides the attacks we thought of."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from protofuse.protocol import federation as wire
+from protofuse.training import reliability_weights
+from protofuse_server.fusion import defences
+from protofuse_server.fusion.membership import Federation
+
+counts = hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(-1e18, 1e18))
+
+
+@given(counts, st.floats(1.0, 10.0))
+def test_no_reported_count_buys_more_than_the_cap_or_goes_negative(reported, ratio):
+    declared = np.full(len(reported), 1000.0)
+    w = defences.example_weights(reported, declared, ratio)
+    assert np.all(w >= 0) and np.all(np.isfinite(w)) and w.sum() > 0
+    capped = np.clip(reported, 0, 1000)
+    assert np.all(w <= max(ratio * np.median(capped), 1.0) + 1e-9)
+
+
+def test_a_lying_count_is_capped_by_the_declared_queries_then_by_the_median():
+    w = defences.example_weights(
+        np.array([100.0, 120.0, 90.0, 1e12, -5.0]), np.array([200.0, 200, 200, 1e9, 200]), 2.0
+    )
+    assert w.tolist() == [100.0, 120.0, 90.0, 200.0, 0.0]  # median 100: at most 200; never < 0
+
+
+def _deltas(rng: np.random.Generator, k: int, scale: float = 1.0) -> defences.Deltas:
+    """K honest deltas: one common direction plus each client's own noise."""
+    common = rng.standard_normal(300)
+    return [
+        {"encoder": scale * (common + 0.8 * rng.standard_normal(300)).reshape(30, 10)}
+        for _ in range(k)
+    ]
+
+
+@given(st.integers(0, 10_000), st.floats(1.5, 5.0), st.floats(1e-3, 1e30))
+@settings(max_examples=50)
+def test_clipping_bounds_every_update_by_the_rounds_median_norm(seed, factor, attack):
+    rng = np.random.default_rng(seed)
+    deltas = _deltas(rng, 6)
+    deltas.append({"encoder": attack * rng.standard_normal((30, 10))})
+    clipped, scale = defences.clip_to_median_norm(deltas, factor)
+    norms = [float(np.linalg.norm(d["encoder"])) for d in clipped]
+    limit = factor * float(np.median([np.linalg.norm(d["encoder"]) for d in deltas]))
+    assert max(norms) <= limit * (1 + 1e-9)
+    for before, after, s in zip(deltas, clipped, scale, strict=True):  # honest-sized: untouched
+        if np.linalg.norm(before["encoder"]) <= limit:
+            assert s == 1.0 and np.array_equal(before["encoder"], after["encoder"])
+
+
+@pytest.mark.parametrize("combine", ["median", "trimmed_mean"])
+@given(seed=st.integers(0, 10_000), value=st.floats(-3e38, 3e38))
+@settings(max_examples=30)
+def test_robust_combinations_stay_within_the_honest_updates_range(combine, seed, value):
+    rng = np.random.default_rng(seed)
+    honest = _deltas(rng, 6)
+    hostile = {"encoder": np.full((30, 10), value)}
+    out = defences.combine(
+        [*honest, hostile],
+        np.ones(7),
+        np.ones((7, 1)),
+        defences.Bounds(combine=combine, trim=0.2),
+        rowwise=True,
+    )["encoder"]
+    stack = np.stack([d["encoder"] for d in honest])
+    assert np.all(out >= stack.min(0) - 1e-9) and np.all(out <= stack.max(0) + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_evidence_ranks_sign_flipped_scaled_and_noise_updates_below_every_honest_one(seed):
+    rng = np.random.default_rng(seed)
+    honest = _deltas(rng, 5)
+    flipped = {"encoder": -honest[0]["encoder"]}
+    noise = {"encoder": rng.standard_normal((30, 10)) * 3}
+    deltas, _ = defences.clip_to_median_norm([*honest, flipped, noise], 2.0)
+    scores = defences.evidence(deltas, np.ones((7, 1)), rowwise=True)
+    assert max(scores[5:]) < min(scores[:5])
+    trust = defences.evidence_trust({str(i): s for i, s in enumerate(scores)})
+    assert all(trust[str(i)] == 1.0 for i in range(5)) and trust["5"] == 0.0 and trust["6"] < 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_evidence_compares_a_row_only_with_the_clients_covering_its_label(seed):
+    """Six clients, each label covered by four; the last pulls its labels' rows the wrong way
+    (a label-flipping expert) while its other rows look honest."""
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((6, 8))
+    covers = np.array([[1 if (c - k) % 6 < 4 else 0 for c in range(6)] for k in range(6)], float)
+    deltas = [
+        {"prototypes": (rows + 0.5 * rng.standard_normal((6, 8))) * covers[k][:, None]}
+        for k in range(6)
+    ]
+    deltas[5]["prototypes"][[5, 0]] *= -1  # two of the four labels it covers
+    scores = defences.evidence(deltas, covers, rowwise=True)
+    assert scores[5] < scores[:5].min()
+
+
+def test_a_client_alone_has_no_evidence_and_keeps_full_trust():
+    assert np.isnan(defences.evidence([{"w": np.ones(3)}], np.ones((1, 1)), True)).all()
+    assert defences.evidence_trust({"a": float("nan")}) == {}
+
+
+@given(
+    hnp.arrays(np.float64, st.integers(2, 9), elements=st.floats(0, 1) | st.just(np.nan)),
+    st.integers(1, 5),
+)
+def test_reliability_weights_are_finite_in_zero_one_for_any_agreement_and_label_count(a, n):
+    labels = np.array([1 + (i * n) % 4 for i in range(len(a))])  # some experts with one label
+    for relative_to in ("best", "median"):
+        w = reliability_weights(a, labels, relative_to=relative_to)
+        assert np.all(np.isfinite(w)) and np.all((w >= 0) & (w <= 1))
+
+
+def test_a_one_label_expert_no_longer_makes_every_weight_nan():
+    w = reliability_weights(np.array([1.0, 0.9, 0.95]), np.array([1, 3, 4]))
+    assert np.all(np.isfinite(w)) and w[0] == 1.0
+
+
+def test_an_overstated_agreement_raises_only_its_sender_when_relative_to_the_median():
+    honest = np.array([0.8, 0.82, 0.78, 0.85])
+    labels = np.full(5, 4)
+    clean = reliability_weights(np.append(honest, 0.8), labels, relative_to="median")
+    liar = reliability_weights(np.append(honest, 1.0), labels, relative_to="median")
+    np.testing.assert_allclose(liar[:4], clean[:4], atol=0.1)
+    assert liar[:4].min() > 0.8  # relative to the best (the liar), they would fall to ~0.5
+
+
+def _description(pseudonym: str, labels: tuple[str, ...]) -> wire.NodeDescription:
+    return wire.NodeDescription(pseudonym, labels, 8, 100, (0.0, 1.0))
+
+
+def test_an_expelled_expert_is_refused_under_any_node_id():
+    fed = Federation([], 8, expelled={"mallory"})
+    with pytest.raises(ValueError, match="expelled"):
+        fed.admit(7, _description("mallory", ("0",)))
+    assert fed.admit(8, _description("alice", ("0",))) == ["0"]
+
+
+def test_a_node_bringing_too_many_labels_is_refused_and_the_vocabulary_kept():
+    fed = Federation(["a", "b"], 8, max_labels=3, max_vocabulary=4)
+    with pytest.raises(ValueError, match="max_labels_per_client"):
+        fed.admit(1, _description("x", ("1", "2", "3", "4")))
+    with pytest.raises(ValueError, match="max_vocabulary"):
+        fed.admit(2, _description("y", ("1", "2", "3")))
+    assert fed.vocabulary == ["a", "b"] and fed.nodes == {}
+    assert fed.admit(3, _description("z", ("a", "1"))) == ["1"]
