@@ -6,21 +6,34 @@ map and the bank version it came from) and predicts with no server round-trip.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from . import artifacts, signing
-from .families import DiscriminativeTask, GenerativeTask, Task, family
+from .families import DiscriminativeTask, Family, GenerativeTask, Task, family
 from .input_checks import warn_if_out_of_range
+from .settings import format_errors
 
 KIND = "protofuse-adapted-model"
 BANK_PREFIX = "bank."
 PublicKeyLike = str | os.PathLike | bytes | Ed25519PublicKey
+MAX_CLASSES = 10_000  # classes of one adapted model: a support set has a few examples of each
+MAX_CLASS_NAME_LENGTH = 256  # a class name, not a document (as the federation's wire bounds labels)
+FIX = "re-create it with `protofuse adapt`"
 
 __all__ = [
     "KIND",
@@ -41,22 +54,107 @@ def build_model(
     source: Any = "bank",
 ) -> torch.nn.Module:
     """Rebuild a bank's networks from its family's name and JSON config, loading ``state`` if
-    given."""
+    given. With ``state`` the config is first built on torch's meta device (no memory) and its
+    tensors' names and shapes compared with the state's: a config that does not describe the
+    weights (say an ``x_dim`` of 10**9 in a forged meta.json) is refused before anything is
+    allocated, so the networks never take more memory than the weights already loaded."""
     try:
-        model = family(family_name).build(config)
+        impl = family(family_name)
+        if state is not None:
+            _check_state_shapes(impl, config, state)
+        model = impl.build(config)
         if state is not None:
             model.load_state_dict(state)
-    except (TypeError, RuntimeError, KeyError, ValueError) as err:
+    except (
+        TypeError,
+        RuntimeError,
+        KeyError,
+        ValueError,
+        OverflowError,
+        NotImplementedError,
+    ) as err:
         raise artifacts.ArtifactError(
             f"{source}: weights do not match the recorded {family_name} configuration "
-            f"({str(err).splitlines()[0]})"
+            f"({(str(err).splitlines() or [type(err).__name__])[0]})"
         ) from None
     return model.eval()
+
+
+def _check_state_shapes(
+    impl: Family[Any], config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> None:
+    """ValueError naming the first tensor the config and the weights disagree on."""
+    with torch.device("meta"):
+        skeleton = impl.build(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+    for name, shape in expected.items():
+        if given[name] != shape:
+            raise ValueError(
+                f"{name} has shape {list(given[name])}, the configuration {list(shape)}"
+            )
 
 
 def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The bank networks' weights as an adapted model stores them."""
     return {f"{BANK_PREFIX}{k}": v.numpy() for k, v in model.state_dict().items()}
+
+
+ClassName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASS_NAME_LENGTH)]
+
+
+class BankIdentity(BaseModel):
+    """What an adapted model records of its bank (``meta.json``'s ``bank``): the fields it uses
+    are typed; the others (``version``, ``label_names`` ...) are kept as written."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    family: str = Field(min_length=1, max_length=64)
+    config: dict[str, Any]  # the family checks it when it rebuilds the networks
+    x_dim: int = Field(ge=1)
+    input_range: list[float] | None = Field(None, min_length=2, max_length=2)
+
+
+class AdaptedMeta(BaseModel):
+    """The fields of an adapted model's ``meta.json`` besides the artifact's envelope."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    classes: list[ClassName] = Field(min_length=1, max_length=MAX_CLASSES)
+    bank: BankIdentity
+    task: dict[str, Any]  # the family's own settings (Task.meta)
+    info: dict[str, Any] | None = None  # how it was fitted: kept, never interpreted
+
+    @field_validator("classes")
+    @classmethod
+    def _once_each(cls, classes: list[str]) -> list[str]:
+        twice = sorted({c for c, n in _counts(classes).items() if n > 1})
+        if twice:
+            raise ValueError(f"lists {twice[:3]} more than once; each class appears once")
+        return classes
+
+
+def _counts(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def check_meta(meta: dict[str, Any], source: Any) -> None:
+    """ArtifactError naming every missing or malformed field of an adapted model's meta.json."""
+    try:
+        AdaptedMeta.model_validate(meta)
+    except ValidationError as err:
+        fields = ", ".join(dict.fromkeys(repr(str(e["loc"][0])) for e in err.errors() if e["loc"]))
+        raise artifacts.ArtifactError(
+            f"{source}: adapted model lacks or garbles {fields or 'its fields'} in "
+            f"{artifacts.META}:\n{format_errors(err)}\n{FIX}"
+        ) from None
 
 
 class AdaptedModel:
@@ -103,12 +201,15 @@ class AdaptedModel:
         return {f"task.{k}": v for k, v in self.task.arrays().items()}
 
     def _meta(self) -> dict[str, Any]:
-        return {
+        """meta.json's fields, checked as loading checks them: what is saved always loads."""
+        meta = {
             "classes": self.classes_.tolist(),
             "bank": self.bank_meta,
             "task": self.task.meta(),
             "info": self.info,
         }
+        check_meta(json.loads(json.dumps(meta)), "adapted model (not saved)")
+        return meta
 
     def __repr__(self) -> str:
         return (
@@ -148,31 +249,31 @@ def from_files(
             stacklevel=3,
         )
     arrays, meta = artifacts.decode(files, KIND, source, key)
+    check_meta(meta, source)
+    bank_meta = meta["bank"]
+    state = {
+        k[len(BANK_PREFIX) :]: torch.from_numpy(v)
+        for k, v in arrays.items()
+        if k.startswith(BANK_PREFIX)
+    }
+    model = build_model(bank_meta["family"], bank_meta["config"], state, source)
+    t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
     try:
-        bank_meta = meta["bank"]
-        state = {
-            k[len(BANK_PREFIX) :]: torch.from_numpy(v)
-            for k, v in arrays.items()
-            if k.startswith(BANK_PREFIX)
-        }
-        model = build_model(bank_meta["family"], bank_meta["config"], state, source)
-        t = {
-            k[len("task.") :]: torch.from_numpy(v)
-            for k, v in arrays.items()
-            if k.startswith("task.")
-        }
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])
-        if task.n_classes != len(meta["classes"]):
-            raise artifacts.ArtifactError(
-                f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} "
-                "classes; re-create it with `protofuse adapt`"
-            )
     except (KeyError, TypeError) as err:
         raise artifacts.ArtifactError(
-            f"{source}: adapted model lacks or garbles {err}; re-create it with `protofuse adapt`"
+            f"{source}: adapted model lacks or garbles {err}; {FIX}"
         ) from None
-    except ValueError as err:  # an unknown family name
-        raise artifacts.ArtifactError(f"{source}: {err}") from None
+    except (ValueError, RuntimeError) as err:
+        raise artifacts.ArtifactError(
+            f"{source}: the task's weights do not fit its bank "
+            f"({(str(err).splitlines() or [type(err).__name__])[0]}); {FIX}"
+        ) from None
+    if task.n_classes != len(meta["classes"]):
+        raise artifacts.ArtifactError(
+            f"{source}: {len(meta['classes'])} class names for a task of {task.n_classes} "
+            f"classes; {FIX}"
+        )
     return AdaptedModel(task, meta["classes"], bank_meta, meta.get("info"))
 
 

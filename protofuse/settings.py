@@ -14,7 +14,7 @@ from .model.networks import Augmentation, FeatureAugmentation, ImageShape, image
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Strict):
@@ -30,7 +30,7 @@ class ModelSettings(_Strict):
     hidden: int = Field(
         100, ge=8, le=4096, description="hidden units of the generative MLPs (paper: 100)"
     )
-    lam: float = Field(1.0, ge=0, description="weight of the regularizer q_psi(eta | w)")
+    lam: float = Field(1.0, ge=0, le=1e4, description="weight of the regularizer q_psi(eta | w)")
     hide_eta: float = Field(
         0.5, ge=0, le=1, description="fraction of triples whose eta is hidden from q(z | x, eta)"
     )
@@ -158,6 +158,7 @@ class AdaptSettings(_Strict):
     prior_strength: float = Field(
         1.0,
         gt=0,
+        le=1e6,  # the prior's precision reaches strength x 1e12: float32 stays finite
         description="discriminative: how strongly the task's prototypes stay near the bank's",
     )
     recompose: Literal["gaussian", "mixture"] = Field(
@@ -221,7 +222,12 @@ class FederationSettings(_Strict):
             "(simulation) or 2"
         ),
     )
-    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
+    round_timeout: float = Field(
+        3600.0,
+        gt=0,
+        le=7 * 24 * 3600.0,
+        description="seconds to wait for a round's replies (at most a week)",
+    )
     keep_checkpoints: int = Field(
         2,
         ge=1,
@@ -247,7 +253,6 @@ class FederationSettings(_Strict):
         2.0,
         gt=0,
         le=1e6,
-        allow_inf_nan=False,
         description=(
             "each client's update is cut to at most this times the round's median update norm "
             "(none: no clipping)"
@@ -257,7 +262,6 @@ class FederationSettings(_Strict):
         2.0,
         ge=1.0,
         le=1e6,
-        allow_inf_nan=False,
         description=(
             "no client weighs more than this times the median client's reported examples "
             "(none: no cap; counts are always capped by the queries a client declared)"

@@ -16,6 +16,7 @@ queries = "queries.npy"      # unlabeled inputs (n, d), relative to the spec
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,7 @@ class SpecError(ValueError):
 class Endpoint(BaseModel):
     """A black box served over HTTP, as organizations usually serve their models already."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     protocol: Literal["open-inference", "mlflow"] = Field(
         description=(
@@ -83,7 +84,7 @@ class Endpoint(BaseModel):
 
 
 class ExpertEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(
         min_length=1,
@@ -147,7 +148,7 @@ class ExpertEntry(BaseModel):
 
 
 class DataSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     image_shape: ImageShape | None = Field(
         None,
@@ -189,7 +190,7 @@ class DataSettings(BaseModel):
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     experts: list[ExpertEntry] = Field(default_factory=list)
     data: DataSettings = DataSettings()
@@ -225,6 +226,36 @@ class Spec(BaseModel):
         return (self.folder / entry.queries).resolve()
 
 
+MAX_SPEC_BYTES = 1 << 20  # a spec names files; it never holds data
+
+
+def _read_spec_text(file: Path) -> str:
+    """The spec's text: a regular file of at most MAX_SPEC_BYTES of UTF-8, checked before it is
+    read (a FIFO or a device named as a spec is refused, not waited on)."""
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise SpecError(f"{file}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(f"{file}: not a regular file; give the path of a spec.toml")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{file}: {st.st_size} bytes, more than a spec can be ({MAX_SPEC_BYTES}); is this the "
+            "spec.toml?"
+        )
+    try:
+        with file.open("rb") as f:
+            return f.read(MAX_SPEC_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            f"{file}: not UTF-8 text (byte {err.start}); save the spec as UTF-8"
+        ) from None
+    except OSError as err:
+        raise SpecError(f"{file}: cannot be read ({err.strerror})") from None
+
+
 def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec:
     """Read and validate a spec; every problem is reported with its field, e.g.
     ``experts[1].labels``.
@@ -234,11 +265,13 @@ def load_spec(path: str | os.PathLike, *, experts_required: bool = True) -> Spec
     and may be absent (``experts_required=False``)."""
     file = Path(path)
     try:
-        raw = tomllib.loads(file.read_text())
+        raw = tomllib.loads(_read_spec_text(file))
     except FileNotFoundError:
         raise SpecError(f"{file}: no such spec file") from None
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{file}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise SpecError(f"{file}: not valid TOML (nested too deeply)") from None
     if "folder" in raw:
         raise SpecError(
             f"{file}: 'folder' is not a spec field; paths are relative to the spec's own folder"

@@ -599,6 +599,9 @@ def _expert_row(expert: ExpertRecord, vocabulary: set[str], round: int) -> tuple
     )
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _count(who: str, name: str, value: Any) -> int:
     try:
         number = operator.index(value)  # numpy integers pass, floats and strings do not
@@ -606,6 +609,8 @@ def _count(who: str, name: str, value: Any) -> int:
         raise StoreError(f"{who}: {name} must be an integer, got {value!r}") from None
     if number < 0:
         raise StoreError(f"{who}: {name} must be non-negative, got {number}")
+    if number > _INT64_MAX:  # SQLite's integers are signed 64-bit
+        raise StoreError(f"{who}: {name} is {number}, more than a count can be (2**63 - 1)")
     return number
 
 

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protofuse import artifacts
 from protofuse.artifacts import ArtifactError
@@ -133,3 +135,238 @@ def test_unexpected_files_are_named_when_writing(tmp_path):
     with pytest.raises(ArtifactError, match=r"unexpected artifact files \['evil\.sh', 'x'\]"):
         artifacts.write(tmp_path / "a", {artifacts.META: b"{}", "x": b"", "evil.sh": b""})
     assert not (tmp_path / "a").exists()
+
+
+# -- hostile files (issue 17): refused before they are read into memory -----------------------
+
+
+def _saved(tmp_path, arrays=None, **kwargs):
+    folder = tmp_path / "art"
+    artifacts.save(folder, "kind-x", arrays or {"w": np.arange(4, dtype=np.float32)}, {}, **kwargs)
+    return folder
+
+
+def _npz_with_header(shape, dtype="<f4", data=b"", compress=False) -> bytes:
+    """A one-member .npz whose .npy header declares ``shape`` and holds only ``data``."""
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, dtype=dtype))
+    header["shape"] = shape
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, header)
+    buffer = io.BytesIO()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buffer, "w", method) as zf:
+        zf.writestr("w.npy", npy.getvalue() + data)
+    return buffer.getvalue()
+
+
+def test_a_symlink_to_dev_zero_is_refused_without_reading_it(tmp_path):
+    """The red team's file: weights.npz -> /dev/zero ran the loader out of memory."""
+    folder = _saved(tmp_path)
+    (folder / artifacts.WEIGHTS).unlink()
+    (folder / artifacts.WEIGHTS).symlink_to("/dev/zero")
+    with pytest.raises(ArtifactError, match=r"weights\.npz: is a symbolic link, not a regular"):
+        artifacts.load(folder, "kind-x")
+
+
+def test_a_symlink_to_a_genuine_file_is_refused_too_but_a_linked_folder_loads(tmp_path):
+    folder = _saved(tmp_path)
+    real = tmp_path / "elsewhere.json"
+    (folder / artifacts.META).rename(real)
+    (folder / artifacts.META).symlink_to(real)
+    with pytest.raises(ArtifactError, match=r"meta\.json: is a symbolic link"):
+        artifacts.load(folder, "kind-x")
+    (folder / artifacts.META).unlink()
+    real.rename(folder / artifacts.META)
+    (tmp_path / "latest").symlink_to(folder, target_is_directory=True)  # runs/latest -> runs/...
+    arrays, _ = artifacts.load(tmp_path / "latest", "kind-x")
+    np.testing.assert_array_equal(arrays["w"], np.arange(4, dtype=np.float32))
+
+
+def test_a_named_pipe_is_refused_at_once_instead_of_hanging_the_loader(tmp_path):
+    import os
+    import signal
+
+    from protofuse import signing
+
+    def hung(*_):
+        raise AssertionError("the loader blocked on the pipe")
+
+    folder = _saved(tmp_path)
+    os.mkfifo(folder / signing.SIGNATURE)  # nobody ever writes to it
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ArtifactError, match=r"signature\.json: is a named pipe"):
+            artifacts.load(folder, "kind-x")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_folder_where_a_file_should_be_is_refused_by_name(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / artifacts.WEIGHTS).unlink()
+    (folder / artifacts.WEIGHTS).mkdir()
+    with pytest.raises(ArtifactError, match=r"weights\.npz: is a folder"):
+        artifacts.load(folder, "kind-x")
+
+
+def test_files_over_their_size_limit_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    folder = _saved(tmp_path, {"w": np.zeros(1000, dtype=np.float32)})
+    monkeypatch.setattr(artifacts, "MAX_WEIGHTS_BYTES", 1000)
+    with pytest.raises(ArtifactError, match=r"weights\.npz: .*more than the 1000 bytes limit"):
+        artifacts.load(folder, "kind-x")
+    # the caller's own limit wins over the module's
+    arrays, _ = artifacts.load(folder, "kind-x", max_weights_bytes=10_000)
+    assert arrays["w"].shape == (1000,)
+    monkeypatch.setattr(artifacts, "MAX_META_BYTES", 10)
+    with pytest.raises(ArtifactError, match=r"meta\.json: .*MAX_META_BYTES"):
+        artifacts.load(folder, "kind-x", max_weights_bytes=10_000)
+
+
+def test_a_tiny_npz_declaring_a_huge_array_is_refused_before_allocating(tmp_path):
+    """236 bytes declaring terabytes raised MemoryError; now the header is checked first, and a
+    valid checksum does not help."""
+    folder = _saved(tmp_path)
+    forged = _npz_with_header((1 << 20, 1 << 20))
+    assert len(forged) < 400
+    _rewrite(folder, weights=forged)
+    with pytest.raises(ArtifactError, match="refused before allocating"):
+        artifacts.load(folder, "kind-x")
+
+
+def test_a_header_that_disagrees_with_its_data_is_refused(tmp_path):
+    folder = _saved(tmp_path)
+    _rewrite(folder, weights=_npz_with_header((10,), data=b"\x00" * 12))  # 10 floats need 40
+    with pytest.raises(ArtifactError, match="declares 40 bytes of data but holds 12"):
+        artifacts.load(folder, "kind-x")
+
+
+def test_a_deflate_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "SMALL_MEMBER_BYTES", 1 << 10)
+    bomb = _npz_with_header((1 << 20,), dtype="|u1", data=b"\x00" * (1 << 20), compress=True)
+    assert len(bomb) < 10_000  # a megabyte of zeros in a few KB
+    folder = _saved(tmp_path)
+    _rewrite(folder, weights=bomb)
+    with pytest.raises(ArtifactError, match="a deflate bomb"):
+        artifacts.load(folder, "kind-x")
+
+
+def test_a_signature_is_checked_before_any_array_is_built(tmp_path):
+    """With a key, a forged weights file fails on the signature, never on what it declares."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protofuse import signing
+
+    key = Ed25519PrivateKey.generate()
+    folder = _saved(tmp_path, signing_key=key)
+    _rewrite(folder, weights=_npz_with_header((1 << 20, 1 << 20)))  # checksum fine, signature not
+    with pytest.raises(signing.SignatureError):
+        artifacts.load(folder, "kind-x", key.public_key())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_arrays_are_never_written_nor_loaded(tmp_path, bad):
+    arrays = {"ok": np.zeros(3, dtype=np.float32), "w": np.array([1.0, bad, 2.0])}
+    with pytest.raises(ArtifactError, match=r"w: 1 of 3 values are NaN or infinite; .*nothing"):
+        artifacts.save(tmp_path / "never", "kind-x", arrays, {})
+    assert not (tmp_path / "never").exists()
+    folder = _saved(tmp_path)
+    _rewrite(folder, weights=artifacts.npz_bytes(arrays))  # written by hand, checksum valid
+    with pytest.raises(ArtifactError, match=r"weights\.npz: w: 1 of 3 values are NaN"):
+        artifacts.load(folder, "kind-x")
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda m: m.update(sha256="not-hex"), "sha256"),
+        (lambda m: m.update(format_version="1"), "format version '1'"),
+        (lambda m: m.update(deep=json.loads("[" * 100 + "]" * 100)), "nests deeper than 64"),
+    ],
+)
+def test_meta_json_is_held_to_its_schema(tmp_path, edit, says):
+    folder = _saved(tmp_path)
+    meta = json.loads((folder / artifacts.META).read_text())
+    edit(meta)
+    (folder / artifacts.META).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=says):
+        artifacts.load(folder, "kind-x")
+
+
+def test_too_many_zip_entries_are_refused_before_zipfile_parses_them(tmp_path):
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(artifacts.MAX_NPZ_MEMBERS + 1):
+            zf.writestr(f"a{i}.npy", b"")
+    with pytest.raises(ArtifactError, match="more than 10000 zip entries"):
+        artifacts.npz_arrays(buffer.getvalue())
+
+
+def _valid_npz() -> bytes:
+    return artifacts.npz_bytes(
+        {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, dtype=np.int64)}
+    )
+
+
+@given(data=st.binary(max_size=2000))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_as_weights_give_arrays_or_an_artifact_error(data):
+    try:
+        arrays = artifacts.npz_arrays(data)
+    except ArtifactError:
+        return
+    assert all(isinstance(a, np.ndarray) for a in arrays.values())
+
+
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(0, len(_valid_npz()) - 1), st.integers(0, 255)), max_size=8
+    ),
+    cut=st.integers(0, len(_valid_npz())),
+)
+@settings(max_examples=500, deadline=None)
+def test_a_mutated_npz_gives_its_arrays_or_an_artifact_error(flips, cut):
+    """Byte flips and truncations of a real file: the header fields, sizes and CRCs all get hit."""
+    data = bytearray(_valid_npz())
+    for at, value in flips:
+        data[at] = value
+    try:
+        arrays = artifacts.npz_arrays(bytes(data[:cut] if cut else data))
+    except ArtifactError:
+        return
+    assert sum(a.nbytes for a in arrays.values()) <= artifacts.MAX_WEIGHTS_BYTES
+
+
+def _patch_zip(data: bytes, *, flags: int = 0, name: bytes | None = None) -> bytes:
+    """A one-member zip with extra general-purpose flag bits and, optionally, another name of the
+    same length, in both its local header and its central directory entry."""
+    import struct
+
+    out = bytearray(data)
+    for signature, flag_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
+        at = out.index(signature)
+        (old,) = struct.unpack_from("<H", out, at + flag_at)
+        struct.pack_into("<H", out, at + flag_at, old | flags)
+        if name is not None:
+            out[at + name_at : at + name_at + len(name)] = name
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "flags, name, says",
+    [
+        (0x40, None, "is encrypted"),  # zipfile raises NotImplementedError for strong encryption
+        (0x800, b"\xa8.npy", "not a readable .npz"),  # a name flagged UTF-8 that is not
+    ],
+)
+def test_zip_features_zipfile_lacks_are_refused_as_artifact_errors(flags, name, says):
+    """Both found by `make fuzz` (atheris): they escaped as NotImplementedError and
+    UnicodeDecodeError."""
+    data = _patch_zip(artifacts.npz_bytes({"w": np.zeros(2)}), flags=flags, name=name)
+    with pytest.raises(ArtifactError, match=says):
+        artifacts.npz_arrays(data)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from toys import clusters, two_experts
+from toys import answers, clusters, two_experts
 
 from protofuse import artifacts
 from protofuse.adapted import from_files, load_adapted
@@ -757,6 +757,16 @@ def test_a_run_folder_loads_the_bank_it_holds(bank, tmp_path):
         (lambda m: m.update(sha256="0" * 64), "checksum mismatch"),
         (lambda m: m["bank"].update(config={**m["bank"]["config"], "feat_dim": 3}), "weights do"),
         (lambda m: m.pop("task"), "adapted model lacks or garbles 'task'"),
+        (lambda m: m.update(classes=m["classes"][:1] * 2), "more than once"),
+        (lambda m: m.update(classes=["", *m["classes"][1:]]), "'classes'"),
+        (lambda m: m.update(classes=["x" * 257, *m["classes"][1:]]), "'classes'"),
+        (lambda m: m["bank"].update(x_dim=-1), "'bank'"),
+        # a forged config asking for networks of 10**12 weights: refused on torch's meta device,
+        # before anything is allocated
+        (
+            lambda m: m["bank"].update(config={**m["bank"]["config"], "x_dim": 10**6}),
+            "weights do not match",
+        ),
     ],
 )
 def test_an_adapted_model_from_bytes_names_its_source(bank, edit, says):
@@ -865,3 +875,33 @@ def test_zero_shot_samples_as_many_latents_as_the_settings_say(bank):
         pytest.skip("the discriminative family samples nothing at prediction")
     assert bank.zero_shot(["0", "3"], n_z=4).task.n_z == 4
     assert bank.zero_shot(["0", "3"]).task.n_z == bank.adapt_settings.n_z == 8
+
+
+def test_an_expert_with_one_label_contributes_and_the_bank_stays_finite():
+    """Its answers are always that label: its agreement with any consensus says nothing (chance
+    is 1), so it is weighed as unmeasured rather than turning every weight into 0 / 0."""
+    _, x, y = _toy_triples()
+    one = np.ones((len(x), 1), np.float32)
+    triples = assemble(
+        ["a", "b", "solo"],
+        [("0", "1", "2"), ("2", "3"), ("3",)],
+        [x, x, x[y == 3]],
+        [answers(y, [0, 1, 2]), answers(y, [2, 3]), one[y == 3]],
+        shared=[0, 0, 1],
+    )
+    bank = fit_bank(
+        triples,
+        ModelSettings(feat_dim=8),
+        TrainingSettings(epochs=4),
+        AdaptSettings(),
+        None,
+        "bernoulli",
+    )
+    assert all(np.isfinite(e.weight) and 0 < e.weight <= 1 for e in bank.experts)
+    assert all(
+        torch.isfinite(v).all() for v in bank.model.state_dict().values() if v.is_floating_point()
+    )
+    sx, sy = _support(x, y, [0, 3], 3)
+    assert (
+        bank.adapt(sx, sy).predict(x[np.isin(y, [0, 3])]) == y[np.isin(y, [0, 3])].astype(str)
+    ).mean() > 0.8

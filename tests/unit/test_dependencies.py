@@ -52,6 +52,7 @@ DISTRIBUTION = {
     "matplotlib": "matplotlib",
     "mlxtend": "mlxtend",
     "river": "river",
+    "atheris": "atheris",
 }
 
 # What the core must never import (tests/unit/test_boundaries.py has the finer directions).
@@ -126,6 +127,8 @@ def distribution_of(module: str) -> str | None:
 
 def role_of(rel: str) -> tuple[str, ...]:
     """The extras a module may rely on, besides the base dependencies."""
+    if rel == "bench/fuzz.py":
+        return ("bench", "fuzz")
     if rel.startswith("bench/"):
         return ("bench",)
     if rel.startswith("client_sdk/clientapp/") or rel in (
@@ -229,8 +232,10 @@ def test_only_simulation_brings_ray():
 
 
 def test_the_test_extra_holds_every_other_extra():
+    """Every extra but the fuzzer's (a tool of `make fuzz`, like mutmut for `make mutation`)."""
     optional = {normalize(k) for k in PYPROJECT["project"]["optional-dependencies"]}
-    assert declared("test") >= declared(*(optional - {"test"})) | {
+    assert "atheris" not in declared("test")
+    assert declared("test") >= declared(*(optional - {"test", "fuzz"})) | {
         "pytest",
         "grpcio-tools",
         "ruff",

@@ -125,3 +125,38 @@ def test_table_augmentation_is_set_in_the_training_table(tmp_path):
 def test_a_missing_spec_file_is_named(tmp_path):
     with pytest.raises(SpecError, match=r"nowhere\.toml: no such spec file"):
         load_spec(tmp_path / "nowhere.toml")
+
+
+def _number_fields() -> list[tuple[str, str]]:
+    """(table, field) of every number a spec sets: each is bounded where it enters."""
+    from protofuse.spec import Spec
+
+    out = []
+    for table in ("data", "model", "training", "adapt", "federation"):
+        model = type(getattr(Spec(), table))
+        for name, field in model.model_fields.items():
+            text = str(field.annotation)
+            if "float" in text or "int" in text:
+                out.append((table, name))
+    return out
+
+
+@pytest.mark.parametrize(("table", "field"), _number_fields())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e308", "-1e308", "9223372036854775807"])
+def test_every_number_of_a_spec_is_bounded_and_a_bad_one_named(tmp_path, table, field, value):
+    """Infinite, NaN and absurd values never pass into a run: each is refused naming its field
+    (or, where the field's range is unbounded by nature, like a seed, accepted as given)."""
+    path = tmp_path / "spec.toml"
+    path.write_text(GOOD + f"\n[{table}]\n{field} = {value}\n")
+    try:
+        spec = load_spec(path)
+    except SpecError as err:
+        assert f"{table}.{field}" in str(err), str(err)
+        return
+    got = getattr(getattr(spec, table), field)
+    assert value not in ("inf", "-inf", "nan"), f"{table}.{field} = {value} was accepted"
+    assert field in ACCEPTS_ANY_INTEGER, f"{table}.{field} = {value} was accepted as {got!r}"
+
+
+# Fields where any integer is meaningful (a seed picks a stream; it is never computed with).
+ACCEPTS_ANY_INTEGER = {"seed"}

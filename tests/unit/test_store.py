@@ -174,6 +174,7 @@ def test_upsert_keeps_absent_experts_and_updates_present_ones(tmp_path: Path) ->
         ({"consensus": float("inf")}, "consensus is not finite"),
         ({"weight": float("-inf")}, "weight is not finite"),
         ({"n_queries": -1}, "non-negative"),
+        ({"n_examples": 2**64 - 1}, "more than a count can be"),
         ({"last_round": 5}, "after the checkpoint"),
     ],
 )
