@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick bench-hostile fuzz mutation clean
+.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service bench-service-load images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick bench-hostile fuzz mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -94,6 +94,9 @@ bench-tables-dev: $(STAMP)  ## development seeds: the same, and the sweep where 
 
 bench-service: $(STAMP)  ## the adaptation service: latency against in-process adaptation, throughput of 8 callers (MNIST-5k, 5-way, k = 5)
 	$(PY) -m bench.service --dataset mnist5k --out bench-results/service
+
+bench-service-load: $(STAMP)  ## the service under hostile load: cost per request, memory of 32 callers mixing valid and worst-case requests for 60 s
+	$(PY) -m bench.service_load --dataset mnist5k --out bench-results/service-load
 
 images: $(STAMP)  ## the deployment's images, offline from deploy/wheels (BASE_IMAGE: the base image)
 	bash deploy/build-wheelhouse.sh

@@ -177,6 +177,26 @@ def throughput(
     }
 
 
+def certs_and_bank(
+    out: Path, bank: Path | None, dataset: str, split_seed: int, k: int
+) -> tuple[Path, Path]:
+    """A deployment's certificates under ``out`` and the bank to serve: ``bank``, or one fitted
+    centrally on the dataset's demo federation (kept in ``out`` for the next run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    certs = out / "certs"
+    if not (certs / "ca.crt").exists():
+        init(certs, supernodes=0)
+    if bank is None:
+        from bench.demo import write_federation
+        from protofuse_cli.main import main as cli
+
+        spec = write_federation(out / "federation", dataset, k=k, seed=split_seed)
+        bank = out / "bank"
+        if not (bank / "meta.json").exists():
+            assert cli(["fit", str(spec), "--out", str(bank)]) == 0
+    return certs, bank
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -202,21 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    certs = args.out / "certs"
-    if not (certs / "ca.crt").exists():
-        init(certs, supernodes=0)
-    bank = args.bank
-    if bank is None:
-        from bench.demo import write_federation
-        from protofuse_cli.main import main as cli
-
-        spec = write_federation(
-            args.out / "federation", args.dataset, k=args.k, seed=args.split_seed
-        )
-        bank = args.out / "bank"
-        if not (bank / "meta.json").exists():
-            assert cli(["fit", str(spec), "--out", str(bank)]) == 0
+    certs, bank = certs_and_bank(args.out, args.bank, args.dataset, args.split_seed, args.k)
     work = tasks(args.dataset, args.split_seed, args.ways, args.k, args.calls + args.warmup, seed=1)
     print(
         f"latency: {args.calls} calls each way ({args.ways}-way, k = {args.k}, {args.dataset}) ...",

@@ -26,13 +26,17 @@ from pydantic import (
 from . import artifacts, signing
 from .families import DiscriminativeTask, Family, GenerativeTask, Task, family
 from .input_checks import warn_if_out_of_range
+from .protocol.federation import MAX_LABEL_LENGTH
+from .protocol.service import MAX_CLASSES as MAX_SERVICE_CLASSES
 from .settings import format_errors
 
 KIND = "protofuse-adapted-model"
 BANK_PREFIX = "bank."
 PublicKeyLike = str | os.PathLike | bytes | Ed25519PublicKey
-MAX_CLASSES = 10_000  # classes of one adapted model: a support set has a few examples of each
-MAX_CLASS_NAME_LENGTH = 256  # a class name, not a document (as the federation's wire bounds labels)
+# Classes of one adapted model and the length of a class name: the service's wire bounds, so that
+# every model the service can build also loads.
+MAX_CLASSES = MAX_SERVICE_CLASSES
+MAX_CLASS_NAME_LENGTH = MAX_LABEL_LENGTH
 FIX = "re-create it with `protofuse adapt`"
 
 __all__ = [

@@ -99,7 +99,15 @@ class Bank:
         )
         classes, yt = _support_labels(y, len(xt))
         impl = self.family_impl
-        task, support_log_proba = impl.adapt_scored(self, xt, yt, classes, settings, seed)
+        try:
+            task, support_log_proba = impl.adapt_scored(self, xt, yt, classes, settings, seed)
+        except RuntimeError as err:  # torch's overflow checks, inside L-BFGS on huge features
+            raise ValueError(_diverged(self, f"({str(err).splitlines()[0]})")) from None
+        if not (
+            bool(torch.isfinite(support_log_proba).all())
+            and all(np.isfinite(a).all() for a in task.arrays().values())
+        ):
+            raise ValueError(_diverged(self, "(NaN or infinite weights)"))
         uncovered = [c for c in classes if c not in self.label_names]
         accuracy = float((support_log_proba.argmax(1) == yt).float().mean())
         info = {
@@ -177,6 +185,20 @@ class Bank:
             f"Bank(family={self.family!r}, labels={list(self.label_names)}, "
             f"experts={[e.name for e in self.experts]}, version={self.version!r})"
         )
+
+
+def _diverged(bank: Bank, what: str) -> str:
+    """The error for support inputs the bank's networks cannot compute with: nothing non-finite
+    is ever returned."""
+    where = (
+        f"the bank's inputs lie in {list(bank.meta.input_range)}"
+        if bank.meta.input_range
+        else "the bank records no input range"
+    )
+    return (
+        f"x: adaptation on these inputs diverged {what}; they are far outside what the bank was "
+        f"fitted on ({where}): send inputs preprocessed like the experts' queries"
+    )
 
 
 def load_bank(path: str | os.PathLike) -> Bank:

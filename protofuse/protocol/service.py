@@ -32,6 +32,11 @@ _DTYPE_CODES = {
     np.dtype(np.float64): fusion_pb2.Tensor.FLOAT64,
 }
 MAX_OPTION_LENGTH = 256
+# Classes of one task: an adapted model holds at most this many (protofuse.adapted.MAX_CLASSES);
+# a service sets its own, lower limit (ServiceSettings.max_classes).
+MAX_CLASSES = 10_000
+# Inputs go through float32 networks: a float64 value beyond float32's range becomes infinite.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_WIDTH = (
     wire.MAX_X_DIM
 )  # no bank has wider inputs (a federation admits none); refused before any array is shaped
@@ -113,8 +118,13 @@ def decode_adapt_request(
     max_support: int | None = None,
     input_width: int | None = None,
     option_names: frozenset[str] | None = None,
+    max_classes: int | None = None,
+    max_work: int | None = None,
 ) -> AdaptRequest:
-    """Parse and check a request against the service's limits and the bank being served."""
+    """Parse and check a request against the service's limits and the bank being served.
+
+    ``max_classes`` bounds the task's distinct labels; ``max_work`` the product of support
+    examples and classes (what an adaptation's cost grows with)."""
     msg = _parse(fusion_pb2.AdaptRequest, data, "AdaptRequest")
     if not msg.HasField("x"):
         raise WireError(
@@ -129,6 +139,8 @@ def decode_adapt_request(
         max_support=max_support,
         input_width=input_width,
         option_names=option_names,
+        max_classes=max_classes,
+        max_work=max_work,
     )
     _check_digest(request.known_bank_weights_digest, "AdaptRequest.known_bank_weights_digest")
     return request
@@ -184,6 +196,8 @@ def _check_request(
     max_support: int | None,
     input_width: int | None,
     option_names: frozenset[str] | None,
+    max_classes: int | None = None,
+    max_work: int | None = None,
 ) -> None:
     if x.ndim != 2:
         raise WireError(
@@ -212,6 +226,13 @@ def _check_request(
             f"AdaptRequest.x.data: row {int(bad[0])} holds NaN or infinite values; clean or impute "
             "the inputs first"
         )
+    big = np.flatnonzero((np.abs(x) > _FLOAT32_MAX).any(axis=1))
+    if big.size:
+        raise WireError(
+            f"AdaptRequest.x.data: row {int(big[0])} holds values beyond float32's range "
+            f"(+-{_FLOAT32_MAX:.3g}), which the bank's networks cannot represent; send inputs "
+            "preprocessed like the experts' queries"
+        )
     if len(labels) != n:
         raise WireError(
             f"AdaptRequest.labels: {len(labels)} labels for {n} rows of x; send one label name per "
@@ -223,10 +244,28 @@ def _check_request(
             raise WireError(
                 f"AdaptRequest.labels[{i}]: empty label name; every example needs a non-empty label"
             )
-    if len(set(labels)) < 2:
+        if len(label) > wire.MAX_LABEL_LENGTH:
+            raise WireError(
+                f"AdaptRequest.labels[{i}]: {len(label)} characters; use label names of at most "
+                f"{wire.MAX_LABEL_LENGTH}"
+            )
+    classes = len(set(labels))
+    if classes < 2:
         raise WireError(
             f"AdaptRequest.labels: only {sorted(set(labels))} present; a task needs at least two "
             "classes"
+        )
+    limit = MAX_CLASSES if max_classes is None else min(max_classes, MAX_CLASSES)
+    if classes > limit:
+        raise WireError(
+            f"AdaptRequest.labels: {classes} classes, more than this service's limit of {limit}; "
+            "split the task, or ask the operator to raise --max-classes"
+        )
+    if max_work is not None and n * classes > max_work:
+        raise WireError(
+            f"AdaptRequest.labels: {n} examples x {classes} classes = {n * classes}, more work "
+            f"than this service's limit of {max_work} per request; send fewer examples or "
+            "classes, or ask the operator to raise --max-work"
         )
     for key, value in options.items():
         _check_text(key, "AdaptRequest.options")

@@ -50,6 +50,7 @@ class ServedBank:
         self._snapshot: Snapshot | None = None
         self._stamp: tuple | None = None
         self._checked = -math.inf
+        self.error: str | None = None  # why the bank's current files could not be loaded
         self.get()
 
     def get(self) -> Snapshot | None:
@@ -84,6 +85,7 @@ class ServedBank:
                 artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))),
             )
         except Exception as err:
+            self.error = str(err).splitlines()[0][:500]
             log.warning(
                 "bank in %s not loaded (%s); still serving %s",
                 self.bank_dir,
@@ -93,7 +95,7 @@ class ServedBank:
             self._stamp = stamp  # not retried until its files change again
             return
         previous = self._snapshot.bank.version if self._snapshot else None
-        self._snapshot, self._stamp = snapshot, stamp
+        self._snapshot, self._stamp, self.error = snapshot, stamp, None
         if previous != bank.version:
             log.info(
                 "serving bank %s (%d labels, %d experts)%s",

@@ -14,13 +14,17 @@ and validation, so no generated stub is needed and the checks are the same on bo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -63,6 +67,8 @@ class FusionService:
         self.settings = settings
         self.signing_key = signing_key
         self._slots = threading.BoundedSemaphore(settings.max_concurrent)
+        self._held: dict[str, int] = {}  # Adapt requests each caller has held now
+        self._held_lock = threading.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {"Adapt": self.adapt, "GetBank": self.get_bank, "ListExperts": self.list_experts}
@@ -80,8 +86,11 @@ class FusionService:
         if snapshot is None:
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"no bank yet in {self.bank.bank_dir}: the federation has not written one; try "
-                "again after its first run",
+                f"the bank in {self.bank.bank_dir} cannot be served ({self.bank.error}); the "
+                "operator must replace it"
+                if self.bank.error
+                else f"no bank yet in {self.bank.bank_dir}: the federation has not written one; "
+                "try again after its first run",
             )
         return snapshot
 
@@ -95,6 +104,37 @@ class FusionService:
         return encode_expert_list(self._snapshot(context).experts)
 
     def adapt(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._caller_slot(context):
+            return self._adapt(request, context)
+
+    @contextmanager
+    def _caller_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """One of the caller's max_per_caller places: no caller fills the queue alone."""
+        caller = _caller_key(context)
+        with self._held_lock:
+            held = self._held.get(caller, 0)
+            if held >= self.settings.max_per_caller:
+                refused = True
+            else:
+                refused = False
+                self._held[caller] = held + 1
+        if refused:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller} already has {held} Adapt requests running or waiting, this service's "
+                f"limit per caller (--max-per-caller); wait for one to finish",
+            )
+        try:
+            yield
+        finally:
+            with self._held_lock:
+                left = self._held[caller] - 1
+                if left:
+                    self._held[caller] = left
+                else:
+                    del self._held[caller]
+
+    def _adapt(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         started = time.monotonic()
         snapshot = self._snapshot(context)
         bank = snapshot.bank
@@ -105,6 +145,8 @@ class FusionService:
             max_support=self.settings.max_support,
             input_width=bank.meta.x_dim,
             option_names=OPTION_NAMES,
+            max_classes=self.settings.max_classes,
+            max_work=self.settings.max_work,
         )
         options: dict[str, Any] = dict(req.options)
         seed = options.pop("seed", "0")
@@ -133,20 +175,26 @@ class FusionService:
             try:
                 model = bank.adapt(req.x, np.asarray(req.labels), seed=seed, **options)
             except ValueError as err:  # options the bank refuses, labels its family cannot fit
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, _request_error(str(err)))
+            seconds = time.perf_counter() - t0
+            try:
+                files = model.to_files(self.signing_key)
+            except artifacts.ArtifactError as err:  # NaN or infinite weights: never served
+                log.warning("Adapt: the fitted model is not finite (%s)", err)
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"AdaptRequest.options: {err}"
-                    if "adaptation options" in str(err)
-                    else f"AdaptRequest: {err}",
+                    "AdaptRequest.x: adaptation on these inputs gave NaN or infinite weights; "
+                    "send inputs preprocessed like the experts' queries (the bank's range is "
+                    f"{bank.meta.input_range or 'not recorded'})",
                 )
-            seconds = time.perf_counter() - t0
-            files = model.to_files(self.signing_key)
             # The caller already holds this bank version's weights: send the task's arrays alone.
             omit = req.known_bank_weights_digest == snapshot.bank_weights_digest
             if omit:
                 files[artifacts.WEIGHTS] = artifacts.npz_bytes(model.task_arrays())
         finally:
             self._slots.release()
+            if len(req.x) * len(set(req.labels)) >= TRIM_AFTER_WORK:
+                release_free_memory()
         metrics = FitMetrics(
             tuple(model.classes_.tolist()),
             len(req.x),
@@ -164,6 +212,16 @@ class FusionService:
         ours = self.settings.deadline_s - (time.monotonic() - started)
         theirs = context.time_remaining()
         return max(0.0, min(ours, theirs) if theirs is not None else ours)
+
+
+def _request_error(text: str) -> str:
+    """The bank's refusal of a request, named by the request's field (x, labels, options)."""
+    if "adaptation options" in text:
+        return f"AdaptRequest.options: {text}"
+    for prefix, field in (("x: ", "x"), ("y: ", "labels")):
+        if text.startswith(prefix):
+            return f"AdaptRequest.{field}: {text[len(prefix) :]}"
+    return f"AdaptRequest: {text}"
 
 
 def _decode(
@@ -201,6 +259,38 @@ def _logged(
             raise
 
     return run
+
+
+def _caller_key(context: grpc.ServicerContext) -> str:
+    """Whom a per-caller limit counts: the caller's host (without the port: more connections are
+    still one caller) and, under mutual TLS, its certificate's name (consumers of a deployment
+    may share one client certificate, so the name alone would make them all one caller)."""
+    peer = context.peer()  # "ipv4:10.0.0.5:51234", "ipv6:[::1]:51234", "unix:/path"
+    host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    names = context.auth_context().get("x509_common_name") or ()
+    return f"caller {names[0].decode()!r} at {host}" if names else f"caller at {host}"
+
+
+# Work (support examples x classes) above which the allocator is asked to hand freed memory back
+# to the system: glibc keeps the arenas of a large adaptation's threads otherwise (measured: four
+# large calls left 3 GB resident).
+TRIM_AFTER_WORK = 5_000
+
+
+def release_free_memory() -> None:
+    """glibc's malloc_trim(0): give freed heap pages back to the system (elsewhere, nothing)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return cast(Callable[[int], int], libc.malloc_trim)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
 
 
 def _caller(context: grpc.ServicerContext) -> str:

@@ -3,6 +3,7 @@ FusionClient and through raw bytes (for requests the SDK would never send)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,12 @@ def served(certs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bank")
     _bank("discriminative").save(folder)
     settings = ServiceSettings(
-        max_support=40, max_message_mb=1.0, max_concurrent=1, reload_interval_s=0.2
+        max_support=40,
+        max_message_mb=1.0,
+        max_concurrent=1,
+        reload_interval_s=0.2,
+        max_classes=4,
+        max_work=100,
     )
     server, port, holder = build_server(
         folder, "127.0.0.1:0", settings, Credentials.from_folder(certs)
@@ -297,6 +303,33 @@ BAD_REQUESTS = [
         "AdaptRequest.x.shape: width",
     ),
     (
+        "more classes than the limit",
+        _request(labels=["0", "1", "2", "3", "4", "0", "1", "2", "3"]),
+        "AdaptRequest.labels: 5 classes, more than this service's limit of 4",
+    ),
+    (
+        "more work than the limit",
+        _request(x=np.zeros((30, 16), np.float32), labels=["0", "1", "2", "3"] * 7 + ["0", "1"]),
+        "30 examples x 4 classes = 120, more work than this service's limit of 100",
+    ),
+    ("a label too long", _request(labels=["0" * 257] + ["2"] * 8), "AdaptRequest.labels[0]: 257"),
+    (
+        "float64 beyond float32",
+        _request(x=_support()[0].astype(np.float64) * 1e300, dtype=fusion_pb2.Tensor.FLOAT64),
+        "beyond float32's range",
+    ),
+    (
+        "inputs the networks overflow on",
+        _request(x=np.where(np.arange(9 * 16).reshape(9, 16) % 2, 3e38, -3e38).astype(np.float32)),
+        "AdaptRequest.x: adaptation on these inputs diverged",
+    ),
+    (
+        "prior strength beyond its bound",
+        _request(options={"prior_strength": "1e300"}),
+        "less than or equal to 1000000",
+    ),
+    ("prior strength infinite", _request(options={"prior_strength": "inf"}), "prior_strength"),
+    (
         "a digest that is not one",
         _request() + fusion_pb2.AdaptRequest(known_bank_weights_digest="abc").SerializeToString(),
         "AdaptRequest.known_bank_weights_digest",
@@ -518,3 +551,76 @@ def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, cert
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Adapt from protofuse client: OK" in out  # callers are named by their certificate
+
+
+def test_a_bank_with_non_finite_weights_is_never_served_and_health_says_so(certs, tmp_path):
+    """The red team's bank of NaN weights was served (every call UNKNOWN) while health said
+    SERVING: such a bank is now refused at load, and health reports NOT_SERVING."""
+    from protofuse import artifacts
+
+    folder = tmp_path / "bank"
+    _bank("discriminative").save(folder)
+    arrays, meta = artifacts.load(folder, "protofuse-bank")
+    name = next(k for k, v in arrays.items() if v.dtype.kind == "f")
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    data = artifacts.npz_bytes(arrays)  # written by hand: protofuse itself never writes NaN
+    meta["sha256"] = artifacts.checksum(data, meta)
+    (folder / artifacts.WEIGHTS).write_bytes(data)
+    (folder / artifacts.META).write_text(json.dumps(meta))
+    server, port, _ = build_server(
+        folder,
+        "127.0.0.1:0",
+        ServiceSettings(reload_interval_s=0.2),
+        Credentials.from_folder(certs),
+    )
+    try:
+        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+            wait_until(lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", timeout=10)
+            with pytest.raises(FusionError) as err:
+                client.adapt(*_support())
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "cannot be served" in err.value.details and "NaN or infinite" in err.value.details
+    finally:
+        server.stop(grace=None)
+
+
+def test_one_caller_cannot_hold_more_than_its_share_of_the_queue(certs, tmp_path):
+    """max_per_caller: a caller's requests beyond it are refused at once while its others run or
+    wait; the same caller is served again once they finish."""
+    folder = tmp_path / "bank"
+    _bank("discriminative").save(folder)
+    settings = ServiceSettings(
+        max_concurrent=1, max_per_caller=2, max_classes=1000, max_work=10**7, max_support=4000
+    )
+    server, port, _ = build_server(folder, "127.0.0.1:0", settings, Credentials.from_folder(certs))
+    address = f"127.0.0.1:{port}"
+    rng = np.random.default_rng(0)
+    slow = (rng.random((3000, 16), dtype=np.float32), [f"c{i % 1000}" for i in range(3000)])
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, x, y) -> None:
+        with FusionClient(address, certs=certs, timeout=120) as client:
+            try:
+                outcomes[name] = len(client.adapt_response(x, y).metrics.classes)
+            except FusionError as err:
+                outcomes[name] = err
+
+    try:
+        first = threading.Thread(target=call, args=("slow", *slow))
+        first.start()
+        time.sleep(0.5)  # the slow fit holds the only slot
+        second = threading.Thread(target=call, args=("waiting", *_support()))
+        second.start()
+        time.sleep(0.3)  # ... and the second waits for it: the caller holds 2
+        call("third", *_support())
+        still_busy = first.is_alive()
+        first.join()
+        second.join()
+        call("after", *_support())
+    finally:
+        server.stop(grace=None)
+    assert still_busy, "the slow request ended too soon for the test to mean anything"
+    third = outcomes["third"]
+    assert isinstance(third, FusionError), outcomes
+    assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit per caller" in third.details
+    assert (outcomes["slow"], outcomes["waiting"], outcomes["after"]) == (1000, 3, 3), outcomes

@@ -19,9 +19,8 @@ from protofuse.bank import load_bank
 from protofuse.families import FAMILIES
 from protofuse.flower.simulation import SimulationError, app_dir, simulate
 from protofuse.protocol import federation as wire
-from protofuse.spec import load_spec
 from protofuse_cli.main import main
-from protofuse_server.fusion.server_app import STORE, run_key
+from protofuse_server.fusion.server_app import STORE
 from protofuse_server.fusion.store import BankStore
 
 SERVERAPP = 'serverapp = "protofuse_server.fusion.server_app:app"'
@@ -58,7 +57,8 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
     with sqlite3.connect(run / "store" / "bank.sqlite") as db:
         assert [r[0] for r in db.execute("SELECT round FROM history ORDER BY round")] == [1, 2]
         assert db.execute("SELECT COUNT(*) FROM experts").fetchone()[0] == 5
-    with BankStore(run / STORE, run_key(load_spec(federation))) as store:
+        key = db.execute("SELECT run_key FROM run").fetchone()[0]  # of the spec with rounds=4
+    with BankStore(run / STORE, key) as store:
         before = store.latest().state  # the evidence of rounds 1-2 is what the resume starts from
     assert sorted(before["evidence"]) == ["forest", "knn", "logreg", "mlp", "svm"]
     assert before["strikes"] == {} and before["expelled"] == []
@@ -76,7 +76,7 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
             5,
         ]
 
-    with BankStore(run / STORE, run_key(load_spec(federation))) as store:
+    with BankStore(run / STORE, key) as store:
         after = store.latest().state
     assert sorted(after["evidence"]) == sorted(before["evidence"])  # carried on, then updated
     assert after["evidence"] != before["evidence"]

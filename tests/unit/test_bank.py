@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from toys import answers, clusters, two_experts
 
 from protofuse import artifacts
@@ -905,3 +908,29 @@ def test_an_expert_with_one_label_contributes_and_the_bank_stays_finite():
     assert (
         bank.adapt(sx, sy).predict(x[np.isin(y, [0, 3])]) == y[np.isin(y, [0, 3])].astype(str)
     ).mean() > 0.8
+
+
+@given(
+    scale=st.floats(1e-3, 3e38),
+    sign=st.sampled_from([-1.0, 1.0]),
+    noise_seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25, deadline=None)
+def test_support_inputs_of_any_finite_size_give_a_finite_model_or_a_clear_error(
+    bank, scale, sign, noise_seed
+):
+    """Inputs far outside the bank's range once made L-BFGS overflow (a RuntimeError) or fitted
+    NaN weights: adaptation now answers a finite model or a ValueError naming x."""
+    _, x, y = _toy_triples()
+    xs, ys = _support(x, y, [0, 3], 2, seed=noise_seed % 7)
+    rng = np.random.default_rng(noise_seed)
+    big = np.clip(sign * scale * rng.standard_normal(xs.shape), -3e38, 3e38).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # inputs out of the bank's range warn first
+        try:
+            model = bank.adapt(big, ys)
+        except ValueError as err:
+            assert str(err).startswith("x: adaptation on these inputs diverged"), err
+            return
+        assert np.isfinite(model.predict_proba(xs)).all()
+    model.to_files()  # finite: it can be written

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from protofuse.protocol.federation import (
     FORMAT_VERSION,
@@ -17,6 +20,7 @@ from protofuse.protocol.federation import (
     WireError,
 )
 from protofuse.protocol.service import (
+    MAX_CLASSES,
     MAX_OPTION_LENGTH,
     MAX_WIDTH,
     AdaptRequest,
@@ -98,6 +102,13 @@ def _with_nan(row: int) -> np.ndarray:
     return x
 
 
+def _huge(row: int) -> np.ndarray:
+    """float64 inputs a float32 network turns into infinities (passed validation before)."""
+    x = _x(np.float64)
+    x[row, 0] = -1e39
+    return x
+
+
 @pytest.mark.parametrize(
     "changes,path,says",
     [
@@ -112,6 +123,12 @@ def _with_nan(row: int) -> np.ndarray:
         ({"options": {"seed": "9" * 257}}, "AdaptRequest.options['seed']", "257 characters"),
         ({"options": {"seed": 3}}, "AdaptRequest.options['seed']", "string"),
         ({"options": {3: "x"}}, "AdaptRequest.options", "string"),
+        ({"x": _huge(3)}, "AdaptRequest.x.data", "row 3 holds values beyond float32's range"),
+        (
+            {"labels": ("cat", "d" * 257, "dog", "eel", "dog", "eel")},
+            "AdaptRequest.labels[1]",
+            "257 characters",
+        ),
         ({"known_bank_weights_digest": "abc"}, "AdaptRequest.known_bank_weights_digest", "sha256"),
         (
             {"known_bank_weights_digest": DIGEST.upper()},
@@ -296,3 +313,37 @@ def test_too_many_rows_are_refused_before_the_bytes_are_looked_at():
     data = _raw_request(shape=(10**9, 4), data=b"")
     text = _refused(lambda: decode_adapt_request(data, max_support=10), "AdaptRequest.x.shape")
     assert "more than this service's limit of 10" in text
+
+
+def test_classes_and_work_per_request_are_bounded_before_any_work():
+    """Cost grows with examples x classes (2,000 rows of 1,000 new labels took 5-17 s): both are
+    limits of the service, checked by the decoder."""
+    data = encode_adapt_request(_request())  # 6 examples, 3 classes
+    assert decode_adapt_request(data, max_classes=3, max_work=18).labels == LABELS
+    text = _refused(lambda: decode_adapt_request(data, max_classes=2), "AdaptRequest.labels")
+    assert "3 classes, more than this service's limit of 2" in text and "--max-classes" in text
+    text = _refused(lambda: decode_adapt_request(data, max_work=17), "AdaptRequest.labels")
+    assert "6 examples x 3 classes = 18" in text and "--max-work" in text
+    # without a service limit, the format's own bound holds
+    many = tuple(f"c{i}" for i in range(MAX_CLASSES + 1))
+    big = _request(x=_x(rows=len(many), width=1), labels=many)
+    assert "10001 classes" in _refused(lambda: encode_adapt_request(big), "AdaptRequest.labels")
+
+
+@given(
+    x=hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(2, 6), st.integers(1, 3)),
+        elements=st.floats(allow_nan=True, allow_infinity=True, width=64),
+    ),
+    labels=st.lists(st.text(max_size=300), min_size=2, max_size=6),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_request_is_accepted_only_with_finite_float32_values_and_sane_labels(x, labels):
+    labels = (labels * len(x))[: len(x)]
+    try:
+        got = decode_adapt_request(encode_adapt_request(_request(x=x, labels=tuple(labels))))
+    except WireError:
+        return
+    assert np.isfinite(got.x.astype(np.float32)).all()
+    assert all(0 < len(label) <= 256 for label in got.labels) and len(set(got.labels)) >= 2
