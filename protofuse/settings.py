@@ -238,16 +238,23 @@ class FederationSettings(_Strict):
         ),
     )
     # -- what one client can do to a round (server/fusion/defences.py) ------------------------
-    combine: Literal["mean", "median", "trimmed_mean"] = Field(
+    combine: Literal["mean", "median", "trimmed_mean", "krum"] = Field(
         "mean",
         description=(
             "how the clients' updates are combined (row-wise as [federation] aggregation says): "
-            "the weighted mean (FedAvg), or the coordinate-wise median (FedMedian) or trimmed "
-            "mean (FedTrimmedAvg), which resist a minority of hostile updates at some cost"
+            "the weighted mean (FedAvg), or the coordinate-wise median (FedMedian), trimmed "
+            "mean (FedTrimmedAvg) or the mean of the updates Multi-Krum keeps (Krum), which "
+            "resist a minority of hostile updates at some cost"
         ),
     )
     trim: float = Field(
         0.2, ge=0.0, lt=0.5, description="trimmed_mean: the fraction cut at each end"
+    )
+    assumed_hostile: int = Field(
+        1,
+        ge=0,
+        le=10_000,
+        description="krum: hostile clients assumed per round (f; the n - f closest are kept)",
     )
     clip_factor: float | None = Field(
         2.0,

@@ -5,7 +5,10 @@ the queries it declared and then by ``max_weight_ratio`` times the round's media
 update (the change it made to the weights it was sent) is clipped to ``clip_factor`` times the
 round's median norm; the combination is a weighted mean, a coordinate-wise median or a trimmed
 mean (Flower's FedAvg, FedMedian and FedTrimmedAvg, here row-wise: a prototype row is combined
-over the clients whose expert covers its label); and each client's *evidence* is how well its
+over the clients whose expert covers its label), or the weighted mean of the clients Multi-Krum
+keeps (Flower's Krum: each client scored by the summed squared distances to its n - f - 2
+nearest peers, the n - f best kept; the shared weights choose once over all their arrays, each
+prototype row among the clients covering it); and each client's *evidence* is how well its
 update points where the other clients' updates point (the cosine between its delta and the
 coordinate-wise median of the others', on the shared weights and on the rows it shares with
 them). A client cannot raise its evidence alone: the reference is made of the others' updates.
@@ -23,7 +26,7 @@ import numpy as np
 
 ROW_KEYS = ("prototypes", "bias")  # arrays with one row per label of the vocabulary
 
-Combine = Literal["mean", "median", "trimmed_mean"]
+Combine = Literal["mean", "median", "trimmed_mean", "krum"]
 Deltas = list[dict[str, np.ndarray]]
 
 
@@ -35,6 +38,7 @@ class Bounds:
     max_weight_ratio: float | None = 2.0  # a weight at most this times the median; None: no cap
     combine: Combine = "mean"
     trim: float = 0.2  # trimmed_mean: the fraction cut at each end of every coordinate
+    assumed_hostile: int = 1  # krum: f, the hostile clients a round is assumed to hold
 
 
 def example_weights(reported: np.ndarray, declared: np.ndarray, ratio: float | None) -> np.ndarray:
@@ -78,6 +82,10 @@ def combine(
     """One delta from the clients': per array, over all clients, or (a row of ``ROW_KEYS`` when
     ``rowwise``) over the clients covering its label; a row nobody covers does not move."""
     out: dict[str, np.ndarray] = {}
+    shared = [k for k in deltas[0] if not (k in ROW_KEYS and rowwise)]
+    if bounds.combine == "krum" and shared:  # one choice of clients for all shared arrays
+        flat = np.stack([np.concatenate([d[k].ravel() for k in shared]) for d in deltas])
+        weights = weights * krum_keep(flat, bounds.assumed_hostile)
     for key in deltas[0]:
         stack = np.stack([d[key] for d in deltas])  # (K, ...)
         if key in ROW_KEYS and rowwise:
@@ -90,13 +98,37 @@ def combine(
                 ]
             )
         else:
-            out[key] = _combine(stack, weights, bounds)
+            out[key] = _combine(stack, weights, bounds, chosen=bounds.combine == "krum")
     return out
 
 
-def _combine(stack: np.ndarray, weights: np.ndarray, bounds: Bounds) -> np.ndarray:
+def krum_keep(flat: np.ndarray, f: int) -> np.ndarray:
+    """(K,) 0/1: the clients Multi-Krum keeps from ``flat`` (K, D) updates, assuming ``f`` hostile.
+
+    Each client's score is the sum of squared distances to its n - f - 2 nearest other clients
+    (at least one); the n - f with the lowest scores are kept (at least one). An update far from
+    the rest (scaled, flipped, noise) has a high score and is dropped."""
+    n = len(flat)
+    if n <= 2:  # nothing to compare with: every client kept
+        return np.ones(n)
+    squared = np.sum(flat * flat, axis=1)
+    dist = np.maximum(squared[:, None] + squared[None, :] - 2.0 * flat @ flat.T, 0.0)  # (K, K)
+    np.fill_diagonal(dist, np.inf)
+    neighbours = max(1, n - f - 2)
+    scores = np.sort(dist, axis=1)[:, :neighbours].sum(axis=1)
+    keep = np.zeros(n)
+    keep[np.argsort(scores, kind="stable")[: max(1, n - f)]] = 1.0
+    return keep
+
+
+def _combine(
+    stack: np.ndarray, weights: np.ndarray, bounds: Bounds, chosen: bool = False
+) -> np.ndarray:
     """stack (K, ...) -> (...): the weighted mean, or the median / trimmed mean of every
-    coordinate (unweighted, as Flower's FedMedian and FedTrimmedAvg)."""
+    coordinate (unweighted, as Flower's FedMedian and FedTrimmedAvg), or (krum) the weighted mean
+    of the clients Multi-Krum keeps (``chosen``: the weights already hold that choice)."""
+    if bounds.combine == "krum" and not chosen:
+        weights = weights * krum_keep(stack.reshape(len(stack), -1), bounds.assumed_hostile)
     if bounds.combine == "median":
         return np.median(stack, axis=0)
     if bounds.combine == "trimmed_mean":

@@ -299,7 +299,9 @@ class FusionStrategy(FedAvg):
         evidence of each update recorded before its weight is taken; integer arrays keep what was
         sent."""
         s = self.settings
-        bounds = defences.Bounds(s.clip_factor, s.max_weight_ratio, s.combine, s.trim)
+        bounds = defences.Bounds(
+            s.clip_factor, s.max_weight_ratio, s.combine, s.trim, s.assumed_hostile
+        )
         rowwise = s.aggregation == "rowwise"
         counts = defences.example_weights(
             np.array([n for _, _, n in updates], dtype=np.float64),

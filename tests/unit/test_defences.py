@@ -58,7 +58,7 @@ def test_clipping_bounds_every_update_by_the_rounds_median_norm(seed, factor, at
             assert s == 1.0 and np.array_equal(before["encoder"], after["encoder"])
 
 
-@pytest.mark.parametrize("combine", ["median", "trimmed_mean"])
+@pytest.mark.parametrize("combine", ["median", "trimmed_mean", "krum"])
 @given(seed=st.integers(0, 10_000), value=st.floats(-3e38, 3e38))
 @settings(max_examples=30)
 def test_robust_combinations_stay_within_the_honest_updates_range(combine, seed, value):
@@ -154,3 +154,25 @@ def test_a_node_bringing_too_many_labels_is_refused_and_the_vocabulary_kept():
         fed.admit(2, _description("y", ("1", "2", "3")))
     assert fed.vocabulary == ["a", "b"] and fed.nodes == {}
     assert fed.admit(3, _description("z", ("a", "1"))) == ["1"]
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    n_honest=st.integers(3, 9),
+    scale=st.floats(5.0, 1e30),
+    hostile=st.integers(1, 2),
+)
+@settings(max_examples=60)
+def test_krum_keeps_the_honest_updates_and_drops_far_ones(seed, n_honest, scale, hostile):
+    """Flower's Krum, as Multi-Krum: with f the hostile clients assumed, the n - f kept are the
+    honest ones whenever the hostile updates lie far from the honest cluster."""
+    rng = np.random.default_rng(seed)
+    honest = 1.0 + 0.1 * rng.standard_normal((n_honest, 20))
+    far = scale * rng.choice([-1.0, 1.0], size=(hostile, 20))
+    keep = defences.krum_keep(np.concatenate([honest, far]), f=hostile)
+    assert keep[:n_honest].sum() == n_honest and keep[n_honest:].sum() == 0
+
+
+def test_krum_with_too_few_clients_keeps_everyone_and_at_least_one_always():
+    assert defences.krum_keep(np.ones((2, 3)), f=1).tolist() == [1.0, 1.0]
+    assert defences.krum_keep(np.arange(12.0).reshape(4, 3), f=10).sum() == 1.0

@@ -622,7 +622,7 @@ def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):
     )  # round 2 = offset 1 + 1
 
 
-@pytest.mark.parametrize("combine", ["mean", "median", "trimmed_mean"])
+@pytest.mark.parametrize("combine", ["mean", "median", "trimmed_mean", "krum"])
 def test_one_hostile_client_cannot_take_a_round_over(in_a_run, combine, tmp_path):
     """Five honest clients move every weight up by about 1; mallory sends -1e30 (a scaled,
     sign-flipped update) and claims 2**64 - 1 examples. The round's result stays with the honest
