@@ -222,6 +222,16 @@ class FederationSettings(_Strict):
             "(simulation) or 2"
         ),
     )
+    min_replies: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description=(
+            "usable replies a later round needs to be merged (default: half of min_clients, "
+            "rounded up); with fewer clients online for round_timeout, or fewer replies, the "
+            "federation stops with a message and resumes when run again"
+        ),
+    )
     round_timeout: float = Field(
         3600.0,
         gt=0,

@@ -146,6 +146,7 @@ def run_key(spec: Spec) -> str:
     }
     settings["federation"].pop("round_timeout")
     settings["federation"].pop("min_clients")
+    settings["federation"].pop("min_replies")
     settings["federation"].pop("keep_checkpoints")
     settings["training"].pop("threads")
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

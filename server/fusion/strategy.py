@@ -11,6 +11,7 @@ checkpoints the bank. Resume, the store and the bank's export are the ServerApp'
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from logging import INFO, WARNING
@@ -38,6 +39,10 @@ ROUND_PLAN = (
 )  # the key of the encoded RoundPlan in the train message's ConfigRecord
 
 Checkpointer = Callable[[int, dict[str, np.ndarray], "FusionStrategy"], None]
+
+
+class FederationStopped(RuntimeError):
+    """Too few clients to go on; every completed round is checkpointed, so a new run resumes."""
 
 
 class FusionStrategy(FedAvg):
@@ -84,8 +89,10 @@ class FusionStrategy(FedAvg):
         phase = self.schedule.at(r)
         if server_round > 1:
             # min_clients is a start-up condition: a client going offline later must not stall
-            # the federation (Flower's sampling would wait for it forever).
+            # the federation. Flower's sampling would wait forever for its minimum: the wait for
+            # min_replies is ours, and it ends (ServerApp's round_timeout).
             self.min_available_nodes = self.min_train_nodes = 1
+            self._wait_for_replies_possible(grid, r)
         current = {k: v.numpy() for k, v in arrays.items()}
         current = self._admit_new_nodes(grid, current)
         self._sent = current
@@ -102,6 +109,35 @@ class FusionStrategy(FedAvg):
         config = ConfigRecord({ROUND_PLAN: wire.encode_round_plan(plan)})
         messages = list(super().configure_train(server_round, to_record(current), config, grid))
         return [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
+
+    @property
+    def min_replies(self) -> int:
+        """Usable replies a round needs (``[federation] min_replies``; default half of
+        min_clients, rounded up)."""
+        s = self.settings
+        return s.min_replies or max(1, -(-(s.min_clients or 2) // 2))
+
+    def _wait_for_replies_possible(self, grid: Grid, r: int) -> None:
+        """Wait (up to round_timeout) until at least min_replies clients that may take part are
+        online; else stop the federation with a message instead of waiting forever."""
+        deadline = time.monotonic() + self.settings.round_timeout
+        while True:
+            online = [
+                n
+                for n in grid.get_node_ids()
+                if n not in self.refused  # admitted, or new (it will describe itself)
+            ]
+            if len(online) >= self.min_replies:
+                return
+            if time.monotonic() >= deadline:
+                raise FederationStopped(
+                    f"round {r}: {len(online)} clients online, fewer than the {self.min_replies} "
+                    f"a round needs ([federation] min_replies), for "
+                    f"{self.settings.round_timeout:.0f} s ([federation] round_timeout); every "
+                    f"round up to {r - 1} is checkpointed: run again to resume once the clients "
+                    "are back"
+                )
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _admit_new_nodes(self, grid: Grid, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Nodes that joined since the last round describe themselves; their new labels are
@@ -172,9 +208,15 @@ class FusionStrategy(FedAvg):
                 continue
             ok.append((client, reply, stats))
         if not ok:
-            raise RuntimeError(
+            raise FederationStopped(
                 f"round {r}: no client replied with a usable update; see the warnings above (the "
                 f"run resumes from round {r - 1}'s checkpoint when started again)"
+            )
+        if len(ok) < self.min_replies and server_round > 1:
+            raise FederationStopped(
+                f"round {r}: {len(ok)} usable replies, fewer than the {self.min_replies} a round "
+                f"needs ([federation] min_replies), no reply from {self._missing(ok)}; the run "
+                f"resumes from round {r - 1}'s checkpoint when started again"
             )
         ok.sort(
             key=lambda item: item[0].pseudonym
@@ -197,6 +239,10 @@ class FusionStrategy(FedAvg):
         metrics = self._round_metrics(r, phase, ok, arrays)
         self.checkpoint(r, arrays, self)
         return to_record(arrays), metrics
+
+    def _missing(self, ok: list[tuple[Client, Message, wire.ImitatorStats]]) -> list[str]:
+        replied = {c.pseudonym for c, _, _ in ok}
+        return sorted({c.pseudonym for c in self.federation.nodes.values()} - replied)
 
     def _merge(self, client: Client, reply: Message, round: int) -> wire.ImitatorStats:
         fusion = reply.content.config_records["fusion"]

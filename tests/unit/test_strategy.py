@@ -18,7 +18,7 @@ from protofuse_server.fusion.aggregation import check_update, extend_rows, to_re
 from protofuse_server.fusion.membership import Client, Federation
 from protofuse_server.fusion.schedule import Schedule
 from protofuse_server.fusion.store import BankStore
-from protofuse_server.fusion.strategy import ROUND_PLAN, FusionStrategy
+from protofuse_server.fusion.strategy import ROUND_PLAN, FederationStopped, FusionStrategy
 
 
 def test_schedule_has_the_two_phases_of_central_training_with_an_agreement_round_between():
@@ -673,3 +673,53 @@ def test_a_client_sending_invalid_replies_is_expelled_and_not_readmitted(in_a_ru
     assert 2 in strategy.refused  # not asked again
     with pytest.raises(ValueError, match="expelled"):  # nor admitted under a new node id
         fed.admit(5, wire.NodeDescription("b", ("1",), 8, 30, (0.0, 1.0)))
+
+
+# -- too few clients: the federation stops with a message, never waits forever -------------------
+
+
+def test_a_round_with_too_few_clients_online_stops_after_the_timeout(in_a_run):
+    """Flower's sampling waits forever for its minimum: after round 1 the wait is ours, bounded
+    by round_timeout, and ends with a message that says how to resume."""
+    import time
+
+    fed = Federation(["0", "1"], 8)
+    fed.nodes = {1: Client("a", ("0", "1"), 30), 2: Client("b", ("0", "1"), 30)}
+    strategy, _ = _strategy(fed, min_clients=4)  # min_replies: half of 4
+    strategy.settings = strategy.settings.model_copy(update={"round_timeout": 0.5})
+    assert strategy.min_replies == 2
+    arrays = to_record({"prototypes": np.zeros((2, 2), np.float32)})
+    t0 = time.monotonic()
+    with pytest.raises(FederationStopped) as err:
+        strategy.configure_train(2, arrays, ConfigRecord(), DescribingGrid({1: RecordDict()}))
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert "1 clients online, fewer than the 2" in str(err.value) and "resume" in str(err.value)
+
+
+def test_a_round_merges_with_the_replies_it_has_when_they_reach_min_replies(in_a_run):
+    """Three clients, one misses round 2: with min_replies 2 the round is merged from the two
+    and the missing expert's record stays (stale: its last round is older); with min_replies 3
+    the federation stops naming it, nothing merged."""
+    labels = ("0", "1", "2")
+    fed = Federation(list(labels), 8)
+    fed.nodes = {i + 1: Client(n, labels, 30) for i, n in enumerate(["a", "b", "c"])}
+    strategy, saved = _strategy(fed, rounds=4)
+    sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    strategy._sent = sent
+    strategy.aggregate_train(
+        1, [_trained_reply(i + 1, n, labels, 1.0, 0.5) for i, n in enumerate("abc")]
+    )
+    assert {r.last_round for r in fed.records.values()} == {1}
+    strategy.settings = strategy.settings.model_copy(update={"min_replies": 3})
+    strategy._sent = sent
+    with pytest.raises(FederationStopped, match=r"2 usable replies, fewer than the 3.*\['c'\]"):
+        strategy.aggregate_train(
+            2, [_trained_reply(i + 1, n, labels, 2.0, 0.5) for i, n in enumerate("ab")]
+        )
+    assert len(saved) == 1  # round 2 was not checkpointed
+    strategy.settings = strategy.settings.model_copy(update={"min_replies": 2})
+    arrays, _ = strategy.aggregate_train(
+        2, [_trained_reply(i + 1, n, labels, 2.0, 0.5) for i, n in enumerate("ab")]
+    )
+    assert np.allclose(arrays["prototypes"].numpy(), 2.0) and len(saved) == 2
+    assert {n: r.last_round for n, r in fed.records.items()} == {"a": 2, "b": 2, "c": 1}
