@@ -29,6 +29,12 @@ ASK, DESCRIBE, NODE_DESCRIPTION = wire.ASK_RECORD, wire.DESCRIBE, wire.NODE_DESC
 _LEGACY_KEYS = ("pseudonym", "labels", "x-dim", "n-queries")
 
 
+class PseudonymTaken(ValueError):
+    """Another node online holds the pseudonym. Not a refusal for good: a SuperNode restarted
+    after a crash comes back under a new node id while the SuperLink still lists the old one
+    (until its heartbeats lapse, about a minute), and is admitted once the old one is gone."""
+
+
 @dataclass
 class Client:
     """What the server knows of one admitted node: from its description."""
@@ -92,7 +98,7 @@ class Federation:
             nid for nid, c in self.nodes.items() if c.pseudonym == pseudonym and nid != node_id
         ]
         if any(online is None or nid in online for nid in holders):
-            raise ValueError(
+            raise PseudonymTaken(
                 f"node {node_id} uses pseudonym {pseudonym!r}, already taken by another node; give "
                 "each expert a unique name"
             )

@@ -31,7 +31,7 @@ from protofuse.training import reliability_weights
 
 from . import defences
 from .aggregation import check_update, extend_rows, to_record
-from .membership import Client, Federation, describe_nodes
+from .membership import Client, Federation, PseudonymTaken, describe_nodes
 from .schedule import AGREEMENT, Phase, Schedule
 
 ROUND_PLAN = (
@@ -156,6 +156,8 @@ class FusionStrategy(FedAvg):
         ):  # the same order every time
             try:
                 added += self.federation.admit(node_id, described[node_id], online)
+            except PseudonymTaken as err:  # asked again next round: the holder may be gone
+                log(WARNING, "not admitting node %s this round: %s", node_id, err)
             except ValueError as err:
                 self.refused.add(node_id)
                 log(WARNING, "refusing node %s: %s", node_id, err)

@@ -723,3 +723,22 @@ def test_a_round_merges_with_the_replies_it_has_when_they_reach_min_replies(in_a
     )
     assert np.allclose(arrays["prototypes"].numpy(), 2.0) and len(saved) == 2
     assert {n: r.last_round for n, r in fed.records.items()} == {"a": 2, "b": 2, "c": 1}
+
+
+def test_a_restarted_supernode_is_admitted_once_its_old_node_id_is_gone(in_a_run, caplog):
+    """kill -9 of a SuperNode, restarted at once: the SuperLink still lists the old node id
+    until its heartbeats lapse. The new node is not refused for good: it is asked again each
+    round and takes its pseudonym over when the old id is gone."""
+    description = _description_reply(wire.encode_node_description(_describe("a", ["0", "1"])))
+    fed = Federation([], 8)
+    strategy, _ = _strategy(fed)
+    current = {"prototypes": np.zeros((0, 2), np.float32), "bias": np.zeros(0, np.float32)}
+    current = strategy._admit_new_nodes(DescribingGrid({1: description}), current)
+    both = DescribingGrid({1: description, 7: description})  # the old id still listed
+    with caplog.at_level("WARNING"):
+        current = strategy._admit_new_nodes(both, current)
+    assert set(fed.nodes) == {1} and 7 not in strategy.refused
+    assert any("not admitting node 7 this round" in r.getMessage() for r in caplog.records)
+    restarted = DescribingGrid({7: description})  # the old id lapsed
+    strategy._admit_new_nodes(restarted, current)
+    assert set(fed.nodes) == {7} and restarted.asked == [7] and fed.vocabulary == ["0", "1"]
