@@ -69,6 +69,7 @@ def build_model(
         model = impl.build(config)
         if state is not None:
             model.load_state_dict(state)
+            _check_finite_state(model)
     except (
         TypeError,
         RuntimeError,
@@ -90,17 +91,26 @@ def _check_state_shapes(
     """ValueError naming the first tensor the config and the weights disagree on."""
     with torch.device("meta"):
         skeleton = impl.build(config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    expected = skeleton.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
-    for name, shape in expected.items():
-        if given[name] != shape:
+    for name, want in expected.items():
+        got = state[name]
+        if tuple(got.shape) != tuple(want.shape):
             raise ValueError(
-                f"{name} has shape {list(given[name])}, the configuration {list(shape)}"
+                f"{name} has shape {list(got.shape)}, the configuration {list(want.shape)}"
             )
+        if got.dtype != want.dtype:  # a float64 1e300 would load as float32 infinity
+            raise ValueError(f"{name} has dtype {got.dtype}, the configuration {want.dtype}")
+
+
+def _check_finite_state(model: torch.nn.Module) -> None:
+    """ValueError naming the first tensor holding NaN or infinity, as loaded."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
 
 
 def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -262,8 +272,21 @@ def from_files(
     }
     model = build_model(bank_meta["family"], bank_meta["config"], state, source)
     t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
+    wide = sorted(k for k, v in t.items() if v.is_floating_point() and v.dtype != torch.float32)
+    if wide:
+        raise artifacts.ArtifactError(
+            f"{source}: task weights {wide[:3]} are not float32 (the networks' own type); {FIX}"
+        )
     try:
         task = family(bank_meta["family"]).load_task(model, t, meta["task"])
+        # One prediction on a typical row (the middle of the inputs' range): weights that load
+        # but cannot predict (shapes a task does not check, values that overflow) are refused
+        # here, not at the user's first call.
+        lo, hi = bank_meta.get("input_range") or (0.0, 0.0)
+        with torch.no_grad():
+            probe = task.log_proba(torch.full((1, int(bank_meta["x_dim"])), (lo + hi) / 2))
+        if not bool(torch.isfinite(probe).all()):
+            raise ValueError("its prediction on a typical input is NaN or infinite")
     except (KeyError, TypeError) as err:
         raise artifacts.ArtifactError(
             f"{source}: adapted model lacks or garbles {err}; {FIX}"

@@ -68,6 +68,7 @@ MAX_WEIGHTS_BYTES = 2 << 30
 MAX_META_BYTES = 1 << 20  # meta.json: a bank's is a few KB (settings, experts' records)
 MAX_SIGNATURE_BYTES = 64 << 10  # signature.json: about 300 bytes
 MAX_JSON_DEPTH = 64  # protofuse writes at most ~6 levels; a deep nest only costs recursion
+MAX_DIMENSIONS = 32  # of one array (numpy's own limit is 64); protofuse writes at most 4
 # Members of weights.npz: a bank has tens (one per tensor, four per expert in the generative
 # family). zipfile parses the whole central directory before anything can be checked, ~500 bytes
 # of Python objects per entry, so the count is bounded before the zip is opened.
@@ -177,6 +178,12 @@ def npz_arrays(
         raise
     except _ZIP_ERRORS as err:
         raise ArtifactError(f"{source}: not a readable .npz ({err})") from None
+    except MemoryError:  # within the limit, and still more than this machine has
+        raise ArtifactError(
+            f"{source}: its arrays ({_size(limit)} at most) do not fit in this process's memory"
+        ) from None
+    except ValueError as err:  # numpy refusing a shape the checks let through
+        raise ArtifactError(f"{source}: not a readable .npz ({_first_line(err)})") from None
 
 
 def _checked_members(zf: zipfile.ZipFile, source: Any, limit: int, size: int) -> list[_Member]:
@@ -185,6 +192,13 @@ def _checked_members(zf: zipfile.ZipFile, source: Any, limit: int, size: int) ->
     entries = zf.infolist()
     if len(entries) > MAX_NPZ_MEMBERS:
         raise ArtifactError(f"{source}: {len(entries)} members, more than {MAX_NPZ_MEMBERS}")
+    inflated = sum(info.file_size for info in entries)
+    if inflated > MAX_COMPRESSION_RATIO * size + SMALL_MEMBER_BYTES:
+        raise ArtifactError(
+            f"{source}: its members would inflate to {_size(inflated)} from {_size(size)}, more "
+            f"than {MAX_COMPRESSION_RATIO}x (protofuse.artifacts.MAX_COMPRESSION_RATIO); a "
+            "deflate bomb? refused before inflating it"
+        )
     members: list[_Member] = []
     seen: set[str] = set()
     left = limit
@@ -284,10 +298,29 @@ def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: Any) -> _Me
             f"{source}: holds something other than plain arrays: member {name!r} has dtype "
             f"{dtype}, which only pickle can read (never run on loaded data); refused"
         )
-    if any(n < 0 for n in shape):
+    if not _plain_dtype(dtype):
+        raise ArtifactError(
+            f"{source}: member {name!r} has dtype {dtype}; protofuse reads arrays of native-order "
+            "floats (2, 4 or 8 bytes), integers and booleans only: re-create it with protofuse"
+        )
+    if len(shape) > MAX_DIMENSIONS or any(not 0 <= n <= MAX_WEIGHTS_BYTES for n in shape):
         raise ArtifactError(f"{source}: member {name!r} declares the shape {shape}; refused")
     return _Member(
         info, name[: -len(".npy")], dtype, shape, fortran_order, offset, math.prod(shape)
+    )
+
+
+def _plain_dtype(dtype: np.dtype) -> bool:
+    """What a model's weights are: no strings (numpy allocates ``<U0`` as ``<U1``: zero bytes
+    declared, real bytes taken), records, sub-arrays, dates or long doubles, and native byte
+    order (torch reads nothing else)."""
+    sizes = {"f": (2, 4, 8), "i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "b": (1,)}
+    return (
+        dtype.kind in sizes
+        and dtype.itemsize in sizes[dtype.kind]
+        and dtype.isnative
+        and dtype.names is None
+        and dtype.subdtype is None
     )
 
 

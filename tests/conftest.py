@@ -35,7 +35,7 @@ def _flower_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def folders(tmp_path: Path):
     """Three organizations' spec folders, each with its expert and its own shard of the queries
     (the deployment tests of the integration and deploy tiers)."""
-    from organizations import (
+    from bench.organizations import (
         make_folders,  # the benchmark's datasets: only the tests that use it pay
     )
 

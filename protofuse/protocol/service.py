@@ -10,6 +10,7 @@ arguments, so a request is refused before any work starts.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +132,14 @@ def decode_adapt_request(
             "AdaptRequest.x: missing; send the support inputs as a Tensor of shape (n, d)"
         )
     x = _tensor_from_proto(msg.x, "AdaptRequest.x", max_rows=max_support)
-    request = AdaptRequest(x, tuple(msg.labels), dict(msg.options), msg.known_bank_weights_digest)
+    # Counted before the labels become Python strings (a request may hold millions of them).
+    if len(x) and len(msg.labels) != len(x):
+        raise WireError(
+            f"AdaptRequest.labels: {len(msg.labels)} labels for {len(x)} rows of x; send one "
+            "label name per example"
+        )
+    labels = tuple(msg.labels) if len(x) else ()  # no rows: refused next, as an empty set
+    request = AdaptRequest(x, labels, dict(msg.options), msg.known_bank_weights_digest)
     _check_request(
         x,
         request.labels,
@@ -248,6 +256,11 @@ def _check_request(
             raise WireError(
                 f"AdaptRequest.labels[{i}]: {len(label)} characters; use label names of at most "
                 f"{wire.MAX_LABEL_LENGTH}"
+            )
+        if any(unicodedata.category(ch) == "Cc" for ch in label):
+            raise WireError(
+                f"AdaptRequest.labels[{i}]: {label[:40]!r} holds control characters; use "
+                "printable label names"
             )
     classes = len(set(labels))
     if classes < 2:

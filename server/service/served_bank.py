@@ -21,7 +21,13 @@ from protofuse import artifacts
 from protofuse.adapted import bank_arrays
 from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, load_bank
 from protofuse.protocol import federation as wire
-from protofuse.protocol.service import ExpertList, ExpertSummary
+from protofuse.protocol.service import (
+    BankInfo,
+    ExpertList,
+    ExpertSummary,
+    encode_bank_info,
+    encode_expert_list,
+)
 from protofuse.records import NOT_MEASURED
 
 log = logging.getLogger("protofuse.service")
@@ -84,6 +90,10 @@ class ServedBank:
                 _experts(bank, manifest),
                 artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))),
             )
+            # What GetBank and ListExperts will send, encoded once: a bank whose description
+            # does not encode (a forged expert distribution) is refused here, never served.
+            encode_expert_list(snapshot.experts)
+            encode_bank_info(BankInfo(snapshot.manifest, bank.meta.x_dim))
         except Exception as err:
             self.error = str(err).splitlines()[0][:500]
             log.warning(

@@ -148,6 +148,7 @@ class FusionService:
             max_classes=self.settings.max_classes,
             max_work=self.settings.max_work,
         )
+        self._check_sampling_work(context, bank, req)
         options: dict[str, Any] = dict(req.options)
         seed = options.pop("seed", "0")
         try:
@@ -206,6 +207,26 @@ class FusionService:
         return encode_adapt_response(
             AdaptResponse(bank.version, files, metrics, snapshot.bank_weights_digest, omit)
         )
+
+    def _check_sampling_work(self, context: grpc.ServicerContext, bank: Any, req: Any) -> None:
+        """A generative bank's adaptation samples n_z per example and class: a request raising
+        n_z above the bank's own setting pays for it in the work limit."""
+        if bank.family != "generative" or "n_z" not in req.options:
+            return
+        try:
+            n_z = int(req.options["n_z"])
+        except ValueError:
+            return  # the bank's settings name the option and its range
+        factor = max(1.0, n_z / bank.adapt_settings.n_z)
+        work = len(req.x) * len(set(req.labels)) * factor
+        if work > self.settings.max_work:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"AdaptRequest.options['n_z']: {n_z} samples ({factor:.0f}x the bank's "
+                f"{bank.adapt_settings.n_z}) make {len(req.x)} examples x "
+                f"{len(set(req.labels))} classes cost {work:.0f}, more than this service's limit "
+                f"of {self.settings.max_work} per request; use a lower n_z or fewer examples",
+            )
 
     def _budget(self, context: grpc.ServicerContext, started: float) -> float:
         """Seconds this request may still wait: the shorter of its caller's deadline and ours."""
@@ -368,6 +389,13 @@ def build_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 512 * MiB),
             ("grpc.so_reuseport", 0),
+            # A stream holds one of max_queued places from its headers on, before its body (and
+            # so before any per-caller count): no connection opens more streams than a caller
+            # may hold, and none lives longer than a request may take, so a caller that sends
+            # headers and never a body frees its places within deadline_s.
+            ("grpc.max_concurrent_streams", settings.max_per_caller),
+            ("grpc.max_connection_age_ms", int(1000 * settings.deadline_s)),
+            ("grpc.max_connection_age_grace_ms", int(1000 * settings.deadline_s)),
         ],
     )
     checker = health.HealthServicer(experimental_non_blocking=True)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from organizations import TASK, held_out_task
 from polling import wait_until
 
 import protofuse
+from bench.organizations import TASK, held_out_task
 from client_sdk import FusionClient, FusionError, load_adapted
 from protofuse.flower.launcher import flower_bin, flower_env, free_port, stop
 from protofuse.flower.simulation import app_dir

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from organizations import held_out_task
 from polling import wait_until
 
+from bench.organizations import held_out_task
 from client_sdk import FusionClient, FusionError
 from protofuse.flower.launcher import (
     flower_bin,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from organizations import held_out_task
-
+from bench.organizations import held_out_task
 from protofuse.bank import load_bank
 from protofuse.flower.launcher import (
     flower_bin,

@@ -150,15 +150,25 @@ def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served,
 def test_a_generative_bank_lists_its_experts_moments(certs, tmp_path):
     _bank("generative").save(tmp_path / "bank")
     server, port, _ = build_server(
-        tmp_path / "bank", "127.0.0.1:0", ServiceSettings(), Credentials.from_folder(certs)
+        tmp_path / "bank",
+        "127.0.0.1:0",
+        ServiceSettings(max_work=2000),
+        Credentials.from_folder(certs),
     )
     try:
         with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
             experts = client.experts().experts
+            # n_z multiplies the generative fit's cost (4096 samples: 30 s for 100 examples):
+            # it counts in the work limit, 9 examples x 3 classes x (4096 / the bank's 8)
+            with pytest.raises(FusionError) as err:
+                client.adapt(*_support(), n_z=4096)
+            assert client.adapt(*_support(), n_z=8).classes_.tolist() == ["0", "2", "3"]
         assert (
             experts[0].distribution.head.posterior.cov.shape[0]
             == experts[0].distribution.head.posterior.mean.shape[0]
         )
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "AdaptRequest.options['n_z']: 4096 samples (512x the bank's 8)" in err.value.details
     finally:
         server.stop(grace=None)
 
@@ -624,3 +634,37 @@ def test_one_caller_cannot_hold_more_than_its_share_of_the_queue(certs, tmp_path
     assert isinstance(third, FusionError), outcomes
     assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit per caller" in third.details
     assert (outcomes["slow"], outcomes["waiting"], outcomes["after"]) == (1000, 3, 3), outcomes
+
+
+def test_streams_that_never_send_a_body_cannot_fill_the_service(certs, tmp_path):
+    """Found by an attacker's review: a stream holds one of max_queued places from its headers
+    on, before any per-caller count. One connection now opens at most max_per_caller streams,
+    so another caller's calls, and health checks, still get through."""
+    folder = tmp_path / "bank"
+    _bank("discriminative").save(folder)
+    settings = ServiceSettings(max_queued=8, max_per_caller=2, max_concurrent=1)
+    server, port, _ = build_server(folder, "127.0.0.1:0", settings, None)
+    address = f"127.0.0.1:{port}"
+    hold = threading.Event()
+
+    def never():  # request messages that never come
+        hold.wait()
+        return
+        yield
+
+    attacker = grpc.insecure_channel(address)
+    try:
+        stalls = [
+            attacker.stream_unary("/protofuse.v1.Fusion/Adapt").future(never(), timeout=60)
+            for _ in range(8)
+        ]
+        time.sleep(1.0)
+        with FusionClient(address, insecure=True, unsigned_ok=True, timeout=20) as client:
+            assert client.health("protofuse.v1.Fusion") == "SERVING"
+            assert client.adapt(*_support()).classes_.tolist() == ["0", "2", "3"]
+    finally:
+        hold.set()
+        for f in stalls:
+            f.cancel()
+        attacker.close()
+        server.stop(grace=None)

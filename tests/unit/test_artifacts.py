@@ -370,3 +370,59 @@ def test_zip_features_zipfile_lacks_are_refused_as_artifact_errors(flags, name, 
     data = _patch_zip(artifacts.npz_bytes({"w": np.zeros(2)}), flags=flags, name=name)
     with pytest.raises(ArtifactError, match=says):
         artifacts.npz_arrays(data)
+
+
+def _raw_npy(descr: str, shape: tuple[int, ...], data: bytes = b"") -> bytes:
+    """A .npy member whose header says exactly ``descr`` and ``shape`` (numpy's writer would
+    refuse some of these)."""
+    import struct
+
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}".encode()
+    text += b" " * ((64 - (10 + len(text) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + data
+
+
+def _zip(members: list[tuple[str, bytes]], deflate: bool = False) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buffer, "w", method) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "descr, shape",
+    [
+        ("<U0", (1 << 27,)),  # zero bytes declared, numpy allocates <U1: 2 GiB from 1 KB
+        (">f4", (2,)),  # big-endian: torch cannot read it
+        ([("w", "<f4")], (2,)),  # a record
+        (("<f4", (2,)), (2,)),  # a sub-array
+        ("<M8[s]", (2,)),  # dates
+        ("<f16", (2,)),  # long double
+        ("<c8", (2,)),  # complex
+    ],
+)
+def test_only_the_dtypes_a_model_uses_are_read(descr, shape):
+    """Found by an attacker's review: dtypes numpy reads and torch does not, or that take memory
+    the size check never counted."""
+    with pytest.raises(ArtifactError, match="dtype"):
+        artifacts.npz_arrays(_zip([("w.npy", _raw_npy(descr, shape))]))
+
+
+@pytest.mark.parametrize("shape", [(2**64, 0), (2**63 - 1, 0), (0,) * 70])
+def test_absurd_shapes_holding_no_element_are_refused_as_artifact_errors(shape):
+    with pytest.raises(ArtifactError, match="shape"):
+        artifacts.npz_arrays(_zip([("w.npy", _raw_npy("<f4", shape))]))
+
+
+def test_many_small_deflated_members_cannot_add_up_to_a_bomb():
+    """Each member under SMALL_MEMBER_BYTES escaped the ratio check; their total did not."""
+    member = _raw_npy("|u1", (1 << 19,), b"\x00" * (1 << 19))  # each under the threshold
+    assert len(member) < artifacts.SMALL_MEMBER_BYTES
+    bomb = _zip([(f"a{i}.npy", member) for i in range(240)], deflate=True)
+    assert len(bomb) < 200_000  # 120 MiB of arrays
+    with pytest.raises(ArtifactError, match=r"members would inflate to 120\.0 MiB"):
+        artifacts.npz_arrays(bomb)

@@ -934,3 +934,52 @@ def test_support_inputs_of_any_finite_size_give_a_finite_model_or_a_clear_error(
             return
         assert np.isfinite(model.predict_proba(xs)).all()
     model.to_files()  # finite: it can be written
+
+
+def _forged(files: dict[str, bytes], change) -> dict[str, bytes]:
+    """An adapted model's files with some arrays changed and a valid checksum (unsigned)."""
+    arrays = artifacts.npz_arrays(files["weights.npz"])
+    change(arrays)
+    data = artifacts.npz_bytes(arrays)
+    meta = json.loads(files["meta.json"])
+    meta["sha256"] = artifacts.checksum(data, meta)
+    return {"weights.npz": data, "meta.json": json.dumps(meta).encode()}
+
+
+def _weight_matrix(arrays):
+    """The encoder's (decoder's) last weight matrix: after its batch norm, nothing rescales it."""
+    return [
+        k
+        for k, v in arrays.items()
+        if k.startswith(("bank.encoder", "bank.decoder")) and v.ndim >= 2
+    ][-1]
+
+
+def _first(arrays, prefix):
+    return next(k for k, v in arrays.items() if k.startswith(prefix) and v.dtype.kind == "f")
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        # float64 1e300 is finite on disk and infinite once torch casts it to float32
+        (
+            lambda a: a.update({(k := _first(a, "bank.")): np.full(a[k].shape, 1e300)}),
+            "dtype torch.float64",
+        ),
+        # finite weights whose predictions overflow: refused by the probe prediction
+        (lambda a: a[_weight_matrix(a)].fill(np.float32(3e38)), "NaN or infinite"),
+        (
+            lambda a: a.update({(k := _first(a, "task.")): a[k].astype(np.float64)}),
+            "not float32",
+        ),
+    ],
+)
+def test_weights_that_load_but_cannot_predict_are_refused(bank, change, says):
+    """Found by an attacker's review: the finite check ran on the stored dtype, before the cast
+    to float32, so a model whose predictions are all NaN loaded."""
+    _, x, y = _toy_triples()
+    files = bank.adapt(*_support(x, y, [0, 3], 2)).to_files()
+    forged = _forged(files, change)
+    with pytest.raises(ArtifactError, match=says):
+        from_files(forged, unsigned_ok=True, source="reply")

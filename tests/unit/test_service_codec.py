@@ -25,7 +25,9 @@ from protofuse.protocol.service import (
     encode_empty_request,
 )
 
-label = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+label = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=12
+)
 
 
 @st.composite

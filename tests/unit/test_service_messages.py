@@ -129,6 +129,11 @@ def _huge(row: int) -> np.ndarray:
             "AdaptRequest.labels[1]",
             "257 characters",
         ),
+        (
+            {"labels": ("cat", "dog\x00", "dog", "eel", "dog", "eel")},
+            "AdaptRequest.labels[1]",
+            "control characters",  # numpy turns "dog\x00" into "dog": two labels would merge
+        ),
         ({"known_bank_weights_digest": "abc"}, "AdaptRequest.known_bank_weights_digest", "sha256"),
         (
             {"known_bank_weights_digest": DIGEST.upper()},

@@ -1,6 +1,7 @@
-"""Three organizations for the deployment tests (integration and deploy tiers): a ring of three
-experts over the digits, each with its own spec folder and private shard of the query pool, and
-a task none of them knows (``TASK``) with its support and test examples."""
+"""Three organizations for the deployment tests (integration and deploy tiers) and the fault
+benchmark (bench/faults.py): a ring of three experts over the digits, each with its own spec
+folder and private shard of the query pool, and a task none of them knows (``TASK``) with its
+support and test examples."""
 
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ def held_out_task(splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return sx, np.asarray(TASK)[sy], tx, np.asarray(TASK)[ty]
 
 
-def make_folders(tmp_path: Path) -> tuple[Path, list[Path], Path, Splits]:
-    """One spec folder per organization: its expert and its own shard of the query pool."""
+def make_folders(
+    tmp_path: Path, rounds: int = 4, federation: str = "min_clients = 3\n"
+) -> tuple[Path, list[Path], Path, Splits]:
+    """One spec folder per organization: its expert and its own shard of the query pool; and the
+    server's spec (``rounds`` and the other ``[federation]`` lines)."""
     splits = make_splits(load_dataset("digits"), 0)
     shards = np.array_split(
         np.random.default_rng(0).permutation(len(splits.queries.x)), len(RECIPES)
@@ -63,5 +67,7 @@ def make_folders(tmp_path: Path) -> tuple[Path, list[Path], Path, Splits]:
         )
         specs.append(org / "spec.toml")
     server = tmp_path / "server.toml"
-    server.write_text("[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = 4\nmin_clients = 3\n")
+    server.write_text(
+        f"[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = {rounds}\n{federation}"
+    )
     return tmp_path, specs, server, splits
