@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per scenario at most")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    args.out = args.out.resolve()  # Flower's processes run in other folders
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.scenarios:

@@ -354,14 +354,14 @@ class FusionStrategy(FedAvg):
         counts = defences.example_weights(
             np.array([n for _, _, n in updates], dtype=np.float64),
             np.array([c.n_queries for c, _, _ in updates], dtype=np.float64),
-            s.max_weight_ratio,
+            bounds.max_weight_ratio,
         )
         vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
         covers = np.zeros((len(updates), len(vocab)))
         for i, (client, _, _) in enumerate(updates):
             covers[i, [vocab[c] for c in client.labels]] = 1.0
         deltas = defences.deltas_of([u for _, u, _ in updates], self._sent)
-        deltas, _ = defences.clip_to_median_norm(deltas, s.clip_factor)
+        deltas, _ = defences.clip_to_median_norm(deltas, bounds.clip_factor)
         self._record_evidence(
             [c.pseudonym for c, _, _ in updates], defences.evidence(deltas, covers, rowwise)
         )

@@ -426,3 +426,52 @@ def test_many_small_deflated_members_cannot_add_up_to_a_bomb():
     assert len(bomb) < 200_000  # 120 MiB of arrays
     with pytest.raises(ArtifactError, match=r"members would inflate to 120\.0 MiB"):
         artifacts.npz_arrays(bomb)
+
+
+def test_a_member_declaring_more_than_the_limit_is_refused_even_when_deflated_small():
+    """1,000 float32 zeros deflate to a few bytes: the declared size (count x itemsize), not
+    the file's, is held to the limit."""
+    data = _zip([("w.npy", _raw_npy("<f4", (1000,), b"\x00" * 4000))], deflate=True)
+    assert len(data) < 1000
+    with pytest.raises(ArtifactError, match="refused before allocating"):
+        artifacts.npz_arrays(data, max_weights_bytes=1000)
+    assert artifacts.npz_arrays(data, max_weights_bytes=4000)["w"].shape == (1000,)
+
+
+def test_small_members_that_compress_well_load():
+    """An all-zero bias deflates far beyond the ratio limit: small members are exempt."""
+    data = _zip([("b.npy", _raw_npy("<f4", (10_000,), b"\x00" * 40_000))], deflate=True)
+    assert 40_000 / len(data) > artifacts.MAX_COMPRESSION_RATIO
+    np.testing.assert_array_equal(artifacts.npz_arrays(data)["b"], np.zeros(10_000, np.float32))
+
+
+def test_npy_format_2_and_fortran_order_members_load_as_numpy_wrote_them():
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for version, a in (((2, 0), array), ((1, 0), np.asfortranarray(array))):
+        npy = io.BytesIO()
+        np.lib.format.write_array(npy, a, version=version)
+        got = artifacts.npz_arrays(_zip([("w.npy", npy.getvalue())]))["w"]
+        np.testing.assert_array_equal(got, array)
+
+
+def test_a_nan_in_the_first_value_is_found():
+    for at in (0, -1):
+        arrays = {"w": np.ones(10)}
+        arrays["w"][at] = np.nan
+        with pytest.raises(ArtifactError, match="1 of 10 values"):
+            artifacts.encode("kind-x", arrays, {})
+
+
+def test_meta_json_nesting_is_refused_only_past_its_limit(tmp_path):
+    """meta.json itself is one level: a field nested 63 more levels deep is the most allowed."""
+    for extra, refused in ((artifacts.MAX_JSON_DEPTH - 1, False), (artifacts.MAX_JSON_DEPTH, True)):
+        folder = _saved(tmp_path / str(extra))
+        meta = json.loads((folder / artifacts.META).read_text())
+        meta["deep"] = json.loads("[" * extra + "]" * extra)
+        (folder / artifacts.META).write_text(json.dumps(meta))
+        _rewrite(folder)  # a valid checksum over the nested field
+        if refused:
+            with pytest.raises(ArtifactError, match="nests deeper"):
+                artifacts.load(folder, "kind-x")
+        else:
+            assert artifacts.load(folder, "kind-x")[1]["deep"] is not None

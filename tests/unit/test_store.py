@@ -464,3 +464,11 @@ def test_inputs_of_the_wrong_shape_are_refused_by_name(
             bank.checkpoint(1, *call(*round_inputs(1)))
         assert words in str(error.value)
         assert bank.latest() is None
+
+
+def test_the_largest_count_sqlite_holds_is_kept(tmp_path: Path) -> None:
+    arrays, vocabulary, _, state = round_inputs(1)
+    big = replace(expert("alice", ("zero",), 1), n_examples=2**63 - 1, n_queries=2**63 - 1)
+    with BankStore(tmp_path, RUN) as bank:
+        bank.checkpoint(1, arrays, vocabulary, [big], state)
+        assert bank.experts()[0].n_examples == 2**63 - 1

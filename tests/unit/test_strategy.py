@@ -742,3 +742,73 @@ def test_a_restarted_supernode_is_admitted_once_its_old_node_id_is_gone(in_a_run
     restarted = DescribingGrid({7: description})  # the old id lapsed
     strategy._admit_new_nodes(restarted, current)
     assert set(fed.nodes) == {7} and restarted.asked == [7] and fed.vocabulary == ["0", "1"]
+
+
+def _three_updates(strategy, values):
+    labels = ("0", "1", "2")
+    return [
+        (Client(n, labels, 30), {"prototypes": np.full((3, 2), v), "bias": np.full(3, v)}, 20)
+        for n, v in zip("abc", values, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"combine": "mean"}, (1.0 + 2.0 + 9.0) / 3),
+        ({"combine": "median"}, 2.0),
+        ({"combine": "trimmed_mean", "trim": 0.2}, (1.0 + 2.0 + 9.0) / 3),  # cuts int(0.6) = 0
+        ({"combine": "trimmed_mean", "trim": 0.4}, 2.0),  # cuts one at each end
+        ({"combine": "krum", "assumed_hostile": 1}, 1.5),  # keeps the two closest
+    ],
+)
+def test_the_strategy_combines_with_the_rule_its_settings_name(settings, expected):
+    """Clipping and the weight cap off, equal trust: what remains is the combine rule."""
+    fed = Federation(["0", "1", "2"], 8)
+    strategy, _ = _strategy(fed)
+    strategy.settings = strategy.settings.model_copy(
+        update={"clip_factor": None, "max_weight_ratio": None, "evidence": False, **settings}
+    )
+    strategy._sent = {"prototypes": np.zeros((3, 2)), "bias": np.zeros(3)}
+    out = strategy.aggregate(_three_updates(strategy, (1.0, 2.0, 9.0)))
+    assert np.allclose(out["prototypes"], expected) and np.allclose(out["bias"], expected)
+
+
+def test_the_weight_cap_and_clipping_come_from_the_settings():
+    fed = Federation(["0", "1", "2"], 8)
+    strategy, _ = _strategy(fed)
+    strategy._sent = {"prototypes": np.zeros((3, 2)), "bias": np.zeros(3)}
+    updates = _three_updates(strategy, (1.0, 1.0, 100.0))
+    strategy.settings = strategy.settings.model_copy(
+        update={"clip_factor": 1.0, "max_weight_ratio": None, "evidence": False}
+    )
+    assert np.allclose(strategy.aggregate(updates)["bias"], 1.0)  # cut to the median norm
+    strategy.settings = strategy.settings.model_copy(update={"clip_factor": None})
+    assert np.allclose(strategy.aggregate(updates)["bias"], 34.0)
+    heavy = [(c, u, n) for c, u, n in updates[:2]] + [(updates[2][0], updates[2][1], 30)]
+    strategy.settings = strategy.settings.model_copy(update={"max_weight_ratio": 1.0})
+    assert np.allclose(strategy.aggregate(heavy)["bias"], 34.0)  # 30 examples count as 20
+    strategy.settings = strategy.settings.model_copy(update={"max_weight_ratio": None})
+    assert np.allclose(strategy.aggregate(heavy)["bias"], (1 + 1 + 1.5 * 100) / 3.5)
+
+
+def test_evidence_is_averaged_over_rounds_half_on_the_latest():
+    fed = Federation(["0"], 8)
+    strategy, _ = _strategy(fed)
+    strategy._record_evidence(["a", "b"], np.array([0.8, np.nan]))
+    assert fed.evidence == {"a": 0.8}  # no score: nothing recorded
+    strategy._record_evidence(["a", "b"], np.array([0.2, -0.4]))
+    assert fed.evidence == pytest.approx({"a": 0.5, "b": -0.4})
+
+
+def test_two_clients_get_trust_from_their_agreement():
+    """The agreement round with two clients already sets trust (one alone keeps full trust)."""
+    fed = Federation(["0", "1"], 8)
+    fed.nodes = {1: Client("a", ("0", "1"), 30), 2: Client("b", ("0", "1"), 30)}
+    strategy, _ = _strategy(fed)
+    stats = [
+        (fed.nodes[1], wire.ImitatorStats("a", 1, 20, 30, Fidelity(0.9, 0.1, 5), 0.95, 0.5)),
+        (fed.nodes[2], wire.ImitatorStats("b", 1, 20, 30, Fidelity(0.9, 0.1, 5), 0.40, 0.5)),
+    ]
+    strategy._set_trust(stats)
+    assert fed.trust["a"] > fed.trust["b"]

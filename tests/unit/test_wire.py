@@ -1453,3 +1453,21 @@ def test_gaussian_moments_are_stored_as_float64_whatever_they_were_given_as():
     g = Gaussian(mean=np.array([1, 2, 3]), cov=np.eye(3, dtype=np.float32))
     assert g.mean.dtype == np.float64 and g.cov.dtype == np.float64
     assert not g.mean.flags.writeable
+
+
+def test_covariance_symmetry_is_relative_to_the_matrix_scale():
+    """A covariance of entries near 1e6 may carry rounding asymmetry near 1e-5 (1e-9 of its
+    scale); an absolute tolerance, or one divided by the scale, would refuse it."""
+    cov = 1e6 * _covariance(3, seed=2)
+    cov[0, 1] += 1e-5
+    fine = dataclasses.replace(
+        GENERATIVE, head=GenerativeMoments(GENERATIVE.head.prior, Gaussian(np.ones(3), cov))
+    )
+    assert decode_distribution(encode_distribution(fine)) == fine
+
+
+@pytest.mark.parametrize("model", [["x_dim"], {1: "a"}, "x_dim"])
+def test_a_round_plans_model_must_be_a_json_object_with_string_keys(model):
+    with pytest.raises(WireError) as err:
+        encode_round_plan(dataclasses.replace(PLAN, model=model))
+    _assert_names(err, "RoundPlan.model_json")
