@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -224,9 +225,9 @@ def serverapp(d: Deployment) -> str:
 
 def superlink(d: Deployment) -> str:
     assert d.superlink is not None
-    kill9(d.superlink)
-    for pid in pids_named("flwr-serverapp") + pids_named("flower-superexec"):
-        with contextlib.suppress(ProcessLookupError):  # in the SuperLink's group: gone with it
+    kill9(d.superlink)  # its process group: its SuperExec and the ServerApp it started
+    for pid in pids_named("flwr-serverapp"):  # (only SuperLinks start ServerApps)
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     if d.run is not None:
         d.run.wait(120)
@@ -257,13 +258,20 @@ def join(d: Deployment) -> str:
     splits = d.splits
     rows = np.random.default_rng(1).permutation(len(splits.queries.x))[:300]  # type: ignore[attr-defined]
     np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])  # type: ignore[attr-defined]
+    # its expert's columns are digits 1, 5, 8, under names no one else uses
     line = (
-        "south = build_expert(ExpertRecipe('south', 'logreg', ('1', '5', '8')), _train, 0).expert"
+        "import numpy as np  # noqa: E402\n"
+        "class _Renamed:\n"
+        "    def __init__(self, inner, names):\n"
+        "        self.inner, self.classes_ = inner, np.array(names)\n"
+        "    def predict_proba(self, x):\n"
+        "        return self.inner.predict_proba(x)\n"
+        "south = _Renamed(build_expert(ExpertRecipe('south', 'logreg', ('1', '5', '8')), _train,"
+        " 0).expert, ['one', 'five', 'eight'])"
     )
     (org / "experts.py").write_text(
         EXPERTS.format(dataset="digits", lines="", repo=str(REPO), recipes=line)
     )
-    # its expert's columns are digits 1, 5, 8, declared under names no one else uses
     (org / "spec.toml").write_text(
         spec_entry("south", "experts:south", ("one", "five", "eight"), "queries.npy")
     )
@@ -290,6 +298,7 @@ SCENARIOS: dict[str, tuple[Callable[[Deployment], str], str, list[str]]] = {
 
 def run_scenario(name: str, folder: Path, rounds: int, at: int, timeout: float) -> dict:
     fault, federation, expected = SCENARIOS[name]
+    shutil.rmtree(folder, ignore_errors=True)  # a scenario run again starts afresh
     d = Deployment(folder, rounds, federation)
     t0 = time.monotonic()
     outcome: dict = {"scenario": name, "rounds": rounds, "at": at}
@@ -439,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # Flower's processes run in other folders
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # Rows of earlier invocations into the same folder are kept; a scenario run again replaces
+    # its row.
+    previous = args.out / "results.json"
+    rows = json.loads(previous.read_text()) if previous.exists() else []
+    rows = [r for r in rows if r["scenario"] not in args.scenarios]
     for name in args.scenarios:
         print(f"{name} ...", file=sys.stderr, flush=True)
         if name == "service":

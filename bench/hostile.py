@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-test", type=int, default=300)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    args.out = args.out.resolve()  # Flower's processes run in other folders
     recipes = DEFAULT_RECIPES + ROBUSTNESS_RECIPES
     args.out.mkdir(parents=True, exist_ok=True)
     app = hostile_app(args.out)

@@ -176,3 +176,48 @@ def test_krum_keeps_the_honest_updates_and_drops_far_ones(seed, n_honest, scale,
 def test_krum_with_too_few_clients_keeps_everyone_and_at_least_one_always():
     assert defences.krum_keep(np.ones((2, 3)), f=1).tolist() == [1.0, 1.0]
     assert defences.krum_keep(np.arange(12.0).reshape(4, 3), f=10).sum() == 1.0
+
+
+def test_a_row_is_compared_only_with_its_covering_peers_even_when_they_are_few():
+    """Label 0 is covered by clients 0 and 1 only: each is compared with the other, never with
+    the four whose delta on that row is zero (their median would be zero: no evidence)."""
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(8)
+    covers = np.zeros((6, 1))
+    covers[:2] = 1
+    deltas = [{"prototypes": (direction if k < 2 else np.zeros(8))[None, :]} for k in range(6)]
+    scores = defences.evidence(deltas, covers, rowwise=True)
+    assert scores[:2] == pytest.approx([1.0, 1.0]) and np.isnan(scores[2:]).all()
+
+
+def test_an_all_zero_update_has_no_evidence():
+    deltas = [{"w": np.ones(3)}, {"w": np.ones(3)}, {"w": np.zeros(3)}]
+    scores = defences.evidence(deltas, np.ones((3, 1)), rowwise=True)
+    assert scores[0] == pytest.approx(1.0) and np.isnan(scores[2])
+
+
+def test_evidence_without_any_agreement_keeps_everyone_trusted():
+    assert defences.evidence_trust({"a": -0.5, "b": 0.0, "c": float("nan")}) == {
+        "a": 1.0,
+        "b": 1.0,
+    }
+
+
+def test_krum_drops_a_near_outlier_wherever_it_stands():
+    """Distances below 1 count as they are (no floor), and every client is scored by its
+    n - f - 2 nearest peers only: a tight cluster and one update 0.5 away, listed first."""
+    rng = np.random.default_rng(1)
+    cluster = 1e-3 * rng.standard_normal((5, 4))
+    outlier = np.full((1, 4), 0.25)
+    keep = defences.krum_keep(np.concatenate([outlier, cluster]), f=1)
+    assert keep.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean", "krum"])
+def test_a_row_nobody_covers_does_not_move(rule):
+    deltas = [{"prototypes": np.full((2, 3), v)} for v in (1.0, 2.0, 3.0)]
+    covers = np.array([[1, 0], [1, 0], [1, 0]], float)  # label 1: nobody
+    out = defences.combine(deltas, np.ones(3), covers, defences.Bounds(combine=rule), rowwise=True)[
+        "prototypes"
+    ]
+    assert np.all(out[1] == 0.0) and np.all(np.isfinite(out))
