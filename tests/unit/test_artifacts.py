@@ -475,3 +475,53 @@ def test_meta_json_nesting_is_refused_only_past_its_limit(tmp_path):
                 artifacts.load(folder, "kind-x")
         else:
             assert artifacts.load(folder, "kind-x")[1]["deep"] is not None
+
+
+def test_a_member_over_a_mebibyte_loads():
+    """Members above SMALL_MEMBER_BYTES go through the compression-ratio check: a stored one
+    (ratio 1) passes it."""
+    big = np.arange(1 << 19, dtype=np.float32)  # 2 MiB
+    np.testing.assert_array_equal(artifacts.npz_arrays(artifacts.npz_bytes({"w": big}))["w"], big)
+
+
+def test_integer_arrays_of_every_width_load():
+    arrays = {
+        f"{t}": np.arange(5).astype(t)
+        for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
+    }
+    got = artifacts.npz_arrays(artifacts.npz_bytes(arrays))
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
+
+
+def test_a_member_twice_is_refused():
+    import warnings
+
+    npy = io.BytesIO()
+    np.lib.format.write_array(npy, np.zeros(2, np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name: the point here
+        data = _zip([("w.npy", npy.getvalue()), ("w.npy", npy.getvalue())])
+    with pytest.raises(ArtifactError, match="appears twice"):
+        artifacts.npz_arrays(data)
+
+
+def test_a_block_device_is_refused_by_name(tmp_path):
+    import os
+    import stat
+
+    folder = _saved(tmp_path)
+    (folder / artifacts.WEIGHTS).unlink()
+    try:
+        os.mknod(folder / artifacts.WEIGHTS, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    except (PermissionError, AttributeError):
+        pytest.skip("making a device node needs privileges this run lacks")
+    with pytest.raises(ArtifactError, match=r"weights\.npz: is a device"):
+        artifacts.load(folder, "kind-x")
+
+
+def test_a_garbled_meta_json_names_what_the_parser_says(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / artifacts.META).write_text('{"kind": ')
+    with pytest.raises(ArtifactError, match=r"not valid JSON \(Expecting value: line 1"):
+        artifacts.load(folder, "kind-x")

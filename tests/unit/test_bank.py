@@ -139,6 +139,8 @@ def test_bad_support_sets_and_inputs_get_clear_errors(bank):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         bank.adapt(bad, np.array(["0", "1", "0", "1"]))
+    with pytest.raises(ValueError, match="dtype <U3, expected real numbers"):
+        bank.adapt(np.full((4, 16), "abc"), np.array(["0", "1", "0", "1"]))
 
 
 def test_a_familys_adapt_is_its_scored_adaptation_without_the_scores(bank):

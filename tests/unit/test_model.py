@@ -665,3 +665,12 @@ def test_a_config_read_back_from_json_has_its_image_shape_as_a_tuple_again():
     back = config_from_json(json.loads(json.dumps(config)))
     assert back == config and isinstance(back["image_shape"], tuple)
     assert config_from_json({"x_dim": 4, "image_shape": None}) == {"x_dim": 4, "image_shape": None}
+
+
+def test_image_shapes_keep_every_dimension_in_order():
+    from protofuse.model.networks import as_image_shape
+
+    assert as_image_shape([4, 6]) == (4, 6)
+    assert as_image_shape([4, 6, 3]) == (4, 6, 3)  # height, width, channels: none swapped
+    with pytest.raises(ValueError, match=r"\[H, W\] or \[H, W, C\]"):
+        as_image_shape([4])
