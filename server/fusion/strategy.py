@@ -369,10 +369,12 @@ class FusionStrategy(FedAvg):
         if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
             weights = counts
         step = defences.combine(deltas, weights, covers, bounds, rowwise)
-        return {
-            k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v
-            for k, v in self._sent.items()
-        }
+        return defences.within_domain(
+            {
+                k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v
+                for k, v in self._sent.items()
+            }
+        )
 
     def _record_evidence(self, pseudonyms: list[str], scores: np.ndarray) -> None:
         """Each client's evidence, averaged over the rounds it took part in (half the weight on

@@ -812,3 +812,24 @@ def test_two_clients_get_trust_from_their_agreement():
     ]
     strategy._set_trust(stats)
     assert fed.trust["a"] > fed.trust["b"]
+
+
+def test_combined_batch_norm_variances_never_go_negative():
+    """Two scaled attackers of seven, clipped to twice the median norm, still pushed a running
+    variance below zero in `make bench-hostile`; every client's forward pass was NaN from then
+    on and the federation stopped. The combined variance is held at zero or above."""
+    fed = Federation(["0"], 8)
+    strategy, _ = _strategy(fed)
+    strategy.settings = strategy.settings.model_copy(update={"evidence": False})
+    sent = {"encoder.bn.running_var": np.full(4, 0.01, np.float32), "bias": np.zeros(1)}
+    strategy._sent = sent
+    updates = [
+        (
+            Client(n, ("0",), 30),
+            {"encoder.bn.running_var": np.full(4, v, np.float32), "bias": np.zeros(1)},
+            20,
+        )
+        for n, v in zip("abc", (-0.5, -0.5, 0.02), strict=True)
+    ]
+    out = strategy.aggregate(updates)["encoder.bn.running_var"]
+    assert out.dtype == np.float32 and np.all(out >= 0)
