@@ -763,6 +763,7 @@ def test_a_run_folder_loads_the_bank_it_holds(bank, tmp_path):
         (lambda m: m["bank"].update(config={**m["bank"]["config"], "feat_dim": 3}), "weights do"),
         (lambda m: m.pop("task"), "adapted model lacks or garbles 'task'"),
         (lambda m: m.update(classes=m["classes"][:1] * 2), "more than once"),
+        (lambda m: m.update(classes=[*m["classes"], "extra"]), "3 class names for a task of 2"),
         (lambda m: m.update(classes=["", *m["classes"][1:]]), "'classes'"),
         (lambda m: m.update(classes=["x" * 257, *m["classes"][1:]]), "'classes'"),
         (lambda m: m["bank"].update(x_dim=-1), "'bank'"),

@@ -221,3 +221,13 @@ def test_a_row_nobody_covers_does_not_move(rule):
         "prototypes"
     ]
     assert np.all(out[1] == 0.0) and np.all(np.isfinite(out))
+
+
+def test_krum_with_two_assumed_hostile_drops_far_updates_listed_first():
+    """With f = 2 each score sums the n - f - 2 nearest peers; counting more would reach the
+    client's own infinite self-distance and make every score equal."""
+    rng = np.random.default_rng(2)
+    cluster = 1.0 + 0.01 * rng.standard_normal((5, 6))
+    far = np.stack([np.full(6, 50.0), np.full(6, -50.0)])
+    keep = defences.krum_keep(np.concatenate([far, cluster]), f=2)
+    assert keep.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
