@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.datasets import Splits
 from bench.demo import spec_entry
-from bench.organizations import EXPERTS, REPO, held_out_task, make_folders
+from bench.organizations import EXPERTS, REPO, client_command, held_out_task, make_folders
 from protofuse.bank import load_bank
 from protofuse.flower.launcher import (
     flower_bin,
@@ -60,7 +61,7 @@ class Deployment:
     federation: str
     specs: list[Path] = field(default_factory=list)
     server: Path = Path()
-    splits: object = None
+    splits: Splits | None = None
     port: int = 0
     home: Path = Path()
     superlink: subprocess.Popen | None = None
@@ -94,18 +95,7 @@ class Deployment:
 
     def start_client(self, spec: Path) -> None:
         name = spec.parent.name
-        cmd = [
-            sys.executable,
-            "-m",
-            "protofuse_cli.main",
-            "client",
-            str(spec),
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--port",
-            str(free_port()),
-            "--insecure",
-        ]
+        cmd = client_command(spec, self.port, free_port())
         with open(self.folder / f"client-{name}.log", "ab") as log:
             self.clients[name] = subprocess.Popen(
                 cmd,
@@ -255,9 +245,10 @@ def join(d: Deployment) -> str:
     """A fourth organization joins with labels no one declared before."""
     org = d.folder / "south"
     org.mkdir(exist_ok=True)
-    splits = d.splits
-    rows = np.random.default_rng(1).permutation(len(splits.queries.x))[:300]  # type: ignore[attr-defined]
-    np.save(org / "queries.npy", splits.queries.x[np.sort(rows)])  # type: ignore[attr-defined]
+    assert d.splits is not None
+    queries = d.splits.queries.x
+    rows = np.random.default_rng(1).permutation(len(queries))[:300]
+    np.save(org / "queries.npy", queries[np.sort(rows)])
     # its expert's columns are digits 1, 5, 8, under names no one else uses
     line = (
         "import numpy as np  # noqa: E402\n"
@@ -329,7 +320,8 @@ def run_scenario(name: str, folder: Path, rounds: int, at: int, timeout: float) 
         outcome["experts"] = present
         outcome["records_lost"] = sorted(set(expected) - set(present))
         outcome["labels"] = len(bank.label_names)
-        sx, sy, tx, ty = held_out_task(d.splits)  # type: ignore[arg-type]
+        assert d.splits is not None
+        sx, sy, tx, ty = held_out_task(d.splits)
         outcome["new_task_accuracy"] = float((bank.adapt(sx, sy).predict(tx) == ty).mean())
     else:
         outcome["experts"] = sorted(last)

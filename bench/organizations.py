@@ -5,6 +5,7 @@ support and test examples."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,20 @@ def make_folders(
         f"[data]\nimage_shape = [8, 8]\n\n[federation]\nrounds = {rounds}\n{federation}"
     )
     return tmp_path, specs, server, splits
+
+
+def client_command(spec: Path, superlink_port: int, port: int) -> list[str]:
+    """``protofuse client`` for one organization's spec, insecure, against a SuperLink on
+    127.0.0.1 (its SuperNode serves its ClientApp on ``port``)."""
+    return [
+        sys.executable,
+        "-m",
+        "protofuse_cli.main",
+        "client",
+        str(spec),
+        "--superlink",
+        f"127.0.0.1:{superlink_port}",
+        "--port",
+        str(port),
+        "--insecure",
+    ]

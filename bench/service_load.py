@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.service import certs_and_bank, start_service, tasks
+from bench.service import certs_and_bank, peak_rss_mib, start_service, tasks
 from client_sdk import FusionClient, FusionError
 from protofuse.bank import Bank, load_bank
 from protofuse.flower.launcher import free_port
@@ -145,8 +145,7 @@ def load(
         elapsed = time.monotonic() - t0
         time.sleep(2.0)
         after = rss_mib(proc.pid)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        peak = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+        peak = peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from typing import Annotated, Any
 
 import numpy as np
@@ -68,8 +69,7 @@ def build_model(
             _check_state_shapes(impl, config, state)
         model = impl.build(config)
         if state is not None:
-            model.load_state_dict(state)
-            _check_finite_state(model)
+            model.load_state_dict(state)  # same dtypes: finite on disk (checked) stays finite
     except (
         TypeError,
         RuntimeError,
@@ -106,13 +106,6 @@ def _check_state_shapes(
             raise ValueError(f"{name} has dtype {got.dtype}, the configuration {want.dtype}")
 
 
-def _check_finite_state(model: torch.nn.Module) -> None:
-    """ValueError naming the first tensor holding NaN or infinity, as loaded."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} holds NaN or infinite values")
-
-
 def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The bank networks' weights as an adapted model stores them."""
     return {f"{BANK_PREFIX}{k}": v.numpy() for k, v in model.state_dict().items()}
@@ -146,17 +139,10 @@ class AdaptedMeta(BaseModel):
     @field_validator("classes")
     @classmethod
     def _once_each(cls, classes: list[str]) -> list[str]:
-        twice = sorted({c for c, n in _counts(classes).items() if n > 1})
+        twice = sorted(c for c, n in Counter(classes).items() if n > 1)
         if twice:
             raise ValueError(f"lists {twice[:3]} more than once; each class appears once")
         return classes
-
-
-def _counts(items: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
 
 
 def check_meta(meta: dict[str, Any], source: Any) -> None:

@@ -9,9 +9,8 @@ and runtime dependency installation stays disabled.
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from bench.organizations import held_out_task
+from bench.organizations import client_command, held_out_task
 from protofuse.bank import load_bank
 from protofuse.flower.launcher import (
     flower_bin,
@@ -34,18 +33,7 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     try:
         procs.append(start_superlink(home, port, simulation=False, log_file=tmp / "superlink.log"))
         for i, spec in enumerate(specs):
-            cmd = [
-                sys.executable,
-                "-m",
-                "protofuse_cli.main",
-                "client",
-                str(spec),
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--port",
-                str(free_port()),
-                "--insecure",
-            ]
+            cmd = client_command(spec, port, free_port())
             with open(tmp / f"client{i}.log", "wb") as log:  # the child keeps its own copy
                 procs.append(
                     subprocess.Popen(
