@@ -10,7 +10,8 @@ starts; Flower's processes inherit it). Attacks:
 - ``noise``: Gaussian noise in place of its update, 10 times the update's spread;
 - ``liar``: an honest update, but it claims 2**40 examples, 10**9 queries and perfect agreement;
 - ``labelflip``: its expert's answers rotated among its labels (every answer names the wrong
-  class), and it claims perfect agreement;
+  class), and it claims perfect agreement (its counts are honest: it is found by what it
+  sends, not by a lie the server can check);
 - ``phantom``: it declares ``labels`` (labels it has no expert for) besides its own, and answers
   them with zeros.
 """
@@ -90,12 +91,12 @@ def train(message: Message, context: Context) -> Message:
     if attack in ("liar", "labelflip"):
         fusion = reply.content.config_records["fusion"]
         stats = wire.decode_stats(fusion["stats"])
+        lies = {"n_examples": 2**40, "n_queries": wire.MAX_QUERIES} if attack == "liar" else {}
         fusion["stats"] = wire.encode_stats(
             replace(
                 stats,
-                n_examples=2**40,
-                n_queries=wire.MAX_QUERIES,
                 consensus_agreement=None if stats.consensus_agreement is None else 1.0,
+                **lies,
             )
         )
     return reply

@@ -140,7 +140,8 @@ def _combine(
 ) -> np.ndarray:
     """stack (K, ...) -> (...): the weighted mean, or the median / trimmed mean of every
     coordinate (unweighted, as Flower's FedMedian and FedTrimmedAvg), or (krum) the weighted mean
-    of the clients Multi-Krum keeps (``chosen``: the weights already hold that choice)."""
+    of the clients Multi-Krum keeps (``chosen``: the weights already hold that choice). Zero
+    weight in all (every client here distrusted): no step, rather than 0 / 0."""
     if bounds.combine == "krum" and not chosen:
         weights = weights * krum_keep(stack.reshape(len(stack), -1), bounds.assumed_hostile)
     if bounds.combine == "median":
@@ -149,19 +150,41 @@ def _combine(
         cut = int(bounds.trim * len(stack))
         ordered = np.sort(stack, axis=0)
         return ordered[cut : len(stack) - cut].mean(axis=0)
-    return np.tensordot(weights / weights.sum(), stack, axes=1)
+    total = float(weights.sum())
+    if total <= 0:  # every client here distrusted (a row only they cover): no step
+        return np.zeros(stack.shape[1:])
+    return np.tensordot(weights / total, stack, axes=1)
 
 
-def evidence(deltas: Deltas, covers: np.ndarray, rowwise: bool) -> np.ndarray:
+def evidence(
+    deltas: Deltas, covers: np.ndarray, rowwise: bool, scale: np.ndarray | None = None
+) -> np.ndarray:
     """(K,) in [-1, 1]: the cosine between each client's delta and the coordinate-wise median of
     the other clients' deltas, over the shared arrays and the rows it shares with at least one
-    other client. NaN for a client with nothing to compare (alone, or an all-zero delta)."""
+    other client (each row against its covering peers' median); times ``scale``, the share of its
+    update clipping kept (1.0 where nothing was cut): an update that had to be cut to the round's
+    bound points the right way at best, and earns only that share of an honest client's
+    evidence. NaN for a client with nothing to compare (alone, or an all-zero delta)."""
+    score = evidence_parts(deltas, covers, rowwise)[2]
+    return score if scale is None else score * np.minimum(scale, 1.0)
+
+
+def evidence_parts(
+    deltas: Deltas, covers: np.ndarray, rowwise: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shared, rows, both), each (K,): the cosine between a client's delta and the
+    coordinate-wise median of the others', over the shared arrays, over the rows it shares with
+    peers (each row against its covering peers' median), and over both together (``evidence``).
+    The parts go to the round's history: the rows alone are too noisy to judge a client by
+    (honest clients' rows barely move once they agree; measured with `make bench-hostile`).
+    NaN where there is nothing to compare."""
     k_clients = len(deltas)
-    out = np.full(k_clients, np.nan)
+    shared, rows, both = (np.full(k_clients, np.nan) for _ in range(3))
     if k_clients < 2:
-        return out
+        return shared, rows, both
     for k in range(k_clients):
-        own, reference = [], []
+        own: dict[bool, list[np.ndarray]] = {False: [], True: []}
+        reference: dict[bool, list[np.ndarray]] = {False: [], True: []}
         others = [j for j in range(k_clients) if j != k]
         for key in deltas[k]:
             stack = np.stack([deltas[j][key] for j in others])
@@ -169,17 +192,23 @@ def evidence(deltas: Deltas, covers: np.ndarray, rowwise: bool) -> np.ndarray:
                 for c in np.flatnonzero(covers[k] > 0):
                     peers = [i for i, j in enumerate(others) if covers[j, c] > 0]
                     if peers:
-                        own.append(deltas[k][key][c].ravel())
-                        reference.append(np.median(stack[peers, c], axis=0).ravel())
+                        own[True].append(deltas[k][key][c].ravel())
+                        reference[True].append(np.median(stack[peers, c], axis=0).ravel())
             else:
-                own.append(deltas[k][key].ravel())
-                reference.append(np.median(stack, axis=0).ravel())
-        if own:
-            a, b = np.concatenate(own), np.concatenate(reference)
-            denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
-            if denominator > 0:
-                out[k] = float(a @ b) / denominator
-    return out
+                own[False].append(deltas[k][key].ravel())
+                reference[False].append(np.median(stack, axis=0).ravel())
+        shared[k] = _cosine(own[False], reference[False])
+        rows[k] = _cosine(own[True], reference[True])
+        both[k] = _cosine(own[False] + own[True], reference[False] + reference[True])
+    return shared, rows, both
+
+
+def _cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    if not a:
+        return float("nan")
+    u, v = np.concatenate(a), np.concatenate(b)
+    denominator = float(np.linalg.norm(u) * np.linalg.norm(v))
+    return float(u @ v) / denominator if denominator > 0 else float("nan")
 
 
 def evidence_trust(scores: dict[str, float]) -> dict[str, float]:

@@ -80,6 +80,9 @@ class FusionStrategy(FedAvg):
         self.history: list[dict[str, Any]] = []
         self.refused: set[int] = set()  # nodes not admitted: not asked again
         self._sent: dict[str, np.ndarray] = {}
+        # What this round measured of each update (defences.evidence_parts, the clip scale), for
+        # the round's history.
+        self._evidence_seen: dict[str, dict[str, float | None]] = {}
 
     # -- sending -------------------------------------------------------------------------
     def configure_train(
@@ -261,6 +264,11 @@ class FusionStrategy(FedAvg):
                 f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels "
                 f"the node declared {list(client.labels)}"
             )
+        if stats.n_examples > client.n_queries:  # only a lying client trains on more
+            raise wire.WireError(
+                f"ImitatorStats.n_examples: {stats.n_examples} examples trained on, more than the "
+                f"{client.n_queries} query inputs the node declared"
+            )
         old = self.federation.records.get(client.pseudonym)
         consensus = (
             stats.consensus_agreement
@@ -306,7 +314,10 @@ class FusionStrategy(FedAvg):
     def trust_of(self, pseudonym: str) -> float:
         """A client's trust: the lower of what its reported agreement earns (one never scored, it
         missed the agreement round or joined after it, gets the lowest given so far, not full
-        trust) and what the evidence of its updates earns (``defences.evidence_trust``)."""
+        trust) and what the evidence of its updates earns (``defences.evidence_trust``); an
+        expelled client has none."""
+        if pseudonym in self.federation.expelled:
+            return 0.0
         trust = self.federation.trust
         reported = trust.get(pseudonym, min(trust.values()) if trust else 1.0)
         return min(reported, self._evidence_trust.get(pseudonym, 1.0))
@@ -361,10 +372,15 @@ class FusionStrategy(FedAvg):
         for i, (client, _, _) in enumerate(updates):
             covers[i, [vocab[c] for c in client.labels]] = 1.0
         deltas = defences.deltas_of([u for _, u, _ in updates], self._sent)
-        deltas, _ = defences.clip_to_median_norm(deltas, bounds.clip_factor)
-        self._record_evidence(
-            [c.pseudonym for c, _, _ in updates], defences.evidence(deltas, covers, rowwise)
-        )
+        deltas, scale = defences.clip_to_median_norm(deltas, bounds.clip_factor)
+
+        names = [c.pseudonym for c, _, _ in updates]
+        shared, rows, _ = defences.evidence_parts(deltas, covers, rowwise)
+        self._evidence_seen = {
+            n: {"shared": _finite(a), "rows": _finite(b), "scale": float(c)}
+            for n, a, b, c in zip(names, shared, rows, scale, strict=True)
+        }
+        self._record_evidence(names, defences.evidence(deltas, covers, rowwise, scale))
         weights = counts * np.array([self.trust_of(c.pseudonym) for c, _, _ in updates])
         if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
             weights = counts
@@ -408,7 +424,9 @@ class FusionStrategy(FedAvg):
             "shared_bytes": shared,
             "fidelity": fidelity,
             "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
+            "evidence": self._evidence_seen,
         }
+        self._evidence_seen = {}
         self.history.append(row)
         loss = math.nan if mean_loss is None else mean_loss
         log(
@@ -427,6 +445,11 @@ class FusionStrategy(FedAvg):
         return MetricRecord(
             {"loss": loss, "fidelity": fidelity, "bytes-per-client": bytes_per_client}
         )
+
+
+def _finite(value: float) -> float | None:
+    """A measurement as the history stores it: None where there was nothing to measure."""
+    return float(value) if np.isfinite(value) else None
 
 
 def _encoded(fusion: ConfigRecord, key: str) -> bytes:

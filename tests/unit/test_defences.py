@@ -105,6 +105,54 @@ def test_evidence_compares_a_row_only_with_the_clients_covering_its_label(seed):
     assert scores[5] < scores[:5].min()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_evidence_parts_score_the_shared_arrays_and_the_rows_apart(seed):
+    """A client with an honest encoder update whose rows go against its peers': the shared part
+    sees an honest client, the rows part the flipped rows, and the evidence both together (the
+    encoder, thirty times larger here, dominates)."""
+    rng = np.random.default_rng(seed)
+    honest = _deltas(rng, 6, scale=30.0)
+    rows = rng.standard_normal((4, 8))
+    covers = np.ones((6, 4))
+    deltas = [{**d, "prototypes": rows + 0.3 * rng.standard_normal((4, 8))} for d in honest]
+    deltas[5]["prototypes"] = -deltas[5]["prototypes"]
+    shared, by_row, both = defences.evidence_parts(deltas, covers, rowwise=True)
+    assert shared[5] > 0.5 * shared[:5].min()
+    assert by_row[5] < 0 < by_row[:5].min()
+    np.testing.assert_array_equal(both, defences.evidence(deltas, covers, rowwise=True))
+    assert by_row[5] < both[5] < shared[5]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_an_update_cut_by_clipping_earns_only_its_scale_of_evidence(seed):
+    """A scaled-up honest update points the right way; once clipped it is as strong as an honest
+    one, but the cut (its scale) is evidence against it: it ranks below every honest client."""
+    rng = np.random.default_rng(seed)
+    deltas = _deltas(rng, 6)
+    deltas.append({"encoder": 1000.0 * deltas[0]["encoder"]})
+    clipped, scale = defences.clip_to_median_norm(deltas, 2.0)
+    assert scale[6] < 0.01 and np.all(scale[:6] == 1.0)
+    unscaled = defences.evidence(clipped, np.ones((7, 1)), rowwise=True)
+    scores = defences.evidence(clipped, np.ones((7, 1)), rowwise=True, scale=scale)
+    np.testing.assert_allclose(scores, unscaled * scale)
+    assert unscaled[6] > unscaled[1:6].min()  # its direction alone would pass for honest
+    assert scores[6] < scores[:6].min()
+
+
+@pytest.mark.parametrize("combine", ["mean", "krum"])
+def test_a_row_only_distrusted_clients_cover_does_not_move_and_nothing_is_nan(combine):
+    """Label 2 is covered by client 1 alone, whose trust is 0: its row stays where it was (found
+    by `make bench-hostile`: 0 / 0 made the whole bank NaN in the next round)."""
+    covers = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 0]], float)
+    deltas = [{"prototypes": np.full((3, 2), v), "bias": np.full(3, v)} for v in (1.0, 5.0, 2.0)]
+    out = defences.combine(
+        deltas, np.array([1.0, 0.0, 1.0]), covers, defences.Bounds(combine=combine), rowwise=True
+    )
+    assert all(np.isfinite(v).all() for v in out.values())
+    np.testing.assert_array_equal(out["prototypes"][2], [0.0, 0.0])
+    assert out["bias"][2] == 0.0 and out["bias"][1] == 1.0  # row 1: client 0 alone counts
+
+
 def test_a_client_alone_has_no_evidence_and_keeps_full_trust():
     assert np.isnan(defences.evidence([{"w": np.ones(3)}], np.ones((1, 1)), True)).all()
     assert defences.evidence_trust({"a": float("nan")}) == {}

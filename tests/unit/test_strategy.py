@@ -309,7 +309,7 @@ def _trained_reply(
 
 def test_a_training_round_averages_the_updates_and_reports_its_loss_and_traffic(in_a_run):
     fed = Federation(["0", "1", "2"], 8)
-    # b declared 10 queries: its 20 self-reported examples count as 10
+    # b declared 10 queries and trained on 10 examples
     fed.nodes = {1: Client("a", ("0", "1"), 30), 2: Client("b", ("1", "2"), 10)}
     strategy, saved = _strategy(fed, aggregation="fedavg")  # round 1: consensus, trained
     assert strategy.trust_of("a") == 1.0  # nobody scored yet: full trust
@@ -320,13 +320,13 @@ def test_a_training_round_averages_the_updates_and_reports_its_loss_and_traffic(
     misfit = _trained_reply(2, "b", ("1", "2"), 100.0, 0.0)
     misfit.content["arrays"] = to_record({"prototypes": np.zeros((4, 2), np.float32)})
     replies = [
-        _trained_reply(2, "b", ("1", "2"), 4.0, 0.75),
+        _trained_reply(2, "b", ("1", "2"), 4.0, 0.75, n_examples=10),
         stranger,
         _trained_reply(1, "a", ("0", "1"), 1.0, 0.25),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = {k: v.numpy() for k, v in arrays.items()}
-    # weights: a 20 examples x trust 1, b min(20, 10) x trust 0.5
+    # weights: a 20 examples x trust 1, b 10 x trust 0.5
     np.testing.assert_allclose(out["prototypes"], np.full((3, 2), (20 * 1.0 + 5 * 4.0) / 25))
     assert out["prototypes"].dtype == np.float32
     assert dict(metrics) == {
@@ -625,7 +625,7 @@ def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):
 @pytest.mark.parametrize("combine", ["mean", "median", "trimmed_mean", "krum"])
 def test_one_hostile_client_cannot_take_a_round_over(in_a_run, combine, tmp_path):
     """Five honest clients move every weight up by about 1; mallory sends -1e30 (a scaled,
-    sign-flipped update) and claims 2**64 - 1 examples. The round's result stays with the honest
+    sign-flipped update) and claims 2**64 - 1 queries. The round's result stays with the honest
     clients, mallory's trust drops to 0 and its record counts what it declared, not what it
     claimed."""
     labels = ("0", "1", "2")
@@ -639,7 +639,7 @@ def test_one_hostile_client_cannot_take_a_round_over(in_a_run, combine, tmp_path
     hostile = _trained_reply(6, "mallory", labels, -1e30, 0.5)
     most = 2**64 - 1  # valid on the wire (uint64), beyond SQLite's integers
     hostile.content["fusion"]["stats"] = wire.encode_stats(
-        wire.ImitatorStats("mallory", 1, most, most, Fidelity(0.9, 0.1, most), None, 0.5)
+        wire.ImitatorStats("mallory", 1, 30, most, Fidelity(0.9, 0.1, most), None, 0.5)
     )
     arrays, _ = strategy.aggregate_train(1, [*honest, hostile])
     out = arrays["prototypes"].numpy()
@@ -656,6 +656,33 @@ def test_one_hostile_client_cannot_take_a_round_over(in_a_run, combine, tmp_path
         store.checkpoint(
             1, {k: v.numpy() for k, v in arrays.items()}, labels, [*fed.records.values()], {}
         )
+
+
+def test_a_client_claiming_more_examples_than_queries_is_refused_struck_and_loses_trust(
+    in_a_run,
+):
+    """Only a lying client trains on more examples than the query inputs it declared: its reply
+    is refused (a strike), the round goes on with the others, and once expelled its trust is 0."""
+    labels = ("0", "1")
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {
+        1: Client("a", labels, 30),
+        2: Client("b", labels, 30),
+        3: Client("liar", labels, 30),
+    }
+    strategy, _ = _strategy(fed, aggregation="rowwise", rounds=4)
+    strategy._sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    for round in (1, 2, 4):
+        replies = [
+            _trained_reply(1, "a", labels, 1.0, 0.5),
+            _trained_reply(2, "b", labels, 1.2, 0.5),
+            _trained_reply(3, "liar", labels, 1.1, 0.5, n_examples=31),
+        ]
+        arrays, _ = strategy.aggregate_train(round, replies)
+        np.testing.assert_allclose(arrays["bias"].numpy()[:2], 1.1, rtol=1e-6)  # a and b alone
+        assert "liar" not in fed.records
+    assert fed.strikes == {"liar": 3} and fed.expelled == {"liar"}
+    assert strategy.trust_of("liar") == 0.0 < min(strategy.trust_of(n) for n in "ab")
 
 
 def test_a_client_sending_invalid_replies_is_expelled_and_not_readmitted(in_a_run):
