@@ -118,7 +118,7 @@ bench-federated: $(STAMP)  ## reported seeds: simulate against fit, paired; robu
 	$(PY) -m bench.scale --clients 50 --rounds 3 --dataset mnist5k --out bench-results/scale-mnist5k
 
 bench-hostile: $(STAMP)  ## reported seeds: 1 and 2 of 7 clients attacking (MNIST-5k), paired against the clean federation; trust ranking; the defences' clean-run cost
-	$(PY) -m bench.hostile --out bench-results/hostile
+	$(PY) -m bench.hostile --rounds 10 --out bench-results/hostile
 
 bench-faults: $(STAMP)  ## kill -9 of each component of a local-process deployment, dropouts, a client joining mid-run: the fault table
 	$(PY) -m bench.faults --out bench-results/faults

@@ -19,7 +19,8 @@ label c. Arrays named in ``ROW_KEYS`` have one row per label (first axis C).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -91,10 +92,16 @@ def clip_to_median_norm(deltas: Deltas, factor: float | None) -> tuple[Deltas, n
 
 
 def combine(
-    deltas: Deltas, weights: np.ndarray, covers: np.ndarray, bounds: Bounds, rowwise: bool
+    deltas: Deltas,
+    weights: np.ndarray,
+    covers: np.ndarray,
+    bounds: Bounds,
+    rowwise: bool,
+    row_weights: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One delta from the clients': per array, over all clients, or (a row of ``ROW_KEYS`` when
-    ``rowwise``) over the clients covering its label; a row nobody covers does not move."""
+    ``rowwise``) over the clients covering its label, each weight times ``row_weights`` (K, C)
+    of that row where given; a row nobody covers does not move."""
     out: dict[str, np.ndarray] = {}
     shared = [k for k in deltas[0] if not (k in ROW_KEYS and rowwise)]
     if bounds.combine == "krum" and shared:  # one choice of clients for all shared arrays
@@ -105,7 +112,13 @@ def combine(
         if key in ROW_KEYS and rowwise:
             out[key] = np.stack(
                 [
-                    _combine(stack[covers[:, c] > 0, c], weights[covers[:, c] > 0], bounds)
+                    _combine(
+                        stack[covers[:, c] > 0, c],
+                        (weights if row_weights is None else weights * row_weights[:, c])[
+                            covers[:, c] > 0
+                        ],
+                        bounds,
+                    )
                     if covers[:, c].any()
                     else np.zeros(stack.shape[2:])
                     for c in range(stack.shape[1])
@@ -157,69 +170,222 @@ def _combine(
 
 
 def evidence(
-    deltas: Deltas, covers: np.ndarray, rowwise: bool, scale: np.ndarray | None = None
+    deltas: Deltas,
+    covers: np.ndarray,
+    rowwise: bool,
+    scale: np.ndarray | None = None,
+    trusted: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(K,) in [-1, 1]: the cosine between each client's delta and the coordinate-wise median of
-    the other clients' deltas, over the shared arrays and the rows it shares with at least one
-    other client (each row against its covering peers' median); times ``scale``, the share of its
-    update clipping kept (1.0 where nothing was cut): an update that had to be cut to the round's
-    bound points the right way at best, and earns only that share of an honest client's
-    evidence. NaN for a client with nothing to compare (alone, or an all-zero delta)."""
-    score = evidence_parts(deltas, covers, rowwise)[2]
-    return score if scale is None else score * np.minimum(scale, 1.0)
+    """(K,) in [-1, 1]: how far each client's update goes where the others' go. NaN for a client
+    with nothing to compare (alone, or an all-zero delta).
+
+    Two cosines with the coordinate-wise median of the other (``trusted``) clients' deltas: over
+    the shared arrays, and (``rowwise``) over the prototype rows the client shares with at least
+    one other client, each row against its covering peers' median; their mean, but never above
+    the shared part. Half the say goes to the rows whatever their size: the shared arrays
+    outnumber them a thousand to one, and a label-flipping expert, or one declaring labels it has
+    no answers for, trains an ordinary encoder but pulls its rows the wrong way. A positive score
+    is multiplied by ``scale``, the share of its update that clipping kept (1.0 where nothing was
+    cut): an update cut to the round's bound points the right way at best, and earns only that
+    share. Pass ``Momentum``'s deltas: one round's rows are mostly noise once clients agree, a
+    client's consistent pull shows over rounds."""
+    shared, rows = evidence_parts(deltas, covers, rowwise, trusted)
+    return evidence_of(shared, rows, scale)
+
+
+def evidence_of(shared: np.ndarray, rows: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """``evidence`` from its parts (``evidence_parts``) and the clip scale: the mean of the two
+    parts, never above the shared part (the rows can lower a client's evidence, not raise it);
+    a positive score times the share clipping kept."""
+    with warnings.catch_warnings():  # a client with neither part: NaN, nothing to compare
+        warnings.simplefilter("ignore", RuntimeWarning)
+        score = np.nanmean(np.stack([shared, np.fmin(rows, shared)]), axis=0)
+    if scale is None:
+        return score
+    return np.where(score > 0, score * np.minimum(scale, 1.0), score)
 
 
 def evidence_parts(
-    deltas: Deltas, covers: np.ndarray, rowwise: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(shared, rows, both), each (K,): the cosine between a client's delta and the
-    coordinate-wise median of the others', over the shared arrays, over the rows it shares with
-    peers (each row against its covering peers' median), and over both together (``evidence``).
-    The parts go to the round's history: the rows alone are too noisy to judge a client by
-    (honest clients' rows barely move once they agree; measured with `make bench-hostile`).
-    NaN where there is nothing to compare."""
+    deltas: Deltas, covers: np.ndarray, rowwise: bool, trusted: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shared, rows), each (K,): the cosine between a client's delta and the coordinate-wise
+    median of the others', over the shared arrays, and over the rows it shares with peers (each
+    row against its covering peers' median). NaN where there is nothing to compare.
+
+    ``trusted`` (K,) bool: the clients a reference is made of, where the peers hold any (the
+    others otherwise). A prototype row is covered by a few clients only: two hostile clients of
+    the four covering it would make its median theirs, and every honest client covering it look
+    hostile; once their updates gave them away, they no longer speak for the others."""
     k_clients = len(deltas)
-    shared, rows, both = (np.full(k_clients, np.nan) for _ in range(3))
+    shared, rows = np.full(k_clients, np.nan), np.full(k_clients, np.nan)
     if k_clients < 2:
-        return shared, rows, both
+        return shared, rows
+    trusted = np.ones(k_clients, bool) if trusted is None else np.asarray(trusted, bool)
     for k in range(k_clients):
         own: dict[bool, list[np.ndarray]] = {False: [], True: []}
         reference: dict[bool, list[np.ndarray]] = {False: [], True: []}
         others = [j for j in range(k_clients) if j != k]
         for key in deltas[k]:
-            stack = np.stack([deltas[j][key] for j in others])
             if key in ROW_KEYS and rowwise:
                 for c in np.flatnonzero(covers[k] > 0):
-                    peers = [i for i, j in enumerate(others) if covers[j, c] > 0]
+                    peers = _speakers([j for j in others if covers[j, c] > 0], trusted)
                     if peers:
                         own[True].append(deltas[k][key][c].ravel())
-                        reference[True].append(np.median(stack[peers, c], axis=0).ravel())
+                        reference[True].append(
+                            np.median(np.stack([deltas[j][key][c] for j in peers]), axis=0).ravel()
+                        )
             else:
+                peers = _speakers(others, trusted)
                 own[False].append(deltas[k][key].ravel())
-                reference[False].append(np.median(stack, axis=0).ravel())
+                reference[False].append(
+                    np.median(np.stack([deltas[j][key] for j in peers]), axis=0).ravel()
+                )
         shared[k] = _cosine(own[False], reference[False])
         rows[k] = _cosine(own[True], reference[True])
-        both[k] = _cosine(own[False] + own[True], reference[False] + reference[True])
-    return shared, rows, both
+    return shared, rows
+
+
+def _speakers(peers: list[int], trusted: np.ndarray) -> list[int]:
+    """The trusted among ``peers``, or all of them where none is."""
+    return [j for j in peers if trusted[j]] or peers
 
 
 def _cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     if not a:
         return float("nan")
-    u, v = np.concatenate(a), np.concatenate(b)
-    denominator = float(np.linalg.norm(u) * np.linalg.norm(v))
-    return float(u @ v) / denominator if denominator > 0 else float("nan")
+    u, v = (_unit(np.concatenate(x)) for x in (a, b))
+    return float(np.clip(u @ v, -1.0, 1.0)) if u.any() and v.any() else float("nan")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """x / |x| without overflow (scaled by its largest entry first); zeros stay zeros."""
+    top = float(np.max(np.abs(x))) if x.size else 0.0
+    if top == 0:
+        return np.zeros_like(x)
+    x = x / top
+    return x / np.linalg.norm(x)
 
 
 def evidence_trust(scores: dict[str, float]) -> dict[str, float]:
-    """Trust in [0, 1] from accumulated evidence: relative to the federation's median score, with
-    half the median already full trust (honest clients on different tasks point in different
-    directions; an honest one is rarely below half the median, a sign-flipped or noise update is
-    near or below 0). Without a positive median (no agreement at all) everyone keeps full trust."""
+    """Trust in [0, 1] from accumulated evidence, relative to the federation's median score
+    (``relative_trust``). Clients without a score get none here (they keep what they have)."""
     measured = {k: v for k, v in scores.items() if np.isfinite(v)}
-    if not measured:
-        return {}
-    median = float(np.median(list(measured.values())))
+    trust = relative_trust(np.array(list(measured.values())))
+    return {k: float(t) for k, t in zip(measured, trust, strict=True)}
+
+
+FULL_TRUST, NO_TRUST = 0.75, 0.25  # of the median score: full trust at or above, none at or below
+
+
+def relative_trust(scores: np.ndarray) -> np.ndarray:
+    """(n,) scores -> (n,) trust in [0, 1], relative to their median: full trust from 3/4 of the
+    median up, none at 1/4 of it or below, linear between. Honest clients on different tasks
+    point in somewhat different directions (in our federations none fell below 3/4 of the median
+    once its momentum had settled); a sign-flipped, noise or label-flipped update falls near or
+    below 0. Without a positive median (no agreement at all), and for unmeasured (NaN) scores,
+    full trust: nothing to judge by."""
+    finite = np.isfinite(scores)
+    median = float(np.median(scores[finite])) if finite.any() else 0.0
     if median <= 0:
-        return dict.fromkeys(measured, 1.0)
-    return {k: float(np.clip(v / (0.5 * median), 0.0, 1.0)) for k, v in measured.items()}
+        return np.ones(len(scores))
+    ratio = np.where(finite, scores, median) / median
+    return np.clip((ratio - NO_TRUST) / (FULL_TRUST - NO_TRUST), 0.0, 1.0)
+
+
+def row_cosines(
+    deltas: Deltas, covers: np.ndarray, trusted: np.ndarray | None = None
+) -> np.ndarray:
+    """(K, C): for each client and each row it covers, the cosine between its delta of that row
+    (every array of ``ROW_KEYS``) and the coordinate-wise median of its (trusted) covering
+    peers'; NaN where it does not cover the row or has no peer there."""
+    k_clients, n_rows = covers.shape
+    out = np.full((k_clients, n_rows), np.nan)
+    keys = [k for k in deltas[0] if k in ROW_KEYS] if deltas else []
+    trusted = np.ones(k_clients, bool) if trusted is None else np.asarray(trusted, bool)
+    for c in range(n_rows):
+        covering = [j for j in range(k_clients) if covers[j, c] > 0]
+        for k in covering:
+            peers = _speakers([j for j in covering if j != k], trusted)
+            if not peers or not keys:
+                continue
+            own = [deltas[k][key][c].ravel() for key in keys]
+            reference = [
+                np.median(np.stack([deltas[j][key][c] for j in peers]), axis=0).ravel()
+                for key in keys
+            ]
+            out[k, c] = _cosine(own, reference)
+    return out
+
+
+def row_trust(cosines: np.ndarray) -> np.ndarray:
+    """(K, C) -> (K, C) weights in [0, 1]: each row's cosines relative to that row's median
+    (``relative_trust``); 1.0 where nothing was measured. A client's say over a label then follows
+    how its updates of that label's row agree with the other clients covering it: a client that
+    declares labels it has no answers for, or flips its labels, loses its say over those rows
+    first."""
+    out = np.ones(cosines.shape)
+    for c in range(cosines.shape[1]):
+        out[:, c] = relative_trust(cosines[:, c])
+    return out
+
+
+SKETCH_SIZE = 16_384  # coordinates kept of each client's shared-array momentum
+
+
+@dataclass
+class Momentum:
+    """Each client's updates summed over the rounds it took part in, the older ones discounted
+    by ``beta`` per round (a client's momentum, as in Karimireddy, He and Jaggi 2021, "Learning
+    from History for Byzantine Robust Optimization"): honest noise averages out, a consistent
+    pull adds up. Kept in memory (it starts again after a resume; the evidence it gave is
+    stored): the shared arrays as a count sketch of ``size`` coordinates (each coordinate added,
+    with a random sign, to one of ``size`` buckets: inner products, hence cosines, are kept in
+    expectation), the rows of a client's own labels in full. Memory: clients x (size + own rows).
+    """
+
+    beta: float = 0.9
+    size: int = SKETCH_SIZE
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (size,)
+    rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> key -> rows
+    _hash: tuple[np.ndarray, np.ndarray] | None = None  # bucket and sign of each coordinate
+
+    def update(self, names: list[str], deltas: Deltas, covers: np.ndarray, rowwise: bool) -> Deltas:
+        """Add this round's deltas; returns every client's momentum as deltas (the shared
+        arrays as one sketched array ``"shared"``) for ``evidence``."""
+        row_keys = [k for k in deltas[0] if k in ROW_KEYS and rowwise] if deltas else []
+        shared_keys = [k for k in deltas[0] if k not in row_keys] if deltas else []
+        out: Deltas = []
+        for name, delta, cover in zip(names, deltas, covers, strict=True):
+            flat = np.concatenate([delta[k].ravel() for k in shared_keys] or [np.zeros(0)])
+            sketch = self._sketch(flat)
+            old = self.shared.get(name)
+            self.shared[name] = (
+                sketch if old is None or old.shape != sketch.shape else (self.beta * old + sketch)
+            )
+            own = np.flatnonzero(cover > 0)
+            kept = self.rows.setdefault(name, {})
+            moment: dict[str, np.ndarray] = {"shared": self.shared[name]}
+            for key in row_keys:
+                new = delta[key][own].astype(np.float64)
+                prev = kept.get(key)
+                kept[key] = (
+                    new if prev is None or prev.shape != new.shape else (self.beta * prev + new)
+                )
+                full = np.zeros(delta[key].shape)
+                full[own] = kept[key]
+                moment[key] = full
+            out.append(moment)
+        return out
+
+    def _sketch(self, flat: np.ndarray) -> np.ndarray:
+        if flat.size <= self.size:
+            return flat.astype(np.float64)
+        if self._hash is None or self._hash[0].size != flat.size:
+            rng = np.random.default_rng(flat.size)  # the same hash for every client of the run
+            self._hash = (
+                rng.integers(0, self.size, flat.size).astype(np.int32),
+                rng.choice(np.array([-1.0, 1.0]), flat.size),
+            )
+            self.shared.clear()  # another layout: earlier momenta no longer compare
+        bucket, sign = self._hash
+        return np.bincount(bucket, weights=sign * flat, minlength=self.size)

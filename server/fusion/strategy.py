@@ -83,6 +83,7 @@ class FusionStrategy(FedAvg):
         # What this round measured of each update (defences.evidence_parts, the clip scale), for
         # the round's history.
         self._evidence_seen: dict[str, dict[str, float | None]] = {}
+        self._momentum = defences.Momentum()  # each client's updates over rounds (in memory)
 
     # -- sending -------------------------------------------------------------------------
     def configure_train(
@@ -375,16 +376,25 @@ class FusionStrategy(FedAvg):
         deltas, scale = defences.clip_to_median_norm(deltas, bounds.clip_factor)
 
         names = [c.pseudonym for c, _, _ in updates]
-        shared, rows, _ = defences.evidence_parts(deltas, covers, rowwise)
+        # Evidence is measured on each client's momentum: one round's rows are mostly noise.
+        momenta = self._momentum.update(names, deltas, covers, rowwise)
+        # References are made of the clients whose evidence so far has not given them away.
+        trusted = np.array([self._evidence_trust.get(n, 1.0) > 0 for n in names])
+        shared, rows = defences.evidence_parts(momenta, covers, rowwise, trusted)
         self._evidence_seen = {
             n: {"shared": _finite(a), "rows": _finite(b), "scale": float(c)}
             for n, a, b, c in zip(names, shared, rows, scale, strict=True)
         }
-        self._record_evidence(names, defences.evidence(deltas, covers, rowwise, scale))
+        self._record_evidence(names, defences.evidence_of(shared, rows, scale))
+        row_weights = (
+            defences.row_trust(defences.row_cosines(momenta, covers, trusted))
+            if s.evidence and rowwise
+            else None
+        )
         weights = counts * np.array([self.trust_of(c.pseudonym) for c, _, _ in updates])
         if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
             weights = counts
-        step = defences.combine(deltas, weights, covers, bounds, rowwise)
+        step = defences.combine(deltas, weights, covers, bounds, rowwise, row_weights)
         return defences.within_domain(
             {
                 k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v

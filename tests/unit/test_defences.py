@@ -107,20 +107,50 @@ def test_evidence_compares_a_row_only_with_the_clients_covering_its_label(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_evidence_parts_score_the_shared_arrays_and_the_rows_apart(seed):
-    """A client with an honest encoder update whose rows go against its peers': the shared part
-    sees an honest client, the rows part the flipped rows, and the evidence both together (the
-    encoder, thirty times larger here, dominates)."""
+    """A client with an honest encoder update whose rows go against its peers' (a label-flipping
+    expert): the shared part sees an honest client, the rows part the flipped rows, and the
+    evidence, half from each whatever their sizes (the encoder is thirty times larger here), ranks
+    it below every honest client."""
     rng = np.random.default_rng(seed)
     honest = _deltas(rng, 6, scale=30.0)
     rows = rng.standard_normal((4, 8))
     covers = np.ones((6, 4))
     deltas = [{**d, "prototypes": rows + 0.3 * rng.standard_normal((4, 8))} for d in honest]
     deltas[5]["prototypes"] = -deltas[5]["prototypes"]
-    shared, by_row, both = defences.evidence_parts(deltas, covers, rowwise=True)
+    shared, by_row = defences.evidence_parts(deltas, covers, rowwise=True)
     assert shared[5] > 0.5 * shared[:5].min()
     assert by_row[5] < 0 < by_row[:5].min()
-    np.testing.assert_array_equal(both, defences.evidence(deltas, covers, rowwise=True))
-    assert by_row[5] < both[5] < shared[5]
+    scores = defences.evidence(deltas, covers, rowwise=True)
+    np.testing.assert_allclose(scores, (shared + np.minimum(by_row, shared)) / 2)
+    assert scores[5] < scores[:5].min()
+
+
+def test_rows_never_raise_evidence_above_the_shared_part_and_a_cut_never_raises_a_bad_score():
+    shared, rows = np.array([0.5, -0.5, 0.2]), np.array([0.9, 0.9, np.nan])
+    np.testing.assert_allclose(defences.evidence_of(shared, rows, None), [0.5, -0.5, 0.2])
+    scaled = defences.evidence_of(shared, rows, np.array([0.5, 0.1, 1.0]))
+    np.testing.assert_allclose(scaled, [0.25, -0.5, 0.2])  # -0.5 x 0.1 would be a reward
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clients_already_given_away_do_not_make_the_reference_of_the_rows_they_cover(seed):
+    """Rows 0 and 1 are covered by four clients, two of them hostile and sign-flipped: the
+    median of a row is then half theirs. Once their evidence gave them away (``trusted``), the
+    honest clients covering those rows are compared with each other and rank above them."""
+    rng = np.random.default_rng(seed)
+    step = rng.standard_normal((4, 8))
+    covers = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]], float)
+    covers = np.vstack([covers, [[1, 1, 0, 0], [1, 1, 0, 0]]])  # clients 5 and 6: hostile
+    deltas = [
+        {"prototypes": (step + 0.3 * rng.standard_normal((4, 8))) * c[:, None]} for c in covers
+    ]
+    for k in (5, 6):
+        deltas[k]["prototypes"] *= -2.0
+    known = np.array([True] * 5 + [False] * 2)
+    _, rows = defences.evidence_parts(deltas, covers, rowwise=True, trusted=known)
+    assert rows[5:].max() < 0 < rows[:5].min()
+    _, naive = defences.evidence_parts(deltas, covers, rowwise=True)
+    assert naive[0] < rows[0]  # client 0 shares only rows 0 and 1 with them
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -279,3 +309,128 @@ def test_krum_with_two_assumed_hostile_drops_far_updates_listed_first():
     far = np.stack([np.full(6, 50.0), np.full(6, -50.0)])
     keep = defences.krum_keep(np.concatenate([far, cluster]), f=2)
     assert keep.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_the_count_sketch_keeps_cosines_of_large_updates():
+    rng = np.random.default_rng(0)
+    momentum = defences.Momentum(size=4096)
+    a = rng.standard_normal(200_000)
+    for mix in (0.0, 0.5, 1.0, 3.0):
+        b = a + mix * rng.standard_normal(a.size)
+        true = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        sa, sb = momentum._sketch(a), momentum._sketch(b)
+        assert sa.shape == (4096,)
+        assert abs(sa @ sb / (np.linalg.norm(sa) * np.linalg.norm(sb)) - true) < 0.05
+
+
+def _round(rng: np.random.Generator, toward: dict[str, np.ndarray], k: int = 7) -> defences.Deltas:
+    """One round: every client moves ``toward`` the same place, plus its own noise three times
+    as large; the last client's rows go the other way."""
+    deltas = [
+        {n: v + 3.0 * rng.standard_normal(v.shape) for n, v in toward.items()} for _ in range(k)
+    ]
+    deltas[-1]["prototypes"] -= 2.0 * toward["prototypes"]
+    return deltas
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_momentum_shows_a_consistent_pull_that_one_rounds_noise_hides(seed):
+    rng = np.random.default_rng(seed)
+    toward = {"encoder": rng.standard_normal(50), "prototypes": rng.standard_normal((4, 8))}
+    covers, names = np.ones((7, 4)), [str(i) for i in range(7)]
+    momentum = defences.Momentum()
+    margins = []
+    for _ in range(10):
+        deltas = _round(rng, toward)
+        moments = momentum.update(names, deltas, covers, rowwise=True)
+        one_round = defences.evidence(deltas, covers, rowwise=True)
+        margins.append(one_round[:6].min() - one_round[6])
+    over_rounds = defences.evidence(moments, covers, rowwise=True)
+    assert over_rounds[6] < over_rounds[:6].min()
+    assert over_rounds[:6].min() - over_rounds[6] > max(margins)  # wider than any one round's
+    assert set(moments[0]) == {"shared", "prototypes"}  # the shared arrays as one (sketched)
+
+
+def test_momentum_keeps_each_clients_own_rows_and_starts_again_on_another_layout():
+    momentum = defences.Momentum(beta=0.5, size=8)
+    covers = np.array([[1, 0, 1], [0, 1, 1]], float)
+    d = [{"w": np.ones(4), "prototypes": np.ones((3, 2))} for _ in range(2)]
+    momentum.update(["a", "b"], d, covers, rowwise=True)
+    out = momentum.update(["a", "b"], d, covers, rowwise=True)
+    np.testing.assert_allclose(out[0]["prototypes"], [[1.5, 1.5], [0, 0], [1.5, 1.5]])
+    np.testing.assert_allclose(out[1]["shared"], 1.5 * np.ones(4))
+    only_a = momentum.update(["a"], d[:1], covers[:1], rowwise=True)  # b missed a round
+    np.testing.assert_allclose(only_a[0]["shared"], 1.75 * np.ones(4))
+    np.testing.assert_allclose(momentum.shared["b"], 1.5 * np.ones(4))  # b: not discounted
+    bigger = [{"w": np.ones(40), "prototypes": np.ones((3, 2))}]  # sketched now: a new layout
+    again = momentum.update(["a"], bigger, covers[:1], rowwise=True)
+    assert again[0]["shared"].shape == (8,) and set(momentum.shared) == {"a"}
+
+
+@given(
+    st.lists(
+        hnp.arrays(np.float64, (3, 6), elements=st.floats(-6.8e38, 6.8e38)).filter(
+            lambda u: u[:, :4].any() and u[:2, 4:].any()
+        ),
+        min_size=2,
+        max_size=6,
+    ),
+    st.integers(1, 4),
+)
+@settings(max_examples=60)
+def test_momentum_and_evidence_stay_finite_for_any_finite_updates(updates, rounds):
+    """Updates as large as two float32 maxima apart, summed over rounds: evidence is a cosine
+    in [-1, 1] or NaN (nothing to compare: the others' median is zero), never infinite."""
+    covers = np.ones((len(updates), 2))
+    momentum = defences.Momentum(size=4)
+    names = [str(i) for i in range(len(updates))]
+    for _ in range(rounds):
+        deltas = [{"encoder": u[:, :4], "prototypes": u[:2, 4:]} for u in updates]
+        moments = momentum.update(names, deltas, covers, rowwise=True)
+    scores = defences.evidence(moments, covers, rowwise=True)
+    finite = scores[np.isfinite(scores)]
+    assert np.all(np.abs(finite) <= 1) and not np.isinf(scores).any()
+
+
+def test_a_cosine_of_float32_maximum_updates_does_not_overflow_to_nan():
+    huge = [{"encoder": np.full(5, s * 3.4e38)} for s in (1.0, 2.0, 1.5)]
+    np.testing.assert_allclose(defences.evidence(huge, np.ones((3, 1)), rowwise=True), 1.0)
+
+
+@given(hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(-1, 1) | st.just(np.nan)))
+def test_relative_trust_is_in_zero_one_full_near_the_median_and_none_far_below(scores):
+    trust = defences.relative_trust(scores)
+    assert trust.shape == scores.shape and np.all((trust >= 0) & (trust <= 1))
+    finite = scores[np.isfinite(scores)]
+    median = float(np.median(finite)) if finite.size else 0.0
+    if median > 0:
+        assert np.all(trust[scores >= 0.75 * median] == 1.0)
+        assert np.all(trust[scores <= 0.25 * median] == 0.0)
+    else:
+        assert np.all(trust == 1.0)
+    assert np.all(trust[np.isnan(scores)] == 1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_client_loses_its_say_over_the_rows_of_labels_it_has_no_answers_for(seed):
+    """Six clients; the last declares every label although it has answers for rows 0 and 1 only,
+    and pushes the other rows away. Its weight on rows 2-5 goes to 0, on its own rows it keeps
+    it; the honest clients keep theirs everywhere."""
+    rng = np.random.default_rng(seed)
+    step = rng.standard_normal((6, 8))
+    covers = np.array([[1 if (c - k) % 6 < 4 else 0 for c in range(6)] for k in range(5)], float)
+    covers = np.vstack([covers, np.ones((1, 6))])
+    deltas = [
+        {"prototypes": (step + 0.3 * rng.standard_normal((6, 8))) * c[:, None]} for c in covers
+    ]
+    deltas[5]["prototypes"][2:] *= -1.0
+    weights = defences.row_trust(defences.row_cosines(deltas, covers))
+    assert weights.shape == (6, 6)
+    assert np.all(weights[5, 2:] == 0.0) and np.all(weights[5, :2] == 1.0)
+    assert np.all(weights[:5][covers[:5] > 0] == 1.0)
+    out = defences.combine(deltas, np.ones(6), covers, defences.Bounds(), True, weights)
+    honest = [
+        np.mean([deltas[k]["prototypes"][c] for k in range(5) if covers[k, c]], axis=0)
+        for c in range(6)
+    ]
+    np.testing.assert_allclose(out["prototypes"][2:], np.stack(honest)[2:])
