@@ -186,8 +186,11 @@ def report(results: dict) -> str:
     seconds = np.mean([r["seconds"] for r in results["runs"]])
     lines += [
         "",
-        f"Attackers in bold. Time per federation: {seconds:.0f} s (1 torch thread per process, 2 "
-        "cores).",
+        f"Attackers in bold; an attacker without a trust value never got a record (every reply "
+        f"refused). The liar claims more examples than the queries it declared, so its replies "
+        f"are refused from its first round: its rows are what losing its client costs, the most "
+        f"any defence that excludes an attacker can keep. Rounds: {results['args']['rounds']}. "
+        f"Time per federation: {seconds:.0f} s (1 torch thread per process, 2 cores).",
         "",
     ]
     return "\n".join(lines)
