@@ -11,7 +11,9 @@ noise updates; lying counts and agreement; a label-flipping expert that also lie
 declaring labels it has no expert for); the first one or two of the five sound experts turn
 hostile. ``clean, defences off`` is the clean federation with the settings that switch the
 defences off (no clipping, no weight cap, no evidence): the defences' clean-run cost is its gap to
-``clean``. Writes results.md and results.json.
+``clean``. ``absent xN`` is the federation without the N clients that turn hostile: an attacker can
+always withhold what its expert knows, so it is the most a defence can keep. Writes results.md and
+results.json.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ def hostile_app(folder: Path) -> Path:
 
 
 def scenarios(attacks: list[str], counts: list[int]) -> list[tuple[str, str | None, int]]:
-    """(name, attack, number of hostile clients); the clean runs first."""
+    """(name, attack, number of hostile clients); the clean runs first, then the federations
+    without the clients that turn hostile (the reference no defence can beat: an attacker can
+    always withhold its expert's knowledge)."""
     out: list[tuple[str, str | None, int]] = [("clean", None, 0), ("clean, defences off", None, 0)]
+    out += [(f"absent x{n}", "absent", n) for n in counts]
     return out + [(f"{a} x{n}", a, n) for a in attacks for n in counts]
 
 
@@ -87,14 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, attack, n in scenarios(args.attacks, args.hostile):
             attackers = [r.name for r in DEFAULT_RECIPES[:n]]
             plan = {
-                a: {"attack": attack, "labels": list(world.dataset.label_names)} for a in attackers
+                a: {"attack": attack, "labels": list(world.dataset.label_names)}
+                for a in attackers
+                if attack != "absent"
             }
+            members = [r for r in recipes if attack != "absent" or r.name not in attackers]
             os.environ["PROTOFUSE_BENCH_HOSTILE"] = json.dumps(plan)
             folder = args.out / f"seed{seed}" / name.replace(" ", "_").replace(",", "")
             spec = write_spec(
                 folder / "spec",
                 world,
-                recipes,
+                members,
                 args.dataset,
                 seed,
                 "shared",
@@ -107,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             banks[name] = load_bank(folder / "run")
             trust = {e.name: e.weight for e in banks[name].experts}
             honest = [v for k, v in trust.items() if k not in attackers]
+            attackers = attackers if attack != "absent" else []
             results["runs"].append(
                 {
                     "seed": seed,
@@ -122,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = score(banks, world, tasks, seed, args.max_test, zero_shot=False)
         for run in results["runs"]:
             if run["seed"] == seed:
+                n = run["scenario"].rpartition(" x")[2]
                 run["rows"] = [
-                    {"task": r["task"], "k": r["k"], "acc": r[run["scenario"]], "clean": r["clean"]}
+                    {
+                        "task": r["task"],
+                        "k": r["k"],
+                        "acc": r[run["scenario"]],
+                        "clean": r["clean"],
+                        "absent": r.get(f"absent x{n}", float("nan")),
+                    }
                     for r in rows
                 ]
         os.environ.pop("PROTOFUSE_BENCH_HOSTILE", None)
@@ -165,6 +181,27 @@ def report(results: dict) -> str:
             else f"{sum(r['ranked_below'] for r in runs)} / {len(runs)} seeds"
         )
         lines.append(f"| {name} | {cells} | {ranked} |")
+    lines += [
+        "",
+        "Paired gap of each attacked federation to the same federation without its attackers "
+        "(`absent`: what an attacker that withholds its expert costs, which no defence can "
+        "recover):",
+        "",
+        "| scenario | " + " | ".join(f"gap k={k}" for k in SHOTS) + " |",
+        "|---|" + "---|" * len(SHOTS),
+    ]
+    for name in names:
+        runs = [r for r in results["runs"] if r["scenario"] == name]
+        if not runs[0]["attackers"]:
+            continue
+        rows = [
+            {"k": x["k"], "scenario": x["acc"], "absent": x["absent"]}
+            for r in runs
+            for x in r["rows"]
+        ]
+        s = summarize(rows, "scenario", "absent")
+        cells = " | ".join(f"{v['gap']:+.2f} ± {v['gap_se']:.2f}" for v in s.values())
+        lines.append(f"| {name} | {cells} |")
     lines += ["", "Trust per expert (seed by seed):", ""]
     experts = sorted({e for r in results["runs"] for e in r["trust"]})
     lines += ["| scenario | " + " | ".join(experts) + " |", "|---|" + "---|" * len(experts)]
