@@ -73,6 +73,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "protofuse, shifts only": ({}, {"max_rotation": 0, "max_scale": 0}),
     "protofuse, no consensus distillation": ({}, {"distill": 0}),
     "protofuse, no reweighting": ({}, {"reweight": False}),
+    "protofuse, layer normalization": ({"normalization": "layer"}, {}),
 }
 # Ablations that change nothing on a table (its encoder is the MLP already; no image transforms).
 IMAGE_ONLY = ("protofuse, mlp encoder", "protofuse, shifts only")

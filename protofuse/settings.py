@@ -24,6 +24,14 @@ class ModelSettings(_Strict):
     encoder: Literal["auto", "conv", "mlp"] = Field(
         "auto", description="discriminative encoder; auto: conv for images, mlp otherwise"
     )
+    normalization: Literal["batch", "layer"] = Field(
+        "batch",
+        description=(
+            "normalization after hidden layers: 'layer' keeps no statistic of the training "
+            "data; 'batch' keeps running averages of the activations, which in a federation are "
+            "part of each client's update and describe its queries"
+        ),
+    )
     feat_dim: int = Field(64, ge=2, le=4096, description="discriminative feature size |z|")
     z_dim: int = Field(5, ge=1, le=256, description="generative concept size |z| (paper: 5)")
     w_dim: int = Field(2, ge=1, le=64, description="generative task-pattern size |w| (paper: 2)")

@@ -66,7 +66,9 @@ def config_for(
 ) -> DiscriminativeConfig:
     """The networks' config from the settings; the encoder is a conv net for images unless set."""
     encoder = model.encoder if model.encoder != "auto" else ("conv" if image_shape else "mlp")
-    return DiscriminativeConfig(x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape)
+    return DiscriminativeConfig(
+        x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape, model.normalization
+    )
 
 
 class Discriminative(Family[DiscriminativePrototypes]):

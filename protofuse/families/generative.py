@@ -99,6 +99,7 @@ class Generative(Family[GenerativePrototypes]):
             s.conv,
             s.lam,
             s.hide_eta,
+            s.normalization,
         )
         net = GenerativePrototypes(config)
         train_generative(

@@ -36,6 +36,9 @@ class DiscriminativeConfig:
     feat_dim: int = 64
     encoder: str = "conv"  # "conv" for images, "mlp" otherwise
     image_shape: ImageShape | None = None  # (H, W) or (H, W, C)
+    # The encoder's normalization (networks.norm_layer). Banks saved before the setting existed
+    # have no such key in their config: they used batch norm, so that stays the dataclass default.
+    norm: str = "batch"
 
 
 class DiscriminativePrototypes(nn.Module):
@@ -44,7 +47,7 @@ class DiscriminativePrototypes(nn.Module):
     def __init__(self, cfg: DiscriminativeConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = make_encoder(cfg.encoder, cfg.x_dim, cfg.feat_dim, cfg.image_shape)
+        self.encoder = make_encoder(cfg.encoder, cfg.x_dim, cfg.feat_dim, cfg.image_shape, cfg.norm)
         self.prototypes = nn.Parameter(
             torch.randn(cfg.n_labels, cfg.feat_dim) / cfg.feat_dim**0.5
         )  # (C, F)

@@ -26,6 +26,7 @@ from .networks import (
     as_image_shape,
     as_rows,
     image_dims,
+    norm_layer,
 )
 
 LOG_2PI = math.log(2 * math.pi)
@@ -43,6 +44,7 @@ class GenerativeConfig:
     conv: bool = False  # conv encoders and a transposed-conv decoder (images only)
     lam: float = 1.0  # weight of the regularizer q_psi(eta | w)
     hide_eta: float = 0.5  # fraction of training triples whose eta is hidden from q(z | x, eta)
+    norm: str = "batch"  # the MLPs' normalization (networks.norm_layer); older banks: batch
 
 
 def gaussian_kl(
@@ -113,14 +115,14 @@ class ConvDecoder(nn.Module):
     """(w, z) -> image logits (n, H*W*C), flattened like the inputs, through two transposed
     convolutions."""
 
-    def __init__(self, in_dim: int, image_shape: ImageShape) -> None:
+    def __init__(self, in_dim: int, image_shape: ImageShape, norm: str = "batch") -> None:
         super().__init__()
         h, w, c = image_dims(image_shape)
         self.h4, self.w4 = h // 4, w // 4
         self.out_shape = (h, w)
         self.fc = nn.Sequential(
             nn.Linear(in_dim, 100),
-            nn.BatchNorm1d(100),
+            norm_layer(norm, 100),
             nn.ReLU(),
             nn.Linear(100, 32 * self.h4 * self.w4),
             nn.ReLU(),
@@ -151,13 +153,16 @@ class GenerativePrototypes(nn.Module):
         d, c, zd, wd, hdim = cfg.x_dim, cfg.n_labels, cfg.z_dim, cfg.w_dim, cfg.hidden
         self.features = ConvFeatures(conv_shape) if conv_shape is not None else nn.Identity()
         fdim = 128 if cfg.conv else d
-        self.enc_z = GaussianHead(fdim + c, zd, hdim)  # q_phi(z | x, eta)
-        self.enc_w = GaussianHead(fdim + c, wd, hdim)  # q_phi(w | x, tau)
-        self.prior_w = GaussianHead(c, wd, hdim)  # p_gamma(w | tau)
-        self.label_head = MLP(zd, c, hdim)  # p_alpha(eta | z)
-        self.regularizer = MLP(wd, c, hdim)  # q_psi(eta | w)
+        norm = cfg.norm
+        self.enc_z = GaussianHead(fdim + c, zd, hdim, norm)  # q_phi(z | x, eta)
+        self.enc_w = GaussianHead(fdim + c, wd, hdim, norm)  # q_phi(w | x, tau)
+        self.prior_w = GaussianHead(c, wd, hdim, norm)  # p_gamma(w | tau)
+        self.label_head = MLP(zd, c, hdim, norm)  # p_alpha(eta | z)
+        self.regularizer = MLP(wd, c, hdim, norm)  # q_psi(eta | w)
         self.decoder = (
-            ConvDecoder(wd + zd, conv_shape) if conv_shape is not None else MLP(wd + zd, d, hdim)
+            ConvDecoder(wd + zd, conv_shape, norm)
+            if conv_shape is not None
+            else MLP(wd + zd, d, hdim, norm)
         )
         if cfg.likelihood == "gaussian":
             self.x_logvar = nn.Parameter(torch.zeros(d))  # per-feature observation noise

@@ -1,8 +1,13 @@
 """Building blocks shared by both prototype families: MLPs, conv encoders, image and table
 augmentation.
 
-Sizes follow the paper's MNIST defaults (two hidden layers of 100 ReLU units, batch norm after
-the first); the conv encoder is the small net the discriminative family uses on images.
+Sizes follow the paper's MNIST defaults (two hidden layers of 100 ReLU units, a normalization
+after the first); the conv encoder is the small net the discriminative family uses on images.
+
+Normalization (``norm_layer``): ``"batch"`` keeps running averages of the training activations,
+which are then part of the weights; in a federation they describe a client's private queries to
+whoever reads its update. ``"layer"`` normalizes each example over its own features and keeps no
+statistic of the data.
 
 Images travel as rows: an (H, W) greyscale or (H, W, C) colour image flattened channels-last,
 exactly as numpy flattens an (n, H, W, C) array with ``images.reshape(n, -1)``.
@@ -18,15 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NORMALIZATIONS = ("batch", "layer")
+
+
+def norm_layer(kind: str, channels: int, spatial: bool = False) -> nn.Module:
+    """The normalization after a hidden layer of ``channels`` units (feature maps if
+    ``spatial``): ``"batch"`` (batch statistics in training, running averages of them at
+    inference) or ``"layer"`` (each example over its own units, and pixels for feature maps)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if spatial else nn.BatchNorm1d(channels)
+    if kind == "layer":
+        # GroupNorm with one group is layer norm over (channels, height, width) of each example.
+        return nn.GroupNorm(1, channels) if spatial else nn.LayerNorm(channels)
+    raise ValueError(f"unknown normalization {kind!r}: use one of {list(NORMALIZATIONS)}")
+
 
 class MLP(nn.Module):
-    """in -> hidden -> BN -> ReLU -> hidden -> ReLU -> out (the paper's network shape)."""
+    """in -> hidden -> norm -> ReLU -> hidden -> ReLU -> out (the paper's network shape)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 100) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 100, norm: str = "batch") -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden),
-            nn.BatchNorm1d(hidden),
+            norm_layer(norm, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
@@ -40,9 +59,9 @@ class MLP(nn.Module):
 class GaussianHead(nn.Module):
     """An MLP whose output is the mean and log-variance of a diagonal Gaussian."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 100) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 100, norm: str = "batch") -> None:
         super().__init__()
-        self.mlp = MLP(in_dim, 2 * out_dim, hidden)
+        self.mlp = MLP(in_dim, 2 * out_dim, hidden, norm)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.mlp(x).chunk(2, dim=-1)
@@ -108,7 +127,9 @@ def conv_blocks(image_shape: ImageShape) -> int:
 class ConvEncoder(nn.Module):
     """(n, H*W*C) images in [0,1] -> (n, out_dim) features: conv blocks, then two linear layers."""
 
-    def __init__(self, image_shape: ImageShape, out_dim: int, channels: int = 32) -> None:
+    def __init__(
+        self, image_shape: ImageShape, out_dim: int, channels: int = 32, norm: str = "batch"
+    ) -> None:
         super().__init__()
         h, w, c = image_dims(image_shape)
         self.image_shape = as_image_shape(image_shape)
@@ -119,7 +140,7 @@ class ConvEncoder(nn.Module):
             width_out = channels if b == 0 else 2 * channels
             layers += [
                 nn.Conv2d(width_in, width_out, 3, padding=1),
-                nn.BatchNorm2d(width_out),
+                norm_layer(norm, width_out, spatial=True),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]
@@ -137,24 +158,27 @@ class ConvEncoder(nn.Module):
 class MLPEncoder(nn.Module):
     """(n, d) -> (n, out_dim) features for tabular inputs (or images, without the conv prior)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, norm: str = "batch") -> None:
         super().__init__()
-        self.mlp = MLP(in_dim, out_dim, hidden)
+        self.mlp = MLP(in_dim, out_dim, hidden, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
 
 
-def make_encoder(kind: str, in_dim: int, out_dim: int, image_shape: ImageShape | None) -> nn.Module:
-    """The encoder named by a config: ``"conv"`` (needs an image shape) or ``"mlp"``."""
+def make_encoder(
+    kind: str, in_dim: int, out_dim: int, image_shape: ImageShape | None, norm: str = "batch"
+) -> nn.Module:
+    """The encoder named by a config: ``"conv"`` (needs an image shape) or ``"mlp"``, with the
+    named normalization (``norm_layer``)."""
     if kind == "conv":
         if image_shape is None:
             raise ValueError(
                 "encoder 'conv' needs image inputs (an image shape); use encoder = 'mlp'"
             )
-        return ConvEncoder(image_shape, out_dim)
+        return ConvEncoder(image_shape, out_dim, norm=norm)
     if kind == "mlp":
-        return MLPEncoder(in_dim, out_dim)
+        return MLPEncoder(in_dim, out_dim, norm=norm)
     raise ValueError(f"unknown encoder {kind!r}: use 'conv' or 'mlp'")
 
 

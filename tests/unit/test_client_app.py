@@ -3,6 +3,7 @@ of the black box. The privacy test inspects the exact bytes of a reply."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -304,3 +305,53 @@ def test_a_round_plan_of_another_format_is_refused_naming_both_formats(node):
         ),
     ):
         client_app.train(_instruction(1, "consensus", 0, 2, _initial(), config=config), context)
+
+
+def _recover_query_mean(sent: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> np.ndarray:
+    """A curious server's estimate of the mean of a client's queries from its reply, as good as
+    any attacker of this kind gets: every 1-D array of the first hidden layer's width is read as
+    a running average of that layer's pre-activations ``W x + b`` (momentum 0.1, from the value
+    the server sent, after any number of steps), solved for ``x`` through the returned ``W, b``
+    by least squares. Every candidate is returned: the test keeps the one closest to the truth,
+    which no real attacker could pick, so the attack is scored at its best."""
+    w, b = got["encoder.mlp.net.0.weight"], got["encoder.mlp.net.0.bias"]  # (H, d), (H,)
+    out = []
+    for name, r in got.items():
+        if r.shape != b.shape or name == "encoder.mlp.net.0.bias":
+            continue
+        r0 = sent[name]
+        for steps in range(1, 41):
+            kept = 0.9**steps
+            mean = (r - kept * r0) / (1 - kept)  # the average of the batch means
+            out.append(np.linalg.lstsq(w, mean - b, rcond=None)[0])
+    return np.array(out)  # (candidates, d)
+
+
+def _best(candidates: np.ndarray, truth: np.ndarray) -> float:
+    return min(float(np.linalg.norm(c - truth)) for c in candidates) if len(candidates) else np.inf
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_a_curious_server_recovers_the_query_mean_only_from_batch_norm_statistics(node, norm):
+    _, x, context = node
+    import torch
+
+    torch.manual_seed(0)
+    start = shared_arrays(
+        DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None, norm=norm))
+    )
+    plan = _plan(1, "consensus", 0, 2)
+    plan = dataclasses.replace(plan, model={**plan.model, "norm": norm})
+    config = ConfigRecord({"round-plan": wire.encode_round_plan(plan), "server-round": 1})
+    reply = client_app.app(_instruction(1, "consensus", 0, 2, start, config), context)
+    got = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    truth = x.mean(0)
+    lo, hi = float(x.min()), float(x.max())  # the value range the client declares
+    guess = np.linalg.norm(np.full_like(truth, (lo + hi) / 2) - truth)  # knowing nothing else
+    error = _best(_recover_query_mean(start, got), truth)
+    print(f"{norm}: attack error {error:.3f}, data-free guess {guess:.3f}")
+    if norm == "batch":
+        assert error < 0.1 * guess  # the running mean gives the client's query mean away
+    else:
+        assert not [k for k in got if "running" in k or got[k].dtype.kind != "f"]
+        assert error > 0.5 * guess  # nothing in the reply does

@@ -35,6 +35,18 @@ CONFIGS = {
     "generative conv 12x12": lambda: GenerativePrototypes(
         GenerativeConfig(144, 5, hidden=16, image_shape=(12, 12), conv=True)
     ),
+    # Layer normalization: the same arrays less the running statistics (nothing else may move).
+    "discriminative conv 12x12 layer norm": lambda: DiscriminativePrototypes(
+        DiscriminativeConfig(
+            144, 5, 3, feat_dim=8, encoder="conv", image_shape=(12, 12), norm="layer"
+        )
+    ),
+    "discriminative mlp layer norm": lambda: DiscriminativePrototypes(
+        DiscriminativeConfig(10, 5, 3, feat_dim=8, encoder="mlp", norm="layer")
+    ),
+    "generative conv 12x12 layer norm": lambda: GenerativePrototypes(
+        GenerativeConfig(144, 5, hidden=16, image_shape=(12, 12), conv=True, norm="layer")
+    ),
 }
 
 
@@ -54,6 +66,14 @@ def test_network_layout_matches_the_recorded_format(name):
         "the layouts were recorded for another artifact format version"
     )
     assert layout(CONFIGS[name]()) == recorded["layouts"][name]
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CONFIGS) if n.endswith(" layer norm")])
+def test_layer_norm_keeps_every_array_but_the_running_statistics(name):
+    batch = layout(CONFIGS[name.removesuffix(" layer norm")]())["arrays"]
+    layer = layout(CONFIGS[name]())["arrays"]
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert {k: v for k, v in batch.items() if not k.endswith(statistics)} == layer
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
