@@ -860,3 +860,49 @@ def test_combined_batch_norm_variances_never_go_negative():
     ]
     out = strategy.aggregate(updates)["encoder.bn.running_var"]
     assert out.dtype == np.float32 and np.all(out >= 0)
+
+
+def test_the_store_holds_combined_weights_except_rows_one_client_carries(in_a_run, tmp_path):
+    """What an operator with the server's disk reads (docs/threat-model.md): arrays every client
+    trains are stored combined, never as one client's own update; but the row of a label only
+    one client covers is that client's row, in the checkpoint (and in the weights every other
+    organization receives)."""
+    from protofuse_server.fusion.server_app import _checkpoint
+
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {
+        1: Client("a", ("0", "1"), 30),
+        2: Client("b", ("0", "1"), 30),
+        3: Client("c", ("1", "2"), 30),
+    }
+    strategy, _ = _strategy(fed, aggregation="rowwise")
+    rng = np.random.default_rng(5)
+    shapes = {"encoder.w": (16,), "prototypes": (3, 8), "bias": (3,)}
+    strategy._sent = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+    common = {k: 0.1 * rng.standard_normal(v) for k, v in shapes.items()}  # clients agree...
+    own, replies = {}, []
+    for node, client in fed.nodes.items():
+        reply = _trained_reply(node, client.pseudonym, client.labels, 0.0, 0.5)
+        own[client.pseudonym] = {  # ... up to their own data
+            k: (v + 0.03 * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in common.items()
+        }
+        reply.content["arrays"] = to_record(own[client.pseudonym])
+        replies.append(reply)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    combined = {k: v.numpy() for k, v in arrays.items()}
+    assert all(strategy.trust_of(n) > 0 for n in "abc")
+    with BankStore(tmp_path, "run") as store:
+        _checkpoint(store, 1, combined, strategy, {}, [])
+        disk = b"".join(p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file())
+
+    def on_disk(a: np.ndarray) -> bool:
+        return a.tobytes() in disk
+
+    assert on_disk(combined["encoder.w"]) and on_disk(combined["prototypes"][1])  # found if kept
+    for name, update in own.items():
+        assert not on_disk(update["encoder.w"]), f"{name}'s own encoder update is on disk"
+        assert not on_disk(update["prototypes"][1]), f"{name}'s row of a shared label is on disk"
+    # Label 2 is c's alone: its row in the bank is c's row.
+    np.testing.assert_array_equal(combined["prototypes"][2], own["c"]["prototypes"][2])
+    assert on_disk(own["c"]["prototypes"][2])
