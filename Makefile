@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service bench-service-load images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick bench-hostile bench-faults fuzz mutation clean
+.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service bench-service-load images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick bench-hostile bench-privacy bench-faults fuzz mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -119,6 +119,9 @@ bench-federated: $(STAMP)  ## reported seeds: simulate against fit, paired; robu
 
 bench-hostile: $(STAMP)  ## reported seeds: 1 and 2 of 7 clients attacking (MNIST-5k), paired against the clean federation; trust ranking; the defences' clean-run cost
 	$(PY) -m bench.hostile --rounds 10 --out bench-results/hostile
+
+bench-privacy: $(STAMP)  ## reported seeds: a curious server's attacks on one client's round (activation mean, membership, label prior) per privacy mode, and each mode's accuracy
+	$(PY) -m bench.privacy --out bench-results/privacy
 
 bench-faults: $(STAMP)  ## kill -9 of each component of a local-process deployment, dropouts, a client joining mid-run: the fault table
 	$(PY) -m bench.faults --out bench-results/faults

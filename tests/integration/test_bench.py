@@ -270,3 +270,26 @@ def test_datasets_are_compared_episode_by_episode():
     gaps = paired_gaps(episodes, "b", "a", "protofuse")
     assert gaps[1][2] == 2  # seed 2 has no partner and is left out
     assert gaps[1][0] == pytest.approx(0.0) and gaps[1][1] == pytest.approx(10.0)
+
+
+def test_the_privacy_audit_reads_a_batch_norm_mean_back_exactly_and_scores_auc():
+    from bench.privacy import auc, recover_activation_mean
+
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm1d(6)
+    layer.running_mean += torch.randn(6)  # what the server sent
+    sent = {"bn.running_mean": layer.running_mean.clone().numpy()}
+    batches = [torch.randn(32, 6) + 3.0 for _ in range(7)]
+    layer.train()
+    for b in batches:
+        layer(b)
+    got = {"bn.running_mean": layer.running_mean.numpy()}
+    # The running mean mixes the batch means with decaying weights; the audit reads back their
+    # momentum-weighted average, which equals the plain mean when the batches agree.
+    estimate = recover_activation_mean(sent, got, steps=len(batches))
+    weights = 0.1 * 0.9 ** np.arange(len(batches))[::-1]
+    expected = sum(w * b.mean(0).numpy() for w, b in zip(weights, batches, strict=True))
+    np.testing.assert_allclose(estimate, expected / weights.sum(), rtol=1e-4, atol=1e-5)
+    assert recover_activation_mean({}, {"w": np.zeros(3)}, 5) is None  # no statistic: no attack
+    assert auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5

@@ -1,0 +1,280 @@
+"""A curious server's audit: attacks on what one client sends in a round, in each privacy mode,
+next to the new-task accuracy the mode keeps.
+
+    python -m bench.privacy --out bench-results/privacy                # reported seeds
+    python -m bench.privacy --seeds 0 --out /tmp/privacy-dev           # development
+
+The client is the benchmark's: each of the MNIST-5k federation's five experts with its answers on
+the query pool, trained by the client's own round (``client_sdk.clientapp.local_training.
+run_round``: exactly what a SuperNode sends). The server knows what it sent, the round plan, and
+everything in the reply. Each client's round starts from two points of a run: the first round's
+random weights, and a trained bank (the central bank of the same experts, standing in for a
+federation's late rounds). Attacks:
+
+- *activation mean*: the per-channel mean of the first hidden layer's activations on the
+  client's training queries, read off the batch-norm running mean of the reply (its momentum
+  unrolled over the round's steps, which the server knows from the example count); relative
+  error against the truth computed with the returned weights. Layer normalization leaves nothing
+  to read.
+- *membership*: are given inputs among the client's training queries (members) or its held-out
+  ones (non-members, same distribution)? The attacker scores each input by how much the round
+  moved the bank's prediction over the client's declared labels (KL from before to after), and
+  by how much it moved its features; AUC of the better score (0.5: nothing learnt).
+- *label prior*: the imitation head's per-label biases against the frequency of each label among
+  the expert's answers on the client's queries (Pearson correlation of bias and log frequency).
+
+Modes: plain federation with batch norm (today's default) and with layer norm. Differential
+privacy and secure aggregation are not in this release (docs/threat-model.md). Accuracy: the
+central bank of each mode on the benchmark's new 5-way tasks (paired, same episodes). Writes
+results.md and results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.federated import score, summarize
+from bench.federations import DEFAULT_RECIPES
+from bench.run import REPORT_SEEDS, SHOTS, build_world, episode_tasks, log
+from client_sdk.clientapp.local_training import (
+    LocalExpert,
+    client_seed,
+    local_triples,
+    run_round,
+)
+from protofuse.families import family
+from protofuse.families.discriminative import config_for, load_shared, shared_arrays
+from protofuse.model.networks import as_channels_first
+from protofuse.protocol.federation import RoundPlan
+from protofuse.settings import FederationSettings, ModelSettings, TrainingSettings
+from protofuse.training import n_batches
+
+MODES = {"plain, batch norm": "batch", "plain, layer norm": "layer"}
+MOMENTUM = 0.1  # torch's batch-norm default: the server knows the architecture
+
+
+def auc(members: np.ndarray, others: np.ndarray) -> float:
+    """Probability that a member scores above a non-member (ties count half)."""
+    diff = members[:, None] - others[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def better_auc(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> float:
+    """The attacker's best AUC over its scores, each read in either direction (so at least 0.5
+    even when nothing is learnt: the null split measures that floor)."""
+    return max(max(auc(x, y), auc(-x, -y)) for x, y in zip(a, b, strict=True))
+
+
+def first_layer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The first hidden layer's pre-normalization activations, one row per channel's mean input:
+    (n, C) for an MLP, (n, C, H, W) for conv maps."""
+    enc = model.encoder
+    if hasattr(enc, "conv"):
+        return enc.conv[0](as_channels_first(x, enc.image_shape))
+    return enc.mlp.net[0](x)
+
+
+def channel_mean(a: torch.Tensor) -> np.ndarray:
+    dims = [0, 2, 3] if a.dim() == 4 else [0]
+    return a.mean(dims).detach().numpy()
+
+
+def running_mean_name(arrays: dict[str, np.ndarray]) -> str | None:
+    return next((k for k in arrays if k.endswith("running_mean")), None)
+
+
+def recover_activation_mean(
+    sent: dict[str, np.ndarray], got: dict[str, np.ndarray], steps: int
+) -> np.ndarray | None:
+    """The average of the round's batch means of the first layer, from its running mean."""
+    name = running_mean_name(got)
+    if name is None:
+        return None
+    kept = (1 - MOMENTUM) ** steps
+    return (got[name] - kept * sent[name]) / (1 - kept)
+
+
+def predictions(model, x: torch.Tensor, cols: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        z = model.embed(x)
+        return torch.log_softmax(model.logits(z)[:, cols], -1), z
+
+
+def attack(
+    model_before,
+    model_after,
+    sent: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+    expert: LocalExpert,
+    plan: RoundPlan,
+    result,
+) -> dict[str, float | None]:
+    triples = local_triples(expert, plan.vocabulary)
+    train, held = triples.split(
+        plan.training.holdout, client_seed(plan.training.seed, expert.pseudonym, 0)
+    )
+    steps = n_batches(result.n_examples, plan.training.batch_size) * plan.federation.local_epochs
+    estimate = recover_activation_mean(sent, got, steps)
+    with torch.no_grad():
+        truth = channel_mean(first_layer(model_after, torch.from_numpy(train.x)))
+    error = (
+        None
+        if estimate is None
+        else float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
+    )
+    cols = [plan.vocabulary.index(c) for c in expert.labels]
+    scores = []
+    for part in (train, held):
+        x = torch.from_numpy(part.x)
+        before, z0 = predictions(model_before, x, cols)
+        after, z1 = predictions(model_after, x, cols)
+        kl = (after.exp() * (after - before)).sum(-1).numpy()
+        shift = (z1 - z0).norm(dim=-1).numpy()
+        scores.append((kl, shift))
+    membership = better_auc(scores[0], scores[1])
+    half = len(held.x) // 2  # the same procedure between two halves of the non-members: its floor
+    null = better_auc(tuple(s[:half] for s in scores[1]), tuple(s[half:] for s in scores[1]))
+    freq = np.bincount(expert.answers.argmax(1), minlength=len(expert.labels)) + 1.0
+    bias = np.array(result.distribution.head.label_bias)
+    prior = float(np.corrcoef(bias, np.log(freq / freq.sum()))[0, 1]) if bias.std() > 0 else 0.0
+    return {
+        "activation_error": error,
+        "membership_auc": membership,
+        "membership_null": null,
+        "label_prior_r": prior,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.privacy", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
+    p.add_argument("--tasks", type=int, default=10, help="new 5-way tasks per seed")
+    p.add_argument("--max-test", type=int, default=300)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "attacks": [], "rows": []}
+    recipes = DEFAULT_RECIPES
+    banks = {name: ({"normalization": norm}, {}) for name, norm in MODES.items()}
+    for seed in args.seeds:
+        world = build_world(args.dataset, seed, recipes, banks, None, [], ceiling=False)
+        qx = world.splits.queries.x
+        for mode, norm in MODES.items():
+            bank = world.banks[mode]
+            vocabulary = tuple(bank.meta.label_names)
+            config = config_for(
+                qx.shape[1],
+                len(vocabulary),
+                1,
+                ModelSettings(normalization=norm),
+                world.dataset.image_shape,
+            )
+            model_config = {
+                k: v for k, v in asdict(config).items() if k not in ("n_labels", "n_experts")
+            }
+            torch.manual_seed(seed)
+            starts = {
+                "first round": shared_arrays(family("discriminative").build(asdict(config))),
+                "trained bank": shared_arrays(bank.model),
+            }
+            training = TrainingSettings(seed=seed)
+            plan = RoundPlan(
+                2, "consensus", 1, 20, vocabulary, model_config, training, FederationSettings()
+            )
+            index = {c: i for i, c in enumerate(world.triples.label_names)}
+            for i, e in enumerate(world.experts):
+                answers = world.triples.eta[:, i][:, [index[c] for c in e.labels]]
+                expert = LocalExpert(e.name, e.labels, qx, answers, len(qx))
+                for start, sent in starts.items():
+                    result = run_round(expert, plan, sent, {})
+                    before = family("discriminative").build(asdict(config))
+                    after = family("discriminative").build(asdict(config))
+                    load_shared(before, sent)
+                    load_shared(after, result.shared)
+                    row = attack(
+                        before.eval(), after.eval(), sent, result.shared, expert, plan, result
+                    )
+                    results["attacks"].append(
+                        {"seed": seed, "mode": mode, "client": e.name, "start": start, **row}
+                    )
+                    log(f"seed {seed} {mode} {e.name} {start}: {row}")
+        tasks = episode_tasks(recipes, world.dataset.label_names, [5], args.tasks, seed)
+        for r in score(dict(world.banks), world, tasks, seed, args.max_test, zero_shot=False):
+            results["rows"].append({"seed": seed, **r})
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (args.out / "results.md").write_text(report(results))
+    print(report(results))
+    return 0
+
+
+def report(results: dict) -> str:
+    seeds = sorted({a["seed"] for a in results["attacks"]})
+    lines = [
+        "# A curious server's attacks on one client's round, per privacy mode",
+        "",
+        f"Settings: {results['args']}",
+        "",
+        f"Mean over the five clients and seeds {seeds} (min-max in brackets). Activation mean: "
+        "relative error of the attack's estimate (— : nothing in the reply to read it from). "
+        "Membership: AUC of the attacker's better score, members against non-members; the null "
+        "split runs the same procedure between two halves of the non-members, so the gap "
+        "between the two is what the round gives away. Label prior: correlation of "
+        "the imitation head's biases with the log frequency of each label in the expert's "
+        "answers.",
+        "",
+        "| mode | round starts from | activation mean, relative error | membership AUC | "
+        "membership AUC, null split | label prior r |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(values: list[float | None], fmt: str) -> str:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return "—"
+        return f"{np.mean(vals):{fmt}} [{min(vals):{fmt}}-{max(vals):{fmt}}]"
+
+    for mode in MODES:
+        for start in ("first round", "trained bank"):
+            rows = [a for a in results["attacks"] if a["mode"] == mode and a["start"] == start]
+            if not rows:
+                continue
+            lines.append(
+                f"| {mode} | {start} | {cell([r['activation_error'] for r in rows], '.3f')} | "
+                f"{cell([r['membership_auc'] for r in rows], '.3f')} | "
+                f"{cell([r['membership_null'] for r in rows], '.3f')} | "
+                f"{cell([r['label_prior_r'] for r in rows], '.2f')} |"
+            )
+    base, other = list(MODES)
+    if results["rows"]:
+        s = summarize(results["rows"], other, base)
+        lines += [
+            "",
+            "New-task accuracy of each mode's central bank (5-way, %), paired on the same "
+            "episodes:",
+            "",
+            "| | " + " | ".join(f"k = {k}" for k in SHOTS) + " |",
+            "|---|" + "---|" * len(SHOTS),
+            f"| {base} | " + " | ".join(f"{s[k][base]:.1f}" for k in SHOTS) + " |",
+            f"| {other} | " + " | ".join(f"{s[k][other]:.1f}" for k in SHOTS) + " |",
+            "| gap | "
+            + " | ".join(f"{s[k]['gap']:+.2f} ± {s[k]['gap_se']:.2f}" for k in SHOTS)
+            + " |",
+        ]
+    lines += [
+        "",
+        "One torch thread. Differential privacy and secure aggregation: not in this release.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
