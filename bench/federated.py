@@ -54,9 +54,11 @@ def write_spec(
     aggregation: str = "rowwise",
     keep: int = 2,
     federation: dict[str, object] | None = None,
+    model: dict[str, object] | None = None,
 ) -> Path:
     """A spec folder for the world's experts: shared pool or one disjoint shard per expert;
-    ``federation``: more ``[federation]`` settings (TOML values as Python values)."""
+    ``federation`` and ``model``: ``[federation]`` and ``[model]`` settings (TOML values as
+    Python values)."""
     folder.mkdir(parents=True, exist_ok=True)
     qx = world.splits.queries.x
     files = {}
@@ -77,11 +79,19 @@ def write_spec(
         EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO))
     )
     shape = world.dataset.image_shape
-    text = (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "") + (
-        f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "
-        f'"{aggregation}"\nkeep_checkpoints = {keep}\n'
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (federation or {}).items())
-        + "\n"
+    text = (
+        (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "")
+        + (
+            "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items()) + "\n"
+            if model
+            else ""
+        )
+        + (
+            f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "
+            f'"{aggregation}"\nkeep_checkpoints = {keep}\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (federation or {}).items())
+            + "\n"
+        )
     )
     text += "\n".join(
         spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes
@@ -90,8 +100,9 @@ def write_spec(
     return folder / "spec.toml"
 
 
-def central_bank(world, recipes, mode: str, seed: int) -> Bank:
-    """``fit`` on exactly the triples the federation trains on (shared pool, or shards)."""
+def central_bank(world, recipes, mode: str, seed: int, model: dict | None = None) -> Bank:
+    """``fit`` on exactly the triples the federation trains on (shared pool, or shards), with
+    the same ``[model]`` settings."""
     if mode == "shared":
         return world.banks["protofuse"]
     from client_sdk.experts import query_expert
@@ -109,7 +120,7 @@ def central_bank(world, recipes, mode: str, seed: int) -> Bank:
     )
     return fit_bank(
         triples,
-        ModelSettings(),
+        ModelSettings(**(model or {})),
         TrainingSettings(seed=seed),
         AdaptSettings(),
         world.dataset.image_shape,
@@ -216,8 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         default=5,
         help="tasks of the first seed scored at every 5th round (accuracy against rounds)",
     )
+    p.add_argument(
+        "--normalization",
+        choices=["batch", "layer"],
+        help="[model] normalization of both the federation and central fit (default: the spec's)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    model = {"normalization": args.normalization} if args.normalization else {}
     recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (
         ROBUSTNESS_RECIPES if args.robust else ()
     )
@@ -225,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     for seed in args.seeds:
         world = build_world(
-            args.dataset, seed, recipes, {"protofuse": ({}, {})}, None, [], ceiling=False
+            args.dataset, seed, recipes, {"protofuse": (model, {})}, None, [], ceiling=False
         )
         tasks = episode_tasks(recipes, world.dataset.label_names, [5], args.tasks, seed)
         for mode in args.modes:
             t0 = time.perf_counter()
-            central = central_bank(world, recipes, mode, seed)
+            central = central_bank(world, recipes, mode, seed, model)
             t_central = (
                 time.perf_counter()
                 - t0
@@ -247,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.rounds,
                 args.aggregation,
                 keep=args.rounds + 2 if seed == args.seeds[0] else 2,
+                model=model,
             )
             t0 = time.perf_counter()
             simulate(spec, run, echo=lambda line: None)
@@ -264,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     mode,
                     args.rounds,
                     args.aggregation,
+                    model=model,
                 )
                 simulate(honest_spec, honest_run, echo=lambda line: None)
                 banks["federated honest"] = load_bank(honest_run)
