@@ -12,8 +12,9 @@ declaring labels it has no expert for); the first one or two of the five sound e
 hostile. ``clean, defences off`` is the clean federation with the settings that switch the
 defences off (no clipping, no weight cap, no evidence): the defences' clean-run cost is its gap to
 ``clean``. ``absent xN`` is the federation without the N clients that turn hostile: an attacker can
-always withhold what its expert knows, so it is the most a defence can keep. Writes results.md and
-results.json.
+always withhold what its expert knows, so it is the reference for a defence that excludes the
+attackers (not a bound: an attack that still sends some real knowledge can score above it).
+Writes results.md and results.json.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def hostile_app(folder: Path) -> Path:
 
 def scenarios(attacks: list[str], counts: list[int]) -> list[tuple[str, str | None, int]]:
     """(name, attack, number of hostile clients); the clean runs first, then the federations
-    without the clients that turn hostile (the reference no defence can beat: an attacker can
-    always withhold its expert's knowledge)."""
+    without the clients that turn hostile (the reference for a defence that excludes them: an
+    attacker can always withhold its expert's knowledge)."""
     out: list[tuple[str, str | None, int]] = [("clean", None, 0), ("clean, defences off", None, 0)]
     out += [(f"absent x{n}", "absent", n) for n in counts]
     return out + [(f"{a} x{n}", a, n) for a in attacks for n in counts]
@@ -184,8 +185,8 @@ def report(results: dict) -> str:
     lines += [
         "",
         "Paired gap of each attacked federation to the same federation without its attackers "
-        "(`absent`: what an attacker that withholds its expert costs, which no defence can "
-        "recover):",
+        "(`absent`: what an attacker that withholds its expert costs; the reference for a "
+        "defence that excludes the attackers, not a bound):",
         "",
         "| scenario | " + " | ".join(f"gap k={k}" for k in SHOTS) + " |",
         "|---|" + "---|" * len(SHOTS),
@@ -225,8 +226,8 @@ def report(results: dict) -> str:
         "",
         f"Attackers in bold; an attacker without a trust value never got a record (every reply "
         f"refused). The liar claims more examples than the queries it declared, so its replies "
-        f"are refused from its first round: its rows are what losing its client costs, the most "
-        f"any defence that excludes an attacker can keep. Rounds: {results['args']['rounds']}. "
+        f"are refused from its first round: its rows are what losing its client costs. "
+        f"Rounds: {results['args']['rounds']}. "
         f"Time per federation: {seconds:.0f} s (1 torch thread per process, 2 cores).",
         "",
     ]
