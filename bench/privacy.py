@@ -53,7 +53,6 @@ from protofuse.families.discriminative import config_for, load_shared, shared_ar
 from protofuse.model.networks import as_channels_first
 from protofuse.protocol.federation import RoundPlan
 from protofuse.settings import FederationSettings, ModelSettings, TrainingSettings
-from protofuse.training import n_batches
 
 MODES = {"plain, batch norm": "batch", "plain, layer norm": "layer"}
 MOMENTUM = 0.1  # torch's batch-norm default: the server knows the architecture
@@ -114,20 +113,25 @@ def attack(
     expert: LocalExpert,
     plan: RoundPlan,
     result,
+    public_x: np.ndarray,
+    seed: int,
 ) -> dict[str, float | None]:
     triples = local_triples(expert, plan.vocabulary)
     train, held = triples.split(
         plan.training.holdout, client_seed(plan.training.seed, expert.pseudonym, 0)
     )
-    steps = n_batches(result.n_examples, plan.training.batch_size) * plan.federation.local_epochs
-    estimate = recover_activation_mean(sent, got, steps)
+    # The steps the server can work out: the client's batch size rule and its example count
+    # (training skips a last batch of one example).
+    batch = plan.federation.client_batch_size(result.n_examples, plan.training)
+    per_epoch = result.n_examples // batch + (result.n_examples % batch >= 2)
+    estimate = recover_activation_mean(sent, got, per_epoch * plan.federation.local_epochs)
     with torch.no_grad():
         truth = channel_mean(first_layer(model_after, torch.from_numpy(train.x)))
-    error = (
-        None
-        if estimate is None
-        else float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
-    )
+        # What the server guesses with no client data: the same layer on public data.
+        public = channel_mean(first_layer(model_after, torch.from_numpy(public_x)))
+    norm = float(np.linalg.norm(truth))
+    error = None if estimate is None else float(np.linalg.norm(estimate - truth) / norm)
+    baseline = float(np.linalg.norm(public - truth) / norm)
     cols = [plan.vocabulary.index(c) for c in expert.labels]
     scores = []
     for part in (train, held):
@@ -137,14 +141,20 @@ def attack(
         kl = (after.exp() * (after - before)).sum(-1).numpy()
         shift = (z1 - z0).norm(dim=-1).numpy()
         scores.append((kl, shift))
-    membership = better_auc(scores[0], scores[1])
-    half = len(held.x) // 2  # the same procedure between two halves of the non-members: its floor
-    null = better_auc(tuple(s[:half] for s in scores[1]), tuple(s[half:] for s in scores[1]))
+    # Equal sizes on both sides: members drawn at random against half the non-members, and the
+    # same procedure between the two halves of the non-members (its floor at these sizes).
+    half = len(held.x) // 2
+    pick = np.random.default_rng(seed).choice(len(train.x), half, replace=False)
+    members = tuple(s[pick] for s in scores[0])
+    first, second = tuple(s[:half] for s in scores[1]), tuple(s[half : 2 * half] for s in scores[1])
+    membership = better_auc(members, first)
+    null = better_auc(second, first)
     freq = np.bincount(expert.answers.argmax(1), minlength=len(expert.labels)) + 1.0
     bias = np.array(result.distribution.head.label_bias)
     prior = float(np.corrcoef(bias, np.log(freq / freq.sum()))[0, 1]) if bias.std() > 0 else 0.0
     return {
         "activation_error": error,
+        "activation_baseline": baseline,
         "membership_auc": membership,
         "membership_null": null,
         "label_prior_r": prior,
@@ -200,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                     load_shared(before, sent)
                     load_shared(after, result.shared)
                     row = attack(
-                        before.eval(), after.eval(), sent, result.shared, expert, plan, result
+                        before.eval(),
+                        after.eval(),
+                        sent,
+                        result.shared,
+                        expert,
+                        plan,
+                        result,
+                        world.splits.test.x[:2000],
+                        seed,
                     )
                     results["attacks"].append(
                         {"seed": seed, "mode": mode, "client": e.name, "start": start, **row}
@@ -224,15 +242,17 @@ def report(results: dict) -> str:
         "",
         f"Mean over the five clients and seeds {seeds} (min-max in brackets). Activation mean: "
         "relative error of the attack's estimate (— : nothing in the reply to read it from). "
-        "Membership: AUC of the attacker's better score, members against non-members; the null "
-        "split runs the same procedure between two halves of the non-members, so the gap "
+        "Public-data guess: the same layer's mean on 2,000 images of the dataset's test split, "
+        "which needs nothing from the client. Membership: AUC of the attacker's better score, "
+        "members (drawn at random) against half the non-members; the null split runs the same "
+        "procedure, at the same sizes, between the two halves of the non-members, so the gap "
         "between the two is what the round gives away. Label prior: correlation of "
         "the imitation head's biases with the log frequency of each label in the expert's "
         "answers.",
         "",
-        "| mode | round starts from | activation mean, relative error | membership AUC | "
-        "membership AUC, null split | label prior r |",
-        "|---|---|---|---|---|---|",
+        "| mode | round starts from | activation mean, relative error | the same, guessed "
+        "from public data | membership AUC | membership AUC, null split | label prior r |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def cell(values: list[float | None], fmt: str) -> str:
@@ -248,6 +268,7 @@ def report(results: dict) -> str:
                 continue
             lines.append(
                 f"| {mode} | {start} | {cell([r['activation_error'] for r in rows], '.3f')} | "
+                f"{cell([r['activation_baseline'] for r in rows], '.3f')} | "
                 f"{cell([r['membership_auc'] for r in rows], '.3f')} | "
                 f"{cell([r['membership_null'] for r in rows], '.3f')} | "
                 f"{cell([r['label_prior_r'] for r in rows], '.2f')} |"
