@@ -79,19 +79,21 @@ def write_spec(
         EXPERTS_PY.format(dataset=dataset, lines=lines, repo=str(REPO))
     )
     shape = world.dataset.image_shape
-    text = (
-        (f"[data]\nimage_shape = {list(shape)}\n\n" if shape else "")
-        + (
-            "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items()) + "\n"
-            if model
-            else ""
-        )
-        + (
-            f"[training]\nseed = {seed}\n\n[federation]\nrounds = {rounds}\naggregation = "
-            f'"{aggregation}"\nkeep_checkpoints = {keep}\n'
-            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (federation or {}).items())
-            + "\n"
-        )
+    tables = {
+        "data": {"image_shape": list(shape)} if shape else {},
+        "model": model or {},
+        "training": {"seed": seed},
+        "federation": {
+            "rounds": rounds,
+            "aggregation": aggregation,
+            "keep_checkpoints": keep,
+            **(federation or {}),
+        },
+    }
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()) + "\n"
+        for name, values in tables.items()
+        if values
     )
     text += "\n".join(
         spec_entry(r.name, f"experts:{r.name}", r.classes, files[r.name]) for r in recipes
