@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--normalization",
         choices=["batch", "layer"],
-        help="[model] normalization of both the federation and central fit (default: the spec's)",
+        help=(
+            "[model] normalization of both the federation and central fit (default: the "
+            "spec's; auto: layer norm federated, batch norm central)"
+        ),
     )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)

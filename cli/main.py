@@ -277,6 +277,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="this node's private key when the SuperLink authenticates SuperNodes",
     )
+    client.add_argument(
+        "--allow-batch-norm",
+        action="store_true",
+        help=(
+            "train plans whose networks use batch norm (refused by default: its running "
+            "statistics would send the mean and variance of this node's queries each round)"
+        ),
+    )
     client.set_defaults(run=_client)
 
     serve = sub.add_parser(
@@ -602,6 +610,8 @@ def _client(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'
+    if args.allow_batch_norm:
+        node_config += " allow-batch-norm=true"
     cmd = [
         flower_bin("flower-supernode"),
         "--superlink",

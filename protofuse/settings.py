@@ -24,12 +24,13 @@ class ModelSettings(_Strict):
     encoder: Literal["auto", "conv", "mlp"] = Field(
         "auto", description="discriminative encoder; auto: conv for images, mlp otherwise"
     )
-    normalization: Literal["batch", "layer"] = Field(
-        "batch",
+    normalization: Literal["auto", "batch", "layer"] = Field(
+        "auto",
         description=(
             "normalization after hidden layers: 'layer' keeps no statistic of the training "
             "data; 'batch' keeps running averages of the activations, which in a federation are "
-            "part of each client's update and describe its queries"
+            "part of each client's update and describe its queries; 'auto': layer in a "
+            "federation (simulate, deployment), batch in central fit, where no weights leave"
         ),
     )
     feat_dim: int = Field(64, ge=2, le=4096, description="discriminative feature size |z|")
@@ -45,6 +46,15 @@ class ModelSettings(_Strict):
     conv: bool = Field(
         False, description="generative: conv encoders and transposed-conv decoder (images only)"
     )
+
+    def resolved_normalization(self, federated: bool) -> Literal["batch", "layer"]:
+        """The normalization the networks are built with. ``auto`` is layer norm wherever the
+        weights leave a client (a federation), so no statistic of its queries travels with them,
+        and batch norm in central ``fit``, where nothing leaves and batch norm measured better
+        (README, "Defaults and why")."""
+        if self.normalization != "auto":
+            return self.normalization
+        return "layer" if federated else "batch"
 
 
 # Table augmentation by default (README, "Defaults and why"; development seeds 0-2). Wide inputs,

@@ -242,18 +242,28 @@ def consensus(model: DiscriminativePrototypes, x: np.ndarray) -> np.ndarray:
     return torch.softmax(model.logits(model.embed(torch.from_numpy(x))), dim=-1).numpy()
 
 
-def consensus_agreement(pooled: np.ndarray, triples: Triples) -> np.ndarray:
+# Fewest inputs an agreement rate is measured on: below it the rate is noise (its standard error
+# is up to 0.5 / sqrt(n)), and one undertrained consensus that places 4 queries in an expert's
+# labels (measured: a 2-round federation on digits) would otherwise give an honest expert a rate
+# of 0 and no trust. Fewer inputs: not measured (NaN), which sets no weight of its own.
+MIN_AGREEMENT_ROWS = 30
+
+
+def consensus_agreement(
+    pooled: np.ndarray, triples: Triples, min_rows: int = MIN_AGREEMENT_ROWS
+) -> np.ndarray:
     """Label-free reliability of each expert: how often its top class matches the bank's consensus.
 
     ``pooled`` (N, C) is the consensus on ``triples.x`` (``consensus``). Only inputs that the
     consensus places inside the expert's label set count (elsewhere an expert's answer is arbitrary
-    by construction). Returns (E,) agreement rates in [0, 1].
+    by construction); with fewer than ``min_rows`` of them the expert is not measured (NaN).
+    Returns (E,) agreement rates in [0, 1].
     """
     tau = triples.tau > 0
     out = np.full(len(triples.expert_names), np.nan)
     for e in range(len(out)):
         rows = triples.mask[:, e] & (pooled[:, tau[e]].sum(1) > 0.5)
-        if rows.any():
+        if rows.sum() >= max(min_rows, 1):
             out[e] = float(
                 (
                     pooled[rows][:, tau[e]].argmax(1) == triples.eta[rows, e][:, tau[e]].argmax(1)
@@ -271,14 +281,17 @@ def reliability_weights(
     expert counts for much less than its peers.
 
     An expert with one label agrees with any consensus by construction (chance is 1): like an
-    unmeasured one (NaN) it gets the weight of a perfect score rather than 0 / 0."""
+    unmeasured one (NaN) it gets the weight of a perfect score rather than 0 / 0. Neither sets the
+    reference the others are scored against: that comes from the measured experts alone (a
+    client that reports no agreement cannot raise the bar for the rest)."""
     n = np.asarray(n_labels, dtype=np.float64)
     measured = np.isfinite(agreement) & (n > 1)
     chance = 1.0 / np.maximum(n, 1.0)
     score = np.where(measured, agreement, 1.0)
     kappa = np.clip((score - chance) / np.where(measured, 1.0 - chance, 1.0), 0.0, 1.0)
     kappa = np.where(measured, kappa, 1.0)
-    reference = float(kappa.max() if relative_to == "best" else np.median(kappa))
+    judged = kappa[measured] if measured.any() else np.ones(1)
+    reference = float(judged.max() if relative_to == "best" else np.median(judged))
     return np.minimum(kappa / max(reference, 1e-8), 1.0) ** 2
 
 

@@ -3,7 +3,9 @@
 Where its expert comes from:
 - deployment (``protofuse client`` or ``flower-supernode --node-config``): node config
   ``spec`` (absolute path of a spec naming the expert) and ``expert`` (its name; optional when
-  the spec lists one expert), optionally ``cache-dir`` for the cached answers;
+  the spec lists one expert), optionally ``cache-dir`` for the cached answers and
+  ``allow-batch-norm=true`` to train a plan with batch norm (refused otherwise: its running
+  statistics describe the queries);
 - simulation: the run config's ``spec`` and the virtual node's ``partition-id``, which picks the
   spec's expert of that index. Answers are cached beside the spec (``.protofuse-cache``) unless
   the node config names a ``cache-dir``.
@@ -95,6 +97,7 @@ def check_server_format(ask: ConfigRecord | None) -> None:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     plan = round_plan(message.content.config_records["config"])
+    check_normalization(plan, context)
     torch.set_num_threads(plan.training.threads)
     expert = local_expert(context)
     shared = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
@@ -141,6 +144,26 @@ def round_plan(config: ConfigRecord) -> RoundPlan:
             "run matching protofuse versions"
         )
     return wire.decode_round_plan(value)
+
+
+def check_normalization(plan: RoundPlan, context: Context) -> None:
+    """Refuse, before any training, a plan whose networks keep batch-norm running statistics:
+    they would travel in this node's update and describe its queries (docs/threat-model.md).
+    Which networks to train is the server's choice, so the node owner decides whether to accept
+    it (node config ``allow-batch-norm``). A simulation's virtual nodes follow its spec: their
+    owner chose it."""
+    norm = plan.model.get("norm", "batch")  # plans from before the setting meant batch norm
+    if norm != "batch" or "partition-id" in context.node_config:
+        return
+    allowed = context.node_config.get("allow-batch-norm", False)
+    if allowed is True or str(allowed).lower() == "true":
+        return
+    raise wire.WireError(
+        "RoundPlan.model_json: the server asks for batch norm, whose running statistics would "
+        "send the mean and variance of this node's queries to the server each round; ask the "
+        'operator for [model] normalization = "layer" (or "auto"), or accept it on this node '
+        "with --node-config 'allow-batch-norm=true' (protofuse client --allow-batch-norm)"
+    )
 
 
 def local_expert(context: Context) -> LocalExpert:

@@ -63,11 +63,14 @@ def config_for(
     n_experts: int,
     model: ModelSettings,
     image_shape: ImageShape | None,
+    federated: bool = False,
 ) -> DiscriminativeConfig:
-    """The networks' config from the settings; the encoder is a conv net for images unless set."""
+    """The networks' config from the settings; the encoder is a conv net for images unless set,
+    and ``federated`` (the weights leave the clients) picks the normalization ``auto`` means."""
     encoder = model.encoder if model.encoder != "auto" else ("conv" if image_shape else "mlp")
+    norm = model.resolved_normalization(federated)
     return DiscriminativeConfig(
-        x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape, model.normalization
+        x_dim, n_labels, n_experts, model.feat_dim, encoder, image_shape, norm
     )
 
 

@@ -99,7 +99,7 @@ class Generative(Family[GenerativePrototypes]):
             s.conv,
             s.lam,
             s.hide_eta,
-            s.normalization,
+            s.resolved_normalization(federated=False),  # the generative family is fit centrally
         )
         net = GenerativePrototypes(config)
         train_generative(

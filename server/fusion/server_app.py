@@ -81,7 +81,8 @@ def fuse(
             raise
         raise SpecError(
             f"{err} (the settings that shape the bank, rounds included, differ from the run stored "
-            f"in {out})"
+            f"in {out}; a run begun while batch norm was the default resumes with [model] "
+            'normalization = "batch")'
         ) from None
     try:
         last = store.latest()
@@ -149,6 +150,13 @@ def run_key(spec: Spec) -> str:
     settings["federation"].pop("min_replies")
     settings["federation"].pop("keep_checkpoints")
     settings["training"].pop("threads")
+    # The normalization the weights are built with, not the name it was asked by ("auto" is layer
+    # norm in a federation). Batch norm leaves no key, as in runs begun before the setting
+    # existed (batch norm then), so those still resume with normalization = "batch".
+    norm = spec.model.resolved_normalization(federated=True)
+    settings["model"]["normalization"] = norm
+    if norm == "batch":
+        del settings["model"]["normalization"]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -223,7 +231,9 @@ def _start(
             log(WARNING, "refusing node %s: %s", node_id, err)
     if not fed.nodes:
         raise RuntimeError("every node was refused; see the warnings above")
-    config = config_for(x_dim, len(fed.vocabulary), 1, spec.model, image_shape)
+    # federated=True: normalization "auto" is layer norm here, so the shared weights carry no
+    # running statistic of a client's queries (docs/threat-model.md).
+    config = config_for(x_dim, len(fed.vocabulary), 1, spec.model, image_shape, federated=True)
     model_config = {k: v for k, v in asdict(config).items() if k not in ("n_labels", "n_experts")}
     if last:
         arrays = last.arrays

@@ -60,6 +60,7 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
         key = db.execute("SELECT run_key FROM run").fetchone()[0]  # of the spec with rounds=4
     with BankStore(run / STORE, key) as store:
         before = store.latest().state  # the evidence of rounds 1-2 is what the resume starts from
+        before_arrays = store.latest().arrays
     assert sorted(before["evidence"]) == ["forest", "knn", "logreg", "mlp", "svm"]
     assert before["strikes"] == {} and before["expelled"] == []
 
@@ -83,6 +84,9 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
 
     bank = load_bank(run)  # the run folder, as adapt, predict and info take it
     assert bank.meta.federation.rounds == 5
+    # normalization "auto" in a federation: layer norm, no running statistic of any client's data
+    assert bank.meta.config["norm"] == "layer"
+    assert not [k for k in before_arrays if "running" in k or "num_batches" in k]
     assert sorted(e.name for e in bank.experts) == ["forest", "knn", "logreg", "mlp", "svm"]
     assert all(
         e.n_queries > 0 and 0 < e.weight <= 1 and 0.5 < e.fidelity.agreement <= 1

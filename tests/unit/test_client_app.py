@@ -76,7 +76,8 @@ VOCAB = ["0", "1", "2", "3"]
 
 
 def _plan(round: int, phase: str, phase_round: int, phase_rounds: int) -> wire.RoundPlan:
-    model = {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}
+    # What a server plans by default (normalization "auto" is layer norm in a federation).
+    model = {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None, "norm": "layer"}
     return wire.RoundPlan(
         round,
         phase,
@@ -131,7 +132,9 @@ def _initial() -> dict[str, np.ndarray]:
 
     torch.manual_seed(0)
     return shared_arrays(
-        DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None))
+        DiscriminativePrototypes(
+            DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None, norm="layer")
+        )
     )
 
 
@@ -216,6 +219,50 @@ def test_the_optimizer_and_schedule_carry_over_rounds_and_reset_with_the_phase(n
     np.testing.assert_array_equal(
         context.state["teacher"]["teacher"].numpy(), teacher
     )  # not recomputed
+
+
+def _batch_norm_round(context: Context) -> Message:
+    import torch
+
+    torch.manual_seed(0)
+    start = shared_arrays(
+        DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None))
+    )
+    plan = _plan(1, "consensus", 0, 2)
+    plan = dataclasses.replace(plan, model={**plan.model, "norm": "batch"})
+    config = ConfigRecord({"round-plan": wire.encode_round_plan(plan), "server-round": 1})
+    return client_app.app(_instruction(1, "consensus", 0, 2, start, config), context)
+
+
+def test_a_deployed_node_refuses_a_batch_norm_plan_before_any_work_unless_its_owner_allows(node):
+    folder, _, context = node
+    with pytest.raises(wire.WireError, match=r"batch norm.*allow-batch-norm=true"):
+        _batch_norm_round(context)
+    # Refused before the expert was asked or anything was kept: no answer, no state.
+    assert not (folder / "calls.txt").exists() and not list(context.state.array_records)
+    # A plan from before the setting names no normalization: batch norm, refused alike.
+    plan = _plan(1, "consensus", 0, 2)
+    legacy = dataclasses.replace(plan, model={k: v for k, v in plan.model.items() if k != "norm"})
+    with pytest.raises(wire.WireError, match="allow-batch-norm"):
+        client_app.check_normalization(legacy, context)
+    for allowed in (True, "true", "True"):  # the node config's TOML boolean, or a string
+        context.node_config["allow-batch-norm"] = allowed
+        client_app.check_normalization(legacy, context)
+    context.node_config["allow-batch-norm"] = "false"
+    with pytest.raises(wire.WireError):
+        client_app.check_normalization(legacy, context)
+    # Its owner's choice: with allow-batch-norm the round runs and sends the running statistics.
+    context.node_config["allow-batch-norm"] = True
+    reply = _batch_norm_round(context)
+    assert any("running_mean" in k for k in reply.content["arrays"])
+
+
+def test_a_simulated_node_trains_the_normalization_its_spec_chose(node):
+    _, _, context = node
+    # A simulation's virtual node (partition-id) runs for the spec's owner, who chose batch norm.
+    context.node_config["partition-id"] = 0
+    reply = _batch_norm_round(context)
+    assert any("running_mean" in k for k in reply.content["arrays"])
 
 
 def test_seeds_differ_per_client_and_per_round():
@@ -336,6 +383,8 @@ def test_a_curious_server_recovers_the_query_mean_only_from_batch_norm_statistic
     _, x, context = node
     import torch
 
+    if norm == "batch":  # a node that accepted batch norm, as every node did before the setting
+        context.node_config["allow-batch-norm"] = True
     torch.manual_seed(0)
     start = shared_arrays(
         DiscriminativePrototypes(DiscriminativeConfig(16, len(VOCAB), 1, 8, "mlp", None, norm=norm))

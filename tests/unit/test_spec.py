@@ -122,6 +122,36 @@ def test_table_augmentation_is_set_in_the_training_table(tmp_path):
     )
 
 
+def test_normalization_auto_is_layer_norm_where_weights_leave_and_batch_norm_in_fit(tmp_path):
+    from protofuse.families.discriminative import config_for
+    from protofuse_server.fusion.server_app import run_key
+
+    path = tmp_path / "server.toml"
+    specs = {}
+    for norm in ("auto", "layer", "batch"):
+        path.write_text(f"[model]\nnormalization = '{norm}'\n")
+        specs[norm] = load_spec(path, experts_required=False)
+    path.write_text("[federation]\nrounds = 6\n")
+    assert load_spec(path, experts_required=False).model.normalization == "auto"  # the default
+    auto = specs["auto"].model
+    assert (auto.resolved_normalization(True), auto.resolved_normalization(False)) == (
+        "layer",
+        "batch",
+    )
+    assert config_for(16, 3, 1, auto, None, federated=True).norm == "layer"
+    assert config_for(16, 3, 1, auto, None).norm == "batch"  # central fit
+    for norm in ("layer", "batch"):  # a normalization named is used everywhere
+        assert config_for(16, 3, 1, specs[norm].model, None, federated=True).norm == norm
+        assert config_for(16, 3, 1, specs[norm].model, None).norm == norm
+    # A run resumes under the normalization its weights were built with, whatever its name.
+    assert run_key(specs["auto"]) == run_key(specs["layer"]) != run_key(specs["batch"])
+    with pytest.raises(
+        SpecError, match="normalization: Input should be 'auto', 'batch' or 'layer'"
+    ):
+        path.write_text("[model]\nnormalization = 'group'\n")
+        load_spec(path, experts_required=False)
+
+
 def test_a_missing_spec_file_is_named(tmp_path):
     with pytest.raises(SpecError, match=r"nowhere\.toml: no such spec file"):
         load_spec(tmp_path / "nowhere.toml")

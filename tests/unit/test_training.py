@@ -12,7 +12,12 @@ from toys import answers, clusters, two_experts
 
 from protofuse.bank import Bank, fit_bank
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
-from protofuse.training import consensus_agreement, fidelity, reliability_weights
+from protofuse.training import (
+    MIN_AGREEMENT_ROWS,
+    consensus_agreement,
+    fidelity,
+    reliability_weights,
+)
 from protofuse.triples import assemble
 
 torch.set_num_threads(1)
@@ -81,7 +86,7 @@ def test_consensus_agreement_and_reliability_weights_on_a_known_case():
     eta_b = np.array([[0.9, 0.1], [0.3, 0.7], [0.3, 0.7], [0.7, 0.3]], dtype=np.float32)
     triples = _two_experts(eta_a, eta_b)
     pooled = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.2, 0.7], [0.05, 0.05, 0.9]])
-    agreement = consensus_agreement(pooled, triples)
+    agreement = consensus_agreement(pooled, triples, min_rows=1)
     # a: only row 0 has consensus mass > 0.5 on {0, 1}; it agrees there. b: rows 1-3, agrees on 1
     # and 2.
     np.testing.assert_allclose(agreement, [1.0, 2 / 3])
@@ -90,6 +95,16 @@ def test_consensus_agreement_and_reliability_weights_on_a_known_case():
     np.testing.assert_allclose(weights, [1.0, (2 / 3) ** 2, 0.0, 1.0])
     np.testing.assert_allclose(
         reliability_weights(np.array([0.5, 0.75]), np.array([2, 2])), [0.0, 1.0]
+    )
+    # By default a rate on fewer than MIN_AGREEMENT_ROWS inputs is not a measurement.
+    assert np.isnan(consensus_agreement(pooled, triples)).all()
+    rows = np.repeat(np.arange(4), MIN_AGREEMENT_ROWS)  # each input 30 times: same rates
+    many = _two_experts(eta_a[rows], eta_b[rows])
+    np.testing.assert_allclose(consensus_agreement(pooled[rows], many), [1.0, 2 / 3])
+    # Unmeasured experts set no reference: the measured ones are scored against each other.
+    np.testing.assert_allclose(
+        reliability_weights(np.array([0.5, 0.75, np.nan]), np.array([2, 2, 2]), "median"),
+        [0.0, 1.0, 1.0],
     )
 
 
