@@ -739,6 +739,14 @@ def _info(args: argparse.Namespace) -> int:
             f"federated: {fed.rounds} rounds, {fed.settings.aggregation} aggregation, "
             f"{fed.settings.local_epochs} local epoch(s) per round"
         )
+        if fed.privacy.mode == "dp":
+            print(
+                f"differential privacy: epsilon {fed.epsilon:.3g} at delta {fed.privacy.delta:.3g} "
+                f"per client for the whole run (noise multiplier {fed.noise_multiplier:.4g}, "
+                f"clip {fed.privacy.clip:.4g}); the experts' own measurements are withheld"
+            )
+        else:
+            print("privacy: plain (no differential privacy)")
     _print_experts(bank)
     return 0
 

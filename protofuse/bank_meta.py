@@ -28,6 +28,7 @@ from .settings import (
     AdaptSettings,
     FederationSettings,
     ModelSettings,
+    PrivacySettings,
     TrainingSettings,
     format_errors,
 )
@@ -62,6 +63,11 @@ class FederationRecord(_Frozen):
     rounds: int = Field(ge=0)
     weights_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     settings: FederationSettings
+    # [privacy]; banks from before the setting were plain. Under DP, the run's noise multiplier
+    # and the epsilon the accountant gave for privacy.delta.
+    privacy: PrivacySettings = PrivacySettings()
+    noise_multiplier: float | None = Field(None, gt=0)
+    epsilon: float | None = Field(None, ge=0)
 
 
 class BankMeta(_Frozen):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .model.networks import Augmentation, FeatureAugmentation, ImageShape, image_dims
 
@@ -344,6 +344,52 @@ class FederationSettings(_Strict):
         )
         epochs = self.rounds * self.local_epochs
         return int(min(training.batch_size, max(8, -(-n_train * epochs // central_steps))))
+
+
+class PrivacySettings(_Strict):
+    """Client-level differential privacy of what a federation releases (``[privacy]``).
+
+    With ``mode = "dp"`` each round's update of the shared weights is DP-FedAvg's: every client's
+    change clipped to the L2 norm ``clip``, the clipped changes summed (a prototype row over the
+    clients whose labels cover it), Gaussian noise of standard deviation ``noise_multiplier *
+    clip`` added to every sum, divided by public counts (the clients admitted; per row, those
+    declaring its label). What each client reports about itself (agreement, fidelity, counts, its
+    imitation head, its queries' value range) sets no weight and is left out of the bank. The
+    accountant (``protofuse.privacy``) gives the run's epsilon for ``delta``. The server still
+    sees each update: this protects against whoever receives the bank, not against the server
+    (docs/threat-model.md)."""
+
+    mode: Literal["plain", "dp"] = Field(
+        "plain", description="plain: no noise; dp: client-level differential privacy"
+    )
+    epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=(
+            "dp: the run's privacy budget; without noise_multiplier the noise is calibrated to "
+            "spend it, with one a run that would spend more is refused"
+        ),
+    )
+    delta: float = Field(1e-5, gt=0, lt=0.1, description="dp: the delta of (epsilon, delta)-DP")
+    clip: float = Field(
+        1.0, gt=0, le=1e6, description="dp: L2 bound on one client's change in one round"
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        le=1e4,
+        description="dp: noise standard deviation over clip (default: calibrated to epsilon)",
+    )
+
+    @model_validator(mode="after")
+    def _dp_needs_a_budget_or_noise(self) -> PrivacySettings:
+        if self.mode == "dp" and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                "mode 'dp' needs epsilon (the run's budget; the noise is calibrated to it) or "
+                "noise_multiplier"
+            )
+        return self
 
 
 def format_errors(

@@ -10,7 +10,7 @@ predict = "experts:logreg_a" # module:attribute, resolved with the spec's folder
 labels = ["0", "1", "2", "3"]# in the order of the expert's output columns
 queries = "queries.npy"      # unlabeled inputs (n, d), relative to the spec
 
-[model] / [training] / [adapt] / [federation]   # optional, see protofuse.settings
+[model] / [training] / [adapt] / [federation] / [privacy]   # optional, see protofuse.settings
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .settings import (
     AdaptSettings,
     FederationSettings,
     ModelSettings,
+    PrivacySettings,
     TrainingSettings,
     format_errors,
 )
@@ -198,6 +199,7 @@ class Spec(BaseModel):
     training: TrainingSettings = TrainingSettings()
     adapt: AdaptSettings = AdaptSettings()
     federation: FederationSettings = FederationSettings()
+    privacy: PrivacySettings = PrivacySettings()
     folder: Path = Field(
         Path("."), exclude=True, description="the spec's folder; relative paths start here"
     )

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from protofuse.families import family
+from protofuse.privacy import plan_dp
 from protofuse.spec import SpecError, load_spec
 
 from .launcher import (
@@ -54,6 +55,9 @@ def simulate(
             f"model.family = {impl.name!r} cannot be simulated: only the discriminative family "
             "federates (its generative counterpart is central only: `protofuse fit`)"
         )
+    if spec.privacy.mode == "dp":  # a budget the run would exceed is refused before it starts
+        plan = plan_dp(spec.privacy, rounds or spec.federation.rounds)
+        echo(f"fusion: differential privacy: {plan.describe()}")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     home = out / ".flwr"

@@ -43,6 +43,11 @@ class Schedule:
     def total(self) -> int:
         return self.consensus + (1 + self.weighted if self.weighted else 0)
 
+    @property
+    def training_rounds(self) -> int:
+        """Rounds that change the shared weights (all but the agreement round)."""
+        return self.consensus + self.weighted
+
     def at(self, round: int) -> Phase:
         """The phase of a 1-based round."""
         if not 1 <= round <= self.total:

@@ -42,8 +42,9 @@ from protofuse.families.discriminative import config_for, load_shared, shared_ar
 from protofuse.io import atomic_write_bytes
 from protofuse.model.discriminative import DiscriminativePrototypes
 from protofuse.model.networks import image_size
+from protofuse.privacy import DpPlan, plan_dp
 from protofuse.protocol import federation as wire
-from protofuse.records import Fidelity
+from protofuse.records import NOT_MEASURED, ExpertRecord, Fidelity
 from protofuse.spec import Spec, SpecError, load_spec
 
 from .aggregation import extend_rows, to_record
@@ -74,6 +75,9 @@ def fuse(
     impl = federating_family(spec)
     torch.set_num_threads(spec.training.threads)
     schedule = Schedule.from_settings(spec.federation, spec.training)
+    dp_plan = plan_dp(spec.privacy, schedule.training_rounds) if spec.privacy.mode == "dp" else None
+    if dp_plan is not None:
+        log(INFO, "fusion: differential privacy: %s", dp_plan.describe())
     try:
         store = BankStore(out / STORE, run_key(spec), keep=spec.federation.keep_checkpoints)
     except StoreError as err:
@@ -103,6 +107,7 @@ def fuse(
                 lambda r, a, s: _checkpoint(store, r, a, s, model_config, earlier),
                 round_offset=done,
                 on_replies=on_replies,
+                dp_plan=dp_plan,
             )
             log(
                 INFO,
@@ -125,9 +130,9 @@ def fuse(
         history = [asdict(h) for h in store.history()]
     finally:
         store.close()
-    bank = export_bank(final, spec, model_config)
+    bank = export_bank(final, spec, model_config, dp_plan)
     bank.save(out / RUN_BANK)
-    write_manifest(out, manifest_of(final, bank.version, impl))
+    write_manifest(out, manifest_of(final, bank.version, impl, dp_plan is not None))
     _write_rounds(out / "rounds.json", history, final.state.get("rounds", []))
     log(INFO, "fusion: bank %s written to %s", bank.version, out)
     return bank
@@ -150,6 +155,8 @@ def run_key(spec: Spec) -> str:
     settings["federation"].pop("min_replies")
     settings["federation"].pop("keep_checkpoints")
     settings["training"].pop("threads")
+    if spec.privacy.mode != "plain":  # plain runs keep the key they had before [privacy]
+        settings["privacy"] = spec.privacy.model_dump()
     # The normalization the weights are built with, not the name it was asked by ("auto" is layer
     # norm in a federation). Batch norm leaves no key, as in runs begun before the setting
     # existed (batch norm then), so those still resume with normalization = "batch".
@@ -286,15 +293,21 @@ def _checkpoint(
 MANIFEST = RUN_MANIFEST
 
 
-def manifest_of(ck: Checkpoint, version: str, impl: Family) -> wire.BankManifest:
+def manifest_of(
+    ck: Checkpoint, version: str, impl: Family, private: bool = False
+) -> wire.BankManifest:
     """The bank manifest published beside the exported bank (the BankManifest message of protos/):
-    the checkpoint's expert records, without their distributions (those are in the bank)."""
+    the checkpoint's expert records, without their distributions (those are in the bank); under
+    DP (``private``), without anything a client measured on its own data (``released``)."""
     experts = tuple(
         # A KL computed in floating point can come out a hair below 0; the manifest wants >= 0.
-        replace(
-            e,
-            fidelity=Fidelity(e.fidelity.agreement, max(e.fidelity.kl, 0.0), e.fidelity.n),
-            distribution=b"",
+        released(
+            replace(
+                e,
+                fidelity=Fidelity(e.fidelity.agreement, max(e.fidelity.kl, 0.0), e.fidelity.n),
+                distribution=b"",
+            ),
+            private,
         )
         for e in sorted(ck.experts, key=lambda e: e.name)
     )
@@ -308,17 +321,43 @@ def write_manifest(out: Path, manifest: wire.BankManifest) -> None:
     atomic_write_bytes(out / MANIFEST, wire.encode_manifest(manifest))
 
 
-def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Bank:
+def released(record: ExpertRecord, private: bool) -> ExpertRecord:
+    """An expert's record as a bank or manifest publishes it. Under DP only what the client
+    declared to join stays (its pseudonym and labels): its fidelity, agreement, trust and counts
+    were measured on its own queries and are not covered by the noise, so they are left out
+    (fidelity on 0 queries, consensus not measured, weight 1, no counts)."""
+    if not private:
+        return record
+    return replace(
+        record,
+        fidelity=Fidelity(0.0, 0.0, 0),
+        n_queries=0,
+        consensus=NOT_MEASURED,
+        weight=1.0,
+        n_examples=0,
+        distribution=b"",
+    )
+
+
+def export_bank(
+    ck: Checkpoint, spec: Spec, model_config: dict[str, Any], dp_plan: DpPlan | None = None
+) -> Bank:
     """The run's bank in the format ``protofuse fit`` writes: shared weights plus each expert's
-    imitation head (from its prototype-distribution message) and record."""
+    imitation head (from its prototype-distribution message) and record. Under DP the heads stay
+    at their initial values and the records hold only what each client declared (``released``):
+    the weights alone carry the noise that protects a client."""
     impl = federating_family(spec)
     experts = sorted(ck.experts, key=lambda e: e.name)
     config = {**model_config, "n_labels": len(ck.vocabulary), "n_experts": len(experts)}
     model = impl.build(config)
     load_shared(model, ck.arrays)
     vocab = {c: i for i, c in enumerate(ck.vocabulary)}
+    private = dp_plan is not None
     with torch.no_grad():
-        for e, record in enumerate(experts):
+        if private:  # no client's head: a neutral one (temperature 1, no label bias) for each
+            model.expert_log_temp.zero_()
+            model.expert_bias.zero_()
+        for e, record in enumerate([] if private else experts):
             head = wire.decode_distribution(record.distribution).head
             if not isinstance(head, wire.DiscriminativeHead):
                 raise ValueError(
@@ -330,10 +369,15 @@ def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Ban
                 head.label_bias, dtype=torch.float32
             )
     # The bank keeps each expert's head in its weights: its records drop the encoded distribution.
-    records = [replace(record, distribution=b"") for record in experts]
+    records = [released(replace(record, distribution=b""), private) for record in experts]
     image_shape = tuple(spec.data.image_shape) if spec.data.image_shape else None
     federation = FederationRecord(
-        rounds=ck.round, weights_digest=ck.weights_digest, settings=spec.federation
+        rounds=ck.round,
+        weights_digest=ck.weights_digest,
+        settings=spec.federation,
+        privacy=spec.privacy,
+        noise_multiplier=dp_plan.noise_multiplier if dp_plan else None,
+        epsilon=dp_plan.epsilon if dp_plan else None,
     )
     meta = bank_meta(
         impl.name,
@@ -344,7 +388,8 @@ def export_bank(ck: Checkpoint, spec: Spec, model_config: dict[str, Any]) -> Ban
         spec.model,
         spec.training,
         spec.adapt,
-        input_range=ck.state.get("input_range") or None,
+        # The clients' value ranges are their own measurements: not released under DP.
+        input_range=None if private else (ck.state.get("input_range") or None),
         federation=federation,
     )
     return Bank(model.eval(), meta, records)

@@ -24,12 +24,13 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from protofuse.privacy import DpPlan
 from protofuse.protocol import federation as wire
 from protofuse.records import NOT_MEASURED, ExpertRecord
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.training import reliability_weights
 
-from . import defences
+from . import defences, dp
 from .aggregation import check_update, extend_rows, to_record
 from .membership import Client, Federation, PseudonymTaken, describe_nodes
 from .schedule import AGREEMENT, Phase, Schedule
@@ -61,6 +62,7 @@ class FusionStrategy(FedAvg):
         checkpoint: Checkpointer,
         round_offset: int = 0,
         on_replies: Callable[[int], None] | None = None,
+        dp_plan: DpPlan | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(
@@ -77,6 +79,10 @@ class FusionStrategy(FedAvg):
         self.checkpoint = checkpoint
         self.offset = round_offset
         self.on_replies = on_replies
+        # [privacy] mode = "dp": every update is DP-FedAvg's (dp.noisy_mean) and no client's own
+        # report sets a weight; the noise is drawn from the OS's entropy, never from a seed.
+        self.dp_plan = dp_plan
+        self._dp_rng = np.random.default_rng()
         self.history: list[dict[str, Any]] = []
         self.refused: set[int] = set()  # nodes not admitted: not asked again
         self._sent: dict[str, np.ndarray] = {}
@@ -228,7 +234,8 @@ class FusionStrategy(FedAvg):
             key=lambda item: item[0].pseudonym
         )  # replies arrive in any order; sums must not depend on it
         if phase.name == AGREEMENT:
-            self._set_trust([(c, s) for c, _, s in ok])
+            if self.dp_plan is None:  # under DP, trust stays full: reports set no weight
+                self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
         else:
             # Examples are self-reported: aggregate bounds them (defences.example_weights).
@@ -319,6 +326,8 @@ class FusionStrategy(FedAvg):
         expelled client has none."""
         if pseudonym in self.federation.expelled:
             return 0.0
+        if self.dp_plan is not None:
+            return 1.0
         trust = self.federation.trust
         reported = trust.get(pseudonym, min(trust.values()) if trust else 1.0)
         return min(reported, self._evidence_trust.get(pseudonym, 1.0))
@@ -358,6 +367,8 @@ class FusionStrategy(FedAvg):
         capped example counts times trust, updates clipped to the round's median norm, the
         evidence of each update recorded before its weight is taken; integer arrays keep what was
         sent."""
+        if self.dp_plan is not None:
+            return self._aggregate_dp(updates)
         s = self.settings
         bounds = defences.Bounds(
             s.clip_factor, s.max_weight_ratio, s.combine, s.trim, s.assumed_hostile
@@ -395,6 +406,38 @@ class FusionStrategy(FedAvg):
         if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
             weights = counts
         step = defences.combine(deltas, weights, covers, bounds, rowwise, row_weights)
+        return defences.within_domain(
+            {
+                k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v
+                for k, v in self._sent.items()
+            }
+        )
+
+    def _aggregate_dp(
+        self, updates: list[tuple[Client, dict[str, np.ndarray], int]]
+    ) -> dict[str, np.ndarray]:
+        """The round's update under client-level DP (``dp.noisy_mean``): fixed clipping, noise on
+        the sums, public counts; reported counts and trust set nothing."""
+        assert self.dp_plan is not None
+        vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
+        covers = np.zeros((len(updates), len(vocab)))
+        for i, (client, _, _) in enumerate(updates):
+            covers[i, [vocab[c] for c in client.labels]] = 1.0
+        # Public counts: who was admitted and which labels each declared, not who replied.
+        coverage = np.zeros(len(vocab))
+        for client in self.federation.nodes.values():
+            coverage[[vocab[c] for c in client.labels]] += 1.0
+        deltas = defences.deltas_of([u for _, u, _ in updates], self._sent)
+        step = dp.noisy_mean(
+            deltas,
+            covers,
+            coverage,
+            len(self.federation.nodes),
+            self.dp_plan.clip,
+            self.dp_plan.noise_multiplier,
+            self.settings.aggregation == "rowwise",
+            self._dp_rng,
+        )
         return defences.within_domain(
             {
                 k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v

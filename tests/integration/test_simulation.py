@@ -169,3 +169,45 @@ def test_the_generative_family_is_refused_with_the_reason(federation, tmp_path, 
     (tmp_path / "queries.npy").write_bytes((federation.parent / "queries.npy").read_bytes())
     assert main(["simulate", str(spec), "--out", str(tmp_path / "run")]) == 2
     assert "only the discriminative family federates" in capsys.readouterr().err
+
+
+def _copy_federation(federation: Path, folder: Path, extra: str) -> Path:
+    spec = folder / "spec.toml"
+    spec.write_text(federation.read_text() + extra)
+    for name in ("experts.py", "queries.npy"):
+        (folder / name).write_bytes((federation.parent / name).read_bytes())
+    return spec
+
+
+def test_a_dp_run_releases_noisy_weights_and_no_client_measurement(federation, tmp_path, capsys):
+    spec = _copy_federation(federation, tmp_path, "\n[privacy]\nmode = 'dp'\nepsilon = 8\n")
+    run = tmp_path / "run"
+    assert main(["simulate", str(spec), "--out", str(run), "--rounds", "2"]) == 0
+    assert "differential privacy: (epsilon 8, delta 1e-05)-DP per client over 2 rounds" in (
+        capsys.readouterr().err
+    )
+    bank = load_bank(run)
+    fed = bank.meta.federation
+    assert fed.privacy.mode == "dp" and 7.8 < fed.epsilon <= 8.0 and fed.noise_multiplier > 0
+    # What each client measured on its own queries is not in the bank, nor in the manifest.
+    assert bank.meta.input_range is None
+    assert all(
+        (e.n_queries, e.weight, e.fidelity.n, np.isnan(e.consensus)) == (0, 1.0, 0, True)
+        for e in bank.experts
+    )
+    assert not bank.model.expert_bias.detach().numpy().any()
+    assert not bank.model.expert_log_temp.detach().numpy().any()
+    manifest = wire.decode_manifest((run / "manifest.pb").read_bytes(), families=FAMILIES)
+    assert all((e.n_queries, e.n_examples, e.fidelity.n) == (0, 0, 0) for e in manifest.experts)
+    assert main(["info", str(run)]) == 0
+    assert "differential privacy: epsilon 8 at delta 1e-05 per client" in capsys.readouterr().out
+
+
+def test_a_dp_run_over_its_budget_is_refused_before_it_starts(federation, tmp_path, capsys):
+    spec = _copy_federation(
+        federation, tmp_path, "\n[privacy]\nmode = 'dp'\nepsilon = 1\nnoise_multiplier = 0.5\n"
+    )
+    assert main(["simulate", str(spec), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "privacy.noise_multiplier: 0.5 over 40 rounds spends epsilon" in err
+    assert "more than privacy.epsilon = 1" in err and not (tmp_path / "run").exists()

@@ -53,6 +53,7 @@ DISTRIBUTION = {
     "mlxtend": "mlxtend",
     "river": "river",
     "atheris": "atheris",
+    "dp_accounting": "dp-accounting",
 }
 
 # What the core must never import (tests/unit/test_boundaries.py has the finer directions).
@@ -129,6 +130,8 @@ def role_of(rel: str) -> tuple[str, ...]:
     """The extras a module may rely on, besides the base dependencies."""
     if rel == "bench/fuzz.py":
         return ("bench", "fuzz")
+    if rel == "protofuse/privacy.py":  # imports the accountant only when a DP run is planned
+        return ("dp",)
     if rel.startswith("bench/"):
         return ("bench",)
     if rel.startswith("client_sdk/clientapp/") or rel in (
