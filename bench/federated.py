@@ -55,10 +55,11 @@ def write_spec(
     keep: int = 2,
     federation: dict[str, object] | None = None,
     model: dict[str, object] | None = None,
+    privacy: dict[str, object] | None = None,
 ) -> Path:
     """A spec folder for the world's experts: shared pool or one disjoint shard per expert;
-    ``federation`` and ``model``: ``[federation]`` and ``[model]`` settings (TOML values as
-    Python values)."""
+    ``federation``, ``model`` and ``privacy``: ``[federation]``, ``[model]`` and ``[privacy]``
+    settings (TOML values as Python values)."""
     folder.mkdir(parents=True, exist_ok=True)
     qx = world.splits.queries.x
     files = {}
@@ -89,6 +90,7 @@ def write_spec(
             "keep_checkpoints": keep,
             **(federation or {}),
         },
+        "privacy": privacy or {},
     }
     text = "".join(
         f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()) + "\n"
@@ -237,9 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             "spec's; auto: layer norm federated, batch norm central)"
         ),
     )
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help="federate with [privacy] mode = 'dp' and this epsilon (central fit stays plain)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     model = {"normalization": args.normalization} if args.normalization else {}
+    privacy = {"mode": "dp", "epsilon": args.dp_epsilon} if args.dp_epsilon else None
     recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (
         ROBUSTNESS_RECIPES if args.robust else ()
     )
@@ -270,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.aggregation,
                 keep=args.rounds + 2 if seed == args.seeds[0] else 2,
                 model=model,
+                privacy=privacy,
             )
             t0 = time.perf_counter()
             simulate(spec, run, echo=lambda line: None)

@@ -373,7 +373,13 @@ class PrivacySettings(_Strict):
     )
     delta: float = Field(1e-5, gt=0, lt=0.1, description="dp: the delta of (epsilon, delta)-DP")
     clip: float = Field(
-        1.0, gt=0, le=1e6, description="dp: L2 bound on one client's change in one round"
+        0.3,
+        gt=0,
+        le=1e6,
+        description=(
+            "dp: L2 bound on one client's change in one round (default: about the median "
+            "change measured on MNIST-5k, development seed 0: 0.24-0.48 per round)"
+        ),
     )
     noise_multiplier: float | None = Field(
         None,

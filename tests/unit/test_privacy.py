@@ -56,7 +56,7 @@ def test_noise_calibrated_to_a_budget_spends_it(budget):
     plan = plan_dp(PrivacySettings(mode="dp", epsilon=budget), 40)
     assert budget * 0.98 <= plan.epsilon <= budget * (1 + 1e-6)
     assert plan.epsilon == pytest.approx(run_epsilon(plan.noise_multiplier, 40, 1e-5))
-    assert plan.rounds == 40 and plan.clip == 1.0 and plan.delta == 1e-5
+    assert plan.rounds == 40 and plan.clip == 0.3 and plan.delta == 1e-5
 
 
 def test_a_run_that_would_exceed_its_budget_is_refused_with_the_fields_and_the_fix():
