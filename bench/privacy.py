@@ -23,8 +23,12 @@ federation's late rounds). Attacks:
 - *label prior*: the imitation head's per-label biases against the frequency of each label among
   the expert's answers on the client's queries (Pearson correlation of bias and log frequency).
 
-Modes: plain federation with batch norm (today's default) and with layer norm. Differential
-privacy and secure aggregation are not in this release (docs/threat-model.md). Accuracy: the
+Modes: plain federation with batch norm and with layer norm (a federation's default), each
+attacked on what the server receives from one client; and, with layer norm, on what every
+organization receives after the round (the combination of the five clients' updates), plain and
+under client-level DP at epsilon 8, 4 and 1 (the noise the accountant calibrates over 40 rounds;
+the server's own view under DP is the plain one). Secure aggregation is not in this release
+(docs/threat-model.md). Accuracy: the
 central bank of each mode on the benchmark's new 5-way tasks (paired, same episodes). Writes
 results.md and results.json.
 """
@@ -55,6 +59,57 @@ from protofuse.protocol.federation import RoundPlan
 from protofuse.settings import FederationSettings, ModelSettings, TrainingSettings
 
 MODES = {"plain, batch norm": "batch", "plain, layer norm": "layer"}
+# What every organization receives each round (the combination), with layer norm, a federation's
+# default: plain, and under client-level DP at each budget over the benchmark's 40 rounds.
+BROADCAST_NORM = "layer"
+DP_EPSILONS = (8.0, 4.0, 1.0)
+DP_ROUNDS = 40
+PLAIN_BROADCAST = "everyone's view: the combination, plain"
+
+
+def dp_view(epsilon: float) -> str:
+    return f"everyone's view: the combination, DP epsilon {epsilon:g}"
+
+
+def broadcasts(
+    sent: dict[str, np.ndarray],
+    replies: list,
+    experts: list[LocalExpert],
+    vocabulary: tuple[str, ...],
+    seed: int,
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The round's combination of every client's update, as the server broadcasts it: the
+    row-wise mean (plain), and the DP combination (server/fusion/dp.py) with the noise the
+    accountant calibrates to each budget of ``DP_EPSILONS`` over ``DP_ROUNDS`` rounds."""
+    from protofuse.privacy import plan_dp
+    from protofuse.settings import PrivacySettings
+    from protofuse_server.fusion import dp
+    from protofuse_server.fusion.defences import deltas_of
+
+    deltas = deltas_of([r.shared for r in replies], sent)
+    col = {c: i for i, c in enumerate(vocabulary)}
+    covers = np.zeros((len(experts), len(vocabulary)))
+    for i, e in enumerate(experts):
+        covers[i, [col[c] for c in e.labels]] = 1.0
+    coverage = covers.sum(0)
+    rng = np.random.default_rng(seed)
+
+    def applied(step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: (v + step[k]).astype(v.dtype) if k in step else v for k, v in sent.items()}
+
+    n = len(experts)
+    out = [
+        (PLAIN_BROADCAST, applied(dp.noisy_mean(deltas, covers, coverage, n, 1e30, 0.0, True, rng)))
+    ]
+    for eps in DP_EPSILONS:
+        plan = plan_dp(PrivacySettings(mode="dp", epsilon=eps), DP_ROUNDS)
+        step = dp.noisy_mean(
+            deltas, covers, coverage, n, plan.clip, plan.noise_multiplier, True, rng
+        )
+        out.append((dp_view(eps), applied(step)))
+    return out
+
+
 MOMENTUM = 0.1  # torch's batch-norm default: the server knows the architecture
 
 
@@ -200,30 +255,56 @@ def main(argv: list[str] | None = None) -> int:
                 2, "consensus", 1, 20, vocabulary, model_config, training, FederationSettings()
             )
             index = {c: i for i, c in enumerate(world.triples.label_names)}
-            for i, e in enumerate(world.experts):
-                answers = world.triples.eta[:, i][:, [index[c] for c in e.labels]]
-                expert = LocalExpert(e.name, e.labels, qx, answers, len(qx))
-                for start, sent in starts.items():
-                    result = run_round(expert, plan, sent, {})
-                    before = family("discriminative").build(asdict(config))
-                    after = family("discriminative").build(asdict(config))
-                    load_shared(before, sent)
-                    load_shared(after, result.shared)
-                    row = attack(
-                        before.eval(),
-                        after.eval(),
-                        sent,
-                        result.shared,
-                        expert,
-                        plan,
-                        result,
-                        world.splits.test.x[:2000],
-                        seed,
-                    )
-                    results["attacks"].append(
-                        {"seed": seed, "mode": mode, "client": e.name, "start": start, **row}
-                    )
-                    log(f"seed {seed} {mode} {e.name} {start}: {row}")
+            experts = [
+                LocalExpert(
+                    e.name,
+                    e.labels,
+                    qx,
+                    world.triples.eta[:, i][:, [index[c] for c in e.labels]],
+                    len(qx),
+                )
+                for i, e in enumerate(world.experts)
+            ]
+
+            def model_of(arrays: dict[str, np.ndarray], config=config):
+                model = family("discriminative").build(asdict(config))
+                load_shared(model, arrays)
+                return model.eval()
+
+            for start, sent in starts.items():
+                replies = [run_round(expert, plan, sent, {}) for expert in experts]
+                # What the server receives from each client, and (the federation's default
+                # norm only) what every organization receives: the round's combination, plain
+                # or under DP at each budget.
+                views = {mode: [r.shared for r in replies]}
+                if norm == BROADCAST_NORM:
+                    for name, arrays in broadcasts(sent, replies, experts, vocabulary, seed):
+                        views[name] = [arrays] * len(experts)
+                for view, got in views.items():
+                    for expert, result, arrays in zip(experts, replies, got, strict=True):
+                        row = attack(
+                            model_of(sent),
+                            model_of(arrays),
+                            sent,
+                            arrays,
+                            expert,
+                            plan,
+                            result,
+                            world.splits.test.x[:2000],
+                            seed,
+                        )
+                        if view != mode:  # a broadcast holds no client's head
+                            row["label_prior_r"] = None
+                        results["attacks"].append(
+                            {
+                                "seed": seed,
+                                "mode": view,
+                                "client": expert.pseudonym,
+                                "start": start,
+                                **row,
+                            }
+                        )
+                        log(f"seed {seed} {view} {expert.pseudonym} {start}: {row}")
         tasks = episode_tasks(recipes, world.dataset.label_names, [5], args.tasks, seed)
         for r in score(dict(world.banks), world, tasks, seed, args.max_test, zero_shot=False):
             results["rows"].append({"seed": seed, **r})
@@ -261,7 +342,8 @@ def report(results: dict) -> str:
             return "—"
         return f"{np.mean(vals):{fmt}} [{min(vals):{fmt}}-{max(vals):{fmt}}]"
 
-    for mode in MODES:
+    views = list(MODES) + [PLAIN_BROADCAST] + [dp_view(e) for e in DP_EPSILONS]
+    for mode in views:
         for start in ("first round", "trained bank"):
             rows = [a for a in results["attacks"] if a["mode"] == mode and a["start"] == start]
             if not rows:
@@ -291,7 +373,11 @@ def report(results: dict) -> str:
         ]
     lines += [
         "",
-        "One torch thread. Differential privacy and secure aggregation: not in this release.",
+        "The everyone's-view rows attack each client through what every organization receives "
+        "after the round (the combination of the five clients' updates), plain and under DP with "
+        f"the noise calibrated to each epsilon over {DP_ROUNDS} rounds (delta 1e-5, clip 0.3). "
+        "The server receives each update before the noise: under DP its view is the plain "
+        "rows'. One torch thread. Secure aggregation: not in this release.",
         "",
     ]
     return "\n".join(lines)

@@ -758,14 +758,19 @@ def _print_experts(bank) -> None:
     table = Table(title="experts (imitation fidelity on held-out queries)")
     for col in ("expert", "labels", "queries", "agreement", "KL (nats)", "consensus", "weight"):
         table.add_column(col)
+
+    def shown(value: float, measured: bool = True) -> str:  # "-": not measured or withheld (DP)
+        return f"{value:.3f}" if measured and np.isfinite(value) else "-"
+
     for e in bank.experts:
+        measured = e.fidelity.n > 0
         table.add_row(
             e.name,
             " ".join(e.labels),
-            str(e.n_queries),
-            f"{e.fidelity.agreement:.3f}",
-            f"{e.fidelity.kl:.3f}",
-            f"{e.consensus:.3f}",
+            str(e.n_queries) if e.n_queries else "-",
+            shown(e.fidelity.agreement, measured),
+            shown(e.fidelity.kl, measured),
+            shown(e.consensus),
             f"{e.weight:.2f}",
         )
     Console(stderr=True).print(table)

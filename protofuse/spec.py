@@ -215,6 +215,19 @@ class Spec(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _dp_combines_by_sum(self) -> Spec:
+        # DP-FedAvg's noise is calibrated to a sum of clipped updates: a median, a trimmed mean or
+        # Krum's choice is not bounded by one client's clip, so those rules are refused, not
+        # silently replaced.
+        if self.privacy.mode == "dp" and self.federation.combine != "mean":
+            raise ValueError(
+                f"federation.combine: {self.federation.combine!r} cannot be used with privacy.mode "
+                "= 'dp', whose noise covers a sum of clipped updates; remove it (the default "
+                "'mean') or set privacy.mode = 'plain'"
+            )
+        return self
+
     def expert(self, name: str) -> ExpertEntry:
         """The entry called ``name``; a SpecError lists the names there are."""
         for entry in self.experts:

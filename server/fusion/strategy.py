@@ -379,10 +379,7 @@ class FusionStrategy(FedAvg):
             np.array([c.n_queries for c, _, _ in updates], dtype=np.float64),
             bounds.max_weight_ratio,
         )
-        vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
-        covers = np.zeros((len(updates), len(vocab)))
-        for i, (client, _, _) in enumerate(updates):
-            covers[i, [vocab[c] for c in client.labels]] = 1.0
+        covers = self._covers([c for c, _, _ in updates])
         deltas = defences.deltas_of([u for _, u, _ in updates], self._sent)
         deltas, scale = defences.clip_to_median_norm(deltas, bounds.clip_factor)
 
@@ -406,12 +403,7 @@ class FusionStrategy(FedAvg):
         if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
             weights = counts
         step = defences.combine(deltas, weights, covers, bounds, rowwise, row_weights)
-        return defences.within_domain(
-            {
-                k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v
-                for k, v in self._sent.items()
-            }
-        )
+        return self._applied(step)
 
     def _aggregate_dp(
         self, updates: list[tuple[Client, dict[str, np.ndarray], int]]
@@ -419,14 +411,9 @@ class FusionStrategy(FedAvg):
         """The round's update under client-level DP (``dp.noisy_mean``): fixed clipping, noise on
         the sums, public counts; reported counts and trust set nothing."""
         assert self.dp_plan is not None
-        vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
-        covers = np.zeros((len(updates), len(vocab)))
-        for i, (client, _, _) in enumerate(updates):
-            covers[i, [vocab[c] for c in client.labels]] = 1.0
+        covers = self._covers([c for c, _, _ in updates])
         # Public counts: who was admitted and which labels each declared, not who replied.
-        coverage = np.zeros(len(vocab))
-        for client in self.federation.nodes.values():
-            coverage[[vocab[c] for c in client.labels]] += 1.0
+        coverage = self._covers(list(self.federation.nodes.values())).sum(0)
         deltas = defences.deltas_of([u for _, u, _ in updates], self._sent)
         step = dp.noisy_mean(
             deltas,
@@ -438,6 +425,18 @@ class FusionStrategy(FedAvg):
             self.settings.aggregation == "rowwise",
             self._dp_rng,
         )
+        return self._applied(step)
+
+    def _covers(self, clients: list[Client]) -> np.ndarray:
+        """(K, C) 0/1: client k declared label c of the vocabulary."""
+        vocab = {c: i for i, c in enumerate(self.federation.vocabulary)}
+        covers = np.zeros((len(clients), len(vocab)))
+        for i, client in enumerate(clients):
+            covers[i, [vocab[c] for c in client.labels]] = 1.0
+        return covers
+
+    def _applied(self, step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The weights sent this round moved by ``step`` (arrays without a step keep theirs)."""
         return defences.within_domain(
             {
                 k: (v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v

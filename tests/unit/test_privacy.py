@@ -81,6 +81,11 @@ def test_a_dp_spec_needs_a_budget_or_noise_and_every_number_is_bounded(tmp_path)
         with pytest.raises(SpecError) as err:
             load_spec(path, experts_required=False)
         assert error in str(err.value), str(err.value)
+    path.write_text("[privacy]\nmode = 'dp'\nepsilon = 4\n[federation]\ncombine = 'median'\n")
+    with pytest.raises(
+        SpecError, match=r"federation\.combine: 'median' cannot be used with privacy"
+    ):
+        load_spec(path, experts_required=False)
     path.write_text("[privacy]\nmode = 'dp'\nepsilon = 4\n")
     assert load_spec(path, experts_required=False).privacy.epsilon == 4.0
 
