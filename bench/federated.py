@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -146,16 +147,26 @@ def score(
             names = np.asarray(task)[sy]
             row = {"task": list(task), "k": k}
             for name, bank in banks.items():
-                row[name] = accuracy(
-                    in_task_order(bank.adapt(sx, names), task).predict_proba(ep.test_x), ep.test_y
-                )
+                row[name] = _scored(partial(bank.adapt, sx, names), task, ep, row, name)
                 if zero_shot:
-                    row[f"{name} zero-shot"] = accuracy(
-                        in_task_order(bank.zero_shot(list(task)), task).predict_proba(ep.test_x),
-                        ep.test_y,
+                    row[f"{name} zero-shot"] = _scored(
+                        partial(bank.zero_shot, list(task)), task, ep, row, f"{name} zero-shot"
                     )
             rows.append(row)
     return rows
+
+
+def _scored(adapted, task, ep, row: dict, name: str) -> float:
+    """Accuracy of the adapted model on the episode's test set. A bank whose adaptation diverges
+    (``Bank.adapt`` refuses: a DP bank's noise can make its features overflow) answers nothing:
+    scored as a constant guess of the task's first class, and counted in ``row["diverged"]``."""
+    try:
+        return accuracy(in_task_order(adapted(), task).predict_proba(ep.test_x), ep.test_y)
+    except ValueError as err:
+        if "diverged" not in str(err):
+            raise
+        row.setdefault("diverged", []).append(name)
+        return accuracy(np.zeros((len(ep.test_y), len(task))), ep.test_y)
 
 
 def curve(spec: Path, run: Path, bank: Bank, world, tasks, seed: int, max_test: int) -> list[dict]:
@@ -422,6 +433,14 @@ def report(results: dict) -> str:
                 for k, v in h.items()
             ]
             lines.append("")
+        diverged = [name for row in rows for name in row.get("diverged", [])]
+        if diverged:
+            lines += [
+                f"Adaptation diverged (the bank's features overflow; scored as a constant guess "
+                f"of the task's first class) in {len(diverged)} of {len(rows)} scored episodes: "
+                + ", ".join(f"{n} {diverged.count(n)}" for n in sorted(set(diverged))),
+                "",
+            ]
         lines += [
             f"Traffic: at most {max(r['traffic_ratio_max'] for r in runs):.4f} x the shared "
             "weights per client and round. "
