@@ -5,11 +5,11 @@ next to the new-task accuracy the mode keeps.
     python -m bench.privacy --seeds 0 --out /tmp/privacy-dev           # development
 
 The client is the benchmark's: each of the MNIST-5k federation's five experts with its answers on
-the query pool, trained by the client's own round (``client_sdk.clientapp.local_training.
-run_round``: exactly what a SuperNode sends). The server knows what it sent, the round plan, and
-everything in the reply. Each client's round starts from two points of a run: the first round's
-random weights, and a trained bank (the central bank of the same experts, standing in for a
-federation's late rounds). Attacks:
+its own disjoint shard of the query pool (about 400 queries), trained by the client's own round
+(``client_sdk.clientapp.local_training.run_round``: exactly what a SuperNode sends). The server
+knows what it sent, the round plan, and everything in the reply. Each client's round starts from
+two points of a run: the first round's random weights, and a trained bank (the central bank of the
+same experts, standing in for a federation's late rounds). Attacks:
 
 - *activation mean*: the per-channel mean of the first hidden layer's activations on the
   client's training queries, read off the batch-norm running mean of the reply (its momentum
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.federated import score, summarize
+from bench.federated import score, shard_rows, summarize
 from bench.federations import DEFAULT_RECIPES
 from bench.run import REPORT_SEEDS, SHOTS, build_world, episode_tasks, log
 from client_sdk.clientapp.local_training import (
@@ -255,15 +255,19 @@ def main(argv: list[str] | None = None) -> int:
                 2, "consensus", 1, 20, vocabulary, model_config, training, FederationSettings()
             )
             index = {c: i for i, c in enumerate(world.triples.label_names)}
+            # Each client its own disjoint shard of the pool (bench.federated's "shards"): a
+            # client's held-out queries are then nobody's training data, so membership of its
+            # queries is also a question about what every organization receives.
+            shards = shard_rows(len(qx), len(world.experts), seed)
             experts = [
                 LocalExpert(
                     e.name,
                     e.labels,
-                    qx,
-                    world.triples.eta[:, i][:, [index[c] for c in e.labels]],
-                    len(qx),
+                    qx[rows],
+                    world.triples.eta[rows, i][:, [index[c] for c in e.labels]],
+                    len(rows),
                 )
-                for i, e in enumerate(world.experts)
+                for i, (e, rows) in enumerate(zip(world.experts, shards, strict=True))
             ]
 
             def model_of(arrays: dict[str, np.ndarray], config=config):
