@@ -120,8 +120,9 @@ bench-federated: $(STAMP)  ## reported seeds: simulate against fit, paired; robu
 bench-hostile: $(STAMP)  ## reported seeds: 1 and 2 of 7 clients attacking (MNIST-5k), paired against the clean federation; trust ranking; the defences' clean-run cost
 	$(PY) -m bench.hostile --rounds 10 --out bench-results/hostile
 
-bench-privacy: $(STAMP)  ## reported seeds: a curious server's attacks on one client's round (activation mean, membership, label prior) per privacy mode, and each mode's accuracy
+bench-privacy: $(STAMP)  ## reported seeds: a curious server's attacks on one client's round (activation mean, membership, label prior) per privacy mode, and each mode's accuracy; DP federations at epsilon 1000 / 8 / 4 / 1 against central fit
 	$(PY) -m bench.privacy --out bench-results/privacy
+	for e in 1000 8 4 1; do $(PY) -m bench.federated --modes shared --seeds 100 --dp-epsilon $$e --curve-tasks 1 --out bench-results/privacy-dp/epsilon-$$e || exit 1; done
 
 bench-faults: $(STAMP)  ## kill -9 of each component of a local-process deployment, dropouts, a client joining mid-run: the fault table
 	$(PY) -m bench.faults --out bench-results/faults

@@ -79,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hostile", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     p.add_argument("--tasks", type=int, default=10, help="new 5-way tasks per seed")
     p.add_argument("--max-test", type=int, default=300)
+    p.add_argument(
+        "--normalization",
+        choices=["batch", "layer"],
+        help="[model] normalization (default: the spec's, auto: layer norm in a federation)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    model = {"normalization": args.normalization} if args.normalization else None
     args.out = args.out.resolve()  # Flower's processes run in other folders
     recipes = DEFAULT_RECIPES + ROBUSTNESS_RECIPES
     args.out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shared",
                 args.rounds,
                 federation=DEFENCES_OFF if name == "clean, defences off" else None,
+                model=model,
             )
             t0 = time.perf_counter()
             simulate(spec, folder / "run", echo=lambda line: None, app=app)
