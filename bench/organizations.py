@@ -43,7 +43,7 @@ def held_out_task(splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def make_folders(
-    tmp_path: Path, rounds: int = 4, federation: str = "min_clients = 3\n"
+    tmp_path: Path, rounds: int = 10, federation: str = "min_clients = 3\n"
 ) -> tuple[Path, list[Path], Path, Splits]:
     """One spec folder per organization: its expert and its own shard of the query pool; and the
     server's spec (``rounds`` and the other ``[federation]`` lines)."""
