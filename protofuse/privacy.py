@@ -50,7 +50,7 @@ def run_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """Epsilon of ``rounds`` Gaussian mechanisms of noise multiplier ``noise_multiplier``."""
     dp = _accounting()
     accountant = dp.rdp.RdpAccountant()
-    accountant.compose(dp.SelfComposedDpEvent(dp.GaussianDpEvent(noise_multiplier), max(rounds, 0)))
+    accountant.compose(dp.SelfComposedDpEvent(dp.GaussianDpEvent(noise_multiplier), rounds))
     return float(accountant.get_epsilon(delta))
 
 

@@ -161,9 +161,10 @@ def run_key(spec: Spec) -> str:
     # norm in a federation). Batch norm leaves no key, as in runs begun before the setting
     # existed (batch norm then), so those still resume with normalization = "batch".
     norm = spec.model.resolved_normalization(federated=True)
-    settings["model"]["normalization"] = norm
     if norm == "batch":
-        del settings["model"]["normalization"]
+        settings["model"].pop("normalization")
+    else:
+        settings["model"]["normalization"] = norm
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
