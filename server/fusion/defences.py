@@ -179,16 +179,16 @@ def evidence(
     """(K,) in [-1, 1]: how far each client's update goes where the others' go. NaN for a client
     with nothing to compare (alone, or an all-zero delta).
 
-    Two cosines with the coordinate-wise median of the other (``trusted``) clients' deltas: over
-    the shared arrays, and (``rowwise``) over the prototype rows the client shares with at least
-    one other client, each row against its covering peers' median; their mean, but never above
-    the shared part. Half the say goes to the rows whatever their size: the shared arrays
-    outnumber them a thousand to one, and a label-flipping expert, or one declaring labels it has
-    no answers for, trains an ordinary encoder but pulls its rows the wrong way. A positive score
-    is multiplied by ``scale``, the share of its update that clipping kept (1.0 where nothing was
-    cut): an update cut to the round's bound points the right way at best, and earns only that
-    share. Pass ``Momentum``'s deltas: one round's rows are mostly noise once clients agree, a
-    client's consistent pull shows over rounds."""
+    Two parts (``evidence_parts``): the cosine between its delta of the shared arrays and the
+    coordinate-wise median of every other client's, and its mean cosine over the prototype rows it
+    shares with peers that are still moving, each row against its covering peers' median; their
+    mean, but never above the shared part. Half the say goes to the rows whatever their size: the
+    shared arrays outnumber them a thousand to one, and a label-flipping expert, or one declaring
+    labels it has no answers for, trains an ordinary encoder but pulls its rows the wrong way. A
+    positive score is multiplied by ``scale``, the share of its update that clipping kept (1.0
+    where nothing was cut): an update cut to the round's bound points the right way at best, and
+    earns only that share. Pass ``Momentum``'s deltas: one round's rows are mostly noise once
+    clients agree, a client's consistent pull shows over rounds."""
     shared, rows = evidence_parts(deltas, covers, rowwise, trusted)
     return evidence_of(shared, rows, scale)
 
@@ -208,41 +208,63 @@ def evidence_of(shared: np.ndarray, rows: np.ndarray, scale: np.ndarray | None) 
 def evidence_parts(
     deltas: Deltas, covers: np.ndarray, rowwise: bool, trusted: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(shared, rows), each (K,): the cosine between a client's delta and the coordinate-wise
-    median of the others', over the shared arrays, and over the rows it shares with peers (each
-    row against its covering peers' median). NaN where there is nothing to compare.
+    """(shared, rows), each (K,): the cosine between a client's delta of the shared arrays and the
+    coordinate-wise median of every other client's (``shared_part``), and its mean cosine over
+    the moving rows it shares with peers (``row_part``, from ``row_cosines`` against the peers
+    ``row_speakers`` chooses). NaN where there is nothing to compare.
 
-    ``trusted`` (K,) bool: the clients a reference is made of, where the peers hold any (the
-    others otherwise). A prototype row is covered by a few clients only: two hostile clients of
-    the four covering it would make its median theirs, and every honest client covering it look
-    hostile; once their updates gave them away, they no longer speak for the others."""
+    The shared arrays' reference is every other client: a median over six holds against two
+    hostile ones, and it never depends on an earlier judgement (a reference made of the clients
+    trusted so far locked a wrong first round in: two sign flippers of seven kept full trust).
+    A row is covered by a few clients only, so its reference is made of the covering peers the
+    shared part trusts this round (and that are ``trusted`` (K,) bool, where given): two sign
+    flippers of the four covering a row would make its median theirs and every honest client
+    covering it look hostile."""
+    shared = shared_part(deltas, covers, rowwise)
+    if not rowwise:
+        return shared, np.full(len(deltas), np.nan)
+    cosines = row_cosines(deltas, covers, row_speakers(shared, trusted))
+    return shared, row_part(cosines)
+
+
+def row_speakers(shared: np.ndarray, trusted: np.ndarray | None = None) -> np.ndarray:
+    """(K,) bool: the clients whose rows make the rows' references: those the shared part
+    (``shared_part``) trusts this round, and of them those in ``trusted`` where given."""
+    speaks = relative_trust(shared) > 0
+    return speaks if trusted is None else speaks & np.asarray(trusted, bool)
+
+
+def shared_part(deltas: Deltas, covers: np.ndarray, rowwise: bool) -> np.ndarray:
+    """(K,): each client's cosine with the coordinate-wise median of every other client's delta,
+    over the shared arrays (every array but the rows of ``ROW_KEYS`` when ``rowwise``)."""
     k_clients = len(deltas)
-    shared, rows = np.full(k_clients, np.nan), np.full(k_clients, np.nan)
+    out = np.full(k_clients, np.nan)
     if k_clients < 2:
-        return shared, rows
-    trusted = np.ones(k_clients, bool) if trusted is None else np.asarray(trusted, bool)
+        return out
+    keys = [key for key in deltas[0] if not (key in ROW_KEYS and rowwise)]
     for k in range(k_clients):
-        own: dict[bool, list[np.ndarray]] = {False: [], True: []}
-        reference: dict[bool, list[np.ndarray]] = {False: [], True: []}
         others = [j for j in range(k_clients) if j != k]
-        for key in deltas[k]:
-            if key in ROW_KEYS and rowwise:
-                for c in np.flatnonzero(covers[k] > 0):
-                    peers = _speakers([j for j in others if covers[j, c] > 0], trusted)
-                    if peers:
-                        own[True].append(deltas[k][key][c].ravel())
-                        reference[True].append(
-                            np.median(np.stack([deltas[j][key][c] for j in peers]), axis=0).ravel()
-                        )
-            else:
-                peers = _speakers(others, trusted)
-                own[False].append(deltas[k][key].ravel())
-                reference[False].append(
-                    np.median(np.stack([deltas[j][key] for j in peers]), axis=0).ravel()
-                )
-        shared[k] = _cosine(own[False], reference[False])
-        rows[k] = _cosine(own[True], reference[True])
-    return shared, rows
+        out[k] = _cosine(
+            [deltas[k][key].ravel() for key in keys],
+            [np.median(np.stack([deltas[j][key] for j in others]), axis=0).ravel() for key in keys],
+        )
+    return out
+
+
+def row_part(cosines: np.ndarray) -> np.ndarray:
+    """(K, C) ``row_cosines`` -> (K,) in [-1, 1]: each client's mean cosine over the rows it
+    shares with peers whose covering clients still agree on a direction (the row's median cosine
+    above 0); NaN where it shares none.
+
+    Once a row settles, every covering client pulls it towards its own expert's view and the
+    pulls cancel (the row is their average), so honest clients' row cosines fall to zero and below
+    (measured in layer-norm federations: -0.1 to -0.7 by round 10): such a row is no evidence,
+    and costs nobody anything. A label-flipping expert keeps its labels' rows moving, against the
+    clients it shares them with."""
+    with warnings.catch_warnings():  # a row nobody shares, a client sharing no moving row: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        moving = np.nanmedian(cosines, axis=0) > 0  # (C,)
+        return np.nanmean(np.where(moving[None, :], cosines, np.nan), axis=1)
 
 
 def _speakers(peers: list[int], trusted: np.ndarray) -> list[int]:

@@ -386,19 +386,20 @@ class FusionStrategy(FedAvg):
         names = [c.pseudonym for c, _, _ in updates]
         # Evidence is measured on each client's momentum: one round's rows are mostly noise.
         momenta = self._momentum.update(names, deltas, covers, rowwise)
-        # References are made of the clients whose evidence so far has not given them away.
-        trusted = np.array([self._evidence_trust.get(n, 1.0) > 0 for n in names])
-        shared, rows = defences.evidence_parts(momenta, covers, rowwise, trusted)
+        # A row's reference is made of the clients whose shared arrays this round and evidence
+        # so far have not given them away (the shared arrays' reference is everyone else).
+        shared = defences.shared_part(momenta, covers, rowwise)
+        speakers = defences.row_speakers(
+            shared, np.array([self._evidence_trust.get(n, 1.0) > 0 for n in names])
+        )
+        cosines = defences.row_cosines(momenta, covers, speakers) if rowwise else None
+        rows = defences.row_part(cosines) if cosines is not None else np.full(len(names), np.nan)
         self._evidence_seen = {
             n: {"shared": _finite(a), "rows": _finite(b), "scale": float(c)}
             for n, a, b, c in zip(names, shared, rows, scale, strict=True)
         }
         self._record_evidence(names, defences.evidence_of(shared, rows, scale))
-        row_weights = (
-            defences.row_trust(defences.row_cosines(momenta, covers, trusted))
-            if s.evidence and rowwise
-            else None
-        )
+        row_weights = defences.row_trust(cosines) if s.evidence and cosines is not None else None
         weights = counts * np.array([self.trust_of(c.pseudonym) for c, _, _ in updates])
         if weights.sum() <= 0:  # everyone distrusted: the capped counts alone
             weights = counts

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -149,8 +149,59 @@ def test_clients_already_given_away_do_not_make_the_reference_of_the_rows_they_c
     known = np.array([True] * 5 + [False] * 2)
     _, rows = defences.evidence_parts(deltas, covers, rowwise=True, trusted=known)
     assert rows[5:].max() < 0 < rows[:5].min()
-    _, naive = defences.evidence_parts(deltas, covers, rowwise=True)
-    assert naive[0] < rows[0]  # client 0 shares only rows 0 and 1 with them
+    naive, known_only = (
+        defences.row_cosines(deltas, covers),
+        defences.row_cosines(deltas, covers, known),
+    )
+    assert naive[0, 0] < known_only[0, 0]  # client 0 shares only rows 0 and 1 with them
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_wrong_earlier_judgement_never_makes_the_shared_reference(seed):
+    """Two sign flippers of seven, after a first round that trusted only them (the worst an
+    earlier judgement can be): the shared arrays are still compared with every other client, so
+    the flippers' shared part stays negative and the honest clients' positive; and the rows,
+    compared only with the peers the shared part trusts this round, give the honest clients
+    covering the flippers' rows a positive part. A reference of the clients trusted so far kept
+    two flippers at full trust in a layer-norm federation (`make bench-hostile`, dev seed 1)."""
+    rng = np.random.default_rng(seed)
+    step, rows = rng.standard_normal((30, 10)), rng.standard_normal((4, 8))
+    covers = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]], float)
+    covers = np.vstack([covers, [[1, 1, 0, 0], [1, 1, 0, 0]]])  # clients 5 and 6: flippers
+    deltas = [
+        {
+            "encoder": step + rng.standard_normal((30, 10)),
+            "prototypes": (rows + 0.3 * rng.standard_normal((4, 8))) * c[:, None],
+        }
+        for c in covers
+    ]
+    for k in (5, 6):
+        deltas[k] = {key: -2.0 * v for key, v in deltas[k].items()}
+    wrong = np.array([False] * 5 + [True] * 2)
+    shared, by_row = defences.evidence_parts(deltas, covers, rowwise=True, trusted=wrong)
+    assert shared[5:].max() < 0 < shared[:5].min()
+    shared, by_row = defences.evidence_parts(deltas, covers, rowwise=True)  # a first round
+    assert by_row[5:].max() < 0 < by_row[:5].min()
+    trust = defences.evidence_trust(
+        {str(k): s for k, s in enumerate(defences.evidence_of(shared, by_row, None))}
+    )
+    assert max(trust["5"], trust["6"]) == 0.0 < min(trust[str(k)] for k in range(5))
+
+
+@given(seed=st.integers(0, 10_000), k=st.integers(3, 9))
+@settings(max_examples=60, deadline=None)
+def test_a_settled_row_is_no_evidence(seed, k):
+    """A settled row: each covering client pulls it towards its own view and the pulls cancel
+    (they sum to zero), so every client's cosine with its peers' median is at or below zero. It
+    lowers nobody's evidence; a row still moving (a common pull plus each client's own) counts."""
+    rng = np.random.default_rng(seed)
+    pulls = rng.standard_normal((k, 8))
+    settled = pulls - pulls.mean(0)  # (K, 8): the row is the clients' average
+    moving = rng.standard_normal(8) + 0.3 * rng.standard_normal((k, 8))
+    deltas = [{"prototypes": np.stack([settled[j], moving[j]])} for j in range(k)]
+    cosines = defences.row_cosines(deltas, np.ones((k, 2)))
+    assume(np.nanmedian(cosines[:, 0]) <= 0 < np.nanmedian(cosines[:, 1]))
+    np.testing.assert_allclose(defences.row_part(cosines), cosines[:, 1])
 
 
 @pytest.mark.parametrize("seed", range(3))
