@@ -195,6 +195,15 @@ def _diverged(bank: Bank, what: str) -> str:
         if bank.meta.input_range
         else "the bank records no input range"
     )
+    fed = bank.meta.federation
+    if fed is not None and fed.privacy.mode == "dp":  # its weights carry the run's noise
+        budget = f"epsilon {fed.epsilon:.3g}, " if fed.epsilon is not None else ""
+        return (
+            f"x: adaptation on these inputs diverged {what}; this bank was trained under "
+            f"differential privacy ({budget}noise multiplier {fed.noise_multiplier}) and its "
+            f"noisy weights, not the inputs, may be what diverged: send inputs preprocessed "
+            f"like the experts' queries, or build the bank with a larger [privacy] epsilon"
+        )
     return (
         f"x: adaptation on these inputs diverged {what}; they are far outside what the bank was "
         f"fitted on ({where}): send inputs preprocessed like the experts' queries"

@@ -17,11 +17,17 @@ from toys import answers, clusters, two_experts
 from protofuse import artifacts
 from protofuse.adapted import from_files, load_adapted
 from protofuse.artifacts import ArtifactError
-from protofuse.bank import Bank, bank_meta, fit_bank, load_bank
+from protofuse.bank import Bank, _diverged, bank_meta, fit_bank, load_bank
 from protofuse.bank_meta import BankMeta, BankMetaError, FederationRecord
 from protofuse.families.generative import expert_distribution
 from protofuse.protocol.federation import decode_distribution, encode_distribution
-from protofuse.settings import AdaptSettings, FederationSettings, ModelSettings, TrainingSettings
+from protofuse.settings import (
+    AdaptSettings,
+    FederationSettings,
+    ModelSettings,
+    PrivacySettings,
+    TrainingSettings,
+)
 from protofuse.triples import assemble
 
 torch.set_num_threads(1)
@@ -937,6 +943,26 @@ def test_support_inputs_of_any_finite_size_give_a_finite_model_or_a_clear_error(
             return
         assert np.isfinite(model.predict_proba(xs)).all()
     model.to_files()  # finite: it can be written
+
+
+def test_a_diverged_adaptation_on_a_dp_bank_names_the_bank_s_noise(bank):
+    """A bank trained under differential privacy carries the run's noise and no input range: when
+    adaptation diverges, the error says the noisy weights may be the cause and how to get a less
+    noisy bank, not only that the inputs are out of range."""
+    record = FederationRecord(
+        rounds=40,
+        weights_digest="ab" * 32,
+        settings=FederationSettings(),
+        privacy=PrivacySettings(mode="dp", epsilon=1.0),
+        noise_multiplier=25.6,
+        epsilon=0.99,
+    )
+    dp = Bank(bank.model, bank.meta.model_copy(update={"federation": record}), bank.experts)
+    message = _diverged(dp, "(NaN or infinite weights)")
+    assert message.startswith("x: adaptation on these inputs diverged")
+    assert "differential privacy (epsilon 0.99, noise multiplier 25.6)" in message
+    assert "larger [privacy] epsilon" in message
+    assert "differential privacy" not in _diverged(bank, "(NaN or infinite weights)")
 
 
 def _forged(files: dict[str, bytes], change) -> dict[str, bytes]:
