@@ -255,10 +255,22 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="federate with [privacy] mode = 'dp' and this epsilon (central fit stays plain)",
     )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help=(
+            "federate with [privacy] mode = 'secagg' (Flower's SecAgg+), and the same federation "
+            "plainly, paired"
+        ),
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.dp_epsilon and args.secure_aggregation:
+        p.error("--dp-epsilon and --secure-aggregation are two privacy modes: choose one")
     model = {"normalization": args.normalization} if args.normalization else {}
     privacy = {"mode": "dp", "epsilon": args.dp_epsilon} if args.dp_epsilon else None
+    if args.secure_aggregation:
+        privacy = {"mode": "secagg"}
     recipes = (SPARSE_RECIPES if args.sparse else DEFAULT_RECIPES) + (
         ROBUSTNESS_RECIPES if args.robust else ()
     )
@@ -277,40 +289,28 @@ def main(argv: list[str] | None = None) -> int:
                 - t0
                 + (world.timings.get("fit protofuse", 0.0) if mode == "shared" else 0.0)
             )
-            run = args.out / f"run-{mode}-{seed}"
-            spec = write_spec(
-                args.out / f"spec-{mode}-{seed}",
+            spec, run, t_fed = _federate(
+                args,
                 world,
                 recipes,
-                args.dataset,
                 seed,
                 mode,
-                args.rounds,
-                args.aggregation,
+                model,
+                "",
                 keep=args.rounds + 2 if seed == args.seeds[0] else 2,
-                model=model,
                 privacy=privacy,
             )
-            t0 = time.perf_counter()
-            simulate(spec, run, echo=lambda line: None)
-            t_fed = time.perf_counter() - t0
             federated = load_bank(run)
             banks = {"federated": federated, "central": central}
-            if args.robust:  # the same federation without its bad participants, on the same tasks
-                honest_run = args.out / f"run-{mode}-{seed}-honest"
-                honest_spec = write_spec(
-                    args.out / f"spec-{mode}-{seed}-honest",
-                    world,
-                    DEFAULT_RECIPES,
-                    args.dataset,
-                    seed,
-                    mode,
-                    args.rounds,
-                    args.aggregation,
-                    model=model,
-                )
-                simulate(honest_spec, honest_run, echo=lambda line: None)
-                banks["federated honest"] = load_bank(honest_run)
+            # The same federation without its bad participants (--robust) or without secure
+            # aggregation (--secure-aggregation), on the same tasks.
+            t_plain = None
+            if args.robust:
+                _, honest, _ = _federate(args, world, DEFAULT_RECIPES, seed, mode, model, "-honest")
+                banks["federated honest"] = load_bank(honest)
+            if args.secure_aggregation:
+                _, plain, t_plain = _federate(args, world, recipes, seed, mode, model, "-plain")
+                banks["federated plain"] = load_bank(plain)
             rows = score(banks, world, tasks, seed, args.max_test)
             rounds = json.loads((run / "rounds.json").read_text())["rounds"]
             traffic = [
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "rounds": rounds,
                 "traffic_ratio_max": max(traffic),
-                "seconds": {"central": t_central, "federated": t_fed},
+                "seconds": {"central": t_central, "federated": t_fed, "plain": t_plain},
                 "trust": {
                     e.name: {
                         "federated": e.weight,
@@ -353,6 +353,38 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(results, args.out / "accuracy_vs_rounds.png")
     print(report(results))
     return 0
+
+
+def _federate(
+    args: argparse.Namespace,
+    world,
+    recipes,
+    seed: int,
+    mode: str,
+    model: dict,
+    suffix: str,
+    keep: int = 2,
+    privacy: dict[str, object] | None = None,
+) -> tuple[Path, Path, float]:
+    """One federation of the seed and mode (``run-MODE-SEED{suffix}``): its spec, its run folder
+    and its seconds."""
+    run = args.out / f"run-{mode}-{seed}{suffix}"
+    spec = write_spec(
+        args.out / f"spec-{mode}-{seed}{suffix}",
+        world,
+        recipes,
+        args.dataset,
+        seed,
+        mode,
+        args.rounds,
+        args.aggregation,
+        keep=keep,
+        model=model,
+        privacy=privacy,
+    )
+    t0 = time.perf_counter()
+    simulate(spec, run, echo=lambda line: None)
+    return spec, run, time.perf_counter() - t0
 
 
 def plot_curves(results: dict, path: Path) -> None:
@@ -388,6 +420,22 @@ def plot_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _against(rows: list[dict], other: str, title: str, columns: tuple[str, str]) -> list[str]:
+    """The federation's accuracy against a second federation's on the same tasks, paired."""
+    g = summarize(rows, "federated", other)
+    return [
+        f"{title} (both federated, same tasks):",
+        "",
+        f"| k | {columns[0]} | {columns[1]} | paired gap (± s.e.) |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {v['federated']:.1f} | {v[other]:.1f} | {v['gap']:+.2f} ± {v['gap_se']:.2f} |"
+            for k, v in g.items()
+        ),
+        "",
+    ]
+
+
 def report(results: dict) -> str:
     lines = [
         "# Federated (protofuse simulate) against central (protofuse fit)",
@@ -419,20 +467,23 @@ def report(results: dict) -> str:
             "",
         ]
         if "federated honest" in rows[0]:
-            h = summarize(rows, "federated", "federated honest")
+            lines += _against(
+                rows,
+                "federated honest",
+                "With the bad participants against the same federation without them",
+                ("with them", "without"),
+            )
+        if "federated plain" in rows[0]:
+            lines += _against(
+                rows,
+                "federated plain",
+                "Secure aggregation against the same federation without it",
+                ("secure aggregation", "plain"),
+            )
             lines += [
-                "With the bad participants against the same federation without them (both "
-                "federated, same tasks):",
+                f"Time: {np.mean([r['seconds']['plain'] for r in runs]):.0f} s plain.",
                 "",
-                "| k | with them | without | paired gap (± s.e.) |",
-                "|---|---|---|---|",
             ]
-            lines += [
-                f"| {k} | {v['federated']:.1f} | {v['federated honest']:.1f} | {v['gap']:+.2f} ± "
-                f"{v['gap_se']:.2f} |"
-                for k, v in h.items()
-            ]
-            lines.append("")
         diverged = [name for row in rows for name in row.get("diverged", [])]
         if diverged:
             lines += [

@@ -285,6 +285,14 @@ def _parser() -> argparse.ArgumentParser:
             "statistics would send the mean and variance of this node's queries each round)"
         ),
     )
+    client.add_argument(
+        "--require-secure-aggregation",
+        action="store_true",
+        help=(
+            "refuse any round that would send this node's weights outside Flower's SecAgg+ (the "
+            'server must run [privacy] mode = "secagg")'
+        ),
+    )
     client.set_defaults(run=_client)
 
     serve = sub.add_parser(
@@ -612,6 +620,8 @@ def _client(args: argparse.Namespace) -> int:
     node_config = f'spec="{spec_path}" expert="{entry.name}" cache-dir="{cache}"'
     if args.allow_batch_norm:
         node_config += " allow-batch-norm=true"
+    if args.require_secure_aggregation:
+        node_config += " require-secure-aggregation=true"
     cmd = [
         flower_bin("flower-supernode"),
         "--superlink",
@@ -744,6 +754,11 @@ def _info(args: argparse.Namespace) -> int:
                 f"differential privacy: epsilon {fed.epsilon:.3g} at delta {fed.privacy.delta:.3g} "
                 f"per client for the whole run (noise multiplier {fed.noise_multiplier:.4g}, "
                 f"clip {fed.privacy.clip:.4g}); the experts' own measurements are withheld"
+            )
+        elif fed.privacy.mode == "secagg":
+            print(
+                "secure aggregation (Flower's SecAgg+): the server saw only sums of the clients' "
+                "updates; every client weighed the same"
             )
         else:
             print("privacy: plain (no differential privacy)")

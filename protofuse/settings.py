@@ -357,10 +357,19 @@ class PrivacySettings(_Strict):
     imitation head, its queries' value range) sets no weight and is left out of the bank. The
     accountant (``protofuse.privacy``) gives the run's epsilon for ``delta``. The server still
     sees each update: this protects against whoever receives the bank, not against the server
-    (docs/threat-model.md)."""
+    (docs/threat-model.md).
 
-    mode: Literal["plain", "dp"] = Field(
-        "plain", description="plain: no noise; dp: client-level differential privacy"
+    With ``mode = "secagg"`` each round's update goes through Flower's SecAgg+ (its workflow on
+    the server, its client mod on each client): the server learns only the sum of the clients'
+    changes (a prototype row's, over its coverers), never one client's. Every client then weighs
+    the same and trust sets nothing: the defences that score each update cannot run."""
+
+    mode: Literal["plain", "dp", "secagg"] = Field(
+        "plain",
+        description=(
+            "plain: no noise; dp: client-level differential privacy; secagg: secure aggregation "
+            "(Flower's SecAgg+), the server sees only sums of updates"
+        ),
     )
     epsilon: float | None = Field(
         None,
@@ -386,6 +395,17 @@ class PrivacySettings(_Strict):
         gt=0,
         le=1e4,
         description="dp: noise standard deviation over clip (default: calibrated to epsilon)",
+    )
+
+    secagg_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description=(
+            "secagg: share of a client's key holders needed to rebuild its mask (Flower's "
+            "reconstruction_threshold): higher resists more colluding clients, lower more "
+            "dropouts"
+        ),
     )
 
     @model_validator(mode="after")

@@ -226,6 +226,14 @@ class Spec(BaseModel):
                 "= 'dp', whose noise covers a sum of clipped updates; remove it (the default "
                 "'mean') or set privacy.mode = 'plain'"
             )
+        # Under secure aggregation the server holds only the sum: a median, a trimmed mean or
+        # Krum's choice needs each update.
+        if self.privacy.mode == "secagg" and self.federation.combine != "mean":
+            raise ValueError(
+                f"federation.combine: {self.federation.combine!r} cannot be used with privacy.mode "
+                "= 'secagg', where the server sees only the sum of the updates; remove it (the "
+                "default 'mean') or set privacy.mode = 'plain'"
+            )
         return self
 
     def expert(self, name: str) -> ExpertEntry:

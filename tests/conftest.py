@@ -32,6 +32,18 @@ def _flower_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def as_a_node():
+    """Flower stamps every Message with the run and node of its process: pose as node 7 of run 1
+    (tests that build a node's messages by hand)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+@pytest.fixture
 def folders(tmp_path: Path):
     """Three organizations' spec folders, each with its expert and its own shard of the queries
     (the deployment tests of the integration and deploy tiers)."""

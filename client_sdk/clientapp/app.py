@@ -40,8 +40,11 @@ from protofuse.spec import SpecError, load_spec
 
 from ..collect import cached_answers, load_array
 from .local_training import LocalExpert, RoundPlan, run_round
+from .secure_aggregation import secure_aggregation_mod
 
-app = ClientApp()
+# A round under secure aggregation goes through Flower's SecAgg+ mod; every other message straight
+# to the handlers below.
+app = ClientApp(mods=[secure_aggregation_mod])
 
 _EXPERTS: dict[
     tuple[str, str, str], LocalExpert

@@ -222,6 +222,9 @@ def _two_phases(
 # Each expert's imitation head (temperature and per-label biases) is private to its client: it
 # travels only inside the expert's prototype-distribution message. Everything else is shared.
 PRIVATE_PARAMETERS = ("expert_log_temp", "expert_bias")
+# Shared arrays with one row per label of the vocabulary: a federation averages a row over the
+# clients whose expert covers its label.
+ROW_KEYS = ("prototypes", "bias")
 
 
 def shared_arrays(model: DiscriminativePrototypes) -> dict[str, np.ndarray]:

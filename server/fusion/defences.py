@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-ROW_KEYS = ("prototypes", "bias")  # arrays with one row per label of the vocabulary
+from protofuse.families.discriminative import ROW_KEYS
 
 Combine = Literal["mean", "median", "trimmed_mean", "krum"]
 Deltas = list[dict[str, np.ndarray]]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from protofuse.spec import Spec, SpecError, load_spec
 from .aggregation import extend_rows, to_record
 from .membership import Federation, describe_nodes
 from .schedule import Schedule
+from .secure_aggregation import SecureRounds
 from .store import BankStore, Checkpoint, StoreError
 from .strategy import FusionStrategy
 
@@ -78,6 +79,13 @@ def fuse(
     dp_plan = plan_dp(spec.privacy, schedule.training_rounds) if spec.privacy.mode == "dp" else None
     if dp_plan is not None:
         log(INFO, "fusion: differential privacy: %s", dp_plan.describe())
+    secure = (
+        SecureRounds(grid, spec.privacy.secagg_threshold, spec.federation.round_timeout)
+        if spec.privacy.mode == "secagg"
+        else None
+    )
+    if secure is not None:
+        log(INFO, "fusion: secure aggregation (Flower's SecAgg+): the server sees sums only")
     try:
         store = BankStore(out / STORE, run_key(spec), keep=spec.federation.keep_checkpoints)
     except StoreError as err:
@@ -108,6 +116,7 @@ def fuse(
                 round_offset=done,
                 on_replies=on_replies,
                 dp_plan=dp_plan,
+                secure=secure,
             )
             log(
                 INFO,
@@ -119,7 +128,7 @@ def fuse(
                 len(fed.vocabulary),
             )
             strategy.start(
-                grid,
+                cast(Grid, secure) if secure is not None else grid,
                 to_record(arrays),
                 num_rounds=schedule.total - done,
                 timeout=spec.federation.round_timeout,

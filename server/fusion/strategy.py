@@ -18,7 +18,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from protofuse.privacy import DpPlan
 from protofuse.protocol import federation as wire
+from protofuse.protocol import secure_sum
 from protofuse.records import NOT_MEASURED, ExpertRecord
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.training import reliability_weights
@@ -34,6 +35,7 @@ from . import defences, dp
 from .aggregation import check_update, extend_rows, to_record
 from .membership import Client, Federation, PseudonymTaken, describe_nodes
 from .schedule import AGREEMENT, Phase, Schedule
+from .secure_aggregation import SecureRounds
 
 ROUND_PLAN = (
     wire.ROUND_PLAN_KEY
@@ -63,6 +65,7 @@ class FusionStrategy(FedAvg):
         round_offset: int = 0,
         on_replies: Callable[[int], None] | None = None,
         dp_plan: DpPlan | None = None,
+        secure: SecureRounds | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(
@@ -83,6 +86,11 @@ class FusionStrategy(FedAvg):
         # report sets a weight; the noise is drawn from the OS's entropy, never from a seed.
         self.dp_plan = dp_plan
         self._dp_rng = np.random.default_rng()
+        # [privacy] mode = "secagg": the Grid the strategy runs on sends each round that returns
+        # weights through SecAgg+; the server sees the sum only, so every client weighs the same.
+        self.secure = secure
+        if secure is not None:
+            secure.check = self.check_secure_reply
         self.history: list[dict[str, Any]] = []
         self.refused: set[int] = set()  # nodes not admitted: not asked again
         self._sent: dict[str, np.ndarray] = {}
@@ -118,6 +126,8 @@ class FusionStrategy(FedAvg):
         )
         config = ConfigRecord({ROUND_PLAN: wire.encode_round_plan(plan)})
         messages = list(super().configure_train(server_round, to_record(current), config, grid))
+        if self.secure is not None:  # the agreement round returns no weights: nothing to hide
+            self.secure.secure_next = phase.name != AGREEMENT
         return [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
 
     @property
@@ -199,7 +209,7 @@ class FusionStrategy(FedAvg):
                 )
                 continue
             try:
-                if phase.name != AGREEMENT:
+                if phase.name != AGREEMENT and self.secure is None:
                     check_update(reply.content.array_records["arrays"], self._sent)
                 stats = self._merge(client, reply, r)
             except (
@@ -234,9 +244,11 @@ class FusionStrategy(FedAvg):
             key=lambda item: item[0].pseudonym
         )  # replies arrive in any order; sums must not depend on it
         if phase.name == AGREEMENT:
-            if self.dp_plan is None:  # under DP, trust stays full: reports set no weight
+            if not self._equal_weights:  # reports set no weight under DP or SecAgg
                 self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
+        elif self.secure is not None:
+            arrays = self._aggregate_secure(r, [c for c, _, _ in ok])
         else:
             # Examples are self-reported: aggregate bounds them (defences.example_weights).
             arrays = self.aggregate(
@@ -258,25 +270,7 @@ class FusionStrategy(FedAvg):
         return sorted({c.pseudonym for c in self.federation.nodes.values()} - replied)
 
     def _merge(self, client: Client, reply: Message, round: int) -> wire.ImitatorStats:
-        fusion = reply.content.config_records["fusion"]
-        dist = wire.decode_distribution(_encoded(fusion, "distribution"))
-        stats = wire.decode_stats(_encoded(fusion, "stats"))
-        for who in (dist.pseudonym, stats.pseudonym):
-            if who != client.pseudonym:
-                raise wire.WireError(
-                    f"ExpertDistribution.pseudonym: {who!r} from the node registered as "
-                    f"{client.pseudonym!r}"
-                )
-        if tuple(dist.label_names) != client.labels:
-            raise wire.WireError(
-                f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels "
-                f"the node declared {list(client.labels)}"
-            )
-        if stats.n_examples > client.n_queries:  # only a lying client trains on more
-            raise wire.WireError(
-                f"ImitatorStats.n_examples: {stats.n_examples} examples trained on, more than the "
-                f"{client.n_queries} query inputs the node declared"
-            )
+        dist, stats = self._decoded(client, reply.content)
         old = self.federation.records.get(client.pseudonym)
         consensus = (
             stats.consensus_agreement
@@ -298,6 +292,44 @@ class FusionStrategy(FedAvg):
             distribution=wire.encode_distribution(dist),
         )
         return stats
+
+    def _decoded(
+        self, client: Client, content: RecordDict
+    ) -> tuple[wire.ExpertDistribution, wire.ImitatorStats]:
+        """A reply's prototype-distribution message and imitator statistics, decoded and checked
+        against what ``client`` declared (a WireError names the field)."""
+        fusion = content.config_records["fusion"]
+        dist = wire.decode_distribution(_encoded(fusion, "distribution"))
+        stats = wire.decode_stats(_encoded(fusion, "stats"))
+        for who in (dist.pseudonym, stats.pseudonym):
+            if who != client.pseudonym:
+                raise wire.WireError(
+                    f"ExpertDistribution.pseudonym: {who!r} from the node registered as "
+                    f"{client.pseudonym!r}"
+                )
+        if tuple(dist.label_names) != client.labels:
+            raise wire.WireError(
+                f"ExpertDistribution.label_names: {list(dist.label_names)} differ from the labels "
+                f"the node declared {list(client.labels)}"
+            )
+        if stats.n_examples > client.n_queries:  # only a lying client trains on more
+            raise wire.WireError(
+                f"ImitatorStats.n_examples: {stats.n_examples} examples trained on, more than the "
+                f"{client.n_queries} query inputs the node declared"
+            )
+        return dist, stats
+
+    def check_secure_reply(self, node_id: int, content: RecordDict) -> None:
+        """A secure round's reply, before its masked vector is summed: an unknown node, or a
+        report that does not decode for the node that sent it, is refused (and struck)."""
+        client = self.federation.nodes.get(node_id)
+        if client is None:
+            raise KeyError(f"node {node_id} is not in the federation")
+        try:
+            self._decoded(client, content)
+        except (wire.WireError, KeyError, TypeError, ValueError):
+            self._strike(node_id, client)
+            raise
 
     def _set_trust(self, scored: list[tuple[Client, wire.ImitatorStats]]) -> None:
         """The agreement round: each client's reported agreement with the consensus, relative to
@@ -326,11 +358,16 @@ class FusionStrategy(FedAvg):
         expelled client has none."""
         if pseudonym in self.federation.expelled:
             return 0.0
-        if self.dp_plan is not None:
+        if self._equal_weights:
             return 1.0
         trust = self.federation.trust
         reported = trust.get(pseudonym, min(trust.values()) if trust else 1.0)
         return min(reported, self._evidence_trust.get(pseudonym, 1.0))
+
+    @property
+    def _equal_weights(self) -> bool:
+        """Under DP or secure aggregation no client's report or update sets its weight."""
+        return self.dp_plan is not None or self.secure is not None
 
     @property
     def _evidence_trust(self) -> dict[str, float]:
@@ -426,6 +463,23 @@ class FusionStrategy(FedAvg):
             self.settings.aggregation == "rowwise",
             self._dp_rng,
         )
+        return self._applied(step)
+
+    def _aggregate_secure(self, r: int, clients: list[Client]) -> dict[str, np.ndarray]:
+        """The round's step from the mean SecAgg+ unmasked (``secure_sum.step``): each client
+        weighs 1, a row is averaged over the replying clients that declared its label. A sum that
+        fails its checks (a client misstated its weight or forged its vector) moves nothing."""
+        assert self.secure is not None and self.secure.last_mean is not None
+        try:
+            step = secure_sum.step(
+                self.secure.last_mean,
+                self._sent,
+                self._covers(clients),
+                self.settings.aggregation == "rowwise",
+            )
+        except secure_sum.SecureSumError as err:
+            log(WARNING, "round %s: %s", r, err)
+            return self._sent
         return self._applied(step)
 
     def _covers(self, clients: list[Client]) -> np.ndarray:

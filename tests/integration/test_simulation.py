@@ -34,16 +34,20 @@ def federation(tmp_path_factory):
 
 def crashing_app(folder: Path) -> Path:
     """A copy of protofuse's Flower app whose ServerApp is crashing_server_app's (same clients)."""
-    app = folder / "crashing-app"
+    return app_with_server(folder, "crashing_server_app")
+
+
+def app_with_server(folder: Path, module: str) -> Path:
+    """A copy of protofuse's Flower app whose ServerApp is ``module``'s (a file beside this one
+    that wraps the fusion server's); the clients are protofuse's own."""
+    app = folder / f"{module}-app"
     app.mkdir()
     pyproject = (app_dir() / "pyproject.toml").read_text()
     assert SERVERAPP in pyproject, (
         "protofuse's Flower app names another ServerApp: update this test"
     )
-    (app / "pyproject.toml").write_text(
-        pyproject.replace(SERVERAPP, 'serverapp = "crashing_server_app:app"')
-    )
-    shutil.copy(Path(__file__).with_name("crashing_server_app.py"), app)
+    (app / "pyproject.toml").write_text(pyproject.replace(SERVERAPP, f'serverapp = "{module}:app"'))
+    shutil.copy(Path(__file__).with_name(f"{module}.py"), app)
     return app
 
 
@@ -211,3 +215,39 @@ def test_a_dp_run_over_its_budget_is_refused_before_it_starts(federation, tmp_pa
     err = capsys.readouterr().err
     assert "privacy.noise_multiplier: 0.5 over 40 rounds spends epsilon" in err
     assert "more than privacy.epsilon = 1" in err and not (tmp_path / "run").exists()
+
+
+def test_under_secure_aggregation_the_server_receives_masked_sums_only(
+    federation, tmp_path, capsys
+):
+    """[privacy] mode = "secagg": every round that trains goes through Flower's SecAgg+, and no
+    reply the server receives holds a client's weights (the recording ServerApp writes down every
+    reply); the bank from the unmasked sums adapts like a plain one."""
+    spec = _copy_federation(federation, tmp_path, "\n[privacy]\nmode = 'secagg'\n")
+    run = tmp_path / "run"
+    simulate(spec, run, rounds=3, app=app_with_server(tmp_path, "recording_server_app"))
+    replies = json.loads((run / "replies.json").read_text())
+    masked = [r for r in replies if "secaggplus_configs" in r["configs"]]
+    # 3 training rounds (consensus, then two weighted; the agreement round trains nothing) x 5
+    # clients x SecAgg+'s 4 stages.
+    assert len(masked) == 3 * 5 * 4
+    vectors = [r for r in masked if "masked_params" in r["configs"]["secaggplus_configs"]]
+    assert len(vectors) == 3 * 5
+    for reply in replies:
+        # No reply carries an array: the weights, the change and the vector all stay on the
+        # clients; what travels is the masked vector (bytes) and the plain-text report.
+        assert all(not arrays for arrays in reply["arrays"].values()), reply
+    for reply in vectors:
+        assert reply["configs"]["fusion"] == {"distribution": "bytes", "stats": "bytes"}
+        assert reply["configs"]["secaggplus_configs"]["masked_params"] == "list"
+    assert "secure aggregation (Flower's SecAgg+)" in capsys.readouterr().out
+
+    bank = load_bank(run)
+    assert bank.meta.federation.privacy.mode == "secagg"
+    assert all(e.weight == 1.0 for e in bank.experts)  # no report sets a weight
+    support = np.load(federation.parent / "support.npz")
+    model = bank.adapt(support["x"], support["y"])
+    test_x, test_y = (np.load(federation.parent / f) for f in ("test_x.npy", "test_y.npy"))
+    assert (model.predict(test_x) == test_y).mean() > 0.8  # 0.91 when written (plain: 0.89)
+    assert main(["info", str(run)]) == 0
+    assert "secure aggregation (Flower's SecAgg+)" in capsys.readouterr().out

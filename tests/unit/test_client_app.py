@@ -61,15 +61,7 @@ def node(tmp_path):
     return tmp_path, x, context
 
 
-@pytest.fixture(autouse=True)
-def as_a_node():
-    """Flower stamps every Message with the run and node of its process: pose as node 7 of run 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+pytestmark = pytest.mark.usefixtures("as_a_node")  # tests/conftest.py
 
 
 VOCAB = ["0", "1", "2", "3"]

@@ -75,7 +75,7 @@ def test_a_dp_spec_needs_a_budget_or_noise_and_every_number_is_bounded(tmp_path)
         ("mode = 'dp'\nepsilon = 1\ndelta = 0.5", "privacy.delta: Input should be less than 0.1"),
         ("mode = 'dp'\nepsilon = 1\nclip = -1", "privacy.clip: Input should be greater than 0"),
         ("mode = 'dp'\nepsilon = nan", "privacy.epsilon: Input should be a finite number"),
-        ("mode = 'local'", "privacy.mode: Input should be 'plain' or 'dp'"),
+        ("mode = 'local'", "privacy.mode: Input should be 'plain', 'dp' or 'secagg'"),
     ]:
         path.write_text(f"[privacy]\n{table}\n")
         with pytest.raises(SpecError) as err:
