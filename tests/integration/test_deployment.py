@@ -25,45 +25,11 @@ from protofuse.flower.simulation import app_dir
 
 def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     tmp, specs, server, splits = folders
-    home = tmp / "flwr-home"
-    port = free_port()
-    write_connection(home, "deployment", port)
-    env = flower_env(home)
-    procs: list[subprocess.Popen] = []
-    try:
-        procs.append(start_superlink(home, port, simulation=False, log_file=tmp / "superlink.log"))
-        for i, spec in enumerate(specs):
-            cmd = client_command(spec, port, free_port())
-            with open(tmp / f"client{i}.log", "wb") as log:  # the child keeps its own copy
-                procs.append(
-                    subprocess.Popen(
-                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                    )
-                )
-        run_config = f'spec="{server}" out="{tmp / "run"}"'
-        result = subprocess.run(
-            [
-                flower_bin("flwr"),
-                "run",
-                str(app_dir()),
-                "deployment",
-                "--stream",
-                "--run-config",
-                run_config,
-            ],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert (tmp / "run" / "bank" / "meta.json").exists(), (
-            result.stdout[-4000:] + result.stderr[-2000:]
-        )
-        assert "round 11/11 weighted" in result.stdout
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
+    result, procs = _deploy(tmp, specs, f'spec="{server}" out="{tmp / "run"}"')
+    assert (tmp / "run" / "bank" / "meta.json").exists(), (
+        result.stdout[-4000:] + result.stderr[-2000:]
+    )
+    assert "round 11/11 weighted" in result.stdout
     leftovers = [p.pid for p in procs if p.poll() is None]
     assert not leftovers
 
@@ -80,3 +46,69 @@ def test_three_supernodes_and_a_superlink_build_a_bank_that_adapts(folders):
     # A sanity bound (the benchmark measures accuracy): with layer norm, a federation\'s
     # default, this 10-round federation measured 0.86 (0.79 at 4 rounds).
     assert accuracy > 0.8, accuracy
+
+
+def test_a_deployment_under_secure_aggregation_completes_with_nodes_that_require_it(folders):
+    """[privacy] mode = "secagg" on the deployment engine: SecAgg+ over real SuperNodes whose
+    owners refuse any round that would send their weights in the clear."""
+    tmp, specs, server, _ = folders
+    secure = tmp / "server-secagg.toml"
+    secure.write_text(server.read_text() + '\n[privacy]\nmode = "secagg"\n')
+    result, _ = _deploy(
+        tmp,
+        specs,
+        f'spec="{secure}" out="{tmp / "run"}" rounds=3',
+        ["--require-secure-aggregation"],
+    )
+    assert (tmp / "run" / "bank" / "meta.json").exists(), (
+        result.stdout[-4000:] + result.stderr[-2000:]
+    )
+    assert "secure aggregation (Flower's SecAgg+)" in result.stdout
+    assert "round 4/4 weighted" in result.stdout
+    bank = load_bank(tmp / "run")
+    assert bank.meta.federation.privacy.mode == "secagg"
+    assert sorted(e.name for e in bank.experts) == ["east", "north", "west"]
+    for i in range(len(specs)):  # no node had to refuse a round
+        assert "requires secure aggregation" not in (tmp / f"client{i}.log").read_text()
+
+
+def _deploy(
+    tmp, specs, run_config: str, client_options: list[str] | None = None
+) -> tuple[subprocess.CompletedProcess, list[subprocess.Popen]]:
+    """A SuperLink and one SuperNode per spec (``protofuse client``), then ``flwr run`` with
+    ``run_config``; every process stopped before it returns."""
+    home = tmp / "flwr-home"
+    port = free_port()
+    write_connection(home, "deployment", port)
+    env = flower_env(home)
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(start_superlink(home, port, simulation=False, log_file=tmp / "superlink.log"))
+        for i, spec in enumerate(specs):
+            cmd = client_command(spec, port, free_port()) + (client_options or [])
+            with open(tmp / f"client{i}.log", "wb") as log:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        result = subprocess.run(
+            [
+                flower_bin("flwr"),
+                "run",
+                str(app_dir()),
+                "deployment",
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    return result, procs

@@ -906,3 +906,59 @@ def test_the_store_holds_combined_weights_except_rows_one_client_carries(in_a_ru
     # Label 2 is c's alone: its row in the bank is c's row.
     np.testing.assert_array_equal(combined["prototypes"][2], own["c"]["prototypes"][2])
     assert on_disk(own["c"]["prototypes"][2])
+
+
+# -- secure aggregation: the strategy's side (the protocol itself: test_simulation.py) ------------
+
+
+def test_under_secure_aggregation_the_step_comes_from_the_sum_and_a_lying_report_is_a_dropout(
+    in_a_run,
+):
+    """[privacy] mode = "secagg": a reply's report is checked before its masked vector is summed
+    (a lie is refused and struck, as in a plain round); the round's step is read from the mean
+    Flower unmasks (each client weighs 1, a row over the replying clients that declared it);
+    trust stays 1; a sum with a spoiled canary moves nothing."""
+    from protofuse.protocol import secure_sum
+    from protofuse_server.fusion.secure_aggregation import SecureRounds
+
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {
+        1: Client("a", ("0", "1"), 30),
+        2: Client("b", ("1",), 30),
+        3: Client("liar", ("2",), 30),
+    }
+    strategy, _ = _strategy(fed, rounds=4)
+    strategy.secure = secure = SecureRounds(None, 0.5, 10.0)  # type: ignore[arg-type]
+    secure.check = strategy.check_secure_reply
+    sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    strategy._sent = sent
+
+    lie = _trained_reply(3, "liar", ("2",), 0.0, 0.5, n_examples=31)
+    with pytest.raises(wire.WireError, match="n_examples"):
+        secure.check(3, lie.content)
+    assert fed.strikes == {"liar": 1}
+    with pytest.raises(KeyError):
+        secure.check(9, lie.content)  # not a member
+    secure.check(1, _trained_reply(1, "a", ("0", "1"), 0.0, 0.5).content)
+
+    # a's change: 1 on its rows 0 and 1; b's: 3 on its row 1. The mean Flower unmasks:
+    covers = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    vectors = [
+        secure_sum.masked_vector(sent, {k: v + d for k, v in sent.items()}, c, True)
+        for d, c in ((1.0, covers[0]), (3.0, covers[1]))
+    ]
+    secure.last_mean = [np.mean(parts, axis=0) for parts in zip(*vectors, strict=True)]
+    replies = [
+        _trained_reply(1, "a", ("0", "1"), 0.0, 0.5),
+        _trained_reply(2, "b", ("1",), 0.0, 0.5),
+    ]
+    for r in replies:
+        del r.content["arrays"]  # a secure reply carries no array
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["prototypes"].numpy()[:, 0], [1.0, 2.0, 0.0])
+    np.testing.assert_allclose(arrays["bias"].numpy(), [1.0, 2.0, 0.0])
+    assert strategy.trust_of("a") == strategy.trust_of("b") == 1.0
+
+    secure.last_mean[-1] = np.array([secure_sum.CLIP_RANGE / 2])  # a weight-inflating client
+    arrays, _ = strategy.aggregate_train(2, replies)
+    np.testing.assert_array_equal(arrays["prototypes"].numpy(), sent["prototypes"])
