@@ -4,8 +4,8 @@ around protofuse's train handler.
 A train message that carries SecAgg+'s stage goes through Flower's mod; in its masking stage the
 mod runs our handler, and we hand it the round's change as the vector to mask
 (``protofuse.protocol.secure_sum``) in place of the trained weights, which then never leave this
-process: the mod sends only the masked vector, the handler's plain-text report (prototype
-distribution, imitator statistics) and its metrics. Every other message goes to the handler as
+process: the mod sends only the masked vector and the handler's plain-text report (prototype
+distribution, imitator statistics). Every other message goes to the handler as
 it is. A node whose owner requires secure aggregation (node config
 ``require-secure-aggregation=true``) refuses a plain round that would send its weights.
 """
@@ -59,8 +59,7 @@ def as_fit_result(msg: Message, reply: Message) -> Message:
     vector = secure_sum.masked_vector(sent, trained, covers, rowwise)
     fit = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), 1, {})
     content: RecordDict = compat.fitres_to_recorddict(fit, keep_input=True)
-    content["fusion"] = fusion
-    content["metrics"] = reply.content.metric_records["metrics"]
+    content["fusion"] = fusion  # the report; Flower's metrics (loss, examples) stay here
     return Message(content, reply_to=msg)
 
 

@@ -15,7 +15,10 @@ protofuse client states 1). So a client sends, in this order:
 
 What this cannot catch: a client that forges its masked integers instead of running Flower's mod
 can add anything to the sum (modulo 2**32), canary included; the server, which sees only the sum,
-refuses a mean outside the clipping range, but a forgery inside it passes. Secure aggregation
+refuses a mean (or a row's mean over its coverers) outside the clipping range, but a forgery inside
+it passes. A client that states weight 0 leaves its vector out of Flower's mean while the server
+still counts it among the K clients summed: every row's step is scaled by K / (K - 1) (at most
+1.5, a round needs 3 clients); the canary cannot see it. Secure aggregation
 protects each client from the server, not the federation from a hostile client
 (docs/threat-model.md).
 
@@ -106,6 +109,13 @@ def step(
             out[key] = (
                 m * k / np.maximum(coverage, 1).reshape(shape) * (coverage > 0).reshape(shape)
             )
+            # A row's mean over its coverers lies in the range too; a forged vector can push the
+            # sum of a row few clients cover k / coverage times further than the whole mean.
+            if np.abs(out[key]).max(initial=0.0) > CLIP_RANGE:
+                raise SecureSumError(
+                    f"the secure sum of {key} leaves the clipping range on a row's coverers: a "
+                    "client forged its masked vector; this round's sum is not used"
+                )
         else:
             out[key] = np.asarray(m, np.float64)
     return out

@@ -9,15 +9,18 @@ vectors, unmasking, dropouts); we give it:
 
 - our train messages as each node's instructions (in place of legacy ``FitIns``), so the clients'
   handler sees the round exactly as in a plain round (Flower's ``secaggplus_mod`` runs it);
-- a check of every masked vector before it is summed: its shapes must be the round's layout
-  (``protofuse.protocol.secure_sum``) and its plain-text report (prototype-distribution message,
-  imitator statistics) must decode for the node that sent it; a reply that fails counts as a
-  dropout (its masks are removed, its vector is not in the sum) and is struck as in a plain round;
+- a check of every reply of every stage before Flower reads it (the types, lengths and node ids
+  its stage needs; a masked vector's shapes, dtype and range against the round's layout,
+  ``protofuse.protocol.secure_sum``): a malformed reply becomes an error reply (a dropout) and
+  its sender is struck (``on_refused``), so one client cannot crash the round;
 - a legacy strategy that keeps the mean Flower unmasks (``last_mean``).
 
 Our strategy then reads the step from that mean (``secure_sum.step``), with each row's count of
-coverers taken from who replied and what each declared. Which clients replied, their reports and
-their imitation heads stay in plain text (docs/threat-model.md).
+coverers taken from the clients whose vectors are in the sum (``summed``) and what each declared.
+A round SecAgg+ cannot finish (too few clients, or a stage that fails: forged key shares cannot be
+told from honest ones before they are combined) is ``halted``: it moves nothing, and the strategy
+stops the federation after ``[federation] max_strikes`` such rounds in a row. Which clients
+replied, their reports and their imitation heads stay in plain text (docs/threat-model.md).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.app.message_type import MessageType
 from flwr.common import FitIns, FitRes, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.logger import log
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -41,6 +45,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from protofuse.protocol import secure_sum
 
@@ -48,12 +53,9 @@ from protofuse.protocol import secure_sum
 # has no such code for a server-side refusal; any non-zero code makes the workflow drop it).
 REFUSED = 1
 
-# A reply's content before it is summed: raise (WireError, ValueError...) to refuse it.
-ReplyCheck = Callable[[int, RecordDict], None]
-
-
-class SecureAggregationHalted(RuntimeError):
-    """SecAgg+ stopped the round: too few clients answered one of its stages."""
+# Called with a node whose reply to a SecAgg+ stage was refused, and why.
+Refused = Callable[[int, str], None]
+MIN_CLIENTS = 3  # with 2, each could subtract its own change from the sum: nothing is hidden
 
 
 class SecureRounds:
@@ -61,14 +63,16 @@ class SecureRounds:
     is set, runs through SecAgg+; ``last_mean`` holds the mean Flower unmasked."""
 
     def __init__(
-        self, grid: Grid, threshold: float, timeout: float, check: ReplyCheck | None = None
+        self, grid: Grid, threshold: float, timeout: float, on_refused: Refused | None = None
     ) -> None:
         self._grid = grid
         self.threshold = threshold
         self.timeout = timeout
-        self.check = check
+        self.on_refused = on_refused
         self.secure_next = False
         self.last_mean: list[np.ndarray] | None = None
+        self.summed: list[int] = []  # the nodes whose vectors are in last_mean
+        self.halted: str | None = None  # why the last round moved nothing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -85,8 +89,15 @@ class SecureRounds:
 
     def _secure_round(self, messages: list[Message]) -> list[Message]:
         """One round through SecAgg+: the replies whose vectors are in the sum (their masked
-        vectors and plain-text reports), the unmasked mean in ``last_mean``."""
-        self.last_mean = None
+        vectors and plain-text reports), the unmasked mean in ``last_mean``; or, if the round
+        could not finish, no replies and the reason in ``halted``."""
+        self.last_mean, self.summed, self.halted = None, [], None
+        if len(messages) < MIN_CLIENTS:
+            self.halted = (
+                f"{len(messages)} clients in the round, fewer than the {MIN_CLIENTS} secure "
+                "aggregation needs to hide one client's change"
+            )
+            return []
         contents = {m.metadata.dst_node_id: m.content for m in messages}
         shapes = secure_sum.layout(
             {k: v.numpy() for k, v in messages[0].content.array_records["arrays"].items()}
@@ -107,7 +118,7 @@ class SecureRounds:
             {WorkflowKey.CURRENT_ROUND: int(round_id) if round_id.isdigit() else 0}
         )
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-        checked = _CheckedGrid(self._grid, shapes, self.check)
+        checked = _CheckedGrid(self._grid, set(contents), shapes, self.on_refused)
         workflow = _Workflow(
             contents,
             num_shares=1.0,  # every client holds a share of every other's keys
@@ -117,15 +128,21 @@ class SecureRounds:
             quantization_range=secure_sum.QUANTIZATION_RANGE,
             timeout=self.timeout,
         )
-        workflow(cast(Grid, checked), context)
+        try:
+            workflow(cast(Grid, checked), context)
+        except Exception as err:  # e.g. forged key shares that do not combine
+            log(WARNING, "secure aggregation: the round failed: %r", err)
+            self.halted = f"SecAgg+ failed ({type(err).__name__}: {err})"
+            return []
         if legacy.mean is None:
-            raise SecureAggregationHalted(
-                "secure aggregation halted: too few clients answered one of SecAgg+'s stages to "
-                f"unmask the sum (privacy.secagg_threshold = {self.threshold} of each client's "
-                "key holders are needed; see the warnings above)"
+            self.halted = (
+                "too few clients answered one of SecAgg+'s stages to unmask the sum "
+                f"(privacy.secagg_threshold = {self.threshold} of each client's key holders are "
+                "needed; see the warnings above)"
             )
-        self.last_mean = legacy.mean
-        return [checked.summed[n] for n in legacy.summed if n in checked.summed]
+            return []
+        self.last_mean, self.summed = legacy.mean, legacy.summed
+        return [checked.vectors[n] for n in legacy.summed if n in checked.vectors]
 
 
 class _Workflow(SecAggPlusWorkflow):
@@ -147,14 +164,23 @@ class _Workflow(SecAggPlusWorkflow):
 
 
 class _CheckedGrid:
-    """The grid the workflow talks through: masked vectors of the wrong shapes, or whose report
-    does not decode, are turned into error replies (dropouts) before Flower sums them."""
+    """The grid the workflow talks through: every reply is checked against what its stage needs
+    before Flower reads it; a malformed one becomes an error reply (Flower counts its sender as
+    dropped) and is reported to ``on_refused``."""
 
-    def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], check: ReplyCheck | None):
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: set[int],
+        shapes: list[tuple[int, ...]],
+        on_refused: Refused | None,
+    ) -> None:
         self._grid = grid
+        self.nodes = nodes
         self.shapes = shapes
-        self.check = check
-        self.summed: dict[int, Message] = {}
+        self.on_refused = on_refused
+        self.vectors: dict[int, Message] = {}  # stage 2's well-formed replies, by node
+        self._keys: set[bytes] = set()  # every public key received this round
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -163,39 +189,87 @@ class _CheckedGrid:
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         sent = {m.metadata.dst_node_id: m for m in messages}
-        replies = list(self._grid.send_and_receive(list(sent.values()), timeout=timeout))
         out = []
-        for reply in replies:
-            configs = (
-                None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
-            )
-            if configs is None or Key.MASKED_PARAMETERS not in configs:
-                out.append(reply)  # another stage: Flower checks its own
-                continue
+        for reply in self._grid.send_and_receive(list(sent.values()), timeout=timeout):
             node = reply.metadata.src_node_id
+            if node not in sent:
+                continue  # not asked in this stage: never passed on
+            if reply.has_error():
+                out.append(reply)  # a dropout: Flower's protocol handles it
+                continue
+            stage = str(sent[node].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
             try:
-                self._check_vector(configs[Key.MASKED_PARAMETERS])
-                if self.check is not None:
-                    self.check(node, reply.content)
-            except (ValueError, TypeError, KeyError) as err:
-                log(WARNING, "secure aggregation: node %s's masked vector refused: %s", node, err)
+                self._check(stage, reply.content)
+            except Exception as err:  # any malformation, whatever the decoder raises
+                log(WARNING, "secure aggregation: node %s's %s reply refused: %s", node, stage, err)
+                if self.on_refused is not None:
+                    self.on_refused(node, f"{stage}: {err}")
                 out.append(Message(Error(REFUSED, f"refused: {err}"), reply_to=sent[node]))
                 continue
-            self.summed[node] = reply
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                self.vectors[node] = reply
             out.append(reply)
         return out
+
+    def _check(self, stage: str, content: RecordDict) -> None:
+        configs = content.config_records[RECORD_KEY_CONFIGS]
+        if stage == Stage.SETUP:
+            keys = [_typed(configs, k, bytes) for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)]
+            for key in keys:
+                bytes_to_public_key(key)
+            if len(set(keys) | self._keys) != len(self._keys) + 2:
+                raise ValueError("a public key that is not new this round")
+            self._keys |= set(keys)
+        elif stage == Stage.SHARE_KEYS:
+            dsts = _list_of(configs, Key.DESTINATION_LIST, int)
+            _same_length(dsts, _list_of(configs, Key.CIPHERTEXT_LIST, bytes))
+            self._known_once(dsts)
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
+            self._check_vector(configs[Key.MASKED_PARAMETERS])
+            compat.recorddict_to_fitres(content, keep_input=True)  # Flower reads it next
+        elif stage == Stage.UNMASK:
+            nids = _list_of(configs, Key.NODE_ID_LIST, int)
+            _same_length(nids, _list_of(configs, Key.SHARE_LIST, bytes))
+            self._known_once(nids)
+
+    def _known_once(self, nodes: list[int]) -> None:
+        if len(set(nodes)) != len(nodes) or not set(nodes) <= self.nodes:
+            raise ValueError("node ids repeated or outside the round")
 
     def _check_vector(self, value: Any) -> None:
         if not isinstance(value, list) or not all(isinstance(b, bytes) for b in value):
             raise TypeError("the masked vector is not a list of arrays")
-        if len(value) != len(self.shapes) + 1:  # Flower prepends the stated weight
-            raise ValueError(
-                f"{len(value)} masked arrays, the round's layout has {len(self.shapes) + 1}"
-            )
-        for i, (raw, shape) in enumerate(zip(value[1:], self.shapes, strict=True)):
+        shapes = [(1,), *self.shapes]  # Flower prepends the stated weight
+        if len(value) != len(shapes):
+            raise ValueError(f"{len(value)} masked arrays, the round's layout has {len(shapes)}")
+        for i, (raw, shape) in enumerate(zip(value, shapes, strict=True)):
+            # Sized before it is decoded: int64 values plus numpy's header (at most 4 kB).
+            if len(raw) > 8 * int(np.prod(shape)) + 4096:
+                raise ValueError(f"masked array {i}: {len(raw)} bytes, more than {shape} holds")
             array = bytes_to_ndarray(raw)
-            if array.shape != shape or not np.issubdtype(array.dtype, np.integer):
+            if array.shape != shape or array.dtype != np.int64:
                 raise ValueError(f"masked array {i}: {array.dtype} {array.shape}, expected {shape}")
+            if array.size and (array.min() < 0 or array.max() >= 2**32):
+                raise ValueError(f"masked array {i}: values outside [0, 2**32)")
+
+
+def _typed(configs: ConfigRecord, key: str, kind: type) -> Any:
+    value = configs[key]
+    if not isinstance(value, kind):
+        raise TypeError(f"{key}: a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _list_of(configs: ConfigRecord, key: str, kind: type) -> list[Any]:
+    value = _typed(configs, key, list)
+    if not all(isinstance(v, kind) for v in value):
+        raise TypeError(f"{key}: not a list of {kind.__name__}")
+    return value
+
+
+def _same_length(a: list[Any], b: list[Any]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"lists of {len(a)} and {len(b)} entries")
 
 
 class _KeepMean(Strategy):

@@ -90,7 +90,9 @@ class FusionStrategy(FedAvg):
         # weights through SecAgg+; the server sees the sum only, so every client weighs the same.
         self.secure = secure
         if secure is not None:
-            secure.check = self.check_secure_reply
+            secure.on_refused = self._refused
+        self._round_nodes: dict[int, Client] = {}  # the nodes asked this round
+        self._halted_in_a_row = 0  # secure rounds SecAgg+ could not finish, in a row
         self.history: list[dict[str, Any]] = []
         self.refused: set[int] = set()  # nodes not admitted: not asked again
         self._sent: dict[str, np.ndarray] = {}
@@ -128,6 +130,7 @@ class FusionStrategy(FedAvg):
         messages = list(super().configure_train(server_round, to_record(current), config, grid))
         if self.secure is not None:  # the agreement round returns no weights: nothing to hide
             self.secure.secure_next = phase.name != AGREEMENT
+        self._round_nodes = dict(self.federation.nodes)
         return [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
 
     @property
@@ -196,6 +199,8 @@ class FusionStrategy(FedAvg):
         replies = list(replies)
         if self.on_replies is not None:
             self.on_replies(r)
+        if self.secure is not None and self.secure.halted and phase.name != AGREEMENT:
+            return self._skip_halted_round(r, phase)
         ok: list[tuple[Client, Message, wire.ImitatorStats]] = []
         for reply in replies:
             client = self.federation.nodes.get(reply.metadata.src_node_id)
@@ -248,7 +253,7 @@ class FusionStrategy(FedAvg):
                 self._set_trust([(c, s) for c, _, s in ok])
             arrays = self._sent
         elif self.secure is not None:
-            arrays = self._aggregate_secure(r, [c for c, _, _ in ok])
+            arrays = self._aggregate_secure(r)
         else:
             # Examples are self-reported: aggregate bounds them (defences.example_weights).
             arrays = self.aggregate(
@@ -319,17 +324,41 @@ class FusionStrategy(FedAvg):
             )
         return dist, stats
 
-    def check_secure_reply(self, node_id: int, content: RecordDict) -> None:
-        """A secure round's reply, before its masked vector is summed: an unknown node, or a
-        report that does not decode for the node that sent it, is refused (and struck)."""
+    def _refused(self, node_id: int, reason: str) -> None:
+        """A reply to a SecAgg+ stage was malformed (``secure_aggregation``): a strike."""
         client = self.federation.nodes.get(node_id)
-        if client is None:
-            raise KeyError(f"node {node_id} is not in the federation")
-        try:
-            self._decoded(client, content)
-        except (wire.WireError, KeyError, TypeError, ValueError):
+        if client is not None:
             self._strike(node_id, client)
-            raise
+
+    def _skip_halted_round(self, r: int, phase: Phase) -> tuple[ArrayRecord, MetricRecord]:
+        """A secure round SecAgg+ could not finish moves nothing (its checkpoint is the weights
+        sent); ``max_strikes`` of them in a row stop the federation with the reason."""
+        assert self.secure is not None
+        self._halted_in_a_row += 1
+        reason = self.secure.halted
+        if self._halted_in_a_row >= self.settings.max_strikes:
+            raise FederationStopped(
+                f"round {r}: secure aggregation could not finish {self._halted_in_a_row} rounds "
+                f"in a row ([federation] max_strikes); the last: {reason}. The run resumes from "
+                f"round {r - 1}'s checkpoint when started again"
+            )
+        log(WARNING, "round %s: secure aggregation halted, the bank does not move: %s", r, reason)
+        self.history.append(
+            {
+                "round": r,
+                "phase": phase.name,
+                "clients": 0,
+                "loss": None,
+                "bytes_per_client": 0.0,
+                "shared_bytes": sum(a.nbytes for a in self._sent.values()),
+                "fidelity": None,
+                "trust": {},
+                "evidence": {},
+                "halted": reason,
+            }
+        )
+        self.checkpoint(r, self._sent, self)
+        return to_record(self._sent), MetricRecord({"clients": 0})
 
     def _set_trust(self, scored: list[tuple[Client, wire.ImitatorStats]]) -> None:
         """The agreement round: each client's reported agreement with the consensus, relative to
@@ -465,16 +494,19 @@ class FusionStrategy(FedAvg):
         )
         return self._applied(step)
 
-    def _aggregate_secure(self, r: int, clients: list[Client]) -> dict[str, np.ndarray]:
+    def _aggregate_secure(self, r: int) -> dict[str, np.ndarray]:
         """The round's step from the mean SecAgg+ unmasked (``secure_sum.step``): each client
-        weighs 1, a row is averaged over the replying clients that declared its label. A sum that
-        fails its checks (a client misstated its weight or forged its vector) moves nothing."""
+        weighs 1, a row is averaged over the clients in the sum that declared its label (a
+        client whose report was refused is still in the sum). A sum that fails its checks (a
+        client misstated its weight or forged its vector) moves nothing."""
         assert self.secure is not None and self.secure.last_mean is not None
+        self._halted_in_a_row = 0
+        summed = [self._round_nodes[n] for n in self.secure.summed]
         try:
             step = secure_sum.step(
                 self.secure.last_mean,
                 self._sent,
-                self._covers(clients),
+                self._covers(summed),
                 self.settings.aggregation == "rowwise",
             )
         except secure_sum.SecureSumError as err:

@@ -135,26 +135,119 @@ def _raw(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+LAYOUT = [(3, 4), (2,), (1,)]  # a round's arrays (the canary last)
+
+
+def _honest_vector() -> list[bytes]:
+    return [_raw(np.array([2**22]))] + [_raw(np.zeros(s, np.int64)) for s in LAYOUT]
+
+
+def _exchange(stage: str, reply_configs: dict, node: int = 2) -> Message:
+    """One stage of SecAgg+ through the server's checks: a message to ``node`` asking for
+    ``stage``, answered with ``reply_configs``; what the workflow gets back."""
+    from flwr.common import Code, FitRes, Parameters, Status
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.compat.common import recorddict_compat as compat
+
+    asked = Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage})}),
+        dst_node_id=node,
+        message_type="train",
+    )
+    content = compat.fitres_to_recorddict(
+        FitRes(Status(Code.OK, "ok"), Parameters([], ""), 1, {}), keep_input=True
+    )
+    content[RECORD_KEY_CONFIGS] = ConfigRecord(reply_configs)
+
+    class Nodes:  # the real grid's part the check uses: send, then receive the replies
+        def send_and_receive(self, messages, *, timeout=None):
+            return [Message(content, reply_to=m) for m in messages]
+
+    refused: list[int] = []
+    checked = _CheckedGrid(Nodes(), {1, 2, 3}, LAYOUT, lambda n, why: refused.append(n))  # type: ignore[arg-type]
+    (reply,) = checked.send_and_receive([asked])
+    assert reply.has_error() == bool(refused)
+    return reply
+
+
+def _public_key() -> bytes:
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    return public_key_to_bytes(generate_key_pairs()[1])
+
+
+def test_well_formed_replies_of_every_stage_reach_flower():
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    assert not _exchange(
+        Stage.SETUP, {Key.PUBLIC_KEY_1: _public_key(), Key.PUBLIC_KEY_2: _public_key()}
+    ).has_error()
+    assert not _exchange(
+        Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [1, 3], Key.CIPHERTEXT_LIST: [b"x", b"y"]}
+    ).has_error()
+    assert not _exchange(
+        Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: _honest_vector()}
+    ).has_error()
+    assert not _exchange(
+        Stage.UNMASK, {Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [b"s", b"t"]}
+    ).has_error()
+
+
+_values = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.binary(max_size=64),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 5), max_size=4),
+    st.lists(st.binary(max_size=8), max_size=4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stage=st.sampled_from(["setup", "share_keys", "collect_masked_vectors", "unmask"]),
+    configs=st.dictionaries(
+        st.sampled_from(["pk1", "pk2", "dsts", "ctxts", "masked_params", "nids", "shares"]),
+        _values,
+        max_size=4,
+    ),
+)
+def test_a_malformed_reply_of_any_stage_is_refused_never_raised(stage, configs):
+    """Whatever a client answers, the server's check answers for it: the reply is passed on only
+    when the workflow can read it, else turned into an error reply (a dropout, a strike)."""
+    reply = _exchange(stage, configs)  # never raises
+    if not reply.has_error():  # then it holds what Flower reads next, of the right types
+        from protofuse_server.fusion.secure_aggregation import _list_of
+
+        got = reply.content.config_records["secaggplus_configs"]
+        if stage == "share_keys":
+            assert len(_list_of(got, "dsts", int)) == len(_list_of(got, "ctxts", bytes))
+        if stage == "unmask":
+            assert set(_list_of(got, "nids", int)) <= {1, 2, 3}
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=0, max_size=4),
-    as_float=st.booleans(),
+    dtype=st.sampled_from([np.int64, np.uint64, np.int32, np.float64]),
+    high=st.sampled_from([0, 2**32]),
 )
-def test_the_server_sums_only_masked_vectors_of_the_rounds_layout(shapes, as_float):
-    layout = [(3, 4), (2,), (1,)]
-    check = _CheckedGrid(None, layout, None)  # type: ignore[arg-type]
-    factor = _raw(np.array([2**22]))
-    check._check_vector([factor] + [_raw(np.zeros(s, np.int64)) for s in layout])
+def test_only_masked_vectors_of_the_rounds_layout_are_summed(shapes, dtype, high):
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
     candidate = [tuple(s) for s in shapes]
-    dtype = np.float64 if as_float else np.int64
-    vector = [factor] + [_raw(np.zeros(s, dtype)) for s in candidate]
-    if candidate == layout and not as_float:
-        check._check_vector(vector)
-    else:
-        with pytest.raises(ValueError):
-            check._check_vector(vector)
-    with pytest.raises(TypeError):
-        check._check_vector("not a list")
+    vector = [_raw(np.array([2**22]))] + [
+        _raw(np.full(s, high, np.int64).astype(dtype)) for s in candidate
+    ]
+    reply = _exchange(Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: vector})
+    well_formed = candidate == LAYOUT and dtype == np.int64 and high == 0
+    assert reply.has_error() != well_formed
+    for bad in (
+        [b""],
+        [b"PK\x03\x04junk"],
+        "not a list",
+        [_raw(np.zeros(0, np.int64)), *vector[1:]],
+    ):
+        assert _exchange(Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: bad}).has_error()
 
 
 def test_secure_aggregation_refuses_a_robust_combination_rule_naming_the_fields():

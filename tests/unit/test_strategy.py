@@ -911,13 +911,14 @@ def test_the_store_holds_combined_weights_except_rows_one_client_carries(in_a_ru
 # -- secure aggregation: the strategy's side (the protocol itself: test_simulation.py) ------------
 
 
-def test_under_secure_aggregation_the_step_comes_from_the_sum_and_a_lying_report_is_a_dropout(
+def test_under_secure_aggregation_the_step_comes_from_the_sum_and_halted_rounds_move_nothing(
     in_a_run,
 ):
-    """[privacy] mode = "secagg": a reply's report is checked before its masked vector is summed
-    (a lie is refused and struck, as in a plain round); the round's step is read from the mean
-    Flower unmasks (each client weighs 1, a row over the replying clients that declared it);
-    trust stays 1; a sum with a spoiled canary moves nothing."""
+    """[privacy] mode = "secagg": the round's step is read from the mean Flower unmasks (each
+    client weighs 1; a row over the clients in the sum that declared it, the liar whose report is
+    refused included: its vector is in the sum); trust stays 1; a malformed SecAgg+ reply is a
+    strike; a sum with a spoiled canary moves nothing; a round SecAgg+ could not finish moves
+    nothing, and max_strikes of them in a row stop the federation with the reason."""
     from protofuse.protocol import secure_sum
     from protofuse_server.fusion.secure_aggregation import SecureRounds
 
@@ -927,38 +928,44 @@ def test_under_secure_aggregation_the_step_comes_from_the_sum_and_a_lying_report
         2: Client("b", ("1",), 30),
         3: Client("liar", ("2",), 30),
     }
-    strategy, _ = _strategy(fed, rounds=4)
+    strategy, saved = _strategy(fed, rounds=8)
     strategy.secure = secure = SecureRounds(None, 0.5, 10.0)  # type: ignore[arg-type]
-    secure.check = strategy.check_secure_reply
+    secure.on_refused = strategy._refused
     sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
-    strategy._sent = sent
+    strategy._sent, strategy._round_nodes = sent, dict(fed.nodes)
 
-    lie = _trained_reply(3, "liar", ("2",), 0.0, 0.5, n_examples=31)
-    with pytest.raises(wire.WireError, match="n_examples"):
-        secure.check(3, lie.content)
-    assert fed.strikes == {"liar": 1}
-    with pytest.raises(KeyError):
-        secure.check(9, lie.content)  # not a member
-    secure.check(1, _trained_reply(1, "a", ("0", "1"), 0.0, 0.5).content)
-
-    # a's change: 1 on its rows 0 and 1; b's: 3 on its row 1. The mean Flower unmasks:
-    covers = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    # a's change: 1 on its rows 0 and 1; b's: 3 on its row 1; the liar's: 5 on its row 2.
+    covers = strategy._covers(list(fed.nodes.values()))
     vectors = [
         secure_sum.masked_vector(sent, {k: v + d for k, v in sent.items()}, c, True)
-        for d, c in ((1.0, covers[0]), (3.0, covers[1]))
+        for d, c in zip((1.0, 3.0, 5.0), covers, strict=True)
     ]
     secure.last_mean = [np.mean(parts, axis=0) for parts in zip(*vectors, strict=True)]
+    secure.summed = [1, 2, 3]
     replies = [
         _trained_reply(1, "a", ("0", "1"), 0.0, 0.5),
         _trained_reply(2, "b", ("1",), 0.0, 0.5),
+        _trained_reply(3, "liar", ("2",), 0.0, 0.5, n_examples=31),
     ]
-    for r in replies:
-        del r.content["arrays"]  # a secure reply carries no array
+    for reply in replies:
+        del reply.content["arrays"]  # a secure reply carries no array
     arrays, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["prototypes"].numpy()[:, 0], [1.0, 2.0, 0.0])
-    np.testing.assert_allclose(arrays["bias"].numpy(), [1.0, 2.0, 0.0])
+    np.testing.assert_allclose(arrays["prototypes"].numpy()[:, 0], [1.0, 2.0, 5.0])
+    np.testing.assert_allclose(arrays["bias"].numpy(), [1.0, 2.0, 5.0])
+    assert fed.strikes == {"liar": 1} and "liar" not in fed.records
     assert strategy.trust_of("a") == strategy.trust_of("b") == 1.0
 
+    strategy._refused(2, "share_keys: lists of 2 and 3 entries")
+    assert fed.strikes == {"liar": 1, "b": 1}
+
     secure.last_mean[-1] = np.array([secure_sum.CLIP_RANGE / 2])  # a weight-inflating client
-    arrays, _ = strategy.aggregate_train(2, replies)
+    arrays, _ = strategy.aggregate_train(2, replies[:2])
     np.testing.assert_array_equal(arrays["prototypes"].numpy(), sent["prototypes"])
+
+    secure.halted = "SecAgg+ failed (ValueError: Failed to combine shares)"
+    for r in (3, 4):  # a halted round is checkpointed, unmoved
+        arrays, _ = strategy.aggregate_train(r, [])
+        np.testing.assert_array_equal(arrays["bias"].numpy(), sent["bias"])
+        assert saved[-1][0] == r and strategy.history[-1]["halted"] == secure.halted
+    with pytest.raises(FederationStopped, match=r"3 rounds in a row.*combine shares"):
+        strategy.aggregate_train(6, [])  # round 5 is the agreement round: plain
