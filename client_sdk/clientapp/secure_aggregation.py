@@ -59,7 +59,7 @@ def as_fit_result(msg: Message, reply: Message) -> Message:
     vector = secure_sum.masked_vector(sent, trained, covers, rowwise)
     fit = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), 1, {})
     content: RecordDict = compat.fitres_to_recorddict(fit, keep_input=True)
-    content["fusion"] = fusion  # the report; Flower's metrics (loss, examples) stay here
+    content["fusion"] = fusion  # the report travels; the metrics record stays on this node
     return Message(content, reply_to=msg)
 
 
