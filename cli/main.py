@@ -47,6 +47,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "serve": ("server", ("grpc", "grpc_health", "grpc_reflection")),
     "health": ("client", ("grpc", "grpc_health")),
     "adapt": ("client", ("grpc", "grpc_health")),  # with --server only
+    "report": ("report", ("matplotlib",)),
 }
 
 
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         help="federation spec (TOML): [[experts]] with name, predict, labels, queries",
     )
     fit.add_argument("--out", type=Path, required=True, help="folder to write the bank to")
+    _add_no_report(fit)
     fit.set_defaults(run=_fit)
 
     adapt = sub.add_parser(
@@ -231,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--verbose", action="store_true", help="show all of Flower's log, not only the rounds"
     )
+    _add_no_report(sim)
     sim.set_defaults(run=_simulate)
 
     client = sub.add_parser(
@@ -405,6 +408,42 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--name", required=True, help="the key's file name, e.g. org-7")
     node.set_defaults(run=_certs_node)
 
+    report = sub.add_parser(
+        "report",
+        help="write a run's report: one HTML page with its curves, experts and prototypes",
+        description=(
+            "Write one self-contained HTML page about a run (a federation's run folder or fit's "
+            "output): loss, fidelity, agreement and bytes against the round, each expert's trust "
+            "and fidelity, the label x expert coverage, the prototype rows on a plane and, with "
+            "--eval, new-task accuracy against k. Needs the report extra (matplotlib)."
+        ),
+    )
+    report.add_argument(
+        "run_dir", type=Path, metavar="RUN", help="run folder (simulate's --out) or fit's --out"
+    )
+    report.add_argument("--out", type=Path, help="HTML file to write (default: RUN/report.html)")
+    report.add_argument(
+        "--eval",
+        type=Path,
+        metavar="NPZ",
+        help=(
+            "evaluation set, an .npz with x (n, d) and y (n,) label names as adapt's --support: "
+            "adds accuracy against k on random 5-way tasks"
+        ),
+    )
+    report.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=[1, 5, 10],
+        metavar="K",
+        help="with --eval: examples per label to adapt on (default: 1 5 10)",
+    )
+    report.add_argument(
+        "--episodes", type=int, default=10, help="with --eval: tasks per k (default: 10)"
+    )
+    report.set_defaults(run=_report)
+
     info = sub.add_parser(
         "info",
         help="describe a bank: experts, labels, fidelity",
@@ -421,6 +460,8 @@ def _fit(args: argparse.Namespace) -> int:
 
     from client_sdk.collect import collect_triples, likelihood_for
     from protofuse.bank import fit_bank
+    from protofuse.io import atomic_write_bytes
+    from protofuse.report.history import TRAINING_FILE, training_record
     from protofuse.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -442,6 +483,12 @@ def _fit(args: argparse.Namespace) -> int:
         transient=False,
     ) as bar:
         task = bar.add_task(spec.model.family, total=None, loss=float("nan"))
+        losses: list[float] = []
+
+        def progress(epoch: int, epochs: int, loss: float) -> None:
+            losses.append(loss)
+            bar.update(task, completed=epoch, total=epochs, loss=loss)
+
         bank = fit_bank(
             triples,
             spec.model,
@@ -449,13 +496,15 @@ def _fit(args: argparse.Namespace) -> int:
             spec.adapt,
             spec.data.image_shape,
             likelihood_for(spec, triples),
-            progress=lambda e, n, loss: bar.update(task, completed=e, total=n, loss=loss),
+            progress=progress,
         )
     version = bank.save(args.out)
+    atomic_write_bytes(args.out / TRAINING_FILE, training_record(losses))
     print(
         f"bank {version} written to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr
     )
     _print_experts(bank)
+    _report_at_end(args, args.out)
     return 0
 
 
@@ -583,6 +632,7 @@ def _simulate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     _print_experts(bank)
+    _report_at_end(args, out)
     return 0
 
 
@@ -735,6 +785,55 @@ def _certs_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_no_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write report.html beside the run at the end (`protofuse report` writes it)",
+    )
+
+
+def _report_at_end(args: argparse.Namespace, run: Path) -> None:
+    """fit and simulate end with the run's report, unless told not to; without the report extra
+    they say how to get one (the run itself is done and kept)."""
+    if args.no_report:
+        return
+    try:
+        from protofuse.report import write_report
+    except ModuleNotFoundError as err:
+        print(
+            f"note: no report.html ({err.name} is not installed): pip install "
+            '"protofuse[report]", then protofuse report ' + str(run),
+            file=sys.stderr,
+        )
+        return
+    print(f"report written to {write_report(run)}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from protofuse.report import write_report
+
+    if any(k < 1 for k in args.shots):
+        raise ValueError(f"--shots {args.shots}: every k must be at least 1")
+    if args.episodes < 1:
+        raise ValueError(f"--episodes {args.episodes}: give at least 1")
+    evaluation = _load_support(args.eval, "--eval") if args.eval else None
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("evaluating new tasks", total=None, visible=evaluation is not None)
+        out = write_report(
+            args.run_dir,
+            args.out,
+            evaluation,
+            shots=args.shots,
+            episodes=args.episodes,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    print(f"report written to {out}", file=sys.stderr)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from protofuse.bank import load_bank
 
@@ -806,7 +905,7 @@ def _check_out_folder(path: Path) -> None:
         raise ValueError(f"--out {path} is an existing file; give a folder path")
 
 
-def _load_support(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_support(path: Path, flag: str = "--support") -> tuple[np.ndarray, np.ndarray]:
     """x (n, d) floats and y (n,) strings from a support .npz, with errors naming the field."""
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -818,7 +917,7 @@ def _load_support(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 )
             x, y = npz["x"], npz["y"]
     except FileNotFoundError:
-        raise ValueError(f"--support: file {path} not found") from None
+        raise ValueError(f"{flag}: file {path} not found") from None
     except ValueError as err:
         if "pickle" in str(err):
             raise ValueError(

@@ -67,6 +67,8 @@ META = "meta.json"
 MAX_WEIGHTS_BYTES = 2 << 30
 MAX_META_BYTES = 1 << 20  # meta.json: a bank's is a few KB (settings, experts' records)
 MAX_SIGNATURE_BYTES = 64 << 10  # signature.json: about 300 bytes
+# rounds.json / training.json beside a run (read by `protofuse report`): ~1 KB per round
+MAX_HISTORY_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64  # protofuse writes at most ~6 levels; a deep nest only costs recursion
 MAX_DIMENSIONS = 32  # of one array (numpy's own limit is 64); protofuse writes at most 4
 # Members of weights.npz: a bank has tens (one per tensor, four per expert in the generative
@@ -607,8 +609,19 @@ def _folder_handle(folder: Path, kind: str) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _read_regular_file(folder: Path, name: str, dir_fd: int | None, limit: int) -> bytes | None:
+def read_plain_file(path: str | os.PathLike, limit: int, constant: str) -> bytes | None:
+    """A file beside an artifact (a run's ``rounds.json``), read as the artifact's own files are:
+    only a regular file, never through a link, a pipe or a device, refused above ``limit`` bytes
+    before it is read (``constant`` names the limit in the error); None if it is absent."""
+    path = Path(path)
+    return _read_regular_file(path.parent, path.name, None, limit, constant)
+
+
+def _read_regular_file(
+    folder: Path, name: str, dir_fd: int | None, limit: int, constant: str | None = None
+) -> bytes | None:
     """The file's bytes, None if absent; refuses anything but a regular file within ``limit``."""
+    constant = constant or _LIMIT_NAMES[name]
     where = f"{folder}: {name}"
     path: str = name if dir_fd is not None else str(folder / name)
     try:
@@ -625,8 +638,8 @@ def _read_regular_file(folder: Path, name: str, dir_fd: int | None, limit: int) 
     with os.fdopen(fd, "rb", buffering=0) as file:
         st = os.fstat(file.fileno())
         _check_regular(st, where)
-        _check_size(st.st_size, limit, where, _LIMIT_NAMES[name])
-        return _read_at_most(file, limit, st.st_size, where, _LIMIT_NAMES[name])
+        _check_size(st.st_size, limit, where, constant)
+        return _read_at_most(file, limit, st.st_size, where, constant)
 
 
 def _check_regular(st: os.stat_result, where: str) -> None:

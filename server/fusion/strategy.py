@@ -554,6 +554,7 @@ class FusionStrategy(FedAvg):
         mean_loss = float(np.mean(losses)) if losses else None  # None: nothing trained
         bytes_per_client = float(np.mean(sent))
         fidelity = float(np.mean([s.fidelity.agreement for _, _, s in ok]))
+        agreements = [s.consensus_agreement for _, _, s in ok if s.consensus_agreement is not None]
         row = {
             "round": r,
             "phase": phase.name,
@@ -562,6 +563,8 @@ class FusionStrategy(FedAvg):
             "bytes_per_client": bytes_per_client,
             "shared_bytes": shared,
             "fidelity": fidelity,
+            # the clients' reported agreement with the consensus (an agreement round's)
+            "agreement": _finite(float(np.mean(agreements))) if agreements else None,
             "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
             "evidence": self._evidence_seen,
         }

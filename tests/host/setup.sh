@@ -6,10 +6,11 @@
 #   1. the model servers' virtualenv (.venv-mlserver: MLServer, MLflow) for
 #      tests/integration/test_model_servers.py;
 #   2. nginx, the Fleet-only proxy of tests/deploy/test_secure_deployment.py (Debian's package);
-#   3. the Docker engine, Compose v2 and the local base image for tests/deploy/test_compose.py
+#   3. Debian's Chromium (headless) for tests/integration/test_report_page.py;
+#   4. the Docker engine, Compose v2 and the local base image for tests/deploy/test_compose.py
 #      (tests/host/setup-docker.sh; a daemon started here is stopped by tests/host/teardown.sh).
 #
-# Steps 2 and 3 need root. Without root, or when a step fails outside CI, the tests that need it
+# Steps 2 to 4 need root. Without root, or when a step fails outside CI, the tests that need it
 # skip (saying why); in CI (CI=1) a failed step fails the run here.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,6 +26,16 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; } || fail "nginx"
     else
         fail "nginx (not root: apt-get install nginx)"
+    fi
+fi
+
+# 3. Debian's Chromium, headless, for tests/integration/test_report_page.py (the run report).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+          || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; } || fail "chromium"
+    else
+        fail "chromium (not root: apt-get install chromium)"
     fi
 fi
 

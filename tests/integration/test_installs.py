@@ -167,6 +167,7 @@ CORE_ONLY = textwrap.dedent(
             out["fusion_client"] = str(err)
         commands = {
             "simulate": ["simulate", "spec.toml", "--out", tmp],
+            "report": ["report", str(Path(tmp) / "bank")],
             "client": ["client", "spec.toml", "--superlink", "127.0.0.1:1", "--insecure"],
             "serve": ["serve", tmp, "--insecure"],
             "health": ["health", "127.0.0.1:1", "--insecure"],
@@ -217,6 +218,7 @@ def test_the_service_client_names_the_client_extra_on_a_core_install(core_only):
     ("command", "extra"),
     [
         ("simulate", "simulation"),
+        ("report", "report"),
         ("client", "client"),
         ("serve", "server"),
         ("health", "client"),

@@ -88,6 +88,7 @@ def test_a_killed_simulation_resumes_and_its_bank_adapts_to_a_new_task(
 
     bank = load_bank(run)  # the run folder, as adapt, predict and info take it
     assert bank.meta.federation.rounds == 5
+    assert "report written to" in err and (run / "report.html").exists()  # simulate ends with it
     # normalization "auto" in a federation: layer norm, no running statistic of any client's data
     assert bank.meta.config["norm"] == "layer"
     assert not [k for k in before_arrays if "running" in k or "num_batches" in k]

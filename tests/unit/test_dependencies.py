@@ -132,6 +132,8 @@ def role_of(rel: str) -> tuple[str, ...]:
         return ("bench", "fuzz")
     if rel == "protofuse/privacy.py":  # imports the accountant only when a DP run is planned
         return ("dp",)
+    if rel.startswith("protofuse/report/"):  # `protofuse report`: matplotlib draws its figures
+        return ("report",)
     if rel.startswith("bench/"):
         return ("bench",)
     if rel.startswith("client_sdk/clientapp/") or rel in (
