@@ -48,6 +48,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "health": ("client", ("grpc", "grpc_health")),
     "adapt": ("client", ("grpc", "grpc_health")),  # with --server only
     "report": ("report", ("matplotlib",)),
+    "export": ("onnx", ("onnx", "onnxscript", "onnxruntime")),
 }
 
 
@@ -185,22 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--out", type=Path, required=True, help=".npz to write proba and classes to"
     )
-    predict.add_argument(
-        "--public-key",
-        type=Path,
-        help=(
-            "verify the model's signature with this key (the server's signing.pub); unsigned "
-            "or altered models are refused"
-        ),
-    )
-    predict.add_argument(
-        "--unsigned-ok",
-        action="store_true",
-        help=(
-            "load without a signature check (a model you adapted yourself); the checksum is "
-            "still verified"
-        ),
-    )
+    _add_trust_flags(predict)
     predict.set_defaults(run=_predict)
 
     sim = sub.add_parser(
@@ -407,6 +393,57 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--out", type=Path, required=True, help="the certificates folder")
     node.add_argument("--name", required=True, help="the key's file name, e.g. org-7")
     node.set_defaults(run=_certs_node)
+
+    export = sub.add_parser(
+        "export",
+        help="write an adapted model as ONNX for any inference server (Triton, KServe)",
+        description=(
+            "Write an adapted model into a model repository as Triton and KServe read it: "
+            "OUT/NAME/config.pbtxt, OUT/NAME/labels.txt and OUT/NAME/VERSION/model.onnx (input "
+            "'input' (n, d) float32, output 'proba' (n, K)). onnxruntime's output is checked "
+            "against the model's own predict_proba before anything is written. Needs the onnx "
+            "extra; the discriminative family only."
+        ),
+    )
+    export.add_argument("model", type=Path, help="adapted model folder (`protofuse adapt`)")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="(default: onnx)")
+    export.add_argument("--out", type=Path, required=True, help="the model repository folder")
+    export.add_argument("--name", required=True, help="the model's name in the repository")
+    export.add_argument(
+        "--model-version", type=int, default=1, help="its version folder (default: 1)"
+    )
+    _add_trust_flags(export)
+    export.add_argument(
+        "--signing-key",
+        type=Path,
+        help="sign the exported files with this Ed25519 key (signature.json in the version folder)",
+    )
+    export.set_defaults(run=_export)
+
+    serve_models = sub.add_parser(
+        "serve-models",
+        help="serve adapted models over the Open Inference Protocol (KServe v2 REST)",
+        description=(
+            "Serve every adapted model folder under ROOT (each folder a model, or numbered "
+            "version folders of one) over the Open Inference Protocol v2 REST API: health, "
+            "model metadata and infer, as Triton, KServe and MLServer answer them."
+        ),
+    )
+    serve_models.add_argument("root", type=Path, help="folder of adapted model folders")
+    serve_models.add_argument(
+        "--address", default="127.0.0.1:8080", help="HOST:PORT to listen on (default: %(default)s)"
+    )
+    _add_trust_flags(serve_models)
+    serve_models.add_argument(
+        "--max-rows", type=int, default=10_000, help="inputs per request (default: %(default)s)"
+    )
+    serve_models.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 << 20,
+        help="a request's size, refused before it is read (default: %(default)s)",
+    )
+    serve_models.set_defaults(run=_serve_models)
 
     report = sub.add_parser(
         "report",
@@ -782,6 +819,89 @@ def _certs_node(args: argparse.Namespace) -> int:
         f"register {pub} <connection>)",
         file=sys.stderr,
     )
+    return 0
+
+
+def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
+    """--public-key and --unsigned-ok: how a command that loads adapted models trusts them."""
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        help=(
+            "verify the model's signature with this key (the server's signing.pub); unsigned "
+            "or altered models are refused"
+        ),
+    )
+    parser.add_argument(
+        "--unsigned-ok",
+        action="store_true",
+        help=(
+            "load without a signature check (a model you adapted yourself); the checksum is "
+            "still verified"
+        ),
+    )
+
+
+def _trust(args: argparse.Namespace) -> None:
+    if args.public_key is None and not args.unsigned_ok:
+        raise ValueError(
+            "give --public-key signing.pub (models from the adaptation service), or --unsigned-ok "
+            "for models you adapted yourself"
+        )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from protofuse.adapted import load_adapted
+    from protofuse.export import export_onnx
+
+    _trust(args)
+    model = load_adapted(args.model, args.public_key, unsigned_ok=args.unsigned_ok)
+    key = None
+    if args.signing_key:
+        from protofuse.signing import load_private_key
+
+        key = load_private_key(args.signing_key)
+    done = export_onnx(model, args.out, args.name, args.model_version, key)
+    print(
+        f"exported {args.model} as {done.folder} (classes {model.classes_.tolist()}; "
+        f"onnxruntime within {done.parity:.1e} of predict_proba; "
+        f"{'signed' if key else 'unsigned'})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _serve_models(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from protofuse.open_inference import Limits, serve
+
+    _trust(args)
+    host, _, port = args.address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {args.address!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
+    if args.max_rows < 1 or args.max_body_bytes < 1:
+        raise ValueError("--max-rows and --max-body-bytes: give positive numbers")
+    server = serve(
+        args.root,
+        host,
+        int(port),
+        args.public_key,
+        args.unsigned_ok,
+        Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows),
+    )
+    models = {name: sorted(v, key=int) for name, v in server.repository.models.items()}
+    print(
+        f"serving {models} over the Open Inference Protocol on http://{host}:"
+        f"{server.server_address[1]}/v2",
+        file=sys.stderr,
+        flush=True,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+    server.server_close()
     return 0
 
 

@@ -37,3 +37,38 @@ def two_experts(x: np.ndarray, y: np.ndarray) -> Triples:
         [answers(y, [0, 1, 2]), answers(y, [2, 3])],
         shared=[0, 0],
     )
+
+
+def toy_bank(
+    family: str = "discriminative",
+    epochs: int = 8,
+    image_shape: tuple[int, ...] | None = None,
+    n: int = 400,
+    label_names: tuple[str, str, str, str] = ("0", "1", "2", "3"),
+    experts: tuple[str, str] = ("a", "b"),
+):
+    """(bank, x, y label names): a small bank fitted on the clusters with ``two_experts``' label
+    sets (under ``label_names`` and ``experts``' pseudonyms), its inputs repeated to fill
+    ``image_shape`` where given."""
+    from protofuse.bank import fit_bank
+    from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
+
+    x, y, _ = clusters(0, n=n)
+    if image_shape is not None:
+        x = np.resize(x, (len(x), int(np.prod(image_shape)))).astype(np.float32)
+    triples = assemble(
+        list(experts),
+        [label_names[:3], label_names[2:]],
+        [x, x],
+        [answers(y, [0, 1, 2]), answers(y, [2, 3])],
+        shared=[0, 0],
+    )
+    bank = fit_bank(
+        triples,
+        ModelSettings(family=family, feat_dim=8, hidden=16),
+        TrainingSettings(epochs=epochs, lr=5e-3),
+        AdaptSettings(n_z=4),
+        image_shape,
+        "bernoulli",
+    )
+    return bank, x, np.asarray(label_names)[y]

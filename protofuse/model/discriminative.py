@@ -131,14 +131,17 @@ def adapt_map(
     The prior is a Gaussian centred on ``prior`` (the bank's rows for the task's labels). Its
     per-row precision is ``strength / prior_scale**2``: ``prior_scale`` (K,) is each row's
     typical size, so rows imprinted from the support (large scale) move freely and rows the
-    experts agree on stay near the bank. L-BFGS over a few hundred parameters.
+    experts agree on stay near the bank. L-BFGS over a few hundred parameters; where its line
+    search breaks down (it extrapolates the step past float32's range when the features are
+    small and the support separable), plain gradient descent from the prior instead.
     """
     protos = prior.prototypes.clone().requires_grad_(True)
     bias = prior.bias.clone().requires_grad_(True)
     log_temp = prior.log_temp.clone().requires_grad_(True)
+    params = [protos, bias, log_temp]
     precision = strength / prior_scale.clamp_min(1e-6) ** 2  # (K,)
     opt = torch.optim.LBFGS(
-        [protos, bias, log_temp], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+        params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
@@ -155,5 +158,23 @@ def adapt_map(
         loss.backward()
         return loss
 
-    opt.step(closure)
+    try:
+        opt.step(closure)
+        converged = all(bool(torch.isfinite(p).all()) for p in params)
+    except RuntimeError:  # "value cannot be converted to type float without overflow"
+        converged = False
+    if not converged:
+        with torch.no_grad():
+            for p, start in zip(
+                params, (prior.prototypes, prior.bias, prior.log_temp), strict=True
+            ):
+                p.copy_(start)
+        descent = torch.optim.Adam(params, lr=FALLBACK_LR)
+        for _ in range(FALLBACK_STEPS):
+            descent.zero_grad()
+            closure()  # the loss's gradients
+            descent.step()
     return TaskHead(protos.detach(), bias.detach(), log_temp.detach())
+
+
+FALLBACK_LR, FALLBACK_STEPS = 0.05, 300  # adapt_map's descent where L-BFGS broke down

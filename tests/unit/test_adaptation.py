@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from toys import clusters, two_experts
+from toys import clusters, toy_bank, two_experts
 
 from protofuse.bank import Bank, fit_bank
 from protofuse.model.discriminative import TaskHead, adapt_map, imprint
@@ -141,3 +141,17 @@ def test_a_label_no_expert_covers_is_imprinted_from_its_examples(seed):
     model = bank.adapt(x[s], names)
     assert model.info["uncovered_labels"] == ["new"]
     assert (model.predict(x[keep]) == truth).mean() > 0.9
+
+
+def test_a_separable_support_on_small_features_adapts_where_the_line_search_overflows():
+    """A briefly trained bank embeds the toy clusters with features of norm ~0.3; on a separable
+    support, L-BFGS's strong-Wolfe search then extrapolates its step past float32's range
+    ("value cannot be converted to type float without overflow": adapt raised before). The
+    fallback descends from the prior instead: a finite model that fits its support."""
+    bank, x, y = toy_bank(epochs=2, n=200)
+    keep = np.isin(y, ("0", "1", "3"))
+    model = bank.adapt(x[keep][:30], y[keep][:30])
+    assert model.info["support_accuracy"] == 1.0
+    proba = model.predict_proba(x[keep])
+    assert np.isfinite(proba).all()
+    assert (model.classes_[proba.argmax(1)] == y[keep]).mean() > 0.9

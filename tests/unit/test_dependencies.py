@@ -54,6 +54,9 @@ DISTRIBUTION = {
     "river": "river",
     "atheris": "atheris",
     "dp_accounting": "dp-accounting",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxruntime": "onnxruntime",
 }
 
 # What the core must never import (tests/unit/test_boundaries.py has the finer directions).
@@ -134,6 +137,8 @@ def role_of(rel: str) -> tuple[str, ...]:
         return ("dp",)
     if rel.startswith("protofuse/report/"):  # `protofuse report`: matplotlib draws its figures
         return ("report",)
+    if rel == "protofuse/export.py":  # `protofuse export`: torch's ONNX exporter, onnxruntime
+        return ("onnx",)
     if rel.startswith("bench/"):
         return ("bench",)
     if rel.startswith("client_sdk/clientapp/") or rel in (

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from toys import answers, clusters
+from toys import toy_bank
 
 from protofuse import artifacts
-from protofuse.bank import fit_bank, load_bank
+from protofuse.bank import load_bank
 from protofuse.report import REPORT_FILE, accuracy_against_k, figures, page, write_report
 from protofuse.report.history import ROUNDS_FILE, TRAINING_FILE, read_history, training_record
-from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
-from protofuse.triples import assemble
 
 NASTY = (
     "<script>alert(1)</script>",
@@ -38,24 +36,8 @@ def _bank(
     family: str = "discriminative",
 ):
     """A small bank on the toy clusters: expert a knows labels 0-2, b 2-3."""
-    x, y, _ = clusters(0)
-    triples = assemble(
-        list(experts),
-        [labels[:3], labels[2:]],
-        [x, x],
-        [answers(y, [0, 1, 2]), answers(y, [2, 3])],
-        shared=[0, 0],
-    )
-    discriminative = family == "discriminative"
-    bank = fit_bank(
-        triples,
-        ModelSettings(family=family, feat_dim=8, hidden=16),
-        TrainingSettings(epochs=8 if discriminative else 2, lr=5e-3),
-        AdaptSettings(n_z=4),
-        None,
-        "bernoulli",
-    )
-    return bank, x, np.asarray(labels)[y]
+    epochs = 8 if family == "discriminative" else 2
+    return toy_bank(family, epochs, label_names=labels, experts=experts)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,232 @@
+"""Adapted models as ONNX, in the model-repository layout Triton and KServe read, so that any
+inference server (Triton, KServe, MLServer, onnxruntime) serves them.
+
+    REPO/NAME/config.pbtxt         Triton's model configuration (onnxruntime backend)
+    REPO/NAME/labels.txt           the class names, one per line, in output-column order
+    REPO/NAME/VERSION/model.onnx   input "input" (n, d) float32 -> output "proba" (n, K) float32
+    REPO/NAME/VERSION/signature.json   Ed25519 over the three files (when a signing key is given)
+
+The graph is the adapted model's own computation, the bank's encoder and the task's prototype
+rows: ``softmax(t * (f(x) P^T + b))``. The class names and the bank's version travel in the ONNX
+file's metadata too. Before anything is written, onnxruntime runs the exported graph on inputs
+drawn in the bank's input range and its output must equal ``predict_proba`` to ``TOLERANCE``.
+Needs the ``onnx`` extra (onnx, onnxscript: torch's exporter; onnxruntime: that check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from torch import nn
+
+from . import artifacts, signing
+from .adapted import AdaptedModel
+from .families.discriminative import DiscriminativeTask
+from .io import atomic_write_bytes
+
+KIND = "protofuse-onnx-export"  # what the signature names: never valid for another kind of file
+MODEL_FILE, CONFIG_FILE, LABELS_FILE = "model.onnx", "config.pbtxt", "labels.txt"
+INPUT, OUTPUT = "input", "proba"
+TOLERANCE = 1e-5  # onnxruntime against predict_proba, per probability
+OPSET = 18
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a folder name every server accepts
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (its family, a name, a check that failed)."""
+
+
+class ProbabilityGraph(nn.Module):
+    """The adapted model as one network: x (n, d) -> class probabilities (n, K)."""
+
+    def __init__(self, task: DiscriminativeTask) -> None:
+        super().__init__()
+        self.encoder = task.model.encoder
+        self.register_buffer("prototypes", task.head.prototypes.detach().clone())  # (K, F)
+        self.register_buffer("bias", task.head.bias.detach().clone())  # (K,)
+        self.register_buffer("temperature", task.head.log_temp.detach().exp().clone())  # ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(x)  # (n, F)
+        logits = self.temperature * (z @ self.prototypes.T + self.bias)  # (n, K)
+        return torch.softmax(logits, dim=-1)
+
+
+def onnx_bytes(model: AdaptedModel) -> bytes:
+    """The model's ONNX file, its metadata holding the class names and the bank's version."""
+    import onnx
+
+    if not isinstance(model.task, DiscriminativeTask):
+        raise ExportError(
+            f"the {model.bank_meta.get('family')} family predicts by sampling its latent "
+            "distribution; ONNX export covers the discriminative family (adapt a bank of that "
+            'family: [model] family = "discriminative")'
+        )
+    graph = ProbabilityGraph(model.task).eval()
+    example = torch.zeros(2, int(model.bank_meta["x_dim"]))
+    # torch's exporter reports each stage on stdout and warns about optional libraries: quiet.
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=({0: torch.export.Dim("n", min=1)},),
+            opset_version=OPSET,
+            dynamo=True,
+        )
+    if program is None:  # only without dynamo=True
+        raise ExportError("torch's ONNX exporter returned no program")
+    proto = onnx.load_from_string(program.model_proto.SerializeToString())
+    for key, value in _metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return bytes(proto.SerializeToString())
+
+
+def _metadata(model: AdaptedModel) -> dict[str, str]:
+    return {
+        "classes": json.dumps(model.classes_.tolist()),
+        "protofuse.bank_version": str(model.bank_meta.get("version", "")),
+        "protofuse.family": str(model.bank_meta.get("family", "")),
+    }
+
+
+def check_parity(model: AdaptedModel, data: bytes, n: int = 64, seed: int = 0) -> float:
+    """The largest difference between onnxruntime's output and ``predict_proba`` on ``n`` inputs
+    drawn uniformly in the bank's input range ([0, 1] where it records none); ExportError above
+    ``TOLERANCE``."""
+    import onnxruntime as ort
+
+    low, high = model.bank_meta.get("input_range") or (0.0, 1.0)
+    x = np.random.default_rng(seed).uniform(low, high, (n, int(model.bank_meta["x_dim"])))
+    x = x.astype(np.float32)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT], {INPUT: x})[0]
+    with warnings.catch_warnings():  # inputs at the edge of the range: no range warning here
+        warnings.simplefilter("ignore")
+        want = model.predict_proba(x)
+    gap = float(np.max(np.abs(got.astype(np.float64) - want)))
+    if not gap <= TOLERANCE:
+        raise ExportError(
+            f"the exported graph differs from predict_proba by {gap:.2e} (more than {TOLERANCE}); "
+            "nothing was written"
+        )
+    return gap
+
+
+def triton_config(name: str, x_dim: int, n_classes: int) -> bytes:
+    """config.pbtxt: the onnxruntime backend, a dynamic batch, the class names for Triton's
+    classification extension."""
+    return (
+        f'name: "{name}"\n'
+        'backend: "onnxruntime"\n'
+        "max_batch_size: 0\n"
+        f'input [ {{ name: "{INPUT}", data_type: TYPE_FP32, dims: [ -1, {x_dim} ] }} ]\n'
+        f'output [ {{ name: "{OUTPUT}", data_type: TYPE_FP32, dims: [ -1, {n_classes} ], '
+        f'label_filename: "{LABELS_FILE}" }} ]\n'
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Exported:
+    folder: Path  # the version folder: REPO/NAME/VERSION
+    parity: float  # the largest gap between onnxruntime and predict_proba measured before writing
+
+
+def export_onnx(
+    model: AdaptedModel,
+    repository: str | os.PathLike,
+    name: str,
+    version: int = 1,
+    signing_key: Ed25519PrivateKey | None = None,
+) -> Exported:
+    """Write ``model`` into the model repository as ``name``, version ``version``. The graph
+    is checked against ``predict_proba`` first (``check_parity``). A model of that name with other
+    classes or another input size is refused (one labels.txt and config.pbtxt serve all its
+    versions); an existing version is replaced."""
+    if not _NAME.fullmatch(name):
+        raise ExportError(
+            f"--name {name!r}: use letters, digits, '_', '.' and '-' (at most 128, starting with "
+            "a letter or digit): it becomes a folder and the name servers know the model by"
+        )
+    if isinstance(version, bool) or not 1 <= int(version) <= 2**31 - 1:
+        raise ExportError(f"--model-version {version}: give a whole number from 1")
+    bad = [c for c in model.classes_.tolist() if "\n" in c or "\r" in c]
+    if bad:
+        raise ExportError(
+            f"class names {bad[:3]} hold a line break, which labels.txt cannot keep; adapt the "
+            "model with class names of one line"
+        )
+    data = onnx_bytes(model)
+    parity = check_parity(model, data)
+    folder = Path(repository) / name
+    labels = "".join(f"{c}\n" for c in model.classes_.tolist()).encode()
+    config = triton_config(name, int(model.bank_meta["x_dim"]), len(model.classes_))
+    for file, content in ((LABELS_FILE, labels), (CONFIG_FILE, config)):
+        if (folder / file).exists() and (folder / file).read_bytes() != content:
+            raise ExportError(
+                f"{folder / file} describes another model (other classes or input size); export "
+                "this one under another --name"
+            )
+    target = folder / str(int(version))
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / LABELS_FILE, labels)
+    atomic_write_bytes(folder / CONFIG_FILE, config)
+    atomic_write_bytes(target / MODEL_FILE, data)
+    signature = target / signing.SIGNATURE
+    if signing_key is not None:
+        atomic_write_bytes(signature, signing.sign(KIND, digest(target), signing_key))
+    elif signature.exists():  # an older version's signature would not cover this file
+        signature.unlink()
+    return Exported(target, parity)
+
+
+def digest(version_folder: str | os.PathLike) -> str:
+    """The SHA-256 a signature covers: of the model file, the labels and the configuration."""
+    folder = Path(version_folder)
+    files = {
+        MODEL_FILE: folder / MODEL_FILE,
+        LABELS_FILE: folder.parent / LABELS_FILE,
+        CONFIG_FILE: folder.parent / CONFIG_FILE,
+    }
+    sums = {k: hashlib.sha256(_read(p)).hexdigest() for k, p in files.items()}
+    return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+
+
+def _read(path: Path) -> bytes:
+    """A file of the export, read as an artifact's are (a plain file within the weights' limit,
+    never through a link or a pipe); a missing one is an ExportError naming it."""
+    data = artifacts.read_plain_file(path, artifacts.MAX_WEIGHTS_BYTES, "MAX_WEIGHTS_BYTES")
+    if data is None:
+        raise ExportError(f"{path}: missing; export the model again")
+    return data
+
+
+def verify_export(
+    version_folder: str | os.PathLike, public_key: str | os.PathLike | Ed25519PublicKey
+) -> dict[str, Any]:
+    """Check an exported version's signature.json against the trusted key (SignatureError if
+    unsigned, signed by another key or changed since); returns the signature record."""
+    folder = Path(version_folder)
+    record = artifacts.read_plain_file(
+        folder / signing.SIGNATURE, artifacts.MAX_SIGNATURE_BYTES, "MAX_SIGNATURE_BYTES"
+    )
+    return signing.verify(KIND, digest(folder), record, signing.load_public_key(public_key), folder)
