@@ -140,9 +140,7 @@ def adapt_map(
     log_temp = prior.log_temp.clone().requires_grad_(True)
     params = [protos, bias, log_temp]
     precision = strength / prior_scale.clamp_min(1e-6) ** 2  # (K,)
-    opt = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
-    )
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
