@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service bench-service-load images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick bench-hostile bench-privacy bench-faults fuzz mutation clean
+.PHONY: demo test test-fast test-integration lint typecheck format protos bench-images bench-service bench-service-load images bench bench-main bench-dev bench-robust bench-hidden bench-tables bench-tables-dev bench-quick bench-hostile bench-privacy bench-faults bench-onnx fuzz mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -116,6 +116,9 @@ bench-federated: $(STAMP)  ## reported seeds: simulate against fit, paired; robu
 	$(PY) -m bench.federated --robust --modes shared --out bench-results/federated-robust
 	$(PY) -m bench.scale --clients 50 --rounds 3 --out bench-results/scale
 	$(PY) -m bench.scale --clients 50 --rounds 3 --dataset mnist5k --out bench-results/scale-mnist5k
+
+bench-onnx: $(STAMP)  ## ONNX parity of adapted models on every benchmark dataset (onnxruntime against predict_proba)
+	$(PY) -m bench.onnx_parity --out bench-results/onnx-parity
 
 bench-hostile: $(STAMP)  ## reported seeds: 1 and 2 of 7 clients attacking (MNIST-5k), paired against the clean federation; trust ranking; the defences' clean-run cost
 	$(PY) -m bench.hostile --rounds 10 --out bench-results/hostile

@@ -19,9 +19,11 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,7 @@ def onnx_bytes(model: AdaptedModel) -> bytes:
         torch.no_grad(),
         warnings.catch_warnings(),
         contextlib.redirect_stdout(io.StringIO()),
+        _quiet("torch.onnx"),
     ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -99,6 +102,18 @@ def onnx_bytes(model: AdaptedModel) -> bytes:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return bytes(proto.SerializeToString())
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """The logger (and its children) says nothing below ERROR meanwhile."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _metadata(model: AdaptedModel) -> dict[str, str]:
