@@ -133,6 +133,8 @@ def role_of(rel: str) -> tuple[str, ...]:
     """The extras a module may rely on, besides the base dependencies."""
     if rel == "bench/fuzz.py":
         return ("bench", "fuzz")
+    if rel == "bench/onnx_parity.py":  # `make bench-onnx`: exports and runs with onnxruntime
+        return ("bench", "onnx")
     if rel == "protofuse/privacy.py":  # imports the accountant only when a DP run is planned
         return ("dp",)
     if rel.startswith("protofuse/report/"):  # `protofuse report`: matplotlib draws its figures
