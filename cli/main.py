@@ -321,6 +321,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="Ed25519 key to sign models with (default: signing.key in --certs)",
     )
+    serve.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help=(
+            "serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP: bind it to an "
+            "internal network; default: no metrics)"
+        ),
+    )
     from protofuse_server.service.settings import ServiceSettings
 
     for name, fld in ServiceSettings.model_fields.items():
@@ -762,8 +770,20 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     credentials = Credentials.from_folder(args.certs) if args.certs else None
+    metrics = None
+    if args.metrics_address:
+        from protofuse_server.metrics import ServiceMetrics, expose
+
+        metrics = ServiceMetrics.create()
+        exporter = expose(metrics.registry, args.metrics_address)
+        print(
+            f"metrics on http://{args.metrics_address.rpartition(':')[0]}:"
+            f"{exporter.server_address[1]}/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
     server, port, served = build_server(
-        args.bank, args.address, settings, credentials, args.signing_key
+        args.bank, args.address, settings, credentials, args.signing_key, metrics
     )
     snapshot = served.get()
     host = args.address.rsplit(":", 1)[0]

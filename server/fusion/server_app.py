@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -47,6 +49,7 @@ from protofuse.protocol import federation as wire
 from protofuse.records import NOT_MEASURED, ExpertRecord, Fidelity
 from protofuse.spec import Spec, SpecError, load_spec
 
+from ..metrics import ADDRESS_ENV, FusionMetrics, expose
 from .aggregation import extend_rows, to_record
 from .membership import Federation, describe_nodes
 from .schedule import Schedule
@@ -96,7 +99,9 @@ def fuse(
             f"in {out}; a run begun while batch norm was the default resumes with [model] "
             'normalization = "batch")'
         ) from None
+    stack = ExitStack()  # the metrics exporter, for the run
     try:
+        metrics = stack.enter_context(_metrics())
         last = store.latest()
         done = last.round if last else 0
         if last is not None and done >= schedule.total:  # finished: export again, no client needed
@@ -117,6 +122,7 @@ def fuse(
                 on_replies=on_replies,
                 dp_plan=dp_plan,
                 secure=secure,
+                metrics=metrics,
             )
             log(
                 INFO,
@@ -138,6 +144,7 @@ def fuse(
             raise RuntimeError(f"the federation ended with no checkpoint in {out / STORE}")
         history = [asdict(h) for h in store.history()]
     finally:
+        stack.close()
         store.close()
     bank = export_bank(final, spec, model_config, dp_plan)
     bank.save(out / RUN_BANK)
@@ -145,6 +152,25 @@ def fuse(
     _write_rounds(out / "rounds.json", history, final.state.get("rounds", []))
     log(INFO, "fusion: bank %s written to %s", bank.version, out)
     return bank
+
+
+@contextmanager
+def _metrics() -> Iterator[FusionMetrics | None]:
+    """The round counters, served over HTTP for the run where the process's environment names an
+    address (``PROTOFUSE_METRICS_ADDRESS``, e.g. 0.0.0.0:9465 in the fusion container)."""
+    address = os.environ.get(ADDRESS_ENV)
+    if not address:
+        yield None
+        return
+    metrics = FusionMetrics.create()
+    exporter = expose(metrics.registry, address)
+    host = address.rpartition(":")[0]
+    log(INFO, "fusion: metrics on http://%s:%s/metrics", host, exporter.server_address[1])
+    try:
+        yield metrics
+    finally:
+        exporter.shutdown()
+        exporter.server_close()
 
 
 def _write_rounds(path: Path, history: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> None:

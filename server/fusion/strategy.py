@@ -31,6 +31,7 @@ from protofuse.records import NOT_MEASURED, ExpertRecord
 from protofuse.settings import FederationSettings, TrainingSettings
 from protofuse.training import reliability_weights
 
+from ..metrics import FusionMetrics
 from . import defences, dp
 from .aggregation import check_update, extend_rows, to_record
 from .membership import Client, Federation, PseudonymTaken, describe_nodes
@@ -66,6 +67,7 @@ class FusionStrategy(FedAvg):
         on_replies: Callable[[int], None] | None = None,
         dp_plan: DpPlan | None = None,
         secure: SecureRounds | None = None,
+        metrics: FusionMetrics | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(
@@ -82,6 +84,7 @@ class FusionStrategy(FedAvg):
         self.checkpoint = checkpoint
         self.offset = round_offset
         self.on_replies = on_replies
+        self.metrics = metrics  # Prometheus counters of the rounds (server.metrics), if exposed
         # [privacy] mode = "dp": every update is DP-FedAvg's (dp.noisy_mean) and no client's own
         # report sets a weight; the noise is drawn from the OS's entropy, never from a seed.
         self.dp_plan = dp_plan
@@ -205,6 +208,7 @@ class FusionStrategy(FedAvg):
         for reply in replies:
             client = self.federation.nodes.get(reply.metadata.src_node_id)
             if reply.has_error() or client is None:
+                self._count_reply("error")
                 log(
                     WARNING,
                     "round %s: no usable reply from node %s (%s)",
@@ -232,8 +236,10 @@ class FusionStrategy(FedAvg):
                     err,
                 )
                 self._strike(reply.metadata.src_node_id, client)
+                self._count_reply("invalid")
                 continue
             ok.append((client, reply, stats))
+            self._count_reply("ok")
         if not ok:
             raise FederationStopped(
                 f"round {r}: no client replied with a usable update; see the warnings above (the "
@@ -269,6 +275,10 @@ class FusionStrategy(FedAvg):
         metrics = self._round_metrics(r, phase, ok, arrays)
         self.checkpoint(r, arrays, self)
         return to_record(arrays), metrics
+
+    def _count_reply(self, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.replies.labels(status).inc()
 
     def _missing(self, ok: list[tuple[Client, Message, wire.ImitatorStats]]) -> list[str]:
         replied = {c.pseudonym for c, _, _ in ok}
@@ -570,6 +580,8 @@ class FusionStrategy(FedAvg):
         }
         self._evidence_seen = {}
         self.history.append(row)
+        if self.metrics is not None:
+            self.metrics.round_done(r, len(ok), sum(sent))
         loss = math.nan if mean_loss is None else mean_loss
         log(
             INFO,

@@ -41,6 +41,7 @@ class Snapshot:
     manifest: wire.BankManifest
     experts: ExpertList
     bank_weights_digest: str  # sha256 of the .npz of the bank's arrays as adapted models store them
+    written_at: float = 0.0  # when its meta.json was written (seconds since the epoch)
 
 
 class ServedBank:
@@ -89,6 +90,7 @@ class ServedBank:
                 manifest,
                 _experts(bank, manifest),
                 artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))),
+                stamp[1] / 1e9,
             )
             # What GetBank and ListExperts will send, encoded once: a bank whose description
             # does not encode (a forged expert distribution) is refused here, never served.

@@ -49,6 +49,7 @@ from protofuse.protocol.service import (
 )
 from protofuse.settings import AdaptSettings
 
+from ..metrics import ServiceMetrics
 from .served_bank import ServedBank
 from .settings import ServiceSettings
 
@@ -61,7 +62,11 @@ class FusionService:
     """The Fusion methods over a :class:`ServedBank`; each handler takes and returns bytes."""
 
     def __init__(
-        self, bank: ServedBank, settings: ServiceSettings, signing_key: Any | None
+        self,
+        bank: ServedBank,
+        settings: ServiceSettings,
+        signing_key: Any | None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.bank = bank
         self.settings = settings
@@ -69,6 +74,22 @@ class FusionService:
         self._slots = threading.BoundedSemaphore(settings.max_concurrent)
         self._held: dict[str, int] = {}  # Adapt requests each caller has held now
         self._held_lock = threading.Lock()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.held.set_function(self._held_total)
+            metrics.watch_bank(self._served_version)
+
+    def _held_total(self) -> int:
+        with self._held_lock:
+            return sum(self._held.values())
+
+    def _served_version(self) -> tuple[str, float] | None:
+        snapshot = self.bank.get()
+        return None if snapshot is None else (snapshot.bank.version, snapshot.written_at)
+
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {"Adapt": self.adapt, "GetBank": self.get_bank, "ListExperts": self.list_experts}
@@ -76,7 +97,7 @@ class FusionService:
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                name: grpc.unary_unary_rpc_method_handler(_logged(name, fn))
+                name: grpc.unary_unary_rpc_method_handler(_logged(name, fn, self.metrics))
                 for name, fn in methods.items()
             },
         )
@@ -119,6 +140,7 @@ class FusionService:
                 refused = False
                 self._held[caller] = held + 1
         if refused:
+            self._rejected("per_caller")
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{caller} already has {held} Adapt requests running or waiting, this service's "
@@ -162,6 +184,7 @@ class FusionService:
             )
         budget = self._budget(context, started)
         if not self._slots.acquire(timeout=budget):
+            self._rejected("busy")
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {self.settings.max_concurrent} adaptation slots stayed busy for {budget:.0f} "
@@ -173,10 +196,16 @@ class FusionService:
                     grpc.StatusCode.CANCELLED, "the caller cancelled before adaptation started"
                 )
             t0 = time.perf_counter()
+            running = self.metrics.running if self.metrics is not None else None
+            if running is not None:
+                running.inc()
             try:
                 model = bank.adapt(req.x, np.asarray(req.labels), seed=seed, **options)
             except ValueError as err:  # options the bank refuses, labels its family cannot fit
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, _request_error(str(err)))
+            finally:
+                if running is not None:
+                    running.dec()
             seconds = time.perf_counter() - t0
             try:
                 files = model.to_files(self.signing_key)
@@ -255,29 +284,28 @@ def _decode(
 
 
 def _logged(
-    name: str, fn: Callable[[bytes, grpc.ServicerContext], bytes]
+    name: str,
+    fn: Callable[[bytes, grpc.ServicerContext], bytes],
+    metrics: ServiceMetrics | None = None,
 ) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    """``fn`` with each call logged and, given ``metrics``, counted by status and timed."""
+
     def run(request: bytes, context: grpc.ServicerContext) -> bytes:
         t0 = time.perf_counter()
+        code = "OK"
         try:
-            reply = fn(request, context)
-            log.info(
-                "%s from %s: OK in %.0f ms",
-                name,
-                _caller(context),
-                1000 * (time.perf_counter() - t0),
-            )
-            return reply
+            return fn(request, context)
         except Exception:
-            code = context.code()
-            log.info(
-                "%s from %s: %s in %.0f ms",
-                name,
-                _caller(context),
-                getattr(code, "name", "ERROR"),
-                1000 * (time.perf_counter() - t0),
-            )
+            code = getattr(context.code(), "name", "UNKNOWN")
             raise
+        finally:
+            seconds = time.perf_counter() - t0
+            log.info("%s from %s: %s in %.0f ms", name, _caller(context), code, 1000 * seconds)
+            if metrics is not None:
+                metrics.requests.labels(name, code).inc()
+                metrics.latency.labels(name).observe(seconds)
+                if code == "INVALID_ARGUMENT":
+                    metrics.rejected.labels("invalid").inc()
 
     return run
 
@@ -361,8 +389,10 @@ def build_server(
     settings: ServiceSettings,
     credentials: Credentials | None,
     signing_key_path: Path | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> tuple[grpc.Server, int, ServedBank]:
-    """A started gRPC server; returns it, the port it bound and its bank holder."""
+    """A started gRPC server; returns it, the port it bound and its bank holder. ``metrics``
+    (``server.metrics.expose`` serves its registry) counts every request."""
     key_path = signing_key_path or (credentials.signing_key if credentials else None)
     signing_key = signing.load_private_key(key_path) if key_path else None
     if signing_key is None:
@@ -371,7 +401,7 @@ def build_server(
             "them"
         )
     served = ServedBank(bank_path, settings.reload_interval_s)
-    fusion = FusionService(served, settings, signing_key)
+    fusion = FusionService(served, settings, signing_key, metrics)
     limit = int(settings.max_message_mb * MiB)
     server = grpc.server(
         # A worker per request held: Adapt calls waiting for a slot must not starve health checks

@@ -14,17 +14,20 @@ skips it; in CI (CI=1) that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 from polling import wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 import protofuse
 from bench.organizations import TASK, held_out_task
@@ -305,16 +308,26 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
             )
         procs.append(stranger)
 
-        run = compose.operator(
-            "flwr",
-            "run",
-            APP,
-            "--stream",
-            "--run-config",
-            'spec="/config/server.toml" out="/data/run"',
-            timeout=900,
-        )
+        # The fusion server's metrics, scraped from inside the compose network while it runs.
+        fusion_metrics = _Scraper(compose, "fusion:9465")
+        try:
+            run = compose.operator(
+                "flwr",
+                "run",
+                APP,
+                "--stream",
+                "--run-config",
+                'spec="/config/server.toml" out="/data/run"',
+                timeout=900,
+            )
+        finally:
+            fusion_metrics.stop()
         assert "round 11/11 weighted" in run.stdout.decode(), run.stdout.decode()[-3000:]
+        fusion = fusion_metrics.last
+        assert fusion, "the fusion server's metrics were never scraped"
+        assert fusion[("protofuse_fusion_rounds_completed_total", ())] >= 5
+        assert fusion[("protofuse_fusion_clients", ())] == 3
+        assert fusion[("protofuse_fusion_reply_bytes_total", ())] > 0
         stranger.wait(timeout=60)
         assert (
             stranger.returncode != 0 and "Failed to activate SuperNode" in stranger_log.read_text()
@@ -353,6 +366,23 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
             bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
             and "AdaptRequest.x.shape" in bad.value.details
         )
+    # The service's metrics, on the compose network only: the two Adapt calls, by status.
+    service_metrics = _scrape_inside(compose, "service:9464")
+    assert (
+        service_metrics[("protofuse_service_requests_total", (("code", "OK"), ("method", "Adapt")))]
+        == 1
+    )
+    assert (
+        service_metrics[
+            (
+                "protofuse_service_requests_total",
+                (("code", "INVALID_ARGUMENT"), ("method", "Adapt")),
+            )
+        ]
+        == 1
+    )
+    assert service_metrics[("protofuse_service_bank_info", (("version", version),))] == 1
+    assert compose("port", "service", "9464", check=False).returncode != 0  # not published
     with FusionClient(
         service, root_certificates=pki / "ca.crt", public_key=pki / "signing.pub", timeout=10
     ) as anonymous:
@@ -381,3 +411,44 @@ def test_the_compose_deployment_federates_and_serves_signed_models(deployment, f
         ), compose.logs()
         assert client.adapt(sx, sy).bank_meta["version"] == version
         assert client.health() == "SERVING"
+
+
+SCRAPE = (
+    "import sys, urllib.request; "
+    "sys.stdout.write(urllib.request.urlopen('http://%s/metrics', timeout=5).read().decode())"
+)
+
+
+def _scrape_inside(compose: Compose, address: str) -> dict[tuple[str, tuple], float]:
+    """One scrape of ``address`` from the service's container (on the compose network)."""
+    text = compose(
+        "exec", "-T", "service", "python3", "-c", SCRAPE % address, timeout=60, check=False
+    )
+    if text.returncode != 0:  # not serving (yet, or any more)
+        return {}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.stdout.decode())
+        for s in family.samples
+    }
+
+
+class _Scraper:
+    """Scrapes ``address`` every 2 s in a thread until stopped; keeps the last good scrape (the
+    fusion server's exporter lives only while its run does)."""
+
+    def __init__(self, compose: Compose, address: str) -> None:
+        self.compose, self.address = compose, address
+        self.last: dict[tuple[str, tuple], float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(2.0):
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+                self.last = _scrape_inside(self.compose, self.address) or self.last
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=90)

@@ -6,13 +6,18 @@ predict."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_metrics import scrape
 
 from bench.demo import write_federation
 from protofuse.bank import load_bank
@@ -22,6 +27,7 @@ from protofuse.protocol import federation as wire
 from protofuse_cli.main import main
 from protofuse_server.fusion.server_app import STORE
 from protofuse_server.fusion.store import BankStore
+from protofuse_server.metrics import ADDRESS_ENV
 
 SERVERAPP = 'serverapp = "protofuse_server.fusion.server_app:app"'
 
@@ -252,3 +258,39 @@ def test_under_secure_aggregation_the_server_receives_masked_sums_only(
     assert (model.predict(test_x) == test_y).mean() > 0.8  # 0.91 when written (plain: 0.89)
     assert main(["info", str(run)]) == 0
     assert "secure aggregation (Flower's SecAgg+)" in capsys.readouterr().out
+
+
+def test_the_fusion_server_counts_rounds_clients_replies_and_bytes(
+    federation, tmp_path, monkeypatch
+):
+    """A real simulation whose ServerApp serves its metrics; a scraper polls them while it runs
+    (the exporter lives as long as the run) and keeps the last scrape."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(ADDRESS_ENV, f"127.0.0.1:{port}")
+    last: dict = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):  # not serving yet, or the run is over
+                last.update(scrape(port))
+            done.wait(0.3)
+
+    scraper = threading.Thread(target=poll, daemon=True)
+    scraper.start()
+    try:
+        simulate(federation, tmp_path / "run", rounds=2)
+    finally:
+        done.set()
+        scraper.join(timeout=15)
+    total = load_bank(tmp_path / "run").meta.federation.rounds
+    assert last, "never scraped the fusion server's metrics"
+    # the last scrape may precede the last round by the polling interval
+    assert total - 1 <= last[("protofuse_fusion_rounds_completed_total", ())] <= total
+    assert last[("protofuse_fusion_clients", ())] == 5
+    assert last[("protofuse_fusion_replies_total", (("status", "ok"),))] >= 5 * (total - 1)
+    assert ("protofuse_fusion_replies_total", (("status", "invalid"),)) not in last
+    assert last[("protofuse_fusion_reply_bytes_total", ())] > 0
+    assert os.environ[ADDRESS_ENV].endswith(str(port))

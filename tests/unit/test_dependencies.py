@@ -55,6 +55,7 @@ DISTRIBUTION = {
     "atheris": "atheris",
     "dp_accounting": "dp-accounting",
     "onnx": "onnx",
+    "prometheus_client": "prometheus-client",
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
 }
