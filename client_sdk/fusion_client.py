@@ -127,7 +127,8 @@ class FusionClient:
         }
         # The bank's arrays from the last full reply, by digest: later replies for the same bank
         # version leave them out (a model's weights are mostly the bank's, the same every time).
-        self._bank_weights: tuple[str, dict[str, np.ndarray]] | None = None
+        # The bank weights of the version last adapted on: digest, arrays, and their bytes hashed.
+        self._bank_weights: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None = None
 
     # -- the service's methods --------------------------------------------------------------
     def bank(self) -> BankInfo:
@@ -164,6 +165,7 @@ class FusionClient:
                 self.public_key,
                 unsigned_ok=self.unsigned_ok,
                 source=f"model from {self.address}",
+                prefix=held[2] if held and response.bank_weights_omitted else None,
             )
         except ValueError:
             if response.bank_weights_omitted:
@@ -187,7 +189,7 @@ class FusionClient:
         self,
         x: np.ndarray,
         y: Any,
-        held: tuple[str, dict[str, np.ndarray]] | None,
+        held: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None,
         *,
         seed: int | None = None,
         **options: Any,
@@ -232,7 +234,9 @@ class FusionClient:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _full_files(
-        self, response: AdaptResponse, held: tuple[str, dict[str, np.ndarray]] | None
+        self,
+        response: AdaptResponse,
+        held: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None,
     ) -> dict[str, bytes]:
         """The model's files with the bank's weights put back when the reply left them out."""
         if not response.bank_weights_omitted:
@@ -258,7 +262,11 @@ class FusionClient:
         if (
             artifacts.sha256(artifacts.npz_bytes(shared)) == response.bank_weights_digest
         ):  # what the server will leave out
-            self._bank_weights = (response.bank_weights_digest, shared)
+            self._bank_weights = (
+                response.bank_weights_digest,
+                shared,
+                artifacts.HashedPrefix.of(shared),
+            )
 
     def _call(self, method: str, request: bytes) -> bytes:
         try:

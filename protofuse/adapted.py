@@ -65,11 +65,13 @@ def build_model(
     allocated, so the networks never take more memory than the weights already loaded."""
     try:
         impl = family(family_name)
-        if state is not None:
-            _check_state_shapes(impl, config, state)
-        model = impl.build(config)
-        if state is not None:
-            model.load_state_dict(state)  # same dtypes: finite on disk (checked) stays finite
+        if state is None:
+            model = impl.build(config)
+        else:
+            model = _check_state_shapes(impl, config, state)
+            # The skeleton takes the weights as they are (copies: the caller's arrays stay its
+            # own): no random initialisation to overwrite, about half the time of a load.
+            model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     except (
         TypeError,
         RuntimeError,
@@ -87,8 +89,9 @@ def build_model(
 
 def _check_state_shapes(
     impl: Family[Any], config: dict[str, Any], state: dict[str, torch.Tensor]
-) -> None:
-    """ValueError naming the first tensor the config and the weights disagree on."""
+) -> torch.nn.Module:
+    """The config's networks on torch's meta device (no memory), after a ValueError naming the
+    first tensor the config and the weights disagree on."""
     with torch.device("meta"):
         skeleton = impl.build(config)
     expected = skeleton.state_dict()
@@ -104,6 +107,11 @@ def _check_state_shapes(
             )
         if got.dtype != want.dtype:  # a float64 1e300 would load as float32 infinity
             raise ValueError(f"{name} has dtype {got.dtype}, the configuration {want.dtype}")
+    if any(t.is_meta for t in skeleton.buffers()) and any(
+        name not in expected for name, _ in skeleton.named_buffers()
+    ):  # a buffer the weights do not hold would stay on the meta device
+        raise ValueError("the networks hold buffers their weights do not carry")
+    return skeleton
 
 
 def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -187,9 +195,15 @@ class AdaptedModel:
         """Write the model folder (signed when a key is given); returns its SHA-256."""
         return artifacts.save(path, KIND, self.arrays(), self._meta(), signing_key)
 
-    def to_files(self, signing_key: Ed25519PrivateKey | None = None) -> dict[str, bytes]:
-        """The model folder's files as bytes: what :meth:`save` writes and the service sends."""
-        return artifacts.encode(KIND, self.arrays(), self._meta(), signing_key)
+    def to_files(
+        self,
+        signing_key: Ed25519PrivateKey | None = None,
+        prefix: artifacts.HashedPrefix | None = None,
+    ) -> dict[str, bytes]:
+        """The model folder's files as bytes: what :meth:`save` writes and the service sends.
+        ``prefix``: the bank's arrays hashed once (``artifacts.HashedPrefix.of(bank_arrays(...))``)
+        for the many models of one bank version."""
+        return artifacts.encode(KIND, self.arrays(), self._meta(), signing_key, prefix)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``weights.npz``'s arrays: the bank's (``bank.*``, the same for every model of one bank
@@ -236,8 +250,10 @@ def from_files(
     *,
     unsigned_ok: bool = False,
     source: Any = "adapted model",
+    prefix: artifacts.HashedPrefix | None = None,
 ) -> AdaptedModel:
-    """An adapted model from its files' bytes, verified as :func:`load_adapted` says."""
+    """An adapted model from its files' bytes, verified as :func:`load_adapted` says (``prefix``:
+    the bank's arrays as :meth:`AdaptedModel.to_files` takes them)."""
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         warnings.warn(
@@ -248,7 +264,7 @@ def from_files(
             FutureWarning,
             stacklevel=3,
         )
-    arrays, meta = artifacts.decode(files, KIND, source, key)
+    arrays, meta = artifacts.decode(files, KIND, source, key, prefix=prefix)
     check_meta(meta, source)
     bank_meta = meta["bank"]
     state = {

@@ -130,10 +130,37 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def checksum(weights: bytes, meta: dict[str, Any]) -> str:
-    """SHA-256 of the weights' bytes followed by the canonical JSON of the other meta fields."""
+@dataclass(frozen=True)
+class HashedPrefix:
+    """The leading bytes many ``weights.npz`` files share and the SHA-256 state after them: the
+    bank's arrays come first in every adapted model of one bank version, so a checksum over such
+    a file hashes only what follows them (the service and its SDK hold one per bank version)."""
+
+    data: bytes
+    state: Any  # hashlib's sha256 object, fed ``data`` and nothing else
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray]) -> HashedPrefix:
+        """The local entries of ``npz_bytes(arrays)``: the start of the .npz of these arrays
+        followed by any others (the central directory, which lists them all, comes last)."""
+        whole = npz_bytes(arrays)
+        with zipfile.ZipFile(io.BytesIO(whole)) as zf:
+            data = whole[: zf.start_dir]
+        return cls(data, hashlib.sha256(data))
+
+
+def checksum(weights: bytes, meta: dict[str, Any], prefix: HashedPrefix | None = None) -> str:
+    """SHA-256 of the weights' bytes followed by the canonical JSON of the other meta fields
+    (the weights, megabytes, are never copied; where they begin with ``prefix``'s bytes, hashing
+    goes on from its state)."""
     fields = {k: v for k, v in meta.items() if k != "sha256"}
-    return sha256(weights + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    if prefix is not None and weights.startswith(prefix.data):
+        digest = prefix.state.copy()
+        digest.update(memoryview(weights)[len(prefix.data) :])
+    else:
+        digest = hashlib.sha256(weights)
+    digest.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()
 
 
 # -- weights.npz: every header checked before any array is allocated ----------------------------
@@ -464,17 +491,18 @@ def encode(
     arrays: dict[str, np.ndarray],
     meta: dict[str, Any],
     signing_key: Ed25519PrivateKey | None = None,
+    prefix: HashedPrefix | None = None,
 ) -> dict[str, bytes]:
     """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed,
     ``signature.json``. Arrays holding NaN or infinite values are refused (by name): such an
-    artifact could not be loaded, nor served."""
+    artifact could not be loaded, nor served. ``prefix``: see :func:`checksum`."""
     _check_finite(
         arrays, "", "the fit diverged? lower the learning rate or check the inputs; nothing written"
     )
     data = npz_bytes(arrays)
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
-    record["sha256"] = checksum(data, record)
+    record["sha256"] = checksum(data, record, prefix)
     files = {WEIGHTS: data, META: json.dumps(record, indent=2, sort_keys=True).encode()}
     if signing_key is not None:
         files[signing.SIGNATURE] = signing.sign(kind, record["sha256"], signing_key)
@@ -488,10 +516,12 @@ def decode(
     public_key: Ed25519PublicKey | None = None,
     *,
     max_weights_bytes: int | None = None,
+    prefix: HashedPrefix | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Verify an artifact's files (sizes; kind, version and envelope; checksum; the signature
     when a key is given), all before any array is built; then parse the arrays, each header
-    checked before it is allocated, and refuse NaN or infinite values."""
+    checked before it is allocated, and refuse NaN or infinite values. ``prefix``: see
+    :func:`checksum`."""
     limits = _limits(max_weights_bytes)
     for name, data in files.items():
         if name in limits:
@@ -502,7 +532,7 @@ def decode(
     if WEIGHTS not in files:
         raise ArtifactError(f"{source}: missing {WEIGHTS}")
     data = files[WEIGHTS]
-    if checksum(data, meta) != meta["sha256"]:
+    if checksum(data, meta, prefix) != meta["sha256"]:
         raise ArtifactError(
             f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or "
             f"truncated, re-create the {kind}"

@@ -42,6 +42,8 @@ class Snapshot:
     experts: ExpertList
     bank_weights_digest: str  # sha256 of the .npz of the bank's arrays as adapted models store them
     written_at: float = 0.0  # when its meta.json was written (seconds since the epoch)
+    # The bank's arrays as every adapted model's weights.npz begins, hashed once per version.
+    prefix: artifacts.HashedPrefix | None = None
 
 
 class ServedBank:
@@ -91,6 +93,7 @@ class ServedBank:
                 _experts(bank, manifest),
                 artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))),
                 stamp[1] / 1e9,
+                artifacts.HashedPrefix.of(bank_arrays(bank.model)),
             )
             # What GetBank and ListExperts will send, encoded once: a bank whose description
             # does not encode (a forged expert distribution) is refused here, never served.

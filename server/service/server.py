@@ -208,7 +208,7 @@ class FusionService:
                     running.dec()
             seconds = time.perf_counter() - t0
             try:
-                files = model.to_files(self.signing_key)
+                files = model.to_files(self.signing_key, snapshot.prefix)
             except artifacts.ArtifactError as err:  # NaN or infinite weights: never served
                 log.warning("Adapt: the fitted model is not finite (%s)", err)
                 context.abort(

@@ -525,3 +525,26 @@ def test_a_garbled_meta_json_names_what_the_parser_says(tmp_path):
     (folder / artifacts.META).write_text('{"kind": ')
     with pytest.raises(ArtifactError, match=r"not valid JSON \(Expecting value: line 1"):
         artifacts.load(folder, "kind-x")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    st.lists(st.integers(0, 40), min_size=0, max_size=3),
+    st.booleans(),
+)
+def test_a_hashed_prefix_gives_the_checksum_of_the_whole_file(first, then, other_first):
+    """The bank's arrays hashed once: the checksum of any file that begins with them equals the
+    plain one; a file that does not begin with them is hashed whole (never a wrong digest)."""
+    rng = np.random.default_rng(len(first) * 7 + len(then))
+    bank = {f"bank.{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(first)}
+    task = {f"task.{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(then)}
+    prefix = artifacts.HashedPrefix.of(bank)
+    if other_first:  # the bank's arrays altered: the prefix does not apply
+        bank = {k: v + 1 for k, v in bank.items()}
+    data = artifacts.npz_bytes({**bank, **task})
+    meta = {"kind": "k", "format_version": 1, "classes": ["a"]}
+    assert artifacts.checksum(data, meta, prefix) == artifacts.checksum(data, meta)
+    assert data.startswith(prefix.data) == (
+        not other_first or not any(len(v) for v in bank.values())
+    )
