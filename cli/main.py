@@ -487,6 +487,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--episodes", type=int, default=10, help="with --eval: tasks per k (default: 10)"
     )
+    _add_tensorboard(report)
     report.set_defaults(run=_report)
 
     info = sub.add_parser(
@@ -931,11 +932,40 @@ def _add_no_report(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not write report.html beside the run at the end (`protofuse report` writes it)",
     )
+    _add_tensorboard(parser)
+
+
+def _add_tensorboard(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help=(
+            "also log the run (settings, per-round metrics, the report's figures) to TensorBoard "
+            "under DIR/<run folder's name> (the tracking extra)"
+        ),
+    )
+
+
+def _tensorboard(args: argparse.Namespace, run: Path) -> None:
+    if args.tensorboard is None:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs tensorboard)
+
+        from protofuse.report.tracking import log_run
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"--tensorboard: {err.name} is not installed; pip install 'protofuse[tracking]'"
+        ) from None
+
+    print(f"TensorBoard events written to {log_run(run, args.tensorboard)}", file=sys.stderr)
 
 
 def _report_at_end(args: argparse.Namespace, run: Path) -> None:
     """fit and simulate end with the run's report, unless told not to; without the report extra
     they say how to get one (the run itself is done and kept)."""
+    _tensorboard(args, run)
     if args.no_report:
         return
     try:
@@ -971,6 +1001,7 @@ def _report(args: argparse.Namespace) -> int:
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     print(f"report written to {out}", file=sys.stderr)
+    _tensorboard(args, args.run_dir)
     return 0
 
 

@@ -16,6 +16,8 @@ unsigned model, or one signed by another key, raises :class:`SignatureError` unl
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from protofuse.signing import SignatureError, load_public_key
 __all__ = ["FusionClient", "FusionError", "SignatureError"]
 
 _MiB = 1 << 20
+RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 0.05, 2.0  # seconds: a busy service's retries
 
 
 class FusionError(RuntimeError):
@@ -67,6 +70,7 @@ class FusionClient:
         insecure: bool = False,
         unsigned_ok: bool = False,
         timeout: float = 120.0,
+        retry_busy: bool = True,
     ) -> None:
         folder = Path(certs) if certs is not None else None
 
@@ -93,6 +97,9 @@ class FusionClient:
             )
         self.unsigned_ok = unsigned_ok
         self.timeout = timeout
+        # RESOURCE_EXHAUSTED (the service's queue or this caller's share of it is full) is tried
+        # again after a random wait, doubling up to RETRY_MAX_DELAY, within ``timeout``.
+        self.retry_busy = retry_busy
         self.address = address
         options = [
             ("grpc.max_receive_message_length", 512 * _MiB),
@@ -125,9 +132,9 @@ class FusionClient:
             name: self._channel.unary_unary(f"/{SERVICE}/{name}")
             for name in ("Adapt", "GetBank", "ListExperts")
         }
-        # The bank's arrays from the last full reply, by digest: later replies for the same bank
-        # version leave them out (a model's weights are mostly the bank's, the same every time).
-        # The bank weights of the version last adapted on: digest, arrays, and their bytes hashed.
+        # The bank's arrays from the last full reply, by digest, and their bytes hashed: later
+        # replies for the same bank version leave them out (a model's weights are mostly the
+        # bank's, the same every time).
         self._bank_weights: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None = None
 
     # -- the service's methods --------------------------------------------------------------
@@ -269,10 +276,21 @@ class FusionClient:
             )
 
     def _call(self, method: str, request: bytes) -> bytes:
-        try:
-            return self._calls[method](request, timeout=self.timeout)
-        except grpc.RpcError as err:
-            raise FusionError(method, err.code(), err.details() or "") from None
+        """One call within ``timeout``; a busy service (RESOURCE_EXHAUSTED) is asked again after
+        a random wait (full jitter, doubling from RETRY_FIRST_DELAY) while time is left."""
+        deadline = time.monotonic() + self.timeout
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                left = max(deadline - time.monotonic(), 0.001)
+                return self._calls[method](request, timeout=left)
+            except grpc.RpcError as err:
+                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                wait = random.uniform(0.0, delay)
+                if not (busy and self.retry_busy) or time.monotonic() + wait >= deadline:
+                    raise FusionError(method, err.code(), err.details() or "") from None
+            time.sleep(wait)
+            delay = min(2 * delay, RETRY_MAX_DELAY)
 
     @staticmethod
     def _read(path: Path | None, what: str) -> bytes:

@@ -608,8 +608,8 @@ def test_one_caller_cannot_hold_more_than_its_share_of_the_queue(certs, tmp_path
     slow = (rng.random((3000, 16), dtype=np.float32), [f"c{i % 1000}" for i in range(3000)])
     outcomes: dict[str, object] = {}
 
-    def call(name: str, x, y) -> None:
-        with FusionClient(address, certs=certs, timeout=120) as client:
+    def call(name: str, x, y, retry_busy: bool = False) -> None:
+        with FusionClient(address, certs=certs, timeout=120, retry_busy=retry_busy) as client:
             try:
                 outcomes[name] = len(client.adapt_response(x, y).metrics.classes)
             except FusionError as err:
@@ -624,6 +624,7 @@ def test_one_caller_cannot_hold_more_than_its_share_of_the_queue(certs, tmp_path
         time.sleep(0.3)  # ... and the second waits for it: the caller holds 2
         call("third", *_support())
         still_busy = first.is_alive()
+        call("patient", *_support(), retry_busy=True)  # the SDK's default: waits its turn
         first.join()
         second.join()
         call("after", *_support())
@@ -634,6 +635,7 @@ def test_one_caller_cannot_hold_more_than_its_share_of_the_queue(certs, tmp_path
     assert isinstance(third, FusionError), outcomes
     assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit per caller" in third.details
     assert (outcomes["slow"], outcomes["waiting"], outcomes["after"]) == (1000, 3, 3), outcomes
+    assert outcomes["patient"] == 3, outcomes  # tried again until a place was free
 
 
 def test_streams_that_never_send_a_body_cannot_fill_the_service(certs, tmp_path):

@@ -56,6 +56,7 @@ DISTRIBUTION = {
     "dp_accounting": "dp-accounting",
     "onnx": "onnx",
     "prometheus_client": "prometheus-client",
+    "tensorboard": "tensorboard",
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
 }
@@ -138,6 +139,8 @@ def role_of(rel: str) -> tuple[str, ...]:
         return ("bench", "onnx")
     if rel == "protofuse/privacy.py":  # imports the accountant only when a DP run is planned
         return ("dp",)
+    if rel == "protofuse/report/tracking.py":  # `--tensorboard DIR`: TensorBoard's event files
+        return ("report", "tracking")
     if rel.startswith("protofuse/report/"):  # `protofuse report`: matplotlib draws its figures
         return ("report",)
     if rel == "protofuse/export.py":  # `protofuse export`: torch's ONNX exporter, onnxruntime

@@ -342,6 +342,11 @@ def test_protofuse_report_and_fit_without_a_report(fitted, tmp_path, capsys):
     assert main(["report", str(folder), "--shots", "0"]) == 2
     assert "--shots" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert (
+        main(["report", str(folder), "--out", str(out), "--tensorboard", str(tmp_path / "tb")]) == 0
+    )
+    assert "TensorBoard events written to" in capsys.readouterr().err
+    assert any((tmp_path / "tb" / folder.name).iterdir())
 
 
 def test_writing_the_report_leaves_the_run_as_it_was(tmp_path):
@@ -353,3 +358,35 @@ def test_writing_the_report_leaves_the_run_as_it_was(tmp_path):
     write_report(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != REPORT_FILE}
     assert after == before
+
+
+def test_a_run_is_logged_to_tensorboard_and_read_back_by_its_own_reader(tmp_path):
+    """Settings, every round's metrics (a series per field and per expert's trust) and the report's
+    figures, read back with TensorBoard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from protofuse.report.tracking import log_run, scalars_of
+
+    bank, _, _ = _bank()
+    bank.save(tmp_path / "run")
+    _write_rounds(
+        tmp_path / "run",
+        [_round(1, "imitation"), _round(2, "agreement"), _round(3, "consensus")],
+    )
+    target = log_run(tmp_path / "run", tmp_path / "tb")
+    assert target == tmp_path / "tb" / "run"
+    scalars = scalars_of(target)
+    assert scalars["round/loss"] == [(1, 1.0), (3, pytest.approx(1 / 3))]
+    assert [s for s, _ in scalars["round/fidelity"]] == [1, 2, 3]
+    assert scalars["round/agreement"] == [(2, pytest.approx(0.9))]
+    assert scalars["trust/b"] == [(1, 0.5), (2, 0.5), (3, 0.5)]
+    events = EventAccumulator(str(target), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == [
+        "report/coverage",
+        "report/curves",
+        "report/prototypes",
+        "report/trust",
+    ]
+    text = events.Tensors("settings/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| family | discriminative |" in text and bank.version in text
