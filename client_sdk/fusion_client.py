@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from protofuse import artifacts
-from protofuse.adapted import KIND, AdaptedModel, bank_arrays, from_files
+from protofuse.adapted import KIND, AdaptedModel, HeldBank, from_files, from_task_files
 from protofuse.protocol.federation import WireError
 from protofuse.protocol.service import (
     SERVICE,
@@ -135,7 +135,7 @@ class FusionClient:
         # The bank's arrays from the last full reply, by digest, and their bytes hashed: later
         # replies for the same bank version leave them out (a model's weights are mostly the
         # bank's, the same every time).
-        self._bank_weights: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None = None
+        self._bank_weights: tuple[str, HeldBank] | None = None
 
     # -- the service's methods --------------------------------------------------------------
     def bank(self) -> BankInfo:
@@ -164,23 +164,36 @@ class FusionClient:
         """
         held = self._bank_weights  # read once: another thread may replace it meanwhile
         response = self._adapt(x, y, held, seed=seed, **options)
-        files = self._full_files(response, held)
+        source = f"model from {self.address}"
         # Verified here (checksum and signature over the complete weights file) before any use.
-        try:
-            model = from_files(
-                files,
-                self.public_key,
-                unsigned_ok=self.unsigned_ok,
-                source=f"model from {self.address}",
-                prefix=held[2] if held and response.bank_weights_omitted else None,
-            )
-        except ValueError:
-            if response.bank_weights_omitted:
+        if response.bank_weights_omitted:
+            if held is None or held[0] != response.bank_weights_digest:
+                raise FusionError(
+                    "Adapt",
+                    grpc.StatusCode.DATA_LOSS,
+                    f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... "
+                    "that this client does not hold",
+                )
+            try:
+                task = artifacts.npz_arrays(
+                    response.files["weights.npz"], f"{source}: task weights"
+                )
+                model, files = from_task_files(
+                    response.files,
+                    task,
+                    held[1],
+                    self.public_key,
+                    unsigned_ok=self.unsigned_ok,
+                    source=source,
+                )
+            except ValueError:
                 self._bank_weights = (
                     None  # our copy may be what is wrong: the next reply brings all
                 )
-            raise
-        if not response.bank_weights_omitted:
+                raise
+        else:
+            files = response.files
+            model = from_files(files, self.public_key, unsigned_ok=self.unsigned_ok, source=source)
             self._keep_bank_weights(response, model)
         if out is not None:
             artifacts.write(out, files, KIND)
@@ -196,7 +209,7 @@ class FusionClient:
         self,
         x: np.ndarray,
         y: Any,
-        held: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None,
+        held: tuple[str, HeldBank] | None,
         *,
         seed: int | None = None,
         **options: Any,
@@ -240,40 +253,14 @@ class FusionClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _full_files(
-        self,
-        response: AdaptResponse,
-        held: tuple[str, dict[str, np.ndarray], artifacts.HashedPrefix] | None,
-    ) -> dict[str, bytes]:
-        """The model's files with the bank's weights put back when the reply left them out."""
-        if not response.bank_weights_omitted:
-            return response.files
-        if held is None or held[0] != response.bank_weights_digest:
-            raise FusionError(
-                "Adapt",
-                grpc.StatusCode.DATA_LOSS,
-                f"the reply leaves out bank weights {response.bank_weights_digest[:16]}... that "
-                "this client does not hold",
-            )
-        task = artifacts.npz_arrays(
-            response.files["weights.npz"], f"model from {self.address}: task weights"
-        )
-        return {**response.files, "weights.npz": artifacts.npz_bytes({**held[1], **task})}
-
     def _keep_bank_weights(self, response: AdaptResponse, model: AdaptedModel) -> None:
+        """Hold the bank part of a verified model when it is what the server will leave out of
+        later replies (its .npz has the digest the server named)."""
         if not response.bank_weights_digest:
             return
-        shared = {
-            k: v.copy() for k, v in bank_arrays(model.task.model).items()
-        }  # not views: the caller owns the model
-        if (
-            artifacts.sha256(artifacts.npz_bytes(shared)) == response.bank_weights_digest
-        ):  # what the server will leave out
-            self._bank_weights = (
-                response.bank_weights_digest,
-                shared,
-                artifacts.HashedPrefix.of(shared),
-            )
+        held = HeldBank.of(model)
+        if artifacts.sha256(artifacts.npz_bytes(held.arrays)) == response.bank_weights_digest:
+            self._bank_weights = (response.bank_weights_digest, held)
 
     def _call(self, method: str, request: bytes) -> bytes:
         """One call within ``timeout``; a busy service (RESOURCE_EXHAUSTED) is asked again after

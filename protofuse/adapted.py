@@ -10,6 +10,7 @@ import json
 import os
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -273,6 +274,73 @@ def from_files(
         if k.startswith(BANK_PREFIX)
     }
     model = build_model(bank_meta["family"], bank_meta["config"], state, source)
+    return _assemble(meta, model, arrays, source)
+
+
+@dataclass(frozen=True)
+class HeldBank:
+    """One bank version's weights as adapted models carry them, verified once and their bytes
+    hashed: for the models adapted on that version, whose files then need the bank's part
+    neither parsed nor hashed again (what ``FusionClient`` keeps)."""
+
+    arrays: dict[str, np.ndarray]  # the ``bank.*`` arrays (this holder's own copies)
+    prefix: artifacts.HashedPrefix  # their bytes, first in every such model's weights.npz
+    family: str
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, model: AdaptedModel) -> HeldBank:
+        """The bank part of a verified model (copied: the model stays its caller's)."""
+        arrays = {k: v.copy() for k, v in bank_arrays(model.task.model).items()}
+        return cls(
+            arrays,
+            artifacts.HashedPrefix.of(arrays),
+            model.bank_meta["family"],
+            model.bank_meta["config"],
+        )
+
+    def networks(self, source: Any) -> torch.nn.Module:
+        """The bank's networks, built anew from the held arrays (each model gets its own)."""
+        state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in self.arrays.items()}
+        return build_model(self.family, self.config, state, source)
+
+
+def from_task_files(
+    files: dict[str, bytes],
+    task_arrays: dict[str, np.ndarray],
+    held: HeldBank,
+    public_key: PublicKeyLike | None = None,
+    *,
+    unsigned_ok: bool = False,
+    source: Any = "adapted model",
+) -> tuple[AdaptedModel, dict[str, bytes]]:
+    """A model whose files came without the bank's weights (``task_arrays``: the ``task.*``
+    arrays of its weights), on the bank ``held`` holds: its complete weights.npz is the .npz of
+    the held arrays and the task's, verified as :func:`from_files` verifies a model (checksum
+    over the complete file, signature, metadata; the held part hashed once), and the model runs
+    on the held networks. Returns the model and its complete files."""
+    if any(not k.startswith("task.") for k in task_arrays):
+        raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
+    full = {**files, artifacts.WEIGHTS: artifacts.npz_bytes({**held.arrays, **task_arrays})}
+    key = signing.load_public_key(public_key) if public_key is not None else None
+    if key is None and not unsigned_ok:
+        raise signing.SignatureError(f"{source}: no key to verify it with and unsigned_ok not set")
+    meta = artifacts.verify(full, KIND, source, key, prefix=held.prefix)
+    check_meta(meta, source)
+    if (meta["bank"]["family"], meta["bank"]["config"]) != (held.family, held.config):
+        raise artifacts.ArtifactError(
+            f"{source}: the model names another bank configuration than the weights held"
+        )
+    artifacts.check_finite(task_arrays, source, KIND)
+    return _assemble(meta, held.networks(source), task_arrays, source), full
+
+
+def _assemble(
+    meta: dict[str, Any], model: torch.nn.Module, arrays: dict[str, np.ndarray], source: Any
+) -> AdaptedModel:
+    """The model from its verified metadata, its bank's networks and its ``task.*`` arrays; one
+    prediction checked finite."""
+    bank_meta = meta["bank"]
     t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
     wide = sorted(k for k, v in t.items() if v.is_floating_point() and v.dtype != torch.float32)
     if wide:

@@ -518,10 +518,41 @@ def decode(
     max_weights_bytes: int | None = None,
     prefix: HashedPrefix | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Verify an artifact's files (sizes; kind, version and envelope; checksum; the signature
-    when a key is given), all before any array is built; then parse the arrays, each header
-    checked before it is allocated, and refuse NaN or infinite values. ``prefix``: see
-    :func:`checksum`."""
+    """Verify an artifact's files (:func:`verify`), all before any array is built; then parse
+    the arrays, each header checked before it is allocated, and refuse NaN or infinite values."""
+    meta = verify(
+        files, kind, source, public_key, max_weights_bytes=max_weights_bytes, prefix=prefix
+    )
+    arrays = npz_arrays(
+        files[WEIGHTS],
+        f"{source}: {WEIGHTS}",
+        max_weights_bytes=_limits(max_weights_bytes)[WEIGHTS],
+    )
+    check_finite(arrays, source, kind)
+    return arrays, meta
+
+
+def check_finite(arrays: dict[str, np.ndarray], source: Any, kind: str) -> None:
+    """ArtifactError naming the arrays of an artifact's weights that hold NaN or infinity."""
+    _check_finite(
+        arrays,
+        f"{source}: {WEIGHTS}: ",
+        f"refused: a {kind} that cannot be served must not load; re-create it",
+    )
+
+
+def verify(
+    files: dict[str, bytes],
+    kind: str,
+    source: Any,
+    public_key: Ed25519PublicKey | None = None,
+    *,
+    max_weights_bytes: int | None = None,
+    prefix: HashedPrefix | None = None,
+) -> dict[str, Any]:
+    """An artifact's metadata once its files are verified: sizes; kind, version and envelope;
+    the checksum over weights and metadata (``prefix``: see :func:`checksum`); the signature when
+    a key is given. No array is parsed."""
     limits = _limits(max_weights_bytes)
     for name, data in files.items():
         if name in limits:
@@ -531,21 +562,14 @@ def decode(
     meta = _envelope(_json(files[META], META, source), kind, source)
     if WEIGHTS not in files:
         raise ArtifactError(f"{source}: missing {WEIGHTS}")
-    data = files[WEIGHTS]
-    if checksum(data, meta, prefix) != meta["sha256"]:
+    if checksum(files[WEIGHTS], meta, prefix) != meta["sha256"]:
         raise ArtifactError(
             f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or "
             f"truncated, re-create the {kind}"
         )
     if public_key is not None:
         signing.verify(kind, meta["sha256"], files.get(signing.SIGNATURE), public_key, source)
-    arrays = npz_arrays(data, f"{source}: {WEIGHTS}", max_weights_bytes=limits[WEIGHTS])
-    _check_finite(
-        arrays,
-        f"{source}: {WEIGHTS}: ",
-        f"refused: a {kind} that cannot be served must not load; re-create it",
-    )
-    return arrays, meta
+    return meta
 
 
 # -- folders -----------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""A client's held bank weights (protofuse.adapted.HeldBank, from_task_files): a model whose
+reply leaves the bank's weights out is verified over its complete file exactly as a full one,
+and anything altered, on either side, is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from toys import toy_bank
+
+from protofuse import artifacts, signing
+from protofuse.adapted import HeldBank, from_files, from_task_files
+
+KEY = Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def models():
+    bank, x, y = toy_bank()
+    keep = np.isin(y, ("0", "1", "3"))
+    first = bank.adapt(x[keep][:12], y[keep][:12], seed=0)
+    second = bank.adapt(x[keep][12:24], y[keep][12:24], seed=1)
+    return first, second, x
+
+
+def _task_reply(model):
+    """What the service sends when the caller holds the bank: the task's arrays alone."""
+    files = model.to_files(KEY)
+    return {**files, artifacts.WEIGHTS: artifacts.npz_bytes(model.task_arrays())}, files
+
+
+def test_a_task_only_reply_verifies_and_predicts_as_the_full_model(models):
+    first, second, x = models
+    held = HeldBank.of(first)  # from the first (full) reply
+    reply, full = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    model, files = from_task_files(reply, task, held, KEY.public_key())
+    assert files == full  # the complete files, byte for byte what the server signed
+    reference = from_files(full, KEY.public_key())
+    np.testing.assert_array_equal(model.predict_proba(x), reference.predict_proba(x))
+    assert model.task.model is not reference.task.model  # every model its own networks
+    assert model.task.model is not first.task.model
+
+
+def test_altered_held_weights_or_task_weights_are_refused(models):
+    first, second, _ = models
+    reply, _ = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    damaged = HeldBank.of(first)
+    name = next(iter(damaged.arrays))
+    damaged.arrays[name] += 1.0
+    with pytest.raises(artifacts.ArtifactError, match="checksum mismatch"):
+        from_task_files(reply, task, damaged, KEY.public_key())
+    held = HeldBank.of(first)
+    forged = {k: v + 0.5 for k, v in task.items()}
+    with pytest.raises(artifacts.ArtifactError, match="checksum mismatch"):
+        from_task_files(reply, forged, held, KEY.public_key())
+    with pytest.raises(artifacts.ArtifactError, match="more than task arrays"):
+        from_task_files(reply, {**task, "bank.extra": np.zeros(2)}, held, KEY.public_key())
+    with pytest.raises(signing.SignatureError):
+        from_task_files(reply, task, held, Ed25519PrivateKey.generate().public_key())
+    with pytest.raises(signing.SignatureError, match="no key"):
+        from_task_files(reply, task, held)
+
+
+def test_a_model_of_another_bank_configuration_is_refused(models):
+    first, second, _ = models
+    reply, _ = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    held = HeldBank.of(first)
+    other = HeldBank(held.arrays, held.prefix, held.family, {**held.config, "feat_dim": 9})
+    with pytest.raises(artifacts.ArtifactError, match="another bank configuration"):
+        from_task_files(reply, task, other, KEY.public_key())
