@@ -448,7 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_models.add_argument(
         "--max-body-bytes",
         type=int,
-        default=64 << 20,
+        default=8 << 20,
         help="a request's size, refused before it is read (default: %(default)s)",
     )
     serve_models.set_defaults(run=_serve_models)

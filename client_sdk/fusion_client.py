@@ -272,10 +272,16 @@ class FusionClient:
                 left = max(deadline - time.monotonic(), 0.001)
                 return self._calls[method](request, timeout=left)
             except grpc.RpcError as err:
-                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                # gRPC also says RESOURCE_EXHAUSTED for a message over a size limit: that one
+                # never succeeds, so only the service's own "busy" is tried again.
+                details = err.details() or ""
+                busy = (
+                    err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and "larger than max" not in details
+                )
                 wait = random.uniform(0.0, delay)
                 if not (busy and self.retry_busy) or time.monotonic() + wait >= deadline:
-                    raise FusionError(method, err.code(), err.details() or "") from None
+                    raise FusionError(method, err.code(), details) from None
             time.sleep(wait)
             delay = min(2 * delay, RETRY_MAX_DELAY)
 

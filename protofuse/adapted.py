@@ -332,7 +332,8 @@ def from_task_files(
             f"{source}: the model names another bank configuration than the weights held"
         )
     artifacts.check_finite(task_arrays, source, KIND)
-    return _assemble(meta, held.networks(source), task_arrays, source), full
+    own = {k: v.copy() for k, v in task_arrays.items()}  # verified: nobody changes them after
+    return _assemble(meta, held.networks(source), own, source), full
 
 
 def _assemble(

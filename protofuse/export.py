@@ -196,12 +196,18 @@ def export_onnx(
     labels = "".join(f"{c}\n" for c in model.classes_.tolist()).encode()
     config = triton_config(name, int(model.bank_meta["x_dim"]), len(model.classes_))
     for file, content in ((LABELS_FILE, labels), (CONFIG_FILE, config)):
-        if (folder / file).exists() and (folder / file).read_bytes() != content:
+        existing = artifacts.read_plain_file(
+            folder / file, artifacts.MAX_META_BYTES, "MAX_META_BYTES"
+        )
+        if existing is not None and existing != content:
             raise ExportError(
                 f"{folder / file} describes another model (other classes or input size); export "
                 "this one under another --name"
             )
     target = folder / str(int(version))
+    for path in (folder, target):
+        if path.is_symlink():
+            raise ExportError(f"{path}: a link; export into plain folders only")
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / LABELS_FILE, labels)
     atomic_write_bytes(folder / CONFIG_FILE, config)
@@ -215,15 +221,21 @@ def export_onnx(
 
 
 def digest(version_folder: str | os.PathLike) -> str:
-    """The SHA-256 a signature covers: of the model file, the labels and the configuration."""
+    """The SHA-256 a signature covers: the model's name and version (its folders' names: a signed
+    version copied under another number, or under another name, no longer verifies) and the
+    model file, the labels and the configuration. The folders must be folders, not links."""
     folder = Path(version_folder)
+    for path in (folder, folder.parent):
+        if path.is_symlink() or not path.is_dir():
+            raise ExportError(f"{path}: not a folder (a link, or missing); refused")
     files = {
         MODEL_FILE: folder / MODEL_FILE,
         LABELS_FILE: folder.parent / LABELS_FILE,
         CONFIG_FILE: folder.parent / CONFIG_FILE,
     }
-    sums = {k: hashlib.sha256(_read(p)).hexdigest() for k, p in files.items()}
-    return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+    signed: dict[str, str] = {k: hashlib.sha256(_read(p)).hexdigest() for k, p in files.items()}
+    signed |= {"name": folder.parent.name, "version": folder.name}
+    return hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
 
 
 def _read(path: Path) -> bytes:
@@ -239,7 +251,9 @@ def verify_export(
     version_folder: str | os.PathLike, public_key: str | os.PathLike | Ed25519PublicKey
 ) -> dict[str, Any]:
     """Check an exported version's signature.json against the trusted key (SignatureError if
-    unsigned, signed by another key or changed since); returns the signature record."""
+    unsigned, signed by another key, changed since, or moved to another name or version);
+    returns the signature record. It vouches for the files as they were read here: a server
+    that loads them later must not let anyone change them in between."""
     folder = Path(version_folder)
     record = artifacts.read_plain_file(
         folder / signing.SIGNATURE, artifacts.MAX_SIGNATURE_BYTES, "MAX_SIGNATURE_BYTES"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import stat
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -55,8 +56,20 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 64 << 20  # a request's body, refused before it is read
+    """What one request and all of them together may hold. A body's JSON numbers take about
+    ten times their text in memory while parsed: ``max_body_bytes`` times ``max_working``
+    bounds that (8 MiB x 4: a few hundred MiB at worst)."""
+
+    max_body_bytes: int = 8 << 20  # a request's body, refused before it is read (1,000 MNIST rows)
     max_rows: int = 10_000  # inputs in one request
+    max_connections: int = 64  # open at once; more are closed at once
+    max_working: int = 4  # requests parsed or predicted at once; more wait (up to ``timeout_s``)
+    timeout_s: float = 30.0  # a connection silent this long (between bytes) is closed
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")  # a version folder: 1, 2, ... (no 0, no ², no 01)
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a model folder, as export names it
 
 
 @dataclass
@@ -91,7 +104,12 @@ def load_repository(
     if not root.is_dir():
         raise ValueError(f"{root}: no such folder of adapted models")
     repo = Repository()
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+    for folder in sorted(p for p in root.iterdir() if _plain_folder(p)):
+        if not _MODEL.fullmatch(folder.name):
+            raise ValueError(
+                f"{folder}: a model's folder name is letters, digits, '_', '.' and '-' (at most "
+                "128); rename it"
+            )
         if (folder / artifacts.META).exists():
             repo.models[folder.name] = {
                 "1": load_adapted(folder, public_key, unsigned_ok=unsigned_ok)
@@ -100,7 +118,7 @@ def load_repository(
         versions = {
             v.name: load_adapted(v, public_key, unsigned_ok=unsigned_ok)
             for v in folder.iterdir()
-            if v.is_dir() and v.name.isdigit() and (v / artifacts.META).exists()
+            if _plain_folder(v) and _VERSION.fullmatch(v.name) and (v / artifacts.META).exists()
         }
         if not versions:
             raise ValueError(
@@ -111,6 +129,14 @@ def load_repository(
     if not repo.models:
         raise ValueError(f"{root}: no adapted model folders in it (one folder per model)")
     return repo
+
+
+def _plain_folder(path: Path) -> bool:
+    """A folder itself, not a link to one (a link could bring in a model from anywhere)."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def metadata(name: str, version: str, model: AdaptedModel, versions: list[str]) -> dict[str, Any]:
@@ -141,7 +167,7 @@ def parse_inputs(body: Any, x_dim: int, limits: Limits) -> tuple[np.ndarray, lis
         raise RequestError(f"inputs: give exactly one input tensor ({INPUT!r}, shape [n, {x_dim}])")
     tensor = inputs[0]
     shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise RequestError(
             f"inputs[0].datatype: {str(datatype)[:20]!r}; use one of {sorted(DATATYPES)}"
         )
@@ -159,17 +185,28 @@ def parse_inputs(body: Any, x_dim: int, limits: Limits) -> tuple[np.ndarray, lis
     if not isinstance(data, list):
         raise RequestError("inputs[0].data: give the values as a JSON list (flat or nested)")
     try:
-        values = np.asarray(data, dtype=np.float64)
+        raw = np.asarray(data)
     except (TypeError, ValueError, OverflowError):
         raise RequestError(
             "inputs[0].data: not a list of numbers (a ragged nesting, a string or a null)"
         ) from None
-    if values.size != shape[0] * shape[1]:
+    if raw.dtype.kind not in "iuf":  # strings, booleans, nulls: numpy would turn some into numbers
         raise RequestError(
-            f"inputs[0].data: {values.size} values for shape {shape} ({shape[0] * shape[1]})"
+            f"inputs[0].data: holds {raw.dtype.kind!r}-kind values, not numbers only (strings, "
+            "booleans and nulls are refused)"
         )
+    if raw.size != shape[0] * shape[1]:
+        raise RequestError(
+            f"inputs[0].data: {raw.size} values for shape {shape} ({shape[0] * shape[1]})"
+        )
+    values = raw.astype(np.float64)
     if not np.isfinite(values).all():
         raise RequestError("inputs[0].data: holds a non-finite value (NaN or infinity)")
+    if float(np.abs(values).max(initial=0.0)) > FLOAT32_MAX:  # the networks compute in float32
+        raise RequestError(
+            f"inputs[0].data: a value beyond float32's range (+-{FLOAT32_MAX:.3g}); send inputs "
+            "preprocessed like the experts' queries"
+        )
     outputs = body.get("outputs")
     if outputs is None:
         return values.reshape(shape), [PROBA]
@@ -181,9 +218,17 @@ def parse_inputs(body: Any, x_dim: int, limits: Limits) -> tuple[np.ndarray, lis
 
 
 def infer(model: AdaptedModel, x: np.ndarray, wanted: list[str]) -> list[dict[str, Any]]:
-    with warnings.catch_warnings():  # out-of-range inputs: the caller's concern, logged once
+    """The outputs asked for, in that order; a prediction that is not finite is refused (422),
+    never sent."""
+    with warnings.catch_warnings():  # out-of-range inputs: the caller's concern
         warnings.simplefilter("ignore")
         proba = model.predict_proba(x).astype(np.float32)
+    if not np.isfinite(proba).all():
+        raise RequestError(
+            "inputs[0].data: the model's prediction on these inputs is not finite (they lie far "
+            "outside the bank's input range); send inputs preprocessed like the experts' queries",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
     tensors = {
         PROBA: {
             "name": PROBA,
@@ -205,6 +250,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: OpenInferenceServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = self.server.limits.timeout_s  # the socket's: a silent caller is dropped
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # through logging, not stderr
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -217,15 +266,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, route: Any) -> None:
         try:
             status, body = route(unquote(self.path.split("?", 1)[0]))
+            data = json.dumps(body, allow_nan=False).encode()  # never a NaN in JSON
         except RequestError as err:
-            status, body = err.status, {"error": str(err)}
+            status, data = err.status, json.dumps({"error": str(err)}).encode()
         except Exception:  # never a traceback to the caller; the log has it
             log.exception("request %s failed", self.path[:200])
-            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
-        data = json.dumps(body).encode()
+            status = HTTPStatus.INTERNAL_SERVER_ERROR
+            data = json.dumps({"error": "internal error"}).encode()
+        if status >= 400:  # the body may be unread: what follows on the connection is not a request
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if status >= 400:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -251,15 +305,27 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"no such resource: POST {path[:200]}", HTTPStatus.NOT_FOUND)
         version, model = self.server.repository.get(match[1], match[2])
         raw = self._body()
+        limits = self.server.limits
+        if not self.server.working.acquire(timeout=limits.timeout_s):
+            raise RequestError(
+                f"all {limits.max_working} places for requests stayed busy for "
+                f"{limits.timeout_s:.0f} s; retry later",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            )
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as err:  # bad JSON, UTF-8, a 5,000-digit number
-            raise RequestError(f"the body is not valid JSON ({str(err)[:120]})") from None
-        x, wanted = parse_inputs(body, int(model.bank_meta["x_dim"]), self.server.limits)
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as err:  # bad JSON, UTF-8, a 5,000-digit number
+                raise RequestError(f"the body is not valid JSON ({str(err)[:120]})") from None
+            del raw
+            x, wanted = parse_inputs(body, int(model.bank_meta["x_dim"]), limits)
+            outputs = infer(model, x, wanted)
+        finally:
+            self.server.working.release()
         answer: dict[str, Any] = {
             "model_name": match[1],
             "model_version": version,
-            "outputs": infer(model, x, wanted),
+            "outputs": outputs,
         }
         if isinstance(body, dict) and isinstance(body.get("id"), str):
             answer["id"] = body["id"][:256]
@@ -281,18 +347,49 @@ class _Handler(BaseHTTPRequestHandler):
                 "rows per request",
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             )
-        return self.rfile.read(length)
+        # In chunks: a caller that declares megabytes and sends a trickle holds only what it
+        # sent (and the socket's timeout drops it when it stops).
+        parts, left = [], length
+        while left:
+            try:
+                chunk = self.rfile.read(min(left, 1 << 20))
+            except TimeoutError:
+                chunk = b""
+            if not chunk:
+                self.close_connection = True
+                raise RequestError(
+                    f"the body ended after {length - left} of {length} bytes",
+                    HTTPStatus.REQUEST_TIMEOUT,
+                )
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
 
 
 class OpenInferenceServer(ThreadingHTTPServer):
-    """The HTTP server: one thread per connection, the repository shared read-only."""
+    """The HTTP server: one thread per connection, at most ``max_connections`` of them (more are
+    closed at once); the repository shared read-only."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], repository: Repository, limits: Limits) -> None:
         self.repository = repository
         self.limits = limits
+        self.connections = threading.BoundedSemaphore(limits.max_connections)
+        self.working = threading.BoundedSemaphore(limits.max_working)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)  # full: the caller sees the connection closed
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 def serve(

@@ -167,8 +167,11 @@ def expose(registry: CollectorRegistry, address: str) -> Any:
     """Serve ``registry`` at ``http://ADDRESS/metrics`` from a daemon thread; returns the HTTP
     server (its ``server_address`` holds the port bound, ``shutdown()`` stops it)."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"metrics address {address!r}: give HOST:PORT, e.g. 0.0.0.0:9464")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"metrics address {address!r}: give HOST:PORT with a port up to 65535, e.g. "
+            "0.0.0.0:9464"
+        )
     try:
         server, _ = start_http_server(int(port), host.strip("[]"), registry=registry)
     except OSError as err:

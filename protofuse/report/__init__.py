@@ -103,7 +103,10 @@ def _training(history: History) -> Section:
         else "Per epoch: the mean training loss (it steps up where the consensus term joins "
         "the imitation loss, in the second half)."
     )
-    return Section("Training", figures=[(figures.curves(history), caption)])
+    drawn = figures.curves(history)
+    if drawn is None:
+        return Section("Training", notes=["The run's history holds no measurement to draw."])
+    return Section("Training", figures=[(drawn, caption)])
 
 
 def _experts(bank: Bank, history: History) -> Section:

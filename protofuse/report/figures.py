@@ -25,6 +25,7 @@ MAX_NAME = 24  # characters of a name drawn in a figure
 MAX_ANNOTATED = 60  # labels named on the prototype map; beyond, points only
 MAX_OUTLINED = 12  # experts outlined on the prototype map; beyond, none (the table has them)
 MAX_MATRIX = 80  # labels or experts in the coverage matrix; beyond, the first ones only
+MAX_PHASES = 8  # phases drawn as lines of their own; the others share one
 STYLE: dict[Any, Any] = {
     "text.parse_math": False,
     "font.size": 9,
@@ -47,9 +48,9 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def curves(history: History) -> bytes:
+def curves(history: History) -> bytes | None:
     """Loss, imitation fidelity, agreement with the consensus and bytes per client against the
-    round (or the loss against the epoch, for a central fit)."""
+    round (or the loss against the epoch, for a central fit); None when no row measured any."""
     with mpl.rc_context(STYLE):
         rows = history.rows
         x = np.array([r.round for r in rows])
@@ -64,10 +65,17 @@ def curves(history: History) -> bytes:
             ),
         ]
         shown = [s for s in series if any(v is not None for v in s[1])]
+        if not shown:
+            return None
         fig = Figure(figsize=(10, 2.6 * ((len(shown) + 1) // 2)), layout="constrained")
         axes = fig.subplots((len(shown) + 1) // 2, 2 if len(shown) > 1 else 1, squeeze=False)
         phases = list(dict.fromkeys(r.phase for r in rows))
-        phase = np.array([r.phase for r in rows])
+        if len(phases) > MAX_PHASES:  # a line each for the first ones, one for the rest
+            kept = set(phases[: MAX_PHASES - 1])
+            phases = [*phases[: MAX_PHASES - 1], "other phases"]
+        else:
+            kept = set(phases)
+        phase = np.array([r.phase if r.phase in kept else "other phases" for r in rows])
         for ax, (title, values, limits) in zip(axes.flat, shown, strict=False):
             y = np.array([np.nan if v is None else v for v in values], dtype=float)
             for name in phases:  # one line per phase: a phase's rounds differ from another's

@@ -25,7 +25,9 @@ MAX_CLIENTS = 10_000  # trust values in one round
 M = TypeVar("M", bound=BaseModel)
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# What a figure can draw: a loss of 1e308 passes "finite" and breaks the axes' arithmetic.
+MAX_VALUE = 1e15
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_VALUE, le=MAX_VALUE)]
 
 
 class Row(BaseModel):

@@ -31,6 +31,7 @@ def log_run(run: str | Path, logdir: str | Path, name: str | None = None) -> Pat
     bank = load_bank(run)
     history = read_history(run)
     target = Path(logdir) / (name or run.resolve().name)
+    experts = [e.name for e in bank.experts]
     with SummaryWriter(log_dir=str(target)) as writer:
         writer.add_text("settings", _settings_table(bank), 0)
         for row in history.rows:
@@ -39,8 +40,9 @@ def log_run(run: str | Path, logdir: str | Path, name: str | None = None) -> Pat
                 value = getattr(row, field)
                 if value is not None:
                     writer.add_scalar(f"{history.unit}/{field}", float(value), step)
-            for expert, trust in row.trust.items():
-                writer.add_scalar(f"trust/{expert}", trust, step)
+            for expert in experts:  # the bank's experts only: a file cannot add series
+                if expert in row.trust:
+                    writer.add_scalar(f"trust/{expert}", row.trust[expert], step)
         for tag, png in _figures(bank, history):
             writer.add_image(tag, imread(io.BytesIO(png), format="png"), 0, dataformats="HWC")
     return target
@@ -48,8 +50,9 @@ def log_run(run: str | Path, logdir: str | Path, name: str | None = None) -> Pat
 
 def _figures(bank: Bank, history: History) -> list[tuple[str, bytes]]:
     out = []
-    if history.rows:
-        out.append(("report/curves", figures.curves(history)))
+    drawn = figures.curves(history) if history.rows else None
+    if drawn is not None:
+        out.append(("report/curves", drawn))
     out.append(("report/trust", figures.trust(history, bank.experts)))
     out.append(("report/coverage", figures.coverage(bank.label_names, bank.experts)))
     rows = getattr(bank.model, "prototypes", None)

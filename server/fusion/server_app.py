@@ -163,7 +163,12 @@ def _metrics() -> Iterator[FusionMetrics | None]:
         yield None
         return
     metrics = FusionMetrics.create()
-    exporter = expose(metrics.registry, address)
+    try:
+        exporter = expose(metrics.registry, address)
+    except (OSError, ValueError) as err:  # a run goes on without its metrics, never stops
+        log(WARNING, "fusion: no metrics for this run: %s (%s)", err, ADDRESS_ENV)
+        yield None
+        return
     host = address.rpartition(":")[0]
     log(INFO, "fusion: metrics on http://%s:%s/metrics", host, exporter.server_address[1])
     try:

@@ -76,3 +76,17 @@ def test_a_metrics_address_in_use_is_a_clear_error():
             expose(ServiceMetrics.create().registry, f"127.0.0.1:{taken.getsockname()[1]}")
     with pytest.raises(ValueError, match="HOST:PORT"):
         expose(ServiceMetrics.create().registry, "9464")
+    with pytest.raises(ValueError, match="up to 65535"):
+        expose(ServiceMetrics.create().registry, "127.0.0.1:99999")
+
+
+def test_a_run_whose_metrics_port_is_taken_goes_on_without_metrics(monkeypatch):
+    from protofuse_server.fusion import server_app
+    from protofuse_server.metrics import ADDRESS_ENV
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv(ADDRESS_ENV, f"127.0.0.1:{taken.getsockname()[1]}")
+        with server_app._metrics() as metrics:
+            assert metrics is None

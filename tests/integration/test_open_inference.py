@@ -195,7 +195,7 @@ _values = st.one_of(
 def test_generated_requests_are_answered_never_crash_the_server(served, raw):
     url, _ = served
     status, answer = _call(url, "POST", "/v2/models/task/infer", raw=raw)
-    assert status in (200, 400), (status, answer)
+    assert status in (200, 400, 422), (status, answer)
     assert status == 200 or "error" in answer
 
 
@@ -266,3 +266,76 @@ def _pem(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+@pytest.mark.parametrize(
+    ("values", "status", "field"),
+    [
+        ([1e300] * 16, 400, "float32's range"),
+        (["1"] * 16, 400, "numbers only"),
+        ([True] * 16, 400, "numbers only"),
+        ([3e38] * 16, 422, "not finite"),  # a legal float32 whose prediction overflows
+    ],
+)
+def test_inputs_beyond_what_the_networks_compute_never_get_a_nan_answer(
+    served, values, status, field
+):
+    url, _ = served
+    body = {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": values}]}
+    got, answer = _call(url, "POST", "/v2/models/task/infer", body)
+    if got == 200:  # some banks stay finite even there: then the answer must be finite too
+        assert field == "not finite" and all(np.isfinite(answer["outputs"][0]["data"]))
+    else:
+        assert (got, field in answer["error"]) == (status, True), answer
+
+
+def test_an_error_closes_the_connection_so_an_unread_body_is_never_a_second_request(served):
+    """A POST to an unknown model is answered before its body is read: the body (here a whole
+    GET request) must not be taken as the connection's next request."""
+    url, _ = served
+    host, port = url.removeprefix("http://").split(":")
+    smuggled = b"GET /v2/models/task HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = (
+        b"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(smuggled)).encode()
+        + b"\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + smuggled)
+        received = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            received += chunk
+    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 404")
+
+
+def test_idle_connections_are_bounded_and_dropped(repository):
+    root, key, _, _ = repository
+    with _running(root, key, Limits(max_connections=3, timeout_s=1.0)) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        try:
+            extra = socket.create_connection((host, int(port)), timeout=10)
+            assert extra.recv(10) == b""  # full: closed at once
+            extra.close()
+            for sock in idle:  # a silent caller is dropped after timeout_s
+                assert sock.recv(10) == b""
+        finally:
+            for sock in idle:
+                sock.close()
+        assert wait_until(lambda: _healthy(url), timeout=10)  # places free again
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            # a body declared and never sent: answered 408 after timeout_s, not held open
+            slow.sendall(b"POST /v2/models/task/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+            assert slow.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+def test_symlinked_and_oddly_numbered_version_folders_are_not_served(repository, tmp_path):
+    root, key, models, _ = repository
+    models["task"].save(tmp_path / "models" / "m" / "1", signing_key=KEY)
+    (tmp_path / "models" / "m" / "2").symlink_to(root / "versioned" / "2")
+    models["task"].save(tmp_path / "models" / "m" / "\u00b2", signing_key=KEY)  # '²'.isdigit()
+    server = serve(tmp_path / "models", "127.0.0.1", 0, public_key=key)
+    try:
+        assert sorted(server.repository.models["m"]) == ["1"]
+    finally:
+        server.server_close()

@@ -359,8 +359,15 @@ def test_a_request_over_the_message_limit_is_refused_and_the_service_carries_on(
     big = np.random.default_rng(0).random((40, 16 * 500), dtype=np.float32)  # 1.3 MiB > 1 MiB limit
     err = _raw(address, certs, "Adapt", _request(x=big, labels=["0", "2"] * 20))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with FusionClient(address, certs=certs) as client:
+    with FusionClient(address, certs=certs, timeout=60) as client:
         assert client.health("protofuse.v1.Fusion") == "SERVING"
+        # the SDK does not retry a message over the limit (RESOURCE_EXHAUSTED too): it never
+        # succeeds, so it is refused at once, not re-sent until the timeout
+        t0 = time.monotonic()
+        with pytest.raises(FusionError) as refused:
+            client.adapt(big, np.array(["0", "2"] * 20))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - t0 < 10
 
 
 def test_callers_beyond_the_concurrency_limit_wait_their_turn(served, certs):

@@ -119,3 +119,22 @@ def test_protofuse_export_needs_a_trust_decision_and_writes_the_repository(tmp_p
     assert main(argv) == 0
     assert "onnxruntime within" in capsys.readouterr().err
     assert (repo / "t" / "1" / MODEL_FILE).exists()
+
+
+def test_a_signed_version_moved_to_another_number_or_name_or_linked_no_longer_verifies(tmp_path):
+    import shutil
+
+    model, _ = _adapted()
+    key = signing.Ed25519PrivateKey.generate()
+    folder = export_onnx(model, tmp_path, "task", version=1, signing_key=key).folder
+    shutil.copytree(folder, tmp_path / "task" / "7")  # rolled forward under a higher version
+    with pytest.raises(signing.SignatureError, match="another artifact"):
+        verify_export(tmp_path / "task" / "7", key.public_key())
+    shutil.copytree(tmp_path / "task", tmp_path / "other")  # the same files under another name
+    with pytest.raises(signing.SignatureError, match="another artifact"):
+        verify_export(tmp_path / "other" / "1", key.public_key())
+    (tmp_path / "task" / "8").symlink_to(folder)
+    with pytest.raises(ExportError, match="not a folder"):
+        verify_export(tmp_path / "task" / "8", key.public_key())
+    with pytest.raises(ExportError, match="a link"):
+        export_onnx(model, tmp_path, "task", version=8)

@@ -72,3 +72,14 @@ def test_a_model_of_another_bank_configuration_is_refused(models):
     other = HeldBank(held.arrays, held.prefix, held.family, {**held.config, "feat_dim": 9})
     with pytest.raises(artifacts.ArtifactError, match="another bank configuration"):
         from_task_files(reply, task, other, KEY.public_key())
+
+
+def test_the_verified_task_arrays_are_the_models_own(models):
+    first, second, x = models
+    reply, _ = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    model, _ = from_task_files(reply, task, HeldBank.of(first), KEY.public_key())
+    before = model.predict_proba(x[:5])
+    for v in task.values():  # the caller's arrays, changed after verification
+        v[...] = 0
+    np.testing.assert_array_equal(model.predict_proba(x[:5]), before)

@@ -390,3 +390,31 @@ def test_a_run_is_logged_to_tensorboard_and_read_back_by_its_own_reader(tmp_path
     ]
     text = events.Tensors("settings/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| family | discriminative |" in text and bank.version in text
+
+
+def test_many_phases_no_measurements_and_huge_values_are_drawn_or_refused_quickly(tmp_path):
+    import time
+
+    bank, _, _ = _bank()
+    bank.save(tmp_path)
+    _write_rounds(tmp_path, [_round(r, f"phase-{r}") for r in range(1, 400)])
+    t0 = time.perf_counter()
+    write_report(tmp_path)  # 399 phases: the first seven drawn apart, the rest as one line
+    assert time.perf_counter() - t0 < 30
+    empty = {"round": 1, "phase": "x", "trust": {}}
+    _write_rounds(tmp_path, [empty, {**empty, "round": 2}])
+    assert "holds no measurement to draw" in write_report(tmp_path).read_text()
+    _write_rounds(tmp_path, [_round(1, "imitation", loss=1.7e308)])
+    with pytest.raises(ValueError, match=r"rounds\[0\]\.loss"):
+        read_history(tmp_path)
+
+
+def test_tensorboard_keeps_to_the_banks_experts(tmp_path):
+    from protofuse.report.tracking import log_run, scalars_of
+
+    bank, _, _ = _bank()
+    bank.save(tmp_path / "run")
+    stranger = {f"stranger-{i}": 0.5 for i in range(50)}
+    _write_rounds(tmp_path / "run", [_round(1, "imitation", trust={"a": 1.0, **stranger})])
+    tags = set(scalars_of(log_run(tmp_path / "run", tmp_path / "tb")))
+    assert {t for t in tags if t.startswith("trust/")} == {"trust/a"}
