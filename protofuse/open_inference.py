@@ -251,7 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.timeout_s  # the socket's: a silent caller is dropped
+        # The socket's own timeout: a silent caller is dropped (the class's would be shared).
+        self.request.settimeout(self.server.limits.timeout_s)
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # through logging, not stderr
