@@ -116,7 +116,10 @@ def load(
     def caller(c: int) -> None:
         torch.set_num_threads(1)
         names = list(kinds)
-        with FusionClient(f"127.0.0.1:{port}", certs=certs, timeout=300) as client:
+        # retry_busy=False: a refusal is an outcome to count here, not a wait
+        with FusionClient(
+            f"127.0.0.1:{port}", certs=certs, timeout=300, retry_busy=False
+        ) as client:
             i = c
             while time.monotonic() < stop_at:
                 kind = names[i % len(names)]
