@@ -317,8 +317,8 @@ def from_task_files(
     """A model whose files came without the bank's weights (``task_arrays``: the ``task.*``
     arrays of its weights), on the bank ``held`` holds: its complete weights.npz is the .npz of
     the held arrays and the task's, verified as :func:`from_files` verifies a model (checksum
-    over the complete file, signature, metadata; the held part hashed once), and the model runs
-    on the held networks. Returns the model and its complete files."""
+    over the complete file, signature, metadata; the held part hashed once), and the model gets
+    networks of its own, built from the held arrays. Returns the model and its complete files."""
     if any(not k.startswith("task.") for k in task_arrays):
         raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
     full = {**files, artifacts.WEIGHTS: artifacts.npz_bytes({**held.arrays, **task_arrays})}
