@@ -15,7 +15,8 @@ cd "$root"
 OUT=${OUT:-/tmp/after-sizes}
 PYTHON=${PYTHON:-python3}
 declare -A SPEC=([core]="." [client]=".[client]" [server]=".[server]" [simulation]=".[simulation]"
-                 [bench]=".[bench]" [test]=".[test]" [server-client]=".[server,client]")
+                 [bench]=".[bench]" [test]=".[test]" [server-client]=".[server,client]"
+                 [report]=".[report]" [tracking]=".[tracking]" [onnx]=".[onnx]")
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(core client server simulation bench test server-client)
 mkdir -p "$OUT"
