@@ -259,7 +259,7 @@ class FusionClient:
         if not response.bank_weights_digest:
             return
         held = HeldBank.of(model)
-        if artifacts.sha256(artifacts.npz_bytes(held.arrays)) == response.bank_weights_digest:
+        if held.prefix.whole_sha256 == response.bank_weights_digest:
             self._bank_weights = (response.bank_weights_digest, held)
 
     def _call(self, method: str, request: bytes) -> bytes:

@@ -138,6 +138,7 @@ class HashedPrefix:
 
     data: bytes
     state: Any  # hashlib's sha256 object, fed ``data`` and nothing else
+    whole_sha256: str  # of ``npz_bytes(arrays)`` itself: the digest the service names them by
 
     @classmethod
     def of(cls, arrays: dict[str, np.ndarray]) -> HashedPrefix:
@@ -146,7 +147,7 @@ class HashedPrefix:
         whole = npz_bytes(arrays)
         with zipfile.ZipFile(io.BytesIO(whole)) as zf:
             data = whole[: zf.start_dir]
-        return cls(data, hashlib.sha256(data))
+        return cls(data, hashlib.sha256(data), sha256(whole))
 
 
 def checksum(weights: bytes, meta: dict[str, Any], prefix: HashedPrefix | None = None) -> str:

@@ -68,7 +68,6 @@ class ProbabilityGraph(nn.Module):
 
 def onnx_bytes(model: AdaptedModel) -> bytes:
     """The model's ONNX file, its metadata holding the class names and the bank's version."""
-    import onnx
 
     if not isinstance(model.task, DiscriminativeTask):
         raise ExportError(
@@ -97,7 +96,7 @@ def onnx_bytes(model: AdaptedModel) -> bytes:
         )
     if program is None:  # only without dynamo=True
         raise ExportError("torch's ONNX exporter returned no program")
-    proto = onnx.load_from_string(program.model_proto.SerializeToString())
+    proto = program.model_proto
     for key, value in _metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

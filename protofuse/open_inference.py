@@ -39,10 +39,11 @@ from .adapted import AdaptedModel, load_adapted
 log = logging.getLogger("protofuse.open_inference")
 
 INPUT, PROBA, LABEL = "input", "proba", "label"
-DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
-for _bits in (8, 16, 32, 64):
-    DATATYPES[f"INT{_bits}"] = getattr(np, f"int{_bits}")
-    DATATYPES[f"UINT{_bits}"] = getattr(np, f"uint{_bits}")
+# The input datatypes accepted (every numeric one of the protocol); values are read as float64.
+DATATYPES = frozenset(
+    {"FP16", "FP32", "FP64"}
+    | {f"{kind}{bits}" for kind in ("INT", "UINT") for bits in (8, 16, 32, 64)}
+)
 _ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 
 

@@ -9,6 +9,7 @@ link or a pipe) and validated: every number finite and in its range, names and c
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -99,7 +100,7 @@ def training_record(losses: list[float]) -> bytes:
     epochs = [
         {"epoch": i + 1, "loss": float(loss)}
         for i, loss in enumerate(losses)
-        if loss == loss and abs(loss) != float("inf")
+        if math.isfinite(loss)
     ]
     return json.dumps({"epochs": epochs}, indent=1).encode()
 

@@ -87,13 +87,14 @@ class ServedBank:
         try:
             bank = load_bank(self.bank_dir)
             manifest = self._manifest(bank)
+            prefix = artifacts.HashedPrefix.of(bank_arrays(bank.model))
             snapshot = Snapshot(
                 bank,
                 manifest,
                 _experts(bank, manifest),
-                artifacts.sha256(artifacts.npz_bytes(bank_arrays(bank.model))),
+                prefix.whole_sha256,
                 stamp[1] / 1e9,
-                artifacts.HashedPrefix.of(bank_arrays(bank.model)),
+                prefix,
             )
             # What GetBank and ListExperts will send, encoded once: a bank whose description
             # does not encode (a forged expert distribution) is refused here, never served.
