@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["batch", "layer"],
         help="[model] normalization (default: the spec's, auto: layer norm in a federation)",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SCENARIO",
+        help='run only these scenarios, e.g. "clean" "labelflip x2" (default: every one)',
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     model = {"normalization": args.normalization} if args.normalization else None
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = episode_tasks(recipes, world.dataset.label_names, [5], args.tasks, seed)
         banks: dict[str, Bank] = {}
         for name, attack, n in scenarios(args.attacks, args.hostile):
+            if args.only and name not in args.only:
+                continue
             attackers = [r.name for r in DEFAULT_RECIPES[:n]]
             plan = {
                 a: {"attack": attack, "labels": list(world.dataset.label_names)}

@@ -309,6 +309,15 @@ class FederationSettings(_Strict):
             "point (a client's own report of its agreement can then only lower its trust)"
         ),
     )
+    peer_review: bool = Field(
+        True,
+        description=(
+            "trust also from peer review: each client sends its expert's own view of its labels' "
+            "prototype rows, and the clients sharing two or more of those labels score it on "
+            "their own queries (the view travels without its owner's name; off under secure "
+            "aggregation and DP, where no client's own update is seen)"
+        ),
+    )
     max_strikes: int = Field(
         3,
         ge=1,

@@ -19,8 +19,11 @@ Messages (protos/protofuse/v1/federation.proto, as bytes inside Flower's records
 - ``train``: the ``config`` ConfigRecord's ``round-plan`` is the encoded ``RoundPlan``; one round
   of ``local_training.run_round``. The reply holds the shared weights (``arrays``), ``metrics``
   (``num-examples``, ``loss``) and ``fusion``, a ConfigRecord with the encoded
-  prototype-distribution message and imitator statistics. The queries, the expert's answers and
-  the black box itself never leave this process.
+  prototype-distribution message and imitator statistics; with peer review (the plan's
+  federation settings), also ``rows`` (its expert's own view of its labels' rows, ``ExpertRows``)
+  and, when the config brought a ``peer-review`` (``PeerReview``: other clients' views, without
+  names), ``reviews`` (``ReviewScores``). The queries, the expert's answers and the black box
+  itself never leave this process.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from flwr.clientapp import ClientApp
 
 from protofuse.input_checks import input_range
 from protofuse.protocol import federation as wire
+from protofuse.protocol import review as peer
 from protofuse.spec import SpecError, load_spec
 
 from ..collect import cached_answers, load_array
@@ -104,7 +108,9 @@ def train(message: Message, context: Context) -> Message:
     torch.set_num_threads(plan.training.threads)
     expert = local_expert(context)
     shared = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
-    result = run_round(expert, plan, shared, _kept(context))
+    result = run_round(
+        expert, plan, shared, _kept(context), _peer_review(message.content.config_records["config"])
+    )
     _keep(context, result.state)
     arrays = ArrayRecord(
         {k: Array(np.ascontiguousarray(v)) for k, v in (result.shared or {}).items()}
@@ -121,6 +127,10 @@ def train(message: Message, context: Context) -> Message:
             "stats": wire.encode_stats(result.stats),
         }
     )
+    if result.view is not None:
+        fusion[peer.EXPERT_ROWS_KEY] = peer.encode_expert_rows(result.view)
+    if result.reviews is not None:
+        fusion[peer.REVIEW_SCORES_KEY] = peer.encode_review_scores(result.reviews)
     return Message(
         RecordDict({"arrays": arrays, "metrics": metrics, "fusion": fusion}), reply_to=message
     )
@@ -147,6 +157,19 @@ def round_plan(config: ConfigRecord) -> RoundPlan:
             "run matching protofuse versions"
         )
     return wire.decode_round_plan(value)
+
+
+def _peer_review(config: ConfigRecord) -> peer.PeerReview | None:
+    """Other clients' views to score this round, if the server sent any (validated)."""
+    value = config.get(peer.PEER_REVIEW_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, bytes):
+        raise wire.WireError(
+            f"PeerReview: {peer.PEER_REVIEW_KEY!r} holds a {type(value).__name__}, not the "
+            "encoded message; run matching protofuse versions"
+        )
+    return peer.decode_peer_review(value)
 
 
 def check_normalization(plan: RoundPlan, context: Context) -> None:

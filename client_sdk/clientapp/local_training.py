@@ -24,6 +24,7 @@ from protofuse.protocol.federation import (  # re-exported: what the server asks
     PHASES,
     RoundPlan,
 )
+from protofuse.protocol.review import ExpertRows, PeerReview, ReviewScores
 from protofuse.records import Fidelity
 from protofuse.training import (
     DiscriminativeTrainer,
@@ -33,6 +34,8 @@ from protofuse.training import (
     n_batches,
 )
 from protofuse.triples import Triples
+
+from . import peer_review
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class RoundResult:
     state: dict[str, dict[str, np.ndarray]] = field(
         default_factory=dict
     )  # kept on the client for later rounds
+    view: ExpertRows | None = None  # the expert's own view of its rows (peer review)
+    reviews: ReviewScores | None = None  # its scores of the round's candidates (peer review)
 
 
 def client_seed(seed: int, pseudonym: str, round: int) -> int:
@@ -92,8 +97,11 @@ def run_round(
     plan: RoundPlan,
     shared: dict[str, np.ndarray],
     kept: dict[str, dict[str, np.ndarray]],
+    review: PeerReview | None = None,
 ) -> RoundResult:
-    """Train (or, in the agreement round, score) locally; returns what to send and what to keep."""
+    """Train (or, in the agreement round, score) locally; returns what to send and what to keep.
+    Where the plan's settings ask for peer review, first (on the weights as sent) fit the
+    expert's own view of its rows and score ``review``'s candidates."""
     triples = local_triples(expert, plan.vocabulary)
     # The held-out split is fixed per client (not per round): fidelity is always measured on
     # queries the imitation never trained on.
@@ -101,6 +109,11 @@ def run_round(
         plan.training.holdout, client_seed(plan.training.seed, expert.pseudonym, 0)
     )
     model = _local_model(expert, plan, shared, kept.get("head"))
+    view, reviews = (
+        _peer_review(model, expert, plan, train, held, review)
+        if plan.federation.peer_review
+        else (None, None)
+    )
     out_state: dict[str, dict[str, np.ndarray]] = {}
     agreement: float | None = None
     loss: float | None = None
@@ -126,7 +139,38 @@ def run_round(
     stats = wire.ImitatorStats(
         expert.pseudonym, plan.round, len(train.x), expert.n_queries, fid, agreement, loss
     )
-    return RoundResult(trained, len(train.x), loss, distribution, stats, out_state)
+    return RoundResult(trained, len(train.x), loss, distribution, stats, out_state, view, reviews)
+
+
+def _peer_review(
+    model: DiscriminativePrototypes,
+    expert: LocalExpert,
+    plan: RoundPlan,
+    train: Triples,
+    held: Triples,
+    review: PeerReview | None,
+) -> tuple[ExpertRows, ReviewScores | None]:
+    """The expert's own view of its rows, fitted on part of its training queries, and its
+    scores of the candidates on the held-out queries and the rest."""
+    fit, scored = peer_review.review_split(
+        len(train.x), client_seed(plan.training.seed, expert.pseudonym, 1)
+    )
+    cols = [plan.vocabulary.index(c) for c in expert.labels]
+    answers = train.eta[:, 0, :][:, cols]  # (n, K): the expert's answers, in its label order
+    own = peer_review.own_view(
+        model,
+        peer_review.embed(model, train.x[fit]),
+        answers[fit],
+        expert.labels,
+        plan.vocabulary,
+    )
+    view = ExpertRows(expert.pseudonym, plan.round, own)
+    if review is None or not review.candidates:
+        return view, None
+    x = np.concatenate([held.x, train.x[scored]])
+    eta = np.concatenate([held.eta[:, 0, :][:, cols], answers[scored]])
+    scores = peer_review.score_candidates(peer_review.embed(model, x), eta, own, review)
+    return view, ReviewScores(expert.pseudonym, plan.round, scores)
 
 
 def _local_model(

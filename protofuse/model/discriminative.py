@@ -176,3 +176,47 @@ def adapt_map(
 
 
 FALLBACK_LR, FALLBACK_STEPS = 0.05, 300  # adapt_map's descent where L-BFGS broke down
+
+
+VIEW_STRENGTH = 1e-2  # fit_view's pull towards the bank's rows (the value of the dev-seed probe)
+
+
+def fit_view(
+    z: torch.Tensor,
+    eta: torch.Tensor,
+    prior_prototypes: torch.Tensor,
+    prior_bias: torch.Tensor,
+    strength: float = VIEW_STRENGTH,
+    max_iter: int = 50,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's own view of its labels' rows on frozen features: the rows (K, F) and biases
+    (K,) of a softmax over its K labels fitted to its answers ``eta`` (n, K) on features ``z``
+    (n, F), by soft cross-entropy plus ``strength`` times the squared distance from the bank's
+    rows (where it starts):
+
+        min_{P, b}  mean_n CE(eta_n, softmax(P z_n + b)) + strength * |P - P0|^2
+
+    Unlike the bank's rows, averaged over every client covering a label, this is what the
+    expert alone says the labels look like, so its peers can score it (peer review). Answers
+    that are all zero (labels declared with nothing behind them) pull their rows away from every
+    input. A fit that does not stay finite returns the bank's rows."""
+    total = eta.sum(1, keepdim=True)
+    target = eta / total.clamp_min(1e-12)  # (n, K)
+    protos = prior_prototypes.clone().requires_grad_(True)
+    bias = prior_bias.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([protos, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        ce = -(target * torch.log_softmax(z @ protos.T + bias, dim=-1)).sum(1).mean()
+        loss = ce + strength * ((protos - prior_prototypes) ** 2).sum()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+    except RuntimeError:  # L-BFGS's line search past float32's range
+        return prior_prototypes.clone(), prior_bias.clone()
+    if not (torch.isfinite(protos).all() and torch.isfinite(bias).all()):
+        return prior_prototypes.clone(), prior_bias.clone()
+    return protos.detach(), bias.detach()

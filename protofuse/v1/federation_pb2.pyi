@@ -133,3 +133,59 @@ class RoundPlan(_message.Message):
     training_json: str
     federation_json: str
     def __init__(self, format_version: _Optional[int] = ..., round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., phase_round: _Optional[int] = ..., phase_rounds: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., model_json: _Optional[str] = ..., training_json: _Optional[str] = ..., federation_json: _Optional[str] = ...) -> None: ...
+
+class LabelRows(_message.Message):
+    __slots__ = ("labels", "dim", "prototypes", "bias")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    PROTOTYPES_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    dim: int
+    prototypes: _containers.RepeatedScalarFieldContainer[float]
+    bias: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., prototypes: _Optional[_Iterable[float]] = ..., bias: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ExpertRows(_message.Message):
+    __slots__ = ("format_version", "pseudonym", "round", "rows")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    pseudonym: str
+    round: int
+    rows: LabelRows
+    def __init__(self, format_version: _Optional[int] = ..., pseudonym: _Optional[str] = ..., round: _Optional[int] = ..., rows: _Optional[_Union[LabelRows, _Mapping]] = ...) -> None: ...
+
+class ReviewCandidate(_message.Message):
+    __slots__ = ("id", "rows")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    rows: LabelRows
+    def __init__(self, id: _Optional[int] = ..., rows: _Optional[_Union[LabelRows, _Mapping]] = ...) -> None: ...
+
+class PeerReview(_message.Message):
+    __slots__ = ("format_version", "round", "candidates")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    round: int
+    candidates: _containers.RepeatedCompositeFieldContainer[ReviewCandidate]
+    def __init__(self, format_version: _Optional[int] = ..., round: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[ReviewCandidate, _Mapping]]] = ...) -> None: ...
+
+class ReviewScores(_message.Message):
+    __slots__ = ("format_version", "pseudonym", "round", "candidate", "score")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    pseudonym: str
+    round: int
+    candidate: _containers.RepeatedScalarFieldContainer[int]
+    score: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, format_version: _Optional[int] = ..., pseudonym: _Optional[str] = ..., round: _Optional[int] = ..., candidate: _Optional[_Iterable[int]] = ..., score: _Optional[_Iterable[float]] = ...) -> None: ...

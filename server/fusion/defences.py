@@ -411,3 +411,63 @@ class Momentum:
             self.shared.clear()  # another layout: earlier momenta no longer compare
         bucket, sign = self._hash
         return np.bincount(bucket, weights=sign * flat, minlength=self.size)
+
+
+# -- peer review (protofuse/protocol/review.py) -------------------------------------------------
+
+# A view that loses this much agreement against a peer's expert, on the labels they share, gets
+# full trust (at or above) or none (at or below), linear between. Scores are changes in agreement
+# from the reviewer's own view: honest views on the development seeds lost 0 to 0.05 against
+# honest peers (a poor expert's 0.1 to 0.2), label-flipping or phantom views 0.2 to 0.6.
+REVIEW_FULL_TRUST, REVIEW_NO_TRUST = -0.10, -0.30
+MIN_REVIEWERS = 3  # a median needs three: with two, one hostile reviewer sets half of it
+
+
+def review_trust(score: float) -> float:
+    """A view's peer score -> trust in [0, 1] (REVIEW_FULL_TRUST, REVIEW_NO_TRUST); an
+    unmeasured (NaN) score: full trust, nothing to judge by."""
+    if not np.isfinite(score):
+        return 1.0
+    span = REVIEW_FULL_TRUST - REVIEW_NO_TRUST
+    return float(np.clip((score - REVIEW_NO_TRUST) / span, 0.0, 1.0))
+
+
+def peer_scores(reviews: list[tuple[str, str, float]], iterations: int = 10) -> dict[str, float]:
+    """Each reviewed client's score: the median of its reviewers' scores, each reviewer weighted
+    by the trust its own score earns (``review_trust``); from equal weights, repeated until the
+    weights settle. ``reviews``: (reviewer, candidate, score) triples, a score in [-1, 1].
+
+    A client's score never comes from itself, and a hostile reviewer moves it by one place in a
+    median at most; once its own view is scored down by the others its say shrinks, so two
+    hostile reviewers of three cannot hold an honest client down. A client with fewer than
+    MIN_REVIEWERS reviewers, or none of positive weight, is not scored (absent from the
+    result)."""
+    reviewers = sorted({j for j, _, _ in reviews})
+    weight = dict.fromkeys(reviewers, 1.0)
+    scores: dict[str, float] = {}
+    for _ in range(iterations):
+        scores = {}
+        for k in sorted({k for _, k, _ in reviews}):
+            said = [(s, weight[j]) for j, kk, s in reviews if kk == k and j != k]
+            if len(said) >= MIN_REVIEWERS and any(w > 0 for _, w in said):
+                scores[k] = weighted_median(
+                    np.array([s for s, _ in said]), np.array([w for _, w in said])
+                )
+        new = {j: review_trust(scores.get(j, float("nan"))) for j in reviewers}
+        if new == weight:
+            break
+        weight = new
+    return scores
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value at which the cumulative weight first reaches half the total (the lower weighted
+    median); the mean of the two middle values where the halves are exactly equal."""
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    cum = np.cumsum(w)
+    half = 0.5 * float(cum[-1])
+    i = int(np.searchsorted(cum, half - 1e-12 * max(half, 1.0)))
+    if abs(cum[i] - half) <= 1e-12 * max(half, 1.0) and i + 1 < len(v):
+        return float(0.5 * (v[i] + v[i + 1]))
+    return float(v[i])

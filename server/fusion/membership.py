@@ -57,6 +57,9 @@ class Federation:
     # What the server measured of each client's updates (defences.evidence, averaged over rounds),
     # the invalid replies each has sent, and the experts expelled for them (never re-admitted).
     evidence: dict[str, float] = field(default_factory=dict)
+    # The peers' scores of each client's view of its rows (defences.peer_scores, averaged over
+    # rounds), by pseudonym: kept with the checkpoint, like the evidence.
+    reviews: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
     expelled: set[str] = field(default_factory=set)
     max_labels: int = 1000  # per client ([federation] max_labels_per_client)

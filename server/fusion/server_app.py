@@ -270,6 +270,7 @@ def _start(
         fed.trust = {k: float(v) for k, v in last.state.get("trust", {}).items()}
         fed.input_range = last.state.get("input_range")
         fed.evidence = {k: float(v) for k, v in last.state.get("evidence", {}).items()}
+        fed.reviews = {k: float(v) for k, v in last.state.get("reviews", {}).items()}
         fed.strikes = {k: int(v) for k, v in last.state.get("strikes", {}).items()}
         fed.expelled = set(last.state.get("expelled", []))  # not re-admitted on resume
     for node_id in sorted(described, key=lambda n: described[n].pseudonym):
@@ -325,6 +326,7 @@ def _checkpoint(
         "rounds": earlier + strategy.history,
         "input_range": fed.input_range,
         "evidence": fed.evidence,
+        "reviews": fed.reviews,
         "strikes": fed.strikes,
         "expelled": sorted(fed.expelled),
     }

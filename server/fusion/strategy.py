@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from protofuse.privacy import DpPlan
 from protofuse.protocol import federation as wire
+from protofuse.protocol import review as peer
 from protofuse.protocol import secure_sum
 from protofuse.records import NOT_MEASURED, ExpertRecord
 from protofuse.settings import FederationSettings, TrainingSettings
@@ -41,6 +43,8 @@ from .secure_aggregation import SecureRounds
 ROUND_PLAN = (
     wire.ROUND_PLAN_KEY
 )  # the key of the encoded RoundPlan in the train message's ConfigRecord
+
+MAX_REVIEWS = 16  # candidates sent to one reviewer per round (a seeded choice where more)
 
 Checkpointer = Callable[[int, dict[str, np.ndarray], "FusionStrategy"], None]
 
@@ -103,6 +107,11 @@ class FusionStrategy(FedAvg):
         # the round's history.
         self._evidence_seen: dict[str, dict[str, float | None]] = {}
         self._momentum = defences.Momentum()  # each client's updates over rounds (in memory)
+        # Peer review: each client's latest view of its rows, and per node the candidate ids
+        # sent this round (id -> pseudonym; the reviewer never learns whose view it scored).
+        self._views: dict[str, peer.LabelRows] = {}
+        self._review_ids: dict[int, dict[int, str]] = {}
+        self._reviews_seen: dict[str, float] = {}  # this round's peer scores, for the history
 
     # -- sending -------------------------------------------------------------------------
     def configure_train(
@@ -127,14 +136,55 @@ class FusionStrategy(FedAvg):
             tuple(self.federation.vocabulary),
             self.model_config,
             self.training,
-            self.settings,
+            # Under DP or secure aggregation no client's own view may be seen: none is asked for.
+            self.settings
+            if self._peer_review
+            else self.settings.model_copy(update={"peer_review": False}),
         )
         config = ConfigRecord({ROUND_PLAN: wire.encode_round_plan(plan)})
         messages = list(super().configure_train(server_round, to_record(current), config, grid))
         if self.secure is not None:  # the agreement round returns no weights: nothing to hide
             self.secure.secure_next = phase.name != AGREEMENT
         self._round_nodes = dict(self.federation.nodes)
-        return [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
+        messages = [m for m in messages if m.metadata.dst_node_id in self.federation.nodes]
+        self._review_ids = {}
+        return [self._with_review(m, r) for m in messages] if self._peer_review else messages
+
+    @property
+    def _peer_review(self) -> bool:
+        return self.settings.peer_review and not self._equal_weights
+
+    def _with_review(self, message: Message, r: int) -> Message:
+        """``message`` with a PeerReview for its node beside the plan: the latest views of the
+        other clients that declared at least two of its labels, cut to those labels, each under a
+        random number (at most MAX_REVIEWS, a seeded choice where there are more)."""
+        node = message.metadata.dst_node_id
+        client = self.federation.nodes[node]
+        candidates = []
+        for name in sorted(self._views):
+            shared = [c for c in client.labels if c in self._views[name].labels]
+            if name == client.pseudonym or name in self.federation.expelled:
+                continue
+            if len(shared) >= peer.MIN_SHARED_LABELS:
+                candidates.append((name, self._views[name].subset(shared)))
+        if not candidates:
+            return message
+        if len(candidates) > MAX_REVIEWS:
+            pick = np.random.default_rng([self.training.seed, r, node % 2**32]).choice(
+                len(candidates), MAX_REVIEWS, replace=False
+            )
+            candidates = [candidates[i] for i in sorted(pick)]
+        ids = np.random.default_rng().permutation(len(candidates))  # OS entropy: not guessable
+        self._review_ids[node] = {
+            int(i): name for i, (name, _) in zip(ids, candidates, strict=True)
+        }
+        review = peer.PeerReview(
+            r, tuple(sorted((int(i), rows) for i, (_, rows) in zip(ids, candidates, strict=True)))
+        )
+        config = ConfigRecord(dict(message.content.config_records["config"]))
+        config[peer.PEER_REVIEW_KEY] = peer.encode_peer_review(review)
+        content = RecordDict({"arrays": message.content.array_records["arrays"], "config": config})
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
     @property
     def min_replies(self) -> int:
@@ -205,6 +255,7 @@ class FusionStrategy(FedAvg):
         if self.secure is not None and self.secure.halted and phase.name != AGREEMENT:
             return self._skip_halted_round(r, phase)
         ok: list[tuple[Client, Message, wire.ImitatorStats]] = []
+        reviews: list[tuple[str, str, float]] = []  # (reviewer, candidate, score)
         for reply in replies:
             client = self.federation.nodes.get(reply.metadata.src_node_id)
             if reply.has_error() or client is None:
@@ -220,6 +271,7 @@ class FusionStrategy(FedAvg):
             try:
                 if phase.name != AGREEMENT and self.secure is None:
                     check_update(reply.content.array_records["arrays"], self._sent)
+                view, scored = self._decoded_review(client, reply)
                 stats = self._merge(client, reply, r)
             except (
                 wire.WireError,
@@ -240,6 +292,9 @@ class FusionStrategy(FedAvg):
                 continue
             ok.append((client, reply, stats))
             self._count_reply("ok")
+            if view is not None:
+                self._views[client.pseudonym] = view
+            reviews += scored
         if not ok:
             raise FederationStopped(
                 f"round {r}: no client replied with a usable update; see the warnings above (the "
@@ -254,6 +309,8 @@ class FusionStrategy(FedAvg):
         ok.sort(
             key=lambda item: item[0].pseudonym
         )  # replies arrive in any order; sums must not depend on it
+        if reviews:
+            self._record_reviews(reviews)
         if phase.name == AGREEMENT:
             if not self._equal_weights:  # reports set no weight under DP or SecAgg
                 self._set_trust([(c, s) for c, _, s in ok])
@@ -334,6 +391,46 @@ class FusionStrategy(FedAvg):
             )
         return dist, stats
 
+    def _decoded_review(
+        self, client: Client, reply: Message
+    ) -> tuple[peer.LabelRows | None, list[tuple[str, str, float]]]:
+        """A reply's view of its rows and its scores of the candidates it was sent, decoded
+        and checked (a WireError names the field); nothing where peer review is off."""
+        if not self._peer_review:
+            return None, []
+        fusion = reply.content.config_records["fusion"]
+        view = None
+        if peer.EXPERT_ROWS_KEY in fusion:
+            rows = peer.decode_expert_rows(
+                _encoded(fusion, peer.EXPERT_ROWS_KEY), dim=self._sent["prototypes"].shape[1]
+            )
+            if rows.pseudonym != client.pseudonym or rows.rows.labels != client.labels:
+                raise wire.WireError(
+                    f"ExpertRows: {rows.pseudonym!r} with labels {list(rows.rows.labels)[:5]} "
+                    f"from the node registered as {client.pseudonym!r} with "
+                    f"{list(client.labels)[:5]}; send the node's own labels in declared order"
+                )
+            view = rows.rows
+        scored: list[tuple[str, str, float]] = []
+        if peer.REVIEW_SCORES_KEY in fusion:
+            sent = self._review_ids.get(reply.metadata.src_node_id, {})
+            scores = peer.decode_review_scores(
+                _encoded(fusion, peer.REVIEW_SCORES_KEY), sent=set(sent)
+            )
+            scored = [(client.pseudonym, sent[c], v) for c, v in scores.scores]
+        return view, scored
+
+    def _record_reviews(self, reviews: list[tuple[str, str, float]]) -> None:
+        """The round's peer scores (``defences.peer_scores``), averaged into each client's
+        history of them like the evidence of its updates (half the weight on this round)."""
+        scores = defences.peer_scores(reviews)
+        self._reviews_seen = scores
+        history = self.federation.reviews
+        for name, score in scores.items():
+            old = history.get(name)
+            history[name] = score if old is None else 0.5 * old + 0.5 * score
+        self._refresh_records()
+
     def _refused(self, node_id: int, reason: str) -> None:
         """A reply to a SecAgg+ stage was malformed (``secure_aggregation``): a strike."""
         client = self.federation.nodes.get(node_id)
@@ -391,17 +488,25 @@ class FusionStrategy(FedAvg):
         self._refresh_records()
 
     def trust_of(self, pseudonym: str) -> float:
-        """A client's trust: the lower of what its reported agreement earns (one never scored, it
-        missed the agreement round or joined after it, gets the lowest given so far, not full
-        trust) and what the evidence of its updates earns (``defences.evidence_trust``); an
-        expelled client has none."""
+        """A client's trust: the lowest of what its reported agreement earns (one never scored,
+        it missed the agreement round or joined after it, gets the lowest given so far, not full
+        trust), what the evidence of its updates earns (``defences.evidence_trust``) and what its
+        peers' reviews of its view earn (``defences.review_trust``); an expelled client has
+        none."""
         if pseudonym in self.federation.expelled:
             return 0.0
         if self._equal_weights:
             return 1.0
         trust = self.federation.trust
         reported = trust.get(pseudonym, min(trust.values()) if trust else 1.0)
-        return min(reported, self._evidence_trust.get(pseudonym, 1.0))
+        return min(
+            reported, self._evidence_trust.get(pseudonym, 1.0), self._review_trust(pseudonym)
+        )
+
+    def _review_trust(self, pseudonym: str) -> float:
+        if not self._peer_review:
+            return 1.0
+        return defences.review_trust(self.federation.reviews.get(pseudonym, float("nan")))
 
     @property
     def _equal_weights(self) -> bool:
@@ -466,7 +571,10 @@ class FusionStrategy(FedAvg):
         # so far have not given them away (the shared arrays' reference is everyone else).
         shared = defences.shared_part(momenta, covers, rowwise)
         speakers = defences.row_speakers(
-            shared, np.array([self._evidence_trust.get(n, 1.0) > 0 for n in names])
+            shared,
+            np.array(
+                [self._evidence_trust.get(n, 1.0) > 0 and self._review_trust(n) > 0 for n in names]
+            ),
         )
         cosines = defences.row_cosines(momenta, covers, speakers) if rowwise else None
         rows = defences.row_part(cosines) if cosines is not None else np.full(len(names), np.nan)
@@ -577,8 +685,10 @@ class FusionStrategy(FedAvg):
             "agreement": _finite(float(np.mean(agreements))) if agreements else None,
             "trust": {c.pseudonym: self.trust_of(c.pseudonym) for c, _, _ in ok},
             "evidence": self._evidence_seen,
+            "reviews": self._reviews_seen,  # this round's peer scores (defences.peer_scores)
         }
         self._evidence_seen = {}
+        self._reviews_seen = {}
         self.history.append(row)
         if self.metrics is not None:
             self.metrics.round_done(r, len(ok), sum(sent))

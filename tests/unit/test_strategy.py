@@ -183,17 +183,6 @@ def test_aggregation_weighs_by_examples_times_trust_and_casts_back():
     np.testing.assert_allclose(out["w"], [2.5, 2.5])
 
 
-@pytest.fixture
-def in_a_run():
-    """Flower stamps every Message with the run of the process that makes it: pose as run 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
 def _reply(
     node: int,
     pseudonym: str,

@@ -1,0 +1,367 @@
+"""Peer review: each client's own view of its rows, scored by the clients sharing its labels on
+their own queries (protofuse/protocol/review.py, client_sdk/clientapp/peer_review.py,
+server/fusion/defences.py's peer_scores, the strategy's rounds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client_sdk.clientapp import peer_review
+from protofuse.model.discriminative import fit_view
+from protofuse.protocol import federation as wire
+from protofuse.protocol import review as peer
+from protofuse.records import Fidelity
+from protofuse.settings import FederationSettings, TrainingSettings
+from protofuse_server.fusion import defences
+from protofuse_server.fusion.aggregation import to_record
+from protofuse_server.fusion.membership import Client, Federation
+from protofuse_server.fusion.schedule import Schedule
+from protofuse_server.fusion.strategy import FusionStrategy
+
+
+def _rows(labels: tuple[str, ...], dim: int = 3, value: float = 0.5) -> peer.LabelRows:
+    return peer.LabelRows(
+        labels, np.full((len(labels), dim), value, np.float32), np.zeros(len(labels))
+    )
+
+
+# -- the wire ----------------------------------------------------------------------------------
+
+
+def test_the_three_messages_round_trip():
+    view = peer.ExpertRows("a", 3, _rows(("0", "1", "2")))
+    assert peer.decode_expert_rows(peer.encode_expert_rows(view), dim=3) == view
+    review = peer.PeerReview(4, ((7, _rows(("0", "1"))), (2, _rows(("1", "2"), value=-1.0))))
+    assert peer.decode_peer_review(peer.encode_peer_review(review)) == review
+    scores = peer.ReviewScores("b", 4, ((7, -0.25), (2, 0.0)))
+    assert peer.decode_review_scores(peer.encode_review_scores(scores), sent={2, 7}) == scores
+
+
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda: peer.ExpertRows("a", 1, _rows(("0", "0"))), "appears twice"),
+        (lambda: peer.ExpertRows("a b", 1, _rows(("0",))), "ExpertRows.pseudonym"),
+        (
+            lambda: peer.ExpertRows(
+                "a", 1, peer.LabelRows(("0",), np.array([[np.inf]]), np.zeros(1))
+            ),
+            "ExpertRows.rows.prototypes",
+        ),
+        (
+            lambda: peer.ExpertRows("a", 1, peer.LabelRows(("0",), np.ones((1, 2)), np.zeros(2))),
+            "ExpertRows.rows.bias",
+        ),
+        (lambda: peer.PeerReview(1, ((1, _rows(("0",))),)), "at least 2 labels"),
+        (
+            lambda: peer.PeerReview(1, ((1, _rows(("0", "1"))), (1, _rows(("1", "2"))))),
+            "appears twice",
+        ),
+        (
+            lambda: peer.PeerReview(1, tuple((i, _rows(("0", "1"))) for i in range(65))),
+            "at most 64",
+        ),
+        (lambda: peer.ReviewScores("b", 1, ((1, 1.5),)), "outside \\[-1, 1\\]"),
+        (lambda: peer.ReviewScores("b", 1, ((1, float("nan")),)), "not finite"),
+        (lambda: peer.ReviewScores("b", 1, ((1, 0.1), (1, 0.2))), "appears twice"),
+    ],
+)
+def test_a_malformed_message_is_refused_by_field_before_it_is_sent(make, field):
+    encode = {
+        peer.ExpertRows: peer.encode_expert_rows,
+        peer.PeerReview: peer.encode_peer_review,
+        peer.ReviewScores: peer.encode_review_scores,
+    }
+    message = make()
+    with pytest.raises(wire.WireError, match=field):
+        encode[type(message)](message)
+
+
+def test_received_messages_are_checked_against_what_the_receiver_knows():
+    data = peer.encode_expert_rows(peer.ExpertRows("a", 1, _rows(("0", "1"), dim=4)))
+    with pytest.raises(wire.WireError, match="dim: 4, but the bank's prototypes are 3 wide"):
+        peer.decode_expert_rows(data, dim=3)
+    data = peer.encode_review_scores(peer.ReviewScores("b", 1, ((9, 0.0),)))
+    with pytest.raises(wire.WireError, match="were not sent to this client"):
+        peer.decode_review_scores(data, sent={1, 2})
+    # sizes are checked before an array is built: 10**6 labels declared, 6 values sent
+    from protofuse.v1 import federation_pb2
+
+    msg = federation_pb2.ExpertRows(format_version=1, pseudonym="a", round=1)
+    msg.rows.labels.extend(["0", "1"])
+    msg.rows.dim = 60_000
+    msg.rows.prototypes.extend([0.0] * 6)
+    msg.rows.bias.extend([0.0, 0.0])
+    with pytest.raises(wire.WireError, match="6 values for 2 labels of width 60000"):
+        peer.decode_expert_rows(msg.SerializeToString())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_bytes_decode_or_are_refused_by_name(data):
+    for decode, kind in (
+        (peer.decode_expert_rows, peer.ExpertRows),
+        (peer.decode_peer_review, peer.PeerReview),
+        (peer.decode_review_scores, peer.ReviewScores),
+    ):
+        try:
+            assert isinstance(decode(data), kind)
+        except wire.WireError as err:  # never another exception, and the message named first
+            assert str(err).startswith(kind.__name__)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.text("abc01", min_size=1, max_size=4), min_size=2, max_size=6, unique=True),
+    st.integers(1, 5),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+)
+def test_generated_views_round_trip_exactly(labels, dim, value):
+    rows = peer.LabelRows(
+        tuple(labels), np.full((len(labels), dim), value, np.float32), np.full(len(labels), value)
+    )
+    view = peer.ExpertRows("x", 2, rows)
+    assert peer.decode_expert_rows(peer.encode_expert_rows(view), dim=dim) == view
+
+
+# -- scoring on the server ---------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-1, 1), min_size=1, max_size=9),
+    st.lists(st.floats(0.01, 5), min_size=9, max_size=9),
+)
+def test_the_weighted_median_lies_within_the_values_and_is_the_median_for_equal_weights(v, w):
+    values, weights = np.array(v), np.array(w[: len(v)])
+    m = defences.weighted_median(values, weights)
+    assert values.min() <= m <= values.max()
+    assert defences.weighted_median(values, np.ones(len(v))) == pytest.approx(np.median(values))
+
+
+def _reviews(scores: dict[tuple[str, str], float]) -> list[tuple[str, str, float]]:
+    return [(j, k, s) for (j, k), s in scores.items()]
+
+
+def test_a_view_is_scored_by_its_peers_never_by_itself_and_needs_three_of_them():
+    honest = ["a", "b", "c", "d"]
+    said = {(j, k): 0.0 for j in honest for k in honest if j != k}
+    said |= {(j, "flip"): -0.5 for j in honest}
+    said |= {("flip", k): -0.6 for k in honest}
+    said[("flip", "flip")] = 1.0  # a self-review is ignored
+    scores = defences.peer_scores(_reviews(said))
+    assert scores["flip"] == pytest.approx(-0.5) and defences.review_trust(scores["flip"]) == 0.0
+    assert all(defences.review_trust(scores[k]) == 1.0 for k in honest)
+    two = defences.peer_scores([("a", "x", 0.0), ("b", "x", 0.0)])
+    assert "x" not in two  # two reviewers: no judgement, full trust
+    assert defences.review_trust(float("nan")) == 1.0
+
+
+def test_two_hostile_reviewers_of_three_do_not_hold_an_honest_view_down():
+    # "poor" is reviewed by two label flippers and one honest client (the benchmark's federation
+    # has this shape); the flippers are themselves scored down by the honest clients, so their
+    # say over "poor" goes.
+    said = {("flip1", "poor"): -0.6, ("flip2", "poor"): -0.6, ("forest", "poor"): -0.05}
+    for j in ("forest", "mlp", "knn"):
+        said |= {(j, "flip1"): -0.4, (j, "flip2"): -0.45}
+    said |= {("flip1", "flip2"): 0.0, ("flip2", "flip1"): 0.0}
+    said |= {(j, "forest"): 0.0 for j in ("mlp", "knn", "poor")}
+    scores = defences.peer_scores(_reviews(said))
+    assert defences.review_trust(scores["flip1"]) == defences.review_trust(scores["flip2"]) == 0
+    assert "poor" not in scores or defences.review_trust(scores["poor"]) == 1.0
+    # but a single pass (the plain median of the three) would have sunk it
+    assert defences.peer_scores(_reviews(said), iterations=1)["poor"] == pytest.approx(-0.6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-1, 1), min_size=3, max_size=8), st.floats(-1, 1), st.floats(-1, 1))
+def test_one_hostile_reviewer_moves_a_view_by_at_most_one_place_of_the_median(honest, lie1, lie2):
+    said = [(f"h{i}", "x", s) for i, s in enumerate(honest)]
+    low, high = sorted(honest)[0], sorted(honest)[-1]
+    for lie in (lie1, lie2):
+        score = defences.peer_scores([*said, ("liar", "x", lie)])["x"]
+        assert low <= score <= high  # within the honest reviewers' range, whatever it says
+
+
+# -- the client's part -------------------------------------------------------------------------
+
+
+def _blobs(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Features of three well-separated classes and one-hot answers."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centres = np.eye(3, 4) * 4.0
+    z = centres[y] + rng.standard_normal((n, 4))
+    return torch.tensor(z, dtype=torch.float32), np.eye(3, dtype=np.float32)[y]
+
+
+def test_a_fitted_view_classifies_as_the_expert_does_and_a_flipped_one_is_scored_down():
+    z, answers = _blobs()
+    labels = ("a", "b", "c")
+    p0, b0 = torch.zeros(3, 4), torch.zeros(3)
+    own = peer.LabelRows(labels, *(t.numpy() for t in fit_view(z, torch.tensor(answers), p0, b0)))
+    flipped = np.roll(answers, 1, axis=1)  # every answer names the wrong class
+    theirs = peer.LabelRows(
+        labels, *(t.numpy() for t in fit_view(z, torch.tensor(flipped), p0, b0))
+    )
+    honest = peer.LabelRows(
+        labels,
+        *(
+            t.numpy()
+            for t in fit_view(*_blobs(seed=1)[:1], torch.tensor(_blobs(seed=1)[1]), p0, b0)
+        ),
+    )
+    review = peer.PeerReview(
+        2, ((0, theirs.subset(["a", "b", "c"])), (1, honest.subset(["b", "c"])))
+    )
+    scores = dict(peer_review.score_candidates(z, answers, own, review))
+    assert scores[0] < -0.9  # it names the wrong class almost always
+    assert abs(scores[1]) < 0.05  # an honest view of two of the labels: as good as its own
+    # a candidate of a label this expert lacks is the server's fault, named
+    bad = peer.PeerReview(2, ((3, _rows(("a", "z"), dim=4)),))
+    with pytest.raises(ValueError, match="'z'"):
+        peer_review.score_candidates(z, answers, own, bad)
+    # too few of its queries fall on the candidate's labels: not scored
+    few = peer.PeerReview(2, ((4, honest.subset(["b", "c"])),))
+    assert peer_review.score_candidates(z[:10], answers[:10], own, few) == ()
+
+
+def test_labels_declared_with_nothing_behind_them_give_a_view_its_peers_score_down():
+    z, answers = _blobs()
+    labels = ("a", "b", "c")
+    p0, b0 = torch.zeros(3, 4), torch.zeros(3)
+    own = peer.LabelRows(labels, *(t.numpy() for t in fit_view(z, torch.tensor(answers), p0, b0)))
+    phantom = answers.copy()
+    phantom[:, 2] = 0.0  # it declares c but answers only a and b
+    phantom[answers[:, 2] == 1, 0] = 1.0  # a c is an a, to its real expert
+    view = peer.LabelRows(labels, *(t.numpy() for t in fit_view(z, torch.tensor(phantom), p0, b0)))
+    review = peer.PeerReview(1, ((0, view.subset(["a", "c"])),))
+    assert dict(peer_review.score_candidates(z, answers, own, review))[0] < -0.3
+
+
+def test_a_view_that_does_not_stay_finite_is_the_banks_rows():
+    z = torch.full((5, 2), 1e30)
+    p0, b0 = torch.ones(2, 2), torch.zeros(2)
+    protos, bias = fit_view(z, torch.eye(2)[[0, 1, 0, 1, 0]], p0, b0)
+    assert torch.isfinite(protos).all() and torch.isfinite(bias).all()
+
+
+# -- the rounds --------------------------------------------------------------------------------
+
+
+CLIENTS = {
+    1: ("a", ("0", "1", "2")),
+    2: ("b", ("1", "2", "3")),
+    3: ("c", ("0", "3")),
+    4: ("d", ("2", "3", "0")),
+}
+
+
+def _strategy(peer_review_on: bool = True) -> FusionStrategy:
+    fed = Federation(["0", "1", "2", "3"], 8)
+    fed.nodes = {n: Client(p, labels, 30) for n, (p, labels) in CLIENTS.items()}
+    training = TrainingSettings()
+    settings_ = FederationSettings(rounds=4, peer_review=peer_review_on)
+    return FusionStrategy(
+        fed, Schedule.from_settings(settings_, training), training, settings_, {}, lambda *a: None
+    )
+
+
+def _reply(node: int, view: peer.ExpertRows | None, scores: peer.ReviewScores | None) -> Message:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    pseudonym, labels = CLIENTS[node]
+    dist = wire.ExpertDistribution(
+        pseudonym, labels, 1, wire.DiscriminativeHead(0.0, (0.0,) * len(labels))
+    )
+    stats = wire.ImitatorStats(pseudonym, 1, 20, 30, Fidelity(0.9, 0.1, 5), None, 0.5)
+    fusion = ConfigRecord(
+        {"distribution": wire.encode_distribution(dist), "stats": wire.encode_stats(stats)}
+    )
+    if view is not None:
+        fusion[peer.EXPERT_ROWS_KEY] = peer.encode_expert_rows(view)
+    if scores is not None:
+        fusion[peer.REVIEW_SCORES_KEY] = peer.encode_review_scores(scores)
+    arrays = to_record(
+        {"prototypes": np.full((4, 3), 0.1, np.float32), "bias": np.zeros(4, np.float32)}
+    )
+    TaskIdentity.node_id = node
+    content = RecordDict(
+        {"arrays": arrays, "metrics": MetricRecord({"num-examples": 20}), "fusion": fusion}
+    )
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+class _Grid:
+    def get_node_ids(self):
+        return list(CLIENTS)
+
+
+def test_views_travel_to_the_clients_sharing_two_labels_without_names_and_scores_set_trust(
+    in_a_run,
+):
+    strategy = _strategy()
+    strategy._sent = {"prototypes": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    views = {n: peer.ExpertRows(p, 1, _rows(labels, value=n)) for n, (p, labels) in CLIENTS.items()}
+    strategy.aggregate_train(1, [_reply(n, views[n], None) for n in CLIENTS])
+    arrays = to_record(strategy._sent)
+    messages = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(2, arrays, ConfigRecord(), _Grid())
+    }
+    assert set(messages) == set(CLIENTS)
+    received = {}
+    for node, m in messages.items():
+        config = m.content["config"]
+        assert wire.ROUND_PLAN_KEY in config and m.content["arrays"]["bias"].numpy().shape == (4,)
+        review = peer.decode_peer_review(config[peer.PEER_REVIEW_KEY], dim=3)
+        received[node] = review
+        own = set(CLIENTS[node][1])
+        for cid, rows in review.candidates:
+            assert set(rows.labels) <= own and len(rows.labels) >= 2
+            assert float(rows.prototypes[0, 0]) != node  # never its own view
+            name = strategy._review_ids[node][cid]
+            assert name != CLIENTS[node][0]
+            assert set(rows.labels) == own & set(strategy._views[name].labels)
+    # c (labels 0, 3) shares two labels with d only; a shares two with b and d
+    assert len(received[3].candidates) == 1 and len(received[1].candidates) == 2
+    # the reviews come back: everyone scores d's view far below its own, the rest as good
+    replies = []
+    for node, review in received.items():
+        d_ids = [c for c, _ in review.candidates if strategy._review_ids[node][c] == "d"]
+        scores = tuple((c, -0.6 if c in d_ids else 0.0) for c, _ in review.candidates)
+        replies.append(_reply(node, views[node], peer.ReviewScores(CLIENTS[node][0], 2, scores)))
+    strategy.aggregate_train(2, replies)
+    assert strategy.federation.reviews["d"] == pytest.approx(-0.6)
+    assert strategy.trust_of("d") == 0.0 and strategy.history[-1]["reviews"]["d"] == -0.6
+    assert strategy.trust_of("a") == 1.0  # a has two reviewers only (b, d): not judged
+
+
+def test_a_score_for_a_candidate_not_sent_or_a_foreign_view_costs_the_reply(in_a_run):
+    strategy = _strategy()
+    strategy._sent = {"prototypes": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    foreign = peer.ExpertRows("a", 1, _rows(("0", "1")))  # not the labels a declared
+    forged = peer.ReviewScores("b", 1, ((12345, -1.0),))  # nothing was sent to b
+    good = [_reply(n, None, None) for n in (3, 4)]
+    strategy.aggregate_train(1, [_reply(1, foreign, None), _reply(2, None, forged), *good])
+    assert set(strategy.federation.records) == {"c", "d"}
+    assert strategy.federation.strikes == {"a": 1, "b": 1}
+    assert strategy._views == {} and strategy.federation.reviews == {}
+
+
+def test_without_peer_review_nothing_is_sent_asked_or_read(in_a_run):
+    strategy = _strategy(peer_review_on=False)
+    strategy._sent = {"prototypes": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    view = peer.ExpertRows("a", 1, _rows(("0", "1", "2")))
+    strategy.aggregate_train(1, [_reply(1, view, None), _reply(2, None, None)])
+    assert strategy._views == {}
+    for m in strategy.configure_train(2, to_record(strategy._sent), ConfigRecord(), _Grid()):
+        assert peer.PEER_REVIEW_KEY not in m.content["config"]
+        assert not wire.decode_round_plan(
+            m.content["config"][wire.ROUND_PLAN_KEY]
+        ).federation.peer_review
