@@ -33,6 +33,9 @@ MAX_DIM = 1 << 16  # a prototype row's width; the bank's feature width is far be
 MAX_VALUES = 1 << 24  # labels x dim of one LabelRows: 64 MiB of float32 at most
 MAX_CANDIDATES = 64  # candidates one PeerReview may carry (the server sends at most 16)
 MIN_SHARED_LABELS = 2  # a candidate is scored as a classifier over at least two labels
+# The largest encoded messages decoded: refused before protobuf parses (and allocates) them.
+MAX_SCORES_BYTES = 16 * 1024  # 64 scores of 13 bytes, a pseudonym and the framing
+MAX_ROWS_BYTES = 4 * MAX_VALUES + 8 * 1024 * 1024  # the values, the labels and the framing
 
 PEER_REVIEW_KEY = "peer-review"  # in the train message's "config" ConfigRecord
 EXPERT_ROWS_KEY = "rows"  # in the reply's "fusion" ConfigRecord
@@ -114,6 +117,7 @@ def encode_expert_rows(e: ExpertRows) -> bytes:
 
 def decode_expert_rows(data: bytes, *, dim: int | None = None) -> ExpertRows:
     """``dim``: the width the receiver's bank has; rows of another width are refused."""
+    _check_size(data, MAX_ROWS_BYTES, "ExpertRows")
     msg = _parse(federation_pb2.ExpertRows, data, "ExpertRows", sender="client")
     _check_pseudonym(msg.pseudonym, "ExpertRows.pseudonym")
     if not msg.HasField("rows"):
@@ -137,6 +141,7 @@ def encode_peer_review(p: PeerReview) -> bytes:
 
 
 def decode_peer_review(data: bytes, *, dim: int | None = None) -> PeerReview:
+    _check_size(data, MAX_CANDIDATES * MAX_ROWS_BYTES, "PeerReview")
     msg = _parse(federation_pb2.PeerReview, data, "PeerReview", sender="server")
     _check_candidate_count(len(msg.candidates), "PeerReview.candidates")
     seen: set[int] = set()
@@ -167,7 +172,9 @@ def encode_review_scores(s: ReviewScores) -> bytes:
 
 def decode_review_scores(data: bytes, *, sent: set[int] | None = None) -> ReviewScores:
     """``sent``: the candidate ids the receiver sent; a score for any other id is refused."""
+    _check_size(data, MAX_SCORES_BYTES, "ReviewScores")
     msg = _parse(federation_pb2.ReviewScores, data, "ReviewScores", sender="client")
+    _check_candidate_count(len(msg.candidate), "ReviewScores.candidate")
     if len(msg.candidate) != len(msg.score):
         raise WireError(
             f"ReviewScores.score: {len(msg.score)} scores for {len(msg.candidate)} candidates; "
@@ -190,6 +197,11 @@ def decode_review_scores(data: bytes, *, sent: set[int] | None = None) -> Review
 
 
 # -- checks ------------------------------------------------------------------------------------
+
+
+def _check_size(data: object, limit: int, name: str) -> None:
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > limit:
+        raise WireError(f"{name}: {len(data)} bytes; a valid message is at most {limit}")
 
 
 def _check_candidate_count(n: int, path: str) -> None:
@@ -259,9 +271,11 @@ def _rows_to_proto(rows: LabelRows, out: federation_pb2.LabelRows, path: str) ->
 
 
 def _rows_from_proto(msg: federation_pb2.LabelRows, path: str, dim: int | None) -> LabelRows:
+    if len(msg.labels) > MAX_LABELS:
+        raise WireError(f"{path}.labels: {len(msg.labels)} labels; send at most {MAX_LABELS}")
+    if len(msg.bias) != len(msg.labels):
+        raise WireError(f"{path}.bias: {len(msg.bias)} values for {len(msg.labels)} labels")
     labels = tuple(msg.labels)
-    if len(labels) > MAX_LABELS:
-        raise WireError(f"{path}.labels: {len(labels)} labels; send at most {MAX_LABELS}")
     if not 1 <= msg.dim <= MAX_DIM:
         raise WireError(f"{path}.dim: {msg.dim} is outside [1, {MAX_DIM}]")
     # Sizes are checked before anything is built from the values.

@@ -432,42 +432,39 @@ def review_trust(score: float) -> float:
     return float(np.clip((score - REVIEW_NO_TRUST) / span, 0.0, 1.0))
 
 
-def peer_scores(reviews: list[tuple[str, str, float]], iterations: int = 10) -> dict[str, float]:
-    """Each reviewed client's score: the median of its reviewers' scores, each reviewer weighted
-    by the trust its own score earns (``review_trust``); from equal weights, repeated until the
-    weights settle. ``reviews``: (reviewer, candidate, score) triples, a score in [-1, 1].
+def peer_scores(
+    reviews: list[tuple[str, str, float]], weights: dict[str, float]
+) -> dict[str, float]:
+    """Each reviewed client's score: the weighted median of its reviewers' scores, a reviewer
+    weighing its trust from before this round (``weights``; an unknown reviewer none), the upper
+    median where the halves are equal. ``reviews``: (reviewer, candidate, score) triples.
 
-    A client's score never comes from itself, and a hostile reviewer moves it by one place in a
-    median at most; once its own view is scored down by the others its say shrinks, so two
-    hostile reviewers of three cannot hold an honest client down. A client with fewer than
-    MIN_REVIEWERS reviewers, or none of positive weight, is not scored (absent from the
-    result)."""
-    reviewers = sorted({j for j, _, _ in reviews})
-    weight = dict.fromkeys(reviewers, 1.0)
-    scores: dict[str, float] = {}
-    for _ in range(iterations):
-        scores = {}
-        for k in sorted({k for _, k, _ in reviews}):
-            said = [(s, weight[j]) for j, kk, s in reviews if kk == k and j != k]
-            if len(said) >= MIN_REVIEWERS and any(w > 0 for _, w in said):
-                scores[k] = weighted_median(
-                    np.array([s for s, _ in said]), np.array([w for _, w in said])
-                )
-        new = {j: review_trust(scores.get(j, float("nan"))) for j in reviewers}
-        if new == weight:
-            break
-        weight = new
-    return scores
+    A client's score never comes from itself, and only a majority of its reviewers' weight can
+    score it down: two hostile reviewers against two honest ones cannot. The weights are not
+    taken from this round's scores, which the reviewers themselves set (two colluders scoring
+    every honest view down would otherwise also take the honest reviewers' say away). A client
+    with fewer than MIN_REVIEWERS reviewers of positive weight is not scored (absent)."""
+    said: dict[str, list[tuple[float, float]]] = {}
+    for j, k, s in reviews:
+        w = float(weights.get(j, 0.0))
+        if j != k and w > 0:
+            said.setdefault(k, []).append((s, w))
+    return {
+        k: weighted_median(np.array([s for s, _ in v]), np.array([w for _, w in v]), upper=True)
+        for k, v in sorted(said.items())
+        if len(v) >= MIN_REVIEWERS
+    }
 
 
-def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+def weighted_median(values: np.ndarray, weights: np.ndarray, upper: bool = False) -> float:
     """The value at which the cumulative weight first reaches half the total (the lower weighted
-    median); the mean of the two middle values where the halves are exactly equal."""
+    median); where the halves are exactly equal, the mean of the two middle values, or with
+    ``upper`` the higher one (a view is scored down only by a majority)."""
     order = np.argsort(values, kind="stable")
     v, w = values[order], weights[order]
     cum = np.cumsum(w)
     half = 0.5 * float(cum[-1])
     i = int(np.searchsorted(cum, half - 1e-12 * max(half, 1.0)))
     if abs(cum[i] - half) <= 1e-12 * max(half, 1.0) and i + 1 < len(v):
-        return float(0.5 * (v[i] + v[i + 1]))
+        return float(v[i + 1]) if upper else float(0.5 * (v[i] + v[i + 1]))
     return float(v[i])

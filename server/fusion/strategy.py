@@ -109,7 +109,7 @@ class FusionStrategy(FedAvg):
         self._momentum = defences.Momentum()  # each client's updates over rounds (in memory)
         # Peer review: each client's latest view of its rows, and per node the candidate ids
         # sent this round (id -> pseudonym; the reviewer never learns whose view it scored).
-        self._views: dict[str, peer.LabelRows] = {}
+        self._views: dict[str, tuple[int, peer.LabelRows]] = {}  # name -> (round, view)
         self._review_ids: dict[int, dict[int, str]] = {}
         self._reviews_seen: dict[str, float] = {}  # this round's peer scores, for the history
 
@@ -160,20 +160,25 @@ class FusionStrategy(FedAvg):
         random number (at most MAX_REVIEWS, a seeded choice where there are more)."""
         node = message.metadata.dst_node_id
         client = self.federation.nodes[node]
-        candidates = []
-        for name in sorted(self._views):
-            shared = [c for c in client.labels if c in self._views[name].labels]
-            if name == client.pseudonym or name in self.federation.expelled:
-                continue
-            if len(shared) >= peer.MIN_SHARED_LABELS:
-                candidates.append((name, self._views[name].subset(shared)))
-        if not candidates:
+        own = set(client.labels)
+        admitted = {c.pseudonym for c in self.federation.nodes.values()}
+        # Only last round's views of clients still admitted: an older view was fitted on another
+        # encoder, and a client gone keeps its view to itself.
+        chosen = [
+            (name, [c for c in client.labels if c in set(view.labels)], view)
+            for name, (round_, view) in sorted(self._views.items())
+            if round_ == r - 1
+            and name in admitted
+            and name != client.pseudonym
+            and len(own.intersection(view.labels)) >= peer.MIN_SHARED_LABELS
+        ]
+        if not chosen:
             return message
-        if len(candidates) > MAX_REVIEWS:
-            pick = np.random.default_rng([self.training.seed, r, node % 2**32]).choice(
-                len(candidates), MAX_REVIEWS, replace=False
-            )
-            candidates = [candidates[i] for i in sorted(pick)]
+        if len(chosen) > MAX_REVIEWS:
+            seed = [self.training.seed % 2**32, r % 2**32, node % 2**32]
+            pick = np.random.default_rng(seed).choice(len(chosen), MAX_REVIEWS, replace=False)
+            chosen = [chosen[i] for i in sorted(pick)]
+        candidates = [(name, view.subset(shared)) for name, shared, view in chosen]
         ids = np.random.default_rng().permutation(len(candidates))  # OS entropy: not guessable
         self._review_ids[node] = {
             int(i): name for i, (name, _) in zip(ids, candidates, strict=True)
@@ -271,7 +276,7 @@ class FusionStrategy(FedAvg):
             try:
                 if phase.name != AGREEMENT and self.secure is None:
                     check_update(reply.content.array_records["arrays"], self._sent)
-                view, scored = self._decoded_review(client, reply)
+                view, scored = self._decoded_review(client, reply, r)
                 stats = self._merge(client, reply, r)
             except (
                 wire.WireError,
@@ -293,7 +298,7 @@ class FusionStrategy(FedAvg):
             ok.append((client, reply, stats))
             self._count_reply("ok")
             if view is not None:
-                self._views[client.pseudonym] = view
+                self._views[client.pseudonym] = (r, view)
             reviews += scored
         if not ok:
             raise FederationStopped(
@@ -392,38 +397,50 @@ class FusionStrategy(FedAvg):
         return dist, stats
 
     def _decoded_review(
-        self, client: Client, reply: Message
+        self, client: Client, reply: Message, r: int
     ) -> tuple[peer.LabelRows | None, list[tuple[str, str, float]]]:
         """A reply's view of its rows and its scores of the candidates it was sent, decoded
-        and checked (a WireError names the field); nothing where peer review is off."""
+        and checked (a WireError names the field); nothing where peer review is off. The plan
+        asked for a view: a reply without one is refused (a client that withheld its view would
+        otherwise escape review)."""
         if not self._peer_review:
             return None, []
         fusion = reply.content.config_records["fusion"]
-        view = None
-        if peer.EXPERT_ROWS_KEY in fusion:
-            rows = peer.decode_expert_rows(
-                _encoded(fusion, peer.EXPERT_ROWS_KEY), dim=self._sent["prototypes"].shape[1]
+        if peer.EXPERT_ROWS_KEY not in fusion:
+            raise wire.WireError(
+                "ExpertRows: missing; the round plan asks for peer review ([federation] "
+                "peer_review): send the expert's own view of its rows (run matching versions)"
             )
-            if rows.pseudonym != client.pseudonym or rows.rows.labels != client.labels:
-                raise wire.WireError(
-                    f"ExpertRows: {rows.pseudonym!r} with labels {list(rows.rows.labels)[:5]} "
-                    f"from the node registered as {client.pseudonym!r} with "
-                    f"{list(client.labels)[:5]}; send the node's own labels in declared order"
-                )
-            view = rows.rows
+        rows = peer.decode_expert_rows(
+            _encoded(fusion, peer.EXPERT_ROWS_KEY), dim=self._sent["prototypes"].shape[1]
+        )
+        if (rows.pseudonym, rows.round, rows.rows.labels) != (client.pseudonym, r, client.labels):
+            raise wire.WireError(
+                f"ExpertRows: {rows.pseudonym!r}, round {rows.round}, labels "
+                f"{list(rows.rows.labels)[:5]} from the node registered as {client.pseudonym!r} "
+                f"with {list(client.labels)[:5]} in round {r}; send the node's own labels in "
+                "declared order, fitted this round"
+            )
         scored: list[tuple[str, str, float]] = []
         if peer.REVIEW_SCORES_KEY in fusion:
             sent = self._review_ids.get(reply.metadata.src_node_id, {})
             scores = peer.decode_review_scores(
                 _encoded(fusion, peer.REVIEW_SCORES_KEY), sent=set(sent)
             )
+            if (scores.pseudonym, scores.round) != (client.pseudonym, r):
+                raise wire.WireError(
+                    f"ReviewScores: {scores.pseudonym!r}, round {scores.round}, from the node "
+                    f"registered as {client.pseudonym!r} in round {r}; score this round's "
+                    "PeerReview under the node's own pseudonym"
+                )
             scored = [(client.pseudonym, sent[c], v) for c, v in scores.scores]
-        return view, scored
+        return rows.rows, scored
 
     def _record_reviews(self, reviews: list[tuple[str, str, float]]) -> None:
         """The round's peer scores (``defences.peer_scores``), averaged into each client's
         history of them like the evidence of its updates (half the weight on this round)."""
-        scores = defences.peer_scores(reviews)
+        # Each reviewer weighs its trust from before this round's scores (defences.peer_scores).
+        scores = defences.peer_scores(reviews, {j: self.trust_of(j) for j, _, _ in reviews})
         self._reviews_seen = scores
         history = self.federation.reviews
         for name, score in scores.items():

@@ -4,6 +4,8 @@ server/fusion/defences.py's peer_scores, the strategy's rounds)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -148,34 +150,44 @@ def _reviews(scores: dict[tuple[str, str], float]) -> list[tuple[str, str, float
     return [(j, k, s) for (j, k), s in scores.items()]
 
 
+def _equal(reviews: list[tuple[str, str, float]]) -> dict[str, float]:
+    return defences.peer_scores(reviews, dict.fromkeys({j for j, _, _ in reviews}, 1.0))
+
+
 def test_a_view_is_scored_by_its_peers_never_by_itself_and_needs_three_of_them():
     honest = ["a", "b", "c", "d"]
     said = {(j, k): 0.0 for j in honest for k in honest if j != k}
     said |= {(j, "flip"): -0.5 for j in honest}
     said |= {("flip", k): -0.6 for k in honest}
     said[("flip", "flip")] = 1.0  # a self-review is ignored
-    scores = defences.peer_scores(_reviews(said))
+    scores = _equal(_reviews(said))
     assert scores["flip"] == pytest.approx(-0.5) and defences.review_trust(scores["flip"]) == 0.0
     assert all(defences.review_trust(scores[k]) == 1.0 for k in honest)
-    two = defences.peer_scores([("a", "x", 0.0), ("b", "x", 0.0)])
+    two = _equal([("a", "x", 0.0), ("b", "x", 0.0)])
     assert "x" not in two  # two reviewers: no judgement, full trust
     assert defences.review_trust(float("nan")) == 1.0
 
 
-def test_two_hostile_reviewers_of_three_do_not_hold_an_honest_view_down():
-    # "poor" is reviewed by two label flippers and one honest client (the benchmark's federation
-    # has this shape); the flippers are themselves scored down by the honest clients, so their
-    # say over "poor" goes.
-    said = {("flip1", "poor"): -0.6, ("flip2", "poor"): -0.6, ("forest", "poor"): -0.05}
-    for j in ("forest", "mlp", "knn"):
-        said |= {(j, "flip1"): -0.4, (j, "flip2"): -0.45}
-    said |= {("flip1", "flip2"): 0.0, ("flip2", "flip1"): 0.0}
-    said |= {(j, "forest"): 0.0 for j in ("mlp", "knn", "poor")}
-    scores = defences.peer_scores(_reviews(said))
-    assert defences.review_trust(scores["flip1"]) == defences.review_trust(scores["flip2"]) == 0
-    assert "poor" not in scores or defences.review_trust(scores["poor"]) == 1.0
-    # but a single pass (the plain median of the three) would have sunk it
-    assert defences.peer_scores(_reviews(said), iterations=1)["poor"] == pytest.approx(-0.6)
+def test_a_reviewer_weighs_its_trust_from_before_the_round_and_one_of_none_does_not_count():
+    said = [("a", "x", 0.0), ("b", "x", 0.0), ("c", "x", 0.0), ("flip", "x", -1.0)]
+    # the flipper was scored down in an earlier round: its say is gone, the rest agree
+    assert defences.peer_scores(said, {"a": 1, "b": 1, "c": 1, "flip": 0})["x"] == 0.0
+    # with two reviewers of positive weight left the view is not judged
+    assert "x" not in defences.peer_scores(said, {"a": 1, "b": 1, "c": 0, "flip": 0})
+    # a reviewer the server does not know has no say
+    assert "x" not in defences.peer_scores(said, {"a": 1, "b": 1})
+
+
+def test_two_colluding_reviewers_against_two_honest_ones_cannot_sink_an_honest_view():
+    # the benchmark's shape: "poor" is reviewed by two label flippers and two honest clients;
+    # the colluders score it as low as they can, every weight equal (the first round)
+    said = [("flip1", "poor", -1.0), ("flip2", "poor", -1.0)]
+    said += [("forest", "poor", 0.0), ("mlp", "poor", -0.05)]
+    scores = _equal(said)
+    assert defences.review_trust(scores["poor"]) == 1.0  # a tie: the upper median, not the lie
+    # three colluders of four are a majority of the weight: that is what the median gives up
+    said[2] = ("flip3", "poor", -1.0)
+    assert defences.review_trust(_equal(said)["poor"]) == 0.0
 
 
 @settings(max_examples=100, deadline=None)
@@ -184,8 +196,28 @@ def test_one_hostile_reviewer_moves_a_view_by_at_most_one_place_of_the_median(ho
     said = [(f"h{i}", "x", s) for i, s in enumerate(honest)]
     low, high = sorted(honest)[0], sorted(honest)[-1]
     for lie in (lie1, lie2):
-        score = defences.peer_scores([*said, ("liar", "x", lie)])["x"]
+        score = _equal([*said, ("liar", "x", lie)])["x"]
         assert low <= score <= high  # within the honest reviewers' range, whatever it says
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(-1, 1), min_size=2, max_size=6),
+    st.lists(st.floats(-1, 1), min_size=0, max_size=6),
+    st.lists(st.floats(0, 2), min_size=12, max_size=12),
+)
+def test_no_minority_of_reviewer_weight_can_score_a_view_below_every_honest_score(honest, lies, w):
+    """Hostile reviewers holding at most half the reviewing weight leave the score at or above
+    the lowest honest score, whatever they say."""
+    said = [(f"h{i}", "x", s) for i, s in enumerate(honest)]
+    said += [(f"l{i}", "x", s) for i, s in enumerate(lies)]
+    weights = {f"h{i}": w[i] + 0.01 for i in range(len(honest))}
+    hostile = {f"l{i}": w[6 + i] for i in range(len(lies))}
+    if sum(hostile.values()) > sum(weights.values()):
+        hostile = {k: v * sum(weights.values()) / sum(hostile.values()) for k, v in hostile.items()}
+    score = defences.peer_scores(said, weights | hostile).get("x")
+    if score is not None:
+        assert score >= min(honest) - 1e-12
 
 
 # -- the client's part -------------------------------------------------------------------------
@@ -298,8 +330,11 @@ def _reply(node: int, view: peer.ExpertRows | None, scores: peer.ReviewScores | 
 
 
 class _Grid:
+    def __init__(self, nodes=tuple(CLIENTS)):
+        self.nodes = list(nodes)
+
     def get_node_ids(self):
-        return list(CLIENTS)
+        return self.nodes
 
 
 def test_views_travel_to_the_clients_sharing_two_labels_without_names_and_scores_set_trust(
@@ -327,7 +362,7 @@ def test_views_travel_to_the_clients_sharing_two_labels_without_names_and_scores
             assert float(rows.prototypes[0, 0]) != node  # never its own view
             name = strategy._review_ids[node][cid]
             assert name != CLIENTS[node][0]
-            assert set(rows.labels) == own & set(strategy._views[name].labels)
+            assert set(rows.labels) == own & set(strategy._views[name][1].labels)
     # c (labels 0, 3) shares two labels with d only; a shares two with b and d
     assert len(received[3].candidates) == 1 and len(received[1].candidates) == 2
     # the reviews come back: everyone scores d's view far below its own, the rest as good
@@ -335,7 +370,8 @@ def test_views_travel_to_the_clients_sharing_two_labels_without_names_and_scores
     for node, review in received.items():
         d_ids = [c for c, _ in review.candidates if strategy._review_ids[node][c] == "d"]
         scores = tuple((c, -0.6 if c in d_ids else 0.0) for c, _ in review.candidates)
-        replies.append(_reply(node, views[node], peer.ReviewScores(CLIENTS[node][0], 2, scores)))
+        view = dataclasses.replace(views[node], round=2)
+        replies.append(_reply(node, view, peer.ReviewScores(CLIENTS[node][0], 2, scores)))
     strategy.aggregate_train(2, replies)
     assert strategy.federation.reviews["d"] == pytest.approx(-0.6)
     assert strategy.trust_of("d") == 0.0 and strategy.history[-1]["reviews"]["d"] == -0.6
@@ -347,11 +383,47 @@ def test_a_score_for_a_candidate_not_sent_or_a_foreign_view_costs_the_reply(in_a
     strategy._sent = {"prototypes": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
     foreign = peer.ExpertRows("a", 1, _rows(("0", "1")))  # not the labels a declared
     forged = peer.ReviewScores("b", 1, ((12345, -1.0),))  # nothing was sent to b
-    good = [_reply(n, None, None) for n in (3, 4)]
-    strategy.aggregate_train(1, [_reply(1, foreign, None), _reply(2, None, forged), *good])
+    b_view = peer.ExpertRows("b", 1, _rows(CLIENTS[2][1]))
+    good = [
+        _reply(n, peer.ExpertRows(CLIENTS[n][0], 1, _rows(CLIENTS[n][1])), None) for n in (3, 4)
+    ]
+    strategy.aggregate_train(1, [_reply(1, foreign, None), _reply(2, b_view, forged), *good])
     assert set(strategy.federation.records) == {"c", "d"}
     assert strategy.federation.strikes == {"a": 1, "b": 1}
-    assert strategy._views == {} and strategy.federation.reviews == {}
+    assert set(strategy._views) == {"c", "d"} and strategy.federation.reviews == {}
+
+
+def test_a_reply_without_its_view_or_with_another_rounds_is_refused(in_a_run):
+    strategy = _strategy()
+    strategy._sent = {"prototypes": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    stale = peer.ExpertRows("b", 0, _rows(CLIENTS[2][1]))  # a view fitted in another round
+    good = [
+        _reply(n, peer.ExpertRows(CLIENTS[n][0], 1, _rows(CLIENTS[n][1])), None) for n in (3, 4)
+    ]
+    strategy.aggregate_train(1, [_reply(1, None, None), _reply(2, stale, None), *good])
+    assert set(strategy.federation.records) == {"c", "d"}
+    assert strategy.federation.strikes == {"a": 1, "b": 1}
+
+
+def test_only_last_rounds_views_of_admitted_clients_are_sent_for_review(in_a_run):
+    strategy = _strategy()
+    strategy._sent = {"prototypes": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    views = {n: peer.ExpertRows(p, 1, _rows(labels, value=n)) for n, (p, labels) in CLIENTS.items()}
+    strategy.aggregate_train(1, [_reply(n, views[n], None) for n in CLIENTS])
+    del strategy.federation.nodes[4]  # d has left: its view goes nowhere
+    arrays = to_record(strategy._sent)
+    for m in strategy.configure_train(2, arrays, ConfigRecord(), _Grid((1, 2, 3))):
+        sent = strategy._review_ids.get(m.metadata.dst_node_id, {})
+        assert "d" not in sent.values()
+    # a round later every view is a round old: none is sent
+    for m in strategy.configure_train(3, arrays, ConfigRecord(), _Grid((1, 2, 3))):
+        assert peer.PEER_REVIEW_KEY not in m.content["config"]
+
+
+def test_review_scores_past_their_size_are_refused_before_parsing():
+    big = b"\x0a" + b"\xff" * (peer.MAX_SCORES_BYTES + 1)
+    with pytest.raises(wire.WireError, match=r"ReviewScores: \d+ bytes"):
+        peer.decode_review_scores(big)
 
 
 def test_without_peer_review_nothing_is_sent_asked_or_read(in_a_run):

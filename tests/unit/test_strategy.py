@@ -131,7 +131,10 @@ def _strategy(
         fed,
         Schedule.from_settings(FederationSettings(rounds=rounds), training),
         training,
-        FederationSettings(rounds=rounds, aggregation=aggregation, min_clients=min_clients),
+        # peer review has tests of its own (test_peer_review.py): these replies carry no views
+        FederationSettings(
+            rounds=rounds, aggregation=aggregation, min_clients=min_clients, peer_review=False
+        ),
         model_config or {},
         lambda r, a, st: saved.append((r, a)),
     )
@@ -597,7 +600,7 @@ def test_on_replies_runs_before_anything_is_merged_or_checkpointed(in_a_run):
         fed,
         Schedule.from_settings(FederationSettings(rounds=2), TrainingSettings()),
         TrainingSettings(),
-        FederationSettings(rounds=2),
+        FederationSettings(rounds=2, peer_review=False),
         {},
         lambda r, a, st: saved.append(r),
         round_offset=1,
