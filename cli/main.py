@@ -158,6 +158,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     adapt.add_argument("--seed", type=int, default=0, help="seed of the adaptation's random draws")
     adapt.add_argument(
+        "--onnx",
+        type=Path,
+        metavar="REPO",
+        help=(
+            "with --server: also write the service's signed ONNX export of the model into this "
+            "model repository (REPO/NAME/VERSION/model.onnx, as `protofuse export` writes; "
+            "verified like the model)"
+        ),
+    )
+    adapt.add_argument(
+        "--onnx-name", default="model", help="with --onnx: the model's name (default: model)"
+    )
+    adapt.add_argument(
+        "--onnx-version", type=int, default=1, help="with --onnx: its version (default: 1)"
+    )
+    adapt.add_argument(
         "--recompose",
         choices=["gaussian", "mixture"],
         help="generative family: form of q*(w) (default: the bank's setting)",
@@ -572,6 +588,11 @@ def _adapt(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    if args.onnx is not None and not args.server:
+        raise ValueError(
+            "--onnx asks the adaptation service (--server) for an export; for a model adapted "
+            "here, run `protofuse export MODEL --out REPO --name NAME` afterwards"
+        )
     if args.server:
         if args.signing_key:
             raise ValueError(
@@ -612,14 +633,28 @@ def _adapt_remote(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, option
         with FusionClient(
             args.server, certs=args.certs, insecure=args.insecure, unsigned_ok=args.unsigned_ok
         ) as client:
-            model = client.adapt(x, y, out=args.out, seed=args.seed, **options)
+            model = client.adapt(
+                x,
+                y,
+                out=args.out,
+                seed=args.seed,
+                onnx=args.onnx,
+                onnx_name=args.onnx_name,
+                onnx_version=args.onnx_version,
+                **options,
+            )
     except FusionError as err:
         raise ValueError(f"{args.server}: {err}") from None
     print(
         f"adapted bank {model.bank_meta['version']} on {args.server} to classes "
         f"{model.classes_.tolist()} from {len(x)} examples in {time.perf_counter() - t0:.2f}s "
         f"({'signature verified' if not args.unsigned_ok else 'signature NOT verified'}); written "
-        f"to {args.out}",
+        f"to {args.out}"
+        + (
+            f"; ONNX export in {args.onnx / args.onnx_name / str(args.onnx_version)}"
+            if args.onnx is not None
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0

@@ -155,15 +155,22 @@ class FusionClient:
         *,
         out: str | os.PathLike | None = None,
         seed: int | None = None,
+        onnx: str | os.PathLike | None = None,
+        onnx_name: str = "model",
+        onnx_version: int = 1,
         **options: Any,
     ) -> AdaptedModel:
         """A model for the task of the support set x (n, d), y (n,) label names, verified.
 
         ``options`` are the bank's adaptation settings (``prior_strength=...``); ``out`` also
-        writes the model folder (the files exactly as the server signed them).
+        writes the model folder (the files exactly as the server signed them). ``onnx``: a model
+        repository (Triton's, KServe's layout) the server's ONNX export of the model is also
+        written to, as ``onnx_name/onnx_version/model.onnx`` with its ``labels.txt`` and
+        ``config.pbtxt``; its signature is verified first, like the model's.
         """
         held = self._bank_weights  # read once: another thread may replace it meanwhile
-        response = self._adapt(x, y, held, seed=seed, **options)
+        export_to = None if onnx is None else (str(onnx_name), onnx_version)
+        response = self._adapt(x, y, held, seed=seed, onnx=export_to, **options)
         source = f"model from {self.address}"
         # Verified here (checksum and signature over the complete weights file) before any use.
         if response.bank_weights_omitted:
@@ -197,13 +204,35 @@ class FusionClient:
             self._keep_bank_weights(response, model)
         if out is not None:
             artifacts.write(out, files, KIND)
+        if onnx is not None:
+            self._write_onnx(response, onnx)
         return model
 
+    def _write_onnx(self, response: AdaptResponse, repository: str | os.PathLike) -> None:
+        """The reply's ONNX export, verified, into the repository."""
+        from protofuse import export
+
+        if response.onnx is None:
+            raise FusionError(
+                "Adapt", grpc.StatusCode.DATA_LOSS, "the reply holds no ONNX export, though asked"
+            )
+        source = f"ONNX export from {self.address}"
+        if self.public_key is not None:
+            export.verify_export_files(response.onnx, self.public_key, source)
+        export.write_export(repository, response.onnx)
+
     def adapt_response(
-        self, x: np.ndarray, y: Any, *, seed: int | None = None, **options: Any
+        self,
+        x: np.ndarray,
+        y: Any,
+        *,
+        seed: int | None = None,
+        onnx: tuple[str, int] | None = None,
+        **options: Any,
     ) -> AdaptResponse:
-        """The raw reply of Adapt (artifact files and fit metrics), not yet verified."""
-        return self._adapt(x, y, self._bank_weights, seed=seed, **options)
+        """The raw reply of Adapt (artifact files, fit metrics and, if ``onnx`` (name, version)
+        asks, the ONNX export), not yet verified."""
+        return self._adapt(x, y, self._bank_weights, seed=seed, onnx=onnx, **options)
 
     def _adapt(
         self,
@@ -212,6 +241,7 @@ class FusionClient:
         held: tuple[str, HeldBank] | None,
         *,
         seed: int | None = None,
+        onnx: tuple[str, int] | None = None,
         **options: Any,
     ) -> AdaptResponse:
         arr = np.asarray(x)
@@ -233,7 +263,7 @@ class FusionClient:
         known = held[0] if held else ""
         try:
             request = encode_adapt_request(
-                AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts, known)
+                AdaptRequest(arr, tuple(labels.astype(str).tolist()), opts, known, onnx)
             )
         except WireError as err:
             raise ValueError(str(err)) from None

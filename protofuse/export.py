@@ -16,12 +16,12 @@ Needs the ``onnx`` extra (onnx, onnxscript: torch's exporter; onnxruntime: that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,45 +37,46 @@ from . import artifacts, signing
 from .adapted import AdaptedModel
 from .families.discriminative import DiscriminativeTask
 from .io import atomic_write_bytes
+from .protocol.service import ONNX_NAME, OnnxExport
 
 KIND = "protofuse-onnx-export"  # what the signature names: never valid for another kind of file
 MODEL_FILE, CONFIG_FILE, LABELS_FILE = "model.onnx", "config.pbtxt", "labels.txt"
 INPUT, OUTPUT = "input", "proba"
+EMBEDDING = "embedding"  # the encoder's output, the head's input
 TOLERANCE = 1e-5  # onnxruntime against predict_proba, per probability
 OPSET = 18
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a folder name every server accepts
 
 
 class ExportError(ValueError):
     """The model cannot be exported as asked (its family, a name, a check that failed)."""
 
 
-class ProbabilityGraph(nn.Module):
-    """The adapted model as one network: x (n, d) -> class probabilities (n, K)."""
+class EncoderGraph(nn.Module):
+    """The bank's encoder as one network: x (n, d) -> embedding (n, F). Every model adapted from
+    one bank version shares it, so it is exported once per version (``encoder_onnx``)."""
 
     def __init__(self, task: DiscriminativeTask) -> None:
         super().__init__()
         self.encoder = task.model.encoder
-        self.register_buffer("prototypes", task.head.prototypes.detach().clone())  # (K, F)
-        self.register_buffer("bias", task.head.bias.detach().clone())  # (K,)
-        self.register_buffer("temperature", task.head.log_temp.detach().exp().clone())  # ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.encoder(x)  # (n, F)
-        logits = self.temperature * (z @ self.prototypes.T + self.bias)  # (n, K)
-        return torch.softmax(logits, dim=-1)
+        return self.encoder(x)  # (n, F)
 
 
-def onnx_bytes(model: AdaptedModel) -> bytes:
-    """The model's ONNX file, its metadata holding the class names and the bank's version."""
-
+def _discriminative(model: AdaptedModel) -> DiscriminativeTask:
     if not isinstance(model.task, DiscriminativeTask):
         raise ExportError(
             f"the {model.bank_meta.get('family')} family predicts by sampling its latent "
             "distribution; ONNX export covers the discriminative family (adapt a bank of that "
             'family: [model] family = "discriminative")'
         )
-    graph = ProbabilityGraph(model.task).eval()
+    return model.task
+
+
+def encoder_onnx(model: AdaptedModel) -> bytes:
+    """The ONNX graph of the model's encoder, x (n, d) -> EMBEDDING (n, F), by torch's exporter
+    (about a second: the part of an export worth keeping per bank version)."""
+    graph = EncoderGraph(_discriminative(model)).eval()
     example = torch.zeros(2, int(model.bank_meta["x_dim"]))
     # torch's exporter reports each stage on stdout and warns about optional libraries: quiet.
     with (
@@ -89,14 +90,50 @@ def onnx_bytes(model: AdaptedModel) -> bytes:
             graph,
             (example,),
             input_names=[INPUT],
-            output_names=[OUTPUT],
+            output_names=[EMBEDDING],
             dynamic_shapes=({0: torch.export.Dim("n", min=1)},),
             opset_version=OPSET,
             dynamo=True,
         )
     if program is None:  # only without dynamo=True
         raise ExportError("torch's ONNX exporter returned no program")
-    proto = program.model_proto
+    return bytes(program.model_proto.SerializeToString())
+
+
+def onnx_bytes(model: AdaptedModel, encoder: bytes | None = None) -> bytes:
+    """The model's ONNX file: the encoder's graph (``encoder``, from ``encoder_onnx`` of a model
+    of the same bank version, or exported now) followed by the task's head,
+    ``softmax(t * (z P^T + b))``; its metadata holds the class names and the bank's version."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    head = _discriminative(model).head
+    proto = onnx.load_model_from_string(encoder if encoder is not None else encoder_onnx(model))
+    graph = proto.graph
+    if [o.name for o in graph.output] != [EMBEDDING]:
+        raise ExportError(f"the encoder's graph has outputs {[o.name for o in graph.output]}")
+    prototypes = head.prototypes.detach().numpy().astype(np.float32)  # (K, F)
+    k = prototypes.shape[0]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(prototypes.T), "head.prototypes_t"),
+            numpy_helper.from_array(head.bias.detach().numpy().astype(np.float32), "head.bias"),
+            numpy_helper.from_array(
+                head.log_temp.detach().exp().numpy().astype(np.float32).reshape(()),
+                "head.temperature",
+            ),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("MatMul", [EMBEDDING, "head.prototypes_t"], ["head.scores"]),
+            helper.make_node("Add", ["head.scores", "head.bias"], ["head.shifted"]),
+            helper.make_node("Mul", ["head.shifted", "head.temperature"], ["head.logits"]),
+            helper.make_node("Softmax", ["head.logits"], [OUTPUT], axis=-1),
+        ]
+    )
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["n", k]))
     for key, value in _metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -165,6 +202,46 @@ class Exported:
     parity: float  # the largest gap between onnxruntime and predict_proba measured before writing
 
 
+def check_name(name: str, version: int) -> None:
+    """ExportError unless ``name`` is a folder name every server accepts and ``version`` a whole
+    number from 1 (checked before any work)."""
+    if not isinstance(name, str) or not ONNX_NAME.fullmatch(name):
+        raise ExportError(
+            f"--name {name!r}: use letters, digits, '_', '.' and '-' (at most 128, starting with "
+            "a letter or digit): it becomes a folder and the name servers know the model by"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2**31 - 1:
+        raise ExportError(f"--model-version {version!r}: give a whole number from 1")
+
+
+def export_files(
+    model: AdaptedModel,
+    name: str,
+    version: int = 1,
+    signing_key: Ed25519PrivateKey | None = None,
+    encoder: bytes | None = None,
+) -> OnnxExport:
+    """``model`` as an exported version, checked against ``predict_proba`` (``check_parity``)
+    and signed with ``signing_key`` if given. ``encoder``: ``encoder_onnx`` of the bank version
+    the model was adapted from, if the caller keeps it."""
+    check_name(name, version)
+    bad = [c for c in model.classes_.tolist() if "\n" in c or "\r" in c]
+    if bad:
+        raise ExportError(
+            f"class names {bad[:3]} hold a line break, which labels.txt cannot keep; adapt the "
+            "model with class names of one line"
+        )
+    data = onnx_bytes(model, encoder)
+    parity = check_parity(model, data)
+    labels = "".join(f"{c}\n" for c in model.classes_.tolist()).encode()
+    config = triton_config(name, int(model.bank_meta["x_dim"]), len(model.classes_))
+    files = OnnxExport(name, int(version), data, labels, config, parity=parity)
+    if signing_key is None:
+        return files
+    signature = signing.sign(KIND, files_digest(files), signing_key)
+    return dataclasses.replace(files, signature=signature)
+
+
 def export_onnx(
     model: AdaptedModel,
     repository: str | os.PathLike,
@@ -176,25 +253,18 @@ def export_onnx(
     is checked against ``predict_proba`` first (``check_parity``). A model of that name with other
     classes or another input size is refused (one labels.txt and config.pbtxt serve all its
     versions); an existing version is replaced."""
-    if not _NAME.fullmatch(name):
-        raise ExportError(
-            f"--name {name!r}: use letters, digits, '_', '.' and '-' (at most 128, starting with "
-            "a letter or digit): it becomes a folder and the name servers know the model by"
-        )
-    if isinstance(version, bool) or not 1 <= int(version) <= 2**31 - 1:
-        raise ExportError(f"--model-version {version}: give a whole number from 1")
-    bad = [c for c in model.classes_.tolist() if "\n" in c or "\r" in c]
-    if bad:
-        raise ExportError(
-            f"class names {bad[:3]} hold a line break, which labels.txt cannot keep; adapt the "
-            "model with class names of one line"
-        )
-    data = onnx_bytes(model)
-    parity = check_parity(model, data)
-    folder = Path(repository) / name
-    labels = "".join(f"{c}\n" for c in model.classes_.tolist()).encode()
-    config = triton_config(name, int(model.bank_meta["x_dim"]), len(model.classes_))
-    for file, content in ((LABELS_FILE, labels), (CONFIG_FILE, config)):
+    check_name(name, version)
+    files = export_files(model, name, int(version), signing_key)
+    return Exported(write_export(repository, files), files.parity)
+
+
+def write_export(repository: str | os.PathLike, files: OnnxExport) -> Path:
+    """Write an exported version into the repository; returns its version folder. A model of
+    that name with other labels or configuration is refused (one labels.txt and config.pbtxt serve
+    all its versions); an existing version is replaced."""
+    check_name(files.name, files.version)
+    folder = Path(repository) / files.name
+    for file, content in ((LABELS_FILE, files.labels), (CONFIG_FILE, files.config)):
         existing = artifacts.read_plain_file(
             folder / file, artifacts.MAX_META_BYTES, "MAX_META_BYTES"
         )
@@ -203,37 +273,65 @@ def export_onnx(
                 f"{folder / file} describes another model (other classes or input size); export "
                 "this one under another --name"
             )
-    target = folder / str(int(version))
+    target = folder / str(files.version)
     for path in (folder, target):
         if path.is_symlink():
             raise ExportError(f"{path}: a link; export into plain folders only")
     target.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / LABELS_FILE, labels)
-    atomic_write_bytes(folder / CONFIG_FILE, config)
-    atomic_write_bytes(target / MODEL_FILE, data)
+    atomic_write_bytes(folder / LABELS_FILE, files.labels)
+    atomic_write_bytes(folder / CONFIG_FILE, files.config)
+    atomic_write_bytes(target / MODEL_FILE, files.model)
     signature = target / signing.SIGNATURE
-    if signing_key is not None:
-        atomic_write_bytes(signature, signing.sign(KIND, digest(target), signing_key))
+    if files.signature:
+        atomic_write_bytes(signature, files.signature)
     elif signature.exists():  # an older version's signature would not cover this file
         signature.unlink()
-    return Exported(target, parity)
+    return target
+
+
+def verify_export_files(
+    files: OnnxExport, public_key: str | os.PathLike | Ed25519PublicKey, source: str
+) -> dict[str, Any]:
+    """Check the signature of an exported version held as bytes (SignatureError if unsigned,
+    signed by another key, or made for other files, name or version)."""
+    record = files.signature or None
+    return signing.verify(
+        KIND, files_digest(files), record, signing.load_public_key(public_key), source
+    )
 
 
 def digest(version_folder: str | os.PathLike) -> str:
-    """The SHA-256 a signature covers: the model's name and version (its folders' names: a signed
-    version copied under another number, or under another name, no longer verifies) and the
-    model file, the labels and the configuration. The folders must be folders, not links."""
+    """The SHA-256 a signature covers (``digest_of``), of an exported version's folder. The
+    folders must be folders, not links."""
     folder = Path(version_folder)
     for path in (folder, folder.parent):
         if path.is_symlink() or not path.is_dir():
             raise ExportError(f"{path}: not a folder (a link, or missing); refused")
-    files = {
-        MODEL_FILE: folder / MODEL_FILE,
-        LABELS_FILE: folder.parent / LABELS_FILE,
-        CONFIG_FILE: folder.parent / CONFIG_FILE,
+    return digest_of(
+        folder.parent.name,
+        folder.name,
+        _read(folder / MODEL_FILE),
+        _read(folder.parent / LABELS_FILE),
+        _read(folder.parent / CONFIG_FILE),
+    )
+
+
+def files_digest(files: OnnxExport) -> str:
+    """``digest_of`` an exported version held as bytes."""
+    return digest_of(files.name, files.version, files.model, files.labels, files.config)
+
+
+def digest_of(name: str, version: int | str, model: bytes, labels: bytes, config: bytes) -> str:
+    """The SHA-256 a signature covers: the model's name and version (its folders' names: a signed
+    version copied under another number, or under another name, no longer verifies) and the
+    model file, the labels and the configuration."""
+    signed: dict[str, str] = {
+        MODEL_FILE: hashlib.sha256(model).hexdigest(),
+        LABELS_FILE: hashlib.sha256(labels).hexdigest(),
+        CONFIG_FILE: hashlib.sha256(config).hexdigest(),
+        "name": name,
+        "version": str(version),
     }
-    signed: dict[str, str] = {k: hashlib.sha256(_read(p)).hexdigest() for k, p in files.items()}
-    signed |= {"name": folder.parent.name, "version": folder.name}
     return hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
 
 

@@ -10,6 +10,7 @@ arguments, so a request is refused before any work starts.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,12 +44,32 @@ MAX_WIDTH = (
 )  # no bank has wider inputs (a federation admits none); refused before any array is shaped
 
 
+# An exported model's name in a repository: a folder name every inference server accepts.
+ONNX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_ONNX_VERSION = 2**31 - 1
+
+
 @dataclass(frozen=True, eq=False)
 class AdaptRequest:
     x: np.ndarray  # (n, d) float32 or float64
     labels: tuple[str, ...]  # n label names
     options: dict[str, str] = field(default_factory=dict)
     known_bank_weights_digest: str = ""  # bank weights the caller holds; "" for none
+    onnx: tuple[str, int] | None = None  # (name, version): also export the model as ONNX
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """An adapted model as ONNX, one version of a model repository held as bytes
+    (``protofuse.export`` makes, signs and writes it)."""
+
+    name: str  # the model's folder in the repository
+    version: int  # its version folder, from 1
+    model: bytes  # NAME/VERSION/model.onnx
+    labels: bytes  # NAME/labels.txt
+    config: bytes  # NAME/config.pbtxt
+    signature: bytes = b""  # NAME/VERSION/signature.json; empty when unsigned
+    parity: float = float("nan")  # the largest gap to predict_proba its maker measured
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,7 @@ class AdaptResponse:
     metrics: FitMetrics
     bank_weights_digest: str = ""  # sha256 of the .npz of the bank's arrays alone
     bank_weights_omitted: bool = False  # weights.npz holds only the task's arrays
+    onnx: OnnxExport | None = None  # the model as ONNX, when the request asked for it
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,9 @@ def encode_adapt_request(r: AdaptRequest) -> bytes:
         options=dict(r.options),
         known_bank_weights_digest=r.known_bank_weights_digest,
     )
+    if r.onnx is not None:
+        check_onnx_name(*r.onnx, path="AdaptRequest.onnx")
+        msg.onnx.name, msg.onnx.version = r.onnx
     msg.x.dtype = _DTYPE_CODES[x.dtype]
     msg.x.shape.extend(x.shape)
     msg.x.data = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
@@ -139,7 +164,11 @@ def decode_adapt_request(
             "label name per example"
         )
     labels = tuple(msg.labels) if len(x) else ()  # no rows: refused next, as an empty set
-    request = AdaptRequest(x, labels, dict(msg.options), msg.known_bank_weights_digest)
+    onnx = None
+    if msg.HasField("onnx"):
+        check_onnx_name(msg.onnx.name, msg.onnx.version, path="AdaptRequest.onnx")
+        onnx = (msg.onnx.name, int(msg.onnx.version))
+    request = AdaptRequest(x, labels, dict(msg.options), msg.known_bank_weights_digest, onnx)
     _check_request(
         x,
         request.labels,
@@ -152,6 +181,24 @@ def decode_adapt_request(
     )
     _check_digest(request.known_bank_weights_digest, "AdaptRequest.known_bank_weights_digest")
     return request
+
+
+def check_onnx_name(name: str, version: int, *, path: str) -> None:
+    """WireError unless ``name`` is a folder name every inference server accepts and ``version``
+    a whole number from 1."""
+    _check_text(name, f"{path}.name")
+    if not ONNX_NAME.fullmatch(name):
+        raise WireError(
+            f"{path}.name: {name[:80]!r}; use letters, digits, '_', '.' and '-' (at most 128, "
+            "starting with a letter or digit): it becomes a folder and the name servers know the "
+            "model by"
+        )
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise WireError(f"{path}.version: {version!r}; give a whole number from 1")
+    if not 1 <= version <= MAX_ONNX_VERSION:
+        raise WireError(
+            f"{path}.version: {version}; give a whole number from 1 to {MAX_ONNX_VERSION}"
+        )
 
 
 def _check_digest(value: str, path: str) -> None:
@@ -319,6 +366,15 @@ def encode_adapt_response(r: AdaptResponse) -> bytes:
     msg.metrics.seconds = float(m.seconds)
     msg.metrics.method = m.method
     msg.metrics.uncovered_labels.extend(m.uncovered_labels)
+    if r.onnx is not None:
+        o = r.onnx
+        msg.onnx.name, msg.onnx.version = o.name, o.version
+        msg.onnx.model_onnx, msg.onnx.labels_txt, msg.onnx.config_pbtxt = (
+            o.model,
+            o.labels,
+            o.config,
+        )
+        msg.onnx.signature_json, msg.onnx.parity = o.signature, o.parity
     return _serialize(msg)
 
 
@@ -338,12 +394,25 @@ def decode_adapt_response(data: bytes) -> AdaptResponse:
         m.method,
         tuple(m.uncovered_labels),
     )
+    onnx = None
+    if msg.HasField("onnx"):
+        o = msg.onnx
+        onnx = OnnxExport(
+            o.name,
+            int(o.version),
+            o.model_onnx,
+            o.labels_txt,
+            o.config_pbtxt,
+            o.signature_json,
+            o.parity,
+        )
     r = AdaptResponse(
         msg.bank_version,
         files,
         metrics,
         msg.artifact.bank_weights_digest,
         msg.artifact.bank_weights_omitted,
+        onnx,
     )
     _check_adapt_response(r)
     return r
@@ -371,6 +440,22 @@ def _check_adapt_response(r: AdaptResponse) -> None:
     wire._check_unit_interval(r.metrics.support_accuracy, "AdaptResponse.metrics.support_accuracy")
     wire._check_finite(r.metrics.seconds, "AdaptResponse.metrics.seconds")
     wire._check_uint(r.metrics.n_support, "AdaptResponse.metrics.n_support")
+    if r.onnx is not None:
+        _check_onnx_export(r.onnx, "AdaptResponse.onnx")
+
+
+def _check_onnx_export(o: OnnxExport, path: str) -> None:
+    check_onnx_name(o.name, o.version, path=path)
+    for attr, field_name in (
+        ("model", "model_onnx"),
+        ("labels", "labels_txt"),
+        ("config", "config_pbtxt"),
+    ):
+        if not getattr(o, attr):
+            raise WireError(f"{path}.{field_name}: empty; send the exported file")
+    wire._check_finite(o.parity, f"{path}.parity")
+    if o.parity < 0:
+        raise WireError(f"{path}.parity: {o.parity} is negative; send the largest absolute gap")
 
 
 # -- GetBank / ListExperts ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from protofuse.v1 import bank_pb2 as protofuse_dot_v1_dot_bank__pb2
 from protofuse.v1 import federation_pb2 as protofuse_dot_v1_dot_federation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protofuse/v1/fusion.proto\x12\x0cprotofuse.v1\x1a\x17protofuse/v1/bank.proto\x1a\x1dprotofuse/v1/federation.proto\"\x8a\x01\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.protofuse.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\"\xe4\x01\n\x0c\x41\x64\x61ptRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.protofuse.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x38\n\x07options\x18\x04 \x03(\x0b\x32\'.protofuse.v1.AdaptRequest.OptionsEntry\x12!\n\x19known_bank_weights_digest\x18\x05 \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x0f\x41\x64\x61ptedArtifact\x12\x13\n\x0bweights_npz\x18\x01 \x01(\x0c\x12\x11\n\tmeta_json\x18\x02 \x01(\x0c\x12\x16\n\x0esignature_json\x18\x03 \x01(\x0c\x12\x1b\n\x13\x62\x61nk_weights_digest\x18\x04 \x01(\t\x12\x1c\n\x14\x62\x61nk_weights_omitted\x18\x05 \x01(\x08\"\x85\x01\n\nFitMetrics\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x11\n\tn_support\x18\x02 \x01(\x04\x12\x18\n\x10support_accuracy\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x18\n\x10uncovered_labels\x18\x06 \x03(\t\"\x99\x01\n\rAdaptResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61nk_version\x18\x02 \x01(\t\x12/\n\x08\x61rtifact\x18\x03 \x01(\x0b\x32\x1d.protofuse.v1.AdaptedArtifact\x12)\n\x07metrics\x18\x04 \x01(\x0b\x32\x18.protofuse.v1.FitMetrics\"(\n\x0eGetBankRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\"l\n\x0fGetBankResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12,\n\x08manifest\x18\x02 \x01(\x0b\x32\x1a.protofuse.v1.BankManifest\x12\x13\n\x0binput_width\x18\x03 \x01(\x04\",\n\x12ListExpertsRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\"u\n\rExpertSummary\x12,\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1c.protofuse.v1.ManifestExpert\x12\x36\n\x0c\x64istribution\x18\x02 \x01(\x0b\x32 .protofuse.v1.ExpertDistribution\"q\n\x13ListExpertsResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61nk_version\x18\x02 \x01(\t\x12,\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x1b.protofuse.v1.ExpertSummary2\xe6\x01\n\x06\x46usion\x12@\n\x05\x41\x64\x61pt\x12\x1a.protofuse.v1.AdaptRequest\x1a\x1b.protofuse.v1.AdaptResponse\x12\x46\n\x07GetBank\x12\x1c.protofuse.v1.GetBankRequest\x1a\x1d.protofuse.v1.GetBankResponse\x12R\n\x0bListExperts\x12 .protofuse.v1.ListExpertsRequest\x1a!.protofuse.v1.ListExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protofuse/v1/fusion.proto\x12\x0cprotofuse.v1\x1a\x17protofuse/v1/bank.proto\x1a\x1dprotofuse/v1/federation.proto\"\x8a\x01\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.protofuse.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\"\x93\x02\n\x0c\x41\x64\x61ptRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.protofuse.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x38\n\x07options\x18\x04 \x03(\x0b\x32\'.protofuse.v1.AdaptRequest.OptionsEntry\x12!\n\x19known_bank_weights_digest\x18\x05 \x01(\t\x12-\n\x04onnx\x18\x06 \x01(\x0b\x32\x1f.protofuse.v1.OnnxExportRequest\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11OnnxExportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x91\x01\n\nOnnxExport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nmodel_onnx\x18\x03 \x01(\x0c\x12\x12\n\nlabels_txt\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63onfig_pbtxt\x18\x05 \x01(\x0c\x12\x16\n\x0esignature_json\x18\x06 \x01(\x0c\x12\x0e\n\x06parity\x18\x07 \x01(\x01\"\x8c\x01\n\x0f\x41\x64\x61ptedArtifact\x12\x13\n\x0bweights_npz\x18\x01 \x01(\x0c\x12\x11\n\tmeta_json\x18\x02 \x01(\x0c\x12\x16\n\x0esignature_json\x18\x03 \x01(\x0c\x12\x1b\n\x13\x62\x61nk_weights_digest\x18\x04 \x01(\t\x12\x1c\n\x14\x62\x61nk_weights_omitted\x18\x05 \x01(\x08\"\x85\x01\n\nFitMetrics\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x11\n\tn_support\x18\x02 \x01(\x04\x12\x18\n\x10support_accuracy\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x18\n\x10uncovered_labels\x18\x06 \x03(\t\"\xc1\x01\n\rAdaptResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61nk_version\x18\x02 \x01(\t\x12/\n\x08\x61rtifact\x18\x03 \x01(\x0b\x32\x1d.protofuse.v1.AdaptedArtifact\x12)\n\x07metrics\x18\x04 \x01(\x0b\x32\x18.protofuse.v1.FitMetrics\x12&\n\x04onnx\x18\x05 \x01(\x0b\x32\x18.protofuse.v1.OnnxExport\"(\n\x0eGetBankRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\"l\n\x0fGetBankResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12,\n\x08manifest\x18\x02 \x01(\x0b\x32\x1a.protofuse.v1.BankManifest\x12\x13\n\x0binput_width\x18\x03 \x01(\x04\",\n\x12ListExpertsRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\"u\n\rExpertSummary\x12,\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1c.protofuse.v1.ManifestExpert\x12\x36\n\x0c\x64istribution\x18\x02 \x01(\x0b\x32 .protofuse.v1.ExpertDistribution\"q\n\x13ListExpertsResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61nk_version\x18\x02 \x01(\t\x12,\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x1b.protofuse.v1.ExpertSummary2\xe6\x01\n\x06\x46usion\x12@\n\x05\x41\x64\x61pt\x12\x1a.protofuse.v1.AdaptRequest\x1a\x1b.protofuse.v1.AdaptResponse\x12\x46\n\x07GetBank\x12\x1c.protofuse.v1.GetBankRequest\x1a\x1d.protofuse.v1.GetBankResponse\x12R\n\x0bListExperts\x12 .protofuse.v1.ListExpertsRequest\x1a!.protofuse.v1.ListExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR_DTYPE']._serialized_start=182
   _globals['_TENSOR_DTYPE']._serialized_end=238
   _globals['_ADAPTREQUEST']._serialized_start=241
-  _globals['_ADAPTREQUEST']._serialized_end=469
-  _globals['_ADAPTREQUEST_OPTIONSENTRY']._serialized_start=423
-  _globals['_ADAPTREQUEST_OPTIONSENTRY']._serialized_end=469
-  _globals['_ADAPTEDARTIFACT']._serialized_start=472
-  _globals['_ADAPTEDARTIFACT']._serialized_end=612
-  _globals['_FITMETRICS']._serialized_start=615
-  _globals['_FITMETRICS']._serialized_end=748
-  _globals['_ADAPTRESPONSE']._serialized_start=751
-  _globals['_ADAPTRESPONSE']._serialized_end=904
-  _globals['_GETBANKREQUEST']._serialized_start=906
-  _globals['_GETBANKREQUEST']._serialized_end=946
-  _globals['_GETBANKRESPONSE']._serialized_start=948
-  _globals['_GETBANKRESPONSE']._serialized_end=1056
-  _globals['_LISTEXPERTSREQUEST']._serialized_start=1058
-  _globals['_LISTEXPERTSREQUEST']._serialized_end=1102
-  _globals['_EXPERTSUMMARY']._serialized_start=1104
-  _globals['_EXPERTSUMMARY']._serialized_end=1221
-  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1223
-  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1336
-  _globals['_FUSION']._serialized_start=1339
-  _globals['_FUSION']._serialized_end=1569
+  _globals['_ADAPTREQUEST']._serialized_end=516
+  _globals['_ADAPTREQUEST_OPTIONSENTRY']._serialized_start=470
+  _globals['_ADAPTREQUEST_OPTIONSENTRY']._serialized_end=516
+  _globals['_ONNXEXPORTREQUEST']._serialized_start=518
+  _globals['_ONNXEXPORTREQUEST']._serialized_end=568
+  _globals['_ONNXEXPORT']._serialized_start=571
+  _globals['_ONNXEXPORT']._serialized_end=716
+  _globals['_ADAPTEDARTIFACT']._serialized_start=719
+  _globals['_ADAPTEDARTIFACT']._serialized_end=859
+  _globals['_FITMETRICS']._serialized_start=862
+  _globals['_FITMETRICS']._serialized_end=995
+  _globals['_ADAPTRESPONSE']._serialized_start=998
+  _globals['_ADAPTRESPONSE']._serialized_end=1191
+  _globals['_GETBANKREQUEST']._serialized_start=1193
+  _globals['_GETBANKREQUEST']._serialized_end=1233
+  _globals['_GETBANKRESPONSE']._serialized_start=1235
+  _globals['_GETBANKRESPONSE']._serialized_end=1343
+  _globals['_LISTEXPERTSREQUEST']._serialized_start=1345
+  _globals['_LISTEXPERTSREQUEST']._serialized_end=1389
+  _globals['_EXPERTSUMMARY']._serialized_start=1391
+  _globals['_EXPERTSUMMARY']._serialized_end=1508
+  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1510
+  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1623
+  _globals['_FUSION']._serialized_start=1626
+  _globals['_FUSION']._serialized_end=1856
 # @@protoc_insertion_point(module_scope)

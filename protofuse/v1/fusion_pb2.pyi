@@ -28,7 +28,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("format_version", "x", "labels", "options", "known_bank_weights_digest")
+    __slots__ = ("format_version", "x", "labels", "options", "known_bank_weights_digest", "onnx")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,12 +41,40 @@ class AdaptRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_BANK_WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     x: Tensor
     labels: _containers.RepeatedScalarFieldContainer[str]
     options: _containers.ScalarMap[str, str]
     known_bank_weights_digest: str
-    def __init__(self, format_version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, str]] = ..., known_bank_weights_digest: _Optional[str] = ...) -> None: ...
+    onnx: OnnxExportRequest
+    def __init__(self, format_version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, str]] = ..., known_bank_weights_digest: _Optional[str] = ..., onnx: _Optional[_Union[OnnxExportRequest, _Mapping]] = ...) -> None: ...
+
+class OnnxExportRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class OnnxExport(_message.Message):
+    __slots__ = ("name", "version", "model_onnx", "labels_txt", "config_pbtxt", "signature_json", "parity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ONNX_FIELD_NUMBER: _ClassVar[int]
+    LABELS_TXT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_PBTXT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    model_onnx: bytes
+    labels_txt: bytes
+    config_pbtxt: bytes
+    signature_json: bytes
+    parity: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., model_onnx: _Optional[bytes] = ..., labels_txt: _Optional[bytes] = ..., config_pbtxt: _Optional[bytes] = ..., signature_json: _Optional[bytes] = ..., parity: _Optional[float] = ...) -> None: ...
 
 class AdaptedArtifact(_message.Message):
     __slots__ = ("weights_npz", "meta_json", "signature_json", "bank_weights_digest", "bank_weights_omitted")
@@ -79,16 +107,18 @@ class FitMetrics(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[str]] = ..., n_support: _Optional[int] = ..., support_accuracy: _Optional[float] = ..., seconds: _Optional[float] = ..., method: _Optional[str] = ..., uncovered_labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdaptResponse(_message.Message):
-    __slots__ = ("format_version", "bank_version", "artifact", "metrics")
+    __slots__ = ("format_version", "bank_version", "artifact", "metrics", "onnx")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BANK_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     bank_version: str
     artifact: AdaptedArtifact
     metrics: FitMetrics
-    def __init__(self, format_version: _Optional[int] = ..., bank_version: _Optional[str] = ..., artifact: _Optional[_Union[AdaptedArtifact, _Mapping]] = ..., metrics: _Optional[_Union[FitMetrics, _Mapping]] = ...) -> None: ...
+    onnx: OnnxExport
+    def __init__(self, format_version: _Optional[int] = ..., bank_version: _Optional[str] = ..., artifact: _Optional[_Union[AdaptedArtifact, _Mapping]] = ..., metrics: _Optional[_Union[FitMetrics, _Mapping]] = ..., onnx: _Optional[_Union[OnnxExport, _Mapping]] = ...) -> None: ...
 
 class GetBankRequest(_message.Message):
     __slots__ = ("format_version",)

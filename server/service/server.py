@@ -41,6 +41,7 @@ from protofuse.protocol.service import (
     AdaptResponse,
     BankInfo,
     FitMetrics,
+    OnnxExport,
     decode_adapt_request,
     decode_empty_request,
     encode_adapt_response,
@@ -74,6 +75,10 @@ class FusionService:
         self._slots = threading.BoundedSemaphore(settings.max_concurrent)
         self._held: dict[str, int] = {}  # Adapt requests each caller has held now
         self._held_lock = threading.Lock()
+        # The ONNX graph of each served bank version's encoder, exported once (the head of each
+        # task is added to it per request: about a second saved on every export).
+        self._encoders: dict[str, bytes] = {}
+        self._encoders_lock = threading.Lock()
         self.metrics = metrics
         if metrics is not None:
             metrics.held.set_function(self._held_total)
@@ -171,6 +176,8 @@ class FusionService:
             max_work=self.settings.max_work,
         )
         self._check_sampling_work(context, bank, req)
+        if req.onnx is not None:
+            _check_onnx_possible(context, bank.family)
         options: dict[str, Any] = dict(req.options)
         seed = options.pop("seed", "0")
         try:
@@ -221,6 +228,7 @@ class FusionService:
             omit = req.known_bank_weights_digest == snapshot.bank_weights_digest
             if omit:
                 files[artifacts.WEIGHTS] = artifacts.npz_bytes(model.task_arrays())
+            onnx = None if req.onnx is None else self._onnx(context, snapshot, model, *req.onnx)
         finally:
             self._slots.release()
             if len(req.x) * len(set(req.labels)) >= TRIM_AFTER_WORK:
@@ -234,8 +242,26 @@ class FusionService:
             tuple(model.info.get("uncovered_labels", ())),
         )
         return encode_adapt_response(
-            AdaptResponse(bank.version, files, metrics, snapshot.bank_weights_digest, omit)
+            AdaptResponse(bank.version, files, metrics, snapshot.bank_weights_digest, omit, onnx)
         )
+
+    def _onnx(
+        self, context: grpc.ServicerContext, snapshot: Any, model: Any, name: str, version: int
+    ) -> OnnxExport:
+        """The adapted model as a signed ONNX export, its encoder's graph reused per version."""
+        from protofuse import export
+
+        key = snapshot.bank_weights_digest
+        try:
+            with self._encoders_lock:  # one export of the encoder per version, whoever asks
+                if key not in self._encoders:
+                    self._encoders = {key: export.encoder_onnx(model)}  # older versions go
+                encoder = self._encoders[key]
+            return export.export_files(model, name, version, self.signing_key, encoder=encoder)
+        except export.ExportError as err:  # the graph would not give the model's answers
+            log.error("Adapt: ONNX export failed: %s", err)
+            context.abort(grpc.StatusCode.INTERNAL, f"AdaptRequest.onnx: {err}")
+            raise  # abort raises; for the type checker
 
     def _check_sampling_work(self, context: grpc.ServicerContext, bank: Any, req: Any) -> None:
         """A generative bank's adaptation samples n_z per example and class: a request raising
@@ -262,6 +288,26 @@ class FusionService:
         ours = self.settings.deadline_s - (time.monotonic() - started)
         theirs = context.time_remaining()
         return max(0.0, min(ours, theirs) if theirs is not None else ours)
+
+
+def _check_onnx_possible(context: grpc.ServicerContext, family: str) -> None:
+    """An ONNX export is refused before any work where it cannot be made."""
+    if family != "discriminative":
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"AdaptRequest.onnx: this service's bank is of the {family} family, whose models "
+            "predict by sampling; ONNX export covers the discriminative family (leave onnx unset)",
+        )
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "AdaptRequest.onnx: this service was installed without ONNX support; leave onnx "
+            "unset, or ask the operator to install protofuse[server,onnx]",
+        )
 
 
 def _request_error(text: str) -> str:

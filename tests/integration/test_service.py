@@ -3,6 +3,7 @@ FusionClient and through raw bytes (for requests the SDK would never send)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -130,6 +131,40 @@ def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_si
         )  # the copy was dropped
 
 
+def test_the_service_exports_the_model_as_signed_onnx_on_request(served, certs, tmp_path):
+    import onnxruntime as ort
+
+    from protofuse.export import verify_export, verify_export_files
+
+    address, _, _ = served
+    repo = tmp_path / "repo"
+    x, y = _support()
+    with FusionClient(address, certs=certs) as client:
+        model = client.adapt(x, y, seed=3, onnx=repo, onnx_name="task", onnx_version=2)
+        # a second task: the bank version's encoder graph is reused, the head is this task's
+        other = client.adapt(*_support(classes=(1, 3), seed=1), onnx=repo, onnx_name="other")
+        reply = client.adapt_response(x, y, seed=3, onnx=("task", 3))
+    for name, version, adapted, classes in (
+        ("task", "2", model, ["0", "2", "3"]),
+        ("other", "1", other, ["1", "3"]),
+    ):
+        folder = repo / name / version
+        verify_export(folder, certs / "signing.pub")
+        assert (repo / name / "labels.txt").read_text().splitlines() == classes
+        session = ort.InferenceSession(str(folder / "model.onnx"))
+        got = session.run(["proba"], {"input": X.astype(np.float32)})[0]
+        np.testing.assert_allclose(got, adapted.predict_proba(X), atol=1e-5, rtol=0)
+    assert reply.onnx is not None and 0 <= reply.onnx.parity <= 1e-5
+    assert verify_export_files(reply.onnx, certs / "signing.pub", "reply")
+    # an export altered on the way, or moved to another version, does not verify
+    for forged in (
+        dataclasses.replace(reply.onnx, model=reply.onnx.model + b"\0"),
+        dataclasses.replace(reply.onnx, version=4),
+    ):
+        with pytest.raises(SignatureError, match="the signature is for another artifact"):
+            verify_export_files(forged, certs / "signing.pub", "reply")
+
+
 def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served, certs):
     address, folder, _ = served
     bank = load_bank(folder)
@@ -161,6 +196,14 @@ def test_a_generative_bank_lists_its_experts_moments(certs, tmp_path):
             with pytest.raises(FusionError) as err:
                 client.adapt(*_support(), n_z=4096)
             assert client.adapt(*_support(), n_z=8).classes_.tolist() == ["0", "2", "3"]
+            # its models predict by sampling: no ONNX graph, refused before the work
+            with pytest.raises(FusionError) as no_onnx:
+                client.adapt(*_support(), n_z=8, onnx=tmp_path / "repo")
+        assert no_onnx.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "AdaptRequest.onnx: this service's bank is of the generative family" in (
+            no_onnx.value.details
+        )
+        assert not (tmp_path / "repo").exists()
         assert (
             experts[0].distribution.head.posterior.cov.shape[0]
             == experts[0].distribution.head.posterior.mean.shape[0]
@@ -338,6 +381,22 @@ BAD_REQUESTS = [
     ),
     ("prior strength infinite", _request(options={"prior_strength": "inf"}), "prior_strength"),
     (
+        "an ONNX name that is not a folder name",
+        _request()
+        + fusion_pb2.AdaptRequest(
+            onnx=fusion_pb2.OnnxExportRequest(name="../up", version=1)
+        ).SerializeToString(),
+        "AdaptRequest.onnx.name: '../up'",
+    ),
+    (
+        "an ONNX version 0",
+        _request()
+        + fusion_pb2.AdaptRequest(
+            onnx=fusion_pb2.OnnxExportRequest(name="task", version=0)
+        ).SerializeToString(),
+        "AdaptRequest.onnx.version: 0",
+    ),
+    (
         "a digest that is not one",
         _request() + fusion_pb2.AdaptRequest(known_bank_weights_digest="abc").SerializeToString(),
         "AdaptRequest.known_bank_weights_digest",
@@ -502,12 +561,19 @@ def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, cert
                 str(tmp_path / "support.npz"),
                 "--out",
                 str(tmp_path / "model"),
+                "--onnx",
+                str(tmp_path / "repo"),
+                "--onnx-name",
+                "cli-task",
             ],
             capture_output=True,
             text=True,
         )
         assert run.returncode == 0, run.stderr
-        assert "signature verified" in run.stderr
+        assert "signature verified" in run.stderr and "ONNX export in" in run.stderr
+        from protofuse.export import verify_export
+
+        verify_export(tmp_path / "repo" / "cli-task" / "1", certs / "signing.pub")
         pred = subprocess.run(
             [
                 *cli,

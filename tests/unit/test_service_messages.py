@@ -6,6 +6,8 @@ limits) is in tests/integration/test_service.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -29,6 +31,8 @@ from protofuse.protocol.service import (
     ExpertList,
     ExpertSummary,
     FitMetrics,
+    OnnxExport,
+    check_onnx_name,
     decode_adapt_request,
     decode_adapt_response,
     decode_bank_info,
@@ -235,6 +239,45 @@ def test_an_unsigned_response_has_no_signature_file():
 )
 def test_a_bad_response_is_refused_naming_the_field(changes, path):
     _refused(lambda: encode_adapt_response(_response(**changes)), path)
+
+
+ONNX = OnnxExport("task", 2, b"onnx", b"cat\ndog\neel\n", b"config", b"sig", 3e-7)
+
+
+def test_an_onnx_export_travels_with_the_response_and_a_bad_one_is_refused_naming_the_field():
+    got = decode_adapt_response(encode_adapt_response(_response(onnx=ONNX)))
+    assert got.onnx == ONNX
+    assert decode_adapt_response(encode_adapt_response(_response())).onnx is None
+    for changes, path in [
+        ({"name": "../up"}, "AdaptResponse.onnx.name"),
+        ({"name": ""}, "AdaptResponse.onnx.name"),
+        ({"version": 0}, "AdaptResponse.onnx.version"),
+        ({"model": b""}, "AdaptResponse.onnx.model_onnx"),
+        ({"labels": b""}, "AdaptResponse.onnx.labels_txt"),
+        ({"parity": float("nan")}, "AdaptResponse.onnx.parity"),
+        ({"parity": -1.0}, "AdaptResponse.onnx.parity"),
+    ]:
+        bad = dataclasses.replace(ONNX, **changes)
+        _refused(lambda bad=bad: encode_adapt_response(_response(onnx=bad)), path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=140), st.integers(-(2**40), 2**40))
+def test_an_onnx_request_names_a_folder_and_a_version_or_is_refused(name, version):
+    try:
+        check_onnx_name(name, version, path="AdaptRequest.onnx")
+    except WireError as err:
+        assert str(err).startswith("AdaptRequest.onnx.")
+        return
+    assert 1 <= version <= 2**31 - 1 and "/" not in name and not name.startswith(".")
+    assert name not in ("", ".", "..") and len(name) <= 128
+
+
+def test_a_request_asking_for_onnx_carries_its_name_and_version():
+    data = encode_adapt_request(_request(onnx=("task", 7)))
+    assert decode_adapt_request(data).onnx == ("task", 7)
+    assert decode_adapt_request(encode_adapt_request(_request())).onnx is None
+    _refused(lambda: encode_adapt_request(_request(onnx=("a/b", 1))), "AdaptRequest.onnx.name")
 
 
 def test_a_response_without_weights_is_refused_by_the_reader():
