@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -200,6 +201,11 @@ def triton_config(name: str, x_dim: int, n_classes: int) -> bytes:
 class Exported:
     folder: Path  # the version folder: REPO/NAME/VERSION
     parity: float  # the largest gap between onnxruntime and predict_proba measured before writing
+
+
+def missing_libraries() -> list[str]:
+    """The libraries of the onnx extra that are not installed (an export needs all three)."""
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
 
 
 def check_name(name: str, version: int) -> None:

@@ -24,7 +24,7 @@ from protofuse.protocol.federation import (  # re-exported: what the server asks
     PHASES,
     RoundPlan,
 )
-from protofuse.protocol.review import ExpertRows, PeerReview, ReviewScores
+from protofuse.protocol.review import ExpertRows, LabelRows, PeerReview, ReviewScores
 from protofuse.records import Fidelity
 from protofuse.training import (
     DiscriminativeTrainer,
@@ -38,6 +38,7 @@ from protofuse.triples import Triples
 from . import peer_review
 
 log = logging.getLogger(__name__)
+REVIEW_STATE = "review"  # kept: last round's weights as received and the view fitted on them
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,12 @@ def run_round(
         plan.training.holdout, client_seed(plan.training.seed, expert.pseudonym, 0)
     )
     model = _local_model(expert, plan, shared, kept.get("head"))
-    view, reviews = (
-        _peer_review(model, expert, plan, train, held, review)
-        if plan.federation.peer_review
-        else (None, None)
-    )
     out_state: dict[str, dict[str, np.ndarray]] = {}
+    view, reviews = None, None
+    if plan.federation.peer_review:
+        view, reviews, out_state[REVIEW_STATE] = _peer_review(
+            model, expert, plan, (train, held), review, shared, kept.get(REVIEW_STATE)
+        )
     agreement: float | None = None
     loss: float | None = None
     trained: dict[str, np.ndarray] | None = None
@@ -146,12 +147,19 @@ def _peer_review(
     model: DiscriminativePrototypes,
     expert: LocalExpert,
     plan: RoundPlan,
-    train: Triples,
-    held: Triples,
+    data: tuple[Triples, Triples],
     review: PeerReview | None,
-) -> tuple[ExpertRows, ReviewScores | None]:
-    """The expert's own view of its rows, fitted on part of its training queries, and its
-    scores of the candidates on the held-out queries and the rest."""
+    shared: dict[str, np.ndarray],
+    before: dict[str, np.ndarray] | None,
+) -> tuple[ExpertRows, ReviewScores | None, dict[str, np.ndarray]]:
+    """The expert's own view of its rows, fitted on part of its training queries; its scores of
+    the candidates on the held-out queries and the rest; and what to keep for next round's.
+
+    The candidates are views the other clients fitted last round, on last round's weights: they
+    are scored on those weights, against this client's own view of last round (both kept, as
+    ``before``), never on this round's encoder, which has moved since (a stale view would lose
+    to a fresh one for that alone). A client that did not take part last round scores nothing."""
+    train, held = data
     fit, scored = peer_review.review_split(
         len(train.x), client_seed(plan.training.seed, expert.pseudonym, 1)
     )
@@ -165,12 +173,27 @@ def _peer_review(
         plan.vocabulary,
     )
     view = ExpertRows(expert.pseudonym, plan.round, own)
+    keep = {
+        "round": np.array([plan.round], np.int64),
+        "own.prototypes": own.prototypes,
+        "own.bias": own.bias,
+        **{f"shared.{k}": v for k, v in shared.items()},
+    }
     if review is None or not review.candidates:
-        return view, None
+        return view, None, keep
+    if before is None or int(before["round"][0]) != review.round - 1:
+        return view, None, keep  # last round's weights are not here: nothing to score on
+    then = {k.removeprefix("shared."): v for k, v in before.items() if k.startswith("shared.")}
+    previous = family("discriminative").build(
+        {**plan.model, "n_labels": len(then["bias"]), "n_experts": 1}
+    )
+    load_shared(previous, then)
+    own_then = LabelRows(expert.labels, before["own.prototypes"], before["own.bias"])
     x = np.concatenate([held.x, train.x[scored]])
     eta = np.concatenate([held.eta[:, 0, :][:, cols], answers[scored]])
-    scores = peer_review.score_candidates(peer_review.embed(model, x), eta, own, review)
-    return view, ReviewScores(expert.pseudonym, plan.round, scores)
+    z = peer_review.embed(previous.eval(), x)
+    scores = peer_review.score_candidates(z, eta, own_then, review)
+    return view, ReviewScores(expert.pseudonym, plan.round, scores), keep
 
 
 def _local_model(

@@ -298,11 +298,9 @@ def _check_onnx_possible(context: grpc.ServicerContext, family: str) -> None:
             f"AdaptRequest.onnx: this service's bank is of the {family} family, whose models "
             "predict by sampling; ONNX export covers the discriminative family (leave onnx unset)",
         )
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
+    from protofuse.export import missing_libraries
+
+    if missing_libraries():
         context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
             "AdaptRequest.onnx: this service was installed without ONNX support; leave onnx "

@@ -283,6 +283,52 @@ def test_a_view_that_does_not_stay_finite_is_the_banks_rows():
     assert torch.isfinite(protos).all() and torch.isfinite(bias).all()
 
 
+def test_a_client_scores_last_rounds_views_on_last_rounds_weights_against_its_own_view_then():
+    from toys import answers, clusters
+
+    from client_sdk.clientapp.local_training import LocalExpert, RoundPlan, run_round
+    from protofuse.families.discriminative import shared_arrays
+    from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
+
+    torch.manual_seed(0)
+    x, y, _ = clusters(n=300)
+    keep = y < 3
+    expert = LocalExpert("a", ("0", "1", "2"), x[keep], answers(y[keep], [0, 1, 2]), 300)
+    vocabulary = ("0", "1", "2", "3")
+    model = {"x_dim": 16, "feat_dim": 8, "encoder": "mlp", "image_shape": None}
+    shared = shared_arrays(
+        DiscriminativePrototypes(DiscriminativeConfig(n_labels=4, n_experts=1, **model))
+    )
+
+    def plan(r: int) -> RoundPlan:
+        return RoundPlan(
+            r, "consensus", r - 1, 3, vocabulary, model, TrainingSettings(), FederationSettings()
+        )
+
+    first = run_round(expert, plan(1), shared, {})
+    assert first.view is not None and first.reviews is None
+    then = first.view.rows
+    swap = [1, 0, 2]  # a view naming every 0 a 1 and every 1 a 0
+    wrong = peer.LabelRows(then.labels, then.prototypes[swap], then.bias[swap])
+    review = peer.PeerReview(2, ((0, then), (1, wrong.subset(["0", "1"]))))
+    # round 2's weights have moved (round 1 trained them): the candidates, fitted on round 1's,
+    # are scored on round 1's encoder against this client's own view of round 1
+    assert first.shared is not None
+    second = run_round(expert, plan(2), first.shared, first.state, review)
+    assert second.reviews is not None and second.reviews.round == 2
+    scores = dict(second.reviews.scores)
+    assert scores[0] == 0.0  # its own view of then: exactly as good as itself
+    assert scores[1] < -0.2  # it names the other class of the two far more often
+    # a client that kept nothing of last round (it missed it, or restarted) scores nothing
+    missed = run_round(expert, plan(2), first.shared, {}, review)
+    assert missed.reviews is None and missed.view is not None
+    # nor does one whose kept weights are of another round than the candidates'
+    late = run_round(
+        expert, plan(3), first.shared, first.state, dataclasses.replace(review, round=3)
+    )
+    assert late.reviews is None
+
+
 # -- the rounds --------------------------------------------------------------------------------
 
 
