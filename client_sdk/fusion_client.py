@@ -15,6 +15,7 @@ unsigned model, or one signed by another key, raises :class:`SignatureError` unl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import time
@@ -33,6 +34,7 @@ from protofuse.protocol.service import (
     AdaptResponse,
     BankInfo,
     ExpertList,
+    OnnxExport,
     decode_adapt_response,
     decode_bank_info,
     decode_expert_list,
@@ -202,24 +204,45 @@ class FusionClient:
             files = response.files
             model = from_files(files, self.public_key, unsigned_ok=self.unsigned_ok, source=source)
             self._keep_bank_weights(response, model)
+        exported = None if export_to is None else self._checked_onnx(response, model, export_to)
         if out is not None:
             artifacts.write(out, files, KIND)
-        if onnx is not None:
-            self._write_onnx(response, onnx)
+        if onnx is not None and exported is not None:
+            from protofuse import export
+
+            export.write_export(onnx, exported)
         return model
 
-    def _write_onnx(self, response: AdaptResponse, repository: str | os.PathLike) -> None:
-        """The reply's ONNX export, verified, into the repository."""
+    def _checked_onnx(
+        self, response: AdaptResponse, model: AdaptedModel, asked: tuple[str, int]
+    ) -> OnnxExport:
+        """The reply's ONNX export, once it is shown to be the verified ``model`` under the name
+        and version asked for: signed by the trusted key, its labels and configuration those of
+        the model, and (where onnxruntime is installed) its graph giving the model's answers."""
         from protofuse import export
 
-        if response.onnx is None:
-            raise FusionError(
-                "Adapt", grpc.StatusCode.DATA_LOSS, "the reply holds no ONNX export, though asked"
+        def refuse(why: str) -> FusionError:
+            return FusionError("Adapt", grpc.StatusCode.DATA_LOSS, f"the ONNX export {why}")
+
+        got = response.onnx
+        if got is None:
+            raise refuse("is missing from the reply, though asked for")
+        if (got.name, got.version) != asked:
+            raise refuse(
+                f"is {got.name!r} version {got.version}, not {asked[0]!r} version {asked[1]}"
             )
-        source = f"ONNX export from {self.address}"
         if self.public_key is not None:
-            export.verify_export_files(response.onnx, self.public_key, source)
-        export.write_export(repository, response.onnx)
+            export.verify_export_files(got, self.public_key, f"ONNX export from {self.address}")
+        labels = "".join(f"{c}\n" for c in model.classes_.tolist()).encode()
+        config = export.triton_config(got.name, int(model.bank_meta["x_dim"]), len(model.classes_))
+        if got.labels != labels or got.config != config:
+            raise refuse("describes other classes or another input size than the adapted model")
+        if importlib.util.find_spec("onnxruntime") is not None:
+            try:
+                export.check_parity(model, got.model)
+            except Exception as err:  # onnxruntime refusing the file, or other answers
+                raise refuse(f"does not give the adapted model's answers ({err})") from None
+        return got
 
     def adapt_response(
         self,

@@ -16,6 +16,7 @@ Needs the ``onnx`` extra (onnx, onnxscript: torch's exporter; onnxruntime: that 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -54,11 +55,13 @@ class ExportError(ValueError):
 
 class EncoderGraph(nn.Module):
     """The bank's encoder as one network: x (n, d) -> embedding (n, F). Every model adapted from
-    one bank version shares it, so it is exported once per version (``encoder_onnx``)."""
+    one bank version shares it, so it is exported once per version (``encoder_onnx``). It holds a
+    copy: torch's exporter swaps the parameters of the network it traces for fake tensors
+    meanwhile, and the served bank's encoder is in use by other adaptations at that time."""
 
     def __init__(self, task: DiscriminativeTask) -> None:
         super().__init__()
-        self.encoder = task.model.encoder
+        self.encoder = copy.deepcopy(task.model.encoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)  # (n, F)
@@ -172,9 +175,9 @@ def check_parity(model: AdaptedModel, data: bytes, n: int = 64, seed: int = 0) -
     x = x.astype(np.float32)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT], {INPUT: x})[0]
-    with warnings.catch_warnings():  # inputs at the edge of the range: no range warning here
-        warnings.simplefilter("ignore")
-        want = model.predict_proba(x)
+    # Inputs inside the bank's range: no range warning (and no process-wide warnings filter, which
+    # would race with the service's other threads).
+    want = model.predict_proba(x)
     gap = float(np.max(np.abs(got.astype(np.float64) - want)))
     if not gap <= TOLERANCE:
         raise ExportError(

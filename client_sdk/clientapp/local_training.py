@@ -10,7 +10,9 @@ inputs and the expert's answers never leave: only the trained weights and the tw
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,15 +176,20 @@ def _peer_review(
     )
     view = ExpertRows(expert.pseudonym, plan.round, own)
     keep = {
-        "round": np.array([plan.round], np.int64),
+        "round": np.array([plan.round], np.uint64),  # the wire's round: any 64-bit count
+        "labels": _labels_digest(expert.labels),
         "own.prototypes": own.prototypes,
         "own.bias": own.bias,
         **{f"shared.{k}": v for k, v in shared.items()},
     }
-    if review is None or not review.candidates:
-        return view, None, keep
-    if before is None or int(before["round"][0]) != review.round - 1:
-        return view, None, keep  # last round's weights are not here: nothing to score on
+    if review is None or not review.candidates or review.round != plan.round:
+        return view, None, keep  # nothing asked for this round
+    if (
+        before is None
+        or int(before["round"][0]) != review.round - 1
+        or not ("labels" in before and np.array_equal(before["labels"], keep["labels"]))
+    ):
+        return view, None, keep  # last round's weights (or view of these labels) are not here
     then = {k.removeprefix("shared."): v for k, v in before.items() if k.startswith("shared.")}
     previous = family("discriminative").build(
         {**plan.model, "n_labels": len(then["bias"]), "n_experts": 1}
@@ -194,6 +201,11 @@ def _peer_review(
     z = peer_review.embed(previous.eval(), x)
     scores = peer_review.score_candidates(z, eta, own_then, review)
     return view, ReviewScores(expert.pseudonym, plan.round, scores), keep
+
+
+def _labels_digest(labels: Sequence[str]) -> np.ndarray:
+    """The expert's labels, in order, as 32 bytes: a view kept of other labels is not compared."""
+    return np.frombuffer(hashlib.sha256(json.dumps(list(labels)).encode()).digest(), np.uint8)
 
 
 def _local_model(

@@ -47,6 +47,11 @@ MAX_WIDTH = (
 # An exported model's name in a repository: a folder name every inference server accepts.
 ONNX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_ONNX_VERSION = 2**31 - 1
+# An ONNX export's small files: labels.txt holds at most MAX_CLASSES names of at most
+# MAX_LABEL_LENGTH characters (4 bytes each in UTF-8) and a line break; config.pbtxt and
+# signature.json are a few hundred bytes.
+MAX_ONNX_TEXT_BYTES = MAX_CLASSES * (4 * wire.MAX_LABEL_LENGTH + 1)
+MAX_ONNX_SIGNATURE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -453,6 +458,16 @@ def _check_onnx_export(o: OnnxExport, path: str) -> None:
     ):
         if not getattr(o, attr):
             raise WireError(f"{path}.{field_name}: empty; send the exported file")
+    for attr, field_name, limit in (
+        ("labels", "labels_txt", MAX_ONNX_TEXT_BYTES),
+        ("config", "config_pbtxt", MAX_ONNX_TEXT_BYTES),
+        ("signature", "signature_json", MAX_ONNX_SIGNATURE_BYTES),
+    ):
+        size = len(getattr(o, attr))
+        if size > limit:
+            raise WireError(
+                f"{path}.{field_name}: {size} bytes, more than the {limit} such a file takes"
+            )
     wire._check_finite(o.parity, f"{path}.parity")
     if o.parity < 0:
         raise WireError(f"{path}.parity: {o.parity} is negative; send the largest absolute gap")

@@ -77,7 +77,7 @@ class FusionService:
         self._held_lock = threading.Lock()
         # The ONNX graph of each served bank version's encoder, exported once (the head of each
         # task is added to it per request: about a second saved on every export).
-        self._encoders: dict[str, bytes] = {}
+        self._encoders: dict[str, bytes | str] = {}  # bank version -> graph, or why none
         self._encoders_lock = threading.Lock()
         self.metrics = metrics
         if metrics is not None:
@@ -248,15 +248,34 @@ class FusionService:
     def _onnx(
         self, context: grpc.ServicerContext, snapshot: Any, model: Any, name: str, version: int
     ) -> OnnxExport:
-        """The adapted model as a signed ONNX export, its encoder's graph reused per version."""
+        """The adapted model as a signed ONNX export, its encoder's graph reused per version (a
+        failed export of it too: the next request is refused at once, not after another try)."""
         from protofuse import export
 
         key = snapshot.bank_weights_digest
+        wait = context.time_remaining()
+        wait = self.settings.deadline_s if wait is None else max(0.0, wait)
+        if not self._encoders_lock.acquire(timeout=wait):
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "AdaptRequest.onnx: the bank's encoder was still being exported when the "
+                "deadline passed; retry",
+            )
+        try:  # one export of the encoder per version, whoever asks
+            if key not in self._encoders:
+                try:
+                    encoder: bytes | str = export.encoder_onnx(model)
+                except Exception as err:  # torch's exporter raises many kinds; all mean "cannot"
+                    log.exception("Adapt: the bank's encoder cannot be exported as ONNX")
+                    encoder = f"the bank's encoder cannot be exported as ONNX ({err})"
+                self._encoders = {key: encoder}  # older versions go
+            encoder = self._encoders[key]
+        finally:
+            self._encoders_lock.release()
+        if isinstance(encoder, str):
+            context.abort(grpc.StatusCode.INTERNAL, f"AdaptRequest.onnx: {encoder}")
+            raise RuntimeError(encoder)  # abort raises; for the type checker
         try:
-            with self._encoders_lock:  # one export of the encoder per version, whoever asks
-                if key not in self._encoders:
-                    self._encoders = {key: export.encoder_onnx(model)}  # older versions go
-                encoder = self._encoders[key]
             return export.export_files(model, name, version, self.signing_key, encoder=encoder)
         except export.ExportError as err:  # the graph would not give the model's answers
             log.error("Adapt: ONNX export failed: %s", err)

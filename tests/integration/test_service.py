@@ -165,6 +165,28 @@ def test_the_service_exports_the_model_as_signed_onnx_on_request(served, certs, 
             verify_export_files(forged, certs / "signing.pub", "reply")
 
 
+def test_a_signed_onnx_export_of_another_model_or_name_is_refused(served, certs):
+    """The signature says the service made the files; the client also checks they are the model
+    it verified, under the name and version it asked for (a replayed or mixed-up reply)."""
+    address, _, _ = served
+    x, y = _support()
+    with FusionClient(address, certs=certs) as client:
+        model = client.adapt(x, y, seed=3)
+        same_classes = client.adapt_response(*_support(seed=5), seed=4, onnx=("task", 3))
+        other_classes = client.adapt_response(*_support(classes=(1, 3)), onnx=("task", 3))
+        own = client.adapt_response(x, y, seed=3, onnx=("task", 3))
+        assert client._checked_onnx(own, model, ("task", 3)) == own.onnx
+        for reply, asked, why in (
+            (own, ("task", 4), "is 'task' version 3, not 'task' version 4"),
+            (own, ("other", 3), "is 'task' version 3, not 'other' version 3"),
+            (other_classes, ("task", 3), "describes other classes"),
+            (same_classes, ("task", 3), "does not give the adapted model's answers"),
+        ):
+            with pytest.raises(FusionError, match=why) as refused:
+                client._checked_onnx(reply, model, asked)
+            assert refused.value.code == grpc.StatusCode.DATA_LOSS
+
+
 def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served, certs):
     address, folder, _ = served
     bank = load_bank(folder)

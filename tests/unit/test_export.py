@@ -138,3 +138,27 @@ def test_a_signed_version_moved_to_another_number_or_name_or_linked_no_longer_ve
         verify_export(tmp_path / "task" / "8", key.public_key())
     with pytest.raises(ExportError, match="a link"):
         export_onnx(model, tmp_path, "task", version=8)
+
+
+def test_exporting_the_encoder_never_touches_the_network_other_threads_predict_with():
+    """torch's exporter swaps the traced network's parameters for fake tensors meanwhile: the
+    graph is traced from a copy, so a service adapting and predicting on the same bank while it
+    exports keeps giving the same answers."""
+    import threading
+
+    from protofuse.export import EncoderGraph, encoder_onnx
+
+    model, x = _adapted((12, 12))
+    served = dict(model.task.model.encoder.named_parameters())
+    copied = dict(EncoderGraph(model.task).encoder.named_parameters())
+    assert copied.keys() == served.keys()
+    for name, p in copied.items():
+        assert p.data_ptr() != served[name].data_ptr() and np.array_equal(
+            p.detach().numpy(), served[name].detach().numpy()
+        )
+    want = model.predict_proba(x)
+    exporter = threading.Thread(target=encoder_onnx, args=(model,))
+    exporter.start()
+    while exporter.is_alive():
+        np.testing.assert_allclose(model.predict_proba(x), want, atol=1e-6, rtol=0)
+    exporter.join()

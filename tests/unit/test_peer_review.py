@@ -327,6 +327,12 @@ def test_a_client_scores_last_rounds_views_on_last_rounds_weights_against_its_ow
         expert, plan(3), first.shared, first.state, dataclasses.replace(review, round=3)
     )
     assert late.reviews is None
+    # nor does one asked for another round than the plan's, or whose labels changed since
+    assert run_round(expert, plan(3), first.shared, first.state, review).reviews is None
+    two = y < 2
+    fewer = LocalExpert("a", ("0", "1"), x[two], answers(y[two], [0, 1]), 300)
+    moved = run_round(fewer, plan(2), first.shared, first.state, review)
+    assert moved.reviews is None and moved.view is not None
 
 
 # -- the rounds --------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from protofuse.protocol.federation import (
 )
 from protofuse.protocol.service import (
     MAX_CLASSES,
+    MAX_ONNX_SIGNATURE_BYTES,
+    MAX_ONNX_TEXT_BYTES,
     MAX_OPTION_LENGTH,
     MAX_WIDTH,
     AdaptRequest,
@@ -256,6 +258,9 @@ def test_an_onnx_export_travels_with_the_response_and_a_bad_one_is_refused_namin
         ({"labels": b""}, "AdaptResponse.onnx.labels_txt"),
         ({"parity": float("nan")}, "AdaptResponse.onnx.parity"),
         ({"parity": -1.0}, "AdaptResponse.onnx.parity"),
+        ({"labels": b"a" * (MAX_ONNX_TEXT_BYTES + 1)}, "AdaptResponse.onnx.labels_txt"),
+        ({"config": b"a" * (MAX_ONNX_TEXT_BYTES + 1)}, "AdaptResponse.onnx.config_pbtxt"),
+        ({"signature": b"a" * (MAX_ONNX_SIGNATURE_BYTES + 1)}, "AdaptResponse.onnx.signature_json"),
     ]:
         bad = dataclasses.replace(ONNX, **changes)
         _refused(lambda bad=bad: encode_adapt_response(_response(onnx=bad)), path)
