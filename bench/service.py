@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--callers",
         type=int,
-        nargs="+",
+        nargs="*",
         default=[8, 32],
-        help="throughput: concurrent callers, one run for each count (default: 8 32)",
+        help="throughput: concurrent callers, one run for each count (default: 8 32; none: "
+        "latency only)",
     )
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--out", type=Path, required=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -287,6 +288,8 @@ class HeldBank:
     prefix: artifacts.HashedPrefix  # their bytes, first in every such model's weights.npz
     family: str
     config: dict[str, Any]
+    _networks: list[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def of(cls, model: AdaptedModel) -> HeldBank:
@@ -300,9 +303,21 @@ class HeldBank:
         )
 
     def networks(self, source: Any) -> torch.nn.Module:
-        """The bank's networks, built anew from the held arrays (each model gets its own)."""
-        state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in self.arrays.items()}
-        return build_model(self.family, self.config, state, source)
+        """The bank's networks, built once from (copies of) the held arrays and shared by the
+        models adapted on this version, as the models ``Bank.adapt`` returns share its own: they
+        only predict, and the held arrays, which later files are verified against, stay apart."""
+        with self._lock:
+            if not self._networks:
+                # From here on the models' files take the held part from the prefix's bytes and
+                # their weights from these networks: both must be what was verified.
+                if artifacts.sha256(artifacts.npz_bytes(self.arrays)) != self.prefix.whole_sha256:
+                    raise artifacts.ArtifactError(
+                        f"{source}: checksum mismatch: the held bank weights changed since they "
+                        "were verified; fetch the model again with the bank's weights"
+                    )
+                state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in self.arrays.items()}
+                self._networks.append(build_model(self.family, self.config, state, source))
+            return self._networks[0]
 
 
 def from_task_files(
@@ -318,10 +333,10 @@ def from_task_files(
     arrays of its weights), on the bank ``held`` holds: its complete weights.npz is the .npz of
     the held arrays and the task's, verified as :func:`from_files` verifies a model (checksum
     over the complete file, signature, metadata; the held part hashed once), and the model gets
-    networks of its own, built from the held arrays. Returns the model and its complete files."""
+    the bank's networks the held bank shares. Returns the model and its complete files."""
     if any(not k.startswith("task.") for k in task_arrays):
         raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
-    full = {**files, artifacts.WEIGHTS: artifacts.npz_bytes({**held.arrays, **task_arrays})}
+    full = {**files, artifacts.WEIGHTS: held.prefix.npz_with({**held.arrays, **task_arrays})}
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         raise signing.SignatureError(f"{source}: no key to verify it with and unsigned_ok not set")

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import signing
-from .io import npz_bytes, replace_folder
+from .io import npz_append, npz_bytes, replace_folder
 from .settings import format_errors
 
 FORMAT_VERSION = 1
@@ -134,20 +134,45 @@ def sha256(data: bytes) -> str:
 class HashedPrefix:
     """The leading bytes many ``weights.npz`` files share and the SHA-256 state after them: the
     bank's arrays come first in every adapted model of one bank version, so a checksum over such
-    a file hashes only what follows them (the service and its SDK hold one per bank version)."""
+    a file hashes only what follows them (the service and its SDK hold one per bank version), and
+    the file itself is built by appending the model's own arrays to theirs (``npz_with``)."""
 
     data: bytes
     state: Any  # hashlib's sha256 object, fed ``data`` and nothing else
     whole_sha256: str  # of ``npz_bytes(arrays)`` itself: the digest the service names them by
+    whole: bytes = b""  # ``npz_bytes(arrays)``
+    # Each array's name, address, shape, strides and dtype: ``npz_with`` appends only to the very
+    # arrays whose bytes were hashed.
+    layout: tuple[tuple[Any, ...], ...] = ()
+    appends: bool = False  # npz_append gave npz_bytes' own bytes for these arrays (checked once)
 
     @classmethod
-    def of(cls, arrays: dict[str, np.ndarray]) -> HashedPrefix:
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> HashedPrefix:
         """The local entries of ``npz_bytes(arrays)``: the start of the .npz of these arrays
-        followed by any others (the central directory, which lists them all, comes last)."""
+        followed by any others (the central directory, which lists them all, comes last). The
+        arrays must not change while it is used."""
         whole = npz_bytes(arrays)
         with zipfile.ZipFile(io.BytesIO(whole)) as zf:
             data = whole[: zf.start_dir]
-        return cls(data, hashlib.sha256(data), sha256(whole))
+        probe = {"probe": np.arange(3, dtype=np.float32)}
+        appends = npz_append(whole, probe) == npz_bytes({**arrays, **probe})
+        return cls(data, hashlib.sha256(data), sha256(whole), whole, _layout(arrays), appends)
+
+    def npz_with(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+        """``npz_bytes(arrays)``, where ``arrays`` begin with this prefix's own arrays (the same
+        objects in memory) followed by others: only the others are written."""
+        n = len(self.layout)
+        head = dict(list(arrays.items())[:n])
+        if not self.appends or len(arrays) < n or _layout(head) != self.layout:
+            return npz_bytes(arrays)
+        return npz_append(self.whole, dict(list(arrays.items())[n:]))
+
+
+def _layout(arrays: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], ...]:
+    return tuple(
+        (name, a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+        for name, a in ((k, np.asarray(v)) for k, v in arrays.items())
+    )
 
 
 def checksum(weights: bytes, meta: dict[str, Any], prefix: HashedPrefix | None = None) -> str:
@@ -500,7 +525,7 @@ def encode(
     _check_finite(
         arrays, "", "the fit diverged? lower the learning rate or check the inputs; nothing written"
     )
-    data = npz_bytes(arrays)
+    data = npz_bytes(arrays) if prefix is None else prefix.npz_with(arrays)
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
     record["sha256"] = checksum(data, record, prefix)

@@ -43,15 +43,30 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
         for name, array in arrays.items():
-            entry = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-            entry.external_attr = 0o644 << 16  # rw-r--r-- when unzipped, not the unzipper's default
-            a = np.asarray(array)
-            # C order always (a Fortran-ordered copy of the same numbers gives the same bytes), and
-            # not through ascontiguousarray alone, which would turn a 0-d array into shape (1,).
-            a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
-            with zf.open(entry, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, a, allow_pickle=False)
+            _write_member(zf, name, array)
     return buffer.getvalue()
+
+
+def npz_append(npz: bytes, arrays: Mapping[str, np.ndarray]) -> bytes:
+    """``npz`` (from :func:`npz_bytes`) with the arrays added after its own, written as
+    :func:`npz_bytes` writes them, without writing its own again (zipfile's append mode: the new
+    members replace the central directory, which is written anew after them)."""
+    buffer = io.BytesIO(npz)
+    with zipfile.ZipFile(buffer, "a", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            _write_member(zf, name, array)
+    return buffer.getvalue()
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    entry = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+    entry.external_attr = 0o644 << 16  # rw-r--r-- when unzipped, not the unzipper's default
+    a = np.asarray(array)
+    # C order always (a Fortran-ordered copy of the same numbers gives the same bytes), and not
+    # through ascontiguousarray alone, which would turn a 0-d array into shape (1,).
+    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    with zf.open(entry, "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, a, allow_pickle=False)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -533,7 +533,9 @@ def test_a_garbled_meta_json_names_what_the_parser_says(tmp_path):
     st.lists(st.integers(0, 40), min_size=0, max_size=3),
     st.booleans(),
 )
-def test_a_hashed_prefix_gives_the_checksum_of_the_whole_file(first, then, other_first):
+def test_a_hashed_prefix_gives_the_checksum_and_the_bytes_of_the_whole_file(
+    first, then, other_first
+):
     """The bank's arrays hashed once: the checksum of any file that begins with them equals the
     plain one; a file that does not begin with them is hashed whole (never a wrong digest)."""
     rng = np.random.default_rng(len(first) * 7 + len(then))
@@ -543,8 +545,24 @@ def test_a_hashed_prefix_gives_the_checksum_of_the_whole_file(first, then, other
     if other_first:  # the bank's arrays altered: the prefix does not apply
         bank = {k: v + 1 for k, v in bank.items()}
     data = artifacts.npz_bytes({**bank, **task})
+    # built by appending to the prefix's file only where the arrays are the ones it hashed;
+    # byte for byte the plain file either way
+    assert prefix.appends and prefix.npz_with({**bank, **task}) == data
     meta = {"kind": "k", "format_version": 1, "classes": ["a"]}
     assert artifacts.checksum(data, meta, prefix) == artifacts.checksum(data, meta)
     assert data.startswith(prefix.data) == (
         not other_first or not any(len(v) for v in bank.values())
     )
+
+
+def test_a_hashed_prefix_appends_only_to_the_arrays_it_hashed():
+    """Arrays of the same names and shapes but other memory (a copy changed since, a view with
+    other strides) are written out, never taken for the prefix's bytes."""
+    bank = {"bank.w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    task = {"task.b": np.ones(2, np.float32)}
+    prefix = artifacts.HashedPrefix.of(bank)
+    changed = {"bank.w": bank["bank.w"] + 1}
+    transposed = {"bank.w": bank["bank.w"].T.copy().T}  # same numbers, Fortran order
+    for arrays in (changed, transposed, {"bank.v": bank["bank.w"]}):
+        assert prefix.npz_with({**arrays, **task}) == artifacts.npz_bytes({**arrays, **task})
+    assert prefix.npz_with(task) == artifacts.npz_bytes(task)  # fewer arrays than the prefix

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from toys import toy_bank
 
@@ -39,8 +40,26 @@ def test_a_task_only_reply_verifies_and_predicts_as_the_full_model(models):
     assert files == full  # the complete files, byte for byte what the server signed
     reference = from_files(full, KEY.public_key())
     np.testing.assert_array_equal(model.predict_proba(x), reference.predict_proba(x))
-    assert model.task.model is not reference.task.model  # every model its own networks
     assert model.task.model is not first.task.model
+
+
+def test_models_on_one_held_bank_share_its_networks_and_the_held_weights_stay_apart(models):
+    """As models from Bank.adapt share the bank's networks; a caller changing them in place does
+    not change the weights later replies are verified against."""
+    first, second, _ = models
+    held = HeldBank.of(first)
+    reply, full = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    one, _ = from_task_files(reply, task, held, KEY.public_key())
+    two, files = from_task_files(reply, task, held, KEY.public_key())
+    assert one.task.model is two.task.model and files == full
+    before = {k: v.copy() for k, v in held.arrays.items()}
+    with torch.no_grad():
+        for p in one.task.model.parameters():
+            p.add_(1.0)
+    assert all(np.array_equal(held.arrays[k], v) for k, v in before.items())
+    _, again = from_task_files(reply, task, held, KEY.public_key())
+    assert again == full
 
 
 def test_altered_held_weights_or_task_weights_are_refused(models):

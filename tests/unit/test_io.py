@@ -11,9 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protofuse import io as durable
-from protofuse.io import TEMP_PREFIX, atomic_write_bytes, fsync_dir, npz_bytes, replace_folder
+from protofuse.io import (
+    TEMP_PREFIX,
+    atomic_write_bytes,
+    fsync_dir,
+    npz_append,
+    npz_bytes,
+    replace_folder,
+)
 
 
 def _umask() -> int:
@@ -184,6 +193,30 @@ def test_npz_bytes_depend_on_the_numbers_not_their_memory_layout() -> None:
         == npz_bytes({"w": w.T.copy().T})
     )
     assert npz_bytes({"w": w}) != npz_bytes({"w": w + 1})
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["<f4", "<f8", "<i8", "|u1", "?"]),
+            st.lists(st.integers(0, 5), max_size=3),
+        ),
+        max_size=4,
+    ),
+    st.integers(0, 4),
+)
+def test_appending_to_an_npz_gives_the_npz_of_all_the_arrays(specs, split) -> None:
+    """What the service and its SDK build on a bank's file: the same bytes as writing it whole."""
+    rng = np.random.default_rng(len(specs))
+    arrays = {
+        f"a{i}": rng.integers(0, 9, size=tuple(shape)).astype(dtype)
+        for i, (dtype, shape) in enumerate(specs)
+    }
+    names = list(arrays)
+    first = {k: arrays[k] for k in names[:split]}
+    then = {k: arrays[k] for k in names[split:]}
+    assert npz_append(npz_bytes(first), then) == npz_bytes(arrays)
 
 
 def test_npz_bytes_never_pickle() -> None:
