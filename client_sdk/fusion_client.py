@@ -196,9 +196,10 @@ class FusionClient:
                     source=source,
                 )
             except ValueError:
-                self._bank_weights = (
-                    None  # our copy may be what is wrong: the next reply brings all
-                )
+                # Our copy may be what is wrong: the next reply brings all (unless another
+                # thread has stored a newer copy meanwhile).
+                if self._bank_weights is held:
+                    self._bank_weights = None
                 raise
         else:
             files = response.files

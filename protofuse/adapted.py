@@ -6,6 +6,7 @@ map and the bank version it came from) and predicts with no server round-trip.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -303,21 +304,18 @@ class HeldBank:
         )
 
     def networks(self, source: Any) -> torch.nn.Module:
-        """The bank's networks, built once from (copies of) the held arrays and shared by the
-        models adapted on this version, as the models ``Bank.adapt`` returns share its own: they
-        only predict, and the held arrays, which later files are verified against, stay apart."""
+        """The bank's networks for one model: a copy of its own (each model keeps its own, as
+        from ``from_files``), of networks built once from the verified bytes' arrays (the
+        prefix's private copies, which nothing outside changes)."""
         with self._lock:
             if not self._networks:
-                # From here on the models' files take the held part from the prefix's bytes and
-                # their weights from these networks: both must be what was verified.
-                if artifacts.sha256(artifacts.npz_bytes(self.arrays)) != self.prefix.whole_sha256:
-                    raise artifacts.ArtifactError(
-                        f"{source}: checksum mismatch: the held bank weights changed since they "
-                        "were verified; fetch the model again with the bank's weights"
-                    )
-                state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in self.arrays.items()}
+                state = {
+                    k[len(BANK_PREFIX) :]: torch.from_numpy(v)
+                    for k, v in self.prefix.arrays.items()
+                }
                 self._networks.append(build_model(self.family, self.config, state, source))
-            return self._networks[0]
+            template = self._networks[0]
+        return copy.deepcopy(template)
 
 
 def from_task_files(
@@ -333,7 +331,7 @@ def from_task_files(
     arrays of its weights), on the bank ``held`` holds: its complete weights.npz is the .npz of
     the held arrays and the task's, verified as :func:`from_files` verifies a model (checksum
     over the complete file, signature, metadata; the held part hashed once), and the model gets
-    the bank's networks the held bank shares. Returns the model and its complete files."""
+    networks of its own, copied from the held bank's. Returns the model and its complete files."""
     if any(not k.startswith("task.") for k in task_arrays):
         raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
     full = {**files, artifacts.WEIGHTS: held.prefix.npz_with({**held.arrays, **task_arrays})}

@@ -31,6 +31,7 @@ The limits are module constants, read at each call (raise them here, or pass
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -141,38 +142,43 @@ class HashedPrefix:
     state: Any  # hashlib's sha256 object, fed ``data`` and nothing else
     whole_sha256: str  # of ``npz_bytes(arrays)`` itself: the digest the service names them by
     whole: bytes = b""  # ``npz_bytes(arrays)``
-    # Each array's name, address, shape, strides and dtype: ``npz_with`` appends only to the very
-    # arrays whose bytes were hashed.
-    layout: tuple[tuple[Any, ...], ...] = ()
+    # Copies of the arrays ``whole`` was written from (nobody else holds them): ``npz_with``
+    # appends to ``whole`` only where the arrays it is given are these, byte for byte.
+    arrays: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     appends: bool = False  # npz_append gave npz_bytes' own bytes for these arrays (checked once)
 
     @classmethod
     def of(cls, arrays: Mapping[str, np.ndarray]) -> HashedPrefix:
         """The local entries of ``npz_bytes(arrays)``: the start of the .npz of these arrays
-        followed by any others (the central directory, which lists them all, comes last). The
-        arrays must not change while it is used."""
-        whole = npz_bytes(arrays)
+        followed by any others (the central directory, which lists them all, comes last)."""
+        own = {k: np.array(v, copy=True, order="C") for k, v in arrays.items()}
+        whole = npz_bytes(own)
         with zipfile.ZipFile(io.BytesIO(whole)) as zf:
             data = whole[: zf.start_dir]
         probe = {"probe": np.arange(3, dtype=np.float32)}
-        appends = npz_append(whole, probe) == npz_bytes({**arrays, **probe})
-        return cls(data, hashlib.sha256(data), sha256(whole), whole, _layout(arrays), appends)
+        appends = npz_append(whole, probe) == npz_bytes({**own, **probe})
+        return cls(data, hashlib.sha256(data), sha256(whole), whole, own, appends)
 
     def npz_with(self, arrays: Mapping[str, np.ndarray]) -> bytes:
-        """``npz_bytes(arrays)``, where ``arrays`` begin with this prefix's own arrays (the same
-        objects in memory) followed by others: only the others are written."""
-        n = len(self.layout)
-        head = dict(list(arrays.items())[:n])
-        if not self.appends or len(arrays) < n or _layout(head) != self.layout:
+        """``npz_bytes(arrays)``; where ``arrays`` begin with this prefix's arrays (the same
+        names, dtypes, shapes and bytes), only the others are written."""
+        items = list(arrays.items())
+        n = len(self.arrays)
+        if not (self.appends and len(items) >= n and self._holds(items[:n])):
             return npz_bytes(arrays)
-        return npz_append(self.whole, dict(list(arrays.items())[n:]))
+        return npz_append(self.whole, dict(items[n:]))
 
-
-def _layout(arrays: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], ...]:
-    return tuple(
-        (name, a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
-        for name, a in ((k, np.asarray(v)) for k, v in arrays.items())
-    )
+    def _holds(self, items: list[tuple[str, np.ndarray]]) -> bool:
+        for (name, given), (own_name, own) in zip(items, self.arrays.items(), strict=True):
+            a = np.asarray(given)
+            if name != own_name or a.dtype != own.dtype or a.shape != own.shape:
+                return False
+            # the bytes npz_bytes would write (C order), compared as bytes: -0.0 is not 0.0
+            if not np.array_equal(
+                np.ascontiguousarray(a).reshape(-1).view(np.uint8), own.reshape(-1).view(np.uint8)
+            ):
+                return False
+        return True
 
 
 def checksum(weights: bytes, meta: dict[str, Any], prefix: HashedPrefix | None = None) -> str:

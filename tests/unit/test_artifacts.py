@@ -556,13 +556,22 @@ def test_a_hashed_prefix_gives_the_checksum_and_the_bytes_of_the_whole_file(
 
 
 def test_a_hashed_prefix_appends_only_to_the_arrays_it_hashed():
-    """Arrays of the same names and shapes but other memory (a copy changed since, a view with
-    other strides) are written out, never taken for the prefix's bytes."""
-    bank = {"bank.w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    """Arrays of other bytes under the prefix's names and shapes (the hashed ones changed in
+    place since, another dtype of the same size, -0.0 for 0.0) are written out, never taken for
+    the prefix's bytes; equal ones in other memory or order are appended to it."""
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    bank = {"bank.w": w}
     task = {"task.b": np.ones(2, np.float32)}
     prefix = artifacts.HashedPrefix.of(bank)
-    changed = {"bank.w": bank["bank.w"] + 1}
-    transposed = {"bank.w": bank["bank.w"].T.copy().T}  # same numbers, Fortran order
-    for arrays in (changed, transposed, {"bank.v": bank["bank.w"]}):
+    w[0, 0] = 7.0  # the hashed array, changed in place after hashing
+    negative_zero = np.arange(12, dtype=np.float32).reshape(3, 4)
+    negative_zero[0, 0] = -0.0
+    for arrays in (
+        bank,
+        {"bank.w": w.view(np.int32)},
+        {"bank.w": negative_zero},
+        {"bank.v": np.arange(12, dtype=np.float32).reshape(3, 4)},
+        {"bank.w": np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))},
+    ):
         assert prefix.npz_with({**arrays, **task}) == artifacts.npz_bytes({**arrays, **task})
     assert prefix.npz_with(task) == artifacts.npz_bytes(task)  # fewer arrays than the prefix

@@ -40,26 +40,30 @@ def test_a_task_only_reply_verifies_and_predicts_as_the_full_model(models):
     assert files == full  # the complete files, byte for byte what the server signed
     reference = from_files(full, KEY.public_key())
     np.testing.assert_array_equal(model.predict_proba(x), reference.predict_proba(x))
+    assert model.task.model is not reference.task.model  # every model its own networks
     assert model.task.model is not first.task.model
 
 
-def test_models_on_one_held_bank_share_its_networks_and_the_held_weights_stay_apart(models):
-    """As models from Bank.adapt share the bank's networks; a caller changing them in place does
-    not change the weights later replies are verified against."""
-    first, second, _ = models
+def test_each_model_gets_its_own_networks_and_a_change_reaches_no_other_model(models):
+    """Copied from networks built once: a caller changing one model's networks in place (say,
+    fine-tuning it) changes neither the weights held nor any other model."""
+    first, second, x = models
     held = HeldBank.of(first)
     reply, full = _task_reply(second)
     task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
     one, _ = from_task_files(reply, task, held, KEY.public_key())
-    two, files = from_task_files(reply, task, held, KEY.public_key())
-    assert one.task.model is two.task.model and files == full
+    two, _ = from_task_files(reply, task, held, KEY.public_key())
+    assert one.task.model is not two.task.model
     before = {k: v.copy() for k, v in held.arrays.items()}
+    want = two.predict_proba(x)
     with torch.no_grad():
         for p in one.task.model.parameters():
-            p.add_(1.0)
+            p.mul_(1.5)
     assert all(np.array_equal(held.arrays[k], v) for k, v in before.items())
-    _, again = from_task_files(reply, task, held, KEY.public_key())
-    assert again == full
+    np.testing.assert_array_equal(two.predict_proba(x), want)
+    again, files = from_task_files(reply, task, held, KEY.public_key())
+    assert files == full
+    np.testing.assert_array_equal(again.predict_proba(x), want)
 
 
 def test_altered_held_weights_or_task_weights_are_refused(models):
