@@ -15,15 +15,18 @@ unsigned model, or one signed by another key, raises :class:`SignatureError` unl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
 from protofuse import artifacts
 from protofuse.adapted import KIND, AdaptedModel, HeldBank, from_files, from_task_files
@@ -172,8 +175,17 @@ class FusionClient:
         """
         held = self._bank_weights  # read once: another thread may replace it meanwhile
         export_to = None if onnx is None else (str(onnx_name), onnx_version)
-        response = self._adapt(x, y, held, seed=seed, onnx=export_to, **options)
         source = f"model from {self.address}"
+        prepared: list[torch.nn.Module] = []
+
+        def prepare() -> None:
+            """The held bank's networks for this model, copied while the service adapts (they
+            do not depend on its reply; they are wasted only if it sends the whole model)."""
+            if held is not None and not prepared:
+                with contextlib.suppress(artifacts.ArtifactError):  # raised again when used
+                    prepared.append(held[1].networks(source))
+
+        response = self._adapt(x, y, held, seed=seed, onnx=export_to, meanwhile=prepare, **options)
         # Verified here (checksum and signature over the complete weights file) before any use.
         if response.bank_weights_omitted:
             if held is None or held[0] != response.bank_weights_digest:
@@ -194,6 +206,7 @@ class FusionClient:
                     self.public_key,
                     unsigned_ok=self.unsigned_ok,
                     source=source,
+                    networks=prepared[0] if prepared else None,
                 )
             except ValueError:
                 # Our copy may be what is wrong: the next reply brings all (unless another
@@ -266,6 +279,7 @@ class FusionClient:
         *,
         seed: int | None = None,
         onnx: tuple[str, int] | None = None,
+        meanwhile: Callable[[], None] | None = None,
         **options: Any,
     ) -> AdaptResponse:
         arr = np.asarray(x)
@@ -291,7 +305,7 @@ class FusionClient:
             )
         except WireError as err:
             raise ValueError(str(err)) from None
-        return decode_adapt_response(self._call("Adapt", request))
+        return decode_adapt_response(self._call("Adapt", request, meanwhile))
 
     def health(self, service: str = "") -> str:
         """The standard gRPC health status ("SERVING", "NOT_SERVING", ...) of the whole server or
@@ -316,15 +330,28 @@ class FusionClient:
         if held.prefix.whole_sha256 == response.bank_weights_digest:
             self._bank_weights = (response.bank_weights_digest, held)
 
-    def _call(self, method: str, request: bytes) -> bytes:
+    def _call(
+        self, method: str, request: bytes, meanwhile: Callable[[], None] | None = None
+    ) -> bytes:
         """One call within ``timeout``; a busy service (RESOURCE_EXHAUSTED) is asked again after
-        a random wait (full jitter, doubling from RETRY_FIRST_DELAY) while time is left."""
+        a random wait (full jitter, doubling from RETRY_FIRST_DELAY) while time is left.
+        ``meanwhile`` runs once, while the first attempt is in flight (work that does not need
+        the reply, done on this thread while the service works on the request)."""
         deadline = time.monotonic() + self.timeout
         delay = RETRY_FIRST_DELAY
         while True:
             try:
                 left = max(deadline - time.monotonic(), 0.001)
-                return self._calls[method](request, timeout=left)
+                if meanwhile is None:
+                    return self._calls[method](request, timeout=left)
+                call = self._calls[method].future(request, timeout=left)
+                try:
+                    meanwhile()
+                except BaseException:
+                    call.cancel()
+                    raise
+                meanwhile = None
+                return call.result()
             except grpc.RpcError as err:
                 # gRPC also says RESOURCE_EXHAUSTED for a message over a size limit: that one
                 # never succeeds, so only the service's own "busy" is tried again.

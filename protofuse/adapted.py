@@ -285,8 +285,7 @@ class HeldBank:
     hashed: for the models adapted on that version, whose files then need the bank's part
     neither parsed nor hashed again (what ``FusionClient`` keeps)."""
 
-    arrays: dict[str, np.ndarray]  # the ``bank.*`` arrays (this holder's own copies)
-    prefix: artifacts.HashedPrefix  # their bytes, first in every such model's weights.npz
+    prefix: artifacts.HashedPrefix  # the bank's arrays' .npz, first in every such model's file
     family: str
     config: dict[str, Any]
     _networks: list[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
@@ -295,24 +294,20 @@ class HeldBank:
     @classmethod
     def of(cls, model: AdaptedModel) -> HeldBank:
         """The bank part of a verified model (copied: the model stays its caller's)."""
-        arrays = {k: v.copy() for k, v in bank_arrays(model.task.model).items()}
         return cls(
-            arrays,
-            artifacts.HashedPrefix.of(arrays),
+            artifacts.HashedPrefix.of(bank_arrays(model.task.model)),
             model.bank_meta["family"],
             model.bank_meta["config"],
         )
 
     def networks(self, source: Any) -> torch.nn.Module:
         """The bank's networks for one model: a copy of its own (each model keeps its own, as
-        from ``from_files``), of networks built once from the verified bytes' arrays (the
-        prefix's private copies, which nothing outside changes)."""
+        from ``from_files``), of networks built once from the held bytes themselves, the bytes
+        every model's checksum covers."""
         with self._lock:
             if not self._networks:
-                state = {
-                    k[len(BANK_PREFIX) :]: torch.from_numpy(v)
-                    for k, v in self.prefix.arrays.items()
-                }
+                arrays = artifacts.npz_arrays(self.prefix.whole, f"{source}: held bank weights")
+                state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in arrays.items()}
                 self._networks.append(build_model(self.family, self.config, state, source))
             template = self._networks[0]
         return copy.deepcopy(template)
@@ -326,19 +321,25 @@ def from_task_files(
     *,
     unsigned_ok: bool = False,
     source: Any = "adapted model",
+    networks: torch.nn.Module | None = None,
 ) -> tuple[AdaptedModel, dict[str, bytes]]:
     """A model whose files came without the bank's weights (``task_arrays``: the ``task.*``
     arrays of its weights), on the bank ``held`` holds: its complete weights.npz is the .npz of
     the held arrays and the task's, verified as :func:`from_files` verifies a model (checksum
     over the complete file, signature, metadata; the held part hashed once), and the model gets
-    networks of its own, copied from the held bank's. Returns the model and its complete files."""
+    networks of its own, copied from the held bank's (``networks``: such a copy, from
+    ``held.networks()``, made beforehand by a caller with time to spare). Returns the model and
+    its complete files."""
     if any(not k.startswith("task.") for k in task_arrays):
         raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
-    full = {**files, artifacts.WEIGHTS: held.prefix.npz_with({**held.arrays, **task_arrays})}
+    # The bank's part is not written (nor hashed) again where appending gives the same file.
+    tail = held.prefix.tail(task_arrays) if held.prefix.appends else None
+    weights = held.prefix.followed_by(task_arrays) if tail is None else held.prefix.data + tail
+    full = {**files, artifacts.WEIGHTS: weights}
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         raise signing.SignatureError(f"{source}: no key to verify it with and unsigned_ok not set")
-    meta = artifacts.verify(full, KIND, source, key, prefix=held.prefix)
+    meta = artifacts.verify(full, KIND, source, key, prefix=held.prefix, tail=tail)
     check_meta(meta, source)
     if (meta["bank"]["family"], meta["bank"]["config"]) != (held.family, held.config):
         raise artifacts.ArtifactError(
@@ -346,7 +347,8 @@ def from_task_files(
         )
     artifacts.check_finite(task_arrays, source, KIND)
     own = {k: v.copy() for k, v in task_arrays.items()}  # verified: nobody changes them after
-    return _assemble(meta, held.networks(source), own, source), full
+    own_networks = held.networks(source) if networks is None else networks
+    return _assemble(meta, own_networks, own, source), full
 
 
 def _assemble(

@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import signing
-from .io import npz_append, npz_bytes, replace_folder
+from .io import npz_bytes, npz_tail, replace_folder
 from .settings import format_errors
 
 FORMAT_VERSION = 1
@@ -145,7 +145,8 @@ class HashedPrefix:
     # Copies of the arrays ``whole`` was written from (nobody else holds them): ``npz_with``
     # appends to ``whole`` only where the arrays it is given are these, byte for byte.
     arrays: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    appends: bool = False  # npz_append gave npz_bytes' own bytes for these arrays (checked once)
+    appends: bool = False  # appending (npz_tail) gave npz_bytes' own bytes here (checked once)
+    finite: bool = False  # no NaN or infinity in ``arrays`` (checked once)
 
     @classmethod
     def of(cls, arrays: Mapping[str, np.ndarray]) -> HashedPrefix:
@@ -156,43 +157,88 @@ class HashedPrefix:
         with zipfile.ZipFile(io.BytesIO(whole)) as zf:
             data = whole[: zf.start_dir]
         probe = {"probe": np.arange(3, dtype=np.float32)}
-        appends = npz_append(whole, probe) == npz_bytes({**own, **probe})
-        return cls(data, hashlib.sha256(data), sha256(whole), whole, own, appends)
+        appends = data + npz_tail(whole, len(data), probe) == npz_bytes({**own, **probe})
+        finite = not any(_non_finite(a) for a in own.values())
+        return cls(data, hashlib.sha256(data), sha256(whole), whole, own, appends, finite)
 
     def npz_with(self, arrays: Mapping[str, np.ndarray]) -> bytes:
         """``npz_bytes(arrays)``; where ``arrays`` begin with this prefix's arrays (the same
         names, dtypes, shapes and bytes), only the others are written."""
+        rest = self.rest(arrays)
+        return npz_bytes(arrays) if rest is None else self.followed_by(rest)
+
+    def rest(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The arrays after this prefix's own where ``arrays`` begin with them (the same names,
+        dtypes, shapes and bytes) and its file can be appended to; else None."""
         items = list(arrays.items())
         n = len(self.arrays)
         if not (self.appends and len(items) >= n and self._holds(items[:n])):
-            return npz_bytes(arrays)
-        return npz_append(self.whole, dict(items[n:]))
+            return None
+        return dict(items[n:])
+
+    def followed_by(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+        """``npz_bytes`` of this prefix's own arrays followed by ``arrays`` (other names): the
+        prefix's bytes are not written again where appending gives the same file."""
+        if not self.appends:
+            self._check_names(arrays)
+            return npz_bytes({**self.arrays, **arrays})
+        return self.data + self.tail(arrays)
+
+    def tail(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+        """What follows ``data`` in ``followed_by(arrays)``: the arrays' members and the central
+        directory, written without copying ``data`` (only where ``appends``)."""
+        self._check_names(arrays)
+        if not self.appends:
+            raise ValueError("appending to this prefix does not give npz_bytes' file")
+        return npz_tail(self.whole, len(self.data), arrays)
+
+    def checksum(self, tail: bytes, meta: dict[str, Any]) -> str:
+        """:func:`checksum` of the weights ``data + tail`` and ``meta``, only ``tail`` hashed."""
+        digest = self.state.copy()
+        digest.update(tail)
+        digest.update(_canonical(meta))
+        return digest.hexdigest()
+
+    def _check_names(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if any(name in self.arrays for name in arrays):
+            raise ValueError("arrays named like the prefix's own would be written twice")
 
     def _holds(self, items: list[tuple[str, np.ndarray]]) -> bool:
         for (name, given), (own_name, own) in zip(items, self.arrays.items(), strict=True):
             a = np.asarray(given)
             if name != own_name or a.dtype != own.dtype or a.shape != own.shape:
                 return False
-            # the bytes npz_bytes would write (C order), compared as bytes: -0.0 is not 0.0
+            # the bytes npz_bytes would write (C order), compared as bytes (-0.0 is not 0.0), a
+            # word of the array's own size at a time
+            word = _WORDS.get(own.dtype.itemsize, np.uint8)
             if not np.array_equal(
-                np.ascontiguousarray(a).reshape(-1).view(np.uint8), own.reshape(-1).view(np.uint8)
+                np.ascontiguousarray(a).reshape(-1).view(np.uint8).view(word),
+                own.reshape(-1).view(np.uint8).view(word),
             ):
                 return False
         return True
+
+
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def checksum(weights: bytes, meta: dict[str, Any], prefix: HashedPrefix | None = None) -> str:
     """SHA-256 of the weights' bytes followed by the canonical JSON of the other meta fields
     (the weights, megabytes, are never copied; where they begin with ``prefix``'s bytes, hashing
     goes on from its state)."""
-    fields = {k: v for k, v in meta.items() if k != "sha256"}
     if prefix is not None and weights.startswith(prefix.data):
         digest = prefix.state.copy()
         digest.update(memoryview(weights)[len(prefix.data) :])
     else:
         digest = hashlib.sha256(weights)
-    digest.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(_canonical(meta))
     return digest.hexdigest()
+
+
+def _canonical(meta: dict[str, Any]) -> bytes:
+    """The metadata a checksum covers: every field but the checksum, as canonical JSON."""
+    fields = {k: v for k, v in meta.items() if k != "sha256"}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
 # -- weights.npz: every header checked before any array is allocated ----------------------------
@@ -528,13 +574,19 @@ def encode(
     """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed,
     ``signature.json``. Arrays holding NaN or infinite values are refused (by name): such an
     artifact could not be loaded, nor served. ``prefix``: see :func:`checksum`."""
-    _check_finite(
-        arrays, "", "the fit diverged? lower the learning rate or check the inputs; nothing written"
-    )
-    data = npz_bytes(arrays) if prefix is None else prefix.npz_with(arrays)
+    diverged = "the fit diverged? lower the learning rate or check the inputs; nothing written"
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
-    record["sha256"] = checksum(data, record, prefix)
+    if prefix is not None and (rest := prefix.rest(arrays)) is not None:
+        # Arrays that are the prefix's own bytes were checked once, when it was made.
+        _check_finite(rest if prefix.finite else arrays, "", diverged)
+        tail = prefix.tail(rest)
+        data = prefix.data + tail
+        record["sha256"] = prefix.checksum(tail, record)
+    else:
+        _check_finite(arrays, "", diverged)
+        data = npz_bytes(arrays)
+        record["sha256"] = checksum(data, record)
     files = {WEIGHTS: data, META: json.dumps(record, indent=2, sort_keys=True).encode()}
     if signing_key is not None:
         files[signing.SIGNATURE] = signing.sign(kind, record["sha256"], signing_key)
@@ -581,10 +633,12 @@ def verify(
     *,
     max_weights_bytes: int | None = None,
     prefix: HashedPrefix | None = None,
+    tail: bytes | None = None,
 ) -> dict[str, Any]:
     """An artifact's metadata once its files are verified: sizes; kind, version and envelope;
-    the checksum over weights and metadata (``prefix``: see :func:`checksum`); the signature when
-    a key is given. No array is parsed."""
+    the checksum over weights and metadata (``prefix``: see :func:`checksum`; with ``tail`` too,
+    the caller built the weights as ``prefix.data + tail`` and only ``tail`` is hashed); the
+    signature when a key is given. No array is parsed."""
     limits = _limits(max_weights_bytes)
     for name, data in files.items():
         if name in limits:
@@ -594,7 +648,14 @@ def verify(
     meta = _envelope(_json(files[META], META, source), kind, source)
     if WEIGHTS not in files:
         raise ArtifactError(f"{source}: missing {WEIGHTS}")
-    if checksum(files[WEIGHTS], meta, prefix) != meta["sha256"]:
+    if tail is not None and (prefix is None or len(files[WEIGHTS]) != len(prefix.data) + len(tail)):
+        raise ValueError("tail: give the prefix the weights were built on, and their last bytes")
+    found = (
+        checksum(files[WEIGHTS], meta, prefix)
+        if tail is None or prefix is None
+        else prefix.checksum(tail, meta)
+    )
+    if found != meta["sha256"]:
         raise ArtifactError(
             f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or "
             f"truncated, re-create the {kind}"

@@ -25,6 +25,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,80 @@ def npz_append(npz: bytes, arrays: Mapping[str, np.ndarray]) -> bytes:
         for name, array in arrays.items():
             _write_member(zf, name, array)
     return buffer.getvalue()
+
+
+def npz_tail(npz: bytes, start: int, arrays: Mapping[str, np.ndarray]) -> bytes:
+    """What follows ``npz[:start]`` in ``npz_append(npz, arrays)``, where ``start`` is where the
+    central directory of ``npz`` begins: the new members and the new central directory, written
+    without copying the ``start`` bytes before them (megabytes of a bank's arrays)."""
+    file = _TailFile(npz, start)
+    with zipfile.ZipFile(file, "a", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            _write_member(zf, name, array)
+    return file.tail()
+
+
+class _TailFile(io.RawIOBase):
+    """A file of ``data[:start]``, read-only and never copied, followed by a writable buffer
+    that begins as ``data[start:]``: what zipfile's append mode reads (the end record and
+    central directory) and writes (from the central directory's start on)."""
+
+    def __init__(self, data: bytes, start: int) -> None:
+        super().__init__()
+        self._head = memoryview(data)[:start]
+        self._start = start
+        self._tail = io.BytesIO(data[start:])
+        self._pos = 0
+
+    def tail(self) -> bytes:
+        return self._tail.getvalue()
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        size = self._start + self._tail.seek(0, io.SEEK_END)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: size}[whence]
+        if base + offset < 0:
+            raise OSError("seek before the start of the file")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        n = 0
+        if self._pos < self._start:
+            n = len(self._head[self._pos : self._pos + len(out)])
+            out[:n] = self._head[self._pos : self._pos + n]
+        if n < len(out):
+            self._tail.seek(max(self._pos + n - self._start, 0))
+            n += self._tail.readinto(out[n:])
+        self._pos += n
+        return n
+
+    def write(self, data: Any) -> int:
+        if self._pos < self._start:
+            raise OSError("the leading bytes are read-only")
+        self._tail.seek(self._pos - self._start)
+        n = self._tail.write(data)
+        self._pos += n
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if size < self._start:
+            raise OSError("the leading bytes are read-only")
+        self._tail.truncate(size - self._start)
+        return size
 
 
 def _write_member(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:

@@ -22,6 +22,8 @@ from polling import wait_until
 from toys import clusters, two_experts
 
 from client_sdk import FusionClient, FusionError, SignatureError, load_adapted
+from protofuse import artifacts
+from protofuse.adapted import HeldBank
 from protofuse.bank import fit_bank, load_bank
 from protofuse.settings import AdaptSettings, ModelSettings, TrainingSettings
 from protofuse.v1 import fusion_pb2
@@ -121,9 +123,21 @@ def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_si
             load_adapted(tmp_path / "model", certs / "signing.pub").classes_.tolist()
             == model.classes_.tolist()
         )
+        # Each model gets networks of its own (copied while the service works): a change to one
+        # reaches no other.
+        again = client.adapt(x, y, seed=1)
+        assert again.task.model is not model.task.model
+        want = again.predict_proba(x)
+        with torch.no_grad():
+            for p in model.task.model.parameters():
+                p.mul_(1.5)
+        np.testing.assert_array_equal(again.predict_proba(x), want)
         # A damaged copy of the bank's weights cannot pass for the signed model; it is dropped.
-        name = next(iter(client._bank_weights[1].arrays))
-        client._bank_weights[1].arrays[name] += 1.0
+        digest, held = client._bank_weights
+        arrays = {k: v.copy() for k, v in held.prefix.arrays.items()}
+        arrays[next(iter(arrays))] += 1.0
+        damaged = HeldBank(artifacts.HashedPrefix.of(arrays), held.family, held.config)
+        client._bank_weights = (digest, damaged)
         with pytest.raises(Exception, match="checksum mismatch"):
             client.adapt(x, y, seed=1)
         assert client._bank_weights is None

@@ -548,8 +548,12 @@ def test_a_hashed_prefix_gives_the_checksum_and_the_bytes_of_the_whole_file(
     # built by appending to the prefix's file only where the arrays are the ones it hashed;
     # byte for byte the plain file either way
     assert prefix.appends and prefix.npz_with({**bank, **task}) == data
+    # the prefix's own arrays followed by others: the file of the arrays it hashed
+    own = artifacts.npz_bytes({**prefix.arrays, **task})
+    assert prefix.followed_by(task) == prefix.data + prefix.tail(task) == own
     meta = {"kind": "k", "format_version": 1, "classes": ["a"]}
     assert artifacts.checksum(data, meta, prefix) == artifacts.checksum(data, meta)
+    assert prefix.checksum(prefix.tail(task), meta) == artifacts.checksum(own, meta)
     assert data.startswith(prefix.data) == (
         not other_first or not any(len(v) for v in bank.values())
     )
@@ -575,3 +579,28 @@ def test_a_hashed_prefix_appends_only_to_the_arrays_it_hashed():
     ):
         assert prefix.npz_with({**arrays, **task}) == artifacts.npz_bytes({**arrays, **task})
     assert prefix.npz_with(task) == artifacts.npz_bytes(task)  # fewer arrays than the prefix
+    with pytest.raises(ValueError, match="written twice"):
+        prefix.followed_by({"bank.w": w})
+
+
+def test_encoding_on_a_prefix_still_refuses_non_finite_arrays_wherever_they_are():
+    """Arrays that are a prefix's own bytes skip the finite check only when the prefix itself was
+    found finite: a NaN in the prefix's arrays, or in the task's, is refused by name."""
+    bank = {"bank.w": np.ones(4, np.float32)}
+    task = {"task.b": np.ones(2, np.float32)}
+    meta = {"classes": ["a"]}
+    assert artifacts.HashedPrefix.of(bank).finite
+    files = artifacts.encode("k", {**bank, **task}, meta, prefix=artifacts.HashedPrefix.of(bank))
+    assert files == artifacts.encode("k", {**bank, **task}, meta)
+    with pytest.raises(artifacts.ArtifactError, match=r"task\.b"):
+        artifacts.encode(
+            "k",
+            {**bank, "task.b": np.full(2, np.nan, np.float32)},
+            meta,
+            prefix=artifacts.HashedPrefix.of(bank),
+        )
+    poisoned = {"bank.w": np.array([1.0, np.inf, 0.0, 0.0], np.float32)}
+    prefix = artifacts.HashedPrefix.of(poisoned)
+    assert not prefix.finite
+    with pytest.raises(artifacts.ArtifactError, match=r"bank\.w"):
+        artifacts.encode("k", {**poisoned, **task}, meta, prefix=prefix)

@@ -54,12 +54,12 @@ def test_each_model_gets_its_own_networks_and_a_change_reaches_no_other_model(mo
     one, _ = from_task_files(reply, task, held, KEY.public_key())
     two, _ = from_task_files(reply, task, held, KEY.public_key())
     assert one.task.model is not two.task.model
-    before = {k: v.copy() for k, v in held.arrays.items()}
+    before = held.prefix.whole
     want = two.predict_proba(x)
     with torch.no_grad():
         for p in one.task.model.parameters():
             p.mul_(1.5)
-    assert all(np.array_equal(held.arrays[k], v) for k, v in before.items())
+    assert held.prefix.whole == before
     np.testing.assert_array_equal(two.predict_proba(x), want)
     again, files = from_task_files(reply, task, held, KEY.public_key())
     assert files == full
@@ -70,9 +70,10 @@ def test_altered_held_weights_or_task_weights_are_refused(models):
     first, second, _ = models
     reply, _ = _task_reply(second)
     task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
-    damaged = HeldBank.of(first)
-    name = next(iter(damaged.arrays))
-    damaged.arrays[name] += 1.0
+    arrays = {k: v.copy() for k, v in HeldBank.of(first).prefix.arrays.items()}
+    arrays[next(iter(arrays))] += 1.0
+    bank = first.bank_meta
+    damaged = HeldBank(artifacts.HashedPrefix.of(arrays), bank["family"], bank["config"])
     with pytest.raises(artifacts.ArtifactError, match="checksum mismatch"):
         from_task_files(reply, task, damaged, KEY.public_key())
     held = HeldBank.of(first)
@@ -92,7 +93,7 @@ def test_a_model_of_another_bank_configuration_is_refused(models):
     reply, _ = _task_reply(second)
     task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
     held = HeldBank.of(first)
-    other = HeldBank(held.arrays, held.prefix, held.family, {**held.config, "feat_dim": 9})
+    other = HeldBank(held.prefix, held.family, {**held.config, "feat_dim": 9})
     with pytest.raises(artifacts.ArtifactError, match="another bank configuration"):
         from_task_files(reply, task, other, KEY.public_key())
 

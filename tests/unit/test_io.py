@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from protofuse import io as durable
 from protofuse.io import (
     TEMP_PREFIX,
+    _TailFile,  # the file npz_tail writes through
     atomic_write_bytes,
     fsync_dir,
     npz_append,
     npz_bytes,
+    npz_tail,
     replace_folder,
 )
 
@@ -217,6 +219,30 @@ def test_appending_to_an_npz_gives_the_npz_of_all_the_arrays(specs, split) -> No
     first = {k: arrays[k] for k in names[:split]}
     then = {k: arrays[k] for k in names[split:]}
     assert npz_append(npz_bytes(first), then) == npz_bytes(arrays)
+    # the same, written after the first file's members without copying them
+    head = npz_bytes(first)
+    with zipfile.ZipFile(io.BytesIO(head)) as zf:
+        start = zf.start_dir
+    assert head[:start] + npz_tail(head, start, then) == npz_bytes(arrays)
+
+
+def test_the_leading_bytes_of_an_appended_npz_are_never_written() -> None:
+    """npz_tail's file refuses writes before the central directory's start: the bank's bytes
+    it shares with every model are read-only."""
+    head = npz_bytes({"w": np.arange(4.0)})
+    with zipfile.ZipFile(io.BytesIO(head)) as zf:
+        start = zf.start_dir
+    file = _TailFile(head, start)
+    file.seek(0)
+    assert file.read(start) == head[:start]
+    file.seek(start - 1)
+    with pytest.raises(OSError, match="read-only"):
+        file.write(b"x")
+    with pytest.raises(OSError, match="read-only"):
+        file.truncate(start - 1)
+    file.seek(0, io.SEEK_END)
+    assert file.tell() == len(head) and file.write(b"ab") == 2
+    assert file.tail() == head[start:] + b"ab"
 
 
 def test_npz_bytes_never_pickle() -> None:
