@@ -182,7 +182,9 @@ class FusionClient:
             """The held bank's networks for this model, copied while the service adapts (they
             do not depend on its reply; they are wasted only if it sends the whole model)."""
             if held is not None and not prepared:
-                with contextlib.suppress(artifacts.ArtifactError):  # raised again when used
+                # Whatever fails here fails again where the networks are used, if they are: a
+                # reply with the whole model needs none of the held bank's.
+                with contextlib.suppress(Exception):
                     prepared.append(held[1].networks(source))
 
         response = self._adapt(x, y, held, seed=seed, onnx=export_to, meanwhile=prepare, **options)

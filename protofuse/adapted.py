@@ -296,8 +296,8 @@ class HeldBank:
         """The bank part of a verified model (copied: the model stays its caller's)."""
         return cls(
             artifacts.HashedPrefix.of(bank_arrays(model.task.model)),
-            model.bank_meta["family"],
-            model.bank_meta["config"],
+            str(model.bank_meta["family"]),
+            copy.deepcopy(model.bank_meta["config"]),  # the model's dict stays its caller's
         )
 
     def networks(self, source: Any) -> torch.nn.Module:
@@ -333,13 +333,17 @@ def from_task_files(
     if any(not k.startswith("task.") for k in task_arrays):
         raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
     # The bank's part is not written (nor hashed) again where appending gives the same file.
-    tail = held.prefix.tail(task_arrays) if held.prefix.appends else None
-    weights = held.prefix.followed_by(task_arrays) if tail is None else held.prefix.data + tail
-    full = {**files, artifacts.WEIGHTS: weights}
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         raise signing.SignatureError(f"{source}: no key to verify it with and unsigned_ok not set")
-    meta = artifacts.verify(full, KIND, source, key, prefix=held.prefix, tail=tail)
+    others = {k: v for k, v in files.items() if k != artifacts.WEIGHTS}
+    if held.prefix.appends:
+        tail = held.prefix.tail(task_arrays)
+        meta = artifacts.verify(others, KIND, source, key, prefix=held.prefix, tail=tail)
+        full = {**others, artifacts.WEIGHTS: held.prefix.data + tail}
+    else:
+        full = {**others, artifacts.WEIGHTS: held.prefix.followed_by(task_arrays)}
+        meta = artifacts.verify(full, KIND, source, key, prefix=held.prefix)
     check_meta(meta, source)
     if (meta["bank"]["family"], meta["bank"]["config"]) != (held.family, held.config):
         raise artifacts.ArtifactError(

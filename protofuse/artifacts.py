@@ -41,6 +41,7 @@ import os
 import stat
 import struct
 import tokenize
+import types
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -153,13 +154,16 @@ class HashedPrefix:
         """The local entries of ``npz_bytes(arrays)``: the start of the .npz of these arrays
         followed by any others (the central directory, which lists them all, comes last)."""
         own = {k: np.array(v, copy=True, order="C") for k, v in arrays.items()}
+        for a in own.values():  # the bytes ``whole`` holds: nobody changes them after
+            a.setflags(write=False)
         whole = npz_bytes(own)
         with zipfile.ZipFile(io.BytesIO(whole)) as zf:
             data = whole[: zf.start_dir]
         probe = {"probe": np.arange(3, dtype=np.float32)}
         appends = data + npz_tail(whole, len(data), probe) == npz_bytes({**own, **probe})
         finite = not any(_non_finite(a) for a in own.values())
-        return cls(data, hashlib.sha256(data), sha256(whole), whole, own, appends, finite)
+        frozen = types.MappingProxyType(own)
+        return cls(data, hashlib.sha256(data), sha256(whole), whole, frozen, appends, finite)
 
     def npz_with(self, arrays: Mapping[str, np.ndarray]) -> bytes:
         """``npz_bytes(arrays)``; where ``arrays`` begin with this prefix's arrays (the same
@@ -636,25 +640,27 @@ def verify(
     tail: bytes | None = None,
 ) -> dict[str, Any]:
     """An artifact's metadata once its files are verified: sizes; kind, version and envelope;
-    the checksum over weights and metadata (``prefix``: see :func:`checksum`; with ``tail`` too,
-    the caller built the weights as ``prefix.data + tail`` and only ``tail`` is hashed); the
-    signature when a key is given. No array is parsed."""
+    the checksum over weights and metadata (``prefix``: see :func:`checksum`); the signature when
+    a key is given. No array is parsed. With ``tail`` (and ``prefix``), ``files`` hold no
+    weights.npz: its bytes are ``prefix.data + tail``, and only ``tail`` is hashed."""
+    if tail is not None and (prefix is None or WEIGHTS in files):
+        raise ValueError(f"tail: give the prefix it follows, and files without {WEIGHTS}")
     limits = _limits(max_weights_bytes)
-    for name, data in files.items():
+    sizes = {name: len(data) for name, data in files.items()}
+    if tail is not None and prefix is not None:
+        sizes[WEIGHTS] = len(prefix.data) + len(tail)
+    for name, size in sizes.items():
         if name in limits:
-            _check_size(len(data), limits[name], f"{source}: {name}", _LIMIT_NAMES[name])
+            _check_size(size, limits[name], f"{source}: {name}", _LIMIT_NAMES[name])
     if META not in files:
         raise ArtifactError(f"{source}: missing {META}; is this a protofuse {kind}?")
     meta = _envelope(_json(files[META], META, source), kind, source)
-    if WEIGHTS not in files:
+    if tail is not None and prefix is not None:
+        found = prefix.checksum(tail, meta)
+    elif WEIGHTS not in files:
         raise ArtifactError(f"{source}: missing {WEIGHTS}")
-    if tail is not None and (prefix is None or len(files[WEIGHTS]) != len(prefix.data) + len(tail)):
-        raise ValueError("tail: give the prefix the weights were built on, and their last bytes")
-    found = (
-        checksum(files[WEIGHTS], meta, prefix)
-        if tail is None or prefix is None
-        else prefix.checksum(tail, meta)
-    )
+    else:
+        found = checksum(files[WEIGHTS], meta, prefix)
     if found != meta["sha256"]:
         raise ArtifactError(
             f"{source}: checksum mismatch between {WEIGHTS} and {META}; a file was modified or "

@@ -4,6 +4,8 @@ and anything altered, on either side, is refused."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from toys import toy_bank
 
 from protofuse import artifacts, signing
-from protofuse.adapted import HeldBank, from_files, from_task_files
+from protofuse.adapted import KIND, HeldBank, from_files, from_task_files
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -107,3 +109,39 @@ def test_the_verified_task_arrays_are_the_models_own(models):
     for v in task.values():  # the caller's arrays, changed after verification
         v[...] = 0
     np.testing.assert_array_equal(model.predict_proba(x[:5]), before)
+
+
+def test_the_held_bank_shares_nothing_a_caller_can_change(models):
+    """The prefix's arrays are read-only, and the configuration is the holder's own copy: a
+    caller editing the model it was given changes nothing the next reply is checked against."""
+    first, second, _ = models
+    held = HeldBank.of(first)
+    with pytest.raises(ValueError, match="read-only"):
+        next(iter(held.prefix.arrays.values()))[...] = 0.0
+    with pytest.raises(TypeError):
+        held.prefix.arrays["bank.extra"] = np.zeros(2)  # type: ignore[index]
+    first.bank_meta["config"]["feat_dim"] = 9
+    reply, _ = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    model, _ = from_task_files(reply, task, held, KEY.public_key())
+    assert model.classes_.tolist() == second.classes_.tolist()
+    first.bank_meta["config"].pop("feat_dim")
+
+
+def test_verifying_on_a_tail_takes_no_weights_it_could_mismatch(models):
+    """verify(tail=) hashes the prefix's bytes and the tail: it refuses files that carry a
+    weights.npz of their own (bytes it would not check), and a tail that is not the signed one."""
+    first, second, _ = models
+    held = HeldBank.of(first)
+    reply, full = _task_reply(second)
+    others = {k: v for k, v in full.items() if k != artifacts.WEIGHTS}
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    tail = held.prefix.tail(task)
+    meta = artifacts.verify(others, KIND, "m", KEY.public_key(), prefix=held.prefix, tail=tail)
+    assert meta["sha256"] == json.loads(full[artifacts.META])["sha256"]
+    with pytest.raises(ValueError, match=r"without weights\.npz"):
+        artifacts.verify(full, KIND, "m", KEY.public_key(), prefix=held.prefix, tail=tail)
+    with pytest.raises(artifacts.ArtifactError, match="checksum mismatch"):
+        artifacts.verify(
+            others, KIND, "m", KEY.public_key(), prefix=held.prefix, tail=tail[:-1] + b"x"
+        )
