@@ -71,7 +71,11 @@ class LabelRows:
 
     def subset(self, labels: list[str]) -> LabelRows:
         """The rows of ``labels`` (each one of ``self.labels``), in that order."""
-        index = [self.labels.index(c) for c in labels]
+        position = {c: i for i, c in enumerate(self.labels)}
+        missing = [c for c in labels if c not in position]
+        if missing:
+            raise ValueError(f"labels {missing[:3]} are not among these rows' labels")
+        index = [position[c] for c in labels]
         return LabelRows(tuple(labels), self.prototypes[index], self.bias[index])
 
 

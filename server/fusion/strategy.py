@@ -160,18 +160,17 @@ class FusionStrategy(FedAvg):
         random number (at most MAX_REVIEWS, a seeded choice where there are more)."""
         node = message.metadata.dst_node_id
         client = self.federation.nodes[node]
-        own = set(client.labels)
         admitted = {c.pseudonym for c in self.federation.nodes.values()}
         # Only last round's views of clients still admitted: an older view was fitted on another
         # encoder, and a client gone keeps its view to itself.
-        chosen = [
-            (name, [c for c in client.labels if c in set(view.labels)], view)
-            for name, (round_, view) in sorted(self._views.items())
-            if round_ == r - 1
-            and name in admitted
-            and name != client.pseudonym
-            and len(own.intersection(view.labels)) >= peer.MIN_SHARED_LABELS
-        ]
+        chosen = []
+        for name, (round_, view) in sorted(self._views.items()):
+            if round_ != r - 1 or name not in admitted or name == client.pseudonym:
+                continue
+            theirs = set(view.labels)  # once per view: labels x labels lookups otherwise
+            shared = [c for c in client.labels if c in theirs]
+            if len(shared) >= peer.MIN_SHARED_LABELS:
+                chosen.append((name, shared, view))
         if not chosen:
             return message
         if len(chosen) > MAX_REVIEWS:

@@ -489,3 +489,15 @@ def test_without_peer_review_nothing_is_sent_asked_or_read(in_a_run):
         assert not wire.decode_round_plan(
             m.content["config"][wire.ROUND_PLAN_KEY]
         ).federation.peer_review
+
+
+def test_a_subset_of_rows_keeps_the_order_asked_and_names_labels_it_lacks():
+    rows = peer.LabelRows(
+        ("a", "b", "c"), np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(3.0)
+    )
+    part = rows.subset(["c", "a"])
+    assert part.labels == ("c", "a")
+    np.testing.assert_array_equal(part.prototypes, rows.prototypes[[2, 0]])
+    np.testing.assert_array_equal(part.bias, rows.bias[[2, 0]])
+    with pytest.raises(ValueError, match="'z'"):
+        rows.subset(["a", "z"])
