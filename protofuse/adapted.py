@@ -332,25 +332,24 @@ def from_task_files(
     its complete files."""
     if any(not k.startswith("task.") for k in task_arrays):
         raise artifacts.ArtifactError(f"{source}: the task's weights hold more than task arrays")
-    # The bank's part is not written (nor hashed) again where appending gives the same file.
     key = signing.load_public_key(public_key) if public_key is not None else None
     if key is None and not unsigned_ok:
         raise signing.SignatureError(f"{source}: no key to verify it with and unsigned_ok not set")
+    own = {k: v.copy() for k, v in task_arrays.items()}  # the bytes verified are the model's
     others = {k: v for k, v in files.items() if k != artifacts.WEIGHTS}
-    if held.prefix.appends:
-        tail = held.prefix.tail(task_arrays)
+    if held.prefix.appends:  # the bank's part neither written nor hashed again
+        tail = held.prefix.tail(own)
         meta = artifacts.verify(others, KIND, source, key, prefix=held.prefix, tail=tail)
         full = {**others, artifacts.WEIGHTS: held.prefix.data + tail}
     else:
-        full = {**others, artifacts.WEIGHTS: held.prefix.followed_by(task_arrays)}
+        full = {**others, artifacts.WEIGHTS: held.prefix.followed_by(own)}
         meta = artifacts.verify(full, KIND, source, key, prefix=held.prefix)
     check_meta(meta, source)
     if (meta["bank"]["family"], meta["bank"]["config"]) != (held.family, held.config):
         raise artifacts.ArtifactError(
             f"{source}: the model names another bank configuration than the weights held"
         )
-    artifacts.check_finite(task_arrays, source, KIND)
-    own = {k: v.copy() for k, v in task_arrays.items()}  # verified: nobody changes them after
+    artifacts.check_finite(own, source, KIND)
     own_networks = held.networks(source) if networks is None else networks
     return _assemble(meta, own_networks, own, source), full
 
