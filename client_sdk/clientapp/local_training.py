@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from protofuse.families import family
-from protofuse.families.discriminative import load_shared, shared_arrays
+from protofuse.families.discriminative import PRIVATE_PARAMETERS, load_shared, shared_arrays
 from protofuse.model.discriminative import DiscriminativePrototypes
 from protofuse.protocol import federation as wire
 from protofuse.protocol.federation import (  # re-exported: what the server asks of a round
@@ -191,10 +191,7 @@ def _peer_review(
     ):
         return view, None, keep  # last round's weights (or view of these labels) are not here
     then = {k.removeprefix("shared."): v for k, v in before.items() if k.startswith("shared.")}
-    previous = family("discriminative").build(
-        {**plan.model, "n_labels": len(then["bias"]), "n_experts": 1}
-    )
-    load_shared(previous, then)
+    previous = plan_networks(plan, len(then["bias"]), then)
     own_then = LabelRows(expert.labels, before["own.prototypes"], before["own.bias"])
     x = np.concatenate([held.x, train.x[scored]])
     eta = np.concatenate([held.eta[:, 0, :][:, cols], answers[scored]])
@@ -214,16 +211,50 @@ def _local_model(
     shared: dict[str, np.ndarray],
     head: dict[str, np.ndarray] | None,
 ) -> DiscriminativePrototypes:
-    model = family("discriminative").build(
-        {**plan.model, "n_labels": len(plan.vocabulary), "n_experts": 1}
-    )
-    load_shared(model, shared)
+    model = plan_networks(plan, len(plan.vocabulary), shared)
     if head is not None and len(head["bias"]) == len(expert.labels):
         cols = [plan.vocabulary.index(c) for c in expert.labels]
         with torch.no_grad():
             model.expert_log_temp[0] = float(head["log_temp"][0])
             model.expert_bias[0, cols] = torch.from_numpy(np.array(head["bias"], dtype=np.float32))
     return model.eval()
+
+
+def plan_networks(
+    plan: RoundPlan, n_labels: int, shared: dict[str, np.ndarray]
+) -> DiscriminativePrototypes:
+    """The networks the plan names, for ``n_labels`` rows and this node's one expert, with the
+    ``shared`` arrays loaded. The plan's config is first built on torch's meta device (no
+    memory) and its shared part compared with the arrays' names and shapes: a config that does
+    not describe the arrays sent (a feature size of 10**9, an unknown normalization or key) is
+    refused, naming it, before anything is allocated, so the networks never take more memory
+    than the arrays this node already received."""
+    config = {**plan.model, "n_labels": n_labels, "n_experts": 1}
+    impl = family("discriminative")
+    try:
+        with torch.device("meta"):
+            skeleton = impl.build(config)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise wire.WireError(
+            f"RoundPlan.model_json: {(str(err).splitlines() or [type(err).__name__])[0]}; the "
+            "server must send the networks' config of protofuse's discriminative family"
+        ) from None
+    # A 0-d tensor (batch norm's count) travels as one value of shape (1,), which loads into it.
+    expected = {
+        k: tuple(v.shape) or (1,)
+        for k, v in skeleton.state_dict().items()
+        if k not in PRIVATE_PARAMETERS
+    }
+    got = {k: tuple(np.shape(v)) or (1,) for k, v in shared.items()}
+    if expected != got:
+        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        raise wire.WireError(
+            f"RoundPlan.model_json: the networks it names do not fit the shared weights sent "
+            f"(first differing: {wrong[:3]}); the server must send the config it trains"
+        )
+    model = impl.build(config)
+    load_shared(model, shared)
+    return model
 
 
 def _head_arrays(

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from toys import clusters
 
 from client_sdk.clientapp import app as client_app
-from client_sdk.clientapp.local_training import client_seed
+from client_sdk.clientapp.local_training import client_seed, plan_networks
 from protofuse.families.discriminative import PRIVATE_PARAMETERS, shared_arrays
 from protofuse.model.discriminative import DiscriminativeConfig, DiscriminativePrototypes
 from protofuse.protocol import federation as wire
@@ -396,3 +398,48 @@ def test_a_curious_server_recovers_the_query_mean_only_from_batch_norm_statistic
     else:
         assert not [k for k in got if "running" in k or got[k].dtype.kind != "f"]
         assert error > 0.5 * guess  # nothing in the reply does
+
+
+def test_a_plan_naming_networks_other_than_the_weights_sent_is_refused_before_allocating(node):
+    """A server's config is built on the meta device and compared with the shared arrays first:
+    a feature size of 10**9 (4 GB a row) or a config that does not build is refused by name."""
+    _, _, context = node
+    start = _initial()
+    plan = _plan(1, "consensus", 0, 2)
+    for model, why in (
+        ({**plan.model, "feat_dim": 10**9}, "do not fit the shared weights"),
+        ({**plan.model, "norm": "bogus"}, "unknown normalization"),
+        ({**plan.model, "layers": 3}, "layers"),
+        ({**plan.model, "encoder": "conv"}, "image"),
+    ):
+        bad = dataclasses.replace(plan, model=model)
+        config = ConfigRecord({"round-plan": wire.encode_round_plan(bad), "server-round": 1})
+        with pytest.raises(wire.WireError, match=f"RoundPlan.model_json: .*{why}"):
+            client_app.app(_instruction(1, "consensus", 0, 2, start, config), context)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["x_dim", "feat_dim", "encoder", "image_shape", "norm", "extra"]),
+        st.one_of(
+            st.integers(-2, 10**12),
+            st.sampled_from(["mlp", "conv", "layer", "batch", "", "bogus"]),
+            st.none(),
+            st.lists(st.integers(-1, 40), max_size=4),
+        ),
+        max_size=4,
+    )
+)
+def test_any_networks_config_a_server_sends_builds_the_weights_sent_or_is_refused(changes):
+    plan = dataclasses.replace(_plan(1, "consensus", 0, 2), model={**_plan(1, "c", 0, 1).model})
+    plan = dataclasses.replace(plan, model={**plan.model, **changes})
+    start = _initial()
+    try:
+        model = plan_networks(plan, len(VOCAB), start)
+    except wire.WireError as err:
+        assert str(err).startswith("RoundPlan.model_json: ")
+        return
+    got = shared_arrays(model)
+    assert got.keys() == start.keys()
+    assert all(np.array_equal(got[k], start[k]) for k in start)
