@@ -260,8 +260,21 @@ class FusionStrategy(FedAvg):
             return self._skip_halted_round(r, phase)
         ok: list[tuple[Client, Message, wire.ImitatorStats]] = []
         reviews: list[tuple[str, str, float]] = []  # (reviewer, candidate, score)
+        replied: set[int] = set()
         for reply in replies:
             client = self.federation.nodes.get(reply.metadata.src_node_id)
+            # Flower's SuperLink keeps one reply per message; should another engine deliver two
+            # from one node, the first counts and no node weighs twice.
+            if reply.metadata.src_node_id in replied:
+                self._count_reply("invalid")
+                log(
+                    WARNING,
+                    "round %s: a second reply from node %s, ignored",
+                    r,
+                    reply.metadata.src_node_id,
+                )
+                continue
+            replied.add(reply.metadata.src_node_id)
             if reply.has_error() or client is None:
                 self._count_reply("error")
                 log(

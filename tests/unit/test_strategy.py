@@ -281,6 +281,21 @@ def test_an_invalid_or_impersonating_message_is_dropped_and_the_round_goes_on(in
         strategy.aggregate_train(2, [garbage])
 
 
+def test_a_second_reply_from_one_node_is_ignored_and_no_node_weighs_twice(in_a_run):
+    fed = Federation(["0", "1", "2"], 8)
+    fed.nodes = {1: Client("a", ("0", "1"), 30), 2: Client("b", ("1", "2"), 30)}
+    strategy, _ = _strategy(fed, aggregation="fedavg")
+    strategy._sent = {"prototypes": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float32)}
+    replies = [
+        _trained_reply(1, "a", ("0", "1"), 1.0, 0.25),
+        _trained_reply(2, "b", ("1", "2"), 4.0, 0.25),
+        _trained_reply(1, "a", ("0", "1"), 100.0, 0.25),  # the same node again
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["prototypes"].numpy(), np.full((3, 2), 2.5))
+    assert strategy.history[-1]["clients"] == 2
+
+
 def _trained_reply(
     node: int,
     pseudonym: str,
