@@ -137,14 +137,15 @@ class HashedPrefix:
     """The leading bytes many ``weights.npz`` files share and the SHA-256 state after them: the
     bank's arrays come first in every adapted model of one bank version, so a checksum over such
     a file hashes only what follows them (the service and its SDK hold one per bank version), and
-    the file itself is built by appending the model's own arrays to theirs (``npz_with``)."""
+    only what follows them is written (``rest`` finds the arrays after the prefix's own, ``tail``
+    writes them; ``npz_with`` and ``followed_by`` give the whole file)."""
 
     data: bytes
     state: Any  # hashlib's sha256 object, fed ``data`` and nothing else
     whole_sha256: str  # of ``npz_bytes(arrays)`` itself: the digest the service names them by
     whole: bytes = b""  # ``npz_bytes(arrays)``
-    # Copies of the arrays ``whole`` was written from (nobody else holds them): ``npz_with``
-    # appends to ``whole`` only where the arrays it is given are these, byte for byte.
+    # Read-only copies of the arrays ``whole`` was written from: ``rest`` treats given arrays as
+    # the prefix's only where they equal these, byte for byte.
     arrays: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     appends: bool = False  # appending (npz_tail) gave npz_bytes' own bytes here (checked once)
     finite: bool = False  # no NaN or infinity in ``arrays`` (checked once)

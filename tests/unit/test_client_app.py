@@ -432,7 +432,7 @@ def test_a_plan_naming_networks_other_than_the_weights_sent_is_refused_before_al
     )
 )
 def test_any_networks_config_a_server_sends_builds_the_weights_sent_or_is_refused(changes):
-    plan = dataclasses.replace(_plan(1, "consensus", 0, 2), model={**_plan(1, "c", 0, 1).model})
+    plan = _plan(1, "consensus", 0, 2)
     plan = dataclasses.replace(plan, model={**plan.model, **changes})
     start = _initial()
     try:
