@@ -201,12 +201,32 @@ class AdaptedModel:
     def to_files(
         self,
         signing_key: Ed25519PrivateKey | None = None,
-        prefix: artifacts.HashedPrefix | None = None,
+        prefix: artifacts.HashedPrefix | BankPrefix | None = None,
+        *,
+        bank_weights: bool = True,
     ) -> dict[str, bytes]:
         """The model folder's files as bytes: what :meth:`save` writes and the service sends.
-        ``prefix``: the bank's arrays hashed once (``artifacts.HashedPrefix.of(bank_arrays(...))``)
-        for the many models of one bank version."""
-        return artifacts.encode(KIND, self.arrays(), self._meta(), signing_key, prefix)
+        ``prefix``: the bank's arrays hashed once (``artifacts.HashedPrefix.of(bank_arrays(...))``,
+        or :class:`BankPrefix` with the networks they came from) for the many models of one bank
+        version. ``bank_weights=False`` (with the ``prefix`` of this model's bank):
+        ``weights.npz`` holds the task's arrays alone, for a caller holding the bank's to
+        complete (:func:`from_task_files`); checksum and signature are the whole file's."""
+        meta = self._meta()
+        if isinstance(prefix, BankPrefix):
+            if prefix.holds(self.task.model):  # the prefix's own bytes, not compared again
+                return artifacts.encode(
+                    KIND,
+                    self.task_arrays(),
+                    meta,
+                    signing_key,
+                    prefix.prefix,
+                    whole_weights=bank_weights,
+                    after_prefix=True,
+                )
+            prefix = prefix.prefix
+        return artifacts.encode(
+            KIND, self.arrays(), meta, signing_key, prefix, whole_weights=bank_weights
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``weights.npz``'s arrays: the bank's (``bank.*``, the same for every model of one bank
@@ -280,6 +300,43 @@ def from_files(
 
 
 @dataclass(frozen=True)
+class BankPrefix:
+    """A bank's arrays hashed once (``prefix``) with the tensors they were read from and each
+    one's in-place version then: a model adapted on those very networks, none of them changed
+    in place since (torch counts every in-place change: optimizer steps, running statistics,
+    ``load_state_dict``), begins with the prefix's bytes without comparing megabytes (the
+    service's many models of one bank version). Any other model is compared byte for byte."""
+
+    prefix: artifacts.HashedPrefix
+    networks: torch.nn.Module = field(repr=False, compare=False)
+    _stamps: tuple[tuple[str, torch.Tensor, int, int], ...] = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, networks: torch.nn.Module) -> BankPrefix:
+        stamps = tuple(_stamps(networks))
+        return cls(artifacts.HashedPrefix.of(bank_arrays(networks)), networks, stamps)
+
+    def holds(self, networks: torch.nn.Module) -> bool:
+        """Whether ``networks`` are the prefix's networks, every tensor unchanged in place."""
+        if networks is not self.networks:
+            return False
+        now = _stamps(networks)
+        return len(now) == len(self._stamps) and all(
+            name == was[0] and t is was[1] and version == was[2] and pointer == was[3]
+            for (name, t, version, pointer), was in zip(now, self._stamps, strict=True)
+        )
+
+
+def _stamps(networks: torch.nn.Module) -> list[tuple[str, torch.Tensor, int, int]]:
+    """Each state tensor (the arrays ``bank_arrays`` reads) with its in-place version and
+    where its data lives (a tensor given other data through ``.data`` keeps its version)."""
+    return [
+        (name, t, t._version, t.data_ptr())
+        for name, t in networks.state_dict(keep_vars=True).items()
+    ]
+
+
+@dataclass(frozen=True)
 class HeldBank:
     """One bank version's weights as adapted models carry them, verified once and their bytes
     hashed: for the models adapted on that version, whose files then need the bank's part
@@ -290,6 +347,8 @@ class HeldBank:
     config: dict[str, Any]
     _networks: list[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # What the probe prediction of a model on these networks shares with every other's.
+    _probes: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, model: AdaptedModel) -> HeldBank:
@@ -351,14 +410,19 @@ def from_task_files(
         )
     artifacts.check_finite(own, source, KIND)
     own_networks = held.networks(source) if networks is None else networks
-    return _assemble(meta, own_networks, own, source), full
+    return _assemble(meta, own_networks, own, source, held._probes), full
 
 
 def _assemble(
-    meta: dict[str, Any], model: torch.nn.Module, arrays: dict[str, np.ndarray], source: Any
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    arrays: dict[str, np.ndarray],
+    source: Any,
+    probes: dict[Any, torch.Tensor] | None = None,
 ) -> AdaptedModel:
     """The model from its verified metadata, its bank's networks and its ``task.*`` arrays; one
-    prediction checked finite."""
+    prediction checked finite (``probes``: kept across models whose networks are copies of the
+    same ones, see ``Family.probe_log_proba``)."""
     bank_meta = meta["bank"]
     t = {k[len("task.") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("task.")}
     wide = sorted(k for k, v in t.items() if v.is_floating_point() and v.dtype != torch.float32)
@@ -367,13 +431,15 @@ def _assemble(
             f"{source}: task weights {wide[:3]} are not float32 (the networks' own type); {FIX}"
         )
     try:
-        task = family(bank_meta["family"]).load_task(model, t, meta["task"])
+        impl = family(bank_meta["family"])
+        task = impl.load_task(model, t, meta["task"])
         # One prediction on a typical row (the middle of the inputs' range): weights that load
         # but cannot predict (shapes a task does not check, values that overflow) are refused
         # here, not at the user's first call.
         lo, hi = bank_meta.get("input_range") or (0.0, 0.0)
         with torch.no_grad():
-            probe = task.log_proba(torch.full((1, int(bank_meta["x_dim"])), (lo + hi) / 2))
+            typical = torch.full((1, int(bank_meta["x_dim"])), (lo + hi) / 2)
+            probe = impl.probe_log_proba(task, typical, probes)
         if not bool(torch.isfinite(probe).all()):
             raise ValueError("its prediction on a typical input is NaN or infinite")
     except (KeyError, TypeError) as err:

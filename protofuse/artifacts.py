@@ -174,10 +174,10 @@ class HashedPrefix:
 
     def rest(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The arrays after this prefix's own where ``arrays`` begin with them (the same names,
-        dtypes, shapes and bytes) and its file can be appended to; else None."""
+        dtypes, shapes and bytes); else None."""
         items = list(arrays.items())
         n = len(self.arrays)
-        if not (self.appends and len(items) >= n and self._holds(items[:n])):
+        if not (len(items) >= n and self._holds(items[:n])):
             return None
         return dict(items[n:])
 
@@ -189,13 +189,14 @@ class HashedPrefix:
             return npz_bytes({**self.arrays, **arrays})
         return self.data + self.tail(arrays)
 
-    def tail(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+    def tail(self, arrays: Mapping[str, np.ndarray], written: bytes | None = None) -> bytes:
         """What follows ``data`` in ``followed_by(arrays)``: the arrays' members and the central
-        directory, written without copying ``data`` (only where ``appends``)."""
+        directory, written without copying ``data`` (only where ``appends``). ``written``:
+        ``npz_bytes(arrays)``, where the caller has it."""
         self._check_names(arrays)
         if not self.appends:
             raise ValueError("appending to this prefix does not give npz_bytes' file")
-        return npz_tail(self.whole, len(self.data), arrays)
+        return npz_tail(self.whole, len(self.data), arrays, written)
 
     def checksum(self, tail: bytes, meta: dict[str, Any]) -> str:
         """:func:`checksum` of the weights ``data + tail`` and ``meta``, only ``tail`` hashed."""
@@ -575,23 +576,43 @@ def encode(
     meta: dict[str, Any],
     signing_key: Ed25519PrivateKey | None = None,
     prefix: HashedPrefix | None = None,
+    *,
+    whole_weights: bool = True,
+    after_prefix: bool = False,
 ) -> dict[str, bytes]:
     """An artifact as its files' bytes: ``weights.npz``, ``meta.json`` and, when signed,
     ``signature.json``. Arrays holding NaN or infinite values are refused (by name): such an
-    artifact could not be loaded, nor served. ``prefix``: see :func:`checksum`."""
+    artifact could not be loaded, nor served. ``prefix``: see :func:`checksum`.
+    ``whole_weights=False``: ``weights.npz`` holds only the arrays after ``prefix``'s own (the
+    arrays must begin with them), for a holder of the prefix to complete; the checksum and
+    signature are the whole file's all the same. ``after_prefix=True``: ``arrays`` are only
+    those after the prefix's own, which the caller knows come first (not compared here)."""
     diverged = "the fit diverged? lower the learning rate or check the inputs; nothing written"
     record = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     record = json.loads(json.dumps(record))  # what load will read back (tuples become lists)
-    if prefix is not None and (rest := prefix.rest(arrays)) is not None:
+    if after_prefix:
+        if prefix is None:
+            raise ValueError("after_prefix without a prefix")
+        prefix._check_names(arrays)
+        rest: dict[str, np.ndarray] | None = dict(arrays)
+        arrays = {**prefix.arrays, **arrays}
+    else:
+        rest = None if prefix is None else prefix.rest(arrays)
+    if not whole_weights and (prefix is None or rest is None):
+        raise ValueError("weights without the prefix's arrays, of arrays that do not begin so")
+    if prefix is not None and rest is not None and prefix.appends:
         # Arrays that are the prefix's own bytes were checked once, when it was made.
         _check_finite(rest if prefix.finite else arrays, "", diverged)
-        tail = prefix.tail(rest)
-        data = prefix.data + tail
+        written = npz_bytes(rest)
+        tail = prefix.tail(rest, written)
+        data = prefix.data + tail if whole_weights else written
         record["sha256"] = prefix.checksum(tail, record)
     else:
         _check_finite(arrays, "", diverged)
         data = npz_bytes(arrays)
         record["sha256"] = checksum(data, record)
+        if rest is not None and not whole_weights:
+            data = npz_bytes(rest)
     files = {WEIGHTS: data, META: json.dumps(record, indent=2, sort_keys=True).encode()}
     if signing_key is not None:
         files[signing.SIGNATURE] = signing.sign(kind, record["sha256"], signing_key)

@@ -21,6 +21,7 @@ import io
 import os
 import secrets
 import shutil
+import struct
 import zipfile
 from collections.abc import Callable, Mapping
 from contextlib import suppress
@@ -59,15 +60,82 @@ def npz_append(npz: bytes, arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def npz_tail(npz: bytes, start: int, arrays: Mapping[str, np.ndarray]) -> bytes:
+def npz_tail(
+    npz: bytes, start: int, arrays: Mapping[str, np.ndarray], added: bytes | None = None
+) -> bytes:
     """What follows ``npz[:start]`` in ``npz_append(npz, arrays)``, where ``start`` is where the
     central directory of ``npz`` begins: the new members and the new central directory, written
-    without copying the ``start`` bytes before them (megabytes of a bank's arrays)."""
-    file = _TailFile(npz, start)
+    without copying the ``start`` bytes before them (megabytes of a bank's arrays). ``added``:
+    ``npz_bytes(arrays)``, where the caller has it already."""
+    added = npz_bytes(arrays) if added is None else added
+    spliced = _spliced_tail(npz, start, added)
+    if spliced is not None:
+        return spliced
+    file = _TailFile(npz, start)  # zip64 records: zipfile's append mode writes them
     with zipfile.ZipFile(file, "a", zipfile.ZIP_STORED) as zf:
         for name, array in arrays.items():
             _write_member(zf, name, array)
     return file.tail()
+
+
+# The end of central directory record without zip64 records or a comment (APPNOTE 4.3.16), and
+# where a central directory entry names its member's local header (4.3.12).
+_END = struct.Struct("<4s4H2LH")
+_END_MAGIC = b"PK\x05\x06"
+_ENTRY_MAGIC = b"PK\x01\x02"
+_ENTRY_SIZE = 46
+_ENTRY_OFFSET_AT = 42
+_ZIP32_LIMIT = zipfile.ZIP64_LIMIT  # past this zipfile writes zip64 fields
+
+
+def _spliced_tail(npz: bytes, start: int, added: bytes) -> bytes | None:
+    """:func:`npz_tail` from the two files' bytes: a member's local entry names no offset, so
+    ``added``'s members are the appended file's as they are; its central directory follows
+    ``npz``'s own, each entry's offset moved by ``start``, then a new end record. None where
+    either file is not the plain kind :func:`npz_bytes` writes below zip64's limits (zipfile
+    then writes the tail itself)."""
+    old, new = _end_record(npz), _end_record(added)
+    if old is None or new is None:
+        return None
+    (old_count, old_size, old_at), (new_count, new_size, new_at) = old, new
+    if old_at != start or old_at + old_size + _END.size != len(npz):
+        return None
+    if new_at + new_size + _END.size != len(added):
+        return None
+    count = old_count + new_count
+    at = start + new_at  # where the new central directory begins
+    size = old_size + new_size
+    if count >= 0xFFFF or at + size > _ZIP32_LIMIT:
+        return None
+    directory = bytearray(added[new_at : new_at + new_size])
+    pos = 0
+    for _ in range(new_count):
+        if directory[pos : pos + 4] != _ENTRY_MAGIC or pos + _ENTRY_SIZE > len(directory):
+            return None
+        name, extra, comment = struct.unpack_from("<3H", directory, pos + 28)
+        if extra:  # zip64 fields: offsets are not where this looks for them
+            return None
+        (offset,) = struct.unpack_from("<L", directory, pos + _ENTRY_OFFSET_AT)
+        struct.pack_into("<L", directory, pos + _ENTRY_OFFSET_AT, offset + start)
+        pos += _ENTRY_SIZE + name + extra + comment
+    if pos != len(directory):
+        return None
+    end = _END.pack(_END_MAGIC, 0, 0, count, count, size, at, 0)
+    return b"".join((added[:new_at], npz[start : start + old_size], directory, end))
+
+
+def _end_record(npz: bytes) -> tuple[int, int, int] | None:
+    """(entries, central directory size, its offset) of a zip ending in a plain end record."""
+    if len(npz) < _END.size:
+        return None
+    magic, disk, disk_start, here, count, size, at, comment = _END.unpack_from(
+        npz, len(npz) - _END.size
+    )
+    if magic != _END_MAGIC or disk or disk_start or here != count or comment:
+        return None
+    if count == 0xFFFF or size == 0xFFFFFFFF or at == 0xFFFFFFFF:  # zip64 stand-ins
+        return None
+    return count, size, at
 
 
 class _TailFile(io.RawIOBase):

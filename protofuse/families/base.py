@@ -178,6 +178,14 @@ class Family(ABC, Generic[M]):
     def load_task(self, model: M, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> Task:
         """Rebuild a task saved with its ``arrays()`` and ``meta()``."""
 
+    def probe_log_proba(
+        self, task: Task, x: torch.Tensor, memo: dict[Any, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``task.log_proba(x)``, run once on a task just loaded to show that it predicts.
+        ``memo``: kept by a caller that loads many tasks on copies of the same networks (one
+        bank version), for a family to keep what of the answer depends on those networks alone."""
+        return task.log_proba(x)
+
     @abstractmethod
     def describe_expert(self, bank: BankView[M], index: int) -> wire.ExpertDistribution:
         """Expert ``index``'s distribution over the bank's prototypes, as the wire carries it."""

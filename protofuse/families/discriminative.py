@@ -29,7 +29,10 @@ from ..training import (
     train_discriminative,
 )
 from ..triples import Triples
-from .base import BankView, Family, Fitted, config_from_json
+from .base import BankView, Family, Fitted, Task, config_from_json
+
+# Encoder outputs ``probe_log_proba`` keeps per set of networks.
+PROBES_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,24 @@ class Discriminative(Family[DiscriminativePrototypes]):
         return DiscriminativeTask(
             model, TaskHead(arrays["prototypes"], arrays["bias"], arrays["log_temp"])
         )
+
+    def probe_log_proba(
+        self,
+        task: Task,
+        x: torch.Tensor,
+        memo: dict[Any, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # The encoder's output is the networks' alone: tasks on copies of the same networks share
+        # it, and only their heads run again. A few inputs at most are kept.
+        if memo is None or not isinstance(task, DiscriminativeTask):
+            return task.log_proba(x)
+        key = (tuple(x.shape), x.numpy().tobytes())
+        z = memo.get(key)
+        if z is None:
+            if len(memo) >= PROBES_KEPT:
+                memo.clear()
+            z = memo[key] = task.model.embed(x)
+        return task.head.log_proba(z)
 
     def describe_expert(
         self, bank: BankView[DiscriminativePrototypes], index: int

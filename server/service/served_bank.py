@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protofuse import artifacts
-from protofuse.adapted import bank_arrays
+from protofuse.adapted import BankPrefix
 from protofuse.bank import RUN_BANK, RUN_MANIFEST, Bank, load_bank
 from protofuse.protocol import federation as wire
 from protofuse.protocol.service import (
@@ -43,7 +43,7 @@ class Snapshot:
     bank_weights_digest: str  # sha256 of the .npz of the bank's arrays as adapted models store them
     written_at: float = 0.0  # when its meta.json was written (seconds since the epoch)
     # The bank's arrays as every adapted model's weights.npz begins, hashed once per version.
-    prefix: artifacts.HashedPrefix | None = None
+    prefix: BankPrefix | None = None
 
 
 class ServedBank:
@@ -87,12 +87,12 @@ class ServedBank:
         try:
             bank = load_bank(self.bank_dir)
             manifest = self._manifest(bank)
-            prefix = artifacts.HashedPrefix.of(bank_arrays(bank.model))
+            prefix = BankPrefix.of(bank.model)
             snapshot = Snapshot(
                 bank,
                 manifest,
                 _experts(bank, manifest),
-                prefix.whole_sha256,
+                prefix.prefix.whole_sha256,
                 stamp[1] / 1e9,
                 prefix,
             )

@@ -214,8 +214,10 @@ class FusionService:
                 if running is not None:
                     running.dec()
             seconds = time.perf_counter() - t0
+            # The caller already holds this bank version's weights: send the task's arrays alone.
+            omit = req.known_bank_weights_digest == snapshot.bank_weights_digest
             try:
-                files = model.to_files(self.signing_key, snapshot.prefix)
+                files = model.to_files(self.signing_key, snapshot.prefix, bank_weights=not omit)
             except artifacts.ArtifactError as err:  # NaN or infinite weights: never served
                 log.warning("Adapt: the fitted model is not finite (%s)", err)
                 context.abort(
@@ -224,10 +226,6 @@ class FusionService:
                     "send inputs preprocessed like the experts' queries (the bank's range is "
                     f"{bank.meta.input_range or 'not recorded'})",
                 )
-            # The caller already holds this bank version's weights: send the task's arrays alone.
-            omit = req.known_bank_weights_digest == snapshot.bank_weights_digest
-            if omit:
-                files[artifacts.WEIGHTS] = artifacts.npz_bytes(model.task_arrays())
             onnx = None if req.onnx is None else self._onnx(context, snapshot, model, *req.onnx)
         finally:
             self._slots.release()

@@ -4,6 +4,8 @@ and anything altered, on either side, is refused."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +15,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from toys import toy_bank
 
 from protofuse import artifacts, signing
-from protofuse.adapted import KIND, HeldBank, from_files, from_task_files
+from protofuse.adapted import (
+    KIND,
+    BankPrefix,
+    HeldBank,
+    bank_arrays,
+    from_files,
+    from_task_files,
+)
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -120,12 +129,15 @@ def test_the_held_bank_shares_nothing_a_caller_can_change(models):
         next(iter(held.prefix.arrays.values()))[...] = 0.0
     with pytest.raises(TypeError):
         held.prefix.arrays["bank.extra"] = np.zeros(2)  # type: ignore[index]
+    feat_dim = first.bank_meta["config"]["feat_dim"]
     first.bank_meta["config"]["feat_dim"] = 9
-    reply, _ = _task_reply(second)
-    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
-    model, _ = from_task_files(reply, task, held, KEY.public_key())
-    assert model.classes_.tolist() == second.classes_.tolist()
-    first.bank_meta["config"].pop("feat_dim")
+    try:
+        reply, _ = _task_reply(second)
+        task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+        model, _ = from_task_files(reply, task, held, KEY.public_key())
+        assert model.classes_.tolist() == second.classes_.tolist()
+    finally:  # the fixture's model, as the other tests find it
+        first.bank_meta["config"]["feat_dim"] = feat_dim
 
 
 def test_verifying_on_a_tail_takes_no_weights_it_could_mismatch(models):
@@ -145,3 +157,99 @@ def test_verifying_on_a_tail_takes_no_weights_it_could_mismatch(models):
         artifacts.verify(
             others, KIND, "m", KEY.public_key(), prefix=held.prefix, tail=tail[:-1] + b"x"
         )
+
+
+def test_the_service_writes_a_task_only_reply_as_the_task_arrays_npz_signed_whole(models):
+    """to_files(bank_weights=False) is the reply the service sends a caller holding the bank:
+    the task's arrays alone, with the checksum and signature of the complete file, by either
+    way of writing it (appended to the prefix's bytes, or the whole file hashed)."""
+    first, second, _ = models
+    prefix = artifacts.HashedPrefix.of(bank_arrays(second.task.model))
+    reply, full = _task_reply(second)
+    assert second.to_files(KEY, prefix, bank_weights=False) == reply
+    assert second.to_files(KEY, prefix) == full
+    whole_hashed = dataclasses.replace(prefix, appends=False)
+    assert second.to_files(KEY, whole_hashed, bank_weights=False) == reply
+    held = HeldBank.of(first)
+    _, files = from_task_files(
+        reply, artifacts.npz_arrays(reply[artifacts.WEIGHTS]), held, KEY.public_key()
+    )
+    assert files == full
+    # without the prefix, or with another bank's, the bank's part cannot be left out
+    other = {k: v + 1.0 for k, v in prefix.arrays.items()}
+    for wrong in (None, artifacts.HashedPrefix.of(other)):
+        with pytest.raises(ValueError, match="do not begin"):
+            second.to_files(KEY, wrong, bank_weights=False)
+
+
+def _signed_with(model, change):
+    """The model's complete files, its task arrays changed by ``change`` and signed anew (what
+    a server that signs anything could send)."""
+    arrays = model.arrays()
+    change(arrays)
+    files = artifacts.encode(KIND, arrays, model._meta(), KEY)
+    task = {k: v for k, v in arrays.items() if k.startswith("task.")}
+    return {**files, artifacts.WEIGHTS: artifacts.npz_bytes(task)}, task
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda a: a.update({"task.prototypes": np.zeros((3, 5), np.float32)}), "do not fit"),
+        (lambda a: a.update({"task.log_temp": np.full_like(a["task.log_temp"], 100.0)}), "NaN"),
+    ],
+)
+def test_a_task_that_cannot_predict_is_refused_after_others_have_loaded(models, change, why):
+    """The probe prediction keeps the encoder's output per held bank (only the task's head
+    runs again): a task whose head does not fit the encoder, or overflows, is refused all the
+    same once other models have filled that memo."""
+    first, second, x = models
+    held = HeldBank.of(first)
+    reply, _ = _task_reply(second)
+    good, _ = from_task_files(
+        reply, artifacts.npz_arrays(reply[artifacts.WEIGHTS]), held, KEY.public_key()
+    )
+    assert len(held._probes) == 1
+    bad_reply, task = _signed_with(second, change)
+    with pytest.raises(artifacts.ArtifactError, match=why):
+        from_task_files(bad_reply, task, held, KEY.public_key())
+    again, _ = from_task_files(
+        reply, artifacts.npz_arrays(reply[artifacts.WEIGHTS]), held, KEY.public_key()
+    )
+    np.testing.assert_array_equal(again.predict_proba(x[:4]), good.predict_proba(x[:4]))
+
+
+def test_a_bank_prefix_skips_the_byte_compare_only_for_its_own_unchanged_networks():
+    """The service's prefix trusts a model's bank bytes without comparing them only while they
+    are the very tensors it was made from at the same in-place versions: a copy of the networks,
+    a parameter changed in place, running statistics updated by a forward pass in training mode
+    or a tensor given other data through ``.data`` all send it back to the byte compare."""
+    bank, x, y = toy_bank()
+    keep = np.isin(y, ("0", "1", "3"))
+    model = bank.adapt(x[keep][:12], y[keep][:12], seed=0)
+    stamped = BankPrefix.of(bank.model)
+    assert stamped.holds(model.task.model)  # adapting changed nothing in place
+    for whole in (True, False):
+        assert model.to_files(KEY, stamped, bank_weights=whole) == model.to_files(
+            KEY, stamped.prefix, bank_weights=whole
+        )
+    assert not stamped.holds(copy.deepcopy(bank.model))
+
+    def fresh() -> BankPrefix:
+        return BankPrefix.of(bank.model)
+
+    inputs = torch.from_numpy(x[:8])
+    changes = [
+        lambda: next(bank.model.parameters()).add_(0.5),
+        lambda: (bank.model.train(), bank.model.embed(inputs), bank.model.eval()),
+        lambda: setattr(bank.model.prototypes, "data", bank.model.prototypes.data + 0.5),
+    ]
+    for change in changes:
+        prefix = fresh()
+        with torch.no_grad():
+            change()
+        assert not prefix.holds(model.task.model)
+        # compared byte for byte, the change is seen: the whole file is the changed networks'
+        assert model.to_files(KEY, prefix) == model.to_files(KEY)
+        with pytest.raises(ValueError, match="do not begin"):
+            model.to_files(KEY, prefix, bank_weights=False)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from protofuse import io as durable
 from protofuse.io import (
     TEMP_PREFIX,
+    _spliced_tail,
     _TailFile,  # the file npz_tail writes through
     atomic_write_bytes,
     fsync_dir,
@@ -224,6 +225,29 @@ def test_appending_to_an_npz_gives_the_npz_of_all_the_arrays(specs, split) -> No
     with zipfile.ZipFile(io.BytesIO(head)) as zf:
         start = zf.start_dir
     assert head[:start] + npz_tail(head, start, then) == npz_bytes(arrays)
+
+
+def test_an_npz_tail_is_spliced_from_the_arrays_own_npz_and_zipfile_writes_the_rest() -> None:
+    """The tail of a plain file is spliced from the two files' bytes (the new members as written
+    alone, the central directories joined); where a file is not plain (a comment here, zip64
+    records at scale) zipfile's append mode writes it. Both give npz_append's bytes."""
+    first = {"w": np.arange(6.0).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    then = {"task.p": np.ones((4, 2), np.float32), "task.t": np.float32(2.0)}
+    head = npz_bytes(first)
+    with zipfile.ZipFile(io.BytesIO(head)) as zf:
+        start = zf.start_dir
+    added = npz_bytes(then)
+    assert _spliced_tail(head, start, added) is not None
+    assert npz_tail(head, start, then, added) == npz_append(head, then)[start:]
+    buffer = io.BytesIO(head)
+    with zipfile.ZipFile(buffer, "a") as zf:
+        zf.comment = b"not plain"
+    commented = buffer.getvalue()
+    assert _spliced_tail(commented, start, added) is None
+    assert commented[:start] + npz_tail(commented, start, then) == npz_append(commented, then)
+    # a file that does not end where its end record says is never spliced
+    assert _spliced_tail(head + b"x", start, added) is None
+    assert _spliced_tail(head, start + 1, added) is None
 
 
 def test_the_leading_bytes_of_an_appended_npz_are_never_written() -> None:
