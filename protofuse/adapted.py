@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -118,8 +119,12 @@ def _check_state_shapes(
 
 
 def bank_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The bank networks' weights as an adapted model stores them."""
-    return {f"{BANK_PREFIX}{k}": v.numpy() for k, v in model.state_dict().items()}
+    """The bank networks' weights as an adapted model stores them: read-only views (they share
+    the networks' memory, which nothing should change behind torch's back)."""
+    arrays = {f"{BANK_PREFIX}{k}": v.numpy() for k, v in model.state_dict().items()}
+    for a in arrays.values():
+        a.flags.writeable = False
+    return arrays
 
 
 ClassName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASS_NAME_LENGTH)]
@@ -301,15 +306,19 @@ def from_files(
 
 @dataclass(frozen=True)
 class BankPrefix:
-    """A bank's arrays hashed once (``prefix``) with the tensors they were read from and each
-    one's in-place version then: a model adapted on those very networks, none of them changed
-    in place since (torch counts every in-place change: optimizer steps, running statistics,
-    ``load_state_dict``), begins with the prefix's bytes without comparing megabytes (the
-    service's many models of one bank version). Any other model is compared byte for byte."""
+    """A bank's arrays hashed once (``prefix``) with the tensors they were read from, each
+    one's in-place version and layout then: a model adapted on those very networks, none of them
+    changed in place since, begins with the prefix's bytes without comparing megabytes (the
+    service's many models of one bank version). Any other model is compared byte for byte.
+
+    Torch counts the in-place changes made through a tensor (optimizer steps, running
+    statistics, ``load_state_dict``, ``copy_``), not writes that go around it (through ``.data``,
+    a numpy view or the storage): nothing may change the served networks that way (nothing in
+    protofuse does; ``bank_arrays`` gives read-only views)."""
 
     prefix: artifacts.HashedPrefix
     networks: torch.nn.Module = field(repr=False, compare=False)
-    _stamps: tuple[tuple[str, torch.Tensor, int, int], ...] = field(repr=False, compare=False)
+    _stamps: tuple[Stamp, ...] = field(repr=False, compare=False)
 
     @classmethod
     def of(cls, networks: torch.nn.Module) -> BankPrefix:
@@ -318,22 +327,28 @@ class BankPrefix:
 
     def holds(self, networks: torch.nn.Module) -> bool:
         """Whether ``networks`` are the prefix's networks, every tensor unchanged in place."""
-        if networks is not self.networks:
-            return False
-        now = _stamps(networks)
-        return len(now) == len(self._stamps) and all(
-            name == was[0] and t is was[1] and version == was[2] and pointer == was[3]
-            for (name, t, version, pointer), was in zip(now, self._stamps, strict=True)
-        )
+        return networks is self.networks and _unchanged(networks, self._stamps)
 
 
-def _stamps(networks: torch.nn.Module) -> list[tuple[str, torch.Tensor, int, int]]:
-    """Each state tensor (the arrays ``bank_arrays`` reads) with its in-place version and
-    where its data lives (a tensor given other data through ``.data`` keeps its version)."""
-    return [
-        (name, t, t._version, t.data_ptr())
+# A state tensor as it was: its name, the tensor itself, its in-place version, and its data's
+# place and layout (a tensor given other data through ``.data`` keeps its version).
+Stamp = tuple[str, torch.Tensor, int, int, torch.dtype, tuple[int, ...], tuple[int, ...], int]
+
+
+def _stamps(networks: torch.nn.Module) -> tuple[Stamp, ...]:
+    """Each state tensor of ``networks`` (the arrays ``bank_arrays`` reads), stamped."""
+    return tuple(
+        (name, t, t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
         for name, t in networks.state_dict(keep_vars=True).items()
-    ]
+    )
+
+
+def _unchanged(networks: torch.nn.Module, stamps: tuple[Stamp, ...]) -> bool:
+    """Whether ``networks`` hold the very tensors ``stamps`` were taken of, as they were."""
+    now = _stamps(networks)
+    return len(now) == len(stamps) and all(
+        a[0] == b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(now, stamps, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -347,8 +362,12 @@ class HeldBank:
     config: dict[str, Any]
     _networks: list[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    # What the probe prediction of a model on these networks shares with every other's.
+    # What the probe prediction of a model on these networks shares with every other's, and
+    # the copies ``networks`` gave out, as they were: a model on one of them, unchanged, uses it.
     _probes: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _issued: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Stamp, ...]] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False, compare=False
+    )
 
     @classmethod
     def of(cls, model: AdaptedModel) -> HeldBank:
@@ -369,7 +388,14 @@ class HeldBank:
                 state = {k[len(BANK_PREFIX) :]: torch.from_numpy(v) for k, v in arrays.items()}
                 self._networks.append(build_model(self.family, self.config, state, source))
             template = self._networks[0]
-        return copy.deepcopy(template)
+        networks = copy.deepcopy(template)
+        self._issued[networks] = _stamps(networks)
+        return networks
+
+    def gave(self, networks: torch.nn.Module) -> bool:
+        """Whether ``networks`` are a copy :meth:`networks` gave out, unchanged since."""
+        stamps = self._issued.get(networks)
+        return stamps is not None and _unchanged(networks, stamps)
 
 
 def from_task_files(
@@ -410,7 +436,9 @@ def from_task_files(
         )
     artifacts.check_finite(own, source, KIND)
     own_networks = held.networks(source) if networks is None else networks
-    return _assemble(meta, own_networks, own, source, held._probes), full
+    # The probe's encoder output is shared only by copies of the held networks, as made.
+    probes = held._probes if held.gave(own_networks) else None
+    return _assemble(meta, own_networks, own, source, probes), full
 
 
 def _assemble(

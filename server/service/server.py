@@ -226,6 +226,10 @@ class FusionService:
                     "send inputs preprocessed like the experts' queries (the bank's range is "
                     f"{bank.meta.input_range or 'not recorded'})",
                 )
+            except ValueError:  # its bank's weights are not the served version's: send them all
+                log.error("Adapt: a model's bank weights differ from the served version's")
+                omit = False
+                files = model.to_files(self.signing_key, snapshot.prefix)
             onnx = None if req.onnx is None else self._onnx(context, snapshot, model, *req.onnx)
         finally:
             self._slots.release()

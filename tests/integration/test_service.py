@@ -144,6 +144,36 @@ def test_a_client_that_holds_the_bank_weights_gets_only_the_task_and_the_same_si
         assert client.adapt(x, y, seed=1).classes_.tolist() == model.classes_.tolist()
 
 
+def test_served_networks_changed_in_memory_are_sent_whole_and_signed_as_they_are(certs, tmp_path):
+    """Should the served networks change in place after loading (nothing in protofuse does so),
+    the service sees it (their bytes are compared again) and sends a caller holding the bank the
+    whole model, signed over the weights it ran on, not a task-only reply that the served
+    version's bytes would complete into a file it was not adapted on."""
+    _bank("discriminative").save(tmp_path / "bank")
+    server, port, holder = build_server(
+        tmp_path / "bank",
+        "127.0.0.1:0",
+        ServiceSettings(max_concurrent=1),
+        Credentials.from_folder(certs),
+    )
+    try:
+        x, y = _support()
+        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+            client.adapt(x, y, seed=0)  # the client holds the bank's weights from here on
+            assert client.adapt_response(x, y, seed=0).bank_weights_omitted
+            networks = holder.get().bank.model
+            with torch.no_grad():
+                networks.prototypes.add_(0.25)
+            assert not client.adapt_response(x, y, seed=0).bank_weights_omitted
+            model = client.adapt(x, y, seed=0)
+            np.testing.assert_array_equal(
+                model.task.model.prototypes.detach().numpy(),
+                networks.prototypes.detach().numpy(),
+            )
+    finally:
+        server.stop(grace=None)
+
+
 def test_the_service_exports_the_model_as_signed_onnx_on_request(served, certs, tmp_path):
     import onnxruntime as ort
 

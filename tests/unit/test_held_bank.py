@@ -234,6 +234,8 @@ def test_a_bank_prefix_skips_the_byte_compare_only_for_its_own_unchanged_network
             KEY, stamped.prefix, bank_weights=whole
         )
     assert not stamped.holds(copy.deepcopy(bank.model))
+    with pytest.raises(ValueError, match="read-only"):  # the arrays are views of the networks
+        next(iter(bank_arrays(bank.model).values()))[...] = 0.0
 
     def fresh() -> BankPrefix:
         return BankPrefix.of(bank.model)
@@ -243,6 +245,8 @@ def test_a_bank_prefix_skips_the_byte_compare_only_for_its_own_unchanged_network
         lambda: next(bank.model.parameters()).add_(0.5),
         lambda: (bank.model.train(), bank.model.embed(inputs), bank.model.eval()),
         lambda: setattr(bank.model.prototypes, "data", bank.model.prototypes.data + 0.5),
+        # other data in the same memory, seen by its layout
+        lambda: setattr(bank.model.bias, "data", bank.model.bias.data[:1]),
     ]
     for change in changes:
         prefix = fresh()
@@ -253,3 +257,30 @@ def test_a_bank_prefix_skips_the_byte_compare_only_for_its_own_unchanged_network
         assert model.to_files(KEY, prefix) == model.to_files(KEY)
         with pytest.raises(ValueError, match="do not begin"):
             model.to_files(KEY, prefix, bank_weights=False)
+
+
+def test_the_probe_memo_serves_only_the_held_networks_own_unchanged_copies(models):
+    """Networks a caller changed after ``HeldBank.networks`` gave them, or networks from
+    elsewhere, run the whole probe: NaN networks are refused even once the memo is filled."""
+    first, second, _ = models
+    held = HeldBank.of(first)
+    reply, _ = _task_reply(second)
+    task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+    from_task_files(reply, task, held, KEY.public_key())
+    assert held._probes
+
+    def poisoned(networks):
+        for p in networks.parameters():
+            if p.dim() == 2 and p.shape[0] > 8:  # an encoder layer
+                with torch.no_grad():
+                    p.fill_(float("nan"))
+        return networks
+
+    given = held.networks("test")
+    assert held.gave(given)
+    poisoned(given)
+    assert not held.gave(given)
+    elsewhere = poisoned(copy.deepcopy(first.task.model))
+    for networks in (given, elsewhere):
+        with pytest.raises(artifacts.ArtifactError, match="NaN"):
+            from_task_files(reply, task, held, KEY.public_key(), networks=networks)
