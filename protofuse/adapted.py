@@ -389,12 +389,15 @@ class HeldBank:
                 self._networks.append(build_model(self.family, self.config, state, source))
             template = self._networks[0]
         networks = copy.deepcopy(template)
-        self._issued[networks] = _stamps(networks)
+        stamps = _stamps(networks)
+        with self._lock:  # callers on several threads: one client's concurrent calls
+            self._issued[networks] = stamps
         return networks
 
     def gave(self, networks: torch.nn.Module) -> bool:
         """Whether ``networks`` are a copy :meth:`networks` gave out, unchanged since."""
-        stamps = self._issued.get(networks)
+        with self._lock:
+            stamps = self._issued.get(networks)
         return stamps is not None and _unchanged(networks, stamps)
 
 

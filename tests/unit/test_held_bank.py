@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -284,3 +285,31 @@ def test_the_probe_memo_serves_only_the_held_networks_own_unchanged_copies(model
     for networks in (given, elsewhere):
         with pytest.raises(artifacts.ArtifactError, match="NaN"):
             from_task_files(reply, task, held, KEY.public_key(), networks=networks)
+
+
+def test_models_loaded_on_many_threads_at_once_each_predict_as_the_full_model(models):
+    """One client's concurrent calls share its held bank: networks given out, their stamps and
+    the probe memo, all from several threads at once."""
+    first, second, x = models
+    held = HeldBank.of(first)
+    reply, full = _task_reply(second)
+    want = from_files(full, KEY.public_key()).predict_proba(x[:20])
+    results: list = []
+
+    def load() -> None:
+        for _ in range(5):
+            task = artifacts.npz_arrays(reply[artifacts.WEIGHTS])
+            model, _ = from_task_files(
+                reply, task, held, KEY.public_key(), networks=held.networks("t")
+            )
+            results.append(model.predict_proba(x[:20]))
+
+    workers = [threading.Thread(target=load) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(results) == 40
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+    assert len(held._probes) == 1
