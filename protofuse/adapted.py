@@ -322,8 +322,7 @@ class BankPrefix:
 
     @classmethod
     def of(cls, networks: torch.nn.Module) -> BankPrefix:
-        stamps = tuple(_stamps(networks))
-        return cls(artifacts.HashedPrefix.of(bank_arrays(networks)), networks, stamps)
+        return cls(artifacts.HashedPrefix.of(bank_arrays(networks)), networks, _stamps(networks))
 
     def holds(self, networks: torch.nn.Module) -> bool:
         """Whether ``networks`` are the prefix's networks, every tensor unchanged in place."""

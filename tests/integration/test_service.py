@@ -3,6 +3,7 @@ FusionClient and through raw bytes (for requests the SDK would never send)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -52,6 +53,19 @@ def _support(classes=(0, 2, 3), k=3, seed=0):
     return X[idx], Y[idx].astype(str)
 
 
+@contextlib.contextmanager
+def _serving(folder, certs, settings: ServiceSettings):
+    """A mutual-TLS service on 127.0.0.1 over ``folder`` (a bank or a run folder), stopped
+    after: its address and its bank holder."""
+    server, port, holder = build_server(
+        folder, "127.0.0.1:0", settings, Credentials.from_folder(certs)
+    )
+    try:
+        yield f"127.0.0.1:{port}", holder
+    finally:
+        server.stop(grace=None)
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("certs")
@@ -72,11 +86,8 @@ def served(certs, tmp_path_factory):
         max_classes=4,
         max_work=100,
     )
-    server, port, holder = build_server(
-        folder, "127.0.0.1:0", settings, Credentials.from_folder(certs)
-    )
-    yield f"127.0.0.1:{port}", folder, holder
-    server.stop(grace=None)
+    with _serving(folder, certs, settings) as (address, holder):
+        yield address, folder, holder
 
 
 def test_adapt_returns_a_signed_model_that_names_its_bank_and_predicts(served, certs, tmp_path):
@@ -150,15 +161,9 @@ def test_served_networks_changed_in_memory_are_sent_whole_and_signed_as_they_are
     whole model, signed over the weights it ran on, not a task-only reply that the served
     version's bytes would complete into a file it was not adapted on."""
     _bank("discriminative").save(tmp_path / "bank")
-    server, port, holder = build_server(
-        tmp_path / "bank",
-        "127.0.0.1:0",
-        ServiceSettings(max_concurrent=1),
-        Credentials.from_folder(certs),
-    )
-    try:
+    with _serving(tmp_path / "bank", certs, ServiceSettings(max_concurrent=1)) as (address, holder):
         x, y = _support()
-        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+        with FusionClient(address, certs=certs) as client:
             client.adapt(x, y, seed=0)  # the client holds the bank's weights from here on
             assert client.adapt_response(x, y, seed=0).bank_weights_omitted
             networks = holder.get().bank.model
@@ -170,8 +175,6 @@ def test_served_networks_changed_in_memory_are_sent_whole_and_signed_as_they_are
                 model.task.model.prototypes.detach().numpy(),
                 networks.prototypes.detach().numpy(),
             )
-    finally:
-        server.stop(grace=None)
 
 
 def test_the_service_exports_the_model_as_signed_onnx_on_request(served, certs, tmp_path):
@@ -247,14 +250,8 @@ def test_get_bank_and_list_experts_describe_the_bank_and_nothing_private(served,
 
 def test_a_generative_bank_lists_its_experts_moments(certs, tmp_path):
     _bank("generative").save(tmp_path / "bank")
-    server, port, _ = build_server(
-        tmp_path / "bank",
-        "127.0.0.1:0",
-        ServiceSettings(max_work=2000),
-        Credentials.from_folder(certs),
-    )
-    try:
-        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+    with _serving(tmp_path / "bank", certs, ServiceSettings(max_work=2000)) as (address, _):
+        with FusionClient(address, certs=certs) as client:
             experts = client.experts().experts
             # n_z multiplies the generative fit's cost (4096 samples: 30 s for 100 examples):
             # it counts in the work limit, 9 examples x 3 classes x (4096 / the bank's 8)
@@ -275,8 +272,6 @@ def test_a_generative_bank_lists_its_experts_moments(certs, tmp_path):
         )
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "AdaptRequest.options['n_z']: 4096 samples (512x the bank's 8)" in err.value.details
-    finally:
-        server.stop(grace=None)
 
 
 def test_health_and_reflection_are_served(served, certs):
@@ -522,58 +517,54 @@ def test_callers_beyond_the_concurrency_limit_wait_their_turn(served, certs):
 
 def test_a_new_bank_version_is_served_without_a_restart(certs, tmp_path):
     run = tmp_path / "run"  # a run folder the federation has not written yet
-    server, port, _ = build_server(
-        run, "127.0.0.1:0", ServiceSettings(reload_interval_s=0.1), Credentials.from_folder(certs)
-    )
     x, y = _support()
-    try:
-        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
-            with pytest.raises(FusionError) as err:
-                client.adapt(x, y)
-            assert (
-                err.value.code == grpc.StatusCode.UNAVAILABLE and "no bank yet" in err.value.details
-            )
-            assert wait_until(
-                lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", 10, interval=0.1
-            )
-            assert client.health() == "SERVING"
-            first = _bank("discriminative", seed=0)
-            first.save(run / "bank")
-            assert wait_until(
-                lambda: client.health("protofuse.v1.Fusion") == "SERVING", 10, interval=0.1
-            )
-            assert client.adapt(x, y).bank_meta["version"] == first.version
-            second = _bank("discriminative", seed=1)
-            second.save(run / "bank")  # swapped in atomically, as the federation's export does
-            assert second.version != first.version
-            assert wait_until(
-                lambda: client.bank().manifest.version == second.version, 10, interval=0.1
-            )
-            assert client.adapt(x, y).bank_meta["version"] == second.version
-            assert (
-                client._bank_weights is not None
-            )  # the new version's weights came in full and were kept
-            kept = client._bank_weights[0]
-            # A damaged bank swapped in (new files) and a vanished one: the last good version stays.
-            third = tmp_path / "third"
-            _bank("discriminative", seed=2).save(third)
-            weights = (third / "weights.npz").read_bytes()
-            (third / "weights.npz").write_bytes(weights[:-100] + bytes(100))
-            shutil.rmtree(run / "bank")
-            time.sleep(0.3)
-            assert client.bank().manifest.version == second.version
-            third.rename(run / "bank")
-            time.sleep(0.5)
-            assert (
-                client.bank().manifest.version == second.version
-                and client.health("protofuse.v1.Fusion") == "SERVING"
-            )
-            assert (
-                client.adapt(x, y).bank_meta["version"] == second.version
-                and client._bank_weights[0] == kept
-            )
-    finally:
-        server.stop(grace=None)
+    settings = ServiceSettings(reload_interval_s=0.1)
+    with (
+        _serving(run, certs, settings) as (address, _),
+        FusionClient(address, certs=certs) as client,
+    ):
+        with pytest.raises(FusionError) as err:
+            client.adapt(x, y)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "no bank yet" in err.value.details
+        assert wait_until(
+            lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", 10, interval=0.1
+        )
+        assert client.health() == "SERVING"
+        first = _bank("discriminative", seed=0)
+        first.save(run / "bank")
+        assert wait_until(
+            lambda: client.health("protofuse.v1.Fusion") == "SERVING", 10, interval=0.1
+        )
+        assert client.adapt(x, y).bank_meta["version"] == first.version
+        second = _bank("discriminative", seed=1)
+        second.save(run / "bank")  # swapped in atomically, as the federation's export does
+        assert second.version != first.version
+        assert wait_until(
+            lambda: client.bank().manifest.version == second.version, 10, interval=0.1
+        )
+        assert client.adapt(x, y).bank_meta["version"] == second.version
+        assert (
+            client._bank_weights is not None
+        )  # the new version's weights came in full and were kept
+        kept = client._bank_weights[0]
+        # A damaged bank swapped in (new files) and a vanished one: the last good version stays.
+        third = tmp_path / "third"
+        _bank("discriminative", seed=2).save(third)
+        weights = (third / "weights.npz").read_bytes()
+        (third / "weights.npz").write_bytes(weights[:-100] + bytes(100))
+        shutil.rmtree(run / "bank")
+        time.sleep(0.3)
+        assert client.bank().manifest.version == second.version
+        third.rename(run / "bank")
+        time.sleep(0.5)
+        assert (
+            client.bank().manifest.version == second.version
+            and client.health("protofuse.v1.Fusion") == "SERVING"
+        )
+        assert (
+            client.adapt(x, y).bank_meta["version"] == second.version
+            and client._bank_weights[0] == kept
+        )
 
 
 def test_the_cli_serves_adapts_through_the_server_and_checks_health(served, certs, tmp_path):
@@ -713,21 +704,13 @@ def test_a_bank_with_non_finite_weights_is_never_served_and_health_says_so(certs
     meta["sha256"] = artifacts.checksum(data, meta)
     (folder / artifacts.WEIGHTS).write_bytes(data)
     (folder / artifacts.META).write_text(json.dumps(meta))
-    server, port, _ = build_server(
-        folder,
-        "127.0.0.1:0",
-        ServiceSettings(reload_interval_s=0.2),
-        Credentials.from_folder(certs),
-    )
-    try:
-        with FusionClient(f"127.0.0.1:{port}", certs=certs) as client:
+    with _serving(folder, certs, ServiceSettings(reload_interval_s=0.2)) as (address, _):
+        with FusionClient(address, certs=certs) as client:
             wait_until(lambda: client.health("protofuse.v1.Fusion") == "NOT_SERVING", timeout=10)
             with pytest.raises(FusionError) as err:
                 client.adapt(*_support())
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         assert "cannot be served" in err.value.details and "NaN or infinite" in err.value.details
-    finally:
-        server.stop(grace=None)
 
 
 def test_one_caller_cannot_hold_more_than_its_share_of_the_queue(certs, tmp_path):
