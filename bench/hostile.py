@@ -4,6 +4,7 @@ attackers (same experts, queries and tasks), and where trust ranks the attackers
 
     python -m bench.hostile --out bench-results/hostile                      # reported seeds
     python -m bench.hostile --seeds 0 --rounds 10 --attacks flip --out /tmp/dev  # development
+    python -m bench.hostile --reuse --out bench-results/hostile  # resume; score what is there
 
 The federation is the benchmark's MNIST-5k one with its poor and overconfident experts (7
 clients, shared query pool). The attacks are bench/hostile_client.py's (scaled, sign-flipped and
@@ -61,6 +62,20 @@ def hostile_app(folder: Path) -> Path:
     return app
 
 
+FINISHED = "finished.json"  # written beside a scenario's run once its federation completed
+
+
+def finished(folder: Path, settings: dict[str, str]) -> float | None:
+    """The seconds a scenario's completed federation took (``FINISHED``), or None where it did
+    not complete (a bank without the marker may be an interrupted run's last checkpoint) or ran
+    with other ``settings``."""
+    try:
+        done = json.loads((folder / FINISHED).read_text())
+        return float(done["seconds"]) if done["settings"] == settings else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def scenarios(attacks: list[str], counts: list[int]) -> list[tuple[str, str | None, int]]:
     """(name, attack, number of hostile clients); the clean runs first, then the federations
     without the clients that turn hostile (the reference for a defence that excludes them: an
@@ -90,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SCENARIO",
         help='run only these scenarios, e.g. "clean" "labelflip x2" (default: every one)',
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="score a scenario's finished federation under --out instead of running it again "
+        "(to resume an interrupted run, or to score runs made in several invocations together)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     model = {"normalization": args.normalization} if args.normalization else None
@@ -114,20 +135,32 @@ def main(argv: list[str] | None = None) -> int:
             members = [r for r in recipes if attack != "absent" or r.name not in attackers]
             os.environ["PROTOFUSE_BENCH_HOSTILE"] = json.dumps(plan)
             folder = args.out / f"seed{seed}" / name.replace(" ", "_").replace(",", "")
-            spec = write_spec(
-                folder / "spec",
-                world,
-                members,
-                args.dataset,
-                seed,
-                "shared",
-                args.rounds,
-                federation=DEFENCES_OFF if name == "clean, defences off" else None,
-                model=model,
-            )
-            t0 = time.perf_counter()
-            simulate(spec, folder / "run", echo=lambda line: None, app=app)
-            seconds = time.perf_counter() - t0
+            settings = {
+                "dataset": args.dataset,
+                "seed": str(seed),
+                "scenario": name,
+                "rounds": str(args.rounds),
+                "normalization": str(args.normalization),
+            }
+            seconds = finished(folder, settings) if args.reuse else None
+            if seconds is None:
+                spec = write_spec(
+                    folder / "spec",
+                    world,
+                    members,
+                    args.dataset,
+                    seed,
+                    "shared",
+                    args.rounds,
+                    federation=DEFENCES_OFF if name == "clean, defences off" else None,
+                    model=model,
+                )
+                t0 = time.perf_counter()
+                simulate(spec, folder / "run", echo=lambda line: None, app=app)
+                seconds = time.perf_counter() - t0
+                (folder / FINISHED).write_text(
+                    json.dumps({"seconds": seconds, "settings": settings})
+                )
             banks[name] = load_bank(folder / "run")
             trust = {e.name: e.weight for e in banks[name].experts}
             honest = [v for k, v in trust.items() if k not in attackers]

@@ -218,6 +218,18 @@ def test_the_table_sweep_reads_its_grid_and_refuses_the_reported_seeds(tmp_path,
     assert "development seeds only" in capsys.readouterr().err
 
 
+def test_the_hostile_benchmark_reuses_only_federations_that_finished_with_its_settings(tmp_path):
+    from bench.hostile import FINISHED, finished
+
+    settings = {"dataset": "mnist5k", "seed": "100", "scenario": "flip x2", "rounds": "10"}
+    assert finished(tmp_path, settings) is None  # no marker: an interrupted run's checkpoint
+    (tmp_path / FINISHED).write_text(json.dumps({"seconds": 12.5, "settings": settings}))
+    assert finished(tmp_path, settings) == 12.5
+    assert finished(tmp_path, {**settings, "rounds": "40"}) is None
+    (tmp_path / FINISHED).write_text("{not json")
+    assert finished(tmp_path, settings) is None
+
+
 def test_epoch_time_benchmark_writes_a_row_per_shape(tmp_path):
     from bench.epoch_time import main as epoch_time
 

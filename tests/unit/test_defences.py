@@ -188,6 +188,48 @@ def test_a_wrong_earlier_judgement_never_makes_the_shared_reference(seed):
     assert max(trust["5"], trust["6"]) == 0.0 < min(trust[str(k)] for k in range(5))
 
 
+def _resembling_the_flippers(seed: int, flippers: bool) -> list[dict[str, np.ndarray]]:
+    """Four honest clients (a common step plus their own noise), an honest fifth whose step
+    also leans the way two sign flippers' honest steps lean (a poor expert sharing their
+    labels), and, with ``flippers``, those two sending their step sign-flipped and doubled."""
+    rng = np.random.default_rng(seed)
+    common, lean = rng.standard_normal(2000), 1.5 * rng.standard_normal(2000)
+    honest = [common + 3.0 * rng.standard_normal(2000) for _ in range(4)]
+    honest.append(common + lean + 3.0 * rng.standard_normal(2000))
+    flipped = [-2.0 * (common + lean + 3.0 * rng.standard_normal(2000)) for _ in range(2)]
+    return [{"encoder": x} for x in honest + (flipped if flippers else [])]
+
+
+@given(seed=st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_an_honest_client_resembling_two_flippers_is_scored_as_without_them(seed):
+    """The median of every other client leans towards two sign flippers of seven, against the
+    honest client whose steps resemble theirs: it scored below 1/4 of the median (trust 0, tied
+    with the flippers; `make bench-hostile` seeds 101 and 102). Compared again with the others
+    the first pass did not give away, it scores exactly what it scores in the federation
+    without the flippers, and every flipper ranks below every honest client."""
+    attacked, clean = (_resembling_the_flippers(seed, f) for f in (True, False))
+    shared = defences.shared_part(attacked, np.ones((7, 1)), rowwise=True)
+    without = defences.shared_part(clean, np.ones((5, 1)), rowwise=True)
+    assert shared[4] == pytest.approx(without[4])
+    assert shared[5:].max() < 0 < shared[:5].min()
+    assert defences.relative_trust(shared)[4] > 0 == defences.relative_trust(shared)[5:].max()
+
+
+def test_a_row_only_distrusted_peers_share_is_no_evidence():
+    """Client 0 shares row 0 only with two distrusted clients and row 1 with trusted ones: its
+    cosine on row 0 is not measured (their median would make it look hostile), on row 1 it is."""
+    covers = np.array([[1, 1], [1, 0], [1, 0], [0, 1], [0, 1]], float)
+    rows = np.array([[1.0, 0.0], [0.0, 1.0]])
+    deltas = [{"prototypes": rows * c[:, None]} for c in covers]
+    for k in (1, 2):
+        deltas[k]["prototypes"] = -deltas[k]["prototypes"]
+    trusted = np.array([True, False, False, True, True])
+    cosines = defences.row_cosines(deltas, covers, trusted)
+    assert np.isnan(cosines[0, 0]) and cosines[0, 1] == pytest.approx(1.0)
+    assert cosines[1, 0] == pytest.approx(-1.0)  # the distrusted are still measured
+
+
 @given(seed=st.integers(0, 10_000), k=st.integers(3, 9))
 @settings(max_examples=60, deadline=None)
 def test_a_settled_row_is_no_evidence(seed, k):
