@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse",
         action="store_true",
         help="score a scenario's finished federation under --out instead of running it again "
-        "(to resume an interrupted run, or to score runs made in several invocations together)",
+        "(to resume an interrupted run, or to score runs made in several invocations together; "
+        "the marker records the settings, not the code: empty --out after changing the code)",
     )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
